@@ -1,0 +1,197 @@
+"""The equivariant linear NF-layer, generated from a WeightSpaceSpec."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lopt.nn.terms import BiasFilter, OutputPlan, TermFilter, bias_key, build_plan, term_key
+from lopt.weightspace import WeightSpace, WeightSpaceSpec
+
+
+class NFLinear(nn.Module):
+    """Permutation-equivariant linear map from weight space to weight space.
+
+    For every output tensor it sums the pointwise term and every pooled and
+    broadcast term from every tensor that shares a neuron group with it, plus
+    global means of all tensors (see :mod:`lopt.nn.terms`). With a spec in NP
+    mode this is the NP layer of Zhou et al. (2023); in HNP mode it is the
+    full affine equivariant family of Navon et al. (2023).
+
+    Args:
+        spec: the weight space the layer is built for, or a list of them (the
+            weights of all their roles are created). With ``tie="role"`` the
+            layer runs on any spec whose roles it has weights for: other
+            widths and kernel sizes, and (NP) any depth from 2 up when built
+            on a network of depth 3 or more.
+        in_channels, out_channels: channel widths.
+        tie: ``"role"`` (weights shared by role) or ``"none"`` (per tensor pair).
+        bias: add a learned bias per output role and channel.
+    """
+
+    def __init__(
+        self,
+        spec: WeightSpaceSpec | Sequence[WeightSpaceSpec],
+        in_channels: int,
+        out_channels: int,
+        tie: str = "role",
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"channels must be positive, got {in_channels} -> {out_channels}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.tie, self.use_bias = tie, bias
+        self._plans: dict[WeightSpaceSpec, tuple[OutputPlan, ...]] = {}
+        self.weights = nn.ParameterDict()
+        self.biases = nn.ParameterDict()
+        specs = [spec] if isinstance(spec, WeightSpaceSpec) else list(spec)
+        for out in (o for sp in specs for o in self._plan(sp, create=True)):
+            f_out = out_channels * math.prod(out.fixed_sizes)
+            fan_in = sum(k.in_features for g in out.groups for k in g.inputs)
+            bound = 1.0 / math.sqrt(max(fan_in, 1))
+            for g in out.groups:
+                for k in g.inputs:
+                    if k.key not in self.weights:
+                        w = torch.empty(k.in_features, f_out).uniform_(-bound, bound)
+                        self.weights[k.key] = nn.Parameter(w)
+            if out.bias_key is not None and out.bias_key not in self.biases:
+                self.biases[out.bias_key] = nn.Parameter(torch.empty(f_out).uniform_(-bound, bound))
+
+    # Subclasses (monomial layers) restrict the terms with static methods.
+    term_allowed: TermFilter | None = None
+    bias_allowed: BiasFilter | None = None
+
+    def _plan(self, spec: WeightSpaceSpec, create: bool = False) -> tuple[OutputPlan, ...]:
+        plan = self._plans.get(spec)
+        if plan is None:
+            plan = build_plan(
+                spec,
+                self.in_channels,
+                self.tie,
+                type(self).term_allowed,
+                type(self).bias_allowed,
+                self.use_bias,
+            )
+            if not create:
+                missing = sorted(
+                    {k.key for o in plan for g in o.groups for k in g.inputs} - set(self.weights)
+                    | ({o.bias_key for o in plan if o.bias_key} - set(self.biases))
+                )
+                if missing:
+                    raise ValueError(
+                        f"{type(self).__name__} has no weights for these roles of the given "
+                        f"weight space: {missing[:6]}{' ...' if len(missing) > 6 else ''}. "
+                        "Build the layer from a spec that contains them (e.g. a deeper network)."
+                    )
+            self._plans[spec] = plan
+        return plan
+
+    def forward(self, ws: WeightSpace) -> WeightSpace:
+        if ws.channels != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} channels, got {ws.channels}")
+        spec = ws.spec
+        plan = self._plan(spec)
+        xs = ws.tensors
+        nb = xs[0].dim() - len(spec.tensors[0].view) - 1
+        pooled_cache: dict[tuple[int, tuple[int, ...]], Tensor] = {}
+
+        def pooled(ti: int, pool: tuple[int, ...]) -> Tensor:
+            key = (ti, pool)
+            if key not in pooled_cache:
+                x = xs[ti]
+                pooled_cache[key] = x.mean(dim=[nb + b for b in pool]) if pool else x
+            return pooled_cache[key]
+
+        outs = []
+        for out in plan:
+            u = spec.tensors[out.u_index]
+            k_u = len(u.view)
+            batch = xs[out.u_index].shape[:nb]
+            partial: list[tuple[tuple[int, ...], Tensor]] = []
+            for group in out.groups:
+                arranged_shape = [u.view[a] if a in group.tied else 1 for a in range(k_u)]
+                feats = []
+                for k in group.inputs:
+                    acc = None
+                    for c in k.contributions:
+                        x = pooled(c.t_index, c.pool)
+                        kept = sorted(set(range(len(spec.tensors[c.t_index].view))) - set(c.pool))
+                        perm = [kept.index(b) for b in c.order]
+                        if perm != list(range(len(perm))):
+                            x = x.permute(*range(nb), *(nb + p for p in perm), x.dim() - 1)
+                        x = x.reshape(*batch, *arranged_shape, -1)
+                        acc = x if acc is None else acc + x
+                    if len(k.contributions) > 1:
+                        acc = acc / len(k.contributions)
+                    feats.append(acc)
+                x = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+                w = (
+                    self.weights[group.inputs[0].key]
+                    if len(group.inputs) == 1
+                    else torch.cat([self.weights[k.key] for k in group.inputs], dim=0)
+                )
+                y = self._place_fixed(x @ w, out, nb, k_u)
+                partial.append((group.tied, y))
+            if out.bias_key is not None:
+                b = self.biases[out.bias_key]
+                shape = [u.view[a] if a in out.fixed else 1 for a in range(k_u)]
+                partial.append(((), b.reshape(*shape, self.out_channels)))
+            outs.append(_sum_broadcast(partial, (*batch, *u.view, self.out_channels)))
+        return WeightSpace(spec, outs)
+
+    def _place_fixed(self, y: Tensor, out: OutputPlan, nb: int, k_u: int) -> Tensor:
+        """Move U's fixed-axis indices from the channel axis to their own axes."""
+        if not out.fixed:
+            return y
+        c = self.out_channels
+        shape = list(y.shape[:-1])
+        kept = [shape[nb + a] for a in range(k_u) if a not in out.fixed]
+        y = y.reshape(*shape[:nb], *kept, *out.fixed_sizes, c)
+        n_f = len(out.fixed)
+        src = list(range(y.dim() - 1 - n_f, y.dim() - 1))
+        return torch.movedim(y, src, [nb + a for a in out.fixed])
+
+    def weight_for(self, spec: WeightSpaceSpec, u_index: int, t_index: int, ties) -> Tensor | None:
+        """The weight matrix of one term (for reference implementations and tests)."""
+        key = term_key(spec, u_index, t_index, tuple(ties), self.tie)
+        return self.weights[key] if key in self.weights else None
+
+    def bias_for(self, spec: WeightSpaceSpec, u_index: int) -> Tensor | None:
+        """The bias of one output tensor, or None."""
+        key = bias_key(spec, u_index, self.tie)
+        return self.biases[key] if key in self.biases else None
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, tie={self.tie!r}, "
+            f"terms={len(self.weights)}, bias={self.use_bias}"
+        )
+
+
+def _sum_broadcast(parts: list[tuple[tuple[int, ...], Tensor]], shape) -> Tensor:
+    """Sum broadcastable tensors, folding small ones together first so that the
+    full-size tensor is touched as few times as possible."""
+    parts = sorted(parts, key=lambda p: -p[1].numel())
+    merged: list[Tensor] = []
+    for _, t in parts:
+        for i, m in enumerate(merged):
+            if i > 0 and _fits_in(t.shape, m.shape):
+                merged[i] = m + t
+                break
+        else:
+            merged.append(t)
+    total = merged[0]
+    for t in merged[1:]:
+        total = total + t
+    return total if tuple(total.shape) == tuple(shape) else total.expand(*shape)
+
+
+def _fits_in(small, big) -> bool:
+    """Whether ``small`` broadcasts to ``big`` without growing it."""
+    if len(small) > len(big):
+        return False
+    return all(s == 1 or s == b for s, b in zip(reversed(small), reversed(big)))

@@ -1,0 +1,556 @@
+"""Weight spaces: which axes of which parameters are permutable neuron groups.
+
+A network's parameters are a list of tensors. Hidden neurons can be relabelled
+without changing the function the network computes: permuting hidden neuron
+group ``g`` permutes the rows of the weight and bias that write ``g`` and the
+columns of every weight that reads ``g``. A :class:`WeightSpaceSpec` records,
+for every axis of every parameter, which role it plays:
+
+* ``group``: a neuron group (shared by every tensor that indexes it). Hidden
+  groups are always permutable; the input and output groups are permutable
+  under NP semantics and become ``fixed`` axes under HNP semantics.
+* ``fixed``: an axis whose index carries meaning (input features or output
+  classes under HNP). NF-layers mix fixed axes with per-index weights.
+* ``local``: an axis private to one tensor (kernel spatial axes, the axes of a
+  tensor that fits no group). NF-layers treat its entries as exchangeable, so
+  one layer serves every kernel size.
+
+A :class:`WeightSpace` holds one tensor per parameter, shaped
+``(*batch, *view, channels)``: channels-last, with optional leading batch axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+GROUP, FIXED, LOCAL = "group", "fixed", "local"
+INPUT, HIDDEN, OUTPUT = "input", "hidden", "output"
+NP, HNP = "np", "hnp"
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of a parameter's view.
+
+    ``kind`` is ``"group"``, ``"fixed"`` or ``"local"``. ``group`` names the
+    neuron group (``group`` and ``fixed`` axes). ``exponent`` says how the axis
+    transforms when its neurons are rescaled: +1 where the tensor writes the
+    neuron (rows of a weight, a bias), -1 where it reads it (columns).
+    """
+
+    kind: str
+    size: int
+    group: str | None = None
+    exponent: int = 0
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One parameter: its name, its shape, the view NF-layers see, its axes."""
+
+    name: str
+    shape: tuple[int, ...]
+    view: tuple[int, ...]
+    axes: tuple[Axis, ...]
+    kind: str  # "weight", "bias" or "standalone"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class WeightSpaceSpec:
+    """The symmetry structure of a list of parameters.
+
+    Build one with :meth:`from_module`, :meth:`from_shapes` or
+    :meth:`from_axes`. ``group_kinds`` maps each neuron group to ``"input"``,
+    ``"hidden"`` or ``"output"``; ``mode`` is ``"np"`` (input and output
+    neurons permutable) or ``"hnp"`` (only hidden neurons permutable).
+    """
+
+    tensors: tuple[TensorSpec, ...]
+    group_kinds: tuple[tuple[str, str], ...]
+    mode: str = NP
+    _kinds: dict = field(default=None, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_kinds", dict(self.group_kinds))
+        if self.mode not in (NP, HNP):
+            raise ValueError(f"mode must be 'np' or 'hnp', got {self.mode!r}")
+        sizes: dict[str, tuple[int, str]] = {}
+        for t in self.tensors:
+            if math.prod(t.view) != math.prod(t.shape):
+                raise ValueError(
+                    f"parameter {t.name!r}: view {t.view} has a different number of "
+                    f"entries than its shape {t.shape}"
+                )
+            if len(t.axes) != len(t.view):
+                raise ValueError(f"parameter {t.name!r}: {len(t.axes)} axes for view {t.view}")
+            seen = set()
+            for ax, n in zip(t.axes, t.view):
+                if ax.size != n:
+                    raise ValueError(f"parameter {t.name!r}: axis size {ax.size} != view size {n}")
+                if ax.kind == LOCAL:
+                    continue
+                if ax.group in seen:
+                    raise ValueError(
+                        f"parameter {t.name!r} indexes neuron group {ax.group!r} on two axes; "
+                        "weights that map a group to itself are not supported"
+                    )
+                seen.add(ax.group)
+                if ax.group in sizes and sizes[ax.group][0] != n:
+                    other_n, other = sizes[ax.group]
+                    raise ValueError(
+                        f"parameter {t.name!r}: neuron group {ax.group!r} has size {n} here "
+                        f"but size {other_n} in parameter {other!r}"
+                    )
+                sizes.setdefault(ax.group, (n, t.name))
+                if ax.kind == GROUP and ax.group not in self._kinds:
+                    raise ValueError(f"parameter {t.name!r}: neuron group {ax.group!r} has no kind")
+
+    # ----------------------------------------------------------------- queries
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __getitem__(self, i: int) -> TensorSpec:
+        return self.tensors[i]
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    def group_kind(self, group: str) -> str:
+        return self._kinds[group]
+
+    def group_sizes(self) -> dict[str, int]:
+        """Size of every neuron group (permutable or fixed)."""
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            for ax in t.axes:
+                if ax.kind != LOCAL:
+                    out.setdefault(ax.group, ax.size)
+        return out
+
+    def permutable_groups(self) -> dict[str, int]:
+        """The neuron groups whose order carries no meaning, with their sizes."""
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            for ax in t.axes:
+                if ax.kind == GROUP:
+                    out.setdefault(ax.group, ax.size)
+        return out
+
+    def hidden_groups(self) -> dict[str, int]:
+        return {g: n for g, n in self.permutable_groups().items() if self._kinds[g] == HIDDEN}
+
+    def with_mode(self, mode: str) -> WeightSpaceSpec:
+        """The same spec under NP or HNP semantics."""
+        if mode not in (NP, HNP):
+            raise ValueError(f"mode must be 'np' or 'hnp', got {mode!r}")
+        new_kind = GROUP if mode == NP else FIXED
+        tensors = []
+        for t in self.tensors:
+            axes = tuple(
+                Axis(new_kind, a.size, a.group, a.exponent)
+                if a.kind != LOCAL and self._kinds[a.group] != HIDDEN
+                else a
+                for a in t.axes
+            )
+            tensors.append(TensorSpec(t.name, t.shape, t.view, axes, t.kind))
+        return WeightSpaceSpec(tuple(tensors), self.group_kinds, mode)
+
+    def check(self, tensors: Sequence[Tensor], what: str = "parameter") -> None:
+        """Raise ``ValueError`` naming the first tensor whose shape contradicts the spec."""
+        if len(tensors) != len(self.tensors):
+            raise ValueError(
+                f"the weight-space spec describes {len(self.tensors)} parameters "
+                f"but {len(tensors)} {what}s were given"
+            )
+        for t, x in zip(self.tensors, tensors):
+            if tuple(x.shape) != t.shape:
+                raise ValueError(
+                    f"{what} {t.name!r} has shape {tuple(x.shape)} but the weight-space spec "
+                    f"says {t.shape} ({describe_axes(t)})"
+                )
+
+    def describe(self) -> str:
+        """A human-readable table of every parameter's axes."""
+        lines = [f"WeightSpaceSpec(mode={self.mode!r}, {len(self.tensors)} tensors)"]
+        for t in self.tensors:
+            lines.append(f"  {t.name:<28} {str(t.shape):<18} {t.kind:<10} {describe_axes(t)}")
+        return "\n".join(lines)
+
+    # ---------------------------------------------------------- construction
+    @classmethod
+    def from_axes(
+        cls,
+        axes: Mapping[str, Sequence[str | None]],
+        shapes: Mapping[str, Sequence[int]],
+        inputs: Iterable[str] = (),
+        outputs: Iterable[str] = (),
+        mode: str = NP,
+        views: Mapping[str, Sequence[int]] | None = None,
+    ) -> WeightSpaceSpec:
+        """An explicit spec: for each parameter, the neuron group of each axis.
+
+        ``axes["fc1.weight"] = ("h1", "in")`` says rows belong to group ``h1``
+        and columns to ``in``; ``None`` marks a local axis (kernel position).
+        Axes of a weight after the first two, and a 1-D tensor's only axis,
+        follow the weight / bias convention (first axis writes the group).
+        Groups named in ``inputs`` / ``outputs`` are the network's input
+        features and outputs; every other group is hidden.
+        """
+        inputs, outputs = set(inputs), set(outputs)
+        views = dict(views or {})
+        tensors, kinds = [], {}
+        for name, names in axes.items():
+            if name not in shapes:
+                raise ValueError(f"parameter {name!r} has axes but no shape")
+            shape = tuple(int(s) for s in shapes[name])
+            view = tuple(int(s) for s in views.get(name, shape))
+            if len(names) != len(view):
+                raise ValueError(
+                    f"parameter {name!r}: {len(names)} axis names for a view of "
+                    f"{len(view)} axes {view}"
+                )
+            if any(g is not None for g in names):
+                kind = "bias" if len(view) == 1 else "weight"
+            else:
+                kind = "standalone"
+            built = []
+            for i, (g, n) in enumerate(zip(names, view)):
+                if g is None:
+                    built.append(Axis(LOCAL, n))
+                    continue
+                gk = INPUT if g in inputs else OUTPUT if g in outputs else HIDDEN
+                kinds[g] = gk
+                exponent = 1 if i == 0 else -1 if i == 1 else 0
+                built.append(Axis(GROUP, n, g, exponent))
+            tensors.append(TensorSpec(name, shape, view, tuple(built), kind))
+        for name in shapes:
+            if name not in axes:
+                raise ValueError(f"parameter {name!r} has a shape but no axes")
+        spec = cls(tuple(tensors), tuple(sorted(kinds.items())), NP)
+        return spec.with_mode(mode) if mode != NP else spec
+
+    @classmethod
+    def from_shapes(
+        cls,
+        shapes: Sequence[Sequence[int]],
+        names: Sequence[str] | None = None,
+        mode: str = NP,
+    ) -> WeightSpaceSpec:
+        """Infer the spec from parameter shapes in forward order.
+
+        Rules: a 2-D, 3-D or 4-D tensor is a Linear / Conv1d / Conv2d weight;
+        it continues the chain when its input size equals the previous layer's
+        output size (or a multiple of it, after a conv: flatten), and starts a
+        new chain of its own when it is first. A 1-D tensor the size of the
+        previous layer's output, when that layer has no bias yet, is its bias.
+        Everything else is a standalone tensor.
+        """
+        names = list(names) if names is not None else [f"param{i}" for i in range(len(shapes))]
+        if len(names) != len(shapes):
+            raise ValueError(f"{len(names)} names for {len(shapes)} shapes")
+        layers = [(n, tuple(int(s) for s in shp), None) for n, shp in zip(names, shapes)]
+        return _infer(layers, mode)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, mode: str = NP) -> WeightSpaceSpec:
+        """Infer the spec from an ``nn.Module`` of Linear / Conv1d / Conv2d layers.
+
+        Parameters are listed in ``module.named_parameters()`` order. Layers
+        are linked in the order the modules were registered (the forward order
+        of an ``nn.Sequential``); global pooling or flatten between conv and
+        linear parts is recognised from the sizes. Parameters of other modules
+        (LayerNorm, Embedding, ...) become standalone tensors.
+        """
+        owner: dict[int, tuple[str, nn.Module]] = {}
+        for mod_name, mod in module.named_modules():
+            for p_name, p in mod.named_parameters(recurse=False):
+                owner.setdefault(id(p), (f"{mod_name}.{p_name}" if mod_name else p_name, mod))
+        layers = []
+        for name, p in module.named_parameters():
+            _, mod = owner[id(p)]
+            layer_kind = None
+            if (
+                isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d))
+                and getattr(mod, "groups", 1) == 1
+            ):
+                layer_kind = "bias" if p is getattr(mod, "bias", None) else "weight"
+            layers.append((name, tuple(p.shape), layer_kind if layer_kind else "standalone"))
+        return _infer(layers, mode)
+
+
+def describe_axes(t: TensorSpec) -> str:
+    parts = []
+    for ax in t.axes:
+        if ax.kind == LOCAL:
+            parts.append(f"local[{ax.size}]")
+        else:
+            parts.append(f"{ax.kind}:{ax.group}[{ax.size}]")
+    return "(" + ", ".join(parts) + ")"
+
+
+def _infer(layers: list[tuple[str, tuple[int, ...], str | None]], mode: str) -> WeightSpaceSpec:
+    """Shared inference: ``layers`` is (name, shape, hint) with hint None (guess
+    from shape), ``"weight"``, ``"bias"`` or ``"standalone"``."""
+    tensors: list[TensorSpec] = []
+    kinds: dict[str, str] = {}
+    prev_out: tuple[str, int] | None = None  # (group, size) of the last layer's output
+    prev_is_conv = False
+    prev_has_bias = True
+    n_groups = 0
+
+    def new_group(kind: str) -> str:
+        nonlocal n_groups
+        name = f"g{n_groups}"
+        n_groups += 1
+        kinds[name] = kind
+        return name
+
+    def standalone(name, shape):
+        return TensorSpec(name, shape, shape, tuple(Axis(LOCAL, n) for n in shape), "standalone")
+
+    for name, shape, hint in layers:
+        is_weight = hint == "weight" or (hint is None and len(shape) in (2, 3, 4))
+        is_bias = hint == "bias" or (hint is None and len(shape) == 1)
+        if is_weight and len(shape) in (2, 3, 4) and min(shape) > 0:
+            out_n, in_n = shape[0], shape[1]
+            view = shape
+            if prev_out is None:
+                in_group = new_group(INPUT)
+            elif in_n == prev_out[1]:
+                in_group = prev_out[0]
+            elif (
+                len(shape) == 2 and prev_is_conv and in_n % prev_out[1] == 0
+            ):  # flatten after a conv: columns are (channel, position)
+                in_group = prev_out[0]
+                view = (out_n, prev_out[1], in_n // prev_out[1])
+            elif hint == "weight":  # a layer that does not read the previous one
+                in_group = new_group(INPUT)
+            else:
+                tensors.append(standalone(name, shape))
+                continue
+            if kinds[in_group] == OUTPUT:  # read by this layer: the group is hidden
+                kinds[in_group] = HIDDEN
+            out_group = new_group(OUTPUT)
+            axes = [Axis(GROUP, out_n, out_group, 1), Axis(GROUP, view[1], in_group, -1)]
+            axes += [Axis(LOCAL, n) for n in view[2:]]
+            tensors.append(TensorSpec(name, shape, view, tuple(axes), "weight"))
+            prev_out = (out_group, out_n)
+            prev_is_conv = len(shape) > 2
+            prev_has_bias = False
+        elif (
+            is_bias
+            and len(shape) == 1
+            and prev_out is not None
+            and not prev_has_bias
+            and shape[0] == prev_out[1]
+        ):
+            axes = (Axis(GROUP, shape[0], prev_out[0], 1),)
+            tensors.append(TensorSpec(name, shape, shape, axes, "bias"))
+            prev_has_bias = True
+        else:
+            tensors.append(standalone(name, shape))
+    spec = WeightSpaceSpec(tuple(tensors), tuple(sorted(kinds.items())), NP)
+    return spec.with_mode(mode) if mode != NP else spec
+
+
+# --------------------------------------------------------------------------
+# WeightSpace: the data
+# --------------------------------------------------------------------------
+class WeightSpace:
+    """One channels-last tensor per parameter: ``(*batch, *view, channels)``.
+
+    Registered as a pytree, so ``torch.func.vmap`` maps over its tensors.
+    """
+
+    __slots__ = ("spec", "tensors")
+
+    def __init__(self, spec: WeightSpaceSpec, tensors: Sequence[Tensor]):
+        if len(tensors) != len(spec.tensors):
+            raise ValueError(f"{len(tensors)} tensors for a spec of {len(spec.tensors)}")
+        for t, x in zip(spec.tensors, tensors):
+            k = len(t.view)
+            if x.dim() < k + 1 or tuple(x.shape[x.dim() - k - 1 : -1]) != t.view:
+                raise ValueError(
+                    f"weight-space tensor for {t.name!r} has shape {tuple(x.shape)}; expected "
+                    f"(*batch, *{t.view}, channels)"
+                )
+        self.spec = spec
+        self.tensors = tuple(tensors)
+
+    # ------------------------------------------------------------ conversion
+    @classmethod
+    def from_tensors(
+        cls, spec: WeightSpaceSpec, tensors: Sequence[Tensor], what: str = "parameter"
+    ) -> WeightSpace:
+        """One channel from a list of parameter-shaped tensors (params, grads, ...)."""
+        spec.check(tensors, what)
+        return cls(spec, [x.reshape(t.view + (1,)) for t, x in zip(spec.tensors, tensors)])
+
+    @classmethod
+    def from_channels(
+        cls, spec: WeightSpaceSpec, channels: Sequence[Sequence[Tensor]]
+    ) -> WeightSpace:
+        """Stack several lists of parameter-shaped tensors as channels."""
+        if not channels:
+            raise ValueError("from_channels needs at least one channel")
+        for c in channels:
+            spec.check(c)
+        return cls(
+            spec,
+            [
+                torch.stack([c[i].reshape(t.view) for c in channels], dim=-1)
+                for i, t in enumerate(spec.tensors)
+            ],
+        )
+
+    def to_tensors(self) -> list[Tensor]:
+        """Back to parameter shapes: ``(*batch, *shape)`` for one channel,
+        ``(*batch, *shape, channels)`` otherwise."""
+        out = []
+        for t, x in zip(self.spec.tensors, self.tensors):
+            lead = x.shape[: x.dim() - len(t.view) - 1]
+            c = x.shape[-1]
+            out.append(x.reshape(*lead, *t.shape) if c == 1 else x.reshape(*lead, *t.shape, c))
+        return out
+
+    # ------------------------------------------------------------ structure
+    @property
+    def channels(self) -> int:
+        return self.tensors[0].shape[-1]
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        t, x = self.spec.tensors[0], self.tensors[0]
+        return x.shape[: x.dim() - len(t.view) - 1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors[0].dtype
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.tensors[i]
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(str(tuple(x.shape)) for x in self.tensors)
+        return f"WeightSpace({len(self.tensors)} tensors, channels={self.channels}: {shapes})"
+
+    # ------------------------------------------------------------ arithmetic
+    def map(self, fn: Callable[[Tensor], Tensor]) -> WeightSpace:
+        return WeightSpace(self.spec, [fn(x) for x in self.tensors])
+
+    def zip_map(self, other: WeightSpace, fn: Callable[[Tensor, Tensor], Tensor]) -> WeightSpace:
+        self._check_same(other)
+        return WeightSpace(self.spec, [fn(a, b) for a, b in zip(self.tensors, other.tensors)])
+
+    def __add__(self, other: WeightSpace | float) -> WeightSpace:
+        if isinstance(other, WeightSpace):
+            return self.zip_map(other, torch.add)
+        return self.map(lambda x: x + other)
+
+    def __sub__(self, other: WeightSpace | float) -> WeightSpace:
+        if isinstance(other, WeightSpace):
+            return self.zip_map(other, torch.sub)
+        return self.map(lambda x: x - other)
+
+    def __mul__(self, other: WeightSpace | float) -> WeightSpace:
+        if isinstance(other, WeightSpace):
+            return self.zip_map(other, torch.mul)
+        return self.map(lambda x: x * other)
+
+    __rmul__ = __mul__
+    __radd__ = __add__
+
+    def to(self, *args, **kwargs) -> WeightSpace:
+        return self.map(lambda x: x.to(*args, **kwargs))
+
+    def channel(self, index: int | slice) -> WeightSpace:
+        """Select channels, keeping the channel axis."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return self.map(lambda x: x[..., index])
+
+    def permute(self, perms: Mapping[str, Tensor]) -> WeightSpace:
+        """Relabel neurons: ``perms[group][i]`` is the old index of new neuron ``i``.
+
+        Groups not in ``perms`` keep their order. For a spec inferred from a
+        network, permuting hidden groups of its parameters leaves the function
+        it computes unchanged.
+        """
+        unknown = set(perms) - set(self.spec.group_sizes())
+        if unknown:
+            raise ValueError(f"unknown neuron groups {sorted(unknown)}")
+        nb = len(self.batch_shape)
+        out = []
+        for t, x in zip(self.spec.tensors, self.tensors):
+            for a, ax in enumerate(t.axes):
+                if ax.kind != LOCAL and ax.group in perms:
+                    p = perms[ax.group]
+                    if p.numel() != ax.size:
+                        raise ValueError(
+                            f"permutation of group {ax.group!r} has {p.numel()} entries, "
+                            f"the group has {ax.size} neurons"
+                        )
+                    x = x.index_select(nb + a, p.to(x.device))
+            out.append(x)
+        return WeightSpace(self.spec, out)
+
+    @staticmethod
+    def cat(spaces: Sequence[WeightSpace]) -> WeightSpace:
+        """Concatenate channels of weight spaces that share a spec."""
+        first = spaces[0]
+        for s in spaces[1:]:
+            first._check_same(s)
+        return WeightSpace(
+            first.spec, [torch.cat(xs, dim=-1) for xs in zip(*(s.tensors for s in spaces))]
+        )
+
+    def _check_same(self, other: WeightSpace) -> None:
+        if other.spec != self.spec:
+            raise ValueError("weight spaces have different specs")
+
+
+def _flatten(ws: WeightSpace):
+    return list(ws.tensors), ws.spec
+
+
+def _unflatten(values, spec):
+    ws = WeightSpace.__new__(WeightSpace)
+    ws.spec = spec
+    ws.tensors = tuple(values)
+    return ws
+
+
+pytree.register_pytree_node(
+    WeightSpace,
+    _flatten,
+    _unflatten,
+    serialized_type_name="lopt.weightspace.WeightSpace",
+)

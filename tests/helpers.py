@@ -1,0 +1,93 @@
+"""Random architectures and symmetry transforms shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+from lopt.nn.terms import hidden_exponents
+from lopt.weightspace import LOCAL, WeightSpace, WeightSpaceSpec
+
+
+def make_mlp(widths, bias=True, act=nn.ReLU) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1], bias=bias))
+        if i < len(widths) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def make_cnn(channels, kernels, dims=2, head="pool", n_out=3, bias=True, spatial=4):
+    """Convs ('same' padding) -> global average pool or flatten -> Linear."""
+    conv = nn.Conv2d if dims == 2 else nn.Conv1d
+    layers: list[nn.Module] = []
+    for i, k in enumerate(kernels):
+        layers += [conv(channels[i], channels[i + 1], k, padding="same", bias=bias), nn.Tanh()]
+    if head == "pool":
+        layers += [nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool1d(1), nn.Flatten()]
+        layers.append(nn.Linear(channels[-1], n_out, bias=bias))
+    else:
+        layers.append(nn.Flatten())
+        layers.append(nn.Linear(channels[-1] * spatial**dims, n_out, bias=bias))
+    return nn.Sequential(*layers)
+
+
+@st.composite
+def architectures(draw, cnn=None):
+    """(module, input shape) for random MLPs and CNNs, depth 1-5."""
+    is_cnn = draw(st.booleans()) if cnn is None else cnn
+    bias = draw(st.booleans())
+    if not is_cnn:
+        depth = draw(st.integers(1, 5))
+        widths = draw(st.lists(st.integers(1, 5), min_size=depth + 1, max_size=depth + 1))
+        return make_mlp(widths, bias=bias), (widths[0],)
+    n_conv = draw(st.integers(1, 4))
+    dims = draw(st.sampled_from([1, 2]))
+    chans = draw(st.lists(st.integers(1, 4), min_size=n_conv + 1, max_size=n_conv + 1))
+    kernels = draw(st.lists(st.integers(1, 3), min_size=n_conv, max_size=n_conv))
+    head = draw(st.sampled_from(["pool", "flatten"]))
+    spatial = 3
+    model = make_cnn(chans, kernels, dims, head, draw(st.integers(1, 4)), bias, spatial)
+    return model, (chans[0],) + (spatial,) * dims
+
+
+def random_ws(spec: WeightSpaceSpec, channels: int, batch=(), generator=None) -> WeightSpace:
+    return WeightSpace(
+        spec,
+        [torch.randn(*batch, *t.view, channels, generator=generator) for t in spec.tensors],
+    )
+
+
+def random_perms(spec: WeightSpaceSpec, generator=None, hidden_only=False):
+    groups = spec.hidden_groups() if hidden_only else spec.permutable_groups()
+    return {g: torch.randperm(n, generator=generator) for g, n in groups.items()}
+
+
+def rescale(ws: WeightSpace, scales: dict) -> WeightSpace:
+    """Multiply each entry by prod over its hidden axes of scale[group][i]**exponent."""
+    spec = ws.spec
+    nb = len(ws.batch_shape)
+    out = []
+    for t, x in zip(spec.tensors, ws.tensors):
+        for g, (a, e) in hidden_exponents(t, spec).items():
+            shape = [1] * x.dim()
+            shape[nb + a] = -1
+            x = x * scales[g].pow(e).reshape(shape)
+        out.append(x)
+    return WeightSpace(spec, out)
+
+
+def assert_ws_close(a: WeightSpace, b: WeightSpace, atol=1e-5, rtol=1e-4):
+    for t, x, y in zip(a.spec.tensors, a.tensors, b.tensors):
+        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda m, n=t.name: f"{n}: {m}")
+
+
+def local_axes(spec):
+    return [
+        (i, a)
+        for i, t in enumerate(spec.tensors)
+        for a, ax in enumerate(t.axes)
+        if ax.kind == LOCAL
+    ]
