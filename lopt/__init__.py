@@ -1,6 +1,37 @@
-"""lopt: learned optimizers built on permutation-equivariant neural functionals."""
+"""lopt: learned optimizers built on permutation-equivariant neural functionals.
 
+Public API:
+
+* :class:`NFNOptimizer`, :class:`MLPOptimizer`, :class:`LearnedOptimizer`:
+  ``torch.optim.Optimizer`` classes driven by an optimizer net.
+* :class:`NFNNet`, :class:`PerParamMLP`: the optimizer nets.
+* :mod:`lopt.functional`: the pure ``init`` / ``update`` core they share with
+  meta-training.
+* :class:`WeightSpaceSpec`, :class:`WeightSpace`: weight spaces, and
+  :mod:`lopt.nn` for the NF-layers built on them.
+* :func:`save`, :func:`load`, :func:`pretrained_names`: checkpoints.
+"""
+
+from lopt import functional
+from lopt.checkpoint import load, pretrained_names, save
+from lopt.nets import NFNNet, OptimizerNet, PerParamMLP
+from lopt.optim import LearnedOptimizer, MLPOptimizer, NFNOptimizer
 from lopt.weightspace import Axis, TensorSpec, WeightSpace, WeightSpaceSpec
 
-__all__ = ["Axis", "TensorSpec", "WeightSpace", "WeightSpaceSpec"]
+__all__ = [
+    "Axis",
+    "LearnedOptimizer",
+    "MLPOptimizer",
+    "NFNNet",
+    "NFNOptimizer",
+    "OptimizerNet",
+    "PerParamMLP",
+    "TensorSpec",
+    "WeightSpace",
+    "WeightSpaceSpec",
+    "functional",
+    "load",
+    "pretrained_names",
+    "save",
+]
 __version__ = "0.1.0"

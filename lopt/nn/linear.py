@@ -8,7 +8,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lopt.nn.terms import BiasFilter, OutputPlan, TermFilter, bias_key, build_plan, term_key
+from lopt.nn.terms import (
+    BiasFilter,
+    OutputPlan,
+    TermFilter,
+    TieGroup,
+    bias_key,
+    build_plan,
+    term_key,
+)
 from lopt.weightspace import WeightSpace, WeightSpaceSpec
 
 
@@ -30,6 +38,9 @@ class NFLinear(nn.Module):
         in_channels, out_channels: channel widths.
         tie: ``"role"`` (weights shared by role) or ``"none"`` (per tensor pair).
         bias: add a learned bias per output role and channel.
+        strict: on a weight space with roles the layer has no weights for,
+            raise (True) or leave those terms out (False; a tensor with no
+            known term gets zeros, so pair the layer with a per-entry path).
     """
 
     def __init__(
@@ -39,12 +50,13 @@ class NFLinear(nn.Module):
         out_channels: int,
         tie: str = "role",
         bias: bool = True,
+        strict: bool = True,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"channels must be positive, got {in_channels} -> {out_channels}")
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.tie, self.use_bias = tie, bias
+        self.tie, self.use_bias, self.strict = tie, bias, strict
         self._plans: dict[WeightSpaceSpec, tuple[OutputPlan, ...]] = {}
         self.weights = nn.ParameterDict()
         self.biases = nn.ParameterDict()
@@ -81,7 +93,9 @@ class NFLinear(nn.Module):
                     {k.key for o in plan for g in o.groups for k in g.inputs} - set(self.weights)
                     | ({o.bias_key for o in plan if o.bias_key} - set(self.biases))
                 )
-                if missing:
+                if missing and not self.strict:
+                    plan = self._known_terms(plan)
+                elif missing:
                     raise ValueError(
                         f"{type(self).__name__} has no weights for these roles of the given "
                         f"weight space: {missing[:6]}{' ...' if len(missing) > 6 else ''}. "
@@ -89,6 +103,18 @@ class NFLinear(nn.Module):
                     )
             self._plans[spec] = plan
         return plan
+
+    def _known_terms(self, plan: tuple[OutputPlan, ...]) -> tuple[OutputPlan, ...]:
+        out = []
+        for o in plan:
+            groups = []
+            for g in o.groups:
+                inputs = tuple(k for k in g.inputs if k.key in self.weights)
+                if inputs:
+                    groups.append(TieGroup(g.tied, inputs))
+            bias = o.bias_key if o.bias_key in self.biases else None
+            out.append(OutputPlan(o.u_index, o.fixed, o.fixed_sizes, bias, tuple(groups)))
+        return tuple(out)
 
     def forward(self, ws: WeightSpace) -> WeightSpace:
         if ws.channels != self.in_channels:
@@ -140,7 +166,11 @@ class NFLinear(nn.Module):
                 b = self.biases[out.bias_key]
                 shape = [u.view[a] if a in out.fixed else 1 for a in range(k_u)]
                 partial.append(((), b.reshape(*shape, self.out_channels)))
-            outs.append(_sum_broadcast(partial, (*batch, *u.view, self.out_channels)))
+            shape = (*batch, *u.view, self.out_channels)
+            if not partial:  # a role this layer knows nothing about (strict=False)
+                outs.append(xs[out.u_index].new_zeros(shape))
+                continue
+            outs.append(_sum_broadcast(partial, shape))
         return WeightSpace(spec, outs)
 
     def _place_fixed(self, y: Tensor, out: OutputPlan, nb: int, k_u: int) -> Tensor:
@@ -173,21 +203,29 @@ class NFLinear(nn.Module):
 
 
 def _sum_broadcast(parts: list[tuple[tuple[int, ...], Tensor]], shape) -> Tensor:
-    """Sum broadcastable tensors, folding small ones together first so that the
-    full-size tensor is touched as few times as possible."""
+    """Sum broadcastable terms into the largest one.
+
+    The small (pooled) terms are folded together first; the full-size term is
+    a fresh matmul output, so they are added into it in place: on CPU a new
+    full-size buffer costs more than the arithmetic (page faults)."""
     parts = sorted(parts, key=lambda p: -p[1].numel())
+    total = parts[0][1]
     merged: list[Tensor] = []
-    for _, t in parts:
+    for _, t in parts[1:]:
         for i, m in enumerate(merged):
-            if i > 0 and _fits_in(t.shape, m.shape):
+            if _fits_in(t.shape, m.shape):
                 merged[i] = m + t
                 break
         else:
             merged.append(t)
-    total = merged[0]
-    for t in merged[1:]:
-        total = total + t
-    return total if tuple(total.shape) == tuple(shape) else total.expand(*shape)
+    if tuple(total.shape) != tuple(shape):
+        total = total.expand(*shape).clone()
+    for t in merged:
+        try:
+            total = total.add_(t)
+        except RuntimeError:  # under vmap, t may be batched where total is not
+            total = total + t
+    return total
 
 
 def _fits_in(small, big) -> bool:

@@ -1,0 +1,110 @@
+"""Save and load optimizer nets with their config; the pretrained registry.
+
+A checkpoint is a ``torch.save`` dict: a format tag and version, the net's
+class name and constructor config, its state dict and free-form metadata
+(how it was trained). Files in ``lopt/pretrained/`` are the shipped weights:
+``weights="<file stem>"`` loads one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lopt.nets import NETS, OptimizerNet
+
+FORMAT = "lopt-optimizer-net"
+VERSION = 1
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+
+
+def pretrained_names() -> list[str]:
+    """Names accepted by ``weights=``: the shipped files in ``lopt/pretrained/``."""
+    return sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt"))
+
+
+def save(
+    net: OptimizerNet, path: str | os.PathLike, metadata: dict[str, Any] | None = None
+) -> None:
+    """Write ``net`` atomically (temp file + rename): a crash never leaves a
+    half-written checkpoint under ``path``."""
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "net": type(net).__name__,
+        "config": net.config,
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "metadata": dict(metadata or {}),
+    }
+    atomic_save(payload, path)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def resolve(weights: str | os.PathLike) -> Path:
+    """A shipped name or a path to a file."""
+    path = Path(weights)
+    if path.is_file():
+        return path
+    if isinstance(weights, str) and weights in pretrained_names():
+        return PRETRAINED_DIR / f"{weights}.pt"
+    names = pretrained_names()
+    raise FileNotFoundError(
+        f"no optimizer checkpoint {str(weights)!r}: not a file, and not a shipped name "
+        f"({', '.join(names) if names else 'none shipped yet'})"
+    )
+
+
+def load(
+    weights: str | os.PathLike, expect: type[OptimizerNet] | None = None
+) -> tuple[OptimizerNet, dict[str, Any]]:
+    """Rebuild the net stored in a checkpoint; returns ``(net, metadata)``.
+
+    Raises ``ValueError`` for a file that is not a readable lopt checkpoint
+    (corrupt, truncated, another format or a newer version), for a net of
+    another class than ``expect``, and for weights of the wrong shapes.
+    """
+    path = resolve(weights)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"{path}: not a readable lopt checkpoint (corrupt or truncated?): {e}"
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an lopt optimizer-net checkpoint")
+    if payload.get("version", 0) > VERSION:
+        raise ValueError(
+            f"{path}: checkpoint format version {payload['version']} is newer than this "
+            f"lopt ({VERSION}); upgrade lopt"
+        )
+    name = payload.get("net")
+    if name not in NETS:
+        raise ValueError(f"{path}: unknown optimizer net {name!r} (known: {sorted(NETS)})")
+    if expect is not None and not issubclass(NETS[name], expect):
+        raise ValueError(f"{path}: holds a {name}, but a {expect.__name__} is needed")
+    net = NETS[name](**payload["config"])
+    try:
+        net.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit a {name} with this config: {e}") from e
+    return net, payload.get("metadata", {})

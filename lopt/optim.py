@@ -1,0 +1,212 @@
+"""Learned optimizers as ``torch.optim.Optimizer`` classes.
+
+The classes gather each parameter group's parameters, gradients and state,
+call :func:`lopt.functional.update` (the one code path, shared with
+meta-training), and write parameters and state back in place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lopt import functional
+from lopt.checkpoint import load
+from lopt.nets import NFNNet, OptimizerNet, PerParamMLP
+from lopt.weightspace import LOCAL, Axis, TensorSpec, WeightSpaceSpec
+
+_STATE_KEYS = ("momenta", "second_moment")
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` driven by an optimizer net.
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        net: an :class:`~lopt.nets.OptimizerNet` (default: a fresh one, built
+            from ``net_kwargs``: a sane, slow optimizer until meta-trained).
+        weights: a shipped name (see :func:`lopt.pretrained_names`) or the path
+            of a checkpoint written by :func:`lopt.save` / ``python -m meta_train``.
+        spec: the weight space of the parameters: one
+            :class:`~lopt.WeightSpaceSpec`, or one per parameter group.
+        model: the ``nn.Module`` the parameters belong to; its layers give the
+            spec. Without ``spec`` or ``model`` the spec is inferred from the
+            parameter shapes in order (see :meth:`WeightSpaceSpec.from_shapes`).
+
+    Parameters without a gradient are skipped. A step whose gradients (or
+    updates) are not all finite changes nothing but the group's
+    ``skipped`` counter in the state.
+    """
+
+    net_class: type[OptimizerNet] = OptimizerNet
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        net: OptimizerNet | None = None,
+        *,
+        weights: str | os.PathLike | None = None,
+        spec: WeightSpaceSpec | Sequence[WeightSpaceSpec] | None = None,
+        model: nn.Module | None = None,
+        **net_kwargs: Any,
+    ) -> None:
+        if net is not None and weights is not None:
+            raise ValueError("give either net= or weights=, not both")
+        if spec is not None and model is not None:
+            raise ValueError("give either spec= or model=, not both")
+        self.metadata: dict[str, Any] = {}
+        if weights is not None:
+            if net_kwargs:
+                raise ValueError(f"net options {sorted(net_kwargs)} conflict with weights=")
+            net, self.metadata = load(weights, expect=self.net_class)
+        elif net is None:
+            net = self.net_class(**net_kwargs)
+        elif not isinstance(net, self.net_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.net_class.__name__}, got {type(net).__name__}"
+            )
+        super().__init__(params, {})
+        self.net = net
+        self._model = model
+        if isinstance(spec, WeightSpaceSpec):
+            spec = [spec]
+        if spec is not None and len(spec) != len(self.param_groups):
+            raise ValueError(f"{len(spec)} specs for {len(self.param_groups)} parameter groups")
+        self._group_specs: list[WeightSpaceSpec | None] = (
+            list(spec) if spec else [None] * len(self.param_groups)
+        )
+        for i, group in enumerate(self.param_groups):
+            self._full_spec(i, group)  # raise now, not at the first step, for a bad spec
+        self._spec_cache: dict[tuple, WeightSpaceSpec] = {}
+
+    # ------------------------------------------------------------------ specs
+    def _full_spec(self, index: int, group: dict) -> WeightSpaceSpec:
+        params = group["params"]
+        explicit = self._group_specs[index] if index < len(self._group_specs) else None
+        if explicit is not None:
+            explicit.check(params)
+            return explicit
+        if self._model is not None:
+            model_spec = WeightSpaceSpec.from_module(self._model)
+            by_id = {id(p): t for p, t in zip(self._model.parameters(), model_spec.tensors)}
+            tensors = [
+                by_id.get(id(p))
+                or TensorSpec(
+                    f"param{j}",
+                    tuple(p.shape),
+                    tuple(p.shape),
+                    tuple(Axis(LOCAL, n) for n in p.shape),
+                    "standalone",
+                )
+                for j, p in enumerate(params)
+            ]
+            return WeightSpaceSpec(tuple(tensors), model_spec.group_kinds, model_spec.mode)
+        return WeightSpaceSpec.from_shapes([p.shape for p in params])
+
+    def _spec(self, index: int, group: dict, active: list[int]) -> WeightSpaceSpec:
+        key = (index, tuple(active), tuple(tuple(p.shape) for p in group["params"]))
+        if key not in self._spec_cache:
+            full = self._full_spec(index, group)
+            if len(active) == len(full.tensors):
+                self._spec_cache[key] = full
+            else:
+                tensors = tuple(full.tensors[j] for j in active)
+                self._spec_cache[key] = WeightSpaceSpec(tensors, full.group_kinds, full.mode)
+        return self._spec_cache[key]
+
+    # ------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            active = [j for j, p in enumerate(group["params"]) if p.grad is not None]
+            if not active:
+                continue
+            params = [group["params"][j] for j in active]
+            for j, p in zip(active, params):
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients "
+                        f"(parameter {j} of group {index})"
+                    )
+            devices = {p.device for p in params}
+            if len(devices) > 1:
+                raise RuntimeError(
+                    f"parameter group {index} spans devices {sorted(map(str, devices))}"
+                )
+            device = devices.pop()
+            spec = self._spec(index, group, active)
+            state = self._gather_state(params)
+            self.net.to(device)
+            updates, new = functional.update(
+                self.net, spec, None, [p.grad for p in params], state, params
+            )
+            skipped = bool(new["skipped"] > state["skipped"])
+            for i, p in enumerate(params):
+                st = self.state[p]
+                st["skipped"] = new["skipped"].clone()
+                if skipped:
+                    continue
+                p.add_(updates[i])
+                st["step"] = new["step"].clone()
+                for k in _STATE_KEYS:
+                    st[k] = new[k][i]
+        return loss
+
+    def _gather_state(self, params: list[Tensor]) -> functional.State:
+        for p in params:
+            if not self.state[p]:
+                fresh = functional.init([p])
+                self.state[p].update(
+                    momenta=fresh["momenta"][0],
+                    second_moment=fresh["second_moment"][0],
+                    step=fresh["step"],
+                    skipped=fresh["skipped"],
+                )
+        first = self.state[params[0]]
+        return {
+            "momenta": [self.state[p]["momenta"].float() for p in params],
+            "second_moment": [self.state[p]["second_moment"].float() for p in params],
+            "step": first["step"].float(),
+            "skipped": first["skipped"].float(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but the float32 state of low-precision parameters stays float32."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, st in saved.items():
+            p = params[index]
+            for k in _STATE_KEYS + ("step", "skipped"):
+                if k in st:
+                    self.state[p][k] = st[k].to(device=p.device, dtype=torch.float32)
+
+
+class NFNOptimizer(LearnedOptimizer):
+    """The NFN learned optimizer: an :class:`~lopt.nets.NFNNet` that mixes
+    information across the neurons of each layer, equivariantly.
+
+    Example::
+
+        opt = lopt.NFNOptimizer(model.parameters(), model=model)
+        for x, y in data:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    """
+
+    net_class = NFNNet
+
+
+class MLPOptimizer(LearnedOptimizer):
+    """The per-parameter MLP learned optimizer (:class:`~lopt.nets.PerParamMLP`)."""
+
+    net_class = PerParamMLP

@@ -1,0 +1,341 @@
+"""Learned optimizers as torch.optim optimizers."""
+
+import copy
+
+import pytest
+import torch
+from helpers import make_cnn, make_mlp
+from torch import nn
+from torch.nn import functional as F
+
+import lopt
+from lopt import WeightSpace, WeightSpaceSpec, functional
+from lopt.nets import NFNNet, PerParamMLP
+
+
+def data(in_shape=(6,), n=64, classes=3, seed=0):
+    """Inputs and the labels a random linear teacher gives them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *in_shape, generator=g)
+    teacher = torch.randn(x[0].numel(), classes, generator=g)
+    return x, (x.flatten(1) @ teacher).argmax(1)
+
+
+def loss_of(model, x, y, scale=1.0):
+    return F.cross_entropy(model(x), y) * scale
+
+
+def train(model, opt, x, y, steps, scale=1.0):
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_of(model, x, y, scale)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item() / scale)
+    return losses
+
+
+def strong_net(cls=NFNNet, seed=0):
+    """A random net whose learned term dominates the update, so the tests
+    exercise it rather than the Adam base."""
+    torch.manual_seed(seed)
+    return cls(out_scale=1.0, step_mult=1e-2, lr=1e-4)
+
+
+def test_step_equals_functional_update():
+    torch.manual_seed(0)
+    model = make_mlp([6, 8, 3])
+    twin = copy.deepcopy(model)
+    net = strong_net()
+    opt = lopt.NFNOptimizer(model.parameters(), net=net)
+    x, y = data()
+    spec = WeightSpaceSpec.from_module(twin)
+    params = [p.detach().clone() for p in twin.parameters()]
+    state = functional.init(params)
+    for _ in range(5):
+        train(model, opt, x, y, 1)
+        with torch.enable_grad():
+            ps = [p.requires_grad_() for p in params]
+            loss = F.cross_entropy(
+                torch.func.functional_call(
+                    twin, dict(zip([n for n, _ in twin.named_parameters()], ps)), (x,)
+                ),
+                y,
+            )
+            grads = torch.autograd.grad(loss, ps)
+        with torch.no_grad():
+            updates, state = functional.update(net, spec, None, grads, state, params)
+            params = functional.apply_updates([p.detach() for p in params], updates)
+    for p, q in zip(model.parameters(), params):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_training_commutes_with_hidden_permutations(arch):
+    torch.manual_seed(1)
+    if arch == "mlp":
+        model, x, y = make_mlp([6, 7, 5, 3]), *data()
+    else:
+        model, x, y = make_cnn([2, 4, 3], [3, 3], 2, "flatten", 3, True, 4), *data((2, 4, 4))
+    spec = WeightSpaceSpec.from_module(model)
+    perms = {g: torch.randperm(n) for g, n in spec.hidden_groups().items()}
+    twin = copy.deepcopy(model)
+    permuted = WeightSpace.from_tensors(spec, [p.detach() for p in model.parameters()]).permute(
+        perms
+    )
+    with torch.no_grad():
+        for p, q in zip(twin.parameters(), permuted.to_tensors()):
+            p.copy_(q)
+    net = strong_net()
+    a = train(model, lopt.NFNOptimizer(model.parameters(), net=net, model=model), x, y, 20)
+    b = train(twin, lopt.NFNOptimizer(twin.parameters(), net=net, model=twin), x, y, 20)
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
+    final = WeightSpace.from_tensors(spec, [p.detach() for p in model.parameters()]).permute(perms)
+    for p, q in zip(twin.parameters(), final.to_tensors()):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-3, atol=1e-5)
+    # The equivariant layer matters: without it the trajectory differs.
+    silent = copy.deepcopy(net)
+    with torch.no_grad():
+        for w in list(silent.nf.weights.values()) + list(silent.nf.biases.values()):
+            w.zero_()
+    torch.manual_seed(1)
+    fresh = (
+        make_mlp([6, 7, 5, 3])
+        if arch == "mlp"
+        else make_cnn([2, 4, 3], [3, 3], 2, "flatten", 3, True, 4)
+    )
+    c = train(fresh, lopt.NFNOptimizer(fresh.parameters(), net=silent, model=fresh), x, y, 20)
+    assert abs(c[-1] - a[-1]) > 1e-4
+
+
+@pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
+def test_update_is_invariant_to_loss_scale(cls):
+    torch.manual_seed(2)
+    model = make_mlp([6, 8, 3])
+    twin = copy.deepcopy(model)
+    net = strong_net(cls)
+    x, y = data()
+    opt_a = lopt.LearnedOptimizer(model.parameters(), net=net)
+    opt_b = lopt.LearnedOptimizer(twin.parameters(), net=net)
+    train(model, opt_a, x, y, 10)
+    train(twin, opt_b, x, y, 10, scale=1000.0)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [lopt.NFNOptimizer, lopt.MLPOptimizer])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fresh_optimizer_is_sane(cls, seed):
+    torch.manual_seed(seed)
+    model = make_mlp([6, 16, 3])
+    x, y = data(seed=seed)
+    losses = train(model, cls(model.parameters()), x, y, 100)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_state_dict_resume_is_bit_identical():
+    torch.manual_seed(3)
+    model = make_mlp([6, 8, 3])
+    x, y = data()
+    net = strong_net()
+    opt = lopt.NFNOptimizer(model.parameters(), net=net)
+    train(model, opt, x, y, 5)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    train(model, opt, x, y, 5)
+    resumed = make_mlp([6, 8, 3])
+    resumed.load_state_dict(saved_model)
+    opt2 = lopt.NFNOptimizer(resumed.parameters(), net=net)
+    opt2.load_state_dict(saved_opt)
+    train(resumed, opt2, x, y, 5)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_checkpoint_round_trip_and_shipped_names(tmp_path, monkeypatch):
+    net = strong_net()
+    path = tmp_path / "mine.pt"
+    lopt.save(net, path, {"note": "test"})
+    loaded, meta = lopt.load(path)
+    assert isinstance(loaded, NFNNet) and meta == {"note": "test"}
+    for (k, a), b in zip(net.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    model = make_mlp([6, 8, 3])
+    opt = lopt.NFNOptimizer(model.parameters(), weights=str(path))
+    assert opt.metadata == {"note": "test"}
+    # A shipped name is a file in lopt/pretrained/.
+    monkeypatch.setattr(lopt.checkpoint, "PRETRAINED_DIR", tmp_path)
+    assert "mine" in lopt.pretrained_names()
+    opt = lopt.NFNOptimizer(model.parameters(), weights="mine")
+    assert torch.equal(opt.net.log_lr, net.log_lr)
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    net = strong_net()
+    good = tmp_path / "good.pt"
+    lopt.save(net, good)
+    params = make_mlp([6, 8, 3]).parameters
+    with pytest.raises(FileNotFoundError, match="not a shipped name"):
+        lopt.NFNOptimizer(params(), weights="no-such-optimizer")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        lopt.NFNOptimizer(params(), weights=truncated)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(ValueError, match="not an lopt optimizer-net checkpoint"):
+        lopt.load(other)
+    with pytest.raises(ValueError, match="holds a NFNNet, but a PerParamMLP is needed"):
+        lopt.MLPOptimizer(params(), weights=good)
+    payload = torch.load(good, weights_only=True)
+    payload["config"]["width"] = 8
+    wrong = tmp_path / "wrong.pt"
+    torch.save(payload, wrong)
+    with pytest.raises(ValueError, match="weights do not fit a NFNNet"):
+        lopt.load(wrong)
+    payload["version"] = 99
+    torch.save(payload, wrong)
+    with pytest.raises(ValueError, match="newer than this"):
+        lopt.load(wrong)
+
+
+def test_params_without_grad_are_skipped():
+    model = make_mlp([6, 8, 3])
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    opt = lopt.NFNOptimizer(model.parameters(), model=model)
+    train(model, opt, *data(), 3)
+    assert torch.equal(model[0].weight, frozen)
+    assert len(opt.state[model[0].weight]) == 0
+    assert opt.state[model[2].weight]["step"].item() == 3
+
+
+def test_nonfinite_gradient_skips_the_step():
+    torch.manual_seed(4)
+    model = make_mlp([6, 8, 3])
+    opt = lopt.NFNOptimizer(model.parameters())
+    x, y = data()
+    train(model, opt, x, y, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    model[2].bias.grad[0] = float("inf")
+    opt.step()
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    after = opt.state_dict()["state"]
+    for i, st in state_before["state"].items():
+        for k in ("momenta", "second_moment", "step"):
+            assert torch.equal(after[i][k], st[k])
+        assert after[i]["skipped"].item() == 1
+    train(model, opt, x, y, 1)  # and it carries on
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.state[model[0].weight]["step"].item() == 4
+
+
+def test_nonfinite_net_output_is_never_written():
+    model = make_mlp([6, 8, 3])
+    net = NFNNet()
+    with torch.no_grad():
+        net.out.bias.fill_(float("nan"))
+    opt = lopt.NFNOptimizer(model.parameters(), net=net)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, *data(), 2)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    assert opt.state[model[0].weight]["skipped"].item() == 2
+
+
+def test_sparse_gradients_raise():
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = lopt.NFNOptimizer(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+
+
+def test_bad_spec_and_arguments_are_named():
+    model = make_mlp([6, 8, 3])
+    spec = WeightSpaceSpec.from_module(make_mlp([6, 9, 3]))
+    with pytest.raises(ValueError, match="parameter '0.weight' has shape \\(8, 6\\)"):
+        lopt.NFNOptimizer(model.parameters(), spec=spec)
+    with pytest.raises(ValueError, match="either spec= or model="):
+        lopt.NFNOptimizer(model.parameters(), spec=spec, model=model)
+    with pytest.raises(TypeError, match="needs a NFNNet"):
+        lopt.NFNOptimizer(model.parameters(), net=PerParamMLP())
+    with pytest.raises(ValueError, match="width and depth must be positive"):
+        lopt.NFNOptimizer(model.parameters(), width=0)
+
+
+def test_modules_that_do_not_fit_the_weight_space_still_train():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(12, 6)
+            self.fc = nn.Linear(6, 8)
+            self.norm = nn.LayerNorm(8)
+            self.scale = nn.Parameter(torch.ones(2, 2, 2, 2))
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, idx):
+            h = self.norm(torch.relu(self.fc(self.emb(idx))))
+            return self.out(h) * self.scale.mean()
+
+    torch.manual_seed(5)
+    model = Net()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx, y = torch.randint(0, 12, (64,)), torch.randint(0, 3, (64,))
+    losses = train(model, lopt.NFNOptimizer(model.parameters(), model=model), idx, y, 30)
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, before[n]), n
+
+
+def test_param_groups_and_bfloat16():
+    torch.manual_seed(6)
+    model = make_mlp([6, 8, 3]).to(torch.bfloat16)
+    opt = lopt.NFNOptimizer([{"params": model[0].parameters()}, {"params": model[2].parameters()}])
+    x, y = data()
+    losses = train(model, opt, x.to(torch.bfloat16), y, 40)
+    assert losses[-1] < losses[0]
+    assert opt.state[model[0].weight]["momenta"].dtype == torch.float32
+    resumed = lopt.NFNOptimizer(
+        [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
+    )
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.state[model[0].weight]["momenta"].dtype == torch.float32
+
+
+def test_functional_update_vmaps_over_a_population_of_nets():
+    torch.manual_seed(7)
+    model = make_mlp([6, 8, 3])
+    spec = WeightSpaceSpec.from_module(model)
+    params = [p.detach() for p in model.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    state = functional.init(params)
+    net = NFNNet()
+    population = [dict(NFNNet(out_scale=1.0).named_parameters()) for _ in range(3)]
+    stacked = {k: torch.stack([m[k].detach() for m in population]) for k in population[0]}
+
+    def one(net_params):
+        return functional.update(net, spec, net_params, grads, state, params)[0]
+
+    batched = torch.func.vmap(one)(stacked)
+    for i, m in enumerate(population):
+        single = one({k: v.detach() for k, v in m.items()})
+        for a, b in zip(batched, single):
+            torch.testing.assert_close(a[i], b)
+
+
+@pytest.mark.slow
+def test_torch_compiled_model():
+    torch.manual_seed(8)
+    model = make_mlp([6, 8, 3])
+    compiled = torch.compile(model)
+    opt = lopt.NFNOptimizer(compiled.parameters(), model=compiled)
+    losses = train(compiled, opt, *data(), 20)
+    assert losses[-1] < losses[0]
