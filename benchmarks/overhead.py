@@ -1,0 +1,273 @@
+"""Cost of a learned optimizer step against torch.optim.Adam.
+
+For MLPs of ~50k, ~300k and ~1.8M parameters and a CNN, measures in one run:
+the time of one ``optimizer.step()`` and of a whole train step (forward,
+backward, step) at batch 128, as ratios to Adam measured interleaved in the
+same process; the optimizer state size; and the peak memory a run of steps
+adds above the model and its gradients (measured in a fresh subprocess per
+optimizer, from the peak resident set on CPU or ``max_memory_allocated`` on
+CUDA). Optionally the ``nfn`` reference NF-layer stack is timed on the same
+weight space as the peer for the NF-layer cost.
+
+    python -m benchmarks.overhead --out runs/overhead
+    python -m benchmarks.overhead --quick --out /tmp/overhead   # CI-sized
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+import lopt
+
+OPTIMIZERS = ("adam", "mlp", "nfn")
+
+
+def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """A named benchmark model and its input shape (without batch)."""
+    if name.startswith("mlp-"):
+        widths = {
+            "mlp-50k": [784, 64, 10],
+            "mlp-300k": [784, 384, 10],
+            "mlp-1.8m": [784, 1024, 1024, 10],
+            "mlp-tiny": [32, 16, 10],
+        }[name]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(widths) - 2:
+                layers.append(nn.ReLU())
+        return nn.Sequential(*layers), (widths[0],)
+    if name in ("cnn-57k", "cnn-tiny"):
+        c = (3, 32, 64, 64) if name == "cnn-57k" else (3, 8, 8)
+        size = 32 if name == "cnn-57k" else 8
+        layers = []
+        for a, b in zip(c[:-1], c[1:]):
+            layers += [nn.Conv2d(a, b, 3, padding=1), nn.ReLU()]
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c[-1], 10)]
+        return nn.Sequential(*layers), (3, size, size)
+    raise ValueError(f"unknown benchmark model {name!r}")
+
+
+def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), lr=1e-3)
+    if kind == "mlp":
+        return lopt.MLPOptimizer(model.parameters(), model=model)
+    if kind == "nfn":
+        return lopt.NFNOptimizer(model.parameters(), model=model)
+    raise ValueError(f"unknown optimizer {kind!r}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(model_name: str, device: torch.device, repeats: int, batch: int) -> dict:
+    """Step and train-step times of every optimizer, interleaved."""
+    torch.manual_seed(0)
+    runs = {}
+    for kind in OPTIMIZERS:
+        model, in_shape = build_model(model_name)
+        model.to(device)
+        runs[kind] = (model, make_optimizer(kind, model))
+    x = torch.randn(batch, *in_shape, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def train_step(model, opt):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for model, opt in runs.values():  # warm up, create state, keep grads
+        train_step(model, opt)
+        train_step(model, opt)
+    times: dict[str, dict[str, list[float]]] = {k: {"step": [], "train": []} for k in runs}
+    for _ in range(repeats):
+        for kind, (model, opt) in runs.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            opt.step()
+            _sync(device)
+            times[kind]["step"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            train_step(model, opt)
+            _sync(device)
+            times[kind]["train"].append(time.perf_counter() - t0)
+    n_params = sum(p.numel() for p in runs["adam"][0].parameters())
+    out = {"model": model_name, "params": n_params}
+    for kind, t in times.items():
+        out[f"{kind}_step_ms"] = 1e3 * statistics.median(t["step"])
+        out[f"{kind}_train_ms"] = 1e3 * statistics.median(t["train"])
+        state = runs[kind][1].state
+        out[f"{kind}_state_mb"] = (
+            sum(
+                v.numel() * v.element_size()
+                for s in state.values()
+                for v in s.values()
+                if torch.is_tensor(v)
+            )
+            / 2**20
+        )
+    return out
+
+
+def peak_memory_mb(model_name: str, kind: str, device: str, steps: int = 3) -> float:
+    """Peak memory added by running steps, above the model and its gradients,
+    measured in a fresh process so earlier runs do not mask it."""
+    code = (
+        "import sys, resource, torch\n"
+        "from benchmarks.overhead import build_model, make_optimizer\n"
+        f"dev = torch.device({device!r})\n"
+        f"model, shape = build_model({model_name!r}); model.to(dev)\n"
+        "for p in model.parameters(): p.grad = torch.randn_like(p) * 1e-3\n"
+        f"opt = make_optimizer({kind!r}, model)\n"
+        "if dev.type == 'cuda':\n"
+        "    torch.cuda.synchronize(); base = torch.cuda.memory_allocated()\n"
+        "    torch.cuda.reset_peak_memory_stats()\n"
+        "else:\n"
+        "    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        f"for _ in range({steps}): opt.step()\n"
+        "if dev.type == 'cuda':\n"
+        "    torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated()\n"
+        "else:\n"
+        "    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "print((peak - base) / 2**20)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def nfn_reference_ms(model_name: str, repeats: int) -> dict | None:
+    """Our NF-layer stack against the ``nfn`` package on an MLP's weight space."""
+    if not model_name.startswith("mlp-"):
+        return None
+    try:
+        import nfn  # noqa: F401
+    except ImportError:
+        return None
+    from benchmarks import nf_layers
+
+    model, _ = build_model(model_name)
+    widths = [m.in_features for m in model if isinstance(m, nn.Linear)]
+    widths.append([m for m in model if isinstance(m, nn.Linear)][-1].out_features)
+    r = nf_layers.main(
+        [
+            "--widths",
+            *map(str, widths),
+            "--channels",
+            "16",
+            "--depth",
+            "1",
+            "--repeats",
+            str(repeats),
+        ]
+    )
+    return {"nf_ours_ms": r["ours_ms"], "nf_nfn_ms": r["nfn_ms"]}
+
+
+def write_outputs(rows: list[dict], out: Path, meta: dict) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    head = (
+        "| model | params | optimizer | step (ms) | step / Adam | train step (ms) | "
+        "train / Adam | state (MB) | peak extra (MB) |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        for kind in OPTIMIZERS:
+            step, train = r[f"{kind}_step_ms"], r[f"{kind}_train_ms"]
+            lines.append(
+                f"| {r['model']} | {r['params']:,} | {kind} | {step:.2f} | "
+                f"{step / r['adam_step_ms']:.1f}x | {train:.1f} | "
+                f"{train / r['adam_train_ms']:.2f}x | {r[f'{kind}_state_mb']:.1f} | "
+                f"{r.get(f'{kind}_peak_mb', float('nan')):.1f} |"
+            )
+    table = head + "\n".join(lines) + "\n"
+    nf = [r for r in rows if "nf_ours_ms" in r]
+    if nf:
+        table += "\nNF-layer (16 -> 16 channels, one layer) against the `nfn` package:\n\n"
+        table += "| model | ours (ms) | nfn (ms) | nfn / ours |\n|---|---|---|---|\n"
+        for r in nf:
+            table += (
+                f"| {r['model']} | {r['nf_ours_ms']:.1f} | {r['nf_nfn_ms']:.1f} | "
+                f"{r['nf_nfn_ms'] / r['nf_ours_ms']:.1f}x |\n"
+            )
+    (out / "overhead.md").write_text(table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return table
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    mlps = sorted((r for r in rows if r["model"].startswith("mlp")), key=lambda r: r["params"])
+    for kind in OPTIMIZERS:
+        ax.plot([r["params"] for r in mlps], [r[f"{kind}_step_ms"] for r in mlps], "o-", label=kind)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (MLP)")
+    ax.set_ylabel("optimizer step (ms)")
+    ax.set_title(f"step time, {meta['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "overhead.png", dpi=120)
+    plt.close(fig)
+    return table
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["mlp-50k", "mlp-300k", "mlp-1.8m", "cnn-57k"])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=Path("runs/overhead"))
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-nfn", action="store_true", help="skip the nfn reference layer")
+    p.add_argument("--quick", action="store_true", help="tiny models, few repeats (CI)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.repeats = ["mlp-tiny", "cnn-tiny"], 2
+    device = torch.device(args.device)
+    rows = []
+    for name in tqdm(args.models, desc="models"):
+        row = time_steps(name, device, args.repeats, args.batch)
+        if not args.no_memory:
+            for kind in OPTIMIZERS:
+                row[f"{kind}_peak_mb"] = peak_memory_mb(name, kind, args.device)
+        if not args.no_nfn and device.type == "cpu":
+            row.update(nfn_reference_ms(name, max(2, args.repeats // 2)) or {})
+        rows.append(row)
+    meta = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "command": "python -m benchmarks.overhead "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "maxrss_unit": resource.getpagesize(),
+    }
+    print(write_outputs(rows, args.out, meta))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Run an optimizer on a task: the loop every benchmark shares.
+
+Every optimizer sees the same initial parameters and the same batches for a
+given seed, so curves differ only by the optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tasks import Task
+
+MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
+ADAM_GRID: tuple[float, ...] = tuple(10 ** (-4 + 0.5 * i) for i in range(7))  # 1e-4 .. 1e-1
+
+
+@dataclass
+class Curve:
+    """Losses of one run: ``train`` per step (the batch loss), ``eval_steps`` /
+    ``train_eval`` / ``test_eval`` on whole splits every few steps."""
+
+    train: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    train_eval: list[float] = field(default_factory=list)
+    test_eval: list[float] = field(default_factory=list)
+    seconds_per_step: float = 0.0
+
+    @property
+    def final_train(self) -> float:
+        return self.train_eval[-1]
+
+    @property
+    def initial_train(self) -> float:
+        return self.train_eval[0]
+
+
+def run(
+    task: Task, make_optimizer: MakeOptimizer, steps: int, seed: int, eval_every: int = 0
+) -> Curve:
+    """Train ``task`` from the seed's initialisation for ``steps`` steps."""
+    g = torch.Generator().manual_seed(seed)
+    model = task.module_with(task.init(g))
+    opt = make_optimizer(model)
+    batches = torch.Generator().manual_seed(10_000 + seed)
+    eval_every = eval_every or max(1, steps // 20)
+    curve = Curve()
+
+    def evaluate(step: int) -> None:
+        params = dict(model.named_parameters())
+        curve.eval_steps.append(step)
+        curve.train_eval.append(_finite(task.eval_loss(params, "train").item()))
+        curve.test_eval.append(_finite(task.eval_loss(params, "test").item()))
+
+    evaluate(0)
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        x, y = task.sample_batch(batches)
+        opt.zero_grad()
+        loss = task.loss(dict(model.named_parameters()), (x, y))
+        loss.backward()
+        opt.step()
+        curve.train.append(_finite(loss.item()))
+        if step % eval_every == 0 or step == steps:
+            evaluate(step)
+        if not math.isfinite(curve.train[-1]):
+            break
+    curve.seconds_per_step = (time.perf_counter() - t0) / max(1, len(curve.train))
+    while len(curve.train) < steps:  # diverged: the rest is infinite
+        curve.train.append(math.inf)
+    if curve.eval_steps[-1] != steps:
+        curve.eval_steps.append(steps)
+        curve.train_eval.append(math.inf)
+        curve.test_eval.append(math.inf)
+    return curve
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
+
+
+def adam(lr: float) -> MakeOptimizer:
+    return lambda model: torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def sgdm(lr: float) -> MakeOptimizer:
+    return lambda model: torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+def tune(
+    task: Task,
+    make: Callable[[float], MakeOptimizer],
+    steps: int,
+    seeds: Sequence[int],
+    grid: Sequence[float] = ADAM_GRID,
+) -> tuple[float, dict[float, float]]:
+    """The grid point with the lowest mean final training loss over seeds, and
+    every grid point's score."""
+    scores = {}
+    for lr in grid:
+        finals = [run(task, make(lr), steps, s).final_train for s in seeds]
+        scores[lr] = sum(finals) / len(finals)
+    best = min(scores, key=lambda lr: (scores[lr], lr))
+    return best, scores

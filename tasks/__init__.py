@@ -1,0 +1,40 @@
+"""Tasks and task families: what learned optimizers are trained and tested on.
+
+* :class:`Task`: a model, a dataset and a batch size, with pure ``loss``.
+* :class:`TaskFamily` and :class:`MLPFamily`, :class:`CNNFamily`,
+  :class:`MixtureFamily`: distributions over tasks.
+* :func:`get_task`, :func:`get_family`, :func:`get_suite`: the registry of
+  named tasks (``python -m tasks list``).
+"""
+
+from tasks.base import FixedFamily, Task, TaskFamily
+from tasks.data import Dataset
+from tasks.families import (
+    FAMILIES,
+    SUITES,
+    TASKS,
+    CNNFamily,
+    MixtureFamily,
+    MLPFamily,
+    get_dataset,
+    get_family,
+    get_suite,
+    get_task,
+)
+
+__all__ = [
+    "CNNFamily",
+    "Dataset",
+    "FAMILIES",
+    "FixedFamily",
+    "MLPFamily",
+    "MixtureFamily",
+    "SUITES",
+    "TASKS",
+    "Task",
+    "TaskFamily",
+    "get_dataset",
+    "get_family",
+    "get_suite",
+    "get_task",
+]

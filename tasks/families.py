@@ -1,0 +1,303 @@
+"""Sampled task families, and the registry of named tasks, families and suites.
+
+Names are what users type on the command line: ``mlp-mnist1d``,
+``cnn-digits``, ``mlp-family-small``, ``heldout``. ``python -m tasks list``
+prints them all.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tasks import data
+from tasks.base import FixedFamily, Task, TaskFamily
+from tasks.models import ACTIVATIONS, cnn, mlp
+
+# ------------------------------------------------------------------ datasets
+DATA_ROOT_ENV = "LOPT_DATA"
+
+
+def data_root() -> str:
+    """Where FashionMNIST / CIFAR-10 files are looked for: ``$LOPT_DATA`` or ``~/data``."""
+    return os.environ.get(DATA_ROOT_ENV, os.path.expanduser("~/data"))
+
+
+DATASETS: dict[str, Callable[[], data.Dataset]] = {
+    "mnist1d": lambda: data.mnist1d(),
+    "mnist1d-large": lambda: data.mnist1d(num_samples=20000),
+    "mnist1d-conv": lambda: data.mnist1d(conv=True),
+    "digits": data.digits,
+    "teacher": data.teacher_student,
+    "gmm": data.gaussian_mixture,
+    "gmm-hard": lambda: data.gaussian_mixture(dim=16, classes=8, spread=1.5, seed=1),
+    "fashion_mnist": lambda: data.fashion_mnist(os.path.join(data_root(), "fashion_mnist")),
+    "fashion_mnist-8": lambda: data.fashion_mnist(os.path.join(data_root(), "fashion_mnist"), 8),
+    "fashion_mnist-16": lambda: data.fashion_mnist(os.path.join(data_root(), "fashion_mnist"), 16),
+    "cifar10": lambda: data.cifar10(os.path.join(data_root(), "cifar10")),
+    "cifar10-8": lambda: data.cifar10(os.path.join(data_root(), "cifar10"), 8),
+    "cifar10-16": lambda: data.cifar10(os.path.join(data_root(), "cifar10"), 16),
+}
+CONV_DATASETS = {"mnist1d": "mnist1d-conv"}  # the CNN view of a dataset
+
+
+@functools.cache
+def _dataset_cpu(name: str) -> data.Dataset:
+    return DATASETS[name]()
+
+
+def get_dataset(name: str, device: torch.device | str = "cpu") -> data.Dataset:
+    """A named dataset, built once per process and moved to ``device``."""
+    if name not in DATASETS:
+        raise KeyError(_unknown("dataset", name, DATASETS))
+    d = _dataset_cpu(name)
+    return d if torch.device(device) == d.device else d.to(device)
+
+
+# ------------------------------------------------------------------ families
+def _range(arg: str, r: Sequence[float], minimum: float) -> tuple:
+    if len(r) != 2 or r[0] > r[1]:
+        raise ValueError(f"{arg} must be a (low, high) pair with low <= high, got {tuple(r)}")
+    if r[0] < minimum:
+        raise ValueError(f"{arg} must be >= {minimum}, got {tuple(r)}")
+    return tuple(r)
+
+
+def _choice(g: torch.Generator, items: Sequence):
+    return items[int(torch.randint(0, len(items), (1,), generator=g))]
+
+
+def _int_in(g: torch.Generator, lo: int, hi: int, log: bool = False) -> int:
+    if log:
+        u = torch.rand((), generator=g).item()
+        return int(round(lo * (hi / lo) ** u))
+    return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+
+def _float_in(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo * (hi / lo) ** torch.rand((), generator=g).item()
+
+
+@dataclass
+class MLPFamily(TaskFamily):
+    """MLPs with depth (hidden layers), width, activation, batch size, dataset
+    and initialisation scale sampled per task (widths log-uniform)."""
+
+    name: str = "mlp-family"
+    datasets: Sequence[str] = ("mnist1d",)
+    depth: tuple[int, int] = (1, 3)
+    width: tuple[int, int] = (16, 64)
+    activations: Sequence[str] = ("relu", "tanh")
+    batch_size: tuple[int, int] = (32, 128)
+    init_scale: tuple[float, float] = (1.0, 1.0)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _range("depth", self.depth, 0)
+        _range("width", self.width, 1)
+        _range("batch_size", self.batch_size, 1)
+        _range("init_scale", self.init_scale, 1e-6)
+        for a in self.activations:
+            if a not in ACTIVATIONS:
+                raise ValueError(f"activations: unknown {a!r} (known: {sorted(ACTIVATIONS)})")
+        for d in self.datasets:
+            if d not in DATASETS:
+                raise ValueError(f"datasets: {_unknown('dataset', d, DATASETS)}")
+        if not self.datasets or not self.activations:
+            raise ValueError("datasets and activations must not be empty")
+
+    def sample(self, generator: torch.Generator) -> Task:
+        ds = get_dataset(_choice(generator, list(self.datasets)), self.device)
+        depth = _int_in(generator, *self.depth)
+        widths = [_int_in(generator, *self.width, log=True) for _ in range(depth)]
+        act = _choice(generator, list(self.activations))
+        batch = _int_in(generator, *self.batch_size, log=True)
+        scale = _float_in(generator, *self.init_scale)
+        in_features = int(torch.tensor(ds.input_shape).prod())
+        model = mlp(in_features, widths, ds.output_size, act)
+        name = f"mlp-{ds.name}-{'x'.join(map(str, widths)) or 'linear'}-{act}"
+        return Task(name, model, ds, batch, scale)
+
+
+@dataclass
+class CNNFamily(TaskFamily):
+    """CNNs (Conv1d for sequences, Conv2d for images) with the number of conv
+    layers, channels, kernel size, activation, batch size and dataset sampled."""
+
+    name: str = "cnn-family"
+    datasets: Sequence[str] = ("digits",)
+    depth: tuple[int, int] = (1, 3)
+    channels: tuple[int, int] = (4, 16)
+    kernels: Sequence[int] = (3, 5)
+    activations: Sequence[str] = ("relu", "tanh")
+    batch_size: tuple[int, int] = (32, 128)
+    init_scale: tuple[float, float] = (1.0, 1.0)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _range("depth", self.depth, 1)
+        _range("channels", self.channels, 1)
+        _range("batch_size", self.batch_size, 1)
+        _range("init_scale", self.init_scale, 1e-6)
+        if not self.kernels or min(self.kernels) < 1:
+            raise ValueError(f"kernels must be >= 1, got {tuple(self.kernels)}")
+        for d in self.datasets:
+            if d not in DATASETS:
+                raise ValueError(f"datasets: {_unknown('dataset', d, DATASETS)}")
+
+    def sample(self, generator: torch.Generator) -> Task:
+        ds_name = _choice(generator, list(self.datasets))
+        ds = get_dataset(CONV_DATASETS.get(ds_name, ds_name), self.device)
+        depth = _int_in(generator, *self.depth)
+        chans = [_int_in(generator, *self.channels, log=True) for _ in range(depth)]
+        kernel = _choice(generator, list(self.kernels))
+        act = _choice(generator, list(self.activations))
+        batch = _int_in(generator, *self.batch_size, log=True)
+        scale = _float_in(generator, *self.init_scale)
+        model = cnn(ds.input_shape, chans, [kernel] * depth, ds.output_size, activation=act)
+        name = f"cnn-{ds.name}-{'x'.join(map(str, chans))}-k{kernel}-{act}"
+        return Task(name, model, ds, batch, scale)
+
+
+class MixtureFamily(TaskFamily):
+    """Sample a family with the given weights, then a task from it."""
+
+    def __init__(
+        self,
+        families: Sequence[TaskFamily],
+        weights: Sequence[float] | None = None,
+        name: str = "mixture",
+    ) -> None:
+        if not families:
+            raise ValueError("families must not be empty")
+        weights = list(weights) if weights is not None else [1.0] * len(families)
+        if len(weights) != len(families) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"weights must be {len(families)} non-negative numbers, not all 0")
+        self.families = list(families)
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.name = name
+
+    def sample(self, generator: torch.Generator) -> Task:
+        i = int(torch.multinomial(self.weights, 1, generator=generator))
+        return self.families[i].sample(generator)
+
+
+# ------------------------------------------------------------------ registry
+def _task(name, model_fn, dataset, batch=128) -> Callable[[], Task]:
+    def make(device="cpu"):
+        ds = get_dataset(dataset, device)
+        return Task(name, model_fn(ds), ds, batch)
+
+    return make
+
+
+def _flat(ds) -> int:
+    return int(torch.tensor(ds.input_shape).prod())
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "mlp-mnist1d": _task("mlp-mnist1d", lambda d: mlp(40, [32, 32], 10), "mnist1d"),
+    "cnn-mnist1d": _task(
+        "cnn-mnist1d", lambda d: cnn((1, 40), [16, 16], [5, 5], 10), "mnist1d-conv"
+    ),
+    "mlp-digits": _task("mlp-digits", lambda d: mlp(64, [32], 10), "digits"),
+    "cnn-digits": _task("cnn-digits", lambda d: cnn((1, 8, 8), [8, 16], [3, 3], 10), "digits"),
+    "mlp-teacher": _task("mlp-teacher", lambda d: mlp(16, [32], 4, "tanh"), "teacher"),
+    "mlp-gmm": _task("mlp-gmm", lambda d: mlp(8, [16], 4), "gmm", 64),
+    # Held out from meta-training: wider, deeper, other data.
+    "mlp-mnist1d-wide": _task("mlp-mnist1d-wide", lambda d: mlp(40, [256, 256], 10), "mnist1d"),
+    "mlp-mnist1d-deep": _task("mlp-mnist1d-deep", lambda d: mlp(40, [48] * 5, 10), "mnist1d"),
+    "mlp-digits-wide": _task("mlp-digits-wide", lambda d: mlp(64, [256], 10, "tanh"), "digits"),
+    "cnn-digits-wide": _task(
+        "cnn-digits-wide", lambda d: cnn((1, 8, 8), [32, 32, 32], [3] * 3, 10), "digits"
+    ),
+    "mlp-gmm-hard": _task("mlp-gmm-hard", lambda d: mlp(16, [128, 128], 8, "gelu"), "gmm-hard"),
+    "cnn-mnist1d-deep": _task(
+        "cnn-mnist1d-deep", lambda d: cnn((1, 40), [32] * 4, [3] * 4, 10), "mnist1d-conv"
+    ),
+    # From a user's files ($LOPT_DATA).
+    "mlp-fashion-8": _task("mlp-fashion-8", lambda d: mlp(64, [64], 10), "fashion_mnist-8"),
+    "cnn-fashion-16": _task(
+        "cnn-fashion-16", lambda d: cnn((1, 16, 16), [16, 32], [3, 3], 10), "fashion_mnist-16"
+    ),
+    "cnn-cifar10-16": _task(
+        "cnn-cifar10-16", lambda d: cnn((3, 16, 16), [16, 32], [3, 3], 10), "cifar10-16"
+    ),
+}
+FILE_TASKS = {"mlp-fashion-8", "cnn-fashion-16", "cnn-cifar10-16"}
+
+FAMILIES: dict[str, Callable[..., TaskFamily]] = {
+    "mlp-family-small": lambda device="cpu": MLPFamily(
+        "mlp-family-small",
+        ("mnist1d", "digits", "teacher"),
+        (1, 3),
+        (8, 64),
+        ("relu", "tanh"),
+        (32, 128),
+        device=device,
+    ),
+    "cnn-family-small": lambda device="cpu": CNNFamily(
+        "cnn-family-small",
+        ("digits", "mnist1d"),
+        (1, 3),
+        (4, 16),
+        (3, 5),
+        ("relu", "tanh"),
+        (32, 128),
+        device=device,
+    ),
+    "mixed-family-small": lambda device="cpu": MixtureFamily(
+        [FAMILIES["mlp-family-small"](device), FAMILIES["cnn-family-small"](device)],
+        [0.6, 0.4],
+        "mixed-family-small",
+    ),
+}
+
+SUITES: dict[str, list[str]] = {
+    "builtin": ["mlp-mnist1d", "cnn-mnist1d", "mlp-digits", "cnn-digits", "mlp-teacher", "mlp-gmm"],
+    "heldout": [
+        "mlp-mnist1d-wide",
+        "mlp-mnist1d-deep",
+        "mlp-digits-wide",
+        "cnn-digits-wide",
+        "mlp-gmm-hard",
+        "cnn-mnist1d-deep",
+    ],
+    "quick": ["mlp-digits", "mlp-gmm"],
+}
+
+
+def _unknown(kind: str, name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=4, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown {kind} {name!r}{hint} (python -m tasks list shows them all)"
+
+
+def get_task(name: str, device: torch.device | str = "cpu") -> Task:
+    """A named task (see ``python -m tasks list``)."""
+    if name not in TASKS:
+        raise KeyError(_unknown("task", name, list(TASKS) + list(FAMILIES) + list(SUITES)))
+    return TASKS[name](device)
+
+
+def get_family(name: str, device: torch.device | str = "cpu") -> TaskFamily:
+    """A named family; a task name gives the family of that one task."""
+    if name in FAMILIES:
+        return FAMILIES[name](str(device))
+    if name in TASKS:
+        return FixedFamily(lambda: get_task(name, device))
+    raise KeyError(_unknown("task family", name, list(FAMILIES) + list(TASKS)))
+
+
+def get_suite(name: str) -> list[str]:
+    """Task names of a suite, or ``[name]`` for a single task."""
+    if name in SUITES:
+        return list(SUITES[name])
+    if name in TASKS:
+        return [name]
+    raise KeyError(_unknown("suite", name, list(SUITES) + list(TASKS)))
