@@ -2,12 +2,14 @@
 
 Channels, per parameter entry (``FEATURE_NAMES``): the parameter, the
 gradient, momenta at each decay in ``MOMENTUM_DECAYS``, the root of the
-second-moment estimate, the gradient and the 0.9-momentum divided by that
-root. Each channel is divided by its root mean square over the tensor, so a
-loss scaled by 1000 (gradients, momenta x1000, second moment x1e6) gives the
-same features. The step count enters as ``tanh(t / timescale)`` encodings, a
-vector shared by every entry (nets add it as a bias, so it costs nothing per
-entry).
+second-moment estimate, and Adam's normalised gradient and direction (the
+gradient and the bias-corrected 0.9-momentum divided by the root of the
+bias-corrected second moment). The first seven are divided by their root
+mean square over the tensor (:func:`channel_scales`); the last two are
+ratios already. So a loss scaled by 1000 (gradients and momenta x1000,
+second moment x1e6) gives the same features. The step count enters as
+``tanh(t / timescale)`` encodings, a vector shared by every entry (nets add it
+as a bias, so it costs nothing per entry).
 """
 
 from __future__ import annotations
@@ -28,12 +30,54 @@ FEATURE_NAMES: tuple[str, ...] = (
     *(f"momentum_{d}" for d in MOMENTUM_DECAYS),
     "rms",
     "grad_over_rms",
-    "momentum_0.9_over_rms",
+    "adam_direction",
 )
 NUM_FEATURES = len(FEATURE_NAMES)
 NUM_STEP_FEATURES = len(STEP_TIMESCALES)
 EPS = 1e-8
-_BASE_MOMENTUM = MOMENTUM_DECAYS.index(0.9)
+ADAM_MOMENTUM = MOMENTUM_DECAYS.index(0.9)
+ADAM_CHANNEL = FEATURE_NAMES.index("adam_direction")
+
+
+def bias_corrections(step: Tensor) -> tuple[Tensor, Tensor]:
+    """Adam's ``1 - beta1**t`` and ``1 - beta2**t`` for the 0.9 momentum and
+    the second moment."""
+    return 1 - MOMENTUM_DECAYS[ADAM_MOMENTUM] ** step, 1 - SECOND_MOMENT_DECAY**step
+
+
+def channel_scales(param: Tensor, grad: Tensor, momenta: Tensor, second_moment: Tensor) -> Tensor:
+    """1 / RMS over the tensor of each channel (1 for the two ratio channels):
+    shape ``(NUM_FEATURES,)``. ``momenta`` is ``(K, *param.shape)``. Computed
+    with norms, so nothing tensor-sized is allocated."""
+    n = max(1, param.numel())
+    squares = torch.cat(
+        [
+            torch.linalg.vector_norm(param).square().reshape(1),
+            torch.linalg.vector_norm(grad).square().reshape(1),
+            torch.linalg.vector_norm(momenta.reshape(momenta.shape[0], -1), dim=1).square(),
+            second_moment.sum().reshape(1),  # the sum of rms**2
+        ]
+    )
+    scales = torch.rsqrt(squares / n + 1e-30)
+    return torch.cat([scales, scales.new_ones(2)])
+
+
+def entry_channels(
+    param: Tensor, grad: Tensor, momenta: Tensor, second_moment: Tensor, c1: Tensor, c2: Tensor
+) -> Tensor:
+    """The unnormalised channels of (a slice of) one parameter, channel first:
+    ``(NUM_FEATURES, *shape)``."""
+    inv = 1.0 / ((second_moment / c2).sqrt() + EPS)
+    return torch.cat(
+        [
+            param[None],
+            grad[None],
+            momenta,
+            second_moment.sqrt()[None],
+            (grad * inv)[None],
+            (momenta[ADAM_MOMENTUM] / c1 * inv)[None],
+        ]
+    )
 
 
 def entry_features(
@@ -42,30 +86,16 @@ def entry_features(
     grads: Sequence[Tensor],
     momenta: Sequence[Tensor],
     second_moments: Sequence[Tensor],
+    step: Tensor,
 ) -> WeightSpace:
-    """Stack and normalise the per-entry features of every parameter.
-
-    ``momenta[i]`` has shape ``(*params[i].shape, len(MOMENTUM_DECAYS))``.
-    """
+    """The normalised features of every parameter as one channels-last
+    WeightSpace (for inspection and plain-layer reference computations)."""
+    c1, c2 = bias_corrections(step)
     out = []
     for t, p, g, m, v in zip(spec.tensors, params, grads, momenta, second_moments):
-        rms = v.sqrt()
-        inv = 1.0 / (rms + EPS)
-        x = torch.cat(
-            [
-                p[..., None],
-                g[..., None],
-                m,
-                rms[..., None],
-                (g * inv)[..., None],
-                (m[..., _BASE_MOMENTUM] * inv)[..., None],
-            ],
-            dim=-1,
-        )
-        x = x.reshape(*x.shape[: x.dim() - len(t.shape) - 1], *t.view, NUM_FEATURES)
-        dims = tuple(range(-len(t.view) - 1, -1))
-        scale = torch.rsqrt(x.square().mean(dim=dims, keepdim=True) + 1e-30)
-        out.append(x * scale)
+        x = entry_channels(p, g, m, v, c1, c2)
+        x = x * channel_scales(p, g, m, v).reshape(-1, *[1] * p.dim())
+        out.append(x.movedim(0, -1).reshape(*t.view, NUM_FEATURES))
     return WeightSpace(spec, out)
 
 

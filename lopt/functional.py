@@ -6,7 +6,7 @@ nets or a batch of tasks, and differentiate through them. The
 ``torch.optim`` classes in :mod:`lopt.optim` call exactly these functions.
 
 State, per parameter: momenta at every decay of ``MOMENTUM_DECAYS`` (one
-tensor of shape ``(*param.shape, 4)``) and a second-moment estimate, plus two
+tensor of shape ``(4, *param.shape)``) and a second-moment estimate, plus two
 scalars: the step count and the number of skipped (non-finite) steps. That is
 5 parameter-sized float32 copies, against Adam's 2.
 """
@@ -18,18 +18,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lopt.features import (
-    EPS,
-    MOMENTUM_DECAYS,
-    SECOND_MOMENT_DECAY,
-    entry_features,
-    step_features,
-)
+from lopt.features import MOMENTUM_DECAYS, SECOND_MOMENT_DECAY
 from lopt.nets import OptimizerNet
 from lopt.weightspace import WeightSpaceSpec
 
 State = dict[str, object]
-_ADAM_MOMENTUM = MOMENTUM_DECAYS.index(0.9)
 
 
 def init(params: Sequence[Tensor]) -> State:
@@ -37,7 +30,7 @@ def init(params: Sequence[Tensor]) -> State:
     device = params[0].device if params else None
     return {
         "momenta": [
-            torch.zeros(*p.shape, len(MOMENTUM_DECAYS), dtype=torch.float32, device=p.device)
+            torch.zeros(len(MOMENTUM_DECAYS), *p.shape, dtype=torch.float32, device=p.device)
             for p in params
         ],
         "second_moment": [
@@ -55,38 +48,51 @@ def update(
     grads: Sequence[Tensor],
     state: State,
     params: Sequence[Tensor],
+    guard: bool = True,
+    inplace: bool = False,
 ) -> tuple[list[Tensor], State]:
     """One step: the updates to add to ``params`` and the next state.
 
     ``net_params`` replaces the net's own parameters (``None`` uses them), so
     a population of perturbed nets can be vmapped through the same module.
-    A step whose gradients or updates are not all finite returns zero updates
-    and the old state with ``skipped`` incremented.
+    A step whose gradients or updates are not all finite (their sum is not)
+    returns zero updates and the old state with ``skipped`` incremented.
+    ``guard=False`` leaves that selection to the caller (the optimizer classes
+    skip the write instead): it returns the unguarded updates and state, with
+    ``skipped`` still incremented on a bad step. ``inplace=True`` (with
+    ``guard=False``) writes the new momenta and second moments into the state
+    tensors instead of new ones: the same numbers, without allocating
+    optimizer-state-sized memory each step (the optimizer classes use it, after
+    checking the gradients are finite).
     """
+    if inplace and guard:
+        raise ValueError("inplace=True needs guard=False: an in-place state cannot be rolled back")
     grads = [g.float() for g in grads]
     params32 = [p.float() for p in params]
     decays = torch.tensor(MOMENTUM_DECAYS, dtype=torch.float32, device=grads[0].device)
     step = state["step"] + 1
-    momenta = [m * decays + (1 - decays) * g[..., None] for m, g in zip(state["momenta"], grads)]
     b2 = SECOND_MOMENT_DECAY
-    second = [b2 * v + (1 - b2) * g.square() for v, g in zip(state["second_moment"], grads)]
-
-    # Adam's bias-corrected direction: the base the net corrects.
-    c1 = 1 - MOMENTUM_DECAYS[_ADAM_MOMENTUM] ** step
-    c2 = 1 - b2**step
-    base = [
-        (m[..., _ADAM_MOMENTUM] / c1) / ((v / c2).sqrt() + EPS) for m, v in zip(momenta, second)
-    ]
-    feats = entry_features(spec, params32, grads, momenta, second)
-    enc = step_features(step)
-    if net_params is None:
-        updates = net(feats, enc, base)
+    weights = [(1 - decays).reshape(-1, *[1] * g.dim()) for g in grads]
+    if inplace:
+        momenta = [m.lerp_(g[None], w) for m, g, w in zip(state["momenta"], grads, weights)]
+        second = [
+            v.mul_(b2).addcmul_(g, g, value=1 - b2) for v, g in zip(state["second_moment"], grads)
+        ]
     else:
-        updates = torch.func.functional_call(net, dict(net_params), (feats, enc, base))
+        momenta = [torch.lerp(m, g[None], w) for m, g, w in zip(state["momenta"], grads, weights)]
+        second = [torch.lerp(v, g * g, 1 - b2) for v, g in zip(state["second_moment"], grads)]
+    args = (spec, params32, grads, momenta, second, step)
+    if net_params is None:
+        updates = net(*args)
+    else:
+        updates = torch.func.functional_call(net, dict(net_params), args)
 
-    ok = torch.stack(
-        [torch.isfinite(g).all() for g in grads] + [torch.isfinite(u).all() for u in updates]
-    ).all()
+    total = torch.stack([g.sum() for g in grads] + [u.sum() for u in updates]).sum()
+    ok = torch.isfinite(total)
+    skipped = state["skipped"] + (~ok).float()
+    if not guard:
+        new_state = {"momenta": momenta, "second_moment": second, "step": step, "skipped": skipped}
+        return [u.to(p.dtype) for u, p in zip(updates, params)], new_state
     updates = [torch.where(ok, u, torch.zeros_like(u)).to(p.dtype) for u, p in zip(updates, params)]
     new_state = {
         "momenta": [torch.where(ok, m, old) for m, old in zip(momenta, state["momenta"])],
@@ -94,7 +100,7 @@ def update(
             torch.where(ok, v, old) for v, old in zip(second, state["second_moment"])
         ],
         "step": torch.where(ok, step, state["step"]),
-        "skipped": state["skipped"] + (~ok).float(),
+        "skipped": skipped,
     }
     return updates, new_state
 

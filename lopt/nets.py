@@ -21,11 +21,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lopt.features import NUM_FEATURES, NUM_STEP_FEATURES
+from lopt.features import (
+    ADAM_CHANNEL,
+    NUM_FEATURES,
+    NUM_STEP_FEATURES,
+    bias_corrections,
+    channel_scales,
+    entry_channels,
+    step_features,
+)
 from lopt.nn import NFLinear
-from lopt.weightspace import WeightSpace, WeightSpaceSpec
+from lopt.weightspace import TensorSpec, WeightSpaceSpec
 
 MAX_LOG_MAGNITUDE = 10.0  # exp() of more than this is clipped: no overflow to inf
+CHUNK = 16384  # entries per slice in the per-entry layers
 
 
 class OptimizerNet(nn.Module):
@@ -69,38 +78,84 @@ class OptimizerNet(nn.Module):
         """The constructor arguments: enough to rebuild the net."""
         return dict(self._config)
 
-    def trunk(self, features: WeightSpace, step_features: Tensor) -> WeightSpace:
-        """Per-entry layers: the step encoding enters as a bias of the first."""
-        bias = self.step_inp(step_features)
-        h = features.map(lambda x: torch.relu(self.inp(x) + bias))
-        for layer in self.hidden:
-            h = h.map(lambda x, layer=layer: torch.relu(layer(x)))
-        return h
+    def forward(
+        self,
+        spec: WeightSpaceSpec,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        momenta: Sequence[Tensor],
+        second_moments: Sequence[Tensor],
+        step: Tensor,
+    ) -> list[Tensor]:
+        """The update of every parameter, from the optimizer state after this
+        step's gradient (``step`` counts it; ``momenta[i]`` is ``(K, *shape)``).
 
-    def body(self, features: WeightSpace, step_features: Tensor) -> WeightSpace:
-        """Two channels per entry: direction and log-magnitude."""
+        Per tensor the work runs on slices of at most ``CHUNK`` entries along
+        the first axis, channel-first (``(channels, entries)``), so activations
+        stay small and in cache and no tensor-sized feature or activation
+        array is stored."""
+        c1, c2 = bias_corrections(step)
+        bias = self.inp.bias + self.step_inp(step_features(step))
+        # -step_mult and mag_mult are folded into the output layer, so per
+        # entry: update = -lr * adam + o[0] * exp(min(o[1], MAX_LOG_MAGNITUDE)).
+        out_scale = torch.stack(
+            [-self.log_step_mult.exp(), self.log_step_mult.new_tensor(self.mag_mult)]
+        )
+        neg_lr = -self.log_lr.exp()
+        outs = self.entry_outputs(
+            spec, params, grads, momenta, second_moments, bias, c1, c2, out_scale
+        )
+        updates = []
+        for p, chunks in zip(params, outs):
+            ups = [
+                torch.addcmul(adam * neg_lr, o[0], o[1].clamp(max=MAX_LOG_MAGNITUDE).exp())
+                for o, adam in chunks
+            ]
+            u = ups[0] if len(ups) == 1 else torch.cat(ups)
+            updates.append(u.reshape(p.shape))
+        return updates
+
+    def entry_outputs(
+        self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scale
+    ) -> list[list[tuple[Tensor, Tensor]]]:
+        """Per tensor, per slice: the net's output ``(2, entries)`` (direction,
+        log-magnitude), each channel multiplied by ``out_scale``, and Adam's
+        direction ``(entries,)`` for those entries."""
         raise NotImplementedError
 
-    def forward(
-        self, features: WeightSpace, step_features: Tensor, base: Sequence[Tensor]
-    ) -> list[Tensor]:
-        out = self.body(features, step_features)
-        lr, step_mult = self.log_lr.exp(), self.log_step_mult.exp()
-        updates = []
-        for o, b in zip(out.tensors, base):
-            d = o[..., 0].reshape(b.shape)
-            m = o[..., 1].reshape(b.shape)
-            learned = d * torch.exp((self.mag_mult * m).clamp(max=MAX_LOG_MAGNITUDE))
-            updates.append(-(lr * b + step_mult * learned))
-        return updates
+    def slices(self, t: TensorSpec, p: Tensor, g: Tensor, m: Tensor, v: Tensor, bias, c1, c2):
+        """Yield ``(activations (width, entries), adam (entries,), rows)`` per
+        slice of the first axis. The features' scales are folded into the
+        first layer's weights."""
+        weight = self.inp.weight * channel_scales(p, g, m, v)
+        if t.shape:
+            rows = max(1, CHUNK // max(1, math.prod(t.shape[1:])))
+            bounds = [(r0, min(r0 + rows, t.shape[0])) for r0 in range(0, t.shape[0], rows)]
+        else:
+            bounds = [None]
+        for b in bounds:
+            chunk = (
+                (p, g, m, v)
+                if b is None
+                else (p[b[0] : b[1]], g[b[0] : b[1]], m[:, b[0] : b[1]], v[b[0] : b[1]])
+            )
+            x = entry_channels(*chunk, c1, c2).reshape(NUM_FEATURES, -1)
+            h = torch.mm(weight, x).add_(bias[:, None]).relu_()
+            for layer in self.hidden:
+                h = torch.mm(layer.weight, h).add_(layer.bias[:, None]).relu_()
+            yield h, x[ADAM_CHANNEL], (0 if b is None else b[1] - b[0])
 
 
 class PerParamMLP(OptimizerNet):
     """Per-parameter MLP (learned_optimization's small_fc_lopt; "Deep Sets" in
     the UNF paper): the same features, no interaction across entries."""
 
-    def body(self, features: WeightSpace, step_features: Tensor) -> WeightSpace:
-        return self.trunk(features, step_features).map(self.out)
+    def entry_outputs(self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scale):
+        w, b = self.out.weight * out_scale[:, None], (self.out.bias * out_scale)[:, None]
+        return [
+            [(torch.addmm(b, w, h), adam) for h, adam, _ in self.slices(t, *a, bias, c1, c2)]
+            for t, *a in zip(spec.tensors, params, grads, momenta, second_moments)
+        ]
 
 
 def template_specs() -> list[WeightSpaceSpec]:
@@ -139,9 +194,57 @@ class NFNNet(OptimizerNet):
             for w in list(self.nf.weights.values()) + list(self.nf.biases.values()):
                 w.mul_(kwargs.get("out_scale", 0.01))
 
-    def body(self, features: WeightSpace, step_features: Tensor) -> WeightSpace:
-        h = self.trunk(features, step_features)
-        return h.map(self.out) + self.nf(h)
+    def entry_outputs(self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scale):
+        # Pass 1, slice by slice: the per-entry output plus the NF-layer's
+        # pointwise term, and the means its broadcast terms need. Pass 2: add
+        # the broadcast terms (small). The whole NF-layer, without storing
+        # the trunk's activations.
+        needed = self.nf.pools_needed(spec)
+        pooled: dict[tuple[int, tuple[int, ...]], Tensor] = {}
+        outs, row_counts = [], []
+        for i, (t, *state) in enumerate(zip(spec.tensors, params, grads, momenta, second_moments)):
+            pw = self.nf.pointwise_weight(spec, i)
+            w_out = self.out.weight if pw is None else self.out.weight + pw.t()
+            w_out = w_out * out_scale[:, None]
+            b_out = (self.out.bias * out_scale)[:, None]
+            pools = needed.get(i, set())
+            blocks, rows_list = [], []
+            sums: dict[tuple[int, ...], Tensor] = {}
+            means: dict[tuple[int, ...], list[Tensor]] = {p: [] for p in pools if 0 not in p}
+            for h, adam, rows in self.slices(t, *state, bias, c1, c2):
+                blocks.append((torch.addmm(b_out, w_out, h), adam))
+                rows_list.append(rows)
+                hv = h.reshape(h.shape[0], rows, *t.view[1:]) if t.view else h.reshape(-1)
+                for p in pools:
+                    dims = [1 + a for a in p]
+                    if 0 in p:  # averaged over the sliced axis: accumulate sums
+                        s = hv.sum(dim=dims)
+                        sums[p] = s if p not in sums else sums[p] + s
+                    else:
+                        means[p].append(hv.mean(dim=dims) if p else hv)
+            for p in pools:
+                if 0 in p:
+                    val = sums[p] / math.prod(t.view[a] for a in p)
+                else:
+                    val = means[p][0] if len(means[p]) == 1 else torch.cat(means[p], dim=1)
+                pooled[(i, p)] = val.movedim(0, -1)  # channels last, as NF-layers take
+            outs.append(blocks)
+            row_counts.append(rows_list)
+        for t, blocks, rows_list, terms in zip(
+            spec.tensors, outs, row_counts, self.nf.broadcast_terms(spec, pooled)
+        ):
+            r0 = 0
+            for j, ((o, adam), rows) in enumerate(zip(blocks, rows_list)):
+                shape = (2, rows, *t.view[1:]) if t.view else (2,)
+                o = o.reshape(shape)
+                for term in terms:
+                    term = (term * out_scale).movedim(-1, 0)
+                    if t.view and term.shape[1] != 1:
+                        term = term[:, r0 : r0 + rows]
+                    o = o + term
+                blocks[j] = (o.reshape(2, -1), adam)
+                r0 += rows
+        return outs
 
 
 NETS: dict[str, type[OptimizerNet]] = {"PerParamMLP": PerParamMLP, "NFNNet": NFNNet}

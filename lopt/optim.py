@@ -37,9 +37,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
             spec. Without ``spec`` or ``model`` the spec is inferred from the
             parameter shapes in order (see :meth:`WeightSpaceSpec.from_shapes`).
 
-    Parameters without a gradient are skipped. A step whose gradients (or
-    updates) are not all finite changes nothing but the group's
-    ``skipped`` counter in the state.
+    Parameters without a gradient are skipped. A step whose gradients are not
+    all finite changes nothing but the group's ``skipped`` counter; if the net
+    produces non-finite updates, the parameters are left untouched (the state
+    still takes in the step's finite gradient) and the step counts as skipped.
     """
 
     net_class: type[OptimizerNet] = OptimizerNet
@@ -144,20 +145,25 @@ class LearnedOptimizer(torch.optim.Optimizer):
             device = devices.pop()
             spec = self._spec(index, group, active)
             state = self._gather_state(params)
+            grads = [p.grad for p in params]
+            if not torch.isfinite(torch.stack([g.float().sum() for g in grads]).sum()):
+                # A NaN / inf gradient: params and state stay as they are.
+                for p in params:
+                    self.state[p]["skipped"] = self.state[p]["skipped"] + 1
+                continue
             self.net.to(device)
             updates, new = functional.update(
-                self.net, spec, None, [p.grad for p in params], state, params
+                self.net, spec, None, grads, state, params, guard=False, inplace=True
             )
+            # The state now holds this step's (finite) gradient; a non-finite
+            # update from the net is never written to the parameters.
             skipped = bool(new["skipped"] > state["skipped"])
             for i, p in enumerate(params):
                 st = self.state[p]
                 st["skipped"] = new["skipped"].clone()
-                if skipped:
-                    continue
-                p.add_(updates[i])
                 st["step"] = new["step"].clone()
-                for k in _STATE_KEYS:
-                    st[k] = new[k][i]
+                if not skipped:
+                    p.add_(updates[i])
         return loss
 
     def _gather_state(self, params: list[Tensor]) -> functional.State:

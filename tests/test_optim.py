@@ -339,3 +339,43 @@ def test_torch_compiled_model():
     opt = lopt.NFNOptimizer(compiled.parameters(), model=compiled)
     losses = train(compiled, opt, *data(), 20)
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
+@pytest.mark.parametrize("chunk", [3, 10_000])
+def test_sliced_net_equals_the_plain_layers(cls, chunk, monkeypatch):
+    """The nets run slice by slice and assemble the NF-layer from pooled
+    means; the result is the plain composition of the layers on the whole
+    normalised feature weight space."""
+    from lopt import features, nets
+
+    monkeypatch.setattr(nets, "CHUNK", chunk)
+    torch.manual_seed(9)
+    model = make_cnn([2, 4, 3], [3, 3], 2, "flatten", 3, True, 4)
+    spec = WeightSpaceSpec.from_module(model)
+    params = [p.detach() for p in model.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    momenta = [torch.randn(4, *p.shape) for p in params]
+    second = [torch.rand_like(p) for p in params]
+    step = torch.tensor(7.0)
+    net = strong_net(cls)
+    got = net(spec, params, grads, momenta, second, step)
+
+    ws = features.entry_features(spec, params, grads, momenta, second, step)
+    enc = net.step_inp(features.step_features(step))
+    h = ws.map(lambda x: torch.relu(net.inp(x) + enc))
+    for layer in net.hidden:
+        h = h.map(lambda x, layer=layer: torch.relu(layer(x)))
+    out = h.map(net.out)
+    if cls is NFNNet:
+        out = out + net.nf(h)
+    c1, c2 = features.bias_corrections(step)
+    for t, u, o, m, v in zip(spec.tensors, got, out.tensors, momenta, second):
+        adam = m[1] / c1 / ((v / c2).sqrt() + features.EPS)
+        d, mag = o[..., 0].reshape(t.shape), o[..., 1].reshape(t.shape)
+        want = -(
+            net.log_lr.exp() * adam + net.log_step_mult.exp() * d * torch.exp(net.mag_mult * mag)
+        )
+        torch.testing.assert_close(
+            u, want, rtol=1e-4, atol=1e-7, msg=lambda m, n=t.name: f"{n}: {m}"
+        )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,7 @@ from lopt.nn.terms import (
     build_plan,
     term_key,
 )
-from lopt.weightspace import WeightSpace, WeightSpaceSpec
+from lopt.weightspace import TensorSpec, WeightSpace, WeightSpaceSpec
 
 
 class NFLinear(nn.Module):
@@ -123,55 +123,108 @@ class NFLinear(nn.Module):
         plan = self._plan(spec)
         xs = ws.tensors
         nb = xs[0].dim() - len(spec.tensors[0].view) - 1
-        pooled_cache: dict[tuple[int, tuple[int, ...]], Tensor] = {}
-
-        def pooled(ti: int, pool: tuple[int, ...]) -> Tensor:
-            key = (ti, pool)
-            if key not in pooled_cache:
-                x = xs[ti]
-                pooled_cache[key] = x.mean(dim=[nb + b for b in pool]) if pool else x
-            return pooled_cache[key]
-
+        pooled = PoolCache(xs, nb)
         outs = []
         for out in plan:
             u = spec.tensors[out.u_index]
-            k_u = len(u.view)
             batch = xs[out.u_index].shape[:nb]
-            partial: list[tuple[tuple[int, ...], Tensor]] = []
-            for group in out.groups:
-                arranged_shape = [u.view[a] if a in group.tied else 1 for a in range(k_u)]
-                feats = []
-                for k in group.inputs:
-                    acc = None
-                    for c in k.contributions:
-                        x = pooled(c.t_index, c.pool)
-                        kept = sorted(set(range(len(spec.tensors[c.t_index].view))) - set(c.pool))
-                        perm = [kept.index(b) for b in c.order]
-                        if perm != list(range(len(perm))):
-                            x = x.permute(*range(nb), *(nb + p for p in perm), x.dim() - 1)
-                        x = x.reshape(*batch, *arranged_shape, -1)
-                        acc = x if acc is None else acc + x
-                    if len(k.contributions) > 1:
-                        acc = acc / len(k.contributions)
-                    feats.append(acc)
-                x = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
-                w = (
-                    self.weights[group.inputs[0].key]
-                    if len(group.inputs) == 1
-                    else torch.cat([self.weights[k.key] for k in group.inputs], dim=0)
-                )
-                y = self._place_fixed(x @ w, out, nb, k_u)
-                partial.append((group.tied, y))
+            partial = [
+                (g.tied, self._group_term(spec, out, g, pooled, nb, batch)) for g in out.groups
+            ]
             if out.bias_key is not None:
-                b = self.biases[out.bias_key]
-                shape = [u.view[a] if a in out.fixed else 1 for a in range(k_u)]
-                partial.append(((), b.reshape(*shape, self.out_channels)))
+                partial.append(((), self._bias_term(u, out)))
             shape = (*batch, *u.view, self.out_channels)
             if not partial:  # a role this layer knows nothing about (strict=False)
                 outs.append(xs[out.u_index].new_zeros(shape))
                 continue
             outs.append(_sum_broadcast(partial, shape))
         return WeightSpace(spec, outs)
+
+    # ------------------------------------------------ pieces for chunked use
+    def pointwise_weight(self, spec: WeightSpaceSpec, u_index: int) -> Tensor | None:
+        """The weight of the term that reads U's own entry (``x_U @ w``); the
+        rest of the layer is :meth:`broadcast_terms`."""
+        key = self._pointwise_key(spec, self._plan(spec)[u_index])
+        return None if key is None else self.weights[key]
+
+    def pools_needed(self, spec: WeightSpaceSpec) -> dict[int, set[tuple[int, ...]]]:
+        """For each tensor, the axis sets :meth:`broadcast_terms` averages it
+        over (``()``: the tensor itself)."""
+        need: dict[int, set[tuple[int, ...]]] = {}
+        for out in self._plan(spec):
+            skip = self._pointwise_key(spec, out)
+            for g in out.groups:
+                for k in g.inputs:
+                    if k.key != skip:
+                        for c in k.contributions:
+                            need.setdefault(c.t_index, set()).add(c.pool)
+        return need
+
+    def broadcast_terms(
+        self, spec: WeightSpaceSpec, pooled: Mapping[tuple[int, tuple[int, ...]], Tensor]
+    ) -> list[list[Tensor]]:
+        """Every term but the pointwise one, per output tensor, as a few small
+        broadcastable tensors (terms that broadcast into one another are
+        summed; a row term and a column term are kept apart, so nothing
+        output-sized is made), from the means ``pooled[(t_index, axes)]`` of
+        unbatched inputs. With :meth:`pointwise_weight` this is the whole layer."""
+        out_terms = []
+        for out in self._plan(spec):
+            u = spec.tensors[out.u_index]
+            skip = self._pointwise_key(spec, out)
+            partial = []
+            for g in out.groups:
+                inputs = tuple(k for k in g.inputs if k.key != skip)
+                if inputs:
+                    sub = TieGroup(g.tied, inputs)
+                    partial.append((g.tied, self._group_term(spec, out, sub, pooled, 0, ())))
+            if out.bias_key is not None:
+                partial.append(((), self._bias_term(u, out)))
+            out_terms.append(_merge_small([t for _, t in partial]))
+        return out_terms
+
+    def _pointwise_key(self, spec: WeightSpaceSpec, out: OutputPlan) -> str | None:
+        if out.fixed:
+            return None
+        full = tuple(range(len(spec.tensors[out.u_index].axes)))
+        for g in out.groups:
+            if g.tied == full:
+                for k in g.inputs:
+                    c = k.contributions
+                    if len(c) == 1 and c[0].t_index == out.u_index and not c[0].pool:
+                        return k.key
+        return None
+
+    def _bias_term(self, u: TensorSpec, out: OutputPlan) -> Tensor:
+        shape = [u.view[a] if a in out.fixed else 1 for a in range(len(u.view))]
+        return self.biases[out.bias_key].reshape(*shape, self.out_channels)
+
+    def _group_term(self, spec, out: OutputPlan, group: TieGroup, pooled, nb: int, batch) -> Tensor:
+        """All terms of one tie group: average, arrange, concatenate, one matmul."""
+        u = spec.tensors[out.u_index]
+        k_u = len(u.view)
+        arranged_shape = [u.view[a] if a in group.tied else 1 for a in range(k_u)]
+        feats = []
+        for k in group.inputs:
+            acc = None
+            for c in k.contributions:
+                x = pooled[(c.t_index, c.pool)]
+                kept = sorted(set(range(len(spec.tensors[c.t_index].view))) - set(c.pool))
+                perm = [kept.index(b) for b in c.order]
+                if perm != list(range(len(perm))):
+                    x = x.permute(*range(nb), *(nb + p for p in perm), x.dim() - 1)
+                x = x.reshape(*batch, *arranged_shape, -1)
+                acc = x if acc is None else acc + x
+            if len(k.contributions) > 1:
+                acc = acc / len(k.contributions)
+            feats.append(acc)
+        x = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+        w = (
+            self.weights[group.inputs[0].key]
+            if len(group.inputs) == 1
+            else torch.cat([self.weights[k.key] for k in group.inputs], dim=0)
+        )
+        return self._place_fixed(x @ w, out, nb, k_u)
 
     def _place_fixed(self, y: Tensor, out: OutputPlan, nb: int, k_u: int) -> Tensor:
         """Move U's fixed-axis indices from the channel axis to their own axes."""
@@ -210,14 +263,7 @@ def _sum_broadcast(parts: list[tuple[tuple[int, ...], Tensor]], shape) -> Tensor
     full-size buffer costs more than the arithmetic (page faults)."""
     parts = sorted(parts, key=lambda p: -p[1].numel())
     total = parts[0][1]
-    merged: list[Tensor] = []
-    for _, t in parts[1:]:
-        for i, m in enumerate(merged):
-            if _fits_in(t.shape, m.shape):
-                merged[i] = m + t
-                break
-        else:
-            merged.append(t)
+    merged = _merge_small([t for _, t in parts[1:]])
     if tuple(total.shape) != tuple(shape):
         total = total.expand(*shape).clone()
     for t in merged:
@@ -226,6 +272,34 @@ def _sum_broadcast(parts: list[tuple[tuple[int, ...], Tensor]], shape) -> Tensor
         except RuntimeError:  # under vmap, t may be batched where total is not
             total = total + t
     return total
+
+
+def _merge_small(parts: list[Tensor]) -> list[Tensor]:
+    """Sum each tensor into an earlier, larger one it broadcasts into."""
+    merged: list[Tensor] = []
+    for t in sorted(parts, key=lambda t: -t.numel()):
+        for i, m in enumerate(merged):
+            if _fits_in(t.shape, m.shape):
+                merged[i] = m + t
+                break
+        else:
+            merged.append(t)
+    return merged
+
+
+class PoolCache(dict):
+    """Means of input tensors over axis sets, computed once per forward."""
+
+    def __init__(self, xs: Sequence[Tensor], nb: int) -> None:
+        super().__init__()
+        self.xs, self.nb = xs, nb
+
+    def __missing__(self, key: tuple[int, tuple[int, ...]]) -> Tensor:
+        ti, pool = key
+        x = self.xs[ti]
+        value = x.mean(dim=[self.nb + b for b in pool]) if pool else x
+        self[key] = value
+        return value
 
 
 def _fits_in(small, big) -> bool:
