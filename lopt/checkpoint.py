@@ -8,6 +8,7 @@ class name and constructor config, its state dict and free-form metadata
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -38,7 +39,8 @@ def save(
         "net": type(net).__name__,
         "config": net.config,
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        "metadata": dict(metadata or {}),
+        # Plain JSON types only, so the file loads with weights_only=True.
+        "metadata": json.loads(json.dumps(dict(metadata or {}), default=str)),
     }
     atomic_save(payload, path)
 

@@ -1,0 +1,233 @@
+"""Meta-train a learned optimizer.
+
+    python -m meta_train --net nfn --family mlp-family-small --estimator pes \\
+        --outer-steps 1000 --out runs/nfn
+    python -m meta_train --resume runs/nfn --outer-steps 2000     # continue
+    torchrun --nproc_per_node 2 -m meta_train ... --out runs/nfn  # 2 processes
+
+Writes, in --out: config.json, TensorBoard logs (tb/), checkpoint.pt (every
+--checkpoint-every steps, atomically, and on Ctrl-C) and optimizer.pt, the
+trained optimizer net, loadable with ``NFNOptimizer(params, weights=PATH)``.
+Options may also come from a JSON file (--config); flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import lopt
+from lopt.nets import NFNNet, PerParamMLP
+from meta_train.estimators import ESTIMATORS, make_estimator
+from meta_train.problems import LearnedOptimizerProblem
+from meta_train.trainer import MetaTrainer
+from meta_train.unroll import META_LOSSES, MetaLoss
+from tasks import FAMILIES, TASKS, get_family
+
+DEFAULTS: dict[str, Any] = {
+    "net": "nfn",
+    "width": 16,
+    "depth": 2,
+    "family": "mlp-family-small",
+    "estimator": "pes",
+    "population": 8,
+    "truncation": 20,
+    "horizon": 200,
+    "sigma": 0.01,
+    "meta_lr": 3e-3,
+    "clip": 1.0,
+    "meta_loss": "mean",
+    "loss_cap": 3.0,
+    "outer_steps": 100,
+    "seed": 0,
+    "device": "cpu",
+    "checkpoint_every": 50,
+    "eval_every": 0,
+    "eval_task": "mlp-digits",
+    "eval_steps": 200,
+    "vectorise": True,
+}
+NETS = {"nfn": NFNNet, "mlp": PerParamMLP}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m meta_train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = p.add_argument
+    a("--config", type=Path, help="JSON file of options (flags override it)")
+    a("--out", type=Path, help="output folder (required unless --resume)")
+    a("--resume", type=Path, help="continue the run in this folder exactly")
+    a("--net", choices=sorted(NETS), help="optimizer net: nfn (default) or mlp")
+    a("--width", type=int, help="per-entry width of the net (16)")
+    a("--depth", type=int, help="per-entry layers of the net (2)")
+    a("--family", help=f"task family or task name ({', '.join(FAMILIES)}, or a task)")
+    a("--estimator", choices=sorted(ESTIMATORS), help="pes (default), es or backprop")
+    a("--population", type=int, help="antithetic pairs (ES/PES) or trajectories (backprop): 8")
+    a("--truncation", type=int, help="inner steps per truncation (20)")
+    a("--horizon", type=int, help="inner steps before an inner run restarts (200)")
+    a("--sigma", type=float, help="ES / PES perturbation std (0.01)")
+    a("--meta-lr", type=float, help="Adam learning rate of the outer loop (3e-3)")
+    a("--clip", type=float, help="meta-gradient norm clipping (1.0)")
+    a("--meta-loss", choices=META_LOSSES, help="mean (default), log, final or heldout")
+    a("--loss-cap", type=float, help="cap on per-step losses, times the initial loss (3)")
+    a("--outer-steps", type=int, help="total outer steps (100)")
+    a("--seed", type=int, help="seed of every random stream (0)")
+    a("--device", help="cpu (default) or cuda")
+    a("--checkpoint-every", type=int, help="outer steps between checkpoints (50)")
+    a("--eval-every", type=int, help="outer steps between evaluations against Adam (0: off)")
+    a("--eval-task", help="task of the periodic evaluation (mlp-digits)")
+    a("--eval-steps", type=int, help="inner steps of the evaluation (200)")
+    a("--loop", action="store_true", help="a Python loop over the population instead of vmap")
+    a("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = dict(DEFAULTS)
+    if args.resume is not None:
+        saved = args.resume / "config.json"
+        if not saved.exists():
+            raise SystemExit(
+                f"--resume: no config.json in {args.resume} (not a meta_train folder?)"
+            )
+        cfg.update(json.loads(saved.read_text()))
+        cfg["out"] = str(args.resume)
+    if args.config is not None:
+        try:
+            cfg.update(json.loads(args.config.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--config {args.config}: {e}") from None
+    for key, value in vars(args).items():
+        if key in ("config", "resume", "loop", "no_progress") or value is None:
+            continue
+        cfg[key] = str(value) if isinstance(value, Path) else value
+    if args.loop:
+        cfg["vectorise"] = False
+    unknown = set(cfg) - set(DEFAULTS) - {"out"}
+    if unknown:
+        raise SystemExit(f"unknown options {sorted(unknown)} (see --help)")
+    if not cfg.get("out"):
+        raise SystemExit("--out DIR is required (or --resume DIR)")
+    if cfg["family"] not in FAMILIES and cfg["family"] not in TASKS:
+        get_family(cfg["family"])  # raises with close names
+    return cfg
+
+
+def build(cfg: dict[str, Any], device: torch.device) -> tuple[MetaTrainer, lopt.OptimizerNet]:
+    net = NETS[cfg["net"]](width=cfg["width"], depth=cfg["depth"]).to(device)
+    family = get_family(cfg["family"], device)
+    problem = LearnedOptimizerProblem(
+        net,
+        family,
+        truncation=cfg["truncation"],
+        horizon=cfg["horizon"],
+        meta_loss=MetaLoss(cfg["meta_loss"], cfg["loss_cap"]),
+        seed=cfg["seed"],
+        vectorise=cfg["vectorise"],
+    )
+    trainer = MetaTrainer(
+        problem,
+        make_estimator(cfg["estimator"], cfg["sigma"]),
+        pairs=cfg["population"],
+        meta_lr=cfg["meta_lr"],
+        clip=cfg["clip"],
+        seed=cfg["seed"],
+        out_dir=cfg["out"],
+        checkpoint_every=cfg["checkpoint_every"],
+        eval_fn=make_eval(cfg, device) if cfg["eval_every"] else None,
+        eval_every=cfg["eval_every"],
+        config=cfg,
+    )
+    return trainer, net
+
+
+def make_eval(cfg: dict[str, Any], device: torch.device):
+    """Every few steps: the current net against Adam (its learning rate tuned
+    once on the grid) on a fixed task, same initialisation and batches."""
+    from benchmarks.runner import adam, run, tune
+    from tasks import get_task
+
+    task = get_task(cfg["eval_task"], device)
+    steps = cfg["eval_steps"]
+    best_lr, _ = tune(task, adam, steps, [0])
+    adam_final = run(task, adam(best_lr), steps, 0).final_train
+
+    def evaluate(trainer: MetaTrainer) -> dict[str, float]:
+        net = trainer.problem.net
+        curve = run(task, lambda m: type_of(net)(m.parameters(), net=net, model=m), steps, 0)
+        return {
+            "learned_final_loss": curve.final_train,
+            "adam_final_loss": adam_final,
+            "learned_over_adam": curve.final_train / adam_final,
+        }
+
+    return evaluate
+
+
+def type_of(net: lopt.OptimizerNet):
+    return lopt.NFNOptimizer if isinstance(net, NFNNet) else lopt.MLPOptimizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    cfg = resolve_config(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if cfg["device"].startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = torch.device(cfg["device"])
+    if device.type == "cuda" and dist.is_initialized():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    out = Path(cfg["out"])
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    trainer, net = build(cfg, device)
+    if args.resume is not None:
+        trainer.resume()
+    start = time.time()
+    try:
+        trainer.train(cfg["outer_steps"], progress=not args.no_progress)
+    except KeyboardInterrupt:
+        save_net(net, out, cfg, trainer, time.time() - start, rank)
+        return 130
+    finally:
+        trainer.close()
+    save_net(net, out, cfg, trainer, time.time() - start, rank)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def save_net(net, out: Path, cfg, trainer: MetaTrainer, wall: float, rank: int) -> None:
+    if rank != 0:
+        return
+    meta = {
+        "config": cfg,
+        "outer_steps": trainer.step,
+        "inner_steps": trainer.inner_steps,
+        "wall_time_s_this_session": round(wall, 1),
+        "machine": f"{platform.node()} {platform.machine()} {platform.processor()}".strip(),
+        "device": cfg["device"],
+        "torch": str(torch.__version__),
+        "command": "python -m meta_train " + " ".join(sys.argv[1:]),
+    }
+    lopt.save(net, out / "optimizer.pt", meta)
+    print(f"wrote {out / 'optimizer.pt'} after {trainer.step} outer steps")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

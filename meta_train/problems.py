@@ -1,0 +1,103 @@
+"""What the outer loop optimizes: a truncated, resettable meta-objective.
+
+A problem owns the inner runs: ``reset`` starts new ones (for a learned
+optimizer: sample a task from the family, initialise it), ``unroll`` runs one
+truncation for a population of flat parameter vectors. All randomness comes
+from counters (:func:`rng`), so a run is reproducible from its counters and a
+resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lopt.nets import OptimizerNet
+from meta_train.unroll import InnerState, MetaLoss, TaskUnroll
+from tasks import TaskFamily
+
+_TAGS = {"task": 1, "init": 2, "data": 3, "noise": 4, "heldout": 5}
+
+
+def rng(seed: int, tag: str, counter: int) -> torch.Generator:
+    """A generator determined by (seed, purpose, counter)."""
+    mixed = (seed * 1_000_003 + _TAGS[tag] * 7_919 + counter * 104_729) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+class TruncatedProblem:
+    """Interface of a meta-objective made of truncated inner runs."""
+
+    truncation: int = 1
+    horizon: int = 1
+
+    def initial_theta(self) -> Tensor:
+        raise NotImplementedError
+
+    def reset(self, counter: int, trajectories: int) -> InnerState:
+        raise NotImplementedError
+
+    def unroll(self, thetas: Tensor, inner: InnerState, counter: int):
+        """``(meta_losses (P,), losses (P, K), new_inner)`` for one truncation."""
+        raise NotImplementedError
+
+    def load_theta(self, theta: Tensor) -> None:
+        """Write the meta-parameters back where users read them (e.g. a net)."""
+
+
+class LearnedOptimizerProblem(TruncatedProblem):
+    """Meta-train an optimizer net on tasks sampled from a family.
+
+    Args:
+        net: the optimizer net; its parameters are the meta-parameters.
+        family: where each inner run's task comes from.
+        truncation: inner steps per truncation (K).
+        horizon: inner steps before an inner run is reset.
+        meta_loss: see :class:`~meta_train.unroll.MetaLoss`.
+        seed: all sampling derives from it.
+        vectorise: ``torch.func.vmap`` over the population (False: a loop).
+    """
+
+    def __init__(
+        self,
+        net: OptimizerNet,
+        family: TaskFamily,
+        truncation: int = 20,
+        horizon: int = 200,
+        meta_loss: MetaLoss | None = None,
+        seed: int = 0,
+        vectorise: bool = True,
+    ) -> None:
+        if truncation < 1 or horizon < truncation:
+            raise ValueError(
+                f"need 1 <= truncation <= horizon, got truncation={truncation}, horizon={horizon}"
+            )
+        self.net, self.family = net, family
+        self.truncation, self.horizon = truncation, horizon
+        self.meta_loss = meta_loss or MetaLoss()
+        self.seed, self.vectorise = seed, vectorise
+        self.unroller: TaskUnroll | None = None
+
+    def initial_theta(self) -> Tensor:
+        return nn.utils.parameters_to_vector(self.net.parameters()).detach().clone()
+
+    def load_theta(self, theta: Tensor) -> None:
+        nn.utils.vector_to_parameters(theta.detach().clone(), self.net.parameters())
+
+    def reset(self, counter: int, trajectories: int) -> InnerState:
+        task = self.family.sample(rng(self.seed, "task", counter))
+        self.unroller = TaskUnroll(self.net, task, self.meta_loss)
+        return self.unroller.init_inner(trajectories, rng(self.seed, "init", counter))
+
+    @property
+    def task(self):
+        return None if self.unroller is None else self.unroller.task
+
+    def unroll(self, thetas: Tensor, inner: InnerState, counter: int):
+        u = self.unroller
+        batches = u.sample_batches(self.truncation, rng(self.seed, "data", counter))
+        heldout = None
+        if self.meta_loss.kind == "heldout":
+            heldout = u.sample_batches(self.truncation, rng(self.seed, "heldout", counter), "test")
+        run = u.unroll if self.vectorise else u.unroll_loop
+        return run(thetas, inner, batches, heldout)

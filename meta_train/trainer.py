@@ -1,0 +1,339 @@
+"""The outer loop: estimator -> meta-gradient -> clipped Adam step, with
+logging, atomic checkpoints, exact resume and ``torch.distributed``.
+
+Under ``torch.distributed`` (``torchrun``) each rank unrolls its slice of the
+population (contiguous pairs); the slices' sums of gradient estimates and
+meta-losses are all-reduced, so every rank takes the same step. Noise, tasks
+and data come from counter-based generators (:func:`meta_train.problems.rng`),
+identical on every rank, so N processes compute what one would.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from lopt.checkpoint import atomic_save
+from meta_train.estimators import Estimator, inner_size
+from meta_train.problems import TruncatedProblem, rng
+from meta_train.unroll import cat_inner, index_inner
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def pair_slice(pairs: int, rank: int, size: int) -> tuple[int, int]:
+    """The contiguous range of pairs a rank unrolls."""
+    if pairs < size:
+        raise ValueError(f"population of {pairs} pairs cannot be split over {size} processes")
+    lo = rank * pairs // size
+    return lo, (rank + 1) * pairs // size
+
+
+class MetaTrainer:
+    """Meta-train ``problem``'s parameters with ``estimator``.
+
+    Args:
+        problem: the truncated meta-objective (see :mod:`meta_train.problems`).
+        estimator: ES, PES or truncated backprop (:mod:`meta_train.estimators`).
+        pairs: population size: antithetic pairs for ES / PES (2 trajectories
+            each), trajectories for backprop.
+        meta_lr, clip: Adam learning rate and gradient-norm clipping.
+        seed: the noise stream (tasks and data come from the problem's seed).
+        out_dir: TensorBoard logs and checkpoints go here (None: neither).
+        checkpoint_every: outer steps between checkpoints (0: only at the end).
+        eval_fn, eval_every: a periodic evaluation ``eval_fn(trainer) -> dict``
+            whose numbers are logged under ``eval/``.
+        config: saved with checkpoints.
+    """
+
+    def __init__(
+        self,
+        problem: TruncatedProblem,
+        estimator: Estimator,
+        pairs: int = 8,
+        meta_lr: float = 1e-3,
+        clip: float = 1.0,
+        seed: int = 0,
+        out_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 50,
+        eval_fn: Callable[[MetaTrainer], dict[str, float]] | None = None,
+        eval_every: int = 0,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        if pairs < 1:
+            raise ValueError(f"population must be >= 1, got {pairs}")
+        if not meta_lr > 0 or not clip > 0:
+            raise ValueError(f"meta_lr and clip must be > 0, got {meta_lr}, {clip}")
+        self.problem, self.estimator = problem, estimator
+        self.pairs, self.clip, self.seed = pairs, clip, seed
+        self.rank, self.world_size = world()
+        self.lo, self.hi = pair_slice(pairs, self.rank, self.world_size)
+        self.theta = torch.nn.Parameter(problem.initial_theta())
+        self.meta_opt = torch.optim.Adam([self.theta], lr=meta_lr)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.checkpoint_every, self.eval_every, self.eval_fn = checkpoint_every, eval_every, eval_fn
+        self.config = dict(config or {})
+        self.step = 0  # outer steps taken
+        self.resets = 0  # inner runs started (the task counter)
+        self.inner_t = 0  # inner steps into the current inner runs
+        self.inner = None
+        self.est_state: dict = {}
+        self.skipped = 0
+        self.inner_steps = 0  # inner steps run, all trajectories, all ranks
+        self._writer = None
+
+    # ------------------------------------------------------------ one step
+    def _reset_inner(self) -> None:
+        n = self.hi - self.lo
+        self.inner = self.problem.reset(self.resets, self.estimator.trajectories(n))
+        self.est_state = self.estimator.init_state(n, self.theta.numel(), self.theta.detach())
+        self.resets += 1
+        self.inner_t = 0
+
+    def outer_step(self) -> dict[str, Any]:
+        """One truncation for the population and one meta-optimizer step."""
+        if self.inner is None or self.inner_t >= self.problem.horizon:
+            self._reset_inner()
+        theta = self.theta.detach()
+        noise = None
+        if self.estimator.needs_noise:
+            g = rng(self.seed, "noise", self.step)
+            noise = torch.randn(self.pairs, theta.numel(), generator=g)[self.lo : self.hi]
+            noise = noise.to(theta.device)
+        t0 = time.perf_counter()
+        counter = self.step
+
+        def unroll(thetas, inner):
+            return self.problem.unroll(thetas, inner, counter)
+
+        est, self.inner, self.est_state = self.estimator.estimate(
+            theta, noise, self.est_state, self.inner, unroll
+        )
+        sums = torch.cat(
+            [
+                est.grad_sum.reshape(-1),
+                torch.stack(
+                    [
+                        est.loss_sum.to(theta),
+                        est.grad_sq_sum.to(theta),
+                        theta.new_tensor(float(est.count)),
+                        theta.new_tensor(float(est.trajectories)),
+                    ]
+                ),
+            ]
+        )
+        losses_mean = est.losses.detach().mean(0)
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(losses_mean)
+            losses_mean /= self.world_size
+        grad_sum, (loss_sum, sq_sum, count, trajs) = sums[:-4], sums[-4:]
+        grad = grad_sum / count
+        meta_loss = (loss_sum / trajs).item()
+        grad_norm = grad.norm().item()
+        # Variance of the mean estimate (trace): per-unit second moment minus
+        # the squared mean, over the number of units.
+        variance = ((sq_sum / count - grad.square().sum()) / count).item()
+        elapsed = time.perf_counter() - t0
+        k = self.problem.truncation
+        self.inner_steps += int(trajs.item()) * k
+        finite = math.isfinite(grad_norm) and math.isfinite(meta_loss)
+        if finite:
+            self.meta_opt.zero_grad()
+            self.theta.grad = grad * min(1.0, self.clip / max(grad_norm, 1e-12))
+            self.meta_opt.step()
+            self.problem.load_theta(self.theta.detach())
+        else:
+            self.skipped += 1
+        metrics = {
+            "step": self.step,
+            "meta_loss": meta_loss,
+            "grad_norm": grad_norm,
+            "grad_variance": variance,
+            "skipped": not finite,
+            "inner_steps_per_s": int(trajs.item()) * k / max(elapsed, 1e-9),
+            "inner_t": self.inner_t,
+            "inner_losses": losses_mean.tolist(),
+        }
+        self.inner_t += k
+        self.step += 1
+        return metrics
+
+    # ------------------------------------------------------------ the loop
+    def train(self, outer_steps: int, progress: bool = True) -> list[dict[str, Any]]:
+        """Run until ``outer_steps`` outer steps have been taken in all (so a
+        resumed run continues to the same total). Ctrl-C saves a checkpoint
+        first, then re-raises."""
+        history = []
+        bar = tqdm(
+            total=outer_steps,
+            initial=self.step,
+            desc="meta-train",
+            disable=not progress or self.rank != 0,
+            dynamic_ncols=True,
+        )
+        try:
+            while self.step < outer_steps:
+                m = self.outer_step()
+                history.append(m)
+                self._log(m)
+                bar.update(1)
+                bar.set_postfix(
+                    meta_loss=f"{m['meta_loss']:.4f}", inner_steps_s=f"{m['inner_steps_per_s']:.0f}"
+                )
+                if (
+                    self.eval_fn is not None
+                    and self.eval_every
+                    and self.step % self.eval_every == 0
+                ):
+                    self._log_eval(self.eval_fn(self))
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            if self.rank == 0:
+                print(
+                    f"\ninterrupted at outer step {self.step}; checkpoint saved in {self.out_dir}"
+                )
+            raise
+        finally:
+            bar.close()
+        self.save_checkpoint()
+        if self._writer is not None:
+            self._writer.flush()
+        return history
+
+    def _log(self, m: dict[str, Any]) -> None:
+        w = self.writer
+        if w is None:
+            return
+        s = m["step"]
+        for key in ("meta_loss", "grad_norm", "grad_variance", "inner_steps_per_s"):
+            if math.isfinite(m[key]):
+                w.add_scalar(f"meta/{key}", m[key], s)
+        w.add_scalar("meta/skipped_total", self.skipped, s)
+        base = (self.resets - 1) * self.problem.horizon + m["inner_t"]
+        for i, loss in enumerate(m["inner_losses"]):
+            w.add_scalar("inner/loss", loss, base + i)
+
+    def _log_eval(self, results: dict[str, float]) -> None:
+        w = self.writer
+        if w is not None:
+            for key, value in results.items():
+                w.add_scalar(f"eval/{key}", value, self.step)
+
+    @property
+    def writer(self):
+        if self._writer is None and self.out_dir is not None and self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out_dir / "tb"))
+        return self._writer
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # ------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (the whole population's inner state,
+        gathered from every rank)."""
+        local = {"inner": self.inner, "est_state": self.est_state}
+        local = torch.utils._pytree.tree_map(lambda x: x.detach().cpu(), local)
+        if self.world_size > 1:
+            parts: list = [None] * self.world_size
+            dist.all_gather_object(parts, local)
+            if self.inner is not None:
+                inners = [p["inner"] for p in parts]
+                if self.estimator.trajectories(1) == 2:  # global order: all +, then all -
+                    halves = [inner_size(i) // 2 for i in inners]
+                    pos = [index_inner(i, slice(0, h)) for i, h in zip(inners, halves)]
+                    neg = [index_inner(i, slice(h, 2 * h)) for i, h in zip(inners, halves)]
+                    inners = pos + neg
+                local = {
+                    "inner": cat_inner(inners),
+                    "est_state": cat_inner([p["est_state"] for p in parts])
+                    if self.est_state
+                    else {},
+                }
+        return {
+            "format": "lopt-meta-train",
+            "version": 1,
+            "config": self.config,
+            "theta": self.theta.detach().cpu(),
+            "meta_opt": self.meta_opt.state_dict(),
+            "step": self.step,
+            "resets": self.resets,
+            "inner_t": self.inner_t,
+            "skipped": self.skipped,
+            "inner_steps": self.inner_steps,
+            "pairs": self.pairs,
+            **local,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("format") != "lopt-meta-train":
+            raise ValueError("not an lopt meta-training checkpoint")
+        if sd["pairs"] != self.pairs:
+            raise ValueError(f"checkpoint has a population of {sd['pairs']}, this run {self.pairs}")
+        device = self.theta.device
+        with torch.no_grad():
+            self.theta.copy_(sd["theta"].to(device))
+        self.meta_opt.load_state_dict(sd["meta_opt"])
+        self.problem.load_theta(self.theta.detach())
+        self.step, self.resets, self.inner_t = sd["step"], sd["resets"], sd["inner_t"]
+        self.skipped, self.inner_steps = sd["skipped"], sd["inner_steps"]
+        if sd["inner"] is None:
+            self.inner = None
+            return
+        n = self.hi - self.lo
+        # Rebuild the current task (counter resets - 1); the state comes from the file.
+        self.problem.reset(self.resets - 1, self.estimator.trajectories(n))
+        mult = self.estimator.trajectories(1)
+        if mult == 2:  # ES / PES: members [lo, hi) and [N + lo, N + hi)
+            half = sd["inner"]
+            pos = index_inner(half, slice(self.lo, self.hi))
+            neg = index_inner(half, slice(self.pairs + self.lo, self.pairs + self.hi))
+            inner = cat_inner([pos, neg])
+        else:
+            inner = index_inner(sd["inner"], slice(self.lo, self.hi))
+        to = lambda x: x.to(device)  # noqa: E731
+        self.inner = torch.utils._pytree.tree_map(to, inner)
+        self.est_state = torch.utils._pytree.tree_map(
+            lambda x: to(x[self.lo : self.hi]), sd["est_state"]
+        )
+
+    def save_checkpoint(self) -> Path | None:
+        """Atomically write ``out_dir/checkpoint.pt`` (rank 0)."""
+        if self.out_dir is None:
+            return None
+        sd = self.state_dict()  # every rank takes part in the gather
+        if self.rank != 0:
+            return None
+        path = self.out_dir / CHECKPOINT
+        atomic_save(sd, path)
+        return path
+
+    def resume(self, path: str | os.PathLike | None = None) -> None:
+        path = Path(path) if path is not None else self.out_dir / CHECKPOINT
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no checkpoint to resume from at {path}") from None
+        self.load_state_dict(sd)

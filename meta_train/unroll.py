@@ -1,0 +1,186 @@
+"""Truncated inner training, vectorised over a population of optimizer nets.
+
+Every member of the population trains its own copy of one task with
+:func:`lopt.functional.update` driven by its own optimizer-net parameters.
+``torch.func.vmap`` runs all members at once; :meth:`TaskUnroll.unroll_loop`
+is the same computation as a Python loop (for tests and benchmarks).
+
+The inner state (task parameters, optimizer state, initial loss) is a dict of
+tensors with a leading population axis; it persists across truncations and the
+trainer resets it when an inner run reaches its horizon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lopt import functional
+from lopt.nets import OptimizerNet
+from tasks import Task
+
+META_LOSSES = ("mean", "log", "final", "heldout")
+InnerState = dict[str, object]
+
+
+@dataclass(frozen=True)
+class MetaLoss:
+    """How a truncation's per-step losses become one meta-loss per member.
+
+    ``kind``: ``mean`` training loss over the truncation, mean ``log`` loss,
+    ``final`` loss, or ``heldout``: mean loss on held-out batches. Each
+    per-step loss is capped at ``cap`` times the member's initial loss, and a
+    NaN or infinite loss counts as the cap (learned_optimization's protection
+    against divergence)."""
+
+    kind: str = "mean"
+    cap: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in META_LOSSES:
+            raise ValueError(f"meta-loss must be one of {META_LOSSES}, got {self.kind!r}")
+        if not self.cap > 0:
+            raise ValueError(f"loss cap must be > 0, got {self.cap}")
+
+    def __call__(self, losses: Tensor, initial: Tensor) -> Tensor:
+        cap = self.cap * initial.clamp(min=1e-8)
+        clipped = torch.where(torch.isfinite(losses), torch.minimum(losses, cap), cap)
+        if self.kind == "final":
+            return clipped[..., -1]
+        if self.kind == "log":
+            return clipped.clamp(min=1e-12).log().mean(-1)
+        return clipped.mean(-1)
+
+
+class TaskUnroll:
+    """Truncated unrolls of one task for a population of optimizer nets.
+
+    Args:
+        net: the optimizer net architecture (its own parameters are replaced
+            by each member's).
+        task: the task every member trains (same architecture, so vmap works).
+        meta_loss: see :class:`MetaLoss`.
+    """
+
+    def __init__(self, net: OptimizerNet, task: Task, meta_loss: MetaLoss | None = None) -> None:
+        self.net = net
+        self.task = task
+        self.meta_loss = meta_loss or MetaLoss()
+        self.names = list(task.param_shapes)
+        self.net_names = [n for n, _ in net.named_parameters()]
+        self.net_shapes = [p.shape for _, p in net.named_parameters()]
+
+    # --------------------------------------------------------------- theta
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """A flat parameter vector of the net as a dict for functional_call."""
+        out, i = {}, 0
+        for name, shape in zip(self.net_names, self.net_shapes):
+            n = shape.numel()
+            out[name] = theta[i : i + n].reshape(shape)
+            i += n
+        return out
+
+    # --------------------------------------------------------- inner state
+    def init_inner(self, population: int, generator: torch.Generator) -> InnerState:
+        """Every member starts from the same initial parameters (common random
+        numbers: antithetic pairs differ only by their perturbation)."""
+        params = self.task.init(generator)
+        state = functional.init([params[n] for n in self.names])
+        batch = self.task.sample_batch(generator)
+        initial = self.task.loss(params, batch).detach()
+
+        def rep(x: Tensor) -> Tensor:
+            return x.unsqueeze(0).expand(population, *x.shape).clone()
+
+        return {
+            "params": {n: rep(p) for n, p in params.items()},
+            "momenta": [rep(m) for m in state["momenta"]],
+            "second_moment": [rep(v) for v in state["second_moment"]],
+            "step": rep(state["step"]),
+            "skipped": rep(state["skipped"]),
+            "initial_loss": rep(initial),
+        }
+
+    def sample_batches(self, steps: int, generator: torch.Generator, split: str = "train"):
+        """``steps`` batches stacked: ``(steps, batch, ...)``, shared by all members."""
+        bs = [self.task.sample_batch(generator, split) for _ in range(steps)]
+        return torch.stack([b[0] for b in bs]), torch.stack([b[1] for b in bs])
+
+    # ---------------------------------------------------------- one member
+    def _member(
+        self,
+        theta: Tensor,
+        inner: Mapping[str, object],
+        batches: tuple[Tensor, Tensor],
+        heldout: tuple[Tensor, Tensor] | None,
+    ):
+        net_params = self.unflatten(theta)
+        params = dict(inner["params"])
+        state = {k: inner[k] for k in ("momenta", "second_moment", "step", "skipped")}
+        grad_fn = torch.func.grad_and_value(self.task.loss)
+        losses = []
+        for k in range(batches[0].shape[0]):
+            grads, loss = grad_fn(params, (batches[0][k], batches[1][k]))
+            updates, state = functional.update(
+                self.net,
+                self.task.spec,
+                net_params,
+                [grads[n] for n in self.names],
+                state,
+                [params[n] for n in self.names],
+            )
+            params = {n: params[n] + u for n, u in zip(self.names, updates)}
+            if heldout is not None:
+                loss = self.task.loss(params, (heldout[0][k], heldout[1][k]))
+            losses.append(loss)
+        losses = torch.stack(losses)
+        new_inner = {"params": params, **state, "initial_loss": inner["initial_loss"]}
+        return self.meta_loss(losses, inner["initial_loss"]), losses, new_inner
+
+    # ------------------------------------------------------------ population
+    def unroll(self, thetas: Tensor, inner: InnerState, batches, heldout=None):
+        """Run every member for one truncation, vectorised.
+
+        Args:
+            thetas: ``(population, D)`` flat net parameters, one row per member.
+            inner: the population's inner state.
+            batches: ``(xs, ys)`` of shape ``(K, batch, ...)``: K inner steps.
+            heldout: batches of the same shape for the ``heldout`` meta-loss.
+
+        Returns ``(meta_losses (population,), losses (population, K), inner)``.
+        """
+        if self.meta_loss.kind == "heldout" and heldout is None:
+            raise ValueError("the heldout meta-loss needs held-out batches")
+        fn = torch.func.vmap(self._member, in_dims=(0, 0, None, None), randomness="same")
+        return fn(thetas, inner, batches, heldout)
+
+    def unroll_loop(self, thetas: Tensor, inner: InnerState, batches, heldout=None):
+        """:meth:`unroll` as a Python loop over members (the reference)."""
+        results = [
+            self._member(thetas[i], index_inner(inner, i), batches, heldout)
+            for i in range(thetas.shape[0])
+        ]
+        metas = torch.stack([r[0] for r in results])
+        losses = torch.stack([r[1] for r in results])
+        new_inner = stack_inner([r[2] for r in results])
+        return metas, losses, new_inner
+
+
+def index_inner(inner: InnerState, index) -> InnerState:
+    """Select members (an int or a slice) of an inner state."""
+    return torch.utils._pytree.tree_map(lambda x: x[index], inner)
+
+
+def stack_inner(members: list[InnerState]) -> InnerState:
+    return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *members)
+
+
+def cat_inner(parts: list[InnerState]) -> InnerState:
+    return torch.utils._pytree.tree_map(lambda *xs: torch.cat(xs), *parts)
+
+
+def detach_inner(inner: InnerState) -> InnerState:
+    return torch.utils._pytree.tree_map(lambda x: x.detach(), inner)

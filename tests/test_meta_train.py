@@ -1,0 +1,337 @@
+"""Meta-training: estimators on a problem with a known answer, unrolls,
+resume, atomic checkpoints, distributed equivalence and the command line."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import lopt
+from lopt.nets import PerParamMLP
+from meta_train import LearnedOptimizerProblem, MetaTrainer, TaskUnroll, make_estimator
+from meta_train.problems import TruncatedProblem
+from tasks import get_family, get_task
+
+A = torch.tensor([1.0, 0.5], dtype=torch.float64)
+X0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+
+
+class Quadratic(TruncatedProblem):
+    """SGD with learning rate theta[0] on f(x) = 1/2 sum a_i x_i^2; the
+    meta-loss of a truncation is the mean loss over its steps."""
+
+    def __init__(self, truncation, horizon, lr=0.3):
+        self.truncation, self.horizon, self.lr = truncation, horizon, lr
+
+    def initial_theta(self):
+        return torch.tensor([self.lr], dtype=torch.float64)
+
+    def reset(self, counter, trajectories):
+        return {"x": X0.expand(trajectories, 2).clone()}
+
+    def unroll(self, thetas, inner, counter):
+        x, losses = inner["x"], []
+        for _ in range(self.truncation):
+            x = x - thetas[:, :1] * A * x
+            losses.append(0.5 * (A * x * x).sum(-1))
+        losses = torch.stack(losses, 1)
+        return losses.mean(1), losses, {"x": x}
+
+
+def true_gradient(lr, truncation, horizon):
+    """d/d lr of the objective summed over the horizon's truncations."""
+    eta = torch.tensor(lr, dtype=torch.float64, requires_grad=True)
+    t = torch.arange(1, horizon + 1, dtype=torch.float64)[:, None]
+    total = (0.5 * A * X0**2 * (1 - eta * A) ** (2 * t)).sum() / truncation
+    (g,) = torch.autograd.grad(total, eta)
+    return g.item()
+
+
+def horizon_estimate(name, problem, pairs, seed, sigma=0.01):
+    """One whole inner run: the per-truncation estimates summed."""
+    est = make_estimator(name, sigma)
+    theta = problem.initial_theta()
+    inner = problem.reset(0, est.trajectories(pairs))
+    state = est.init_state(pairs, 1, theta)
+    g = torch.Generator().manual_seed(seed)
+    total, sq = torch.zeros(1, dtype=torch.float64), 0.0
+    for j in range(problem.horizon // problem.truncation):
+        noise = torch.randn(pairs, 1, generator=g, dtype=torch.float64)
+        e, inner, state = est.estimate(
+            theta, noise, state, inner, lambda th, i, j=j: problem.unroll(th, i, j)
+        )
+        total += e.grad_sum
+        sq = e
+    return total / e.count, sq
+
+
+@pytest.mark.parametrize("name", ["es", "pes", "backprop"])
+def test_estimators_match_the_true_gradient_on_one_truncation(name):
+    problem = Quadratic(truncation=5, horizon=5)
+    est = make_estimator(name, 0.01)
+    pairs = 4000 if name != "backprop" else 3
+    theta = problem.initial_theta()
+    inner = problem.reset(0, est.trajectories(pairs))
+    noise = torch.randn(pairs, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    e, _, _ = est.estimate(
+        theta, noise, est.init_state(pairs, 1, theta), inner, lambda th, i: problem.unroll(th, i, 0)
+    )
+    mean = (e.grad_sum / e.count).item()
+    truth = true_gradient(0.3, 5, 5)
+    if name == "backprop":
+        assert mean == pytest.approx(truth, rel=1e-9)
+        return
+    se = math.sqrt((e.grad_sq_sum / e.count - mean**2).item() / e.count)
+    assert abs(mean - truth) < 4 * se, (mean, truth, se)
+    assert se < 0.1 * abs(truth)  # the check has teeth
+
+
+def test_pes_is_unbiased_and_truncated_es_is_not_over_a_long_horizon():
+    problem = Quadratic(truncation=1, horizon=12)
+    truth = true_gradient(0.3, 1, 12)
+    means = {}
+    for name in ("pes", "es"):
+        totals = torch.stack(
+            [horizon_estimate(name, problem, 2000, seed)[0] for seed in range(12)]
+        ).squeeze(1)
+        mean, se = totals.mean().item(), (totals.std() / math.sqrt(len(totals))).item()
+        means[name] = (mean, se)
+    pes_mean, pes_se = means["pes"]
+    es_mean, es_se = means["es"]
+    assert abs(pes_mean - truth) < 4 * pes_se, (pes_mean, truth, pes_se)
+    assert abs(es_mean - truth) > 10 * es_se, (es_mean, truth, es_se)
+
+
+def test_short_meta_training_finds_the_best_learning_rate():
+    problem = Quadratic(truncation=2, horizon=10, lr=0.1)
+    grid = torch.linspace(0.05, 1.9, 400)
+
+    def horizon_loss(lr):  # the objective over a whole horizon
+        inner, total = problem.reset(0, 1), 0.0
+        for j in range(5):
+            m, _, inner = problem.unroll(torch.tensor([[lr]], dtype=torch.float64), inner, j)
+            total += m.item()
+        return total
+
+    best = min((float(lr) for lr in grid), key=horizon_loss)
+    trainer = MetaTrainer(problem, make_estimator("pes", 0.01), pairs=64, meta_lr=0.03, clip=1.0)
+    trainer.train(200, progress=False)
+    assert abs(trainer.theta.item() - best) < 0.1, (trainer.theta.item(), best)
+
+
+def tiny_problem(seed=0, vectorise=True, family="mlp-gmm"):
+    torch.manual_seed(seed)
+    net = PerParamMLP(width=4, depth=1, out_scale=1.0, step_mult=1e-2)
+    return LearnedOptimizerProblem(
+        net, get_family(family), truncation=3, horizon=6, seed=seed, vectorise=vectorise
+    )
+
+
+def test_vmapped_population_equals_a_loop():
+    torch.manual_seed(1)
+    net = lopt.NFNNet(width=4, depth=1, out_scale=1.0, step_mult=1e-2)
+    unroll = TaskUnroll(net, get_task("cnn-digits"))
+    inner = unroll.init_inner(3, torch.Generator().manual_seed(0))
+    theta = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
+    thetas = theta + 0.05 * torch.randn(3, theta.numel())
+    batches = unroll.sample_batches(3, torch.Generator().manual_seed(1))
+    a = unroll.unroll(thetas, inner, batches)
+    b = unroll.unroll_loop(thetas, inner, batches)
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+    for k in a[2]["params"]:
+        torch.testing.assert_close(a[2]["params"][k], b[2]["params"][k])
+    assert not torch.allclose(a[1][0], a[1][1])  # members really differ
+
+
+@pytest.mark.parametrize("estimator", ["pes", "backprop"])
+def test_resume_continues_exactly(tmp_path, estimator):
+    def trainer(out):
+        return MetaTrainer(
+            tiny_problem(),
+            make_estimator(estimator, 0.05),
+            pairs=2,
+            meta_lr=1e-2,
+            out_dir=out,
+            checkpoint_every=4,
+        )
+
+    full = trainer(tmp_path / "full")
+    history = full.train(7, progress=False)
+    part = trainer(tmp_path / "part")
+    part.train(4, progress=False)
+    resumed = trainer(tmp_path / "part")
+    resumed.resume()
+    assert resumed.step == 4 and resumed.resets == part.resets
+    rest = resumed.train(7, progress=False)
+    assert [h["meta_loss"] for h in rest] == [h["meta_loss"] for h in history[4:]]
+    assert torch.equal(resumed.theta, full.theta)
+
+
+def test_killed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
+    t = MetaTrainer(
+        tiny_problem(), make_estimator("pes", 0.05), pairs=2, out_dir=tmp_path, checkpoint_every=0
+    )
+    t.train(2, progress=False)
+    good = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+
+    def dying_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(lopt.checkpoint.torch, "save", dying_save)
+    t.outer_step()
+    with pytest.raises(OSError, match="killed mid-write"):
+        t.save_checkpoint()
+    monkeypatch.undo()
+    again = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert again["step"] == good["step"] == 2
+    assert torch.equal(again["theta"], good["theta"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "tb"]
+
+
+class Exploding(Quadratic):
+    def unroll(self, thetas, inner, counter):
+        metas, losses, inner = super().unroll(thetas, inner, counter)
+        if counter == 1:
+            metas = metas * float("nan")
+        if counter == 3:
+            raise KeyboardInterrupt
+        return metas, losses, inner
+
+
+def test_nonfinite_meta_gradient_is_skipped_and_ctrl_c_checkpoints(tmp_path):
+    t = MetaTrainer(
+        Exploding(2, 10), make_estimator("es", 0.01), pairs=4, out_dir=tmp_path, checkpoint_every=0
+    )
+    t.outer_step()
+    before = t.theta.detach().clone()
+    m = t.outer_step()
+    assert m["skipped"] and t.skipped == 1 and torch.equal(t.theta, before)
+    with pytest.raises(KeyboardInterrupt):
+        t.train(10, progress=False)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 3 and saved["skipped"] == 1
+
+
+def _distributed_worker(rank, store, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    t = MetaTrainer(
+        tiny_problem(),
+        make_estimator("pes", 0.05),
+        pairs=4,
+        meta_lr=1e-2,
+        out_dir=out,
+        checkpoint_every=0,
+    )
+    t.train(3, progress=False)
+    if rank == 0:
+        torch.save(t.theta.detach(), os.path.join(out, "theta.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one(tmp_path):
+    one = MetaTrainer(
+        tiny_problem(),
+        make_estimator("pes", 0.05),
+        pairs=4,
+        meta_lr=1e-2,
+        out_dir=tmp_path / "one",
+        checkpoint_every=0,
+    )
+    one.train(3, progress=False)
+    out = tmp_path / "two"
+    out.mkdir()
+    torch.multiprocessing.spawn(
+        _distributed_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2
+    )
+    two = torch.load(out / "theta.pt")
+    torch.testing.assert_close(two, one.theta.detach(), rtol=1e-5, atol=1e-7)
+    # The checkpoint gathered every rank's inner state: it resumes in one process.
+    resumed = MetaTrainer(
+        tiny_problem(), make_estimator("pes", 0.05), pairs=4, meta_lr=1e-2, out_dir=out
+    )
+    resumed.resume()
+    one_sd, two_sd = one.state_dict(), resumed.state_dict()
+    for a, b in zip(
+        torch.utils._pytree.tree_leaves(one_sd["inner"]),
+        torch.utils._pytree.tree_leaves(two_sd["inner"]),
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_smoke_writes_events_and_a_loadable_optimizer(tmp_path):
+    from meta_train.__main__ import main
+
+    out = tmp_path / "run"
+    args = [
+        "--net",
+        "nfn",
+        "--width",
+        "4",
+        "--depth",
+        "1",
+        "--family",
+        "mlp-gmm",
+        "--estimator",
+        "pes",
+        "--outer-steps",
+        "3",
+        "--truncation",
+        "2",
+        "--horizon",
+        "4",
+        "--population",
+        "2",
+        "--eval-every",
+        "3",
+        "--eval-steps",
+        "10",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    net, meta = lopt.load(out / "optimizer.pt")
+    assert isinstance(net, lopt.NFNNet) and meta["outer_steps"] == 3
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    lopt.NFNOptimizer(model.parameters(), weights=out / "optimizer.pt")
+    assert main(["--resume", str(out), "--outer-steps", "4", "--no-progress"]) == 0
+    assert lopt.load(out / "optimizer.pt")[1]["outer_steps"] == 4
+
+
+def test_cli_bad_input(tmp_path):
+    from meta_train.__main__ import main
+
+    with pytest.raises(SystemExit, match="--out DIR is required"):
+        main(["--family", "mlp-gmm"])
+    with pytest.raises(KeyError, match="did you mean"):
+        main(["--family", "mlp-gm", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no config.json"):
+        main(["--resume", str(tmp_path / "nothing")])
+    with pytest.raises(ValueError, match="truncation"):
+        main(
+            [
+                "--family",
+                "mlp-gmm",
+                "--truncation",
+                "10",
+                "--horizon",
+                "5",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+
+
+def test_distribution_slices_cover_the_population():
+    from meta_train.trainer import pair_slice
+
+    assert [pair_slice(5, r, 2) for r in range(2)] == [(0, 2), (2, 5)]
+    with pytest.raises(ValueError, match="cannot be split"):
+        pair_slice(1, 0, 2)
