@@ -1,0 +1,347 @@
+"""Learned optimizers against per-task tuned Adam (and tuned SGD with momentum).
+
+    python -m benchmarks.compare --suite heldout --steps 200 --seeds 3 \\
+        --weights nfn-small mlp-small --out runs/compare
+    python -m benchmarks.compare --quick --out /tmp/compare        # < 1 minute
+
+For every task of the suite: Adam and SGD with momentum 0.9 have their
+learning rate tuned per task on a log grid (1e-4 .. 1e-1, 7 points; the pick
+minimises the mean final training loss over the tuning seeds at the horizon);
+then every optimizer runs from the same initialisations on the same batches
+for 5x the horizon (the horizon is the meta-training horizon the learned
+optimizers are judged at; 2x and 5x show generalisation in time).
+
+Writes to --out: ``curves.csv`` (every loss of every run), ``results.md``
+(tables: per task, summary), ``meta.json`` (grids, picks, timings, command),
+``curves.png`` (loss curves per task) and ``summary.png`` (normalised loss per
+task). The summary is computed from ``curves.csv`` alone
+(:func:`summarise`), so ``python -m benchmarks.compare --from-csv`` can redo it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import lopt
+from benchmarks.runner import ADAM_GRID, adam, run, sgdm, tune
+from tasks import get_suite, get_task
+
+FACTORS = (1, 2, 5)
+QUICK_GRID = (1e-3, 1e-2, 1e-1)
+
+
+def learned(weights: str) -> tuple[str, callable]:
+    """A label and an optimizer factory for a checkpoint (shipped name or path)."""
+    net, _ = lopt.load(weights)
+    cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
+    label = Path(str(weights)).stem
+    return label, lambda model: cls(model.parameters(), net=net, model=model)
+
+
+def untrained(kind: str) -> tuple[str, callable]:
+    torch.manual_seed(0)
+    net = lopt.NFNNet() if kind == "nfn" else lopt.PerParamMLP()
+    cls = lopt.NFNOptimizer if kind == "nfn" else lopt.MLPOptimizer
+    return f"{kind}-untrained", lambda model: cls(model.parameters(), net=net, model=model)
+
+
+# -------------------------------------------------------------------- runs
+def run_task(name, optimizers, steps, seeds, grid, tune_seeds, factors, device):
+    """Tune the baselines, run everything; returns (csv rows, meta)."""
+    task = get_task(name, device)
+    total = steps * max(factors)
+    eval_every = max(1, steps // 10)
+    meta = {"params": task.num_params, "grid": list(grid), "seconds_per_step": {}}
+    makers = dict(optimizers)
+    for label, family in (("adam", adam), ("sgdm", sgdm)):
+        best, scores = tune(task, family, steps, tune_seeds, grid)
+        meta[f"{label}_lr"] = best
+        meta[f"{label}_grid_scores"] = {f"{lr:.0e}": s for lr, s in scores.items()}
+        makers = {f"{label}": family(best), **makers}
+    rows = []
+    for label, make in makers.items():
+        per_step = []
+        for seed in seeds:
+            curve = run(task, make, total, seed, eval_every)
+            per_step.append(curve.seconds_per_step)
+            for i, loss in enumerate(curve.train, start=1):
+                rows.append((name, label, seed, i, "batch", loss))
+            for s, tr, te in zip(curve.eval_steps, curve.train_eval, curve.test_eval):
+                rows.append((name, label, seed, s, "train", tr))
+                rows.append((name, label, seed, s, "test", te))
+        meta["seconds_per_step"][label] = statistics.median(per_step)
+    return rows, meta
+
+
+CSV_HEADER = ("task", "optimizer", "seed", "step", "split", "loss")
+
+
+def write_csv(rows, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_HEADER)
+        w.writerows(rows)
+
+
+def read_csv(path: Path) -> list[tuple]:
+    with open(path, newline="") as f:
+        r = csv.reader(f)
+        header = tuple(next(r))
+        if header != CSV_HEADER:
+            raise ValueError(f"{path}: expected columns {CSV_HEADER}, got {header}")
+        return [(t, o, int(s), int(st), sp, float(loss)) for t, o, s, st, sp, loss in r]
+
+
+# ----------------------------------------------------------------- summary
+def summarise(rows, horizon: int, factors=FACTORS, baseline: str = "adam") -> dict:
+    """Per task and optimizer, from the ``train`` rows (whole-split training
+    loss, averaged over seeds): the loss at each multiple of the horizon, the
+    loss normalised by the baseline's (learned_optimization's convention:
+    below 1 beats it), the steps to reach the baseline's loss at the horizon
+    as a fraction of the horizon, and whether the run diverged (non-finite, or
+    above its initial loss). Then, per optimizer, on how many tasks it beats
+    the baseline at each multiple."""
+    curves: dict = defaultdict(lambda: defaultdict(list))
+    for task, opt, _seed, step, split, loss in rows:
+        if split == "train":
+            curves[(task, opt)][step].append(loss)
+    mean = {k: {s: statistics.fmean(v) for s, v in sorted(c.items())} for k, c in curves.items()}
+    tasks = sorted({t for t, _ in mean})
+    opts = sorted({o for _, o in mean})
+    per_task = {}
+    for task in tasks:
+        if (task, baseline) not in mean:
+            raise ValueError(f"task {task!r} has no {baseline!r} runs to compare with")
+        base = mean[(task, baseline)]
+        for opt in opts:
+            c = mean.get((task, opt))
+            if c is None:
+                continue
+            entry = {}
+            for f in factors:
+                s = horizon * f
+                if s in c and s in base:
+                    entry[f"loss@{f}x"] = c[s]
+                    entry[f"beats@{f}x"] = c[s] < base[s]
+            target = base.get(horizon, math.nan)
+            reach = [s for s, v in c.items() if s > 0 and v <= target]
+            entry["normalised"] = c.get(horizon, math.nan) / target if target else math.nan
+            entry["steps_to_baseline"] = (min(reach) / horizon) if reach else math.inf
+            values = list(c.values())
+            entry["diverged"] = (not all(math.isfinite(v) for v in values)) or values[-1] >= values[
+                0
+            ]
+            per_task[(task, opt)] = entry
+    counts = {}
+    for opt in opts:
+        if opt == baseline:
+            continue
+        entries = [per_task[(t, opt)] for t in tasks if (t, opt) in per_task]
+        counts[opt] = {
+            f"beats@{f}x": sum(e.get(f"beats@{f}x", False) for e in entries) for f in factors
+        }
+        counts[opt]["tasks"] = len(entries)
+        steps = [e["steps_to_baseline"] for e in entries]
+        counts[opt]["median_steps_to_baseline"] = statistics.median(steps) if steps else math.nan
+        counts[opt]["diverged"] = sum(e["diverged"] for e in entries)
+    return {"tasks": tasks, "optimizers": opts, "per_task": per_task, "counts": counts}
+
+
+def markdown(summary: dict, meta: dict, factors=FACTORS) -> str:
+    lines = ["## Per task", ""]
+    head = "| task | optimizer | " + " | ".join(f"loss @{f}x" for f in factors)
+    lines += [
+        head + " | normalised @1x | steps to Adam @1x | diverged |",
+        "|" + "---|" * (len(factors) + 5),
+    ]
+    for (task, opt), e in summary["per_task"].items():
+        losses = " | ".join(f"{e.get(f'loss@{f}x', math.nan):.4f}" for f in factors)
+        lines.append(
+            f"| {task} | {opt} | {losses} | {e['normalised']:.3f} | "
+            f"{_ratio(e['steps_to_baseline'])} | {'yes' if e['diverged'] else 'no'} |"
+        )
+    lines += ["", "## Summary: tasks where each optimizer beats tuned Adam", ""]
+    lines += [
+        "| optimizer | "
+        + " | ".join(f"@{f}x" for f in factors)
+        + " | median steps to Adam's loss | diverged |",
+        "|" + "---|" * (len(factors) + 3),
+    ]
+    for opt, c in summary["counts"].items():
+        beats = " | ".join(f"{c[f'beats@{f}x']}/{c['tasks']}" for f in factors)
+        lines.append(
+            f"| {opt} | {beats} | {_ratio(c['median_steps_to_baseline'])} | {c['diverged']} |"
+        )
+    if meta.get("tasks"):
+        lines += [
+            "",
+            "## Tuned baselines and cost",
+            "",
+            "| task | params | Adam lr | SGDm lr | ms / step ("
+            + ", ".join(summary["optimizers"])
+            + ") |",
+            "|---|---|---|---|---|",
+        ]
+        for task, m in meta["tasks"].items():
+            ms = ", ".join(
+                f"{1e3 * m['seconds_per_step'].get(o, math.nan):.1f}" for o in summary["optimizers"]
+            )
+            lines.append(
+                f"| {task} | {m['params']:,} | {m['adam_lr']:.0e} | {m['sgdm_lr']:.0e} | {ms} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(x: float) -> str:
+    return "never" if math.isinf(x) else f"{x:.2f}x"
+
+
+def figures(rows, summary: dict, horizon: int, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no figures (pip install 'lopt[plots]')")
+        return
+    tasks = summary["tasks"]
+    cols = min(3, len(tasks))
+    nrows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    curves: dict = defaultdict(lambda: defaultdict(list))
+    for task, opt, _, step, split, loss in rows:
+        if split == "train":
+            curves[(task, opt)][step].append(loss)
+    for ax, task in zip(axes.flat, tasks):
+        for opt in summary["optimizers"]:
+            c = curves.get((task, opt))
+            if not c:
+                continue
+            steps = sorted(c)
+            mean = [statistics.fmean(c[s]) for s in steps]
+            lo = [min(c[s]) for s in steps]
+            hi = [max(c[s]) for s in steps]
+            ax.plot(steps, mean, label=opt)
+            ax.fill_between(steps, lo, hi, alpha=0.2)
+        ax.axvline(horizon, color="grey", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("step")
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("training loss (mean, min-max over seeds)")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+    learned_opts = [o for o in summary["optimizers"] if o != "adam"]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(tasks)), 3.5))
+    width = 0.8 / max(1, len(learned_opts))
+    for i, opt in enumerate(learned_opts):
+        vals = [summary["per_task"].get((t, opt), {}).get("normalised", math.nan) for t in tasks]
+        ax.bar([j + i * width for j in range(len(tasks))], vals, width, label=opt)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))])
+    ax.set_xticklabels(tasks, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("final loss / tuned Adam's (@1x)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "summary.png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--suite", default="heldout", help="a suite or a task name (heldout)")
+    p.add_argument("--steps", type=int, default=200, help="the horizon (meta-training's)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--tune-seeds", type=int, default=2)
+    p.add_argument(
+        "--weights",
+        nargs="*",
+        default=None,
+        help="learned optimizers: shipped names or checkpoint paths "
+        "(default: untrained NFN and MLP nets)",
+    )
+    p.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI size: quick suite, 50 steps, 1 seed, 3-point grid, 1x and 2x",
+    )
+    p.add_argument(
+        "--from-csv", action="store_true", help="only redo the summary from --out/curves.csv"
+    )
+    args = p.parse_args(argv)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    grid = ADAM_GRID
+    if args.quick:
+        args.suite, args.steps, args.seeds, args.tune_seeds = "quick", 50, 1, 1
+        args.factors, grid = [1, 2], QUICK_GRID
+    factors = tuple(sorted(set(args.factors) | {1}))
+    if args.from_csv:
+        rows = read_csv(out / "curves.csv")
+        meta = json.loads((out / "meta.json").read_text())
+        factors = tuple(meta["factors"])
+    else:
+        optimizers = (
+            [learned(w) for w in args.weights]
+            if args.weights
+            else [untrained("nfn"), untrained("mlp")]
+        )
+        rows, meta = (
+            [],
+            {
+                "command": "python -m benchmarks.compare "
+                + " ".join(argv if argv is not None else sys.argv[1:]),
+                "date": time.strftime("%Y-%m-%d"),
+                "device": args.device,
+                "torch": str(torch.__version__),
+                "horizon": args.steps,
+                "factors": list(factors),
+                "tasks": {},
+            },
+        )
+        for name in tqdm(get_suite(args.suite), desc="tasks"):
+            task_rows, task_meta = run_task(
+                name,
+                optimizers,
+                args.steps,
+                list(range(args.seeds)),
+                grid,
+                list(range(100, 100 + args.tune_seeds)),
+                factors,
+                args.device,
+            )
+            rows += task_rows
+            meta["tasks"][name] = task_meta
+        write_csv(rows, out / "curves.csv")
+        (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    summary = summarise(rows, meta["horizon"], factors)
+    text = markdown(summary, meta, factors)
+    (out / "results.md").write_text(text)
+    figures(rows, summary, meta["horizon"], out)
+    print(text)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

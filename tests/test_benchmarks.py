@@ -1,0 +1,131 @@
+"""Benchmarks: tuning, the summary computed from curves, and --quick runs."""
+
+import csv
+import math
+
+import pytest
+import torch
+
+from benchmarks import compare, overhead
+from benchmarks.runner import adam, run, tune
+from tasks import Task
+from tasks.data import Dataset
+from tasks.models import mlp
+
+
+def toy_task(target=2.0):
+    x = torch.ones(8, 1)
+    ds = Dataset("toy", x, torch.full((8, 1), target), x, torch.full((8, 1), target), 0)
+    return Task("toy", mlp(1, [], 1, bias=False), ds, batch_size=4)
+
+
+def hand_adam_final(task, lr, steps, seed, target=2.0):
+    """Adam written out on the one-weight problem (w - target)^2."""
+    w = task.init(torch.Generator().manual_seed(seed))["1.weight"].item()
+    m = v = 0.0
+    for t in range(1, steps + 1):
+        g = 2 * (w - target)
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        w -= lr * (m / (1 - 0.9**t)) / (math.sqrt(v / (1 - 0.999**t)) + 1e-8)
+    return (w - target) ** 2
+
+
+def test_tuned_adam_picks_the_best_grid_point():
+    task = toy_task()
+    grid = [1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+    best, scores = tune(task, adam, 30, [0, 1], grid)
+    finals = {lr: sum(hand_adam_final(task, lr, 30, s) for s in (0, 1)) / 2 for lr in grid}
+    for lr in grid:
+        assert scores[lr] == pytest.approx(finals[lr], rel=1e-3, abs=1e-6)
+    assert best == min(finals, key=finals.get)
+    assert best not in (grid[0], grid[-1])  # an interior answer: the search matters
+
+
+def test_runs_share_initialisation_and_batches():
+    task = toy_task()
+    a = run(task, adam(0.1), 5, seed=3)
+    b = run(task, adam(0.1), 5, seed=3)
+    assert a.train == b.train and a.eval_steps[-1] == 5
+
+
+def write_rows(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(compare.CSV_HEADER)
+        w.writerows(rows)
+
+
+def test_summary_counts_from_a_hand_made_csv(tmp_path):
+    # Horizon 10. On task A the learned optimizer beats Adam at 1x and 2x and
+    # reaches Adam's 1x loss at step 5; on task B it loses at 1x, wins at 2x.
+    rows = []
+    for seed, noise in ((0, 0.0), (1, 0.02)):
+        for step, adam_loss, lopt_loss in (
+            (0, 2.0, 2.0),
+            (5, 1.0, 0.5),
+            (10, 0.6, 0.3),
+            (20, 0.4, 0.2),
+        ):
+            rows += [
+                ("A", "adam", seed, step, "train", adam_loss + noise),
+                ("A", "nfn", seed, step, "train", lopt_loss + noise),
+                ("A", "nfn", seed, step, "test", 9.9),
+            ]
+        for step, adam_loss, lopt_loss in (
+            (0, 3.0, 3.0),
+            (5, 1.5, 2.0),
+            (10, 1.0, 1.2),
+            (20, 0.9, 0.5),
+        ):
+            rows += [
+                ("B", "adam", seed, step, "train", adam_loss),
+                ("B", "nfn", seed, step, "train", lopt_loss),
+            ]
+    rows += [
+        ("B", "div", 0, s, "train", v)
+        for s, v in ((0, 3.0), (5, 2.0), (10, float("nan")), (20, 4.0))
+    ]
+    rows += [("A", "div", 0, s, "train", v) for s, v in ((0, 2.0), (5, 2.5), (10, 3.0), (20, 3.5))]
+    path = tmp_path / "curves.csv"
+    write_rows(path, rows)
+    s = compare.summarise(compare.read_csv(path), horizon=10, factors=(1, 2))
+    nfn = s["counts"]["nfn"]
+    assert (nfn["beats@1x"], nfn["beats@2x"], nfn["tasks"]) == (1, 2, 2)
+    assert s["per_task"][("A", "nfn")]["steps_to_baseline"] == 0.5
+    assert s["per_task"][("B", "nfn")]["steps_to_baseline"] == 2.0
+    assert nfn["median_steps_to_baseline"] == 1.25
+    assert s["per_task"][("A", "nfn")]["normalised"] == pytest.approx(0.31 / 0.61)
+    assert s["counts"]["div"]["diverged"] == 2 and nfn["diverged"] == 0
+    text = compare.markdown(s, {}, (1, 2))
+    assert "| nfn | 1/2 | 2/2 | 1.25x | 0 |" in text
+
+
+def test_summary_rejects_a_csv_without_the_baseline(tmp_path):
+    path = tmp_path / "c.csv"
+    write_rows(path, [("A", "nfn", 0, 0, "train", 1.0)])
+    with pytest.raises(ValueError, match="no 'adam' runs"):
+        compare.summarise(compare.read_csv(path), horizon=10)
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="expected columns"):
+        compare.read_csv(path)
+
+
+@pytest.mark.slow
+def test_compare_quick_writes_every_output(tmp_path):
+    summary = compare.main(["--quick", "--out", str(tmp_path)])
+    for name in ("curves.csv", "results.md", "meta.json", "curves.png", "summary.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert set(summary["tasks"]) == {"mlp-digits", "mlp-gmm"}
+    assert {"adam", "sgdm", "nfn-untrained", "mlp-untrained"} == set(summary["optimizers"])
+    again = compare.main(["--from-csv", "--out", str(tmp_path)])
+    assert again["counts"] == summary["counts"]
+
+
+@pytest.mark.slow
+def test_overhead_quick_writes_every_output(tmp_path):
+    rows = overhead.main(["--quick", "--out", str(tmp_path), "--no-nfn"])
+    for name in ("overhead.md", "overhead.json", "overhead.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert {r["model"] for r in rows} == {"mlp-tiny", "cnn-tiny"}
+    assert all(r["nfn_step_ms"] > 0 and r["nfn_peak_mb"] >= 0 for r in rows)
