@@ -37,6 +37,8 @@ DEFAULTS: dict[str, Any] = {
     "net": "nfn",
     "width": 16,
     "depth": 2,
+    "init_lr": 1e-3,
+    "init_step_mult": 1e-3,
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
@@ -72,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
     a("--net", choices=sorted(NETS), help="optimizer net: nfn (default) or mlp")
     a("--width", type=int, help="per-entry width of the net (16)")
     a("--depth", type=int, help="per-entry layers of the net (2)")
+    a("--init-lr", type=float, help="the net's initial Adam-direction learning rate (1e-3)")
+    a("--init-step-mult", type=float, help="the net's initial learned-step multiplier (1e-3)")
     a("--family", help=f"task family or task name ({', '.join(FAMILIES)}, or a task)")
     a("--estimator", choices=sorted(ESTIMATORS), help="pes (default), es or backprop")
     a("--population", type=int, help="antithetic pairs (ES/PES) or trajectories (backprop): 8")
@@ -126,7 +130,9 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build(cfg: dict[str, Any], device: torch.device) -> tuple[MetaTrainer, lopt.OptimizerNet]:
-    net = NETS[cfg["net"]](width=cfg["width"], depth=cfg["depth"]).to(device)
+    net = NETS[cfg["net"]](
+        width=cfg["width"], depth=cfg["depth"], lr=cfg["init_lr"], step_mult=cfg["init_step_mult"]
+    ).to(device)
     family = get_family(cfg["family"], device)
     problem = LearnedOptimizerProblem(
         net,
