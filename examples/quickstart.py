@@ -23,7 +23,12 @@ from tasks import get_task
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--weights", default=None, help="a shipped name or a checkpoint path")
+    shipped = "nfn-small" if "nfn-small" in lopt.pretrained_names() else None
+    p.add_argument(
+        "--weights",
+        default=shipped,
+        help=f"a shipped name or a checkpoint path (default: {shipped or 'a fresh net'})",
+    )
     p.add_argument("--adam-lr", type=float, default=1e-2)
     p.add_argument("--plot", default=None, help="write a loss plot here (needs matplotlib)")
     args = p.parse_args()

@@ -68,6 +68,20 @@ def _range(arg: str, r: Sequence[float], minimum: float) -> tuple:
     return tuple(r)
 
 
+def _check_common(family) -> None:
+    """Checks shared by the sampled families."""
+    _range("batch_size", family.batch_size, 1)
+    _range("init_scale", family.init_scale, 1e-6)
+    if not family.datasets or not family.activations:
+        raise ValueError("datasets and activations must not be empty")
+    for a in family.activations:
+        if a not in ACTIVATIONS:
+            raise ValueError(f"activations: unknown {a!r} (known: {sorted(ACTIVATIONS)})")
+    for d in family.datasets:
+        if d not in DATASETS:
+            raise ValueError(f"datasets: {_unknown('dataset', d, DATASETS)}")
+
+
 def _choice(g: torch.Generator, items: Sequence):
     return items[int(torch.randint(0, len(items), (1,), generator=g))]
 
@@ -100,16 +114,7 @@ class MLPFamily(TaskFamily):
     def __post_init__(self) -> None:
         _range("depth", self.depth, 0)
         _range("width", self.width, 1)
-        _range("batch_size", self.batch_size, 1)
-        _range("init_scale", self.init_scale, 1e-6)
-        for a in self.activations:
-            if a not in ACTIVATIONS:
-                raise ValueError(f"activations: unknown {a!r} (known: {sorted(ACTIVATIONS)})")
-        for d in self.datasets:
-            if d not in DATASETS:
-                raise ValueError(f"datasets: {_unknown('dataset', d, DATASETS)}")
-        if not self.datasets or not self.activations:
-            raise ValueError("datasets and activations must not be empty")
+        _check_common(self)
 
     def sample(self, generator: torch.Generator) -> Task:
         ds = get_dataset(_choice(generator, list(self.datasets)), self.device)
@@ -142,13 +147,9 @@ class CNNFamily(TaskFamily):
     def __post_init__(self) -> None:
         _range("depth", self.depth, 1)
         _range("channels", self.channels, 1)
-        _range("batch_size", self.batch_size, 1)
-        _range("init_scale", self.init_scale, 1e-6)
         if not self.kernels or min(self.kernels) < 1:
             raise ValueError(f"kernels must be >= 1, got {tuple(self.kernels)}")
-        for d in self.datasets:
-            if d not in DATASETS:
-                raise ValueError(f"datasets: {_unknown('dataset', d, DATASETS)}")
+        _check_common(self)
 
     def sample(self, generator: torch.Generator) -> Task:
         ds_name = _choice(generator, list(self.datasets))
@@ -220,6 +221,13 @@ TASKS: dict[str, Callable[..., Task]] = {
     "cnn-mnist1d-deep": _task(
         "cnn-mnist1d-deep", lambda d: cnn((1, 40), [32] * 4, [3] * 4, 10), "mnist1d-conv"
     ),
+    # 4x wider and one layer deeper than anything the small families sample.
+    "mlp-mnist1d-4x-deeper": _task(
+        "mlp-mnist1d-4x-deeper", lambda d: mlp(40, [256] * 4, 10), "mnist1d"
+    ),
+    "cnn-digits-4x-deeper": _task(
+        "cnn-digits-4x-deeper", lambda d: cnn((1, 8, 8), [64] * 4, [3] * 4, 10), "digits"
+    ),
     # From a user's files ($LOPT_DATA).
     "mlp-fashion-8": _task("mlp-fashion-8", lambda d: mlp(64, [64], 10), "fashion_mnist-8"),
     "cnn-fashion-16": _task(
@@ -269,6 +277,7 @@ SUITES: dict[str, list[str]] = {
         "cnn-mnist1d-deep",
     ],
     "quick": ["mlp-digits", "mlp-gmm"],
+    "stress": ["mlp-mnist1d-4x-deeper", "cnn-digits-4x-deeper"],
 }
 
 
