@@ -185,11 +185,33 @@ class NFNNet(OptimizerNet):
     NF-layer (role-tied, so it runs on any depth, width and kernel size) beside
     a per-entry output path. Tensors whose role the NF-layer does not know
     (exotic standalone tensors) are updated by the per-entry path alone.
+
+    Args (beyond :class:`OptimizerNet`'s):
+        nf_channels: the NF-layer reads a per-entry projection of the trunk to
+            this many channels (None: the trunk itself). Fewer channels mean
+            fewer meta-parameters, which matters to ES: its gradient noise
+            grows with their number.
+        nf_scale: a constant multiplying the NF-layer's output. Below 1 it
+            slows the layer's weights relative to the per-entry ones under a
+            meta-optimizer that normalises step sizes (Adam), so the noise ES
+            leaves in them perturbs the updates less.
     """
 
-    def __init__(self, width: int = 16, depth: int = 2, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        width: int = 16,
+        depth: int = 2,
+        nf_channels: int | None = None,
+        nf_scale: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(width, depth, **kwargs)
-        self.nf = NFLinear(template_specs(), width, 2, strict=False)
+        if nf_channels is not None and nf_channels < 1:
+            raise ValueError(f"nf_channels must be positive, got {nf_channels}")
+        self._config.update(nf_channels=nf_channels, nf_scale=nf_scale)
+        self.nf_scale = nf_scale
+        self.nf_proj = nn.Linear(width, nf_channels, bias=False) if nf_channels else None
+        self.nf = NFLinear(template_specs(), nf_channels or width, 2, strict=False)
         with torch.no_grad():
             for w in list(self.nf.weights.values()) + list(self.nf.biases.values()):
                 w.mul_(kwargs.get("out_scale", 0.01))
@@ -200,11 +222,15 @@ class NFNNet(OptimizerNet):
         # the broadcast terms (small). The whole NF-layer, without storing
         # the trunk's activations.
         needed = self.nf.pools_needed(spec)
+        proj = None if self.nf_proj is None else self.nf_proj.weight
         pooled: dict[tuple[int, tuple[int, ...]], Tensor] = {}
         outs, row_counts = [], []
         for i, (t, *state) in enumerate(zip(spec.tensors, params, grads, momenta, second_moments)):
             pw = self.nf.pointwise_weight(spec, i)
-            w_out = self.out.weight if pw is None else self.out.weight + pw.t()
+            w_out = self.out.weight
+            if pw is not None:
+                pw = pw.t() if proj is None else pw.t() @ proj
+                w_out = w_out + self.nf_scale * pw
             w_out = w_out * out_scale[:, None]
             b_out = (self.out.bias * out_scale)[:, None]
             pools = needed.get(i, set())
@@ -214,7 +240,9 @@ class NFNNet(OptimizerNet):
             for h, adam, rows in self.slices(t, *state, bias, c1, c2):
                 blocks.append((torch.addmm(b_out, w_out, h), adam))
                 rows_list.append(rows)
-                hv = h.reshape(h.shape[0], rows, *t.view[1:]) if t.view else h.reshape(-1)
+                if pools:
+                    hp = h if proj is None else torch.mm(proj, h)
+                    hv = hp.reshape(hp.shape[0], rows, *t.view[1:]) if t.view else hp.reshape(-1)
                 for p in pools:
                     dims = [1 + a for a in p]
                     if 0 in p:  # averaged over the sliced axis: accumulate sums
@@ -238,7 +266,7 @@ class NFNNet(OptimizerNet):
                 shape = (2, rows, *t.view[1:]) if t.view else (2,)
                 o = o.reshape(shape)
                 for term in terms:
-                    term = (term * out_scale).movedim(-1, 0)
+                    term = (term * (self.nf_scale * out_scale)).movedim(-1, 0)
                     if t.view and term.shape[1] != 1:
                         term = term[:, r0 : r0 + rows]
                     o = o + term

@@ -39,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "depth": 2,
     "init_lr": 1e-3,
     "init_step_mult": 1e-3,
+    "nf_channels": None,
+    "nf_scale": 1.0,
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
@@ -76,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     a("--depth", type=int, help="per-entry layers of the net (2)")
     a("--init-lr", type=float, help="the net's initial Adam-direction learning rate (1e-3)")
     a("--init-step-mult", type=float, help="the net's initial learned-step multiplier (1e-3)")
+    a("--nf-channels", type=int, help="nfn: channels the NF-layer reads (default: the width)")
+    a("--nf-scale", type=float, help="nfn: constant on the NF-layer's output (1.0)")
     a("--family", help=f"task family or task name ({', '.join(FAMILIES)}, or a task)")
     a("--estimator", choices=sorted(ESTIMATORS), help="pes (default), es or backprop")
     a("--population", type=int, help="antithetic pairs (ES/PES) or trajectories (backprop): 8")
@@ -130,8 +134,15 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build(cfg: dict[str, Any], device: torch.device) -> tuple[MetaTrainer, lopt.OptimizerNet]:
+    extra = {}
+    if cfg["net"] == "nfn":
+        extra = {"nf_channels": cfg["nf_channels"], "nf_scale": cfg["nf_scale"]}
     net = NETS[cfg["net"]](
-        width=cfg["width"], depth=cfg["depth"], lr=cfg["init_lr"], step_mult=cfg["init_step_mult"]
+        width=cfg["width"],
+        depth=cfg["depth"],
+        lr=cfg["init_lr"],
+        step_mult=cfg["init_step_mult"],
+        **extra,
     ).to(device)
     family = get_family(cfg["family"], device)
     problem = LearnedOptimizerProblem(
