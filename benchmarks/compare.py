@@ -42,11 +42,27 @@ QUICK_GRID = (1e-3, 1e-2, 1e-1)
 
 
 def learned(weights: str) -> tuple[str, callable]:
-    """A label and an optimizer factory for a checkpoint (shipped name or path)."""
-    net, _ = lopt.load(weights)
+    """A label and an optimizer factory for ``[LABEL=]WEIGHTS`` (a shipped
+    name or a checkpoint path). The default label is the file's stem, or its
+    folder's name for meta_train's ``DIR/optimizer.pt``."""
+    label, _, path = weights.rpartition("=")
+    net, _ = lopt.load(path)
     cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
-    label = Path(str(weights)).stem
+    if not label:
+        p = Path(path)
+        label = p.parent.name if p.stem == "optimizer" and p.parent.name else p.stem
     return label, lambda model: cls(model.parameters(), net=net, model=model)
+
+
+def learned_all(specs: list[str]) -> list[tuple[str, callable]]:
+    out = [learned(w) for w in specs]
+    labels = [label for label, _ in out]
+    if len(set(labels)) != len(labels) or {"adam", "sgdm"} & set(labels):
+        raise SystemExit(
+            f"--weights: labels must be unique and not adam/sgdm, got {labels} "
+            "(name them: --weights nfn=PATH mlp=PATH)"
+        )
+    return out
 
 
 def untrained(kind: str) -> tuple[str, callable]:

@@ -129,3 +129,20 @@ def test_overhead_quick_writes_every_output(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     assert {r["model"] for r in rows} == {"mlp-tiny", "cnn-tiny"}
     assert all(r["nfn_step_ms"] > 0 and r["nfn_peak_mb"] >= 0 for r in rows)
+
+
+def test_learned_optimizer_labels(tmp_path):
+    import lopt
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        lopt.save(lopt.PerParamMLP(), tmp_path / d / "optimizer.pt")
+    labels = [
+        label
+        for label, _ in compare.learned_all(
+            [str(tmp_path / "a" / "optimizer.pt"), "mine=" + str(tmp_path / "b" / "optimizer.pt")]
+        )
+    ]
+    assert labels == ["a", "mine"]
+    with pytest.raises(SystemExit, match="labels must be unique"):
+        compare.learned_all(["x=" + str(tmp_path / "a" / "optimizer.pt")] * 2)
