@@ -67,13 +67,14 @@ def entry_channels(
 ) -> Tensor:
     """The unnormalised channels of (a slice of) one parameter, channel first:
     ``(NUM_FEATURES, *shape)``."""
-    inv = 1.0 / ((second_moment / c2).sqrt() + EPS)
+    rms = second_moment.sqrt()
+    inv = 1.0 / (rms / c2.sqrt() + EPS)  # Adam's 1 / (sqrt(v_hat) + eps)
     return torch.cat(
         [
             param[None],
             grad[None],
             momenta,
-            second_moment.sqrt()[None],
+            rms[None],
             (grad * inv)[None],
             (momenta[ADAM_MOMENTUM] / c1 * inv)[None],
         ]

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from meta_train.unroll import detach_inner
+
 Unroll = Callable[[Tensor, object], tuple[Tensor, Tensor, object]]
 
 
@@ -140,7 +142,7 @@ class TruncatedBackprop(Estimator):
 
         grad_sum, (metas, losses, new_inner) = torch.func.grad(objective, has_aux=True)(theta)
         # Per-trajectory gradients are not separated; the variance is not tracked.
-        new_inner = torch.utils._pytree.tree_map(lambda x: x.detach(), new_inner)
+        new_inner = detach_inner(new_inner)
         return (
             Estimate(
                 grad_sum=grad_sum.detach(),

@@ -154,7 +154,7 @@ class TaskUnroll:
         """
         if self.meta_loss.kind == "heldout" and heldout is None:
             raise ValueError("the heldout meta-loss needs held-out batches")
-        fn = torch.func.vmap(self._member, in_dims=(0, 0, None, None), randomness="same")
+        fn = torch.func.vmap(self._member, in_dims=(0, 0, None, None))
         return fn(thetas, inner, batches, heldout)
 
     def unroll_loop(self, thetas: Tensor, inner: InnerState, batches, heldout=None):
