@@ -60,14 +60,29 @@ def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     raise ValueError(f"unknown benchmark model {name!r}")
 
 
+SHIPPED = {"mlp": "mlp-small", "nfn": "nfn-small"}  # timed when shipped, else default nets
+
+
 def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
     if kind == "adam":
         return torch.optim.Adam(model.parameters(), lr=1e-3)
-    if kind == "mlp":
-        return lopt.MLPOptimizer(model.parameters(), model=model)
-    if kind == "nfn":
-        return lopt.NFNOptimizer(model.parameters(), model=model)
-    raise ValueError(f"unknown optimizer {kind!r}")
+    if kind not in SHIPPED:
+        raise ValueError(f"unknown optimizer {kind!r}")
+    cls = lopt.MLPOptimizer if kind == "mlp" else lopt.NFNOptimizer
+    weights = SHIPPED[kind] if SHIPPED[kind] in lopt.pretrained_names() else None
+    return cls(model.parameters(), model=model, weights=weights)
+
+
+def net_descriptions() -> dict[str, str]:
+    """Which net each learned optimizer ran: the shipped one, or a default."""
+    out = {}
+    for kind, name in SHIPPED.items():
+        if name in lopt.pretrained_names():
+            out[kind] = f"shipped {name}: {lopt.load(name)[0].config}"
+        else:
+            net = (lopt.PerParamMLP if kind == "mlp" else lopt.NFNNet)()
+            out[kind] = f"default: {net.config}"
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -224,6 +239,9 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> str:
                 f"{r.get(f'{kind}_peak_mb', float('nan')):.1f} |"
             )
     table = head + "\n".join(lines) + "\n"
+    for kind, desc in meta.get("nets", {}).items():
+        table += f"\n{kind}: {desc}"
+    table += "\n"
     nf = [r for r in rows if "nf_ours_ms" in r]
     if nf:
         table += "\nNF-layer (16 -> 16 channels, one layer) against the `nfn` package:\n\n"
@@ -284,6 +302,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "nets": net_descriptions(),
         "command": "python -m benchmarks.overhead "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),

@@ -19,7 +19,7 @@ import torch
 from lopt.nets import NETS, OptimizerNet
 
 FORMAT = "lopt-optimizer-net"
-VERSION = 1
+VERSION = 2  # 2: nets have a width exponent (fan_in_exp); version 1 files get 0
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
 
@@ -105,8 +105,11 @@ def load(
     if expect is not None and not issubclass(NETS[name], expect):
         raise ValueError(f"{path}: holds a {name}, but a {expect.__name__} is needed")
     net = NETS[name](**payload["config"])
+    state = dict(payload["state_dict"])
+    if payload.get("version", 0) < 2 and "fan_in_exp" not in state:
+        state["fan_in_exp"] = torch.zeros(())  # no width factor, as those nets ran
     try:
-        net.load_state_dict(payload["state_dict"])
+        net.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit a {name} with this config: {e}") from e
     return net, payload.get("metadata", {})

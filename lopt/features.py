@@ -68,15 +68,19 @@ def entry_channels(
     """The unnormalised channels of (a slice of) one parameter, channel first:
     ``(NUM_FEATURES, *shape)``."""
     rms = second_moment.sqrt()
-    inv = 1.0 / (rms / c2.sqrt() + EPS)  # Adam's 1 / (sqrt(v_hat) + eps)
+    # Adam's sqrt(v_hat) + eps, and the same times c1 (so m / that is m_hat /
+    # (sqrt(v_hat) + eps)): one fused op each, as these run per slice.
+    rsqrt_c2 = c2.rsqrt()
+    denom = torch.addcmul(rsqrt_c2.new_tensor(EPS), rms, rsqrt_c2)
+    adam_denom = torch.addcmul(c1 * EPS, rms, c1 * rsqrt_c2)
     return torch.cat(
         [
             param[None],
             grad[None],
             momenta,
             rms[None],
-            (grad * inv)[None],
-            (momenta[ADAM_MOMENTUM] / c1 * inv)[None],
+            (grad / denom)[None],
+            (momenta[ADAM_MOMENTUM] / adam_denom)[None],
         ]
     )
 

@@ -6,7 +6,12 @@ the update is
     update = -(lr * adam_direction + step_mult * d * exp(mag_mult * m))
 
 where ``adam_direction`` is Adam's bias-corrected m / sqrt(v) and ``lr``,
-``step_mult`` are meta-learned scalars (stored as logs). The net learns a
+``step_mult`` are meta-learned scalars (stored as logs), and the whole update
+of a tensor with fan-in ``n`` (the product of all but its first axis, as in
+``torch.nn.init``; 1-D tensors are not scaled) is multiplied by
+``(FAN_IN_REF / n) ** fan_in_exp``, a meta-learned exponent. That factor is
+what lets one step size serve a width-8 and a width-1024 layer (a hidden
+layer's output moves with fan-in times the per-entry step). The net learns a
 correction on top of Adam (as the UNF paper's net does on top of SGD with
 momentum), and its output layer starts near zero, so a fresh net is a sane,
 slow optimizer. Every input is loss-scale invariant, so the update is too.
@@ -34,7 +39,14 @@ from lopt.nn import NFLinear
 from lopt.weightspace import TensorSpec, WeightSpaceSpec
 
 MAX_LOG_MAGNITUDE = 10.0  # exp() of more than this is clipped: no overflow to inf
-CHUNK = 16384  # entries per slice in the per-entry layers
+CHUNK = 65536  # entries per slice in the per-entry layers (a few MB of activations)
+FAN_IN_REF = 64.0  # fan-in at which the width factor is 1
+
+
+def fan_in(t: TensorSpec) -> int:
+    """The fan-in the width factor uses: the product of all but the first
+    axis (1 for tensors of fewer than 2 axes, which are not scaled)."""
+    return math.prod(t.shape[1:]) if len(t.shape) >= 2 else 1
 
 
 class OptimizerNet(nn.Module):
@@ -43,11 +55,12 @@ class OptimizerNet(nn.Module):
     def __init__(
         self,
         width: int = 16,
-        depth: int = 2,
+        depth: int = 1,
         lr: float = 1e-3,
         step_mult: float = 1e-3,
         mag_mult: float = 0.1,
         out_scale: float = 0.01,
+        fan_in_exp: float = 0.0,
     ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
@@ -61,8 +74,10 @@ class OptimizerNet(nn.Module):
             step_mult=step_mult,
             mag_mult=mag_mult,
             out_scale=out_scale,
+            fan_in_exp=fan_in_exp,
         )
         self.mag_mult = mag_mult
+        self.fan_in_exp = nn.Parameter(torch.tensor(float(fan_in_exp)))
         self.log_lr = nn.Parameter(torch.tensor(math.log(lr)))
         self.log_step_mult = nn.Parameter(torch.tensor(math.log(step_mult)))
         self.inp = nn.Linear(NUM_FEATURES, width)
@@ -98,15 +113,21 @@ class OptimizerNet(nn.Module):
         bias = self.inp.bias + self.step_inp(step_features(step))
         # -step_mult and mag_mult are folded into the output layer, so per
         # entry: update = -lr * adam + o[0] * exp(min(o[1], MAX_LOG_MAGNITUDE)).
-        out_scale = torch.stack(
-            [-self.log_step_mult.exp(), self.log_step_mult.new_tensor(self.mag_mult)]
-        )
-        neg_lr = -self.log_lr.exp()
+        # The width factor is folded in too, per tensor.
+        factors = [
+            torch.exp(self.fan_in_exp * math.log(FAN_IN_REF / fan_in(t)))
+            if len(t.shape) >= 2
+            else self.fan_in_exp.new_ones(())
+            for t in spec.tensors
+        ]
+        mag = self.log_step_mult.new_tensor(self.mag_mult)
+        out_scales = [torch.stack([-self.log_step_mult.exp() * f, mag]) for f in factors]
         outs = self.entry_outputs(
-            spec, params, grads, momenta, second_moments, bias, c1, c2, out_scale
+            spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales
         )
         updates = []
-        for p, chunks in zip(params, outs):
+        for p, chunks, f in zip(params, outs, factors):
+            neg_lr = -self.log_lr.exp() * f
             ups = [
                 torch.addcmul(adam * neg_lr, o[0], o[1].clamp(max=MAX_LOG_MAGNITUDE).exp())
                 for o, adam in chunks
@@ -116,11 +137,12 @@ class OptimizerNet(nn.Module):
         return updates
 
     def entry_outputs(
-        self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scale
+        self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales
     ) -> list[list[tuple[Tensor, Tensor]]]:
         """Per tensor, per slice: the net's output ``(2, entries)`` (direction,
-        log-magnitude), each channel multiplied by ``out_scale``, and Adam's
-        direction ``(entries,)`` for those entries."""
+        log-magnitude), each channel multiplied by that tensor's
+        ``out_scales[i]``, and Adam's direction ``(entries,)`` for those
+        entries."""
         raise NotImplementedError
 
     def slices(self, t: TensorSpec, p: Tensor, g: Tensor, m: Tensor, v: Tensor, bias, c1, c2):
@@ -140,9 +162,9 @@ class OptimizerNet(nn.Module):
                 else (p[b[0] : b[1]], g[b[0] : b[1]], m[:, b[0] : b[1]], v[b[0] : b[1]])
             )
             x = entry_channels(*chunk, c1, c2).reshape(NUM_FEATURES, -1)
-            h = torch.mm(weight, x).add_(bias[:, None]).relu_()
+            h = torch.addmm(bias[:, None], weight, x).relu_()
             for layer in self.hidden:
-                h = torch.mm(layer.weight, h).add_(layer.bias[:, None]).relu_()
+                h = torch.addmm(layer.bias[:, None], layer.weight, h).relu_()
             yield h, x[ADAM_CHANNEL], (0 if b is None else b[1] - b[0])
 
 
@@ -150,12 +172,14 @@ class PerParamMLP(OptimizerNet):
     """Per-parameter MLP (learned_optimization's small_fc_lopt; "Deep Sets" in
     the UNF paper): the same features, no interaction across entries."""
 
-    def entry_outputs(self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scale):
-        w, b = self.out.weight * out_scale[:, None], (self.out.bias * out_scale)[:, None]
-        return [
-            [(torch.addmm(b, w, h), adam) for h, adam, _ in self.slices(t, *a, bias, c1, c2)]
-            for t, *a in zip(spec.tensors, params, grads, momenta, second_moments)
-        ]
+    def entry_outputs(self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales):
+        outs = []
+        for t, s, *a in zip(spec.tensors, out_scales, params, grads, momenta, second_moments):
+            w, b = self.out.weight * s[:, None], (self.out.bias * s)[:, None]
+            outs.append(
+                [(torch.addmm(b, w, h), adam) for h, adam, _ in self.slices(t, *a, bias, c1, c2)]
+            )
+        return outs
 
 
 def template_specs() -> list[WeightSpaceSpec]:
@@ -200,7 +224,7 @@ class NFNNet(OptimizerNet):
     def __init__(
         self,
         width: int = 16,
-        depth: int = 2,
+        depth: int = 1,
         nf_channels: int | None = None,
         nf_scale: float = 1.0,
         **kwargs: Any,
@@ -216,7 +240,7 @@ class NFNNet(OptimizerNet):
             for w in list(self.nf.weights.values()) + list(self.nf.biases.values()):
                 w.mul_(kwargs.get("out_scale", 0.01))
 
-    def entry_outputs(self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scale):
+    def entry_outputs(self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales):
         # Pass 1, slice by slice: the per-entry output plus the NF-layer's
         # pointwise term, and the means its broadcast terms need. Pass 2: add
         # the broadcast terms (small). The whole NF-layer, without storing
@@ -231,17 +255,22 @@ class NFNNet(OptimizerNet):
             if pw is not None:
                 pw = pw.t() if proj is None else pw.t() @ proj
                 w_out = w_out + self.nf_scale * pw
+            out_scale = out_scales[i]
             w_out = w_out * out_scale[:, None]
             b_out = (self.out.bias * out_scale)[:, None]
             pools = needed.get(i, set())
+            if pools and proj is not None:  # one pass over h for the output and the projection
+                w_out = torch.cat([w_out, proj])
+                b_out = torch.cat([b_out, b_out.new_zeros(proj.shape[0], 1)])
             blocks, rows_list = [], []
             sums: dict[tuple[int, ...], Tensor] = {}
             means: dict[tuple[int, ...], list[Tensor]] = {p: [] for p in pools if 0 not in p}
             for h, adam, rows in self.slices(t, *state, bias, c1, c2):
-                blocks.append((torch.addmm(b_out, w_out, h), adam))
+                o = torch.addmm(b_out, w_out, h)
+                blocks.append((o[:2], adam))
                 rows_list.append(rows)
                 if pools:
-                    hp = h if proj is None else torch.mm(proj, h)
+                    hp = h if proj is None else o[2:]
                     hv = hp.reshape(hp.shape[0], rows, *t.view[1:]) if t.view else hp.reshape(-1)
                 for p in pools:
                     dims = [1 + a for a in p]
@@ -258,8 +287,8 @@ class NFNNet(OptimizerNet):
                 pooled[(i, p)] = val.movedim(0, -1)  # channels last, as NF-layers take
             outs.append(blocks)
             row_counts.append(rows_list)
-        for t, blocks, rows_list, terms in zip(
-            spec.tensors, outs, row_counts, self.nf.broadcast_terms(spec, pooled)
+        for t, blocks, rows_list, terms, out_scale in zip(
+            spec.tensors, outs, row_counts, self.nf.broadcast_terms(spec, pooled), out_scales
         ):
             r0 = 0
             for j, ((o, adam), rows) in enumerate(zip(blocks, rows_list)):

@@ -36,9 +36,10 @@ from tasks import FAMILIES, TASKS, get_family
 DEFAULTS: dict[str, Any] = {
     "net": "nfn",
     "width": 16,
-    "depth": 2,
+    "depth": 1,
     "init_lr": 1e-3,
     "init_step_mult": 1e-3,
+    "init_fan_in_exp": 0.0,
     "nf_channels": None,
     "nf_scale": 1.0,
     "family": "mlp-family-small",
@@ -75,9 +76,14 @@ def parser() -> argparse.ArgumentParser:
     a("--resume", type=Path, help="continue the run in this folder exactly")
     a("--net", choices=sorted(NETS), help="optimizer net: nfn (default) or mlp")
     a("--width", type=int, help="per-entry width of the net (16)")
-    a("--depth", type=int, help="per-entry layers of the net (2)")
+    a("--depth", type=int, help="per-entry layers of the net (1)")
     a("--init-lr", type=float, help="the net's initial Adam-direction learning rate (1e-3)")
     a("--init-step-mult", type=float, help="the net's initial learned-step multiplier (1e-3)")
+    a(
+        "--init-fan-in-exp",
+        type=float,
+        help="the net's initial width exponent: updates scale as (64 / fan-in) ** it (0)",
+    )
     a("--nf-channels", type=int, help="nfn: channels the NF-layer reads (default: the width)")
     a("--nf-scale", type=float, help="nfn: constant on the NF-layer's output (1.0)")
     a("--family", help=f"task family or task name ({', '.join(FAMILIES)}, or a task)")
@@ -142,6 +148,7 @@ def build(cfg: dict[str, Any], device: torch.device) -> tuple[MetaTrainer, lopt.
         depth=cfg["depth"],
         lr=cfg["init_lr"],
         step_mult=cfg["init_step_mult"],
+        fan_in_exp=cfg.get("init_fan_in_exp", 0.0),
         **extra,
     ).to(device)
     family = get_family(cfg["family"], device)
@@ -199,6 +206,7 @@ def type_of(net: lopt.OptimizerNet):
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    command = "python -m meta_train " + " ".join(sys.argv[1:] if argv is None else argv)
     cfg = resolve_config(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if cfg["device"].startswith("cuda") else "gloo"
@@ -219,17 +227,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.train(cfg["outer_steps"], progress=not args.no_progress)
     except KeyboardInterrupt:
-        save_net(net, out, cfg, trainer, time.time() - start, rank)
+        save_net(net, out, cfg, trainer, time.time() - start, rank, command)
         return 130
     finally:
         trainer.close()
-    save_net(net, out, cfg, trainer, time.time() - start, rank)
+    save_net(net, out, cfg, trainer, time.time() - start, rank, command)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
 
 
-def save_net(net, out: Path, cfg, trainer: MetaTrainer, wall: float, rank: int) -> None:
+def save_net(
+    net, out: Path, cfg, trainer: MetaTrainer, wall: float, rank: int, command: str
+) -> None:
     if rank != 0:
         return
     meta = {
@@ -237,11 +247,18 @@ def save_net(net, out: Path, cfg, trainer: MetaTrainer, wall: float, rank: int) 
         "outer_steps": trainer.step,
         "inner_steps": trainer.inner_steps,
         "wall_time_s_this_session": round(wall, 1),
+        "train_seconds_total": round(trainer.train_seconds, 3),
         "machine": f"{platform.node()} {platform.machine()} {platform.processor()}".strip(),
         "device": cfg["device"],
         "torch": str(torch.__version__),
-        "command": "python -m meta_train " + " ".join(sys.argv[1:]),
+        "command": command,
     }
+    # One line per session (first run, each --resume): the model card's recipe.
+    history_path = out / "history.jsonl"
+    session = {k: meta[k] for k in ("command", "outer_steps", "wall_time_s_this_session")}
+    with history_path.open("a") as f:
+        f.write(json.dumps(session) + "\n")
+    meta["history"] = [json.loads(line) for line in history_path.read_text().splitlines()]
     lopt.save(net, out / "optimizer.pt", meta)
     print(f"wrote {out / 'optimizer.pt'} after {trainer.step} outer steps")
 

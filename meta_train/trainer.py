@@ -95,6 +95,7 @@ class MetaTrainer:
         self.est_state: dict = {}
         self.skipped = 0
         self.inner_steps = 0  # inner steps run, all trajectories, all ranks
+        self.train_seconds = 0.0  # wall time in outer steps, over every resumed session
         self._writer = None
 
     # ------------------------------------------------------------ one step
@@ -152,6 +153,7 @@ class MetaTrainer:
         elapsed = time.perf_counter() - t0
         k = self.problem.truncation
         self.inner_steps += int(trajs.item()) * k
+        self.train_seconds += elapsed
         finite = math.isfinite(grad_norm) and math.isfinite(meta_loss)
         if finite:
             self.meta_opt.zero_grad()
@@ -283,6 +285,7 @@ class MetaTrainer:
             "inner_t": self.inner_t,
             "skipped": self.skipped,
             "inner_steps": self.inner_steps,
+            "train_seconds": self.train_seconds,
             "pairs": self.pairs,
             **local,
         }
@@ -299,6 +302,7 @@ class MetaTrainer:
         self.problem.load_theta(self.theta.detach())
         self.step, self.resets, self.inner_t = sd["step"], sd["resets"], sd["inner_t"]
         self.skipped, self.inner_steps = sd["skipped"], sd["inner_steps"]
+        self.train_seconds = float(sd.get("train_seconds", 0.0))
         if sd["inner"] is None:
             self.inner = None
             return

@@ -302,7 +302,33 @@ def test_cli_smoke_writes_events_and_a_loadable_optimizer(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     lopt.NFNOptimizer(model.parameters(), weights=out / "optimizer.pt")
     assert main(["--resume", str(out), "--outer-steps", "4", "--no-progress"]) == 0
-    assert lopt.load(out / "optimizer.pt")[1]["outer_steps"] == 4
+    meta = lopt.load(out / "optimizer.pt")[1]
+    assert meta["outer_steps"] == 4 and meta["train_seconds_total"] > 0
+    # Every session is in the history, and shipping puts it in the model card.
+    assert [h["outer_steps"] for h in meta["history"]] == [3, 4]
+    assert meta["history"][1]["command"].startswith("python -m meta_train --resume")
+
+
+def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch, capsys):
+    from meta_train.__main__ import main
+    from meta_train.ship import main as ship
+
+    out = tmp_path / "run"
+    args = "--net mlp --width 4 --family mlp-gmm --outer-steps 2 --truncation 2 --horizon 4"
+    assert main([*args.split(), "--population", "1", "--out", str(out), "--no-progress"]) == 0
+    dest = tmp_path / "pretrained"
+    assert ship([str(out), "my-mlp", "--dest", str(dest)]) == 0
+    card = capsys.readouterr().out
+    assert "**`my-mlp`** (PerParamMLP" in card and "--outer-steps 2" in card
+    monkeypatch.setattr(lopt.checkpoint, "PRETRAINED_DIR", dest)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = lopt.MLPOptimizer(model.parameters(), weights="my-mlp")
+    assert opt.metadata["history"][0]["outer_steps"] == 2
+    with pytest.raises(SystemExit, match="over --max-mb"):
+        ship([str(out), "too-big", "--dest", str(dest), "--max-mb", "0.0001"])
+    assert not (dest / "too-big.pt").exists()
+    with pytest.raises(SystemExit, match="no such file"):
+        ship([str(tmp_path / "nothing"), "x", "--dest", str(dest)])
 
 
 def test_cli_bad_input(tmp_path):

@@ -384,3 +384,37 @@ def test_sliced_net_equals_the_plain_layers(cls, extra, chunk, monkeypatch):
         torch.testing.assert_close(
             u, want, rtol=1e-4, atol=1e-7, msg=lambda m, n=t.name: f"{n}: {m}"
         )
+
+
+@pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
+def test_width_factor_scales_each_tensor_by_its_fan_in(cls):
+    # Naive reference: the update of a net with exponent a is the update of
+    # the same net with exponent 0, times (64 / fan_in) ** a per tensor of 2+
+    # axes (fan-in: all but the first axis), and unscaled for 1-D tensors.
+    torch.manual_seed(0)
+    model = make_cnn([2, 4, 8], [3, 5])
+    params = [p.detach() for p in model.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    spec = WeightSpaceSpec.from_module(model)
+    state = functional.init(params)
+    net = strong_net(cls)
+    base, _ = functional.update(net, spec, None, grads, state, params)
+    with torch.no_grad():
+        net.fan_in_exp.fill_(0.7)
+    scaled, _ = functional.update(net, spec, None, grads, state, params)
+    for p, u0, u in zip(params, base, scaled):
+        fan_in = p[0].numel() if p.dim() >= 2 else 64
+        torch.testing.assert_close(u, u0 * (64 / fan_in) ** 0.7, rtol=1e-5, atol=1e-9)
+
+
+def test_version_1_checkpoints_load_without_a_width_factor(tmp_path):
+    net = strong_net()
+    path = tmp_path / "v1.pt"
+    lopt.save(net, path)
+    payload = torch.load(path, weights_only=True)
+    payload["version"] = 1
+    del payload["state_dict"]["fan_in_exp"], payload["config"]["fan_in_exp"]
+    torch.save(payload, path)
+    loaded, _ = lopt.load(path)
+    assert loaded.fan_in_exp.item() == 0.0
+    assert torch.equal(loaded.log_lr, net.log_lr)
