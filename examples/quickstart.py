@@ -3,9 +3,9 @@ and with Adam, side by side, in an ordinary PyTorch loop.
 
     python examples/quickstart.py [--steps 300] [--weights NAME_OR_PATH] [--plot out.png]
 
-Without --weights the optimizer net is freshly initialised: it then behaves
-like a slow Adam (lr 1e-3) plus a small learned correction; meta-trained
-weights (python -m meta_train, or a shipped name) are what make it good.
+By default the optimizer is the shipped, meta-trained ``nfn-small``;
+``--weights`` takes another shipped name (``mlp-small``) or a checkpoint
+from ``python -m meta_train``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,13 @@ def main() -> None:
     model = task.module_with(task.init(torch.Generator().manual_seed(0)))
     twin = copy.deepcopy(model)
     runs = {
-        "nfn": (model, lopt.NFNOptimizer(model.parameters(), model=model, weights=args.weights)),
+        # LearnedOptimizer takes any shipped net (NFN or MLP); a fresh one is an NFN.
+        args.weights or "nfn (fresh)": (
+            model,
+            lopt.LearnedOptimizer(model.parameters(), model=model, weights=args.weights)
+            if args.weights
+            else lopt.NFNOptimizer(model.parameters(), model=model),
+        ),
         "adam": (twin, torch.optim.Adam(twin.parameters(), lr=args.adam_lr)),
     }
     x_all, y_all = task.dataset.x_train, task.dataset.y_train

@@ -1,0 +1,87 @@
+"""Ship a meta-trained net: copy a run's ``optimizer.pt`` into
+``lopt/pretrained/NAME.pt`` (so ``weights="NAME"`` loads it) and print its
+model card.
+
+    python -m meta_train.ship runs/nfn-small nfn-small
+
+The file is checked first (it loads, it is under ``--max-mb``), and its
+metadata gains the run's recipe: the config, every session's command from
+``history.jsonl`` (the first run and each ``--resume``), outer and inner
+steps, wall time and machine. The card printed is what the README's model
+card section holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import lopt
+from lopt.checkpoint import PRETRAINED_DIR
+
+
+def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: int) -> str:
+    """A markdown model card from a shipped net's metadata."""
+    cfg = meta.get("config", {})
+    history = meta.get("history") or [
+        {"command": meta.get("command", "?"), "outer_steps": meta.get("outer_steps")}
+    ]
+    wall = sum(h.get("wall_time_s_this_session") or 0 for h in history)
+    n_params = sum(p.numel() for p in net.parameters())
+    lines = [
+        f"**`{name}`** ({type(net).__name__}, {n_params:,} meta-parameters, {size / 1024:.0f} KiB)",
+        "",
+        f"* Trained on: `{cfg.get('family', '?')}`, horizon {cfg.get('horizon')} steps, "
+        f"{cfg.get('estimator', '?').upper()} with {cfg.get('population')} antithetic pairs, "
+        f"truncation {cfg.get('truncation')}, `{cfg.get('meta_loss')}` meta-loss, "
+        f"meta lr {cfg.get('meta_lr')}.",
+        f"* Outer steps: {meta.get('outer_steps'):,}; inner steps: {meta.get('inner_steps', 0):,}; "
+        f"wall time {wall / 60:.0f} min on {meta.get('machine', '?')} "
+        f"({meta.get('device', '?')}, torch {meta.get('torch', '?')}).",
+        "* Commands:",
+        "",
+        "```bash",
+        *[h["command"] for h in history],
+        "```",
+        "",
+        f"* Learned scalars: lr {net.log_lr.exp().item():.4g}, "
+        f"step_mult {net.log_step_mult.exp().item():.3g}, "
+        f"fan_in_exp {net.fan_in_exp.item():.3f}.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("run", type=Path, help="a meta_train output folder (or an optimizer.pt)")
+    p.add_argument("name", help="the shipped name: lopt/pretrained/NAME.pt")
+    p.add_argument("--max-mb", type=float, default=5.0, help="refuse larger files (5)")
+    p.add_argument("--dest", type=Path, default=PRETRAINED_DIR, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    src = args.run / "optimizer.pt" if args.run.is_dir() else args.run
+    if not src.is_file():
+        raise SystemExit(f"{src}: no such file (did the run finish? it writes optimizer.pt)")
+    if not args.name or "/" in args.name or args.name.endswith(".pt"):
+        raise SystemExit(f"name {args.name!r}: give a bare name like nfn-small")
+    net, meta = lopt.load(src)
+    history_file = src.parent / "history.jsonl"
+    if "history" not in meta and history_file.is_file():
+        meta["history"] = [json.loads(x) for x in history_file.read_text().splitlines() if x]
+    args.dest.mkdir(parents=True, exist_ok=True)
+    dest = args.dest / f"{args.name}.pt"
+    lopt.save(net, dest, meta)
+    size = dest.stat().st_size
+    if size > args.max_mb * 2**20:
+        dest.unlink()
+        raise SystemExit(f"{src}: {size / 2**20:.1f} MB is over --max-mb {args.max_mb}")
+    lopt.load(dest)  # what users will load
+    print(f"wrote {dest}\n")
+    print(model_card(args.name, meta, net, size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
