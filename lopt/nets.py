@@ -43,10 +43,10 @@ CHUNK = 65536  # entries per slice in the per-entry layers (a few MB of activati
 FAN_IN_REF = 64.0  # fan-in at which the width factor is 1
 
 
-def fan_in(t: TensorSpec) -> int:
-    """The fan-in the width factor uses: the product of all but the first
-    axis (1 for tensors of fewer than 2 axes, which are not scaled)."""
-    return math.prod(t.shape[1:]) if len(t.shape) >= 2 else 1
+def width_log_ratio(t: TensorSpec) -> float:
+    """``log(FAN_IN_REF / fan_in)``, fan-in being the product of all but the
+    first axis; 0 (no width factor) for tensors of fewer than 2 axes."""
+    return math.log(FAN_IN_REF / math.prod(t.shape[1:])) if len(t.shape) >= 2 else 0.0
 
 
 class OptimizerNet(nn.Module):
@@ -114,12 +114,7 @@ class OptimizerNet(nn.Module):
         # -step_mult and mag_mult are folded into the output layer, so per
         # entry: update = -lr * adam + o[0] * exp(min(o[1], MAX_LOG_MAGNITUDE)).
         # The width factor is folded in too, per tensor.
-        factors = [
-            torch.exp(self.fan_in_exp * math.log(FAN_IN_REF / fan_in(t)))
-            if len(t.shape) >= 2
-            else self.fan_in_exp.new_ones(())
-            for t in spec.tensors
-        ]
+        factors = [torch.exp(self.fan_in_exp * width_log_ratio(t)) for t in spec.tensors]
         mag = self.log_step_mult.new_tensor(self.mag_mult)
         out_scales = [torch.stack([-self.log_step_mult.exp() * f, mag]) for f in factors]
         outs = self.entry_outputs(
