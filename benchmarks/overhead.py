@@ -60,7 +60,8 @@ def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     raise ValueError(f"unknown benchmark model {name!r}")
 
 
-SHIPPED = {"mlp": "mlp-small", "nfn": "nfn-small"}  # timed when shipped, else default nets
+# Timed with the shipped nets when present, else default nets.
+SHIPPED = {"mlp": (lopt.MLPOptimizer, "mlp-small"), "nfn": (lopt.NFNOptimizer, "nfn-small")}
 
 
 def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -68,20 +69,19 @@ def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=1e-3)
     if kind not in SHIPPED:
         raise ValueError(f"unknown optimizer {kind!r}")
-    cls = lopt.MLPOptimizer if kind == "mlp" else lopt.NFNOptimizer
-    weights = SHIPPED[kind] if SHIPPED[kind] in lopt.pretrained_names() else None
+    cls, name = SHIPPED[kind]
+    weights = name if name in lopt.pretrained_names() else None
     return cls(model.parameters(), model=model, weights=weights)
 
 
 def net_descriptions() -> dict[str, str]:
     """Which net each learned optimizer ran: the shipped one, or a default."""
     out = {}
-    for kind, name in SHIPPED.items():
+    for kind, (cls, name) in SHIPPED.items():
         if name in lopt.pretrained_names():
             out[kind] = f"shipped {name}: {lopt.load(name)[0].config}"
         else:
-            net = (lopt.PerParamMLP if kind == "mlp" else lopt.NFNNet)()
-            out[kind] = f"default: {net.config}"
+            out[kind] = f"default: {cls.net_class().config}"
     return out
 
 
