@@ -45,10 +45,14 @@ def bias_corrections(step: Tensor) -> tuple[Tensor, Tensor]:
     return 1 - MOMENTUM_DECAYS[ADAM_MOMENTUM] ** step, 1 - SECOND_MOMENT_DECAY**step
 
 
-def channel_scales(param: Tensor, grad: Tensor, momenta: Tensor, second_moment: Tensor) -> Tensor:
-    """1 / RMS over the tensor of each channel (1 for the two ratio channels):
-    shape ``(NUM_FEATURES,)``. ``momenta`` is ``(K, *param.shape)``. Computed
-    with norms, so nothing tensor-sized is allocated."""
+def channel_scales(
+    param: Tensor, grad: Tensor, momenta: Tensor, second_moment: Tensor, c1: Tensor
+) -> Tensor:
+    """What multiplies each of :func:`entry_channels`' channels: 1 / RMS over
+    the tensor for the first seven, 1 for the normalised gradient and ``1 /
+    c1`` (Adam's bias correction) for Adam's direction. Shape
+    ``(NUM_FEATURES,)``; ``momenta`` is ``(K, *param.shape)``. Computed with
+    norms, so nothing tensor-sized is allocated."""
     n = max(1, param.numel())
     squares = torch.cat(
         [
@@ -59,20 +63,20 @@ def channel_scales(param: Tensor, grad: Tensor, momenta: Tensor, second_moment: 
         ]
     )
     scales = torch.rsqrt(squares / n + 1e-30)
-    return torch.cat([scales, scales.new_ones(2)])
+    return torch.cat([scales, scales.new_ones(1), (1 / c1).reshape(1)])
 
 
 def entry_channels(
-    param: Tensor, grad: Tensor, momenta: Tensor, second_moment: Tensor, c1: Tensor, c2: Tensor
+    param: Tensor, grad: Tensor, momenta: Tensor, second_moment: Tensor, c2: Tensor
 ) -> Tensor:
-    """The unnormalised channels of (a slice of) one parameter, channel first:
-    ``(NUM_FEATURES, *shape)``."""
+    """The channels of (a slice of) one parameter before the per-tensor
+    :func:`channel_scales`, channel first: ``(NUM_FEATURES, *shape)``. The
+    last is ``m / (sqrt(v_hat) + eps)``, Adam's direction times ``c1``."""
     rms = second_moment.sqrt()
-    # Adam's sqrt(v_hat) + eps, and the same times c1 (so m / that is m_hat /
-    # (sqrt(v_hat) + eps)): one fused op each, as these run per slice.
+    # Adam's sqrt(v_hat) + eps in one fused op, as this runs per slice; its
+    # 1 / c1 is a per-tensor scalar, left to the channel scales.
     rsqrt_c2 = c2.rsqrt()
     denom = torch.addcmul(rsqrt_c2.new_tensor(EPS), rms, rsqrt_c2)
-    adam_denom = torch.addcmul(c1 * EPS, rms, c1 * rsqrt_c2)
     return torch.cat(
         [
             param[None],
@@ -80,7 +84,7 @@ def entry_channels(
             momenta,
             rms[None],
             (grad / denom)[None],
-            (momenta[ADAM_MOMENTUM] / adam_denom)[None],
+            (momenta[ADAM_MOMENTUM] / denom)[None],
         ]
     )
 
@@ -98,8 +102,8 @@ def entry_features(
     c1, c2 = bias_corrections(step)
     out = []
     for t, p, g, m, v in zip(spec.tensors, params, grads, momenta, second_moments):
-        x = entry_channels(p, g, m, v, c1, c2)
-        x = x * channel_scales(p, g, m, v).reshape(-1, *[1] * p.dim())
+        x = entry_channels(p, g, m, v, c2)
+        x = x * channel_scales(p, g, m, v, c1).reshape(-1, *[1] * p.dim())
         out.append(x.movedim(0, -1).reshape(*t.view, NUM_FEATURES))
     return WeightSpace(spec, out)
 

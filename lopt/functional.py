@@ -50,6 +50,7 @@ def update(
     params: Sequence[Tensor],
     guard: bool = True,
     inplace: bool = False,
+    fused: bool = False,
 ) -> tuple[list[Tensor], State]:
     """One step: the updates to add to ``params`` and the next state.
 
@@ -63,7 +64,9 @@ def update(
     ``guard=False``) writes the new momenta and second moments into the state
     tensors instead of new ones: the same numbers, without allocating
     optimizer-state-sized memory each step (the optimizer classes use it, after
-    checking the gradients are finite).
+    checking the gradients are finite). ``fused=True`` (no autograd, no vmap)
+    runs the net's per-entry part through the fused CPU kernel where it can
+    (:mod:`lopt.fused`): the same formula, in one pass over memory.
     """
     if inplace and guard:
         raise ValueError("inplace=True needs guard=False: an in-place state cannot be rolled back")
@@ -83,9 +86,9 @@ def update(
         second = [torch.lerp(v, g * g, 1 - b2) for v, g in zip(state["second_moment"], grads)]
     args = (spec, params32, grads, momenta, second, step)
     if net_params is None:
-        updates = net(*args)
+        updates = net(*args, fused=fused)
     else:
-        updates = torch.func.functional_call(net, dict(net_params), args)
+        updates = torch.func.functional_call(net, dict(net_params), args, {"fused": fused})
 
     total = torch.stack([g.sum() for g in grads] + [u.sum() for u in updates]).sum()
     ok = torch.isfinite(total)

@@ -20,14 +20,17 @@ slow optimizer. Every input is loss-scale invariant, so the update is too.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lopt import fused as fused_kernel
 from lopt.features import (
     ADAM_CHANNEL,
+    ADAM_MOMENTUM,
+    EPS,
     NUM_FEATURES,
     NUM_STEP_FEATURES,
     bias_corrections,
@@ -101,6 +104,7 @@ class OptimizerNet(nn.Module):
         momenta: Sequence[Tensor],
         second_moments: Sequence[Tensor],
         step: Tensor,
+        fused: bool = False,
     ) -> list[Tensor]:
         """The update of every parameter, from the optimizer state after this
         step's gradient (``step`` counts it; ``momenta[i]`` is ``(K, *shape)``).
@@ -108,7 +112,12 @@ class OptimizerNet(nn.Module):
         Per tensor the work runs on slices of at most ``CHUNK`` entries along
         the first axis, channel-first (``(channels, entries)``), so activations
         stay small and in cache and no tensor-sized feature or activation
-        array is stored."""
+        array is stored. ``fused=True`` (no autograd: the optimizer classes)
+        runs the per-entry part through the fused CPU kernel wherever it can
+        read the tensors (:mod:`lopt.fused`); the numbers are the same up to
+        float rounding."""
+        if fused and torch.is_grad_enabled():
+            raise RuntimeError("fused=True is for steps without autograd (torch.no_grad())")
         c1, c2 = bias_corrections(step)
         bias = self.inp.bias + self.step_inp(step_features(step))
         # -step_mult and mag_mult are folded into the output layer, so per
@@ -117,34 +126,76 @@ class OptimizerNet(nn.Module):
         factors = [torch.exp(self.fan_in_exp * width_log_ratio(t)) for t in spec.tensors]
         mag = self.log_step_mult.new_tensor(self.mag_mult)
         out_scales = [torch.stack([-self.log_step_mult.exp() * f, mag]) for f in factors]
+        neg_lrs = [-self.log_lr.exp() * f for f in factors]
         outs = self.entry_outputs(
-            spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales
+            spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales, neg_lrs, fused
         )
         updates = []
-        for p, chunks, f in zip(params, outs, factors):
-            neg_lr = -self.log_lr.exp() * f
-            ups = [
-                torch.addcmul(adam * neg_lr, o[0], o[1].clamp(max=MAX_LOG_MAGNITUDE).exp())
-                for o, adam in chunks
-            ]
+        for p, chunks in zip(params, outs):
+            if fused:  # no autograd: fresh buffers, updated in place
+                ups = [
+                    base.addcmul_(o[0], o[1].clamp_(max=MAX_LOG_MAGNITUDE).exp_())
+                    for o, base in chunks
+                ]
+            else:
+                ups = [
+                    torch.addcmul(base, o[0], o[1].clamp(max=MAX_LOG_MAGNITUDE).exp())
+                    for o, base in chunks
+                ]
             u = ups[0] if len(ups) == 1 else torch.cat(ups)
             updates.append(u.reshape(p.shape))
         return updates
 
     def entry_outputs(
-        self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales
+        self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales, neg_lrs, fused
     ) -> list[list[tuple[Tensor, Tensor]]]:
         """Per tensor, per slice: the net's output ``(2, entries)`` (direction,
         log-magnitude), each channel multiplied by that tensor's
-        ``out_scales[i]``, and Adam's direction ``(entries,)`` for those
-        entries."""
+        ``out_scales[i]``, and Adam's direction times ``neg_lrs[i]``
+        ``(entries,)`` for those entries. Nothing else of a slice outlives it:
+        held buffers are fresh memory (page faults) at every step."""
         raise NotImplementedError
 
-    def slices(self, t: TensorSpec, p: Tensor, g: Tensor, m: Tensor, v: Tensor, bias, c1, c2):
-        """Yield ``(activations (width, entries), adam (entries,), rows)`` per
-        slice of the first axis. The features' scales are folded into the
-        first layer's weights."""
-        weight = self.inp.weight * channel_scales(p, g, m, v)
+    def trunk_outputs(
+        self,
+        t: TensorSpec,
+        p: Tensor,
+        g: Tensor,
+        m: Tensor,
+        v: Tensor,
+        bias: Tensor,
+        c1: Tensor,
+        c2: Tensor,
+        neg_lr: Tensor,
+        w_out: Tensor,
+        b_out: Tensor,
+        fused: bool = False,
+    ) -> Iterator[tuple[Tensor, Tensor, int]]:
+        """Yield ``(w_out @ trunk(features) + b_out (outputs, entries),
+        adam * neg_lr (entries,), rows)`` per slice of the first axis. The
+        features' scales are folded into the first layer's weights.
+        ``fused=True`` runs the whole tensor as one slice through the fused
+        CPU kernel (:mod:`lopt.fused`) when it can read the tensors."""
+        scales = channel_scales(p, g, m, v, c1)
+        weight = self.inp.weight * scales
+        neg_lr = neg_lr * scales[ADAM_CHANNEL]
+        if fused and fused_kernel.accepts(p, g, m, v):
+            layers = [(weight, bias)] + [(lay.weight, lay.bias) for lay in self.hidden]
+            o, base = fused_kernel.entry_outputs(
+                p,
+                g,
+                m,
+                v,
+                ADAM_MOMENTUM,
+                float(c2.rsqrt()),
+                EPS,
+                layers,
+                w_out,
+                b_out.reshape(-1),
+                float(neg_lr),
+            )
+            yield o, base, (t.shape[0] if t.shape else 0)
+            return
         if t.shape:
             rows = max(1, CHUNK // max(1, math.prod(t.shape[1:])))
             bounds = [(r0, min(r0 + rows, t.shape[0])) for r0 in range(0, t.shape[0], rows)]
@@ -156,24 +207,31 @@ class OptimizerNet(nn.Module):
                 if b is None
                 else (p[b[0] : b[1]], g[b[0] : b[1]], m[:, b[0] : b[1]], v[b[0] : b[1]])
             )
-            x = entry_channels(*chunk, c1, c2).reshape(NUM_FEATURES, -1)
+            x = entry_channels(*chunk, c2).reshape(NUM_FEATURES, -1)
             h = torch.addmm(bias[:, None], weight, x).relu_()
             for layer in self.hidden:
                 h = torch.addmm(layer.bias[:, None], layer.weight, h).relu_()
-            yield h, x[ADAM_CHANNEL], (0 if b is None else b[1] - b[0])
+            yield (
+                torch.addmm(b_out, w_out, h),
+                x[ADAM_CHANNEL] * neg_lr,
+                (0 if b is None else b[1] - b[0]),
+            )
 
 
 class PerParamMLP(OptimizerNet):
     """Per-parameter MLP (learned_optimization's small_fc_lopt; "Deep Sets" in
     the UNF paper): the same features, no interaction across entries."""
 
-    def entry_outputs(self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales):
+    def entry_outputs(
+        self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales, neg_lrs, fused
+    ):
         outs = []
-        for t, s, *a in zip(spec.tensors, out_scales, params, grads, momenta, second_moments):
+        for t, s, lr, *a in zip(
+            spec.tensors, out_scales, neg_lrs, params, grads, momenta, second_moments
+        ):
             w, b = self.out.weight * s[:, None], (self.out.bias * s)[:, None]
-            outs.append(
-                [(torch.addmm(b, w, h), adam) for h, adam, _ in self.slices(t, *a, bias, c1, c2)]
-            )
+            slices = self.trunk_outputs(t, *a, bias, c1, c2, lr, w, b, fused)
+            outs.append([(o, base) for o, base, _ in slices])
         return outs
 
 
@@ -197,6 +255,19 @@ def template_specs() -> list[WeightSpaceSpec]:
     axes = {name: (None,) * len(shape) for name, shape in shapes.items()}
     specs.append(WeightSpaceSpec.from_axes(axes, shapes))
     return specs
+
+
+def pooled_sums(hv: Tensor, pools: set[tuple[int, ...]]) -> dict[tuple[int, ...], Tensor]:
+    """Sums of ``hv`` (channels, *axes) over each axis set in ``pools`` (``()``:
+    ``hv`` itself), the pooled axes dropped. Each set is summed from the
+    largest subset already summed, so a tensor is read once per pooled axis
+    rather than once per set."""
+    kept: dict[tuple[int, ...], Tensor] = {(): hv}
+    for p in sorted(pools, key=len):
+        q = max((q for q in kept if set(q) <= set(p)), key=len)
+        rest = [1 + a for a in p if a not in q]
+        kept[p] = kept[q].sum(dim=rest, keepdim=True) if rest else kept[q]
+    return {p: kept[p].squeeze([1 + a for a in p]) if p else hv for p in pools}
 
 
 class NFNNet(OptimizerNet):
@@ -235,16 +306,21 @@ class NFNNet(OptimizerNet):
             for w in list(self.nf.weights.values()) + list(self.nf.biases.values()):
                 w.mul_(kwargs.get("out_scale", 0.01))
 
-    def entry_outputs(self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales):
+    def entry_outputs(
+        self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales, neg_lrs, fused
+    ):
         # Pass 1, slice by slice: the per-entry output plus the NF-layer's
         # pointwise term, and the means its broadcast terms need. Pass 2: add
         # the broadcast terms (small). The whole NF-layer, without storing
         # the trunk's activations.
         needed = self.nf.pools_needed(spec)
         proj = None if self.nf_proj is None else self.nf_proj.weight
+        h_width = self.out.weight.shape[1]
         pooled: dict[tuple[int, tuple[int, ...]], Tensor] = {}
         outs, row_counts = [], []
-        for i, (t, *state) in enumerate(zip(spec.tensors, params, grads, momenta, second_moments)):
+        for i, (t, neg_lr, *state) in enumerate(
+            zip(spec.tensors, neg_lrs, params, grads, momenta, second_moments)
+        ):
             pw = self.nf.pointwise_weight(spec, i)
             w_out = self.out.weight
             if pw is not None:
@@ -254,31 +330,35 @@ class NFNNet(OptimizerNet):
             w_out = w_out * out_scale[:, None]
             b_out = (self.out.bias * out_scale)[:, None]
             pools = needed.get(i, set())
-            if pools and proj is not None:  # one pass over h for the output and the projection
-                w_out = torch.cat([w_out, proj])
-                b_out = torch.cat([b_out, b_out.new_zeros(proj.shape[0], 1)])
+            if pools:  # the channels the NF-layer pools, as extra output rows: one pass over h
+                read = proj if proj is not None else torch.eye(h_width, device=w_out.device)
+                w_out = torch.cat([w_out, read])
+                b_out = torch.cat([b_out, b_out.new_zeros(read.shape[0], 1)])
             blocks, rows_list = [], []
-            sums: dict[tuple[int, ...], Tensor] = {}
-            means: dict[tuple[int, ...], list[Tensor]] = {p: [] for p in pools if 0 not in p}
-            for h, adam, rows in self.slices(t, *state, bias, c1, c2):
-                o = torch.addmm(b_out, w_out, h)
-                blocks.append((o[:2], adam))
+            totals: dict[tuple[int, ...], Tensor] = {}  # pools over the sliced axis
+            parts: dict[tuple[int, ...], list[Tensor]] = {p: [] for p in pools if 0 not in p}
+            slices = self.trunk_outputs(t, *state, bias, c1, c2, neg_lr, w_out, b_out, fused)
+            for o, base, rows in slices:
+                # Keep two rows, not the pooled ones: a copy costs less than
+                # the fresh pages held storage needs at every step. The fused
+                # path makes one block per tensor, nothing to save there.
+                blocks.append((o[:2].clone() if o.shape[0] > 2 and not fused else o[:2], base))
                 rows_list.append(rows)
-                if pools:
-                    hp = h if proj is None else o[2:]
-                    hv = hp.reshape(hp.shape[0], rows, *t.view[1:]) if t.view else hp.reshape(-1)
-                for p in pools:
-                    dims = [1 + a for a in p]
-                    if 0 in p:  # averaged over the sliced axis: accumulate sums
-                        s = hv.sum(dim=dims)
-                        sums[p] = s if p not in sums else sums[p] + s
+                if not pools:
+                    continue
+                hv = o[2:].reshape(-1, rows, *t.view[1:]) if t.view else o[2:].reshape(-1)
+                for p, s in pooled_sums(hv, pools).items():
+                    if 0 in p:  # summed over the sliced axis: accumulate
+                        totals[p] = s if p not in totals else totals[p] + s
                     else:
-                        means[p].append(hv.mean(dim=dims) if p else hv)
+                        parts[p].append(s)
             for p in pools:
                 if 0 in p:
-                    val = sums[p] / math.prod(t.view[a] for a in p)
+                    val = totals[p]
                 else:
-                    val = means[p][0] if len(means[p]) == 1 else torch.cat(means[p], dim=1)
+                    val = parts[p][0] if len(parts[p]) == 1 else torch.cat(parts[p], dim=1)
+                if p:
+                    val = val / math.prod(t.view[a] for a in p)
                 pooled[(i, p)] = val.movedim(0, -1)  # channels last, as NF-layers take
             outs.append(blocks)
             row_counts.append(rows_list)
@@ -286,15 +366,15 @@ class NFNNet(OptimizerNet):
             spec.tensors, outs, row_counts, self.nf.broadcast_terms(spec, pooled), out_scales
         ):
             r0 = 0
-            for j, ((o, adam), rows) in enumerate(zip(blocks, rows_list)):
+            for j, ((o, base), rows) in enumerate(zip(blocks, rows_list)):
                 shape = (2, rows, *t.view[1:]) if t.view else (2,)
                 o = o.reshape(shape)
                 for term in terms:
                     term = (term * (self.nf_scale * out_scale)).movedim(-1, 0)
                     if t.view and term.shape[1] != 1:
                         term = term[:, r0 : r0 + rows]
-                    o = o + term
-                blocks[j] = (o.reshape(2, -1), adam)
+                    o = o.add_(term) if fused else o + term  # fused: no autograd
+                blocks[j] = (o.reshape(2, -1), base)
                 r0 += rows
         return outs
 

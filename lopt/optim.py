@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lopt import functional
+from lopt import fused as fused_kernel
 from lopt.checkpoint import load
 from lopt.nets import NFNNet, OptimizerNet, PerParamMLP
 from lopt.weightspace import LOCAL, Axis, TensorSpec, WeightSpaceSpec
@@ -36,6 +37,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         model: the ``nn.Module`` the parameters belong to; its layers give the
             spec. Without ``spec`` or ``model`` the spec is inferred from the
             parameter shapes in order (see :meth:`WeightSpaceSpec.from_shapes`).
+        fused: run the net's per-entry part on CPU through the fused kernel
+            (:mod:`lopt.fused`, compiled on first use): ``None`` (default)
+            when it is available, ``True`` to require it (raises if there is
+            no C compiler), ``False`` for the plain torch ops. Same numbers
+            up to float rounding; CUDA parameters always use torch ops.
 
     Parameters without a gradient are skipped. A step whose gradients are not
     all finite changes nothing but the group's ``skipped`` counter; if the net
@@ -53,6 +59,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         weights: str | os.PathLike | None = None,
         spec: WeightSpaceSpec | Sequence[WeightSpaceSpec] | None = None,
         model: nn.Module | None = None,
+        fused: bool | None = None,
         **net_kwargs: Any,
     ) -> None:
         if net is not None and weights is not None:
@@ -70,6 +77,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"{type(self).__name__} needs a {self.net_class.__name__}, got {type(net).__name__}"
             )
+        if fused and not fused_kernel.available():
+            raise RuntimeError(
+                f"fused=True, but the fused CPU kernel is unavailable: "
+                f"{fused_kernel.unavailable_reason()}"
+            )
+        self._fused = fused
         super().__init__(params, {})
         self.net = net
         self._model = model
@@ -151,9 +164,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 for p in params:
                     self.state[p]["skipped"] = self.state[p]["skipped"] + 1
                 continue
-            self.net.to(device)
+            if self.net.log_lr.device != device:
+                self.net.to(device)
             updates, new = functional.update(
-                self.net, spec, None, grads, state, params, guard=False, inplace=True
+                self.net,
+                spec,
+                None,
+                grads,
+                state,
+                params,
+                guard=False,
+                inplace=True,
+                fused=self._use_fused(device),
             )
             # The state now holds this step's (finite) gradient; a non-finite
             # update from the net is never written to the parameters.
@@ -165,6 +187,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 if not skipped:
                     p.add_(updates[i])
         return loss
+
+    def _use_fused(self, device: torch.device) -> bool:
+        if device.type != "cpu" or self._fused is False:
+            return False
+        if self._fused is None:  # decided once, at the first CPU step
+            self._fused = fused_kernel.available()
+        return self._fused
 
     def _gather_state(self, params: list[Tensor]) -> functional.State:
         for p in params:

@@ -60,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_task": "mlp-digits",
     "eval_steps": 200,
     "vectorise": True,
+    "init_from": None,
 }
 NETS = {"nfn": NFNNet, "mlp": PerParamMLP}
 
@@ -86,6 +87,12 @@ def parser() -> argparse.ArgumentParser:
     )
     a("--nf-channels", type=int, help="nfn: channels the NF-layer reads (default: the width)")
     a("--nf-scale", type=float, help="nfn: constant on the NF-layer's output (1.0)")
+    a(
+        "--init-from",
+        help="start from the weights of a saved optimizer net (a path or shipped name): "
+        "every tensor of the same name and shape is copied, e.g. an mlp net's per-entry "
+        "trunk into an nfn net, whose NF-layer then starts fresh (a second phase)",
+    )
     a("--family", help=f"task family or task name ({', '.join(FAMILIES)}, or a task)")
     a("--estimator", choices=sorted(ESTIMATORS), help="pes (default), es or backprop")
     a("--population", type=int, help="antithetic pairs (ES/PES) or trajectories (backprop): 8")
@@ -139,7 +146,11 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def build(cfg: dict[str, Any], device: torch.device) -> tuple[MetaTrainer, lopt.OptimizerNet]:
+def build(
+    cfg: dict[str, Any], device: torch.device, warm: bool = True
+) -> tuple[MetaTrainer, lopt.OptimizerNet]:
+    """The trainer and its net; ``warm=False`` skips ``init_from`` (a resumed
+    run restores its own weights)."""
     extra = {}
     if cfg["net"] == "nfn":
         extra = {"nf_channels": cfg["nf_channels"], "nf_scale": cfg["nf_scale"]}
@@ -150,7 +161,11 @@ def build(cfg: dict[str, Any], device: torch.device) -> tuple[MetaTrainer, lopt.
         step_mult=cfg["init_step_mult"],
         fan_in_exp=cfg.get("init_fan_in_exp", 0.0),
         **extra,
-    ).to(device)
+    )
+    if warm and cfg.get("init_from"):
+        copied = warm_start(net, cfg["init_from"])
+        print(f"--init-from {cfg['init_from']}: copied {', '.join(copied)}", file=sys.stderr)
+    net = net.to(device)
     family = get_family(cfg["family"], device)
     problem = LearnedOptimizerProblem(
         net,
@@ -175,6 +190,24 @@ def build(cfg: dict[str, Any], device: torch.device) -> tuple[MetaTrainer, lopt.
         config=cfg,
     )
     return trainer, net
+
+
+def warm_start(net: lopt.OptimizerNet, weights: str) -> list[str]:
+    """Copy into ``net`` every tensor of a saved net with the same name and
+    shape; returns their names. Raises if a shared name has another shape
+    (another width or depth) or nothing at all is shared."""
+    source, _ = lopt.load(weights)
+    theirs = source.state_dict()
+    ours = net.state_dict()
+    shared = [k for k in ours if k in theirs]
+    wrong = [k for k in shared if ours[k].shape != theirs[k].shape]
+    if wrong:
+        shapes = ", ".join(f"{k} {tuple(theirs[k].shape)} vs {tuple(ours[k].shape)}" for k in wrong)
+        raise SystemExit(f"--init-from {weights}: shapes differ (another width/depth?): {shapes}")
+    if not shared:
+        raise SystemExit(f"--init-from {weights}: no tensor in common with a {type(net).__name__}")
+    net.load_state_dict({k: theirs[k] for k in shared}, strict=False)
+    return shared
 
 
 def make_eval(cfg: dict[str, Any], device: torch.device):
@@ -220,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    trainer, net = build(cfg, device)
+    trainer, net = build(cfg, device, warm=args.resume is None)
     if args.resume is not None:
         trainer.resume()
     start = time.time()
