@@ -361,3 +361,29 @@ def test_distribution_slices_cover_the_population():
     assert [pair_slice(5, r, 2) for r in range(2)] == [(0, 2), (2, 5)]
     with pytest.raises(ValueError, match="cannot be split"):
         pair_slice(1, 0, 2)
+
+
+def test_init_from_warm_starts_the_shared_tensors(tmp_path):
+    from meta_train.__main__ import main, warm_start
+
+    torch.manual_seed(0)
+    source = PerParamMLP(width=4, lr=0.02)
+    lopt.save(source, tmp_path / "mlp.pt")
+    nfn = lopt.NFNNet(width=4, nf_channels=2)
+    fresh_nf = {k: v.clone() for k, v in nfn.state_dict().items() if k.startswith("nf")}
+    copied = warm_start(nfn, str(tmp_path / "mlp.pt"))
+    assert set(copied) == set(source.state_dict())
+    for k, v in source.state_dict().items():
+        assert torch.equal(nfn.state_dict()[k], v)
+    for k, v in fresh_nf.items():  # the NF-layer starts fresh
+        assert torch.equal(nfn.state_dict()[k], v)
+    with pytest.raises(SystemExit, match="shapes differ.*inp.weight"):
+        warm_start(lopt.NFNNet(width=8), str(tmp_path / "mlp.pt"))
+    # A run started with --init-from begins from those weights.
+    out = tmp_path / "run"
+    args = "--net nfn --width 4 --nf-channels 2 --family mlp-gmm --outer-steps 1"
+    args += f" --truncation 2 --horizon 4 --population 1 --init-from {tmp_path / 'mlp.pt'}"
+    assert main([*args.split(), "--meta-lr", "1e-9", "--out", str(out), "--no-progress"]) == 0
+    trained, meta = lopt.load(out / "optimizer.pt")
+    assert meta["config"]["init_from"] == str(tmp_path / "mlp.pt")
+    torch.testing.assert_close(trained.log_lr, source.log_lr, atol=1e-6, rtol=0)
