@@ -7,12 +7,14 @@ Public API:
 * :class:`NFNNet`, :class:`PerParamMLP`: the optimizer nets.
 * :mod:`lopt.functional`: the pure ``init`` / ``update`` core they share with
   meta-training.
+* :mod:`lopt.fused`: the fused CPU kernel the optimizer classes run the
+  nets' per-entry part through (``fused.available()``).
 * :class:`WeightSpaceSpec`, :class:`WeightSpace`: weight spaces, and
   :mod:`lopt.nn` for the NF-layers built on them.
 * :func:`save`, :func:`load`, :func:`pretrained_names`: checkpoints.
 """
 
-from lopt import functional
+from lopt import functional, fused
 from lopt.checkpoint import load, pretrained_names, save
 from lopt.nets import NFNNet, OptimizerNet, PerParamMLP
 from lopt.optim import LearnedOptimizer, MLPOptimizer, NFNOptimizer
@@ -30,6 +32,7 @@ __all__ = [
     "WeightSpace",
     "WeightSpaceSpec",
     "functional",
+    "fused",
     "load",
     "pretrained_names",
     "save",

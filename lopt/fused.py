@@ -65,7 +65,7 @@ def _build() -> ctypes.CDLL:
     for flags in (_flags() + ["-fopenmp"], _flags()):  # OpenMP if the compiler has it
         try:
             return _load(_compile(compiler, flags))
-        except RuntimeError as e:
+        except (RuntimeError, OSError) as e:  # OSError: unwritable cache, unloadable library
             errors.append(str(e))
     raise RuntimeError("; ".join(errors))
 

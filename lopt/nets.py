@@ -153,7 +153,8 @@ class OptimizerNet(nn.Module):
         log-magnitude), each channel multiplied by that tensor's
         ``out_scales[i]``, and Adam's direction times ``neg_lrs[i]``
         ``(entries,)`` for those entries. Nothing else of a slice outlives it:
-        held buffers are fresh memory (page faults) at every step."""
+        held buffers are fresh memory (page faults) at every step. ``fused``
+        is passed on to :meth:`trunk_outputs` (one slice per tensor)."""
         raise NotImplementedError
 
     def trunk_outputs(
