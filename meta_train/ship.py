@@ -29,7 +29,11 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
     history = meta.get("history") or [
         {"command": meta.get("command", "?"), "outer_steps": meta.get("outer_steps")}
     ]
-    wall = sum(h.get("wall_time_s_this_session") or 0 for h in history)
+    # Training time summed over every session (killed ones included) when the
+    # run recorded it; else the finished sessions' wall times.
+    wall = meta.get("train_seconds_total") or sum(
+        h.get("wall_time_s_this_session") or 0 for h in history
+    )
     n_params = sum(p.numel() for p in net.parameters())
     lines = [
         f"**`{name}`** ({type(net).__name__}, {n_params:,} meta-parameters, {size / 1024:.0f} KiB)",
@@ -39,7 +43,7 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         f"truncation {cfg.get('truncation')}, `{cfg.get('meta_loss')}` meta-loss, "
         f"meta lr {cfg.get('meta_lr')}.",
         f"* Outer steps: {meta.get('outer_steps'):,}; inner steps: {meta.get('inner_steps', 0):,}; "
-        f"wall time {wall / 60:.0f} min on {meta.get('machine', '?')} "
+        f"training time {wall / 60:.0f} min on {meta.get('machine', '?')} "
         f"({meta.get('device', '?')}, torch {meta.get('torch', '?')}).",
         "* Commands:",
         "",
