@@ -147,10 +147,6 @@ def accepts(*tensors: Tensor) -> bool:
     )
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
-
-
 def entry_outputs(
     param: Tensor,
     grad: Tensor,

@@ -171,12 +171,13 @@ class OptimizerNet(nn.Module):
         w_out: Tensor,
         b_out: Tensor,
         fused: bool = False,
-    ) -> Iterator[tuple[Tensor, Tensor, int]]:
+    ) -> Iterator[tuple[Tensor, Tensor, int, Tensor | None]]:
         """Yield ``(w_out @ trunk(features) + b_out (outputs, entries),
-        adam * neg_lr (entries,), rows)`` per slice of the first axis. The
-        features' scales are folded into the first layer's weights.
-        ``fused=True`` runs the whole tensor as one slice through the fused
-        CPU kernel (:mod:`lopt.fused`) when it can read the tensors."""
+        adam * neg_lr (entries,), rows, trunk activations (width, entries))``
+        per slice of the first axis. The features' scales are folded into the
+        first layer's weights. ``fused=True`` runs the whole tensor as one
+        slice through the fused CPU kernel (:mod:`lopt.fused`) when it can
+        read the tensors; the activations never leave the kernel (None)."""
         scales = channel_scales(p, g, m, v, c1)
         weight = self.inp.weight * scales
         neg_lr = neg_lr * scales[ADAM_CHANNEL]
@@ -195,7 +196,7 @@ class OptimizerNet(nn.Module):
                 b_out.reshape(-1),
                 float(neg_lr),
             )
-            yield o, base, (t.shape[0] if t.shape else 0)
+            yield o, base, (t.shape[0] if t.shape else 0), None
             return
         if t.shape:
             rows = max(1, CHUNK // max(1, math.prod(t.shape[1:])))
@@ -216,6 +217,7 @@ class OptimizerNet(nn.Module):
                 torch.addmm(b_out, w_out, h),
                 x[ADAM_CHANNEL] * neg_lr,
                 (0 if b is None else b[1] - b[0]),
+                h,
             )
 
 
@@ -232,7 +234,7 @@ class PerParamMLP(OptimizerNet):
         ):
             w, b = self.out.weight * s[:, None], (self.out.bias * s)[:, None]
             slices = self.trunk_outputs(t, *a, bias, c1, c2, lr, w, b, fused)
-            outs.append([(o, base) for o, base, _ in slices])
+            outs.append([(o, base) for o, base, _, _ in slices])
         return outs
 
 
@@ -331,7 +333,10 @@ class NFNNet(OptimizerNet):
             w_out = w_out * out_scale[:, None]
             b_out = (self.out.bias * out_scale)[:, None]
             pools = needed.get(i, set())
-            if pools:  # the channels the NF-layer pools, as extra output rows: one pass over h
+            # The channels the NF-layer pools come out as extra output rows
+            # (one pass over h), except the trunk itself on the torch path.
+            extra_rows = bool(pools) and (proj is not None or fused)
+            if extra_rows:
                 read = proj if proj is not None else torch.eye(h_width, device=w_out.device)
                 w_out = torch.cat([w_out, read])
                 b_out = torch.cat([b_out, b_out.new_zeros(read.shape[0], 1)])
@@ -339,7 +344,7 @@ class NFNNet(OptimizerNet):
             totals: dict[tuple[int, ...], Tensor] = {}  # pools over the sliced axis
             parts: dict[tuple[int, ...], list[Tensor]] = {p: [] for p in pools if 0 not in p}
             slices = self.trunk_outputs(t, *state, bias, c1, c2, neg_lr, w_out, b_out, fused)
-            for o, base, rows in slices:
+            for o, base, rows, h in slices:
                 # Keep two rows, not the pooled ones: a copy costs less than
                 # the fresh pages held storage needs at every step. The fused
                 # path makes one block per tensor, nothing to save there.
@@ -347,7 +352,8 @@ class NFNNet(OptimizerNet):
                 rows_list.append(rows)
                 if not pools:
                     continue
-                hv = o[2:].reshape(-1, rows, *t.view[1:]) if t.view else o[2:].reshape(-1)
+                hp = o[2:] if extra_rows else h
+                hv = hp.reshape(-1, rows, *t.view[1:]) if t.view else hp.reshape(-1)
                 for p, s in pooled_sums(hv, pools).items():
                     if 0 in p:  # summed over the sliced axis: accumulate
                         totals[p] = s if p not in totals else totals[p] + s
