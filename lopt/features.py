@@ -46,22 +46,32 @@ def bias_corrections(step: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def channel_scales(
-    param: Tensor, grad: Tensor, momenta: Tensor, second_moment: Tensor, c1: Tensor
+    param: Tensor,
+    grad: Tensor,
+    momenta: Tensor,
+    second_moment: Tensor,
+    c1: Tensor,
+    squares: Tensor | None = None,
 ) -> Tensor:
     """What multiplies each of :func:`entry_channels`' channels: 1 / RMS over
     the tensor for the first seven, 1 for the normalised gradient and ``1 /
     c1`` (Adam's bias correction) for Adam's direction. Shape
     ``(NUM_FEATURES,)``; ``momenta`` is ``(K, *param.shape)``. Computed with
-    norms, so nothing tensor-sized is allocated."""
+    norms, so nothing tensor-sized is allocated; ``squares`` (the sums of
+    squares of the parameter, gradient and each momentum, and the sum of the
+    second moment, in that order) skips that pass when the caller has them."""
     n = max(1, param.numel())
-    squares = torch.cat(
-        [
-            torch.linalg.vector_norm(param).square().reshape(1),
-            torch.linalg.vector_norm(grad).square().reshape(1),
-            torch.linalg.vector_norm(momenta.reshape(momenta.shape[0], -1), dim=1).square(),
-            second_moment.sum().reshape(1),  # the sum of rms**2
-        ]
-    )
+    if squares is not None:
+        squares = squares.to(param.dtype)
+    else:
+        squares = torch.cat(
+            [
+                torch.linalg.vector_norm(param).square().reshape(1),
+                torch.linalg.vector_norm(grad).square().reshape(1),
+                torch.linalg.vector_norm(momenta.reshape(momenta.shape[0], -1), dim=1).square(),
+                second_moment.sum().reshape(1),  # the sum of rms**2
+            ]
+        )
     scales = torch.rsqrt(squares / n + 1e-30)
     return torch.cat([scales, scales.new_ones(1), (1 / c1).reshape(1)])
 

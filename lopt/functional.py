@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lopt import fused as fused_kernel
 from lopt.features import MOMENTUM_DECAYS, SECOND_MOMENT_DECAY
 from lopt.nets import OptimizerNet
 from lopt.weightspace import WeightSpaceSpec
@@ -76,7 +77,20 @@ def update(
     step = state["step"] + 1
     b2 = SECOND_MOMENT_DECAY
     weights = [(1 - decays).reshape(-1, *[1] * g.dim()) for g in grads]
-    if inplace:
+    squares = None
+    if (
+        inplace
+        and fused
+        and fused_kernel.accepts(*params32, *grads, *state["momenta"], *state["second_moment"])
+    ):
+        # One pass per tensor, which also sums what the channel scales need.
+        w = [1 - d for d in MOMENTUM_DECAYS]
+        squares = [
+            fused_kernel.state_update(p, g, m, v, w, b2)
+            for p, g, m, v in zip(params32, grads, state["momenta"], state["second_moment"])
+        ]
+        momenta, second = state["momenta"], state["second_moment"]
+    elif inplace:
         momenta = [m.lerp_(g[None], w) for m, g, w in zip(state["momenta"], grads, weights)]
         second = [
             v.mul_(b2).addcmul_(g, g, value=1 - b2) for v, g in zip(state["second_moment"], grads)
@@ -85,10 +99,11 @@ def update(
         momenta = [torch.lerp(m, g[None], w) for m, g, w in zip(state["momenta"], grads, weights)]
         second = [torch.lerp(v, g * g, 1 - b2) for v, g in zip(state["second_moment"], grads)]
     args = (spec, params32, grads, momenta, second, step)
+    kwargs = {"fused": fused, "squares": squares}
     if net_params is None:
-        updates = net(*args, fused=fused)
+        updates = net(*args, **kwargs)
     else:
-        updates = torch.func.functional_call(net, dict(net_params), args, {"fused": fused})
+        updates = torch.func.functional_call(net, dict(net_params), args, kwargs)
 
     total = torch.stack([g.sum() for g in grads] + [u.sum() for u in updates]).sum()
     ok = torch.isfinite(total)

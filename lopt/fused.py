@@ -1,13 +1,21 @@
-"""The fused CPU kernel of an optimizer net's per-entry part.
+"""The fused CPU kernels of an optimizer step.
 
 Per entry the nets compute features, a small MLP trunk and an output layer
 (:meth:`lopt.nets.OptimizerNet.trunk_outputs`). In PyTorch ops that is about
 a hundred passes over parameter-sized memory; ``csrc/entry_outputs.c`` does
-it in one pass, in blocks that stay in L1. It is the same formula, checked
-against the torch path by the tests, and serves only where no autograd or
-vmap is involved: the ``torch.optim`` classes on CPU, float32 state
-(``fused=`` on :class:`lopt.LearnedOptimizer`). Meta-training always runs
-the torch path.
+a step in three passes per tensor, in blocks that stay in L1:
+
+- :func:`state_update`: momenta and second moment, in place, and the sums
+  the per-tensor channel scales need;
+- :func:`entry_outputs`: features, trunk and output layer, and (for a
+  matrix) the row and column sums of the channels the NF-layer pools;
+- :func:`finish`: the NF-layer's row / column terms, the clamped exp and
+  Adam's part: the update.
+
+It is the same formula, checked against the torch path by the tests, and
+serves only where no autograd or vmap is involved: the ``torch.optim``
+classes on CPU, float32 state (``fused=`` on
+:class:`lopt.LearnedOptimizer`). Meta-training always runs the torch path.
 
 The C file is compiled on first use with the system's C compiler (``$CC``,
 else ``cc``) into ``$LOPT_CACHE_DIR`` (default ``~/.cache/lopt``), keyed by a
@@ -35,7 +43,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "entry_outputs.c"
-ABI = 2  # lopt_entry_outputs_abi() of the C file this wrapper matches
+ABI = 3  # lopt_entry_outputs_abi() of the C file this wrapper matches
 MIN_ENTRIES_PER_THREAD = 32768  # below this, splitting costs more than it saves
 
 _lock = threading.Lock()
@@ -103,7 +111,13 @@ def _load(target: Path) -> ctypes.CDLL:
     fn = lib.lopt_entry_outputs
     fn.restype = i32
     fn.argtypes = [i64, ptr, ptr, ptr, i64, i32, i32, ptr, f32, f32, i32, i32]
-    fn.argtypes += [ptr, ptr, ptr, ptr, i32, ptr, ptr, f32, ptr, ptr, i32]
+    fn.argtypes += [ptr, ptr, ptr, ptr, i32, ptr, ptr, f32, i32, ptr, ptr, i64, ptr, ptr, i32]
+    st = lib.lopt_state_update
+    st.restype = i32
+    st.argtypes = [i64, ptr, ptr, ptr, i64, i32, ptr, ptr, f32, ptr, i32]
+    fin = lib.lopt_finish
+    fin.restype = ctypes.c_double
+    fin.argtypes = [i64, ptr, ptr, ptr, i64, ptr, ptr, f32, i32]
     return lib
 
 
@@ -147,6 +161,17 @@ def accepts(*tensors: Tensor) -> bool:
     )
 
 
+def _threads(n: int) -> int:
+    return min(torch.get_num_threads(), max(1, n // MIN_ENTRIES_PER_THREAD))
+
+
+def _kernel() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the fused kernel is unavailable: {unavailable_reason()}")
+    return lib
+
+
 def entry_outputs(
     param: Tensor,
     grad: Tensor,
@@ -159,16 +184,25 @@ def entry_outputs(
     w_out: Tensor,
     b_out: Tensor,
     base_scale: float,
-) -> tuple[Tensor, Tensor]:
+    pool_from: int | None = None,
+    pool_cols: int = 0,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """The fused per-entry pass over one tensor (see ``csrc/entry_outputs.c``).
 
     ``layers`` are the trunk's ``(weight, bias)`` pairs, the first with the
     channel scales folded in; ``w_out`` is ``(outputs, width)``. Returns
-    ``out`` of shape ``(outputs, numel)`` and ``base`` of shape ``(numel,)``."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"the fused kernel is unavailable: {unavailable_reason()}")
+    ``out`` of shape ``(outputs, numel)``, ``base`` of shape ``(numel,)`` and
+    two Nones. With ``pool_from`` and ``pool_cols`` (the entries seen as a
+    ``(numel / pool_cols, pool_cols)`` matrix), only the first ``pool_from``
+    outputs are stored, and the rest are summed instead: the last two results
+    are their row sums ``(outputs - pool_from, numel / pool_cols)`` and column
+    sums ``(outputs - pool_from, pool_cols)``."""
+    lib = _kernel()
     n = param.numel()
+    n_out = w_out.shape[0]
+    pooling = pool_from is not None
+    if pooling and (pool_cols < 1 or n % pool_cols or not 0 <= pool_from <= n_out):
+        raise ValueError(f"cannot pool {n} entries in rows of {pool_cols} from output {pool_from}")
     width = layers[0][0].shape[0]
     w_in = layers[0][0].contiguous()
     b_in = layers[0][1].contiguous()
@@ -179,10 +213,17 @@ def entry_outputs(
     else:
         hidden_ptrs = (None, None)
     w_out, b_out = w_out.contiguous(), b_out.contiguous()
-    out = param.new_empty(w_out.shape[0], n)
+    n_store = pool_from if pooling else n_out
+    out = param.new_empty(n_store, n)
     base = param.new_empty(n)
+    if pooling:
+        rows = param.new_empty(n_out - n_store, n // pool_cols)
+        cols = param.new_empty(n_out - n_store, pool_cols)
+        sums = (rows.data_ptr(), cols.data_ptr())
+    else:
+        rows = cols = None
+        sums = (None, None)
     k = momenta.shape[0]
-    threads = min(torch.get_num_threads(), max(1, n // MIN_ENTRIES_PER_THREAD))
     code = lib.lopt_entry_outputs(
         n,
         param.data_ptr(),
@@ -199,17 +240,99 @@ def entry_outputs(
         w_in.data_ptr(),
         b_in.data_ptr(),
         *hidden_ptrs,
-        w_out.shape[0],
+        n_out,
         w_out.data_ptr(),
         b_out.data_ptr(),
         base_scale,
+        n_store,
         out.data_ptr(),
         base.data_ptr(),
-        threads,
+        pool_cols if pooling else 0,
+        *sums,
+        _threads(n),
     )
+    if code == 2:
+        raise MemoryError("the fused kernel could not allocate its pooling buffers")
     if code:
         raise ValueError(
             f"the fused kernel rejected the net's shape (width {width}, outputs "
-            f"{w_out.shape[0]}, {k} momenta): use fused=False"
+            f"{n_out}, {k} momenta): use fused=False"
         )
-    return out, base
+    return out, base, rows, cols
+
+
+def finish(
+    direction: Tensor,
+    magnitude: Tensor,
+    base: Tensor,
+    max_magnitude: float,
+    cols: int | None = None,
+    row_terms: Tensor | None = None,
+    col_terms: Tensor | None = None,
+) -> tuple[Tensor, float]:
+    """``base + (direction + terms) * exp(min(magnitude + terms, max_magnitude))``
+    in one pass, written over ``base`` (all ``(numel,)``), and its sum (not
+    finite when an entry is not). The terms see the entries as a ``(numel /
+    cols, cols)`` matrix: ``row_terms`` ``(rows, 2)`` and ``col_terms`` ``(2,
+    cols)`` hold a (direction, magnitude) pair per row and per column."""
+    lib = _kernel()
+    n = base.numel()
+    cols = n if cols is None else cols
+    if cols < 1 or n % cols:
+        raise ValueError(f"cannot see {n} entries as rows of {cols}")
+    if row_terms is not None and tuple(row_terms.shape) != (n // cols, 2):
+        raise ValueError(f"row_terms must be ({n // cols}, 2), got {tuple(row_terms.shape)}")
+    if col_terms is not None and tuple(col_terms.shape) != (2, cols):
+        raise ValueError(f"col_terms must be (2, {cols}), got {tuple(col_terms.shape)}")
+    if not accepts(direction, magnitude, base):
+        raise ValueError("finish reads contiguous float32 CPU tensors without autograd")
+    terms = [None if t is None else t.contiguous() for t in (row_terms, col_terms)]
+    total = lib.lopt_finish(
+        n,
+        direction.data_ptr(),
+        magnitude.data_ptr(),
+        base.data_ptr(),
+        cols,
+        *[None if t is None else t.data_ptr() for t in terms],
+        max_magnitude,
+        _threads(n),
+    )
+    return base, total
+
+
+def state_update(
+    param: Tensor,
+    grad: Tensor,
+    momenta: Tensor,
+    second_moment: Tensor,
+    weights: Sequence[float],
+    second_moment_decay: float,
+) -> Tensor:
+    """This step's optimizer-state update, in place, in one pass: ``momenta[k]``
+    lerps towards ``grad`` with ``weights[k]`` (as ``torch.lerp``) and the
+    second moment becomes ``decay * v + (1 - decay) * grad**2``. Returns, from
+    the same pass, the sums :func:`lopt.features.channel_scales` needs:
+    ``(sum p^2, sum g^2, sum m_k^2 for each k, sum v)`` as float64."""
+    lib = _kernel()
+    k = momenta.shape[0]
+    if len(weights) != k or not accepts(param, grad, momenta, second_moment):
+        raise ValueError("state_update reads contiguous float32 CPU tensors, one weight a momentum")
+    n = param.numel()
+    w = torch.tensor(list(weights), dtype=torch.float32)
+    sums = torch.empty(k + 3, dtype=torch.float64)
+    code = lib.lopt_state_update(
+        n,
+        param.data_ptr(),
+        grad.data_ptr(),
+        momenta.data_ptr(),
+        n,
+        k,
+        w.data_ptr(),
+        second_moment.data_ptr(),
+        second_moment_decay,
+        sums.data_ptr(),
+        _threads(n),
+    )
+    if code:
+        raise ValueError(f"the fused kernel takes 1 to 13 momenta, got {k}")
+    return sums

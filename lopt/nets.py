@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,7 @@ from lopt.nn import NFLinear
 from lopt.weightspace import TensorSpec, WeightSpaceSpec
 
 MAX_LOG_MAGNITUDE = 10.0  # exp() of more than this is clipped: no overflow to inf
+MATRIX_POOLS = {(0,), (1,), (0, 1)}  # the pools of a matrix the fused kernel sums
 CHUNK = 65536  # entries per slice in the per-entry layers (a few MB of activations)
 FAN_IN_REF = 64.0  # fan-in at which the width factor is 1
 
@@ -50,6 +51,53 @@ def width_log_ratio(t: TensorSpec) -> float:
     """``log(FAN_IN_REF / fan_in)``, fan-in being the product of all but the
     first axis; 0 (no width factor) for tensors of fewer than 2 axes."""
     return math.log(FAN_IN_REF / math.prod(t.shape[1:])) if len(t.shape) >= 2 else 0.0
+
+
+class TrunkSlice(NamedTuple):
+    """One slice of :meth:`OptimizerNet.trunk_outputs`."""
+
+    out: Tensor  # (outputs, entries): the output layer's values
+    base: Tensor  # (entries,): Adam's direction times -lr
+    rows: int  # rows of the first axis in the slice (0: a 0-d tensor)
+    hidden: Tensor | None  # (width, entries): the trunk's activations (torch path)
+    row_sums: Tensor | None = None  # (outputs - 2, rows): sums of the pooled outputs
+    col_sums: Tensor | None = None  # (outputs - 2, cols)
+
+
+def matrix_view(t: TensorSpec) -> tuple[int, int]:
+    """A tensor's entries as the fused kernel's matrix: ``(first axis, the
+    rest)``; 1-D and 0-d tensors are one row."""
+    if len(t.view) >= 2:
+        return t.view[0], math.prod(t.view[1:])
+    return 1, math.prod(t.view)
+
+
+def matrix_terms(
+    t: TensorSpec, terms: Sequence[Tensor]
+) -> tuple[int, Tensor | None, Tensor | None, list[Tensor]]:
+    """Sort NF-layer terms ``(2, *view)`` (broadcasting) by what they vary
+    along, the tensor seen as its :func:`matrix_view` ``(rows, cols)``:
+    returns ``cols``, the row terms ``(rows, 2)`` and column terms ``(2,
+    cols)`` (summed; None when there are none) and the terms that are
+    neither."""
+    rows, cols = matrix_view(t)
+    row_terms = col_terms = None
+    rest = []
+    for term in terms:
+        pad = term.reshape(2, *[1] * (len(t.view) - term.dim() + 1), *term.shape[1:])
+        varies = [a for a, n in enumerate(pad.shape[1:]) if n != 1]
+        if not varies:
+            one = pad.reshape(1, 2)
+            row_terms = one.expand(rows, 2) if row_terms is None else row_terms + one
+        elif len(t.view) >= 2 and varies == [0]:
+            one = pad.reshape(2, rows).t()
+            row_terms = one if row_terms is None else row_terms + one
+        elif (len(t.view) >= 2 and varies == list(range(1, len(t.view)))) or len(t.view) == 1:
+            one = pad.reshape(2, cols)
+            col_terms = one if col_terms is None else col_terms + one
+        else:
+            rest.append(term)
+    return cols, row_terms, col_terms, rest
 
 
 class OptimizerNet(nn.Module):
@@ -105,9 +153,13 @@ class OptimizerNet(nn.Module):
         second_moments: Sequence[Tensor],
         step: Tensor,
         fused: bool = False,
+        squares: Sequence[Tensor] | None = None,
     ) -> list[Tensor]:
         """The update of every parameter, from the optimizer state after this
         step's gradient (``step`` counts it; ``momenta[i]`` is ``(K, *shape)``).
+        ``squares``, per tensor, are the sums :func:`~lopt.features.channel_scales`
+        would compute, when the caller has them already (the fused state
+        update of :func:`lopt.functional.update`).
 
         Per tensor the work runs on slices of at most ``CHUNK`` entries along
         the first axis, channel-first (``(channels, entries)``), so activations
@@ -120,6 +172,12 @@ class OptimizerNet(nn.Module):
             raise RuntimeError("fused=True is for steps without autograd (torch.no_grad())")
         c1, c2 = bias_corrections(step)
         bias = self.inp.bias + self.step_inp(step_features(step))
+        if squares is None:
+            squares = [None] * len(params)
+        scales = [
+            channel_scales(*state, c1, squares=sq)
+            for *state, sq in zip(params, grads, momenta, second_moments, squares)
+        ]
         # -step_mult and mag_mult are folded into the output layer, so per
         # entry: update = -lr * adam + o[0] * exp(min(o[1], MAX_LOG_MAGNITUDE)).
         # The width factor is folded in too, per tensor.
@@ -128,33 +186,73 @@ class OptimizerNet(nn.Module):
         out_scales = [torch.stack([-self.log_step_mult.exp() * f, mag]) for f in factors]
         neg_lrs = [-self.log_lr.exp() * f for f in factors]
         outs = self.entry_outputs(
-            spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales, neg_lrs, fused
+            spec,
+            params,
+            grads,
+            momenta,
+            second_moments,
+            bias,
+            scales,
+            c2,
+            out_scales,
+            neg_lrs,
+            fused,
         )
         updates = []
-        for p, chunks in zip(params, outs):
-            if fused:  # no autograd: fresh buffers, updated in place
-                ups = [
-                    base.addcmul_(o[0], o[1].clamp_(max=MAX_LOG_MAGNITUDE).exp_())
-                    for o, base in chunks
-                ]
-            else:
-                ups = [
-                    torch.addcmul(base, o[0], o[1].clamp(max=MAX_LOG_MAGNITUDE).exp())
-                    for o, base in chunks
-                ]
+        for t, p, chunks in zip(spec.tensors, params, outs):
+            ups = [self._finish(t, o, base, terms, fused) for o, base, terms in chunks]
             u = ups[0] if len(ups) == 1 else torch.cat(ups)
             updates.append(u.reshape(p.shape))
         return updates
 
+    @staticmethod
+    def _finish(t: TensorSpec, o: Tensor, base: Tensor, terms: list[Tensor], fused: bool) -> Tensor:
+        """``base + (o[0] + terms) * exp(min(o[1] + terms, MAX_LOG_MAGNITUDE))``
+        of one slice. The fused kernel takes terms that vary along the first
+        axis or along all the others; any other term is added first."""
+        if not fused:  # (the torch path adds its terms in entry_outputs)
+            return torch.addcmul(base, o[0], o[1].clamp(max=MAX_LOG_MAGNITUDE).exp())
+        cols, row_terms, col_terms, rest = matrix_terms(t, terms)
+        if rest:
+            o = o.reshape(2, *t.view)
+            for term in rest:
+                o = o.add_(term)
+            o = o.reshape(2, -1)
+        if fused_kernel.accepts(o, base):
+            return fused_kernel.finish(
+                o[0], o[1], base, MAX_LOG_MAGNITUDE, cols, row_terms, col_terms
+            )[0]
+        if row_terms is not None or col_terms is not None:  # not the kernel's layout
+            o = o.reshape(2, -1, cols)
+            if row_terms is not None:
+                o = o + row_terms.t()[:, :, None]
+            if col_terms is not None:
+                o = o + col_terms[:, None, :]
+            o = o.reshape(2, -1)
+        return base.addcmul_(o[0], o[1].clamp_(max=MAX_LOG_MAGNITUDE).exp_())
+
     def entry_outputs(
-        self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales, neg_lrs, fused
-    ) -> list[list[tuple[Tensor, Tensor]]]:
+        self,
+        spec,
+        params,
+        grads,
+        momenta,
+        second_moments,
+        bias,
+        scales,
+        c2,
+        out_scales,
+        neg_lrs,
+        fused,
+    ) -> list[list[tuple[Tensor, Tensor, list[Tensor]]]]:
         """Per tensor, per slice: the net's output ``(2, entries)`` (direction,
         log-magnitude), each channel multiplied by that tensor's
-        ``out_scales[i]``, and Adam's direction times ``neg_lrs[i]``
-        ``(entries,)`` for those entries. Nothing else of a slice outlives it:
-        held buffers are fresh memory (page faults) at every step. ``fused``
-        is passed on to :meth:`trunk_outputs` (one slice per tensor)."""
+        ``out_scales[i]``; Adam's direction times ``neg_lrs[i]`` ``(entries,)``
+        for those entries; and terms still to add to the output seen as ``(2,
+        *view)`` (broadcasting; only on the fused path, whose slice is the
+        whole tensor). Nothing else of a slice outlives it: held buffers are
+        fresh memory (page faults) at every step. ``fused`` is passed on to
+        :meth:`trunk_outputs` (one slice per tensor)."""
         raise NotImplementedError
 
     def trunk_outputs(
@@ -165,25 +263,28 @@ class OptimizerNet(nn.Module):
         m: Tensor,
         v: Tensor,
         bias: Tensor,
-        c1: Tensor,
+        scales: Tensor,
         c2: Tensor,
         neg_lr: Tensor,
         w_out: Tensor,
         b_out: Tensor,
         fused: bool = False,
-    ) -> Iterator[tuple[Tensor, Tensor, int, Tensor | None]]:
-        """Yield ``(w_out @ trunk(features) + b_out (outputs, entries),
-        adam * neg_lr (entries,), rows, trunk activations (width, entries))``
-        per slice of the first axis. The features' scales are folded into the
-        first layer's weights. ``fused=True`` runs the whole tensor as one
-        slice through the fused CPU kernel (:mod:`lopt.fused`) when it can
-        read the tensors; the activations never leave the kernel (None)."""
-        scales = channel_scales(p, g, m, v, c1)
+        pool_cols: int = 0,
+    ) -> Iterator[TrunkSlice]:
+        """Yield, per slice of the first axis, ``w_out @ trunk(features) +
+        b_out`` ``(outputs, entries)``, Adam's direction times ``neg_lr``
+        ``(entries,)``, the slice's rows and the trunk's activations ``(width,
+        entries)``. The features' scales are folded into the first layer's
+        weights. ``fused=True`` runs the whole tensor as one slice through the
+        fused CPU kernel (:mod:`lopt.fused`) when it can read the tensors; the
+        activations never leave the kernel (None). With ``pool_cols`` as well,
+        the kernel stores only the first two outputs and returns the row and
+        column sums of the others, the entries seen as rows of ``pool_cols``."""
         weight = self.inp.weight * scales
         neg_lr = neg_lr * scales[ADAM_CHANNEL]
         if fused and fused_kernel.accepts(p, g, m, v):
             layers = [(weight, bias)] + [(lay.weight, lay.bias) for lay in self.hidden]
-            o, base = fused_kernel.entry_outputs(
+            o, base, row_sums, col_sums = fused_kernel.entry_outputs(
                 p,
                 g,
                 m,
@@ -195,8 +296,10 @@ class OptimizerNet(nn.Module):
                 w_out,
                 b_out.reshape(-1),
                 float(neg_lr),
+                pool_from=2 if pool_cols else None,
+                pool_cols=pool_cols,
             )
-            yield o, base, (t.shape[0] if t.shape else 0), None
+            yield TrunkSlice(o, base, t.shape[0] if t.shape else 0, None, row_sums, col_sums)
             return
         if t.shape:
             rows = max(1, CHUNK // max(1, math.prod(t.shape[1:])))
@@ -213,7 +316,7 @@ class OptimizerNet(nn.Module):
             h = torch.addmm(bias[:, None], weight, x).relu_()
             for layer in self.hidden:
                 h = torch.addmm(layer.bias[:, None], layer.weight, h).relu_()
-            yield (
+            yield TrunkSlice(
                 torch.addmm(b_out, w_out, h),
                 x[ADAM_CHANNEL] * neg_lr,
                 (0 if b is None else b[1] - b[0]),
@@ -226,15 +329,26 @@ class PerParamMLP(OptimizerNet):
     the UNF paper): the same features, no interaction across entries."""
 
     def entry_outputs(
-        self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales, neg_lrs, fused
+        self,
+        spec,
+        params,
+        grads,
+        momenta,
+        second_moments,
+        bias,
+        scales,
+        c2,
+        out_scales,
+        neg_lrs,
+        fused,
     ):
         outs = []
-        for t, s, lr, *a in zip(
-            spec.tensors, out_scales, neg_lrs, params, grads, momenta, second_moments
+        for t, s, sc, lr, *a in zip(
+            spec.tensors, out_scales, scales, neg_lrs, params, grads, momenta, second_moments
         ):
             w, b = self.out.weight * s[:, None], (self.out.bias * s)[:, None]
-            slices = self.trunk_outputs(t, *a, bias, c1, c2, lr, w, b, fused)
-            outs.append([(o, base) for o, base, _, _ in slices])
+            slices = self.trunk_outputs(t, *a, bias, sc, c2, lr, w, b, fused)
+            outs.append([(sl.out, sl.base, []) for sl in slices])
         return outs
 
 
@@ -310,7 +424,18 @@ class NFNNet(OptimizerNet):
                 w.mul_(kwargs.get("out_scale", 0.01))
 
     def entry_outputs(
-        self, spec, params, grads, momenta, second_moments, bias, c1, c2, out_scales, neg_lrs, fused
+        self,
+        spec,
+        params,
+        grads,
+        momenta,
+        second_moments,
+        bias,
+        scales,
+        c2,
+        out_scales,
+        neg_lrs,
+        fused,
     ):
         # Pass 1, slice by slice: the per-entry output plus the NF-layer's
         # pointwise term, and the means its broadcast terms need. Pass 2: add
@@ -343,16 +468,31 @@ class NFNNet(OptimizerNet):
             blocks, rows_list = [], []
             totals: dict[tuple[int, ...], Tensor] = {}  # pools over the sliced axis
             parts: dict[tuple[int, ...], list[Tensor]] = {p: [] for p in pools if 0 not in p}
-            slices = self.trunk_outputs(t, *state, bias, c1, c2, neg_lr, w_out, b_out, fused)
-            for o, base, rows, h in slices:
+            # A matrix's pools the fused kernel sums as it goes.
+            pool_cols = (
+                t.view[1]
+                if fused and len(t.view) == 2 and pools and pools <= MATRIX_POOLS
+                and fused_kernel.accepts(*state)
+                else 0
+            )  # fmt: skip
+            slices = self.trunk_outputs(
+                t, *state, bias, scales[i], c2, neg_lr, w_out, b_out, fused, pool_cols
+            )
+            for sl in slices:
+                o, rows = sl.out, sl.rows
                 # Keep two rows, not the pooled ones: a copy costs less than
                 # the fresh pages held storage needs at every step. The fused
                 # path makes one block per tensor, nothing to save there.
-                blocks.append((o[:2].clone() if o.shape[0] > 2 and not fused else o[:2], base))
+                blocks.append((o[:2].clone() if o.shape[0] > 2 and not fused else o[:2], sl.base))
                 rows_list.append(rows)
+                if sl.row_sums is not None:
+                    totals[(0, 1)] = sl.row_sums.sum(1)
+                    totals[(0,)] = sl.col_sums
+                    parts[(1,)] = [sl.row_sums]
+                    continue
                 if not pools:
                     continue
-                hp = o[2:] if extra_rows else h
+                hp = o[2:] if extra_rows else sl.hidden
                 hv = hp.reshape(-1, rows, *t.view[1:]) if t.view else hp.reshape(-1)
                 for p, s in pooled_sums(hv, pools).items():
                     if 0 in p:  # summed over the sliced axis: accumulate
@@ -369,20 +509,26 @@ class NFNNet(OptimizerNet):
                 pooled[(i, p)] = val.movedim(0, -1)  # channels last, as NF-layers take
             outs.append(blocks)
             row_counts.append(rows_list)
+        results = []
         for t, blocks, rows_list, terms, out_scale in zip(
             spec.tensors, outs, row_counts, self.nf.broadcast_terms(spec, pooled), out_scales
         ):
-            r0 = 0
-            for j, ((o, base), rows) in enumerate(zip(blocks, rows_list)):
+            terms = [(term * (self.nf_scale * out_scale)).movedim(-1, 0) for term in terms]
+            if fused and len(blocks) == 1:  # the whole tensor: the kernel adds them
+                results.append([(blocks[0][0], blocks[0][1], terms)])
+                continue
+            r0, done = 0, []
+            for (o, base), rows in zip(blocks, rows_list):
                 shape = (2, rows, *t.view[1:]) if t.view else (2,)
                 o = o.reshape(shape)
                 for term in terms:
-                    term = (term * (self.nf_scale * out_scale)).movedim(-1, 0)
                     if t.view and term.shape[1] != 1:
                         term = term[:, r0 : r0 + rows]
                     o = o.add_(term) if fused else o + term  # fused: no autograd
-                blocks[j] = (o.reshape(2, -1), base)
+                done.append((o.reshape(2, -1), base, []))
                 r0 += rows
+            results.append(done)
+        return results
         return outs
 
 

@@ -85,12 +85,9 @@ def naive_entry_outputs(p, g, m, v, adam, rsqrt_c2, layers, w_out, b_out, base_s
     return torch.tensor(outs).t(), torch.tensor(bases)
 
 
-@needs_kernel
-@pytest.mark.parametrize("n", [1, 13, 64])  # a short last block of 8, and whole ones
-@pytest.mark.parametrize("depth", [1, 3])
-def test_kernel_matches_a_naive_per_entry_loop(n, depth):
-    g = torch.Generator().manual_seed(n + depth)
-    k, width, n_out = len(MOMENTUM_DECAYS), 5, 3
+def kernel_inputs(n, depth, n_out, seed):
+    g = torch.Generator().manual_seed(seed)
+    k, width = len(MOMENTUM_DECAYS), 5
     p, grad = torch.randn(n, generator=g), torch.randn(n, generator=g)
     m, v = torch.randn(k, n, generator=g), torch.rand(n, generator=g)
     layers = [(torch.randn(width, k + 5, generator=g), torch.randn(width, generator=g))]
@@ -98,14 +95,113 @@ def test_kernel_matches_a_naive_per_entry_loop(n, depth):
         depth - 1
     )
     w_out, b_out = torch.randn(n_out, width, generator=g), torch.randn(n_out, generator=g)
-    with torch.no_grad():
-        out, base = fused.entry_outputs(p, grad, m, v, 1, 1.7, EPS, layers, w_out, b_out, -0.3)
-    ref_out, ref_base = naive_entry_outputs(
+    return p, grad, m, v, layers, w_out, b_out
+
+
+def naive_reference(p, grad, m, v, layers, w_out, b_out):
+    return naive_entry_outputs(
         p.tolist(), grad.tolist(), m.tolist(), v.tolist(), 1, 1.7,
         [(w.tolist(), b.tolist()) for w, b in layers], w_out.tolist(), b_out.tolist(), -0.3,
     )  # fmt: skip
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 13, 37, 64])  # short last blocks of 16, and whole ones
+@pytest.mark.parametrize("depth", [1, 3])
+def test_kernel_matches_a_naive_per_entry_loop(n, depth):
+    inputs = kernel_inputs(n, depth, 3, n + depth)
+    p, grad, m, v, layers, w_out, b_out = inputs
+    with torch.no_grad():
+        out, base, rows, cols = fused.entry_outputs(
+            p, grad, m, v, 1, 1.7, EPS, layers, w_out, b_out, -0.3
+        )
+    assert rows is None and cols is None
+    ref_out, ref_base = naive_reference(*inputs)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(base, ref_base, rtol=1e-6, atol=1e-7)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (3, 5), (4, 16), (5, 24), (7, 33), (40, 3)]
+)  # rows shorter than, equal to, and straddling blocks of 16
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_pools_rows_and_columns_like_the_naive_loop(shape, threads, monkeypatch):
+    monkeypatch.setattr(fused, "MIN_ENTRIES_PER_THREAD", 8)  # split even tiny tensors
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    n = shape[0] * shape[1]
+    inputs = kernel_inputs(n, 1, 5, sum(shape))
+    p, grad, m, v, layers, w_out, b_out = inputs
+    with torch.no_grad():
+        out, base, rows, cols = fused.entry_outputs(
+            p, grad, m, v, 1, 1.7, EPS, layers, w_out, b_out, -0.3, pool_from=2,
+            pool_cols=shape[1],
+        )  # fmt: skip
+    ref_out, ref_base = naive_reference(*inputs)
+    pooled = ref_out[2:].reshape(3, *shape)
+    assert out.shape == (2, n)
+    torch.testing.assert_close(out, ref_out[:2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(base, ref_base, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rows, pooled.sum(2), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cols, pooled.sum(1), rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_pooling_rejects_a_shape_that_is_no_matrix():
+    inputs = kernel_inputs(10, 1, 4, 0)
+    with torch.no_grad(), pytest.raises(ValueError, match="rows of 3"):
+        fused.entry_outputs(*inputs[:4], 1, 1.0, EPS, *inputs[4:], 1.0, pool_from=2, pool_cols=3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (6, 16), (9, 21)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_finish_matches_the_torch_formula(shape, threads, monkeypatch):
+    monkeypatch.setattr(fused, "MIN_ENTRIES_PER_THREAD", 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(shape[0])
+    n = shape[0] * shape[1]
+    o = torch.randn(2, n, generator=g) * 4  # magnitudes past the clamp too
+    base = torch.randn(n, generator=g)
+    row, col = torch.randn(shape[0], 2, generator=g), torch.randn(2, shape[1], generator=g)
+    d = o[0].reshape(shape) + row[:, 0, None] + col[0]
+    mag = o[1].reshape(shape) + row[:, 1, None] + col[1]
+    ref = (base.reshape(shape) + d * mag.clamp(max=10.0).exp()).reshape(-1)
+    with torch.no_grad():
+        out, total = fused.finish(o[0], o[1], base.clone(), 10.0, shape[1], row, col)
+        plain, _ = fused.finish(o[0], o[1], base.clone(), 10.0)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert math.isclose(total, ref.double().sum().item(), rel_tol=1e-5, abs_tol=1e-4)
+    plain_ref = base + o[0] * o[1].clamp(max=10.0).exp()
+    torch.testing.assert_close(plain, plain_ref, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_finish_exp_over_its_range_and_non_finite_inputs():
+    mag = torch.cat([torch.linspace(-100.0, 10.0, 4001), torch.tensor([float("nan"), 30.0])])
+    one = torch.ones_like(mag)
+    with torch.no_grad():
+        out, total = fused.finish(one, mag, torch.zeros_like(mag), 10.0)
+    ref = mag.double().clamp(max=10.0).exp()
+    torch.testing.assert_close(
+        out[:-2].double(), ref[:-2], rtol=3e-7, atol=2e-38
+    )  # flushed to 0 below e^-87.3
+    assert torch.isnan(out[-2]) and out[-1] == out[-3]  # NaN stays NaN; 30 is clamped to 10
+    assert math.isnan(total)
+    inf_dir = torch.tensor([float("inf")] + [0.0] * 8)
+    with torch.no_grad():
+        assert math.isinf(fused.finish(inf_dir, torch.zeros(9), torch.zeros(9), 10.0)[1])
+
+
+def test_finish_rejects_bad_shapes_and_leaves_base_alone():
+    base = torch.arange(6.0)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="rows of 4"):
+            fused.finish(torch.ones(6), torch.ones(6), base, 10.0, 4)
+        with pytest.raises(ValueError, match=r"row_terms must be \(2, 2\)"):
+            fused.finish(torch.ones(6), torch.ones(6), base, 10.0, 3, torch.ones(3, 2))
+        with pytest.raises(ValueError, match=r"col_terms must be \(2, 3\)"):
+            fused.finish(torch.ones(6), torch.ones(6), base, 10.0, 3, None, torch.ones(3, 2))
+    assert torch.equal(base, torch.arange(6.0))
 
 
 @needs_kernel
@@ -114,7 +210,7 @@ def test_kernel_keeps_nan_like_relu():
     zeros = torch.zeros(8)
     layers = [(torch.ones(2, 9), torch.zeros(2))]
     with torch.no_grad():
-        out, _ = fused.entry_outputs(
+        out, *_ = fused.entry_outputs(
             p,
             zeros,
             torch.zeros(4, 8),

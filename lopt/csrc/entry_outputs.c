@@ -1,23 +1,48 @@
-/* The per-entry part of an optimizer net, fused: features, trunk, output layer.
+/* The per-entry part of an optimizer net, fused: features, trunk, output
+ * layer, the NF-layer's pooled sums, and the final update.
  *
- * For each entry i of one parameter tensor, from the optimizer state after
- * this step's gradient:
+ * lopt_entry_outputs: for each entry i of one parameter tensor, from the
+ * optimizer state after this step's gradient:
  *   features x = (p, g, m_0..m_{K-1}, r, g / d, m_A / d), r = sqrt(v),
  *                d = r * rsqrt_c2 + eps            (lopt.features.entry_channels)
  *   trunk     h = relu(W_in x + b_in), then depth - 1 times h = relu(W h + b)
- *   output    out[:, i] = W_out h + b_out
+ *   output    y = W_out h + b_out                  (n_out values)
  *   base[i]   = base_scale * x[K + 4]              (Adam's direction times -lr)
- * The per-tensor channel scales are folded into W_in by the caller, as in the
- * torch path. Eight entries at a time, one SIMD vector each, so features and
- * activations live in registers and L1 and memory is read once.
+ * Rows [0, n_store) of y are stored in out (n_store, n). With pool_cols > 0
+ * the entries are a (n / pool_cols, pool_cols) matrix and rows [n_store,
+ * n_out) are not stored but summed along each matrix row into row_sums
+ * (n_out - n_store, n / pool_cols) and along each column into col_sums
+ * (n_out - n_store, pool_cols): the NF-layer's pooled channels, without
+ * writing them to memory. The per-tensor channel scales are folded into
+ * W_in by the caller, as in the torch path.
  *
- * Built with -fopenmp where the compiler has it: the loop then runs on the
+ * Sixteen entries at a time, two SIMD vectors of eight, so features and
+ * activations live in registers and L1, memory is read once, and every
+ * weight loaded feeds two multiply-adds.
+ *
+ * lopt_state_update: the optimizer state's update for this step's gradient,
+ * in place (momenta m_k lerp towards g with weight w_k, as torch.lerp;
+ * v = b2 * v + (1 - b2) g^2), and in the same pass the sums the channel
+ * scales need: sum p^2, sum g^2, sum m_k^2 per k, sum v (after the update).
+ *
+ * lopt_finish: update = base + dir' * exp(min(mag', max_mag)), where dir' and
+ * mag' are dir and mag plus the NF-layer's row and column terms (the
+ * entries seen as a matrix), written over base; returns the sum of the
+ * updates (inf or NaN when one is not finite).
+ *
+ * Built with -fopenmp where the compiler has it: the loops then run on the
  * OpenMP runtime PyTorch already loaded (libgomp.so.1), so its threads are
- * torch's own and do not fight torch's spinning workers for the cores.
+ * torch's own and do not fight torch's spinning workers for the cores. Each
+ * thread takes one contiguous range, and sums are reduced in thread order,
+ * so results depend only on the thread count.
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -25,8 +50,12 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 #define MAX_WIDTH 256
 #define MAX_OUT 64
 #define MAX_FEATURES 16
+#ifndef NV
+#define NV 2 /* vectors per block */
+#endif
+#define BLOCK (8 * NV)  /* entries per block */
 
-int lopt_entry_outputs_abi(void) { return 2; }
+int lopt_entry_outputs_abi(void) { return 3; }
 
 static inline v8 splat(float a) { return (v8){a, a, a, a, a, a, a, a}; }
 static inline v8 load(const float *p)
@@ -42,107 +71,441 @@ static inline v8 relu(v8 a)
     v8i negative = a < splat(0.0f);
     return (v8)((v8i)a & ~negative);
 }
+static inline float hsum(v8 a)
+{
+    float s = 0.0f;
+    for (int b = 0; b < 8; b++)
+        s += a[b];
+    return s;
+}
+
+/* g outputs of one block: y[r] = w[r] . h + b[r]; returns g. */
+static inline __attribute__((always_inline)) int out_rows(const int g, const float *w,
+                                                          const float *b, int width,
+                                                          v8 h[][NV], v8 y[][NV])
+{
+    v8 a[6][NV];
+    for (int r = 0; r < g; r++)
+        for (int u = 0; u < NV; u++)
+            a[r][u] = splat(b[r]);
+    for (int f = 0; f < width; f++)
+        for (int r = 0; r < g; r++) {
+            const v8 c = splat(w[r * width + f]);
+            for (int u = 0; u < NV; u++)
+                a[r][u] += c * h[f][u];
+        }
+    for (int r = 0; r < g; r++)
+        for (int u = 0; u < NV; u++)
+            y[r][u] = a[r][u];
+    return g;
+}
+
+struct net {
+    int k_momenta, adam_momentum, width, depth, n_out, n_store;
+    float rsqrt_c2, eps, base_scale;
+    const float *w_in, *b_in, *w_hidden, *b_hidden, *w_out, *b_out;
+};
+
+struct tensor {
+    int64_t n, m_stride, cols;
+    const float *p, *g, *m, *v;
+    float *out, *base;
+};
+
+/* Rows [n_store, n_out) of one block of entries into the running sums. */
+static void pool_block(const struct net *net, const struct tensor *t, int64_t i0, int nb,
+                       v8 y[][NV], float *rows, float *cols)
+{
+    const int64_t n_rows = t->n / t->cols;
+    const int64_t row = i0 / t->cols, col0 = i0 - row * t->cols;
+    for (int r = net->n_store; r < net->n_out; r++) {
+        float *rs = rows + (r - net->n_store) * n_rows;
+        float *cs = cols + (r - net->n_store) * t->cols;
+        if (nb == BLOCK && col0 + BLOCK <= t->cols) { /* one matrix row */
+            v8 s = y[r][0];
+            for (int u = 0; u < NV; u++) {
+                if (u)
+                    s += y[r][u];
+                store(cs + col0 + 8 * u, load(cs + col0 + 8 * u) + y[r][u]);
+            }
+            rs[row] += hsum(s);
+        } else {
+            for (int b = 0; b < nb; b++) {
+                const int64_t i = i0 + b, ri = i / t->cols;
+                const float val = y[r][b / 8][b % 8];
+                rs[ri] += val;
+                cs[i - ri * t->cols] += val;
+            }
+        }
+    }
+}
+
+static void run_blocks(const struct net *net, const struct tensor *t, int64_t blk0, int64_t blk1,
+                       float *rows, float *cols)
+{
+    const int k = net->k_momenta, nf = k + 5, width = net->width;
+    for (int64_t blk = blk0; blk < blk1; blk++) {
+        const int64_t i0 = blk * BLOCK;
+        const int nb = (t->n - i0) < BLOCK ? (int)(t->n - i0) : BLOCK;
+        v8 x[MAX_FEATURES][NV], h[MAX_WIDTH][NV], h2[MAX_WIDTH][NV], y[MAX_OUT][NV];
+        if (nb == BLOCK) {
+            for (int u = 0; u < NV; u++) {
+                const int64_t i = i0 + 8 * u;
+                x[0][u] = load(t->p + i);
+                x[1][u] = load(t->g + i);
+                for (int q = 0; q < k; q++)
+                    x[2 + q][u] = load(t->m + q * t->m_stride + i);
+                x[2 + k][u] = load(t->v + i);
+            }
+        } else { /* the last, short block: zero-padded */
+            float tmp[MAX_FEATURES][BLOCK];
+            memset(tmp, 0, sizeof tmp);
+            for (int b = 0; b < nb; b++) {
+                tmp[0][b] = t->p[i0 + b];
+                tmp[1][b] = t->g[i0 + b];
+                for (int q = 0; q < k; q++)
+                    tmp[2 + q][b] = t->m[q * t->m_stride + i0 + b];
+                tmp[2 + k][b] = t->v[i0 + b];
+            }
+            for (int f = 0; f < 3 + k; f++)
+                for (int u = 0; u < NV; u++)
+                    x[f][u] = load(tmp[f] + 8 * u);
+        }
+        for (int u = 0; u < NV; u++) {
+            for (int b = 0; b < 8; b++)
+                x[2 + k][u][b] = sqrtf(x[2 + k][u][b]);
+            const v8 d = x[2 + k][u] * splat(net->rsqrt_c2) + splat(net->eps);
+            x[3 + k][u] = x[1][u] / d;
+            x[4 + k][u] = x[2 + net->adam_momentum][u] / d;
+        }
+        /* Four hidden units at a time: each feature vector feeds four
+         * independent chains, each weight two. */
+        int j = 0;
+        for (; j + 4 <= width; j += 4) {
+            v8 a[4][NV];
+            const float *w = net->w_in + j * nf;
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++)
+                for (int u = 0; u < NV; u++)
+                    a[q][u] = splat(net->b_in[j + q]);
+            for (int f = 0; f < nf; f++)
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; q++) {
+                    const v8 wq = splat(w[q * nf + f]);
+                    for (int u = 0; u < NV; u++)
+                        a[q][u] += wq * x[f][u];
+                }
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++)
+                for (int u = 0; u < NV; u++)
+                    h[j + q][u] = relu(a[q][u]);
+        }
+        for (; j < width; j++) {
+            v8 a[NV];
+            for (int u = 0; u < NV; u++)
+                a[u] = splat(net->b_in[j]);
+            for (int f = 0; f < nf; f++)
+                for (int u = 0; u < NV; u++)
+                    a[u] += splat(net->w_in[j * nf + f]) * x[f][u];
+            for (int u = 0; u < NV; u++)
+                h[j][u] = relu(a[u]);
+        }
+        for (int layer = 0; layer < net->depth - 1; layer++) {
+            const float *w = net->w_hidden + (int64_t)layer * width * width;
+            const float *bias = net->b_hidden + (int64_t)layer * width;
+            for (int jj = 0; jj < width; jj++) {
+                v8 a[NV];
+                for (int u = 0; u < NV; u++)
+                    a[u] = splat(bias[jj]);
+                for (int f = 0; f < width; f++)
+                    for (int u = 0; u < NV; u++)
+                        a[u] += splat(w[jj * width + f]) * h[f][u];
+                for (int u = 0; u < NV; u++)
+                    h2[jj][u] = relu(a[u]);
+            }
+            memcpy(h, h2, width * sizeof h[0]);
+        }
+        /* Up to six outputs at a time: 12 independent chains hide the
+         * multiply-add latency. */
+        for (int r = 0; r < net->n_out;) {
+            const int left = net->n_out - r;
+            if (left >= 6)
+                r += out_rows(6, net->w_out + r * width, net->b_out + r, width, h, y + r);
+            else if (left >= 4)
+                r += out_rows(4, net->w_out + r * width, net->b_out + r, width, h, y + r);
+            else if (left >= 2)
+                r += out_rows(2, net->w_out + r * width, net->b_out + r, width, h, y + r);
+            else
+                r += out_rows(1, net->w_out + r * width, net->b_out + r, width, h, y + r);
+        }
+        for (int r = 0; r < net->n_store; r++) {
+            float *o = t->out + r * t->n + i0;
+            if (nb == BLOCK)
+                for (int u = 0; u < NV; u++)
+                    store(o + 8 * u, y[r][u]);
+            else
+                for (int b = 0; b < nb; b++)
+                    o[b] = y[r][b / 8][b % 8];
+        }
+        if (t->cols > 0)
+            pool_block(net, t, i0, nb, y, rows, cols);
+        for (int u = 0; u < NV; u++) {
+            const v8 scaled = splat(net->base_scale) * x[4 + k][u];
+            if (nb == BLOCK)
+                store(t->base + i0 + 8 * u, scaled);
+            else
+                for (int b = 8 * u; b < nb; b++)
+                    t->base[i0 + b] = scaled[b - 8 * u];
+        }
+    }
+}
+
+static int thread_count(int threads)
+{
+#ifdef _OPENMP
+    return threads > 1 ? threads : 1;
+#else
+    (void)threads;
+    return 1;
+#endif
+}
 
 int lopt_entry_outputs(
     int64_t n, const float *p, const float *g, const float *m, int64_t m_stride, int k_momenta,
     int adam_momentum, const float *v, float rsqrt_c2, float eps, int width, int depth,
     const float *w_in, const float *b_in, const float *w_hidden, const float *b_hidden, int n_out,
-    const float *w_out, const float *b_out, float base_scale, float *out, float *base, int threads)
+    const float *w_out, const float *b_out, float base_scale, int n_store, float *out, float *base,
+    int64_t pool_cols, float *row_sums, float *col_sums, int threads)
 {
-    const int nf = k_momenta + 5;
-    if (width > MAX_WIDTH || n_out > MAX_OUT || nf > MAX_FEATURES || width < 1 || depth < 1 ||
-        adam_momentum < 0 || adam_momentum >= k_momenta)
+    if (width > MAX_WIDTH || n_out > MAX_OUT || k_momenta + 5 > MAX_FEATURES || width < 1 ||
+        depth < 1 || adam_momentum < 0 || adam_momentum >= k_momenta || n_store < 0 ||
+        n_store > n_out || pool_cols < 0 || (pool_cols == 0 && n_store != n_out) ||
+        (pool_cols > 0 && n % pool_cols != 0))
         return 1;
-    const int64_t blocks = (n + 7) / 8;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        const int64_t i0 = blk * 8;
-        const int nb = (n - i0) < 8 ? (int)(n - i0) : 8;
-        v8 x[MAX_FEATURES], h[MAX_WIDTH], h2[MAX_WIDTH];
-        if (nb == 8) {
-            x[0] = load(p + i0);
-            x[1] = load(g + i0);
-            for (int k = 0; k < k_momenta; k++)
-                x[2 + k] = load(m + k * m_stride + i0);
-            x[2 + k_momenta] = load(v + i0);
-        } else { /* the last, short block: zero-padded */
-            float tmp[MAX_FEATURES][8];
-            memset(tmp, 0, sizeof tmp);
-            for (int b = 0; b < nb; b++) {
-                tmp[0][b] = p[i0 + b];
-                tmp[1][b] = g[i0 + b];
-                for (int k = 0; k < k_momenta; k++)
-                    tmp[2 + k][b] = m[k * m_stride + i0 + b];
-                tmp[2 + k_momenta][b] = v[i0 + b];
-            }
-            for (int f = 0; f < 3 + k_momenta; f++)
-                x[f] = load(tmp[f]);
+    const struct net net = {k_momenta, adam_momentum, width, depth, n_out, n_store,
+                            rsqrt_c2, eps, base_scale, w_in, b_in, w_hidden, b_hidden,
+                            w_out, b_out};
+    const struct tensor t = {n, m_stride, pool_cols, p, g, m, v, out, base};
+    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    const int nt = thread_count(threads);
+    const int pooled = n_out - n_store;
+    const int64_t per_thread = pool_cols > 0 ? pooled * (n / pool_cols + pool_cols) : 0;
+    float *scratch = NULL;
+    if (per_thread > 0) {
+        scratch = calloc((size_t)(nt * per_thread), sizeof(float));
+        if (scratch == NULL)
+            return 2;
+    }
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int id = 0, count = 1;
+#ifdef _OPENMP
+        id = omp_get_thread_num();
+        count = omp_get_num_threads();
+#endif
+        float *rows = scratch ? scratch + id * per_thread : NULL;
+        float *cols = rows ? rows + pooled * (n / pool_cols) : NULL;
+        run_blocks(&net, &t, blocks * id / count, blocks * (id + 1) / count, rows, cols);
+    }
+    if (scratch != NULL) {
+        const int64_t n_rows = pooled * (n / pool_cols), n_cols = pooled * pool_cols;
+        memcpy(row_sums, scratch, n_rows * sizeof(float));
+        memcpy(col_sums, scratch + n_rows, n_cols * sizeof(float));
+        for (int id = 1; id < nt; id++) {
+            const float *s = scratch + id * per_thread;
+            for (int64_t i = 0; i < n_rows; i++)
+                row_sums[i] += s[i];
+            for (int64_t i = 0; i < n_cols; i++)
+                col_sums[i] += s[n_rows + i];
         }
-        for (int b = 0; b < 8; b++)
-            x[2 + k_momenta][b] = sqrtf(x[2 + k_momenta][b]);
-        const v8 d = x[2 + k_momenta] * splat(rsqrt_c2) + splat(eps);
-        x[3 + k_momenta] = x[1] / d;
-        x[4 + k_momenta] = x[2 + adam_momentum] / d;
-        /* Four hidden units at a time: four independent FMA chains share
-         * each feature vector. */
-        int j = 0;
-        for (; j + 4 <= width; j += 4) {
-            v8 a0 = splat(b_in[j]), a1 = splat(b_in[j + 1]);
-            v8 a2 = splat(b_in[j + 2]), a3 = splat(b_in[j + 3]);
-            const float *w = w_in + j * nf;
-            for (int f = 0; f < nf; f++) {
-                a0 += splat(w[f]) * x[f];
-                a1 += splat(w[nf + f]) * x[f];
-                a2 += splat(w[2 * nf + f]) * x[f];
-                a3 += splat(w[3 * nf + f]) * x[f];
-            }
-            h[j] = relu(a0);
-            h[j + 1] = relu(a1);
-            h[j + 2] = relu(a2);
-            h[j + 3] = relu(a3);
-        }
-        for (; j < width; j++) {
-            v8 acc = splat(b_in[j]);
-            for (int f = 0; f < nf; f++)
-                acc += splat(w_in[j * nf + f]) * x[f];
-            h[j] = relu(acc);
-        }
-        for (int layer = 0; layer < depth - 1; layer++) {
-            const float *w = w_hidden + (int64_t)layer * width * width;
-            const float *bias = b_hidden + (int64_t)layer * width;
-            for (int j = 0; j < width; j++) {
-                v8 acc = splat(bias[j]);
-                for (int f = 0; f < width; f++)
-                    acc += splat(w[j * width + f]) * h[f];
-                h2[j] = relu(acc);
-            }
-            memcpy(h, h2, width * sizeof(v8));
-        }
-        /* Two outputs at a time, for the same reason. */
-        for (int r = 0; r < n_out; r += 2) {
-            const int pair = r + 1 < n_out;
-            v8 a0 = splat(b_out[r]), a1 = splat(pair ? b_out[r + 1] : 0.0f);
-            const float *w0 = w_out + r * width, *w1 = pair ? w0 + width : w0;
-            for (int f = 0; f < width; f++) {
-                a0 += splat(w0[f]) * h[f];
-                a1 += splat(w1[f]) * h[f];
-            }
-            for (int q = 0; q < 1 + pair; q++) {
-                const v8 acc = q ? a1 : a0;
-                float *o = out + (r + q) * n + i0;
-                if (nb == 8)
-                    store(o, acc);
-                else
-                    for (int b = 0; b < nb; b++)
-                        o[b] = acc[b];
-            }
-        }
-        const v8 scaled = splat(base_scale) * x[4 + k_momenta];
-        if (nb == 8)
-            store(base + i0, scaled);
-        else
-            for (int b = 0; b < nb; b++)
-                base[i0 + b] = scaled[b];
+        free(scratch);
     }
     return 0;
+}
+
+#define STATE_CHUNK 4096 /* entries summed in float before adding to double */
+
+static void state_range(int64_t i0, int64_t i1, const float *p, const float *g, float *m,
+                        int64_t m_stride, int k_momenta, const float *weights, float *v, float b2,
+                        double *sums)
+{
+    const int ns = k_momenta + 3;
+    for (int q = 0; q < ns; q++)
+        sums[q] = 0.0;
+    for (int64_t c0 = i0; c0 < i1; c0 += STATE_CHUNK) {
+        const int64_t c1 = c0 + STATE_CHUNK < i1 ? c0 + STATE_CHUNK : i1;
+        v8 acc[MAX_FEATURES];
+        float tail[MAX_FEATURES] = {0};
+        for (int q = 0; q < ns; q++)
+            acc[q] = splat(0.0f);
+        int64_t i = c0;
+        for (; i + 8 <= c1; i += 8) {
+            const v8 gv = load(g + i), pv = load(p + i);
+            acc[0] += pv * pv;
+            acc[1] += gv * gv;
+            for (int q = 0; q < k_momenta; q++) {
+                float *mq = m + q * m_stride + i;
+                const v8 mv = load(mq), w = splat(weights[q]);
+                /* torch.lerp's two forms, for its rounding */
+                const v8 next = weights[q] < 0.5f ? mv + w * (gv - mv)
+                                                  : gv - (gv - mv) * (splat(1.0f) - w);
+                store(mq, next);
+                acc[2 + q] += next * next;
+            }
+            const v8 vv = load(v + i) * splat(b2) + splat(1.0f - b2) * gv * gv;
+            store(v + i, vv);
+            acc[2 + k_momenta] += vv;
+        }
+        for (; i < c1; i++) {
+            tail[0] += p[i] * p[i];
+            tail[1] += g[i] * g[i];
+            for (int q = 0; q < k_momenta; q++) {
+                float *mq = m + q * m_stride + i;
+                const float w = weights[q];
+                const float next = w < 0.5f ? *mq + w * (g[i] - *mq) : g[i] - (g[i] - *mq) * (1.0f - w);
+                *mq = next;
+                tail[2 + q] += next * next;
+            }
+            v[i] = v[i] * b2 + (1.0f - b2) * g[i] * g[i];
+            tail[2 + k_momenta] += v[i];
+        }
+        for (int q = 0; q < ns; q++)
+            sums[q] += (double)hsum(acc[q]) + (double)tail[q];
+    }
+}
+
+int lopt_state_update(int64_t n, const float *p, const float *g, float *m, int64_t m_stride,
+                      int k_momenta, const float *weights, float *v, float b2, double *sums,
+                      int threads)
+{
+    if (k_momenta < 1 || k_momenta + 3 > MAX_FEATURES)
+        return 1;
+    enum { MAX_THREADS = 256 };
+    const int nt = thread_count(threads) < MAX_THREADS ? thread_count(threads) : MAX_THREADS;
+    double partial[MAX_THREADS][MAX_FEATURES];
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int id = 0, count = 1;
+#ifdef _OPENMP
+        id = omp_get_thread_num();
+        count = omp_get_num_threads();
+#endif
+        const int64_t vectors = (n + 7) / 8;
+        const int64_t i0 = 8 * (vectors * id / count);
+        const int64_t end = 8 * (vectors * (id + 1) / count);
+        state_range(i0, end < n ? end : n, p, g, m, m_stride, k_momenta, weights, v, b2,
+                    partial[id]);
+    }
+    for (int q = 0; q < k_momenta + 3; q++) {
+        sums[q] = 0.0;
+        for (int id = 0; id < nt; id++)
+            sums[q] += partial[id][q];
+    }
+    return 0;
+}
+
+/* exp(a) for a <= 88: 2^k * e^r with |r| <= ln(2)/2 and a degree-7 Taylor
+ * polynomial of e^r (relative error below 1e-8 before rounding); 0 below
+ * -87.3; NaN stays NaN. */
+static inline v8 vexp(v8 a)
+{
+    typedef uint32_t v8u __attribute__((vector_size(32)));
+    const v8 ln2_hi = splat(0.693359375f), ln2_lo = splat(-2.12194440e-4f);
+    const v8 magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    v8 t = a * splat(1.44269504088896341f);
+    const v8i low = t < splat(-126.0f);
+    t = (v8)(((v8i)t & ~low) | ((v8i)splat(-126.0f) & low)) + magic;
+    const v8 kf = t - magic;
+    const v8 r = (a - kf * ln2_hi) - kf * ln2_lo;
+    v8 e = splat(1.0f / 5040.0f);
+    e = e * r + splat(1.0f / 720.0f);
+    e = e * r + splat(1.0f / 120.0f);
+    e = e * r + splat(1.0f / 24.0f);
+    e = e * r + splat(1.0f / 6.0f);
+    e = e * r + splat(0.5f);
+    e = e * r + splat(1.0f);
+    e = e * r + splat(1.0f);
+    /* t's low mantissa bits hold k: 2^k has exponent bits k + 127. */
+    const v8 scale = (v8)(((v8u)t - 0x4B400000u + 127u) << 23);
+    const v8i tiny = a < splat(-87.3f);
+    return (v8)((v8i)(e * scale) & ~tiny);
+}
+
+/* min(a, hi) that keeps NaN, as torch's clamp does. */
+static inline v8 vmin(v8 a, float hi)
+{
+    const v8i above = a > splat(hi);
+    return (v8)(((v8i)a & ~above) | ((v8i)splat(hi) & above));
+}
+
+/* Entries [e0, e1) of the update; returns their sum. */
+static double finish_range(int64_t e0, int64_t e1, const float *dir, const float *mag,
+                           float *base, int64_t cols, const float *row_terms,
+                           const float *col_terms, float max_mag)
+{
+    double total = 0.0;
+    int64_t e = e0;
+    while (e < e1) {
+        const int64_t row = e / cols, c0 = e - row * cols;
+        const int64_t c1 = (e1 - row * cols) < cols ? (e1 - row * cols) : cols;
+        float rd = 0.0f, rm = 0.0f;
+        if (row_terms) {
+            rd = row_terms[2 * row];
+            rm = row_terms[2 * row + 1];
+        }
+        const float *cd = col_terms, *cm = col_terms ? col_terms + cols : NULL;
+        const int64_t off = row * cols;
+        v8 acc = splat(0.0f);
+        int64_t c = c0;
+        for (; c + 8 <= c1; c += 8) {
+            v8 dv = load(dir + off + c) + splat(rd), mv = load(mag + off + c) + splat(rm);
+            if (cd) {
+                dv += load(cd + c);
+                mv += load(cm + c);
+            }
+            const v8 u = load(base + off + c) + dv * vexp(vmin(mv, max_mag));
+            store(base + off + c, u);
+            acc += u;
+        }
+        float tail = 0.0f;
+        for (; c < c1; c++) {
+            const float dv = dir[off + c] + rd + (cd ? cd[c] : 0.0f);
+            float mv = mag[off + c] + rm + (cd ? cm[c] : 0.0f);
+            mv = mv > max_mag ? max_mag : mv;
+            const float u = base[off + c] + dv * expf(mv);
+            base[off + c] = u;
+            tail += u;
+        }
+        total += (double)(hsum(acc) + tail);
+        e = off + c1;
+    }
+    return total;
+}
+
+double lopt_finish(int64_t n, const float *dir, const float *mag, float *base, int64_t cols,
+                   const float *row_terms, const float *col_terms, float max_mag, int threads)
+{
+    /* Entries are a (n / cols, cols) matrix; row_terms is (n / cols, 2) and
+     * col_terms (2, cols), each may be NULL. */
+    if (cols < 1 || n % cols != 0)
+        return NAN;
+    enum { MAX_THREADS = 256 };
+    const int nt = thread_count(threads) < MAX_THREADS ? thread_count(threads) : MAX_THREADS;
+    double partial[MAX_THREADS] = {0};
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int id = 0, count = 1;
+#ifdef _OPENMP
+        id = omp_get_thread_num();
+        count = omp_get_num_threads();
+#endif
+        const int64_t vectors = (n + 7) / 8;
+        const int64_t e0 = 8 * (vectors * id / count);
+        const int64_t e1 = 8 * (vectors * (id + 1) / count) < n ? 8 * (vectors * (id + 1) / count) : n;
+        partial[id] = finish_range(e0, e1, dir, mag, base, cols, row_terms, col_terms, max_mag);
+    }
+    double total = 0.0;
+    for (int id = 0; id < nt; id++)
+        total += partial[id];
+    return total;
 }
