@@ -65,6 +65,65 @@ def test_fused_update_equals_the_torch_path(arch, kind, depth, seed):
         torch.testing.assert_close(a, b)
 
 
+@needs_kernel
+@settings(max_examples=15, deadline=None)
+@given(arch=architectures(), kind=st.sampled_from(["mlp", "nfn-proj"]), seed=st.integers(0, 999))
+def test_fused_in_place_update_equals_the_torch_path(arch, kind, seed):
+    # The optimizer classes' call: state updated in place, by the fused state pass.
+    module, _ = arch
+    torch.manual_seed(seed)
+    net = strong(PerParamMLP, 1) if kind == "mlp" else strong(NFNNet, 1, nf_channels=3)
+    spec = WeightSpaceSpec.from_module(module)
+    params = [p.detach().clone() for p in module.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    state = random_state(params, seed)
+    mine = copy.deepcopy(state)
+    with torch.no_grad():
+        ref, ref_state = functional.update(net, spec, None, grads, state, params)
+        out, out_state = functional.update(
+            net, spec, None, grads, mine, params, guard=False, inplace=True, fused=True
+        )
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for key in ("momenta", "second_moment"):
+        for a, b, held in zip(out_state[key], ref_state[key], mine[key]):
+            torch.testing.assert_close(a, b)
+            assert a.data_ptr() == held.data_ptr()  # written in place
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 13, 4096 * 2 + 37])  # tails of 8 and of a summing chunk
+@pytest.mark.parametrize("threads", [1, 2])
+def test_state_update_matches_torch_ops(n, threads, monkeypatch):
+    monkeypatch.setattr(fused, "MIN_ENTRIES_PER_THREAD", 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(n)
+    p, grad = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    m, v = torch.randn(4, n, generator=g), torch.rand(n, generator=g)
+    weights = [1 - d for d in MOMENTUM_DECAYS]
+    ref_m = torch.stack([torch.lerp(m[k], grad, w) for k, w in enumerate(weights)])
+    ref_v = v * 0.999 + 0.001 * grad * grad
+    ref_sums = torch.cat(
+        [
+            torch.stack([p.double().square().sum(), grad.double().square().sum()]),
+            ref_m.double().square().sum(1),
+            ref_v.double().sum().reshape(1),
+        ]
+    )
+    with torch.no_grad():
+        sums = fused.state_update(p, grad, m, v, weights, 0.999)
+    torch.testing.assert_close(m, ref_m)
+    torch.testing.assert_close(v, ref_v)
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=1e-6)
+
+
+def test_state_update_rejects_a_weight_count_that_is_not_the_momenta():
+    m = torch.zeros(4, 3)
+    with torch.no_grad(), pytest.raises(ValueError, match="one weight a momentum"):
+        fused.state_update(torch.zeros(3), torch.ones(3), m, torch.zeros(3), [0.1], 0.999)
+    assert (m == 0).all()
+
+
 def naive_entry_outputs(p, g, m, v, adam, rsqrt_c2, layers, w_out, b_out, base_scale):
     """One entry at a time, in Python floats: the formula of entry_outputs.c."""
     outs, bases = [], []
