@@ -53,6 +53,19 @@ def width_log_ratio(t: TensorSpec) -> float:
     return math.log(FAN_IN_REF / math.prod(t.shape[1:])) if len(t.shape) >= 2 else 0.0
 
 
+class TensorInputs(NamedTuple):
+    """What the per-entry part of a net reads of one tensor in a step."""
+
+    t: TensorSpec
+    param: Tensor
+    grad: Tensor
+    momenta: Tensor  # (K, *shape)
+    second_moment: Tensor
+    scales: Tensor  # (NUM_FEATURES,): lopt.features.channel_scales
+    neg_lr: Tensor  # -lr times the width factor
+    out_scale: Tensor  # (2,): what multiplies the output layer's two channels
+
+
 class TrunkSlice(NamedTuple):
     """One slice of :meth:`OptimizerNet.trunk_outputs`."""
 
@@ -185,19 +198,13 @@ class OptimizerNet(nn.Module):
         mag = self.log_step_mult.new_tensor(self.mag_mult)
         out_scales = [torch.stack([-self.log_step_mult.exp() * f, mag]) for f in factors]
         neg_lrs = [-self.log_lr.exp() * f for f in factors]
-        outs = self.entry_outputs(
-            spec,
-            params,
-            grads,
-            momenta,
-            second_moments,
-            bias,
-            scales,
-            c2,
-            out_scales,
-            neg_lrs,
-            fused,
-        )
+        inputs = [
+            TensorInputs(*a)
+            for a in zip(
+                spec.tensors, params, grads, momenta, second_moments, scales, neg_lrs, out_scales
+            )
+        ]
+        outs = self.entry_outputs(spec, inputs, bias, c2, fused)
         updates = []
         for t, p, chunks in zip(spec.tensors, params, outs):
             ups = [self._finish(t, o, base, terms, fused) for o, base, terms in chunks]
@@ -233,21 +240,15 @@ class OptimizerNet(nn.Module):
 
     def entry_outputs(
         self,
-        spec,
-        params,
-        grads,
-        momenta,
-        second_moments,
-        bias,
-        scales,
-        c2,
-        out_scales,
-        neg_lrs,
-        fused,
+        spec: WeightSpaceSpec,
+        inputs: Sequence[TensorInputs],
+        bias: Tensor,
+        c2: Tensor,
+        fused: bool,
     ) -> list[list[tuple[Tensor, Tensor, list[Tensor]]]]:
         """Per tensor, per slice: the net's output ``(2, entries)`` (direction,
         log-magnitude), each channel multiplied by that tensor's
-        ``out_scales[i]``; Adam's direction times ``neg_lrs[i]`` ``(entries,)``
+        ``out_scale``; Adam's direction times ``neg_lr`` ``(entries,)``
         for those entries; and terms still to add to the output seen as ``(2,
         *view)`` (broadcasting; only on the fused path, whose slice is the
         whole tensor). Nothing else of a slice outlives it: held buffers are
@@ -257,31 +258,26 @@ class OptimizerNet(nn.Module):
 
     def trunk_outputs(
         self,
-        t: TensorSpec,
-        p: Tensor,
-        g: Tensor,
-        m: Tensor,
-        v: Tensor,
+        x: TensorInputs,
         bias: Tensor,
-        scales: Tensor,
         c2: Tensor,
-        neg_lr: Tensor,
         w_out: Tensor,
         b_out: Tensor,
         fused: bool = False,
         pool_cols: int = 0,
     ) -> Iterator[TrunkSlice]:
         """Yield, per slice of the first axis, ``w_out @ trunk(features) +
-        b_out`` ``(outputs, entries)``, Adam's direction times ``neg_lr``
+        b_out`` ``(outputs, entries)``, Adam's direction times ``x.neg_lr``
         ``(entries,)``, the slice's rows and the trunk's activations ``(width,
-        entries)``. The features' scales are folded into the first layer's
-        weights. ``fused=True`` runs the whole tensor as one slice through the
+        entries)``. The features' ``x.scales`` are folded into the first
+        layer's weights. ``fused=True`` runs the whole tensor as one slice through the
         fused CPU kernel (:mod:`lopt.fused`) when it can read the tensors; the
         activations never leave the kernel (None). With ``pool_cols`` as well,
         the kernel stores only the first two outputs and returns the row and
         column sums of the others, the entries seen as rows of ``pool_cols``."""
-        weight = self.inp.weight * scales
-        neg_lr = neg_lr * scales[ADAM_CHANNEL]
+        t, p, g, m, v = x.t, x.param, x.grad, x.momenta, x.second_moment
+        weight = self.inp.weight * x.scales
+        neg_lr = x.neg_lr * x.scales[ADAM_CHANNEL]
         if fused and fused_kernel.accepts(p, g, m, v):
             layers = [(weight, bias)] + [(lay.weight, lay.bias) for lay in self.hidden]
             o, base, row_sums, col_sums = fused_kernel.entry_outputs(
@@ -312,13 +308,13 @@ class OptimizerNet(nn.Module):
                 if b is None
                 else (p[b[0] : b[1]], g[b[0] : b[1]], m[:, b[0] : b[1]], v[b[0] : b[1]])
             )
-            x = entry_channels(*chunk, c2).reshape(NUM_FEATURES, -1)
-            h = torch.addmm(bias[:, None], weight, x).relu_()
+            f = entry_channels(*chunk, c2).reshape(NUM_FEATURES, -1)
+            h = torch.addmm(bias[:, None], weight, f).relu_()
             for layer in self.hidden:
                 h = torch.addmm(layer.bias[:, None], layer.weight, h).relu_()
             yield TrunkSlice(
                 torch.addmm(b_out, w_out, h),
-                x[ADAM_CHANNEL] * neg_lr,
+                f[ADAM_CHANNEL] * neg_lr,
                 (0 if b is None else b[1] - b[0]),
                 h,
             )
@@ -328,26 +324,12 @@ class PerParamMLP(OptimizerNet):
     """Per-parameter MLP (learned_optimization's small_fc_lopt; "Deep Sets" in
     the UNF paper): the same features, no interaction across entries."""
 
-    def entry_outputs(
-        self,
-        spec,
-        params,
-        grads,
-        momenta,
-        second_moments,
-        bias,
-        scales,
-        c2,
-        out_scales,
-        neg_lrs,
-        fused,
-    ):
+    def entry_outputs(self, spec, inputs, bias, c2, fused):
         outs = []
-        for t, s, sc, lr, *a in zip(
-            spec.tensors, out_scales, scales, neg_lrs, params, grads, momenta, second_moments
-        ):
+        for x in inputs:
+            s = x.out_scale
             w, b = self.out.weight * s[:, None], (self.out.bias * s)[:, None]
-            slices = self.trunk_outputs(t, *a, bias, sc, c2, lr, w, b, fused)
+            slices = self.trunk_outputs(x, bias, c2, w, b, fused)
             outs.append([(sl.out, sl.base, []) for sl in slices])
         return outs
 
@@ -423,20 +405,7 @@ class NFNNet(OptimizerNet):
             for w in list(self.nf.weights.values()) + list(self.nf.biases.values()):
                 w.mul_(kwargs.get("out_scale", 0.01))
 
-    def entry_outputs(
-        self,
-        spec,
-        params,
-        grads,
-        momenta,
-        second_moments,
-        bias,
-        scales,
-        c2,
-        out_scales,
-        neg_lrs,
-        fused,
-    ):
+    def entry_outputs(self, spec, inputs, bias, c2, fused):
         # Pass 1, slice by slice: the per-entry output plus the NF-layer's
         # pointwise term, and the means its broadcast terms need. Pass 2: add
         # the broadcast terms (small). The whole NF-layer, without storing
@@ -446,17 +415,15 @@ class NFNNet(OptimizerNet):
         h_width = self.out.weight.shape[1]
         pooled: dict[tuple[int, tuple[int, ...]], Tensor] = {}
         outs, row_counts = [], []
-        for i, (t, neg_lr, *state) in enumerate(
-            zip(spec.tensors, neg_lrs, params, grads, momenta, second_moments)
-        ):
+        for i, x in enumerate(inputs):
+            t = x.t
             pw = self.nf.pointwise_weight(spec, i)
             w_out = self.out.weight
             if pw is not None:
                 pw = pw.t() if proj is None else pw.t() @ proj
                 w_out = w_out + self.nf_scale * pw
-            out_scale = out_scales[i]
-            w_out = w_out * out_scale[:, None]
-            b_out = (self.out.bias * out_scale)[:, None]
+            w_out = w_out * x.out_scale[:, None]
+            b_out = (self.out.bias * x.out_scale)[:, None]
             pools = needed.get(i, set())
             # The channels the NF-layer pools come out as extra output rows
             # (one pass over h), except the trunk itself on the torch path.
@@ -472,12 +439,10 @@ class NFNNet(OptimizerNet):
             pool_cols = (
                 t.view[1]
                 if fused and len(t.view) == 2 and pools and pools <= MATRIX_POOLS
-                and fused_kernel.accepts(*state)
+                and fused_kernel.accepts(x.param, x.grad, x.momenta, x.second_moment)
                 else 0
             )  # fmt: skip
-            slices = self.trunk_outputs(
-                t, *state, bias, scales[i], c2, neg_lr, w_out, b_out, fused, pool_cols
-            )
+            slices = self.trunk_outputs(x, bias, c2, w_out, b_out, fused, pool_cols)
             for sl in slices:
                 o, rows = sl.out, sl.rows
                 # Keep two rows, not the pooled ones: a copy costs less than
@@ -510,10 +475,11 @@ class NFNNet(OptimizerNet):
             outs.append(blocks)
             row_counts.append(rows_list)
         results = []
-        for t, blocks, rows_list, terms, out_scale in zip(
-            spec.tensors, outs, row_counts, self.nf.broadcast_terms(spec, pooled), out_scales
+        for x, blocks, rows_list, terms in zip(
+            inputs, outs, row_counts, self.nf.broadcast_terms(spec, pooled)
         ):
-            terms = [(term * (self.nf_scale * out_scale)).movedim(-1, 0) for term in terms]
+            t = x.t
+            terms = [(term * (self.nf_scale * x.out_scale)).movedim(-1, 0) for term in terms]
             if fused and len(blocks) == 1:  # the whole tensor: the kernel adds them
                 results.append([(blocks[0][0], blocks[0][1], terms)])
                 continue

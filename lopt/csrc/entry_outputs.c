@@ -323,6 +323,22 @@ int lopt_entry_outputs(
     return 0;
 }
 
+/* This thread's share of n entries, in whole vectors of 8; returns its id. */
+static int thread_range(int64_t n, int64_t *begin, int64_t *end)
+{
+    int id = 0, count = 1;
+#ifdef _OPENMP
+    id = omp_get_thread_num();
+    count = omp_get_num_threads();
+#endif
+    const int64_t vectors = (n + 7) / 8;
+    *begin = 8 * (vectors * id / count);
+    *end = 8 * (vectors * (id + 1) / count);
+    if (*end > n)
+        *end = n;
+    return id;
+}
+
 #define STATE_CHUNK 4096 /* entries summed in float before adding to double */
 
 static void state_range(int64_t i0, int64_t i1, const float *p, const float *g, float *m,
@@ -385,16 +401,9 @@ int lopt_state_update(int64_t n, const float *p, const float *g, float *m, int64
     double partial[MAX_THREADS][MAX_FEATURES];
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int id = 0, count = 1;
-#ifdef _OPENMP
-        id = omp_get_thread_num();
-        count = omp_get_num_threads();
-#endif
-        const int64_t vectors = (n + 7) / 8;
-        const int64_t i0 = 8 * (vectors * id / count);
-        const int64_t end = 8 * (vectors * (id + 1) / count);
-        state_range(i0, end < n ? end : n, p, g, m, m_stride, k_momenta, weights, v, b2,
-                    partial[id]);
+        int64_t i0, i1;
+        const int id = thread_range(n, &i0, &i1);
+        state_range(i0, i1, p, g, m, m_stride, k_momenta, weights, v, b2, partial[id]);
     }
     for (int q = 0; q < k_momenta + 3; q++) {
         sums[q] = 0.0;
@@ -494,14 +503,8 @@ double lopt_finish(int64_t n, const float *dir, const float *mag, float *base, i
     double partial[MAX_THREADS] = {0};
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int id = 0, count = 1;
-#ifdef _OPENMP
-        id = omp_get_thread_num();
-        count = omp_get_num_threads();
-#endif
-        const int64_t vectors = (n + 7) / 8;
-        const int64_t e0 = 8 * (vectors * id / count);
-        const int64_t e1 = 8 * (vectors * (id + 1) / count) < n ? 8 * (vectors * (id + 1) / count) : n;
+        int64_t e0, e1;
+        const int id = thread_range(n, &e0, &e1);
         partial[id] = finish_range(e0, e1, dir, mag, base, cols, row_terms, col_terms, max_mag);
     }
     double total = 0.0;
