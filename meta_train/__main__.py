@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 2 -m meta_train ... --out runs/nfn  # 2 processes
 
 Writes, in --out: config.json, TensorBoard logs (tb/), checkpoint.pt (every
---checkpoint-every steps, atomically, and on Ctrl-C) and optimizer.pt, the
+--checkpoint-every steps, atomically, and on Ctrl-C or SIGTERM) and optimizer.pt, the
 trained optimizer net, loadable with ``NFNOptimizer(params, weights=PATH)``.
 Options may also come from a JSON file (--config); flags override it.
 """
@@ -17,7 +17,9 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -237,6 +239,20 @@ def type_of(net: lopt.OptimizerNet):
     return lopt.NFNOptimizer if isinstance(net, NFNNet) else lopt.MLPOptimizer
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def stop_on_signals() -> dict[int, Any]:
+    """Make SIGTERM (``kill``, batch schedulers, preemption) and SIGINT stop a
+    run like Ctrl-C: checkpoint, ``optimizer.pt``, exit status 130. SIGINT too,
+    because a shell starts background jobs with it ignored. Returns the
+    handlers it replaced (none off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command = "python -m meta_train " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -257,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume is not None:
         trainer.resume()
     start = time.time()
+    replaced = stop_on_signals()
     try:
         trainer.train(cfg["outer_steps"], progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -264,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         trainer.close()
+        for s, handler in replaced.items():
+            signal.signal(s, handler)
     save_net(net, out, cfg, trainer, time.time() - start, rank, command)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -331,6 +331,34 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
         ship([str(tmp_path / "nothing"), "x", "--dest", str(dest)])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_cli_stops_on_a_signal_with_a_checkpoint_and_optimizer(tmp_path, sig):
+    # As a background job started by a shell: SIGINT ignored until main() takes it.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = "--net mlp --width 4 --family mlp-gmm --truncation 2 --horizon 4 --population 1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meta_train", *args.split(), "--outer-steps", "100000",
+         "--checkpoint-every", "5", "--eval-every", "0", "--out", str(out), "--no-progress"],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, sig))
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, log
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    _, meta = lopt.checkpoint.load(out / "optimizer.pt")
+    assert 5 <= saved["step"] < 100000 and meta["outer_steps"] == saved["step"]
+
+
 def test_cli_bad_input(tmp_path):
     from meta_train.__main__ import main
 
