@@ -7,8 +7,8 @@ Public API:
 * :class:`NFNNet`, :class:`PerParamMLP`: the optimizer nets.
 * :mod:`lopt.functional`: the pure ``init`` / ``update`` core they share with
   meta-training.
-* :mod:`lopt.fused`: the fused CPU kernel the optimizer classes run the
-  nets' per-entry part through (``fused.available()``).
+* :mod:`lopt.fused`: the fused CPU kernels the optimizer classes run a
+  step's per-entry work through (``fused.available()``).
 * :class:`WeightSpaceSpec`, :class:`WeightSpace`: weight spaces, and
   :mod:`lopt.nn` for the NF-layers built on them.
 * :func:`save`, :func:`load`, :func:`pretrained_names`: checkpoints.

@@ -215,28 +215,23 @@ class OptimizerNet(nn.Module):
     @staticmethod
     def _finish(t: TensorSpec, o: Tensor, base: Tensor, terms: list[Tensor], fused: bool) -> Tensor:
         """``base + (o[0] + terms) * exp(min(o[1] + terms, MAX_LOG_MAGNITUDE))``
-        of one slice. The fused kernel takes terms that vary along the first
-        axis or along all the others; any other term is added first."""
-        if not fused:  # (the torch path adds its terms in entry_outputs)
-            return torch.addcmul(base, o[0], o[1].clamp(max=MAX_LOG_MAGNITUDE).exp())
-        cols, row_terms, col_terms, rest = matrix_terms(t, terms)
-        if rest:
-            o = o.reshape(2, *t.view)
-            for term in rest:
-                o = o.add_(term)
-            o = o.reshape(2, -1)
-        if fused_kernel.accepts(o, base):
+        of one slice. ``terms`` come only where the fused kernel reads the
+        slice (elsewhere entry_outputs has added them); it takes terms that
+        vary along the first axis or along all the others, any other term is
+        added first."""
+        if fused and fused_kernel.accepts(o, base):
+            cols, row_terms, col_terms, rest = matrix_terms(t, terms)
+            if rest:
+                o = o.reshape(2, *t.view)
+                for term in rest:
+                    o = o.add_(term)
+                o = o.reshape(2, -1)
             return fused_kernel.finish(
                 o[0], o[1], base, MAX_LOG_MAGNITUDE, cols, row_terms, col_terms
             )[0]
-        if row_terms is not None or col_terms is not None:  # not the kernel's layout
-            o = o.reshape(2, -1, cols)
-            if row_terms is not None:
-                o = o + row_terms.t()[:, :, None]
-            if col_terms is not None:
-                o = o + col_terms[:, None, :]
-            o = o.reshape(2, -1)
-        return base.addcmul_(o[0], o[1].clamp_(max=MAX_LOG_MAGNITUDE).exp_())
+        if fused:  # no autograd: fresh buffers, updated in place
+            return base.addcmul_(o[0], o[1].clamp_(max=MAX_LOG_MAGNITUDE).exp_())
+        return torch.addcmul(base, o[0], o[1].clamp(max=MAX_LOG_MAGNITUDE).exp())
 
     def entry_outputs(
         self,
@@ -250,10 +245,11 @@ class OptimizerNet(nn.Module):
         log-magnitude), each channel multiplied by that tensor's
         ``out_scale``; Adam's direction times ``neg_lr`` ``(entries,)``
         for those entries; and terms still to add to the output seen as ``(2,
-        *view)`` (broadcasting; only on the fused path, whose slice is the
-        whole tensor). Nothing else of a slice outlives it: held buffers are
-        fresh memory (page faults) at every step. ``fused`` is passed on to
-        :meth:`trunk_outputs` (one slice per tensor)."""
+        *view)`` (broadcasting; only where the fused kernel will read the
+        slice, which is then the whole tensor). Nothing else of a slice
+        outlives it: held buffers are fresh memory (page faults) at every
+        step. ``fused`` is passed on to :meth:`trunk_outputs` (one slice per
+        tensor)."""
         raise NotImplementedError
 
     def trunk_outputs(
@@ -480,8 +476,8 @@ class NFNNet(OptimizerNet):
         ):
             t = x.t
             terms = [(term * (self.nf_scale * x.out_scale)).movedim(-1, 0) for term in terms]
-            if fused and len(blocks) == 1:  # the whole tensor: the kernel adds them
-                results.append([(blocks[0][0], blocks[0][1], terms)])
+            if fused and len(blocks) == 1 and fused_kernel.accepts(*blocks[0]):
+                results.append([(*blocks[0], terms)])  # the whole tensor: the kernel adds them
                 continue
             r0, done = 0, []
             for (o, base), rows in zip(blocks, rows_list):
@@ -495,7 +491,6 @@ class NFNNet(OptimizerNet):
                 r0 += rows
             results.append(done)
         return results
-        return outs
 
 
 NETS: dict[str, type[OptimizerNet]] = {"PerParamMLP": PerParamMLP, "NFNNet": NFNNet}

@@ -3,6 +3,10 @@ resume, atomic checkpoints, distributed equivalence and the command line."""
 
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -335,11 +339,6 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_cli_stops_on_a_signal_with_a_checkpoint_and_optimizer(tmp_path, sig):
     # As a background job started by a shell: SIGINT ignored until main() takes it.
-    import signal
-    import subprocess
-    import sys
-    import time
-
     out = tmp_path / "run"
     args = "--net mlp --width 4 --family mlp-gmm --truncation 2 --horizon 4 --population 1"
     proc = subprocess.Popen(

@@ -260,10 +260,35 @@ static void run_blocks(const struct net *net, const struct tensor *t, int64_t bl
     }
 }
 
+#define MAX_THREADS 256 /* slots for per-thread partial sums */
+
+/* This thread's share [*begin, *end) of `units` equal pieces of work, in
+ * thread order; returns its id. */
+static int thread_share(int64_t units, int64_t *begin, int64_t *end)
+{
+    int id = 0, count = 1;
+#ifdef _OPENMP
+    id = omp_get_thread_num();
+    count = omp_get_num_threads();
+#endif
+    *begin = units * id / count;
+    *end = units * (id + 1) / count;
+    return id;
+}
+
+/* The same in whole vectors of 8 entries, the last one clipped to n. */
+static int thread_range(int64_t n, int64_t *begin, int64_t *end)
+{
+    const int id = thread_share((n + 7) / 8, begin, end);
+    *begin *= 8;
+    *end = 8 * *end < n ? 8 * *end : n;
+    return id;
+}
+
 static int thread_count(int threads)
 {
 #ifdef _OPENMP
-    return threads > 1 ? threads : 1;
+    return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
 #else
     (void)threads;
     return 1;
@@ -298,14 +323,11 @@ int lopt_entry_outputs(
     }
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int id = 0, count = 1;
-#ifdef _OPENMP
-        id = omp_get_thread_num();
-        count = omp_get_num_threads();
-#endif
+        int64_t b0, b1;
+        const int id = thread_share(blocks, &b0, &b1);
         float *rows = scratch ? scratch + id * per_thread : NULL;
         float *cols = rows ? rows + pooled * (n / pool_cols) : NULL;
-        run_blocks(&net, &t, blocks * id / count, blocks * (id + 1) / count, rows, cols);
+        run_blocks(&net, &t, b0, b1, rows, cols);
     }
     if (scratch != NULL) {
         const int64_t n_rows = pooled * (n / pool_cols), n_cols = pooled * pool_cols;
@@ -321,22 +343,6 @@ int lopt_entry_outputs(
         free(scratch);
     }
     return 0;
-}
-
-/* This thread's share of n entries, in whole vectors of 8; returns its id. */
-static int thread_range(int64_t n, int64_t *begin, int64_t *end)
-{
-    int id = 0, count = 1;
-#ifdef _OPENMP
-    id = omp_get_thread_num();
-    count = omp_get_num_threads();
-#endif
-    const int64_t vectors = (n + 7) / 8;
-    *begin = 8 * (vectors * id / count);
-    *end = 8 * (vectors * (id + 1) / count);
-    if (*end > n)
-        *end = n;
-    return id;
 }
 
 #define STATE_CHUNK 4096 /* entries summed in float before adding to double */
@@ -396,9 +402,8 @@ int lopt_state_update(int64_t n, const float *p, const float *g, float *m, int64
 {
     if (k_momenta < 1 || k_momenta + 3 > MAX_FEATURES)
         return 1;
-    enum { MAX_THREADS = 256 };
-    const int nt = thread_count(threads) < MAX_THREADS ? thread_count(threads) : MAX_THREADS;
-    double partial[MAX_THREADS][MAX_FEATURES];
+    const int nt = thread_count(threads);
+    double partial[MAX_THREADS][MAX_FEATURES] = {{0}}; /* zero where a thread never ran */
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int64_t i0, i1;
@@ -498,8 +503,7 @@ double lopt_finish(int64_t n, const float *dir, const float *mag, float *base, i
      * col_terms (2, cols), each may be NULL. */
     if (cols < 1 || n % cols != 0)
         return NAN;
-    enum { MAX_THREADS = 256 };
-    const int nt = thread_count(threads) < MAX_THREADS ? thread_count(threads) : MAX_THREADS;
+    const int nt = thread_count(threads);
     double partial[MAX_THREADS] = {0};
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
