@@ -16,6 +16,14 @@ Writes to --out: ``curves.csv`` (every loss of every run), ``results.md``
 ``curves.png`` (loss curves per task) and ``summary.png`` (normalised loss per
 task). The summary is computed from ``curves.csv`` alone
 (:func:`summarise`), so ``python -m benchmarks.compare --from-csv`` can redo it.
+
+To compare a new checkpoint with baselines already measured, ``--baselines-from
+DIR`` copies tuned Adam / SGDm from an earlier run's folder (same horizon,
+factors, seeds, grid, device and torch; checked) instead of tuning them again,
+which is most of a run's time:
+
+    python -m benchmarks.compare --suite heldout --steps 200 --seeds 3 \\
+        --weights new=runs/nfn/optimizer.pt --baselines-from runs/compare --out runs/compare-new
 """
 
 from __future__ import annotations
@@ -73,19 +81,28 @@ def untrained(kind: str) -> tuple[str, callable]:
 
 
 # -------------------------------------------------------------------- runs
-def run_task(name, optimizers, steps, seeds, grid, tune_seeds, factors, device):
-    """Tune the baselines, run everything; returns (csv rows, meta)."""
+def run_task(name, optimizers, steps, seeds, grid, tune_seeds, factors, device, reuse=None):
+    """Tune the baselines, run everything; returns (csv rows, meta). ``reuse``:
+    (rows, meta) of the tuned baselines from an earlier run (see
+    :func:`load_baselines`), which are then neither tuned nor run again."""
     task = get_task(name, device)
     total = steps * max(factors)
     eval_every = max(1, steps // 10)
     meta = {"params": task.num_params, "grid": list(grid), "seconds_per_step": {}}
     makers = dict(optimizers)
-    for label, family in (("adam", adam), ("sgdm", sgdm)):
-        best, scores = tune(task, family, steps, tune_seeds, grid)
-        meta[f"{label}_lr"] = best
-        meta[f"{label}_grid_scores"] = {f"{lr:.0e}": s for lr, s in scores.items()}
-        makers = {f"{label}": family(best), **makers}
     rows = []
+    if reuse is not None:
+        rows, old = list(reuse[0]), reuse[1]
+        for label in BASELINES:
+            for key in (f"{label}_lr", f"{label}_grid_scores"):
+                meta[key] = old[key]
+            meta["seconds_per_step"][label] = old["seconds_per_step"][label]
+    else:
+        for label, family in (("adam", adam), ("sgdm", sgdm)):
+            best, scores = tune(task, family, steps, tune_seeds, grid)
+            meta[f"{label}_lr"] = best
+            meta[f"{label}_grid_scores"] = {f"{lr:.0e}": s for lr, s in scores.items()}
+            makers = {f"{label}": family(best), **makers}
     for label, make in makers.items():
         per_step = []
         for seed in seeds:
@@ -101,6 +118,53 @@ def run_task(name, optimizers, steps, seeds, grid, tune_seeds, factors, device):
 
 
 CSV_HEADER = ("task", "optimizer", "seed", "step", "split", "loss")
+BASELINES = ("adam", "sgdm")
+
+
+def load_baselines(
+    folder: Path, *, steps: int, factors, seeds, tune_seeds, grid, device: str
+) -> dict[str, tuple[list[tuple], dict]]:
+    """Per task, the tuned Adam / SGDm rows and meta of an earlier compare run
+    in ``folder``, for reuse: a learned optimizer's new checkpoint is then
+    compared with the very same baseline curves, without retuning (the
+    baselines are deterministic given the seeds, so rerunning them gives the
+    same numbers). Settings that change the baselines must match, else this
+    raises SystemExit saying which; a task whose baseline runs lack a seed is
+    left out (and run afresh)."""
+    folder = Path(folder)
+    try:
+        old = json.loads((folder / "meta.json").read_text())
+        rows = read_csv(folder / "curves.csv")
+    except (OSError, ValueError) as e:
+        raise SystemExit(
+            f"--baselines-from {folder}: cannot read its meta.json / curves.csv: {e}"
+        ) from e
+    want = {
+        "horizon": steps,
+        "factors": sorted(set(factors)),
+        "device": str(device),
+        "torch": str(torch.__version__),
+        "tune_seeds": len(tune_seeds),
+    }
+    have = {k: old.get(k) for k in want}
+    have["factors"] = sorted(set(have["factors"] or []))
+    # Runs from before tune_seeds was recorded used the default, 2.
+    have["tune_seeds"] = old.get("tune_seeds", 2)
+    diff = [f"{k}: {have[k]} there, {v} here" for k, v in want.items() if have[k] != v]
+    if diff:
+        raise SystemExit(f"--baselines-from {folder}: settings differ ({'; '.join(diff)})")
+    by_task: dict[str, list[tuple]] = defaultdict(list)
+    for r in rows:
+        if r[1] in BASELINES and r[2] in seeds:
+            by_task[r[0]].append(r)
+    out = {}
+    for task, task_meta in old.get("tasks", {}).items():
+        if [float(x) for x in task_meta.get("grid", [])] != [float(x) for x in grid]:
+            raise SystemExit(f"--baselines-from {folder}: {task} was tuned on another grid")
+        have_seeds = {(r[1], r[2]) for r in by_task.get(task, [])}
+        if have_seeds == {(b, s) for b in BASELINES for s in seeds}:
+            out[task] = (by_task[task], task_meta)
+    return out
 
 
 def write_csv(rows, path: Path) -> None:
@@ -305,6 +369,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--from-csv", action="store_true", help="only redo the summary from --out/curves.csv"
     )
+    p.add_argument(
+        "--baselines-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="reuse tuned Adam / SGDm from an earlier run's --out folder (same steps, "
+        "factors, seeds, device and torch) instead of tuning and running them again",
+    )
     args = p.parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -333,19 +405,38 @@ def main(argv: list[str] | None = None) -> dict:
                 "torch": str(torch.__version__),
                 "horizon": args.steps,
                 "factors": list(factors),
+                "seeds": args.seeds,
+                "tune_seeds": args.tune_seeds,
                 "tasks": {},
             },
         )
+        seeds, tune_seeds = list(range(args.seeds)), list(range(100, 100 + args.tune_seeds))
+        reuse = {}
+        if args.baselines_from is not None:
+            reuse = load_baselines(
+                args.baselines_from,
+                steps=args.steps,
+                factors=factors,
+                seeds=seeds,
+                tune_seeds=tune_seeds,
+                grid=grid,
+                device=args.device,
+            )
+            meta["baselines_from"] = str(args.baselines_from)
+            meta["baselines_reused"] = sorted(reuse)
         for name in tqdm(get_suite(args.suite), desc="tasks"):
+            if args.baselines_from is not None and name not in reuse:
+                tqdm.write(f"{name}: no reusable baselines in {args.baselines_from}; tuning them")
             task_rows, task_meta = run_task(
                 name,
                 optimizers,
                 args.steps,
-                list(range(args.seeds)),
+                seeds,
                 grid,
-                list(range(100, 100 + args.tune_seeds)),
+                tune_seeds,
                 factors,
                 args.device,
+                reuse.get(name),
             )
             rows += task_rows
             meta["tasks"][name] = task_meta

@@ -1,6 +1,7 @@
 """Benchmarks: tuning, the summary computed from curves, and --quick runs."""
 
 import csv
+import json
 import math
 
 import pytest
@@ -146,3 +147,42 @@ def test_learned_optimizer_labels(tmp_path):
     assert labels == ["a", "mine"]
     with pytest.raises(SystemExit, match="labels must be unique"):
         compare.learned_all(["x=" + str(tmp_path / "a" / "optimizer.pt")] * 2)
+
+
+@pytest.mark.slow
+def test_compare_reuses_tuned_baselines(tmp_path, monkeypatch):
+    import lopt
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    torch.manual_seed(0)
+    lopt.save(lopt.PerParamMLP(), tmp_path / "net.pt")
+    compare.main(["--quick", "--weights", f"a={tmp_path / 'net.pt'}", "--out", str(first)])
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("baselines were tuned again")
+
+    monkeypatch.setattr(compare, "tune", no_tuning)
+    args = ["--quick", "--weights", f"b={tmp_path / 'net.pt'}", "--out", str(second)]
+    summary = compare.main(args + ["--baselines-from", str(first)])
+    assert set(summary["optimizers"]) == {"adam", "sgdm", "b"}
+    old, new = (compare.read_csv(d / "curves.csv") for d in (first, second))
+    assert sorted(r for r in old if r[1] in ("adam", "sgdm")) == sorted(
+        r for r in new if r[1] in ("adam", "sgdm")
+    )
+    # The same net under another label gives the same curves as in the first run.
+    assert [r[2:] for r in old if r[1] == "a"] == [r[2:] for r in new if r[1] == "b"]
+    meta = json.loads((second / "meta.json").read_text())
+    assert meta["baselines_reused"] == ["mlp-digits", "mlp-gmm"]
+
+    common = dict(factors=(1, 2), seeds=[0], tune_seeds=[100], grid=compare.QUICK_GRID)
+    with pytest.raises(SystemExit, match="horizon: 50 there, 60 here"):
+        compare.load_baselines(first, steps=60, device="cpu", **common)
+    assert compare.load_baselines(first, steps=50, device="cpu", **common).keys() == {
+        "mlp-digits",
+        "mlp-gmm",
+    }
+    # A seed the first run lacks: nothing to reuse, so those tasks are run afresh.
+    common["seeds"] = [0, 1]
+    assert compare.load_baselines(first, steps=50, device="cpu", **common) == {}
+    with pytest.raises(SystemExit, match="cannot read"):
+        compare.load_baselines(tmp_path / "missing", steps=50, device="cpu", **common)
