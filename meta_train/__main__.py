@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "population": 8,
     "truncation": 20,
     "horizon": 200,
+    "horizon_max": None,
     "sigma": 0.01,
     "meta_lr": 3e-3,
     "clip": 1.0,
@@ -100,6 +101,12 @@ def parser() -> argparse.ArgumentParser:
     a("--population", type=int, help="antithetic pairs (ES/PES) or trajectories (backprop): 8")
     a("--truncation", type=int, help="inner steps per truncation (20)")
     a("--horizon", type=int, help="inner steps before an inner run restarts (200)")
+    a(
+        "--horizon-max",
+        type=int,
+        help="draw each inner run's horizon log-uniformly from [--horizon, this] "
+        "(default: every run has --horizon steps)",
+    )
     a("--sigma", type=float, help="ES / PES perturbation std (0.01)")
     a("--meta-lr", type=float, help="Adam learning rate of the outer loop (3e-3)")
     a("--clip", type=float, help="meta-gradient norm clipping (1.0)")
@@ -174,6 +181,7 @@ def build(
         family,
         truncation=cfg["truncation"],
         horizon=cfg["horizon"],
+        horizon_max=cfg["horizon_max"],
         meta_loss=MetaLoss(cfg["meta_loss"], cfg["loss_cap"]),
         seed=cfg["seed"],
         vectorise=cfg["vectorise"],

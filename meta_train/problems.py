@@ -9,6 +9,8 @@ resumed run continues exactly.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -16,7 +18,7 @@ from lopt.nets import OptimizerNet
 from meta_train.unroll import InnerState, MetaLoss, TaskUnroll
 from tasks import TaskFamily
 
-_TAGS = {"task": 1, "init": 2, "data": 3, "noise": 4, "heldout": 5}
+_TAGS = {"task": 1, "init": 2, "data": 3, "noise": 4, "heldout": 5, "horizon": 6}
 
 
 def rng(seed: int, tag: str, counter: int) -> torch.Generator:
@@ -30,9 +32,23 @@ class TruncatedProblem:
 
     truncation: int = 1
     horizon: int = 1
+    horizon_max: int | None = None
 
     def initial_theta(self) -> Tensor:
         raise NotImplementedError
+
+    def horizon_of(self, counter: int) -> int:
+        """Inner steps of the ``counter``-th inner run: ``horizon``, or with
+        ``horizon_max`` a draw log-uniform in [horizon, horizon_max], a
+        multiple of the truncation (learned_optimization samples truncation
+        lengths the same way), so the net is judged at many lengths and a
+        fixed one does not bias it toward its end."""
+        if self.horizon_max is None:
+            return self.horizon
+        u = torch.rand((), generator=rng(self.seed, "horizon", counter), dtype=torch.float64)
+        lo, hi = math.log(self.horizon), math.log(self.horizon_max + 1)
+        steps = int(math.exp(lo + float(u) * (hi - lo)))
+        return min(self.horizon_max, max(self.horizon, steps)) // self.truncation * self.truncation
 
     def reset(self, counter: int, trajectories: int) -> InnerState:
         raise NotImplementedError
@@ -53,6 +69,8 @@ class LearnedOptimizerProblem(TruncatedProblem):
         family: where each inner run's task comes from.
         truncation: inner steps per truncation (K).
         horizon: inner steps before an inner run is reset.
+        horizon_max: if given, each inner run's horizon is drawn from
+            [horizon, horizon_max] (:meth:`~TruncatedProblem.horizon_of`).
         meta_loss: see :class:`~meta_train.unroll.MetaLoss`.
         seed: all sampling derives from it.
         vectorise: ``torch.func.vmap`` over the population (False: a loop).
@@ -67,13 +85,16 @@ class LearnedOptimizerProblem(TruncatedProblem):
         meta_loss: MetaLoss | None = None,
         seed: int = 0,
         vectorise: bool = True,
+        horizon_max: int | None = None,
     ) -> None:
         if truncation < 1 or horizon < truncation:
             raise ValueError(
                 f"need 1 <= truncation <= horizon, got truncation={truncation}, horizon={horizon}"
             )
+        if horizon_max is not None and horizon_max < horizon:
+            raise ValueError(f"need horizon_max >= horizon, got {horizon_max} < {horizon}")
         self.net, self.family = net, family
-        self.truncation, self.horizon = truncation, horizon
+        self.truncation, self.horizon, self.horizon_max = truncation, horizon, horizon_max
         self.meta_loss = meta_loss or MetaLoss()
         self.seed, self.vectorise = seed, vectorise
         self.unroller: TaskUnroll | None = None

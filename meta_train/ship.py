@@ -35,10 +35,13 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         h.get("wall_time_s_this_session") or 0 for h in history
     )
     n_params = sum(p.numel() for p in net.parameters())
+    horizon = f"horizon {cfg.get('horizon')} steps"
+    if cfg.get("horizon_max"):
+        horizon = f"horizon {cfg['horizon']}-{cfg['horizon_max']} steps (log-uniform per run)"
     lines = [
         f"**`{name}`** ({type(net).__name__}, {n_params:,} meta-parameters, {size / 1024:.0f} KiB)",
         "",
-        f"* Trained on: `{cfg.get('family', '?')}`, horizon {cfg.get('horizon')} steps, "
+        f"* Trained on: `{cfg.get('family', '?')}`, {horizon}, "
         f"{cfg.get('estimator', '?').upper()} with {cfg.get('population')} antithetic pairs, "
         f"truncation {cfg.get('truncation')}, `{cfg.get('meta_loss')}` meta-loss, "
         f"meta lr {cfg.get('meta_lr')}.",

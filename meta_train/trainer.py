@@ -108,7 +108,7 @@ class MetaTrainer:
 
     def outer_step(self) -> dict[str, Any]:
         """One truncation for the population and one meta-optimizer step."""
-        if self.inner is None or self.inner_t >= self.problem.horizon:
+        if self.inner is None or self.inner_t >= self.problem.horizon_of(self.resets - 1):
             self._reset_inner()
         theta = self.theta.detach()
         noise = None
@@ -229,7 +229,8 @@ class MetaTrainer:
             if math.isfinite(m[key]):
                 w.add_scalar(f"meta/{key}", m[key], s)
         w.add_scalar("meta/skipped_total", self.skipped, s)
-        base = (self.resets - 1) * self.problem.horizon + m["inner_t"]
+        stride = self.problem.horizon_max or self.problem.horizon  # runs may end early
+        base = (self.resets - 1) * stride + m["inner_t"]
         for i, loss in enumerate(m["inner_losses"]):
             w.add_scalar("inner/loss", loss, base + i)
 

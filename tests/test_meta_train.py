@@ -173,6 +173,59 @@ def test_resume_continues_exactly(tmp_path, estimator):
     assert torch.equal(resumed.theta, full.theta)
 
 
+class SampledQuadratic(Quadratic):
+    """The quadratic with each inner run's horizon drawn from [2, 12]."""
+
+    def __init__(self):
+        super().__init__(truncation=2, horizon=2)
+        self.horizon_max, self.seed = 12, 3
+
+
+def test_sampled_horizons_are_log_uniform_multiples_of_the_truncation():
+    problem = tiny_problem()
+    assert {problem.horizon_of(c) for c in range(20)} == {6}  # fixed without horizon_max
+    problem = LearnedOptimizerProblem(
+        problem.net, problem.family, truncation=20, horizon=200, horizon_max=1000
+    )
+    draws = [problem.horizon_of(c) for c in range(2000)]
+    assert draws == [problem.horizon_of(c) for c in range(2000)]  # a function of the counter
+    assert all(d % 20 == 0 and 200 <= d <= 1000 for d in draws)
+    assert min(draws) == 200 and max(draws) == 1000
+    # Log-uniform: the median is near the geometric mean (447), far from the mean (500+).
+    assert 400 <= sorted(draws)[1000] <= 480
+    with pytest.raises(ValueError, match="horizon_max >= horizon"):
+        LearnedOptimizerProblem(problem.net, problem.family, horizon=200, horizon_max=100)
+
+
+def test_trainer_restarts_inner_runs_at_their_drawn_horizon(tmp_path):
+    def trainer(out=None):
+        return MetaTrainer(
+            SampledQuadratic(),
+            make_estimator("pes", 0.05),
+            pairs=2,
+            out_dir=out,
+            checkpoint_every=5,
+        )
+
+    full = trainer(tmp_path / "full")
+    history = full.train(40, progress=False)
+    lengths, t = [], None
+    for h in history:
+        if h["inner_t"] == 0 and t is not None:
+            lengths.append(t)
+        t = h["inner_t"] + 2
+    problem = SampledQuadratic()
+    assert lengths == [problem.horizon_of(c) for c in range(len(lengths))]
+    assert len(set(lengths)) > 2
+    # A resumed run draws the same horizons, so it continues exactly.
+    trainer(tmp_path / "part").train(13, progress=False)
+    resumed = trainer(tmp_path / "part")
+    resumed.resume()
+    rest = resumed.train(40, progress=False)
+    assert [h["inner_t"] for h in rest] == [h["inner_t"] for h in history[13:]]
+    assert torch.equal(resumed.theta, full.theta)
+
+
 def test_killed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
     t = MetaTrainer(
         tiny_problem(), make_estimator("pes", 0.05), pairs=2, out_dir=tmp_path, checkpoint_every=0
@@ -380,6 +433,8 @@ def test_cli_bad_input(tmp_path):
                 str(tmp_path / "x"),
             ]
         )
+    with pytest.raises(ValueError, match="horizon_max >= horizon"):
+        main(["--family", "mlp-gmm", "--horizon-max", "100", "--out", str(tmp_path / "y")])
 
 
 def test_distribution_slices_cover_the_population():
