@@ -49,27 +49,54 @@ FACTORS = (1, 2, 5)
 QUICK_GRID = (1e-3, 1e-2, 1e-1)
 
 
-def learned(weights: str) -> tuple[str, callable]:
+def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[str, callable]:
     """A label and an optimizer factory for ``[LABEL=]WEIGHTS`` (a shipped
     name or a checkpoint path). The default label is the file's stem, or its
-    folder's name for meta_train's ``DIR/optimizer.pt``."""
+    folder's name for meta_train's ``DIR/optimizer.pt``. ``overrides`` set
+    scalar meta-parameters (``fan_in_exp``, ``log_lr``, ``log_step_mult``)
+    to other values: an ablation of one learned number."""
     label, _, path = weights.rpartition("=")
     net, _ = lopt.load(path)
     cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
     if not label:
         p = Path(path)
         label = p.parent.name if p.stem == "optimizer" and p.parent.name else p.stem
+    scalars = {n: t for n, t in net.named_parameters() if t.numel() == 1}
+    for name, value in (overrides or {}).items():
+        if name not in scalars:
+            raise SystemExit(
+                f"--set {name}: {label} has no scalar meta-parameter {name!r} "
+                f"(it has {', '.join(sorted(scalars))})"
+            )
+        with torch.no_grad():
+            scalars[name].fill_(value)
     return label, lambda model: cls(model.parameters(), net=net, model=model)
 
 
-def learned_all(specs: list[str]) -> list[tuple[str, callable]]:
-    out = [learned(w) for w in specs]
+def learned_all(
+    specs: list[str], overrides: dict[str, float] | None = None
+) -> list[tuple[str, callable]]:
+    out = [learned(w, overrides) for w in specs]
     labels = [label for label, _ in out]
     if len(set(labels)) != len(labels) or {"adam", "sgdm"} & set(labels):
         raise SystemExit(
             f"--weights: labels must be unique and not adam/sgdm, got {labels} "
             "(name them: --weights nfn=PATH mlp=PATH)"
         )
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, float]:
+    """``NAME=VALUE`` strings (``--set``) as a dict."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise SystemExit(f"--set {item!r}: expected NAME=NUMBER, e.g. fan_in_exp=0.9")
     return out
 
 
@@ -358,6 +385,14 @@ def main(argv: list[str] | None = None) -> dict:
         help="learned optimizers: shipped names or checkpoint paths "
         "(default: untrained NFN and MLP nets)",
     )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="ablation: set a scalar meta-parameter of every learned net "
+        "(fan_in_exp, log_lr, log_step_mult) before running",
+    )
     p.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
@@ -378,6 +413,8 @@ def main(argv: list[str] | None = None) -> dict:
         "factors, seeds, device and torch) instead of tuning and running them again",
     )
     args = p.parse_args(argv)
+    if args.set and not args.weights:
+        raise SystemExit("--set changes learned nets: give them with --weights")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     grid = ADAM_GRID
@@ -391,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
         factors = tuple(meta["factors"])
     else:
         optimizers = (
-            [learned(w) for w in args.weights]
+            learned_all(args.weights, parse_overrides(args.set))
             if args.weights
             else [untrained("nfn"), untrained("mlp")]
         )
@@ -406,6 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "horizon": args.steps,
                 "factors": list(factors),
                 "seeds": args.seeds,
+                "set": parse_overrides(args.set),
                 "tune_seeds": args.tune_seeds,
                 "tasks": {},
             },

@@ -186,3 +186,25 @@ def test_compare_reuses_tuned_baselines(tmp_path, monkeypatch):
     assert compare.load_baselines(first, steps=50, device="cpu", **common) == {}
     with pytest.raises(SystemExit, match="cannot read"):
         compare.load_baselines(tmp_path / "missing", steps=50, device="cpu", **common)
+
+
+def test_set_overrides_a_learned_scalar_for_an_ablation(tmp_path):
+    import lopt
+
+    net = lopt.NFNNet()
+    lopt.save(net, tmp_path / "n.pt")
+    overrides = compare.parse_overrides(["fan_in_exp=0.25", "log_lr=-3"])
+    assert overrides == {"fan_in_exp": 0.25, "log_lr": -3.0}
+    ((label, make),) = compare.learned_all([f"x={tmp_path / 'n.pt'}"], overrides)
+    opt = make(mlp(4, [8], 2))
+    assert label == "x"
+    assert opt.net.fan_in_exp.item() == 0.25 and opt.net.log_lr.item() == -3.0
+    assert lopt.load(tmp_path / "n.pt")[0].fan_in_exp.item() == net.fan_in_exp.item()
+    with pytest.raises(SystemExit, match="no scalar meta-parameter 'inp.weight'"):
+        compare.learned(str(tmp_path / "n.pt"), {"inp.weight": 1.0})
+    for bad in ("fan_in_exp", "fan_in_exp=x", "=1"):
+        with pytest.raises(SystemExit, match="expected NAME=NUMBER"):
+            compare.parse_overrides([bad])
+    with pytest.raises(SystemExit, match="give them with --weights"):
+        compare.main(["--set", "fan_in_exp=1", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
