@@ -30,7 +30,7 @@ import torch.distributed as dist
 import lopt
 from lopt.nets import NFNNet, PerParamMLP
 from meta_train.estimators import ESTIMATORS, make_estimator
-from meta_train.problems import LearnedOptimizerProblem
+from meta_train.problems import LearnedOptimizerProblem, parameter_mask
 from meta_train.trainer import MetaTrainer
 from meta_train.unroll import META_LOSSES, MetaLoss
 from tasks import FAMILIES, TASKS, get_family
@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_steps": 200,
     "vectorise": True,
     "init_from": None,
+    "freeze": [],
 }
 NETS = {"nfn": NFNNet, "mlp": PerParamMLP}
 
@@ -95,6 +96,13 @@ def parser() -> argparse.ArgumentParser:
         help="start from the weights of a saved optimizer net (a path or shipped name): "
         "every tensor of the same name and shape is copied, e.g. an mlp net's per-entry "
         "trunk into an nfn net, whose NF-layer then starts fresh (a second phase)",
+    )
+    a(
+        "--freeze",
+        nargs="+",
+        metavar="NAME[=VALUE]",
+        help="hold these meta-parameters of the net fixed, at VALUE if given (set after "
+        "--init-from), e.g. --freeze fan_in_exp=1.0; names as in net.named_parameters()",
     )
     a("--family", help=f"task family or task name ({', '.join(FAMILIES)}, or a task)")
     a("--estimator", choices=sorted(ESTIMATORS), help="pes (default), es or backprop")
@@ -174,6 +182,7 @@ def build(
     if warm and cfg.get("init_from"):
         copied = warm_start(net, cfg["init_from"])
         print(f"--init-from {cfg['init_from']}: copied {', '.join(copied)}", file=sys.stderr)
+    names = freeze_values(net, cfg.get("freeze") or [])
     net = net.to(device)
     family = get_family(cfg["family"], device)
     problem = LearnedOptimizerProblem(
@@ -198,8 +207,29 @@ def build(
         eval_fn=make_eval(cfg, device) if cfg["eval_every"] else None,
         eval_every=cfg["eval_every"],
         config=cfg,
+        frozen=parameter_mask(net, names) if names else None,
     )
     return trainer, net
+
+
+def freeze_values(net: lopt.OptimizerNet, items: list[str]) -> list[str]:
+    """``--freeze`` items (``NAME`` or ``NAME=VALUE``): set each given value
+    (every entry of the parameter) and return the names."""
+    params = dict(net.named_parameters())
+    names = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if name not in params:
+            raise SystemExit(f"--freeze: no parameter {name!r} (it has {', '.join(params)})")
+        if sep:
+            try:
+                number = float(value)
+            except ValueError:
+                raise SystemExit(f"--freeze {item!r}: VALUE must be a number") from None
+            with torch.no_grad():
+                params[name].fill_(number)
+        names.append(name)
+    return names
 
 
 def warm_start(net: lopt.OptimizerNet, weights: str) -> list[str]:
@@ -274,10 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     out = Path(cfg["out"])
+    trainer, net = build(cfg, device, warm=args.resume is None)  # bad options raise here
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    trainer, net = build(cfg, device, warm=args.resume is None)
     if args.resume is not None:
         trainer.resume()
     start = time.time()

@@ -59,6 +59,8 @@ class MetaTrainer:
         eval_fn, eval_every: a periodic evaluation ``eval_fn(trainer) -> dict``
             whose numbers are logged under ``eval/``.
         config: saved with checkpoints.
+        frozen: a bool mask over the meta-parameters held fixed: they are
+            not perturbed and not stepped (None: all are trained).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class MetaTrainer:
         eval_fn: Callable[[MetaTrainer], dict[str, float]] | None = None,
         eval_every: int = 0,
         config: dict[str, Any] | None = None,
+        frozen: torch.Tensor | None = None,
     ) -> None:
         if pairs < 1:
             raise ValueError(f"population must be >= 1, got {pairs}")
@@ -84,6 +87,9 @@ class MetaTrainer:
         self.rank, self.world_size = world()
         self.lo, self.hi = pair_slice(pairs, self.rank, self.world_size)
         self.theta = torch.nn.Parameter(problem.initial_theta())
+        if frozen is not None and frozen.shape != self.theta.shape:
+            raise ValueError(f"frozen mask {tuple(frozen.shape)} != {tuple(self.theta.shape)}")
+        self.frozen = None if frozen is None else frozen.to(self.theta.device)
         self.meta_opt = torch.optim.Adam([self.theta], lr=meta_lr)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint_every, self.eval_every, self.eval_fn = checkpoint_every, eval_every, eval_fn
@@ -116,6 +122,8 @@ class MetaTrainer:
             g = rng(self.seed, "noise", self.step)
             noise = torch.randn(self.pairs, theta.numel(), generator=g)[self.lo : self.hi]
             noise = noise.to(theta.device)
+            if self.frozen is not None:
+                noise = noise.masked_fill(self.frozen, 0.0)
         t0 = time.perf_counter()
         counter = self.step
 
@@ -145,6 +153,8 @@ class MetaTrainer:
             losses_mean /= self.world_size
         grad_sum, (loss_sum, sq_sum, count, trajs) = sums[:-4], sums[-4:]
         grad = grad_sum / count
+        if self.frozen is not None:  # backprop estimates them; drop them
+            grad = grad.masked_fill(self.frozen, 0.0)
         meta_loss = (loss_sum / trajs).item()
         grad_norm = grad.norm().item()
         # Variance of the mean estimate (trace): per-unit second moment minus

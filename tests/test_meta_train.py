@@ -469,3 +469,26 @@ def test_init_from_warm_starts_the_shared_tensors(tmp_path):
     trained, meta = lopt.load(out / "optimizer.pt")
     assert meta["config"]["init_from"] == str(tmp_path / "mlp.pt")
     torch.testing.assert_close(trained.log_lr, source.log_lr, atol=1e-6, rtol=0)
+
+
+def test_freeze_holds_meta_parameters_at_their_value(tmp_path):
+    from meta_train.__main__ import main
+
+    out = tmp_path / "run"
+    common = ["--net", "mlp", "--width", "4", "--family", "mlp-gmm", "--truncation", "2"]
+    common += ["--horizon", "4", "--population", "2", "--meta-lr", "0.05", "--no-progress"]
+    args = common + ["--outer-steps", "3", "--freeze", "fan_in_exp=0.7", "log_lr", "--out"]
+    assert main(args + [str(out)]) == 0
+    before = PerParamMLP(width=4)
+    net, _ = lopt.load(out / "optimizer.pt")
+    assert net.fan_in_exp.item() == torch.tensor(0.7).item()
+    assert torch.equal(net.log_lr, before.log_lr)
+    assert not torch.equal(net.out.weight, before.out.weight)  # the rest is trained
+    assert main(["--resume", str(out), "--outer-steps", "5", "--no-progress"]) == 0
+    net, _ = lopt.load(out / "optimizer.pt")
+    assert net.fan_in_exp.item() == torch.tensor(0.7).item()
+    assert torch.equal(net.log_lr, before.log_lr)
+    for bad, message in (("nope", "no parameter 'nope'"), ("log_lr=x", "must be a number")):
+        with pytest.raises(SystemExit, match=message):
+            main(common + ["--outer-steps", "1", "--freeze", bad, "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "b").exists()  # nothing written for bad options
