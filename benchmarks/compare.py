@@ -148,6 +148,38 @@ CSV_HEADER = ("task", "optimizer", "seed", "step", "split", "loss")
 BASELINES = ("adam", "sgdm")
 
 
+def merge_runs(folders: list[Path]) -> tuple[list[tuple], dict]:
+    """The rows and meta of several compare runs as one run, e.g. checkpoints
+    each run with ``--baselines-from`` the same folder. Settings must match,
+    and a curve in more than one run (the shared baselines) must be the same
+    in each, else this raises SystemExit saying where."""
+    rows: dict[tuple, float] = {}
+    meta: dict = {}
+    for folder in map(Path, folders):
+        try:
+            m = json.loads((folder / "meta.json").read_text())
+            r = read_csv(folder / "curves.csv")
+        except (OSError, ValueError) as e:
+            raise SystemExit(
+                f"--merge {folder}: cannot read its meta.json / curves.csv: {e}"
+            ) from e
+        if not meta:
+            meta = {k: v for k, v in m.items() if k != "tasks"} | {"tasks": {}}
+            meta["command"] = "merged from " + ", ".join(map(str, folders))
+        for key in ("horizon", "factors", "device", "torch"):
+            if m.get(key) != meta.get(key):
+                raise SystemExit(f"--merge {folder}: {key} {m.get(key)} != {meta.get(key)}")
+        for *key, loss in r:
+            key = tuple(key)
+            if key in rows and rows[key] != loss:
+                raise SystemExit(f"--merge {folder}: {key} differs from an earlier run's")
+            rows[key] = loss
+        for task, tm in m.get("tasks", {}).items():
+            merged = meta["tasks"].setdefault(task, dict(tm))
+            merged["seconds_per_step"] = merged["seconds_per_step"] | tm["seconds_per_step"]
+    return [(*k, v) for k, v in rows.items()], meta
+
+
 def load_baselines(
     folder: Path, *, steps: int, factors, seeds, tune_seeds, grid, device: str
 ) -> dict[str, tuple[list[tuple], dict]]:
@@ -405,6 +437,14 @@ def main(argv: list[str] | None = None) -> dict:
         "--from-csv", action="store_true", help="only redo the summary from --out/curves.csv"
     )
     p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="write the union of these runs' curves (identical where they overlap) to --out "
+        "and summarise it",
+    )
+    p.add_argument(
         "--baselines-from",
         type=Path,
         default=None,
@@ -422,7 +462,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.suite, args.steps, args.seeds, args.tune_seeds = "quick", 50, 1, 1
         args.factors, grid = [1, 2], QUICK_GRID
     factors = tuple(sorted(set(args.factors) | {1}))
-    if args.from_csv:
+    if args.merge:
+        rows, meta = merge_runs(args.merge)
+        factors = tuple(meta["factors"])
+        write_csv(rows, out / "curves.csv")
+        (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    elif args.from_csv:
         rows = read_csv(out / "curves.csv")
         meta = json.loads((out / "meta.json").read_text())
         factors = tuple(meta["factors"])

@@ -187,6 +187,20 @@ def test_compare_reuses_tuned_baselines(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="cannot read"):
         compare.load_baselines(tmp_path / "missing", steps=50, device="cpu", **common)
 
+    # Both runs as one: the shared baselines once, both learned nets.
+    merged = compare.main(["--merge", str(first), str(second), "--out", str(tmp_path / "m")])
+    assert set(merged["optimizers"]) == {"adam", "sgdm", "a", "b"}
+    rows = compare.read_csv(tmp_path / "m" / "curves.csv")
+    assert len(rows) == len(old) + sum(r[1] == "b" for r in new)
+    assert merged["counts"]["a"] == merged["counts"]["b"]  # the same net under two labels
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "meta.json").write_text((second / "meta.json").read_text())
+    changed = [(*r[:5], r[5] + 1.0) if r[1] == "adam" else r for r in new]
+    compare.write_csv(changed, bad / "curves.csv")
+    with pytest.raises(SystemExit, match="differs from an earlier run"):
+        compare.merge_runs([first, bad])
+
 
 def test_set_overrides_a_learned_scalar_for_an_ablation(tmp_path):
     import lopt
