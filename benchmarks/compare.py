@@ -148,6 +148,16 @@ CSV_HEADER = ("task", "optimizer", "seed", "step", "split", "loss")
 BASELINES = ("adam", "sgdm")
 
 
+def read_run(folder: Path, option: str) -> tuple[list[tuple], dict]:
+    """(curves.csv rows, meta.json) of a compare run's folder; SystemExit
+    naming ``option`` if either cannot be read."""
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+        return read_csv(Path(folder) / "curves.csv"), meta
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{option} {folder}: cannot read its meta.json / curves.csv: {e}") from e
+
+
 def merge_runs(folders: list[Path]) -> tuple[list[tuple], dict]:
     """The rows and meta of several compare runs as one run, e.g. checkpoints
     each run with ``--baselines-from`` the same folder. Settings must match,
@@ -156,13 +166,7 @@ def merge_runs(folders: list[Path]) -> tuple[list[tuple], dict]:
     rows: dict[tuple, float] = {}
     meta: dict = {}
     for folder in map(Path, folders):
-        try:
-            m = json.loads((folder / "meta.json").read_text())
-            r = read_csv(folder / "curves.csv")
-        except (OSError, ValueError) as e:
-            raise SystemExit(
-                f"--merge {folder}: cannot read its meta.json / curves.csv: {e}"
-            ) from e
+        r, m = read_run(folder, "--merge")
         if not meta:
             meta = {k: v for k, v in m.items() if k != "tasks"} | {"tasks": {}}
             meta["command"] = "merged from " + ", ".join(map(str, folders))
@@ -191,13 +195,7 @@ def load_baselines(
     raises SystemExit saying which; a task whose baseline runs lack a seed is
     left out (and run afresh)."""
     folder = Path(folder)
-    try:
-        old = json.loads((folder / "meta.json").read_text())
-        rows = read_csv(folder / "curves.csv")
-    except (OSError, ValueError) as e:
-        raise SystemExit(
-            f"--baselines-from {folder}: cannot read its meta.json / curves.csv: {e}"
-        ) from e
+    rows, old = read_run(folder, "--baselines-from")
     want = {
         "horizon": steps,
         "factors": sorted(set(factors)),
