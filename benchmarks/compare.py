@@ -451,7 +451,8 @@ def main(argv: list[str] | None = None) -> dict:
         "factors, seeds, device and torch) instead of tuning and running them again",
     )
     args = p.parse_args(argv)
-    if args.set and not args.weights:
+    overrides = parse_overrides(args.set)
+    if overrides and not args.weights:
         raise SystemExit("--set changes learned nets: give them with --weights")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -471,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
         factors = tuple(meta["factors"])
     else:
         optimizers = (
-            learned_all(args.weights, parse_overrides(args.set))
+            learned_all(args.weights, overrides)
             if args.weights
             else [untrained("nfn"), untrained("mlp")]
         )
@@ -486,7 +487,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "horizon": args.steps,
                 "factors": list(factors),
                 "seeds": args.seeds,
-                "set": parse_overrides(args.set),
+                "set": overrides,
                 "tune_seeds": args.tune_seeds,
                 "tasks": {},
             },

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import lopt
 from lopt.nets import NFNNet, PerParamMLP
 from meta_train.estimators import ESTIMATORS, make_estimator
-from meta_train.problems import LearnedOptimizerProblem, parameter_mask
+from meta_train.problems import LearnedOptimizerProblem
 from meta_train.trainer import MetaTrainer
 from meta_train.unroll import META_LOSSES, MetaLoss
 from tasks import FAMILIES, TASKS, get_family
@@ -182,7 +182,7 @@ def build(
     if warm and cfg.get("init_from"):
         copied = warm_start(net, cfg["init_from"])
         print(f"--init-from {cfg['init_from']}: copied {', '.join(copied)}", file=sys.stderr)
-    names = freeze_values(net, cfg.get("freeze") or [])
+    frozen = freeze(net, cfg.get("freeze") or [])
     net = net.to(device)
     family = get_family(cfg["family"], device)
     problem = LearnedOptimizerProblem(
@@ -207,16 +207,20 @@ def build(
         eval_fn=make_eval(cfg, device) if cfg["eval_every"] else None,
         eval_every=cfg["eval_every"],
         config=cfg,
-        frozen=parameter_mask(net, names) if names else None,
+        frozen=frozen,
     )
     return trainer, net
 
 
-def freeze_values(net: lopt.OptimizerNet, items: list[str]) -> list[str]:
+def freeze(net: lopt.OptimizerNet, items: list[str]) -> torch.Tensor | None:
     """``--freeze`` items (``NAME`` or ``NAME=VALUE``): set each given value
-    (every entry of the parameter) and return the names."""
+    (every entry of the parameter) and return the bool mask over
+    ``parameters_to_vector(net.parameters())`` that is True on the named
+    parameters (None for no items)."""
+    if not items:
+        return None
     params = dict(net.named_parameters())
-    names = []
+    names = set()
     for item in items:
         name, sep, value = item.partition("=")
         if name not in params:
@@ -228,8 +232,10 @@ def freeze_values(net: lopt.OptimizerNet, items: list[str]) -> list[str]:
                 raise SystemExit(f"--freeze {item!r}: VALUE must be a number") from None
             with torch.no_grad():
                 params[name].fill_(number)
-        names.append(name)
-    return names
+        names.add(name)
+    return torch.cat(
+        [torch.full((t.numel(),), n in names, dtype=torch.bool) for n, t in params.items()]
+    )
 
 
 def warm_start(net: lopt.OptimizerNet, weights: str) -> list[str]:

@@ -27,21 +27,6 @@ def rng(seed: int, tag: str, counter: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
-def parameter_mask(net: nn.Module, names: list[str]) -> Tensor:
-    """A bool mask over ``parameters_to_vector(net.parameters())``, True on
-    the entries of the named parameters."""
-    params = dict(net.named_parameters())
-    unknown = [n for n in names if n not in params]
-    if unknown:
-        raise SystemExit(
-            f"--freeze: {type(net).__name__} has no parameter {', '.join(map(repr, unknown))} "
-            f"(it has {', '.join(params)})"
-        )
-    return torch.cat(
-        [torch.full((t.numel(),), n in names, dtype=torch.bool) for n, t in params.items()]
-    )
-
-
 class TruncatedProblem:
     """Interface of a meta-objective made of truncated inner runs."""
 
