@@ -228,6 +228,8 @@ TASKS: dict[str, Callable[..., Task]] = {
     "cnn-digits-4x-deeper": _task(
         "cnn-digits-4x-deeper", lambda d: cnn((1, 8, 8), [64] * 4, [3] * 4, 10), "digits"
     ),
+    # 4x wider and one layer deeper than mlp-family-deep (its CNNs are cnn-family-small's).
+    "mlp-mnist1d-256x5": _task("mlp-mnist1d-256x5", lambda d: mlp(40, [256] * 5, 10), "mnist1d"),
     # From a user's files ($LOPT_DATA).
     "mlp-fashion-8": _task("mlp-fashion-8", lambda d: mlp(64, [64], 10), "fashion_mnist-8"),
     "cnn-fashion-16": _task(
@@ -264,6 +266,22 @@ FAMILIES: dict[str, Callable[..., TaskFamily]] = {
         [0.6, 0.4],
         "mixed-family-small",
     ),
+    # The small MLP family one layer deeper and with GELU: the held-out suite's
+    # 5-layer MLP and its GELU task stay outside it (depth 5, width 128, new data).
+    "mlp-family-deep": lambda device="cpu": MLPFamily(
+        "mlp-family-deep",
+        ("mnist1d", "digits", "teacher"),
+        (1, 4),
+        (8, 64),
+        ("relu", "tanh", "gelu"),
+        (32, 128),
+        device=device,
+    ),
+    "mixed-family-deep": lambda device="cpu": MixtureFamily(
+        [FAMILIES["mlp-family-deep"](device), FAMILIES["cnn-family-small"](device)],
+        [0.6, 0.4],
+        "mixed-family-deep",
+    ),
 }
 
 SUITES: dict[str, list[str]] = {
@@ -278,6 +296,7 @@ SUITES: dict[str, list[str]] = {
     ],
     "quick": ["mlp-digits", "mlp-gmm"],
     "stress": ["mlp-mnist1d-4x-deeper", "cnn-digits-4x-deeper"],
+    "stress-deep": ["mlp-mnist1d-256x5", "cnn-digits-4x-deeper"],
 }
 
 

@@ -240,3 +240,65 @@ def test_tasks_cli_lists_every_name(capsys):
     out = capsys.readouterr().out
     for name in list(tasks.TASKS) + list(tasks.FAMILIES) + list(tasks.SUITES):
         assert f"| {name} |" in out
+
+
+def _architecture(task):
+    """(kind, hidden widths or channels, activation names, dataset) of a named task."""
+    layers = list(task.model)
+    convs = [m for m in layers if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d))]
+    linears = [m for m in layers if isinstance(m, torch.nn.Linear)]
+    if convs:
+        kind, hidden = "cnn", [m.out_channels for m in convs]
+    else:
+        kind, hidden = "mlp", [m.out_features for m in linears[:-1]]
+    acts = {n for n, cls in tasks.models.ACTIVATIONS.items() for m in layers if type(m) is cls}
+    return kind, hidden, acts, task.dataset
+
+
+def _component(mixture, kind):
+    cls = MLPFamily if kind == "mlp" else CNNFamily
+    return next(f for f in mixture.families if isinstance(f, cls))
+
+
+def _family_datasets(fam, kind):
+    conv = tasks.families.CONV_DATASETS if kind == "cnn" else {}
+    return [tasks.families.get_dataset(conv.get(d, d)) for d in fam.datasets]
+
+
+@pytest.mark.parametrize("family", ["mixed-family-small", "mixed-family-deep"])
+def test_heldout_tasks_lie_outside_the_training_families(family):
+    mixture = tasks.get_family(family)
+    for name in SUITES["heldout"]:
+        kind, hidden, acts, ds = _architecture(tasks.get_task(name))
+        fam = _component(mixture, kind)
+        widths = fam.width if kind == "mlp" else fam.channels
+        outside = (
+            len(hidden) > fam.depth[1]
+            or max(hidden) > widths[1]
+            or not acts <= set(fam.activations)
+            or all(ds is not d for d in _family_datasets(fam, kind))
+        )
+        assert outside, f"{name} can be sampled by {family}"
+
+
+@pytest.mark.parametrize(
+    "family, suite", [("mixed-family-small", "stress"), ("mixed-family-deep", "stress-deep")]
+)
+def test_stress_tasks_are_4x_wider_and_one_layer_deeper(family, suite):
+    mixture = tasks.get_family(family)
+    kinds = set()
+    for name in SUITES[suite]:
+        kind, hidden, _, _ = _architecture(tasks.get_task(name))
+        fam = _component(mixture, kind)
+        widths = fam.width if kind == "mlp" else fam.channels
+        assert len(hidden) == fam.depth[1] + 1, name
+        assert min(hidden) >= 4 * widths[1], name
+        kinds.add(kind)
+    assert kinds == {"mlp", "cnn"}
+
+
+def test_deep_family_samples_depth_4_and_gelu():
+    fam = tasks.get_family("mlp-family-deep")
+    archs = [_architecture(fam.sample(gen(i))) for i in range(60)]
+    assert max(len(h) for _, h, _, _ in archs) == 4
+    assert any("gelu" in a for _, _, a, _ in archs)
