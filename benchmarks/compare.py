@@ -54,7 +54,8 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
     name or a checkpoint path). The default label is the file's stem, or its
     folder's name for meta_train's ``DIR/optimizer.pt``. ``overrides`` set
     scalar meta-parameters (``fan_in_exp``, ``log_lr``, ``log_step_mult``)
-    to other values: an ablation of one learned number."""
+    to other values, an ablation of one learned number, or switch an option
+    of the net on or off (``input_width_factor=0``)."""
     label, _, path = weights.rpartition("=")
     net, _ = lopt.load(path)
     cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
@@ -63,10 +64,15 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
         label = p.parent.name if p.stem == "optimizer" and p.parent.name else p.stem
     scalars = {n: t for n, t in net.named_parameters() if t.numel() == 1}
     for name, value in (overrides or {}).items():
+        if name in net.SWITCHES:
+            if value not in (0, 1):
+                raise SystemExit(f"--set {name}={value:g}: a switch is 0 or 1")
+            setattr(net, name, bool(value))
+            continue
         if name not in scalars:
             raise SystemExit(
-                f"--set {name}: {label} has no scalar meta-parameter {name!r} "
-                f"(it has {', '.join(sorted(scalars))})"
+                f"--set {name}: {label} has no scalar meta-parameter or switch {name!r} "
+                f"(it has {', '.join(sorted(scalars) + list(net.SWITCHES))})"
             )
         with torch.no_grad():
             scalars[name].fill_(value)
@@ -421,7 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         metavar="NAME=VALUE",
         help="ablation: set a scalar meta-parameter of every learned net "
-        "(fan_in_exp, log_lr, log_step_mult) before running",
+        "(fan_in_exp, log_lr, log_step_mult) or switch an option (input_width_factor=0) "
+        "before running",
     )
     p.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))
     p.add_argument("--device", default="cpu")

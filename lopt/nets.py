@@ -11,7 +11,9 @@ of a tensor with fan-in ``n`` (the product of all but its first axis, as in
 ``torch.nn.init``; 1-D tensors are not scaled) is multiplied by
 ``(FAN_IN_REF / n) ** fan_in_exp``, a meta-learned exponent. That factor is
 what lets one step size serve a width-8 and a width-1024 layer (a hidden
-layer's output moves with fan-in times the per-entry step). The net learns a
+layer's output moves with fan-in times the per-entry step). With
+``input_width_factor=False`` a layer that reads the network's input keeps
+factor 1 (muP's rule: its fan-in is the data's, not a width). The net learns a
 correction on top of Adam (as the UNF paper's net does on top of SGD with
 momentum), and its output layer starts near zero, so a fresh net is a sane,
 slow optimizer. Every input is loss-scale invariant, so the update is too.
@@ -39,7 +41,7 @@ from lopt.features import (
     step_features,
 )
 from lopt.nn import NFLinear
-from lopt.weightspace import TensorSpec, WeightSpaceSpec
+from lopt.weightspace import INPUT, TensorSpec, WeightSpaceSpec
 
 MAX_LOG_MAGNITUDE = 10.0  # exp() of more than this is clipped: no overflow to inf
 MATRIX_POOLS = {(0,), (1,), (0, 1)}  # the pools of a matrix the fused kernel sums
@@ -51,6 +53,15 @@ def width_log_ratio(t: TensorSpec) -> float:
     """``log(FAN_IN_REF / fan_in)``, fan-in being the product of all but the
     first axis; 0 (no width factor) for tensors of fewer than 2 axes."""
     return math.log(FAN_IN_REF / math.prod(t.shape[1:])) if len(t.shape) >= 2 else 0.0
+
+
+def reads_network_input(spec: WeightSpaceSpec, t: TensorSpec) -> bool:
+    """Whether ``t`` is a weight whose fan-in axis is the network's input, so
+    that its fan-in is set by the data (16 features, 1 channel x 3 x 3), not
+    by a width."""
+    if t.kind != "weight" or len(t.axes) < 2 or t.axes[1].group is None:
+        return False
+    return spec.group_kind(t.axes[1].group) == INPUT
 
 
 class TensorInputs(NamedTuple):
@@ -125,6 +136,7 @@ class OptimizerNet(nn.Module):
         mag_mult: float = 0.1,
         out_scale: float = 0.01,
         fan_in_exp: float = 0.0,
+        input_width_factor: bool = True,
     ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
@@ -139,6 +151,7 @@ class OptimizerNet(nn.Module):
             mag_mult=mag_mult,
             out_scale=out_scale,
             fan_in_exp=fan_in_exp,
+            input_width_factor=bool(input_width_factor),
         )
         self.mag_mult = mag_mult
         self.fan_in_exp = nn.Parameter(torch.tensor(float(fan_in_exp)))
@@ -151,6 +164,25 @@ class OptimizerNet(nn.Module):
         with torch.no_grad():
             self.out.weight.mul_(out_scale)
             self.out.bias.zero_()
+
+    SWITCHES = ("input_width_factor",)  # on/off options that may change after training
+
+    @property
+    def input_width_factor(self) -> bool:
+        """Whether layers that read the network's input get the width factor."""
+        return self._config["input_width_factor"]
+
+    @input_width_factor.setter
+    def input_width_factor(self, on: bool) -> None:
+        self._config["input_width_factor"] = bool(on)
+
+    def width_log_ratio(self, spec: WeightSpaceSpec, t: TensorSpec) -> float:
+        """:func:`width_log_ratio`, or 0 for a layer reading the network's
+        input when ``input_width_factor`` is off (muP's rule: only fan-ins
+        that are widths scale the step)."""
+        if not self.input_width_factor and reads_network_input(spec, t):
+            return 0.0
+        return width_log_ratio(t)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -194,7 +226,7 @@ class OptimizerNet(nn.Module):
         # -step_mult and mag_mult are folded into the output layer, so per
         # entry: update = -lr * adam + o[0] * exp(min(o[1], MAX_LOG_MAGNITUDE)).
         # The width factor is folded in too, per tensor.
-        factors = [torch.exp(self.fan_in_exp * width_log_ratio(t)) for t in spec.tensors]
+        factors = [torch.exp(self.fan_in_exp * self.width_log_ratio(spec, t)) for t in spec.tensors]
         mag = self.log_step_mult.new_tensor(self.mag_mult)
         out_scales = [torch.stack([-self.log_step_mult.exp() * f, mag]) for f in factors]
         neg_lrs = [-self.log_lr.exp() * f for f in factors]

@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "init_lr": 1e-3,
     "init_step_mult": 1e-3,
     "init_fan_in_exp": 0.0,
+    "input_width_factor": True,
     "nf_channels": None,
     "nf_scale": 1.0,
     "family": "mlp-family-small",
@@ -88,6 +89,12 @@ def parser() -> argparse.ArgumentParser:
         "--init-fan-in-exp",
         type=float,
         help="the net's initial width exponent: updates scale as (64 / fan-in) ** it (0)",
+    )
+    a(
+        "--input-width-factor",
+        action=argparse.BooleanOptionalAction,
+        help="apply the width factor to layers that read the network's input, whose fan-in "
+        "is the data's (default); --no-input-width-factor leaves them at 1, as muP does",
     )
     a("--nf-channels", type=int, help="nfn: channels the NF-layer reads (default: the width)")
     a("--nf-scale", type=float, help="nfn: constant on the NF-layer's output (1.0)")
@@ -177,6 +184,7 @@ def build(
         lr=cfg["init_lr"],
         step_mult=cfg["init_step_mult"],
         fan_in_exp=cfg.get("init_fan_in_exp", 0.0),
+        input_width_factor=cfg.get("input_width_factor", True),
         **extra,
     )
     if warm and cfg.get("init_from"):

@@ -214,8 +214,12 @@ def test_set_overrides_a_learned_scalar_for_an_ablation(tmp_path):
     assert label == "x"
     assert opt.net.fan_in_exp.item() == 0.25 and opt.net.log_lr.item() == -3.0
     assert lopt.load(tmp_path / "n.pt")[0].fan_in_exp.item() == net.fan_in_exp.item()
-    with pytest.raises(SystemExit, match="no scalar meta-parameter 'inp.weight'"):
+    with pytest.raises(SystemExit, match="no scalar meta-parameter or switch 'inp.weight'"):
         compare.learned(str(tmp_path / "n.pt"), {"inp.weight": 1.0})
+    ((_, make),) = compare.learned_all([str(tmp_path / "n.pt")], {"input_width_factor": 0})
+    assert make(mlp(4, [8], 2)).net.input_width_factor is False
+    with pytest.raises(SystemExit, match="a switch is 0 or 1"):
+        compare.learned(str(tmp_path / "n.pt"), {"input_width_factor": 0.5})
     for bad in ("fan_in_exp", "fan_in_exp=x", "=1"):
         with pytest.raises(SystemExit, match="expected NAME=NUMBER"):
             compare.parse_overrides([bad])

@@ -492,3 +492,9 @@ def test_freeze_holds_meta_parameters_at_their_value(tmp_path):
         with pytest.raises(SystemExit, match=message):
             main(common + ["--outer-steps", "1", "--freeze", bad, "--out", str(tmp_path / "b")])
     assert not (tmp_path / "b").exists()  # nothing written for bad options
+    assert net.input_width_factor is True
+    assert (
+        main(common + ["--outer-steps", "1", "--no-input-width-factor", "--out", str(out) + "2"])
+        == 0
+    )
+    assert lopt.load(str(out) + "2/optimizer.pt")[0].input_width_factor is False

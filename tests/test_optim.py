@@ -407,6 +407,38 @@ def test_width_factor_scales_each_tensor_by_its_fan_in(cls):
         torch.testing.assert_close(u, u0 * (64 / fan_in) ** 0.7, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_input_width_factor_off_leaves_input_layers_unscaled(cls, arch, tmp_path):
+    # Naive reference as above, except that the weight reading the network's
+    # input (the first layer's) keeps factor 1; the fused optimizer step agrees.
+    torch.manual_seed(1)
+    model = make_mlp([16, 8, 4, 3]) if arch == "mlp" else make_cnn([1, 4, 8], [3, 3])
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    spec = WeightSpaceSpec.from_module(model)
+    state = functional.init(params)
+    net = strong_net(cls)
+    base, _ = functional.update(net, spec, None, grads, state, params)
+    with torch.no_grad():
+        net.fan_in_exp.fill_(0.7)
+    net.input_width_factor = False
+    scaled, _ = functional.update(net, spec, None, grads, state, params)
+    for i, (p, u0, u) in enumerate(zip(params, base, scaled)):
+        fan_in = 64 if p.dim() < 2 or i == 0 else p[0].numel()
+        torch.testing.assert_close(u, u0 * (64 / fan_in) ** 0.7, rtol=1e-5, atol=1e-9)
+    opt_cls = lopt.NFNOptimizer if cls is NFNNet else lopt.MLPOptimizer
+    opt = opt_cls(model.parameters(), net=net, model=model)
+    for q, g in zip(model.parameters(), grads):
+        q.grad = g.clone()
+    opt.step()
+    for q, p, u in zip(model.parameters(), params, scaled):
+        torch.testing.assert_close(q.detach() - p, u, rtol=1e-3, atol=1e-7)  # float32 params
+    lopt.save(net, tmp_path / "n.pt")
+    assert lopt.load(tmp_path / "n.pt")[0].input_width_factor is False
+    assert cls().input_width_factor is True  # the default, as every net shipped so far
+
+
 def test_version_1_checkpoints_load_without_a_width_factor(tmp_path):
     net = strong_net()
     path = tmp_path / "v1.pt"
@@ -417,4 +449,5 @@ def test_version_1_checkpoints_load_without_a_width_factor(tmp_path):
     torch.save(payload, path)
     loaded, _ = lopt.load(path)
     assert loaded.fan_in_exp.item() == 0.0
+    assert loaded.input_width_factor is True
     assert torch.equal(loaded.log_lr, net.log_lr)
