@@ -377,6 +377,11 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     assert ship([str(out), "my-mlp", "--dest", str(dest)]) == 0
     card = capsys.readouterr().out
     assert "**`my-mlp`** (PerParamMLP" in card and "--outer-steps 2" in card
+    assert "input layers keep width factor 1" not in card
+    off = tmp_path / "off"
+    assert main([*args.split(), "--no-input-width-factor", "--out", str(off), "--no-progress"]) == 0
+    assert ship([str(off), "my-mlp-off", "--dest", str(dest)]) == 0
+    assert "input layers keep width factor 1" in capsys.readouterr().out
     monkeypatch.setattr(lopt.checkpoint, "PRETRAINED_DIR", dest)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     opt = lopt.MLPOptimizer(model.parameters(), weights="my-mlp")
