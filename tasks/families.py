@@ -11,7 +11,7 @@ import difflib
 import functools
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -241,6 +241,13 @@ TASKS: dict[str, Callable[..., Task]] = {
 }
 FILE_TASKS = {"mlp-fashion-8", "cnn-fashion-16", "cnn-cifar10-16"}
 
+
+def _mixed(mlp_family: str, device: str) -> MixtureFamily:
+    """``mixed-family-*``: 60% the named MLP family, 40% ``cnn-family-small``."""
+    fams = [FAMILIES[mlp_family](device), FAMILIES["cnn-family-small"](device)]
+    return MixtureFamily(fams, [0.6, 0.4], mlp_family.replace("mlp-", "mixed-"))
+
+
 FAMILIES: dict[str, Callable[..., TaskFamily]] = {
     "mlp-family-small": lambda device="cpu": MLPFamily(
         "mlp-family-small",
@@ -261,27 +268,16 @@ FAMILIES: dict[str, Callable[..., TaskFamily]] = {
         (32, 128),
         device=device,
     ),
-    "mixed-family-small": lambda device="cpu": MixtureFamily(
-        [FAMILIES["mlp-family-small"](device), FAMILIES["cnn-family-small"](device)],
-        [0.6, 0.4],
-        "mixed-family-small",
-    ),
+    "mixed-family-small": lambda device="cpu": _mixed("mlp-family-small", device),
     # The small MLP family one layer deeper and with GELU: the held-out suite's
     # 5-layer MLP and its GELU task stay outside it (depth 5, width 128, new data).
-    "mlp-family-deep": lambda device="cpu": MLPFamily(
-        "mlp-family-deep",
-        ("mnist1d", "digits", "teacher"),
-        (1, 4),
-        (8, 64),
-        ("relu", "tanh", "gelu"),
-        (32, 128),
-        device=device,
+    "mlp-family-deep": lambda device="cpu": replace(
+        FAMILIES["mlp-family-small"](device),
+        name="mlp-family-deep",
+        depth=(1, 4),
+        activations=("relu", "tanh", "gelu"),
     ),
-    "mixed-family-deep": lambda device="cpu": MixtureFamily(
-        [FAMILIES["mlp-family-deep"](device), FAMILIES["cnn-family-small"](device)],
-        [0.6, 0.4],
-        "mixed-family-deep",
-    ),
+    "mixed-family-deep": lambda device="cpu": _mixed("mlp-family-deep", device),
 }
 
 SUITES: dict[str, list[str]] = {
