@@ -127,6 +127,8 @@ def matrix_terms(
 class OptimizerNet(nn.Module):
     """Base class: the update formula; subclasses define :meth:`body`."""
 
+    SWITCHES = ("input_width_factor",)  # on/off options that may change after training
+
     def __init__(
         self,
         width: int = 16,
@@ -164,8 +166,6 @@ class OptimizerNet(nn.Module):
         with torch.no_grad():
             self.out.weight.mul_(out_scale)
             self.out.bias.zero_()
-
-    SWITCHES = ("input_width_factor",)  # on/off options that may change after training
 
     @property
     def input_width_factor(self) -> bool:
