@@ -387,7 +387,7 @@ def test_sliced_net_equals_the_plain_layers(cls, extra, chunk, monkeypatch):
 
 
 def width_factor_updates(model, net, exponent, input_factor=True):
-    """(params, grads, net, updates at exponent 0, updates at ``exponent`` with
+    """(params, grads, updates at exponent 0, updates at ``exponent`` with
     the input-layer switch at ``input_factor``) for one step from fresh state."""
     params = [p.detach().clone() for p in model.parameters()]
     grads = [torch.randn_like(p) for p in params]
@@ -398,7 +398,7 @@ def width_factor_updates(model, net, exponent, input_factor=True):
         net.fan_in_exp.fill_(exponent)
     net.input_width_factor = input_factor
     scaled, _ = functional.update(net, spec, None, grads, state, params)
-    return params, grads, net, base, scaled
+    return params, grads, base, scaled
 
 
 @pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
@@ -408,7 +408,7 @@ def test_width_factor_scales_each_tensor_by_its_fan_in(cls):
     # axes (fan-in: all but the first axis), and unscaled for 1-D tensors.
     torch.manual_seed(0)
     model = make_cnn([2, 4, 8], [3, 5])
-    params, _, _, base, scaled = width_factor_updates(model, strong_net(cls), 0.7)
+    params, _, base, scaled = width_factor_updates(model, strong_net(cls), 0.7)
     for p, u0, u in zip(params, base, scaled):
         fan_in = p[0].numel() if p.dim() >= 2 else 64
         torch.testing.assert_close(u, u0 * (64 / fan_in) ** 0.7, rtol=1e-5, atol=1e-9)
@@ -422,7 +422,7 @@ def test_input_width_factor_off_leaves_input_layers_unscaled(cls, arch, tmp_path
     torch.manual_seed(1)
     model = make_mlp([16, 8, 4, 3]) if arch == "mlp" else make_cnn([1, 4, 8], [3, 3])
     net = strong_net(cls)
-    params, grads, net, base, scaled = width_factor_updates(model, net, 0.7, input_factor=False)
+    params, grads, base, scaled = width_factor_updates(model, net, 0.7, input_factor=False)
     for i, (p, u0, u) in enumerate(zip(params, base, scaled)):
         fan_in = 64 if p.dim() < 2 or i == 0 else p[0].numel()
         torch.testing.assert_close(u, u0 * (64 / fan_in) ** 0.7, rtol=1e-5, atol=1e-9)

@@ -256,8 +256,10 @@ def _architecture(task):
 
 
 def _component(mixture, kind):
+    """The mixture's family of that kind, and the widest layer it samples."""
     cls = MLPFamily if kind == "mlp" else CNNFamily
-    return next(f for f in mixture.families if isinstance(f, cls))
+    fam = next(f for f in mixture.families if isinstance(f, cls))
+    return fam, (fam.width if kind == "mlp" else fam.channels)[1]
 
 
 def _family_datasets(fam, kind):
@@ -270,11 +272,10 @@ def test_heldout_tasks_lie_outside_the_training_families(family):
     mixture = tasks.get_family(family)
     for name in SUITES["heldout"]:
         kind, hidden, acts, ds = _architecture(tasks.get_task(name))
-        fam = _component(mixture, kind)
-        widths = fam.width if kind == "mlp" else fam.channels
+        fam, widest = _component(mixture, kind)
         outside = (
             len(hidden) > fam.depth[1]
-            or max(hidden) > widths[1]
+            or max(hidden) > widest
             or not acts <= set(fam.activations)
             or all(ds is not d for d in _family_datasets(fam, kind))
         )
@@ -289,10 +290,9 @@ def test_stress_tasks_are_4x_wider_and_one_layer_deeper(family, suite):
     kinds = set()
     for name in SUITES[suite]:
         kind, hidden, _, _ = _architecture(tasks.get_task(name))
-        fam = _component(mixture, kind)
-        widths = fam.width if kind == "mlp" else fam.channels
+        fam, widest = _component(mixture, kind)
         assert len(hidden) == fam.depth[1] + 1, name
-        assert min(hidden) >= 4 * widths[1], name
+        assert min(hidden) >= 4 * widest, name
         kinds.add(kind)
     assert kinds == {"mlp", "cnn"}
 
