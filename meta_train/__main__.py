@@ -60,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "cpu",
     "checkpoint_every": 50,
+    "snapshot_every": 0,
     "eval_every": 0,
     "eval_task": "mlp-digits",
     "eval_steps": 200,
@@ -131,6 +132,12 @@ def parser() -> argparse.ArgumentParser:
     a("--seed", type=int, help="seed of every random stream (0)")
     a("--device", help="cpu (default) or cuda")
     a("--checkpoint-every", type=int, help="outer steps between checkpoints (50)")
+    a(
+        "--snapshot-every",
+        type=int,
+        help="also keep the net every N outer steps, as snapshots/optimizer-NNNNNN.pt "
+        "(0: off, the default), to pick one on a validation suite afterwards",
+    )
     a("--eval-every", type=int, help="outer steps between evaluations against Adam (0: off)")
     a("--eval-task", help="task of the periodic evaluation (mlp-digits)")
     a("--eval-steps", type=int, help="inner steps of the evaluation (200)")
@@ -216,6 +223,7 @@ def build(
         eval_every=cfg["eval_every"],
         config=cfg,
         frozen=frozen,
+        snapshot_every=cfg.get("snapshot_every", 0),
     )
     return trainer, net
 
@@ -325,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume is not None:
         trainer.resume()
     start = time.time()
+    trainer.snapshot_fn = lambda t: save_net(
+        net, out, cfg, t, time.time() - start, rank, command, snapshot=True
+    )
     replaced = stop_on_signals()
     try:
         trainer.train(cfg["outer_steps"], progress=not args.no_progress)
@@ -341,9 +352,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+SNAPSHOTS = "snapshots"
+
+
+def snapshot_path(out: Path, step: int) -> Path:
+    """Where ``--snapshot-every`` keeps the net of outer step ``step``."""
+    return out / SNAPSHOTS / f"optimizer-{step:06d}.pt"
+
+
 def save_net(
-    net, out: Path, cfg, trainer: MetaTrainer, wall: float, rank: int, command: str
+    net,
+    out: Path,
+    cfg,
+    trainer: MetaTrainer,
+    wall: float,
+    rank: int,
+    command: str,
+    snapshot: bool = False,
 ) -> None:
+    """Write ``optimizer.pt`` with its model-card metadata and append this
+    session to ``history.jsonl``; ``snapshot=True`` writes the net of the
+    current step under ``snapshots/`` instead, the history left as it is."""
     if rank != 0:
         return
     meta = {
@@ -360,6 +389,13 @@ def save_net(
     # One line per session (first run, each --resume): the model card's recipe.
     history_path = out / "history.jsonl"
     session = {k: meta[k] for k in ("command", "outer_steps", "wall_time_s_this_session")}
+    past = history_path.read_text().splitlines() if history_path.exists() else []
+    if snapshot:
+        meta["history"] = [json.loads(line) for line in past] + [session]
+        path = snapshot_path(out, trainer.step)
+        path.parent.mkdir(exist_ok=True)
+        lopt.save(net, path, meta)
+        return
     with history_path.open("a") as f:
         f.write(json.dumps(session) + "\n")
     meta["history"] = [json.loads(line) for line in history_path.read_text().splitlines()]

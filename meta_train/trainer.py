@@ -61,6 +61,9 @@ class MetaTrainer:
         config: saved with checkpoints.
         frozen: a bool mask over the meta-parameters held fixed: they are
             not perturbed and not stepped (None: all are trained).
+        snapshot_fn, snapshot_every: ``snapshot_fn(trainer)`` every
+            ``snapshot_every`` outer steps on rank 0, after the checkpoint
+            (the command line keeps the net there, to pick one later).
     """
 
     def __init__(
@@ -77,6 +80,8 @@ class MetaTrainer:
         eval_every: int = 0,
         config: dict[str, Any] | None = None,
         frozen: torch.Tensor | None = None,
+        snapshot_fn: Callable[[MetaTrainer], None] | None = None,
+        snapshot_every: int = 0,
     ) -> None:
         if pairs < 1:
             raise ValueError(f"population must be >= 1, got {pairs}")
@@ -93,6 +98,7 @@ class MetaTrainer:
         self.meta_opt = torch.optim.Adam([self.theta], lr=meta_lr)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint_every, self.eval_every, self.eval_fn = checkpoint_every, eval_every, eval_fn
+        self.snapshot_every, self.snapshot_fn = snapshot_every, snapshot_fn
         self.config = dict(config or {})
         self.step = 0  # outer steps taken
         self.resets = 0  # inner runs started (the task counter)
@@ -216,6 +222,13 @@ class MetaTrainer:
                     self._log_eval(self.eval_fn(self))
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                     self.save_checkpoint()
+                if (
+                    self.snapshot_fn is not None
+                    and self.snapshot_every
+                    and self.step % self.snapshot_every == 0
+                    and self.rank == 0
+                ):
+                    self.snapshot_fn(self)
         except KeyboardInterrupt:
             self.save_checkpoint()
             if self.rank == 0:

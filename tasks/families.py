@@ -36,6 +36,9 @@ DATASETS: dict[str, Callable[[], data.Dataset]] = {
     "teacher": data.teacher_student,
     "gmm": data.gaussian_mixture,
     "gmm-hard": lambda: data.gaussian_mixture(dim=16, classes=8, spread=1.5, seed=1),
+    # Classification at other input widths, for families (gmm-hard stays held out).
+    "gmm-16": lambda: data.gaussian_mixture(dim=16, classes=8, spread=1.0, seed=2),
+    "gmm-32": lambda: data.gaussian_mixture(dim=32, classes=10, spread=2.0, seed=3),
     "fashion_mnist": lambda: data.fashion_mnist(os.path.join(data_root(), "fashion_mnist")),
     "fashion_mnist-8": lambda: data.fashion_mnist(os.path.join(data_root(), "fashion_mnist"), 8),
     "fashion_mnist-16": lambda: data.fashion_mnist(os.path.join(data_root(), "fashion_mnist"), 16),
@@ -230,6 +233,9 @@ TASKS: dict[str, Callable[..., Task]] = {
     ),
     # 4x wider and one layer deeper than mlp-family-deep (its CNNs are cnn-family-small's).
     "mlp-mnist1d-256x5": _task("mlp-mnist1d-256x5", lambda d: mlp(40, [256] * 5, 10), "mnist1d"),
+    # Inside mlp-family-broad, at its edges (depth 4, width 64, GELU): validation.
+    "mlp-mnist1d-64x4": _task("mlp-mnist1d-64x4", lambda d: mlp(40, [64] * 4, 10), "mnist1d"),
+    "mlp-gmm16-gelu": _task("mlp-gmm16-gelu", lambda d: mlp(16, [64, 64], 8, "gelu"), "gmm-16"),
     # From a user's files ($LOPT_DATA).
     "mlp-fashion-8": _task("mlp-fashion-8", lambda d: mlp(64, [64], 10), "fashion_mnist-8"),
     "cnn-fashion-16": _task(
@@ -278,6 +284,15 @@ FAMILIES: dict[str, Callable[..., TaskFamily]] = {
         activations=("relu", "tanh", "gelu"),
     ),
     "mixed-family-deep": lambda device="cpu": _mixed("mlp-family-deep", device),
+    # The deep family on more data: classification with 8, 16 and 32 input
+    # features besides MNIST-1D's 40 and digits' 64, so that a first layer's
+    # fan-in varies apart from the hidden widths.
+    "mlp-family-broad": lambda device="cpu": replace(
+        FAMILIES["mlp-family-deep"](device),
+        name="mlp-family-broad",
+        datasets=("mnist1d", "digits", "teacher", "gmm", "gmm-16", "gmm-32"),
+    ),
+    "mixed-family-broad": lambda device="cpu": _mixed("mlp-family-broad", device),
 }
 
 SUITES: dict[str, list[str]] = {
@@ -289,6 +304,17 @@ SUITES: dict[str, list[str]] = {
         "cnn-digits-wide",
         "mlp-gmm-hard",
         "cnn-mnist1d-deep",
+    ],
+    # Tasks mixed-family-broad samples, to pick a checkpoint on (not held-out).
+    "validation": [
+        "mlp-mnist1d",
+        "cnn-mnist1d",
+        "mlp-digits",
+        "cnn-digits",
+        "mlp-teacher",
+        "mlp-gmm",
+        "mlp-mnist1d-64x4",
+        "mlp-gmm16-gelu",
     ],
     "quick": ["mlp-digits", "mlp-gmm"],
     "stress": ["mlp-mnist1d-4x-deeper", "cnn-digits-4x-deeper"],

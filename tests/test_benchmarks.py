@@ -226,3 +226,38 @@ def test_set_overrides_a_learned_scalar_for_an_ablation(tmp_path):
     with pytest.raises(SystemExit, match="give them with --weights"):
         compare.main(["--set", "fan_in_exp=1", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_snapshots_ranks_a_runs_nets_on_a_suite(tmp_path):
+    import lopt
+    from benchmarks import snapshots
+
+    run = tmp_path / "run"
+    (run / "snapshots").mkdir(parents=True)
+    torch.manual_seed(0)
+    # Step 10's net barely moves (lr 1e-7); step 20's is Adam-like at 1e-2.
+    lopt.save(lopt.PerParamMLP(lr=1e-7, step_mult=1e-7), run / "snapshots" / "optimizer-000010.pt")
+    lopt.save(lopt.PerParamMLP(lr=1e-2), run / "snapshots" / "optimizer-000020.pt")
+    (run / "snapshots" / "notes.pt").write_text("not a snapshot")
+    assert [lab for lab, _ in snapshots.snapshots(run)] == ["step10", "step20"]
+    out = tmp_path / "rank"
+    args = [str(run), "--suite", "mlp-gmm", "--steps", "20", "--seeds", "1", "--out", str(out)]
+    best = snapshots.main(args)
+    assert best == run / "snapshots" / "optimizer-000020.pt"
+    text = (out / "ranking.md").read_text()
+    assert text.index("| step20 |") < text.index("| step10 |")
+    assert text.strip().endswith(f"best: {best}")
+
+    summary = {
+        "per_task": {
+            ("A", "x"): {"normalised": 0.5},
+            ("B", "x"): {"normalised": 2.0},
+            ("A", "y"): {"normalised": 0.5},
+            ("B", "y"): {"normalised": math.nan},
+        }
+    }
+    assert snapshots.score(summary, "x") == pytest.approx(1.0)
+    assert snapshots.score(summary, "y") == math.inf
+    with pytest.raises(SystemExit, match="no snapshots"):
+        snapshots.main([str(tmp_path / "empty"), "--out", str(out)])

@@ -366,6 +366,32 @@ def test_cli_smoke_writes_events_and_a_loadable_optimizer(tmp_path):
     assert meta["history"][1]["command"].startswith("python -m meta_train --resume")
 
 
+def test_cli_snapshots_keep_the_net_of_each_step(tmp_path):
+    from meta_train.__main__ import main, snapshot_path
+
+    out = tmp_path / "run"
+    args = "--net nfn --width 4 --family mlp-gmm --truncation 2 --horizon 4 --population 1"
+    run = [*args.split(), "--meta-lr", "0.1", "--out", str(out), "--no-progress"]
+    assert main([*run, "--outer-steps", "4", "--snapshot-every", "2"]) == 0
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == [
+        "optimizer-000002.pt",
+        "optimizer-000004.pt",
+    ]
+    final, final_meta = lopt.load(out / "optimizer.pt")
+    last, last_meta = lopt.load(snapshot_path(out, 4))
+    first, first_meta = lopt.load(snapshot_path(out, 2))
+    assert (first_meta["outer_steps"], last_meta["outer_steps"]) == (2, 4)
+    for k, v in final.state_dict().items():
+        torch.testing.assert_close(last.state_dict()[k], v)
+    moved = [k for k, v in final.state_dict().items() if not torch.equal(first.state_dict()[k], v)]
+    assert moved  # the step-2 snapshot is not the final net
+    # Snapshots leave the run's history (the model card's recipe) alone.
+    assert len((out / "history.jsonl").read_text().splitlines()) == 1
+    assert main(["--resume", str(out), "--outer-steps", "6", "--no-progress"]) == 0
+    assert snapshot_path(out, 6).exists()  # the resumed run keeps the saved option
+    assert lopt.load(snapshot_path(out, 6))[1]["history"][-1]["outer_steps"] == 6
+
+
 def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch, capsys):
     from meta_train.__main__ import main
     from meta_train.ship import main as ship

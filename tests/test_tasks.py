@@ -267,7 +267,9 @@ def _family_datasets(fam, kind):
     return [tasks.families.get_dataset(conv.get(d, d)) for d in fam.datasets]
 
 
-@pytest.mark.parametrize("family", ["mixed-family-small", "mixed-family-deep"])
+@pytest.mark.parametrize(
+    "family", ["mixed-family-small", "mixed-family-deep", "mixed-family-broad"]
+)
 def test_heldout_tasks_lie_outside_the_training_families(family):
     mixture = tasks.get_family(family)
     for name in SUITES["heldout"]:
@@ -283,7 +285,12 @@ def test_heldout_tasks_lie_outside_the_training_families(family):
 
 
 @pytest.mark.parametrize(
-    "family, suite", [("mixed-family-small", "stress"), ("mixed-family-deep", "stress-deep")]
+    "family, suite",
+    [
+        ("mixed-family-small", "stress"),
+        ("mixed-family-deep", "stress-deep"),
+        ("mixed-family-broad", "stress-deep"),
+    ],
 )
 def test_stress_tasks_are_4x_wider_and_one_layer_deeper(family, suite):
     mixture = tasks.get_family(family)
@@ -302,3 +309,25 @@ def test_deep_family_samples_depth_4_and_gelu():
     archs = [_architecture(fam.sample(gen(i))) for i in range(60)]
     assert max(len(h) for _, h, _, _ in archs) == 4
     assert any("gelu" in a for _, _, a, _ in archs)
+
+
+def test_broad_family_varies_the_input_width():
+    fam = tasks.get_family("mlp-family-broad")
+    inputs = {fam.sample(gen(i)).model[1].in_features for i in range(80)}
+    assert {8, 16, 32, 40, 64} <= inputs
+
+
+def test_validation_tasks_lie_inside_the_broad_family():
+    mixture = tasks.get_family("mixed-family-broad")
+    for name in SUITES["validation"]:
+        task = tasks.get_task(name)
+        kind, hidden, acts, ds = _architecture(task)
+        fam, widest = _component(mixture, kind)
+        narrowest = (fam.width if kind == "mlp" else fam.channels)[0]
+        assert fam.depth[0] <= len(hidden) <= fam.depth[1], name
+        assert narrowest <= min(hidden) and max(hidden) <= widest, name
+        assert acts <= set(fam.activations), name
+        assert any(ds is d for d in _family_datasets(fam, kind)), name
+        assert fam.batch_size[0] <= task.batch_size <= fam.batch_size[1], name
+        convs = [m for m in task.model if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d))]
+        assert all(m.kernel_size[0] in fam.kernels for m in convs), name

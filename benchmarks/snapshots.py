@@ -1,0 +1,112 @@
+"""Rank a meta-training run's snapshots on a suite, to pick one to ship.
+
+``python -m meta_train ... --snapshot-every N`` keeps the net every N outer
+steps under ``RUN/snapshots/``. This runs every snapshot (and the run's final
+``optimizer.pt``) through :mod:`benchmarks.compare` at the horizon only and
+ranks them by the geometric mean over tasks of their loss over tuned Adam's
+(below 1 beats Adam; learned_optimization's normalised loss), then by the
+tasks they win. Pick on a suite of tasks the family samples (``validation``),
+never on the held-out suite the pick is then judged on:
+
+    python -m benchmarks.compare --suite validation --steps 200 --seeds 3 --factors 1 \\
+        --weights nfn-small --out runs/val-base            # tuned Adam, once
+    python -m benchmarks.snapshots runs/nfn-broad --baselines-from runs/val-base \\
+        --out runs/val-nfn-broad
+
+Writes the comparison's files to ``--out`` and ``ranking.md`` (the table it
+prints); the best snapshot's path is its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+
+from benchmarks import compare
+
+SNAPSHOT = re.compile(r"optimizer-(\d+)\.pt$")
+
+
+def snapshots(run: Path) -> list[tuple[str, Path]]:
+    """``(label, path)`` of a run's snapshots in step order, then its final
+    ``optimizer.pt`` (labelled ``final``) when it exists."""
+    found = []
+    for p in (run / "snapshots").glob("optimizer-*.pt"):
+        m = SNAPSHOT.search(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    out = [(f"step{step}", p) for step, p in sorted(found)]
+    if (run / "optimizer.pt").exists():
+        out.append(("final", run / "optimizer.pt"))
+    return out
+
+
+def score(summary: dict, label: str) -> float:
+    """Geometric mean over tasks of the loss at the horizon over Adam's (inf
+    when a run is not finite)."""
+    logs = []
+    for (_task, opt), e in summary["per_task"].items():
+        if opt != label:
+            continue
+        r = e["normalised"]
+        logs.append(math.log(r) if math.isfinite(r) and r > 0 else math.inf)
+    return math.exp(sum(logs) / len(logs)) if logs else math.nan
+
+
+def ranking(summary: dict, labels: list[str]) -> list[tuple[str, float, int, int]]:
+    """``(label, score, tasks beaten at 1x, diverged)``, best first."""
+    rows = []
+    for label in labels:
+        c = summary["counts"][label]
+        rows.append((label, score(summary, label), c["beats@1x"], c["diverged"]))
+    return sorted(rows, key=lambda r: (r[1], -r[2]))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("run", type=Path, help="a meta_train --out folder")
+    p.add_argument("--suite", default="validation", help="the tasks to rank on (validation)")
+    p.add_argument("--steps", type=int, default=200, help="the horizon (200)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--every", type=int, default=1, help="rank every k-th snapshot only (1)")
+    p.add_argument("--baselines-from", type=Path, default=None, metavar="DIR")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    found = snapshots(args.run)
+    if not found:
+        raise SystemExit(
+            f"{args.run}: no snapshots/optimizer-*.pt and no optimizer.pt "
+            "(meta-train with --snapshot-every N)"
+        )
+    if args.every < 1:
+        raise SystemExit(f"--every must be >= 1, got {args.every}")
+    kept = found[:-1][args.every - 1 :: args.every] + found[-1:]
+    cmd = ["--suite", args.suite, "--steps", str(args.steps), "--seeds", str(args.seeds)]
+    cmd += ["--factors", "1", "--out", str(args.out), "--weights"]
+    cmd += [f"{label}={path}" for label, path in kept]
+    if args.baselines_from is not None:
+        cmd += ["--baselines-from", str(args.baselines_from)]
+    summary = compare.main(cmd)
+    ranked = ranking(summary, [label for label, _ in kept])
+    paths = dict(kept)
+    lines = [
+        f"## Snapshots of {args.run} on {args.suite} (horizon {args.steps}, {args.seeds} seeds)",
+        "",
+        "| snapshot | loss / Adam's (geometric mean) | beats Adam @1x | diverged |",
+        "|---|---|---|---|",
+    ]
+    n = summary["counts"][ranked[0][0]]["tasks"]
+    lines += [f"| {lab} | {s:.3f} | {b}/{n} | {d} |" for lab, s, b, d in ranked]
+    best = paths[ranked[0][0]]
+    lines += ["", f"best: {best}"]
+    text = "\n".join(lines) + "\n"
+    (args.out / "ranking.md").write_text(text)
+    print(text)
+    return best
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
