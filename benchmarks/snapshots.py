@@ -25,6 +25,7 @@ import re
 import sys
 from pathlib import Path
 
+import lopt
 from benchmarks import compare
 
 SNAPSHOT = re.compile(r"optimizer-(\d+)\.pt$")
@@ -32,15 +33,18 @@ SNAPSHOT = re.compile(r"optimizer-(\d+)\.pt$")
 
 def snapshots(run: Path) -> list[tuple[str, Path]]:
     """``(label, path)`` of a run's snapshots in step order, then its final
-    ``optimizer.pt`` (labelled ``final``) when it exists."""
+    ``optimizer.pt`` (labelled ``final``) when it exists; a snapshot of the
+    final's own step is left out (the same net twice)."""
     found = []
     for p in (run / "snapshots").glob("optimizer-*.pt"):
         m = SNAPSHOT.search(p.name)
         if m:
             found.append((int(m.group(1)), p))
-    out = [(f"step{step}", p) for step, p in sorted(found)]
-    if (run / "optimizer.pt").exists():
-        out.append(("final", run / "optimizer.pt"))
+    final = run / "optimizer.pt"
+    last = lopt.load(final)[1].get("outer_steps") if final.exists() else None
+    out = [(f"step{step}", p) for step, p in sorted(found) if step != last]
+    if final.exists():
+        out.append(("final", final))
     return out
 
 

@@ -241,6 +241,12 @@ def test_snapshots_ranks_a_runs_nets_on_a_suite(tmp_path):
     lopt.save(lopt.PerParamMLP(lr=1e-2), run / "snapshots" / "optimizer-000020.pt")
     (run / "snapshots" / "notes.pt").write_text("not a snapshot")
     assert [lab for lab, _ in snapshots.snapshots(run)] == ["step10", "step20"]
+    # The final net of step 30 is listed once, as "final", not also as its snapshot.
+    lopt.save(lopt.PerParamMLP(), run / "optimizer.pt", {"outer_steps": 30})
+    lopt.save(lopt.PerParamMLP(), run / "snapshots" / "optimizer-000030.pt", {"outer_steps": 30})
+    assert [lab for lab, _ in snapshots.snapshots(run)] == ["step10", "step20", "final"]
+    (run / "optimizer.pt").unlink()
+    (run / "snapshots" / "optimizer-000030.pt").unlink()
     out = tmp_path / "rank"
     args = [str(run), "--suite", "mlp-gmm", "--steps", "20", "--seeds", "1", "--out", str(out)]
     best = snapshots.main(args)
