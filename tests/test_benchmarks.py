@@ -267,3 +267,54 @@ def test_snapshots_ranks_a_runs_nets_on_a_suite(tmp_path):
     assert snapshots.score(summary, "y") == math.inf
     with pytest.raises(SystemExit, match="no snapshots"):
         snapshots.main([str(tmp_path / "empty"), "--out", str(out)])
+
+
+class _Grow(torch.optim.Optimizer):
+    """Multiplies every parameter by 1.01: each step is along the weight."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.mul_(1.01)
+
+
+def test_weight_norms_trace_against_a_naive_run():
+    from benchmarks import weight_norms
+    from tasks import get_task
+
+    task = get_task("mlp-gmm")
+    rows = weight_norms.trace(task, lambda m: _Grow(m.parameters()), steps=20, every=10)
+    assert [r["step"] for r in rows] == [0, 10, 20]
+    for r in rows[1:]:
+        assert r["radial"] == pytest.approx([1.0, 1.0], abs=1e-5)
+        assert r["norms"] == pytest.approx(
+            [n * 1.01 ** r["step"] for n in rows[0]["norms"]], rel=1e-5
+        )
+    # Adam: the same numbers as a plain loop from the same initialisation and batches.
+    make = lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)  # noqa: E731
+    rows = weight_norms.trace(task, make, steps=20, every=20)
+    model = task.module_with(task.init(torch.Generator().manual_seed(0)))
+    opt, batches = make(model), torch.Generator().manual_seed(10_000)
+    cos = []
+    for _ in range(20):
+        before = [p.detach().clone() for p in model.parameters() if p.dim() == 2]
+        opt.zero_grad()
+        task.loss(dict(model.named_parameters()), task.sample_batch(batches)).backward()
+        opt.step()
+        after = [p.detach() for p in model.parameters() if p.dim() == 2]
+        cos.append(
+            [
+                float((a - b).flatten() @ b.flatten() / ((a - b).norm() * b.norm()))
+                for a, b in zip(after, before)
+            ]
+        )
+    assert rows[-1]["norms"] == pytest.approx([p.norm().item() for p in after], rel=1e-6)
+    assert rows[-1]["radial"] == pytest.approx(
+        [sum(c[i] for c in cos) / 20 for i in range(2)], abs=1e-5
+    )
+    with pytest.raises(SystemExit, match="nothing to run"):
+        weight_norms.main(["--task", "mlp-gmm", "--adam-lr", "0"])

@@ -1,0 +1,137 @@
+"""How an optimizer moves a network's weights: norms and radial steps over time.
+
+A learned optimizer meta-trained on short unrolls can learn to grow the
+weights (larger logits lower the loss quickly), which later destabilises deep
+networks. For each optimizer this trains one task from the same
+initialisation on the same batches (as :mod:`benchmarks.compare` does) and
+reports, every ``--every`` steps: the whole-split training loss, the norm of
+each weight (tensors of 2 or more axes, in model order), and the mean over
+the window of ``cos(step, weight)``, the radial share of each step (0: the
+step is orthogonal to the weight; > 0: it grows it).
+
+    python -m benchmarks.weight_norms --task mlp-mnist1d-deep --steps 1000 \\
+        --weights nfn-small mlp-small --adam-lr 1e-2 --out runs/weight-norms
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from benchmarks import compare
+from tasks import Task, get_task
+
+
+def trace(
+    task: Task,
+    make: Callable[[nn.Module], torch.optim.Optimizer],
+    steps: int,
+    every: int,
+    seed: int = 0,
+) -> list[dict]:
+    """One run's rows: ``step``, ``loss`` (whole training split), ``norms``
+    (one per weight) and ``radial`` (mean cos(step, weight) per weight over
+    the steps since the previous row)."""
+    model = task.module_with(task.init(torch.Generator().manual_seed(seed)))
+    opt = make(model)
+    batches = torch.Generator().manual_seed(10_000 + seed)
+    weights = [p for p in model.parameters() if p.dim() >= 2]
+    radial = torch.zeros(len(weights))
+    count = 0
+    rows = []
+
+    def row(step: int) -> None:
+        params = dict(model.named_parameters())
+        rows.append(
+            {
+                "step": step,
+                "loss": task.eval_loss(params, "train").item(),
+                "norms": [w.detach().norm().item() for w in weights],
+                "radial": (radial / max(count, 1)).tolist(),
+            }
+        )
+
+    row(0)
+    for step in range(1, steps + 1):
+        before = [w.detach().clone() for w in weights]
+        opt.zero_grad()
+        loss = task.loss(dict(model.named_parameters()), task.sample_batch(batches))
+        loss.backward()
+        opt.step()
+        radial += torch.stack(
+            [
+                F.cosine_similarity((w.detach() - b).flatten(), b.flatten(), dim=0)
+                for w, b in zip(weights, before)
+            ]
+        )
+        count += 1
+        if step % every == 0 or step == steps:
+            row(step)
+            radial.zero_()
+            count = 0
+    return rows
+
+
+def markdown(task: str, results: dict[str, list[dict]]) -> str:
+    lines = [
+        f"## {task}: weight norms and cos(step, weight) per layer",
+        "",
+        "| optimizer | step | train loss | weight norms | mean cos(step, weight) since last row |",
+        "|---|---|---|---|---|",
+    ]
+    for label, rows in results.items():
+        for r in rows:
+            norms = ", ".join(f"{n:.1f}" for n in r["norms"])
+            radial = ", ".join(f"{c:.3f}" for c in r["radial"]) if r["step"] else "-"
+            lines.append(f"| {label} | {r['step']} | {r['loss']:.3f} | {norms} | {radial} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--task", default="mlp-mnist1d-deep")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--every", type=int, default=250, help="steps between rows (250)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--weights", nargs="*", default=[], help="learned optimizers ([LABEL=]NAME_OR_PATH)"
+    )
+    p.add_argument(
+        "--adam-lr", type=float, default=1e-2, help="Adam's learning rate (1e-2; 0: no Adam)"
+    )
+    p.add_argument(
+        "--set", nargs="+", default=[], metavar="NAME=VALUE", help="as in benchmarks.compare"
+    )
+    p.add_argument("--out", type=Path, default=None, help="also write weight_norms.md here")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.every < 1:
+        raise SystemExit(f"--steps and --every must be >= 1, got {args.steps}, {args.every}")
+    task = get_task(args.task)
+    optimizers = []
+    if args.adam_lr > 0:
+        optimizers.append(
+            (f"adam {args.adam_lr:g}", lambda m: torch.optim.Adam(m.parameters(), lr=args.adam_lr))
+        )
+    if args.weights:
+        optimizers += compare.learned_all(args.weights, compare.parse_overrides(args.set))
+    if not optimizers:
+        raise SystemExit("nothing to run: give --weights or an --adam-lr above 0")
+    results = {
+        label: trace(task, make, args.steps, args.every, args.seed) for label, make in optimizers
+    }
+    text = markdown(args.task, results)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "weight_norms.md").write_text(text)
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
