@@ -55,7 +55,7 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
     folder's name for meta_train's ``DIR/optimizer.pt``. ``overrides`` set
     scalar meta-parameters (``fan_in_exp``, ``log_lr``, ``log_step_mult``)
     to other values, an ablation of one learned number, or switch an option
-    of the net on or off (``input_width_factor=0``)."""
+    of the net on or off (``input_width_factor=0``, ``radial_correction=0``)."""
     label, _, path = weights.rpartition("=")
     net, _ = lopt.load(path)
     cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
@@ -427,8 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         metavar="NAME=VALUE",
         help="ablation: set a scalar meta-parameter of every learned net "
-        "(fan_in_exp, log_lr, log_step_mult) or switch an option (input_width_factor=0) "
-        "before running",
+        "(fan_in_exp, log_lr, log_step_mult) or switch an option "
+        "(input_width_factor=0, radial_correction=0) before running",
     )
     p.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))
     p.add_argument("--device", default="cpu")

@@ -13,7 +13,12 @@ of a tensor with fan-in ``n`` (the product of all but its first axis, as in
 what lets one step size serve a width-8 and a width-1024 layer (a hidden
 layer's output moves with fan-in times the per-entry step). With
 ``input_width_factor=False`` a layer that reads the network's input keeps
-factor 1 (muP's rule: its fan-in is the data's, not a width). The net learns a
+factor 1 (muP's rule: its fan-in is the data's, not a width). With
+``radial_correction=False`` the learned term (the update minus Adam's part)
+of every weight of 2+ axes loses its component along the weight, row by row
+(per output neuron or channel), so only Adam's part changes the rows' norms
+to first order: short unrolls reward nets that inflate weights (larger logits
+lower the loss fast), which later destabilises deep networks. The net learns a
 correction on top of Adam (as the UNF paper's net does on top of SGD with
 momentum), and its output layer starts near zero, so a fresh net is a sane,
 slow optimizer. Every input is loss-scale invariant, so the update is too.
@@ -124,10 +129,22 @@ def matrix_terms(
     return cols, row_terms, col_terms, rest
 
 
+def tangent_correction(u: Tensor, x: TensorInputs, c1: Tensor, c2: Tensor) -> Tensor:
+    """``u`` with the part of its learned term (``u`` minus Adam's part,
+    ``neg_lr * m_hat / (sqrt(v_hat) + eps)``) that lies along each row of the
+    weight (its first axis) removed."""
+    adam = x.momenta[ADAM_MOMENTUM] / c1 / ((x.second_moment / c2).sqrt() + EPS)
+    base = x.neg_lr * adam
+    w = x.param.reshape(x.param.shape[0], -1)
+    learned = (u - base).reshape_as(w)
+    along = (learned * w).sum(1, keepdim=True) / ((w * w).sum(1, keepdim=True) + 1e-30)
+    return u - (along * w).reshape(u.shape)
+
+
 class OptimizerNet(nn.Module):
     """Base class: the update formula; subclasses define :meth:`body`."""
 
-    SWITCHES = ("input_width_factor",)  # on/off options that may change after training
+    SWITCHES = ("input_width_factor", "radial_correction")  # may change after training
 
     def __init__(
         self,
@@ -139,6 +156,7 @@ class OptimizerNet(nn.Module):
         out_scale: float = 0.01,
         fan_in_exp: float = 0.0,
         input_width_factor: bool = True,
+        radial_correction: bool = True,
     ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
@@ -154,6 +172,7 @@ class OptimizerNet(nn.Module):
             out_scale=out_scale,
             fan_in_exp=fan_in_exp,
             input_width_factor=bool(input_width_factor),
+            radial_correction=bool(radial_correction),
         )
         self.mag_mult = mag_mult
         self.fan_in_exp = nn.Parameter(torch.tensor(float(fan_in_exp)))
@@ -175,6 +194,16 @@ class OptimizerNet(nn.Module):
     @input_width_factor.setter
     def input_width_factor(self, on: bool) -> None:
         self._config["input_width_factor"] = bool(on)
+
+    @property
+    def radial_correction(self) -> bool:
+        """Whether the learned term may move a weight row along itself (grow
+        or shrink its norm); off projects it onto the row's tangent."""
+        return self._config["radial_correction"]
+
+    @radial_correction.setter
+    def radial_correction(self, on: bool) -> None:
+        self._config["radial_correction"] = bool(on)
 
     def width_log_ratio(self, spec: WeightSpaceSpec, t: TensorSpec) -> float:
         """:func:`width_log_ratio`, or 0 for a layer reading the network's
@@ -238,10 +267,13 @@ class OptimizerNet(nn.Module):
         ]
         outs = self.entry_outputs(spec, inputs, bias, c2, fused)
         updates = []
-        for t, p, chunks in zip(spec.tensors, params, outs):
-            ups = [self._finish(t, o, base, terms, fused) for o, base, terms in chunks]
+        for x, chunks in zip(inputs, outs):
+            ups = [self._finish(x.t, o, base, terms, fused) for o, base, terms in chunks]
             u = ups[0] if len(ups) == 1 else torch.cat(ups)
-            updates.append(u.reshape(p.shape))
+            u = u.reshape(x.param.shape)
+            if not self.radial_correction and x.t.kind == "weight" and x.param.dim() >= 2:
+                u = tangent_correction(u, x, c1, c2)
+            updates.append(u)
         return updates
 
     @staticmethod

@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "init_step_mult": 1e-3,
     "init_fan_in_exp": 0.0,
     "input_width_factor": True,
+    "radial_correction": True,
     "nf_channels": None,
     "nf_scale": 1.0,
     "family": "mlp-family-small",
@@ -96,6 +97,13 @@ def parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="apply the width factor to layers that read the network's input, whose fan-in "
         "is the data's (default); --no-input-width-factor leaves them at 1, as muP does",
+    )
+    a(
+        "--radial-correction",
+        action=argparse.BooleanOptionalAction,
+        help="let the learned term of the update grow or shrink weight rows (default); "
+        "--no-radial-correction removes its component along each row, so only Adam's part "
+        "changes the rows' norms",
     )
     a("--nf-channels", type=int, help="nfn: channels the NF-layer reads (default: the width)")
     a("--nf-scale", type=float, help="nfn: constant on the NF-layer's output (1.0)")
@@ -192,6 +200,7 @@ def build(
         step_mult=cfg["init_step_mult"],
         fan_in_exp=cfg.get("init_fan_in_exp", 0.0),
         input_width_factor=cfg.get("input_width_factor", True),
+        radial_correction=cfg.get("radial_correction", True),
         **extra,
     )
     if warm and cfg.get("init_from"):

@@ -57,7 +57,8 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         f"* Learned scalars: lr {net.log_lr.exp().item():.4g}, "
         f"step_mult {net.log_step_mult.exp().item():.3g}, "
         f"fan_in_exp {net.fan_in_exp.item():.3f}"
-        + ("." if net.input_width_factor else "; input layers keep width factor 1."),
+        + ("" if net.input_width_factor else "; input layers keep width factor 1")
+        + ("." if net.radial_correction else "; learned term tangent to weight rows."),
     ]
     return "\n".join(lines)
 

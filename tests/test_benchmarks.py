@@ -218,6 +218,8 @@ def test_set_overrides_a_learned_scalar_for_an_ablation(tmp_path):
         compare.learned(str(tmp_path / "n.pt"), {"inp.weight": 1.0})
     ((_, make),) = compare.learned_all([str(tmp_path / "n.pt")], {"input_width_factor": 0})
     assert make(mlp(4, [8], 2)).net.input_width_factor is False
+    ((_, make),) = compare.learned_all([str(tmp_path / "n.pt")], {"radial_correction": 0})
+    assert make(mlp(4, [8], 2)).net.radial_correction is False
     with pytest.raises(SystemExit, match="a switch is 0 or 1"):
         compare.learned(str(tmp_path / "n.pt"), {"input_width_factor": 0.5})
     for bad in ("fan_in_exp", "fan_in_exp=x", "=1"):

@@ -408,6 +408,12 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     assert main([*args.split(), "--no-input-width-factor", "--out", str(off), "--no-progress"]) == 0
     assert ship([str(off), "my-mlp-off", "--dest", str(dest)]) == 0
     assert "input layers keep width factor 1" in capsys.readouterr().out
+    tangent = tmp_path / "tangent"
+    assert (
+        main([*args.split(), "--no-radial-correction", "--out", str(tangent), "--no-progress"]) == 0
+    )
+    assert ship([str(tangent), "my-mlp-tangent", "--dest", str(dest)]) == 0
+    assert "learned term tangent to weight rows" in capsys.readouterr().out
     monkeypatch.setattr(lopt.checkpoint, "PRETRAINED_DIR", dest)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     opt = lopt.MLPOptimizer(model.parameters(), weights="my-mlp")
@@ -529,3 +535,7 @@ def test_freeze_holds_meta_parameters_at_their_value(tmp_path):
         == 0
     )
     assert lopt.load(str(out) + "2/optimizer.pt")[0].input_width_factor is False
+    assert net.radial_correction is True
+    args = common + ["--outer-steps", "1", "--no-radial-correction", "--out", str(out) + "3"]
+    assert main(args) == 0
+    assert lopt.load(str(out) + "3/optimizer.pt")[0].radial_correction is False

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import lopt
-from lopt import WeightSpace, WeightSpaceSpec, functional
+from lopt import WeightSpace, WeightSpaceSpec, features, functional
 from lopt.nets import NFNNet, PerParamMLP
 
 
@@ -71,8 +71,9 @@ def test_step_equals_functional_update():
         torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("radial", [True, False])
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_training_commutes_with_hidden_permutations(arch):
+def test_training_commutes_with_hidden_permutations(arch, radial):
     torch.manual_seed(1)
     if arch == "mlp":
         model, x, y = make_mlp([6, 7, 5, 3]), *data()
@@ -88,6 +89,7 @@ def test_training_commutes_with_hidden_permutations(arch):
         for p, q in zip(twin.parameters(), permuted.to_tensors()):
             p.copy_(q)
     net = strong_net()
+    net.radial_correction = radial
     a = train(model, lopt.NFNOptimizer(model.parameters(), net=net, model=model), x, y, 20)
     b = train(twin, lopt.NFNOptimizer(twin.parameters(), net=net, model=twin), x, y, 20)
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
@@ -438,6 +440,51 @@ def test_input_width_factor_off_leaves_input_layers_unscaled(cls, arch, tmp_path
     assert cls().input_width_factor is True  # the default, as every net shipped so far
 
 
+@pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_radial_correction_off_removes_the_learned_term_along_each_row(cls, arch, tmp_path):
+    # Naive reference, a loop over rows: the update with the switch off is the
+    # update with it on, minus the part of its learned term (update minus
+    # -lr * factor * Adam's direction) along that row of the weight.
+    torch.manual_seed(2)
+    model = make_mlp([5, 7, 4]) if arch == "mlp" else make_cnn([2, 4, 3], [3, 3])
+    torch.manual_seed(0)
+    net = cls(out_scale=1.0, step_mult=1e-2, lr=1e-2)
+    with torch.no_grad():
+        net.fan_in_exp.fill_(0.5)
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    spec = WeightSpaceSpec.from_module(model)
+    state = functional.init(params)
+    on, after = functional.update(net, spec, None, grads, state, params)
+    net.radial_correction = False
+    off, _ = functional.update(net, spec, None, grads, state, params)
+    c1, c2 = features.bias_corrections(after["step"])
+    for p, u_on, u_off, m, v in zip(params, on, off, after["momenta"], after["second_moment"]):
+        if p.dim() < 2:
+            torch.testing.assert_close(u_off, u_on, rtol=0, atol=0)
+            continue
+        factor = (64 / p[0].numel()) ** 0.5
+        base = -net.log_lr.exp().item() * factor * m[1] / c1 / ((v / c2).sqrt() + features.EPS)
+        for r in range(p.shape[0]):
+            w, learned = p[r].flatten(), (u_on[r] - base[r]).detach().flatten()
+            want = u_on[r].flatten() - (learned @ w) / (w @ w) * w
+            torch.testing.assert_close(u_off[r].flatten(), want, rtol=1e-4, atol=1e-8)
+            assert abs(float((u_off[r] - base[r]).detach().flatten() @ w)) < 1e-5 * float(w.norm())
+        assert not torch.allclose(u_off, u_on)  # the learned term had a radial part
+    # The fused optimizer step agrees; the switch survives a checkpoint.
+    opt_cls = lopt.NFNOptimizer if cls is NFNNet else lopt.MLPOptimizer
+    opt = opt_cls(model.parameters(), net=net, model=model)
+    for q, g in zip(model.parameters(), grads):
+        q.grad = g.clone()
+    opt.step()
+    for q, p, u in zip(model.parameters(), params, off):
+        torch.testing.assert_close(q.detach() - p, u, rtol=1e-3, atol=1e-7)
+    lopt.save(net, tmp_path / "n.pt")
+    assert lopt.load(tmp_path / "n.pt")[0].radial_correction is False
+    assert cls().radial_correction is True  # the default, as every net shipped so far
+
+
 def test_version_1_checkpoints_load_without_a_width_factor(tmp_path):
     net = strong_net()
     path = tmp_path / "v1.pt"
@@ -448,5 +495,5 @@ def test_version_1_checkpoints_load_without_a_width_factor(tmp_path):
     torch.save(payload, path)
     loaded, _ = lopt.load(path)
     assert loaded.fan_in_exp.item() == 0.0
-    assert loaded.input_width_factor is True
+    assert loaded.input_width_factor is True and loaded.radial_correction is True
     assert torch.equal(loaded.log_lr, net.log_lr)
