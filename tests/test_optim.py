@@ -403,6 +403,22 @@ def width_factor_updates(model, net, exponent, input_factor=True):
     return params, grads, base, scaled
 
 
+def assert_switch_is_kept(model, net, params, grads, want, switch, tmp_path):
+    """With ``switch`` off on ``net``: the optimizer class's (fused) step from
+    ``params`` with ``grads`` adds ``want``; the switch survives a checkpoint;
+    a new net has it on (the default, as every net shipped so far)."""
+    opt_cls = lopt.NFNOptimizer if isinstance(net, NFNNet) else lopt.MLPOptimizer
+    opt = opt_cls(model.parameters(), net=net, model=model)
+    for q, g in zip(model.parameters(), grads):
+        q.grad = g.clone()
+    opt.step()
+    for q, p, u in zip(model.parameters(), params, want):
+        torch.testing.assert_close(q.detach() - p, u, rtol=1e-3, atol=1e-7)  # float32 params
+    lopt.save(net, tmp_path / "n.pt")
+    assert getattr(lopt.load(tmp_path / "n.pt")[0], switch) is False
+    assert getattr(type(net)(), switch) is True
+
+
 @pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
 def test_width_factor_scales_each_tensor_by_its_fan_in(cls):
     # Naive reference: the update of a net with exponent a is the update of
@@ -428,16 +444,7 @@ def test_input_width_factor_off_leaves_input_layers_unscaled(cls, arch, tmp_path
     for i, (p, u0, u) in enumerate(zip(params, base, scaled)):
         fan_in = 64 if p.dim() < 2 or i == 0 else p[0].numel()
         torch.testing.assert_close(u, u0 * (64 / fan_in) ** 0.7, rtol=1e-5, atol=1e-9)
-    opt_cls = lopt.NFNOptimizer if cls is NFNNet else lopt.MLPOptimizer
-    opt = opt_cls(model.parameters(), net=net, model=model)
-    for q, g in zip(model.parameters(), grads):
-        q.grad = g.clone()
-    opt.step()
-    for q, p, u in zip(model.parameters(), params, scaled):
-        torch.testing.assert_close(q.detach() - p, u, rtol=1e-3, atol=1e-7)  # float32 params
-    lopt.save(net, tmp_path / "n.pt")
-    assert lopt.load(tmp_path / "n.pt")[0].input_width_factor is False
-    assert cls().input_width_factor is True  # the default, as every net shipped so far
+    assert_switch_is_kept(model, net, params, grads, scaled, "input_width_factor", tmp_path)
 
 
 @pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
@@ -472,17 +479,7 @@ def test_radial_correction_off_removes_the_learned_term_along_each_row(cls, arch
             torch.testing.assert_close(u_off[r].flatten(), want, rtol=1e-4, atol=1e-8)
             assert abs(float((u_off[r] - base[r]).detach().flatten() @ w)) < 1e-5 * float(w.norm())
         assert not torch.allclose(u_off, u_on)  # the learned term had a radial part
-    # The fused optimizer step agrees; the switch survives a checkpoint.
-    opt_cls = lopt.NFNOptimizer if cls is NFNNet else lopt.MLPOptimizer
-    opt = opt_cls(model.parameters(), net=net, model=model)
-    for q, g in zip(model.parameters(), grads):
-        q.grad = g.clone()
-    opt.step()
-    for q, p, u in zip(model.parameters(), params, off):
-        torch.testing.assert_close(q.detach() - p, u, rtol=1e-3, atol=1e-7)
-    lopt.save(net, tmp_path / "n.pt")
-    assert lopt.load(tmp_path / "n.pt")[0].radial_correction is False
-    assert cls().radial_correction is True  # the default, as every net shipped so far
+    assert_switch_is_kept(model, net, params, grads, off, "radial_correction", tmp_path)
 
 
 def test_version_1_checkpoints_load_without_a_width_factor(tmp_path):
