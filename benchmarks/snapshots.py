@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--suite", default="validation", help="the tasks to rank on (validation)")
     p.add_argument("--steps", type=int, default=200, help="the horizon (200)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--every", type=int, default=1, help="rank every k-th snapshot only (1)")
     p.add_argument("--baselines-from", type=Path, default=None, metavar="DIR")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -85,9 +84,7 @@ def main(argv: list[str] | None = None) -> Path:
             f"{args.run}: no snapshots/optimizer-*.pt and no optimizer.pt "
             "(meta-train with --snapshot-every N)"
         )
-    if args.every < 1:
-        raise SystemExit(f"--every must be >= 1, got {args.every}")
-    kept = found[:-1][args.every - 1 :: args.every] + found[-1:]
+    kept = found
     cmd = ["--suite", args.suite, "--steps", str(args.steps), "--seeds", str(args.seeds)]
     cmd += ["--factors", "1", "--out", str(args.out), "--weights"]
     cmd += [f"{label}={path}" for label, path in kept]
