@@ -357,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, handler)
     save_net(net, out, cfg, trainer, time.time() - start, rank, command)
     if dist.is_initialized():
+        # Rank 0 may still be writing: tearing gloo down under it can abort
+        # the process ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 

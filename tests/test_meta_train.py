@@ -287,6 +287,7 @@ def _distributed_worker(rank, store, out):
     t.train(3, progress=False)
     if rank == 0:
         torch.save(t.theta.detach(), os.path.join(out, "theta.pt"))
+    dist.barrier()  # as meta_train's main: no rank tears gloo down while another works
     dist.destroy_process_group()
 
 
