@@ -129,13 +129,11 @@ def matrix_terms(
     return cols, row_terms, col_terms, rest
 
 
-def tangent_correction(u: Tensor, x: TensorInputs, c1: Tensor, c2: Tensor) -> Tensor:
-    """``u`` with the part of its learned term (``u`` minus Adam's part,
-    ``neg_lr * m_hat / (sqrt(v_hat) + eps)``) that lies along each row of the
+def tangent_correction(u: Tensor, base: Tensor, param: Tensor) -> Tensor:
+    """``u`` with the part of its learned term (``u`` minus Adam's part
+    ``base``, both shaped like ``param``) that lies along each row of the
     weight (its first axis) removed."""
-    adam = x.momenta[ADAM_MOMENTUM] / c1 / ((x.second_moment / c2).sqrt() + EPS)
-    base = x.neg_lr * adam
-    w = x.param.reshape(x.param.shape[0], -1)
+    w = param.reshape(param.shape[0], -1)
     learned = (u - base).reshape_as(w)
     along = (learned * w).sum(1, keepdim=True) / ((w * w).sum(1, keepdim=True) + 1e-30)
     return u - (along * w).reshape(u.shape)
@@ -268,11 +266,13 @@ class OptimizerNet(nn.Module):
         outs = self.entry_outputs(spec, inputs, bias, c2, fused)
         updates = []
         for x, chunks in zip(inputs, outs):
+            tangent = not self.radial_correction and x.t.kind == "weight" and x.param.dim() >= 2
+            # _finish adds the learned term into Adam's part in place (fused).
+            bases = [base.clone() for _, base, _ in chunks] if tangent else []
             ups = [self._finish(x.t, o, base, terms, fused) for o, base, terms in chunks]
-            u = ups[0] if len(ups) == 1 else torch.cat(ups)
-            u = u.reshape(x.param.shape)
-            if not self.radial_correction and x.t.kind == "weight" and x.param.dim() >= 2:
-                u = tangent_correction(u, x, c1, c2)
+            u = (ups[0] if len(ups) == 1 else torch.cat(ups)).reshape(x.param.shape)
+            if tangent:
+                u = tangent_correction(u, torch.cat(bases).reshape(u.shape), x.param)
             updates.append(u)
         return updates
 
