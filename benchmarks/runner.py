@@ -40,14 +40,20 @@ class Curve:
         return self.train_eval[0]
 
 
+def start(
+    task: Task, make_optimizer: MakeOptimizer, seed: int
+) -> tuple[nn.Module, torch.optim.Optimizer, torch.Generator]:
+    """The model at the seed's initialisation, its optimizer and the seed's
+    batch stream: what every run of that seed starts from."""
+    model = task.module_with(task.init(torch.Generator().manual_seed(seed)))
+    return model, make_optimizer(model), torch.Generator().manual_seed(10_000 + seed)
+
+
 def run(
     task: Task, make_optimizer: MakeOptimizer, steps: int, seed: int, eval_every: int = 0
 ) -> Curve:
     """Train ``task`` from the seed's initialisation for ``steps`` steps."""
-    g = torch.Generator().manual_seed(seed)
-    model = task.module_with(task.init(g))
-    opt = make_optimizer(model)
-    batches = torch.Generator().manual_seed(10_000 + seed)
+    model, opt, batches = start(task, make_optimizer, seed)
     eval_every = eval_every or max(1, steps // 20)
     curve = Curve()
 

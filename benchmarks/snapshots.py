@@ -84,15 +84,14 @@ def main(argv: list[str] | None = None) -> Path:
             f"{args.run}: no snapshots/optimizer-*.pt and no optimizer.pt "
             "(meta-train with --snapshot-every N)"
         )
-    kept = found
     cmd = ["--suite", args.suite, "--steps", str(args.steps), "--seeds", str(args.seeds)]
     cmd += ["--factors", "1", "--out", str(args.out), "--weights"]
-    cmd += [f"{label}={path}" for label, path in kept]
+    cmd += [f"{label}={path}" for label, path in found]
     if args.baselines_from is not None:
         cmd += ["--baselines-from", str(args.baselines_from)]
     summary = compare.main(cmd)
-    ranked = ranking(summary, [label for label, _ in kept])
-    paths = dict(kept)
+    ranked = ranking(summary, [label for label, _ in found])
+    paths = dict(found)
     lines = [
         f"## Snapshots of {args.run} on {args.suite} (horizon {args.steps}, {args.seeds} seeds)",
         "",

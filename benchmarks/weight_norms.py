@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from benchmarks import compare
+from benchmarks.runner import start
 from tasks import Task, get_task
 
 
@@ -38,9 +39,7 @@ def trace(
     """One run's rows: ``step``, ``loss`` (whole training split), ``norms``
     (one per weight) and ``radial`` (mean cos(step, weight) per weight over
     the steps since the previous row)."""
-    model = task.module_with(task.init(torch.Generator().manual_seed(seed)))
-    opt = make(model)
-    batches = torch.Generator().manual_seed(10_000 + seed)
+    model, opt, batches = start(task, make, seed)
     weights = [p for p in model.parameters() if p.dim() >= 2]
     radial = torch.zeros(len(weights))
     count = 0

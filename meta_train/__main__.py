@@ -402,15 +402,14 @@ def save_net(
     history_path = out / "history.jsonl"
     session = {k: meta[k] for k in ("command", "outer_steps", "wall_time_s_this_session")}
     past = history_path.read_text().splitlines() if history_path.exists() else []
+    meta["history"] = [json.loads(line) for line in past] + [session]
     if snapshot:
-        meta["history"] = [json.loads(line) for line in past] + [session]
         path = snapshot_path(out, trainer.step)
         path.parent.mkdir(exist_ok=True)
         lopt.save(net, path, meta)
         return
     with history_path.open("a") as f:
         f.write(json.dumps(session) + "\n")
-    meta["history"] = [json.loads(line) for line in history_path.read_text().splitlines()]
     lopt.save(net, out / "optimizer.pt", meta)
     print(f"wrote {out / 'optimizer.pt'} after {trainer.step} outer steps")
 
