@@ -55,7 +55,9 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
     folder's name for meta_train's ``DIR/optimizer.pt``. ``overrides`` set
     scalar meta-parameters (``fan_in_exp``, ``log_lr``, ``log_step_mult``)
     to other values, an ablation of one learned number, or switch an option
-    of the net on or off (``input_width_factor=0``, ``radial_correction=0``)."""
+    of the net on or off (``input_width_factor=0``, ``radial_correction=0``),
+    or scale an NFN net's NF-layer output (``nf_scale=0``: the per-entry path
+    alone, an ablation of what the NF-layer adds)."""
     label, _, path = weights.rpartition("=")
     net, _ = lopt.load(path)
     cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
@@ -69,10 +71,14 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
                 raise SystemExit(f"--set {name}={value:g}: a switch is 0 or 1")
             setattr(net, name, bool(value))
             continue
+        nf = ["nf_scale"] if isinstance(net, lopt.NFNNet) else []
+        if name in nf:
+            net.nf_scale = value
+            continue
         if name not in scalars:
             raise SystemExit(
                 f"--set {name}: {label} has no scalar meta-parameter or switch {name!r} "
-                f"(it has {', '.join(sorted(scalars) + list(net.SWITCHES))})"
+                f"(it has {', '.join(sorted(scalars) + list(net.SWITCHES) + nf)})"
             )
         with torch.no_grad():
             scalars[name].fill_(value)
@@ -427,8 +433,9 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         metavar="NAME=VALUE",
         help="ablation: set a scalar meta-parameter of every learned net "
-        "(fan_in_exp, log_lr, log_step_mult) or switch an option "
-        "(input_width_factor=0, radial_correction=0) before running",
+        "(fan_in_exp, log_lr, log_step_mult), switch an option "
+        "(input_width_factor=0, radial_correction=0) or scale an NFN net's "
+        "NF-layer output (nf_scale=0: its per-entry path alone) before running",
     )
     p.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))
     p.add_argument("--device", default="cpu")

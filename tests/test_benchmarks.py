@@ -230,6 +230,80 @@ def test_set_overrides_a_learned_scalar_for_an_ablation(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_nf_scale_0_runs_the_nfn_as_its_per_entry_net(tmp_path):
+    import lopt
+    from tasks import get_task
+
+    torch.manual_seed(0)
+    nfn = lopt.NFNNet(nf_channels=4, nf_scale=0.1, step_mult=0.03)
+    with torch.no_grad():  # an NF-layer whose output matters
+        for name, p in nfn.named_parameters():
+            if name.startswith("nf."):
+                p.mul_(100)
+    trunk = lopt.PerParamMLP()
+    trunk.load_state_dict({k: v for k, v in nfn.state_dict().items() if k in trunk.state_dict()})
+    lopt.save(nfn, tmp_path / "nfn.pt")
+    lopt.save(trunk, tmp_path / "mlp.pt")
+    task = get_task("mlp-gmm")
+    makes = {
+        "nfn": compare.learned(str(tmp_path / "nfn.pt"))[1],
+        "nfn0": compare.learned(str(tmp_path / "nfn.pt"), {"nf_scale": 0})[1],
+        "mlp": compare.learned(str(tmp_path / "mlp.pt"))[1],
+    }
+    losses = {k: run(task, m, 10, 0, 10).train for k, m in makes.items()}
+    assert losses["nfn0"] == pytest.approx(losses["mlp"], rel=1e-5)
+    assert abs(losses["nfn"][-1] - losses["mlp"][-1]) > 1e-3
+    with pytest.raises(SystemExit, match=r"no scalar meta-parameter or switch 'nf_scale'"):
+        compare.learned(str(tmp_path / "mlp.pt"), {"nf_scale": 0})
+
+
+def test_head_to_head_pairs_seeds_and_tests_signs(tmp_path, capsys):
+    from benchmarks import head_to_head as h2h
+
+    assert h2h.sign_test(5, 5) == 1.0
+    assert h2h.sign_test(0, 0) == 1.0
+    assert h2h.sign_test(10, 0) == pytest.approx(2 / 2**10)
+    assert h2h.sign_test(1, 9) == pytest.approx(2 * 11 / 2**10)
+    # A is 10% lower than B on every seed of t1 and 10% higher on t2's, except
+    # seed 2 of t2, where B diverged; C ran one task only.
+    rows = []
+    for task, ratio in (("t1", 0.9), ("t2", 1.1)):
+        for seed in range(3):
+            b = 1.0 + seed
+            a = b * ratio
+            if (task, seed) == ("t2", 2):
+                b = math.nan
+            for opt, loss in (("A", a), ("B", b), ("adam", 1.0)):
+                rows.append((task, opt, seed, 0, "train", 2.0))
+                rows.append((task, opt, seed, 10, "train", loss))
+                rows.append((task, opt, seed, 10, "batch", 99.0))
+        if task == "t1":
+            rows.append((task, "C", 0, 10, "train", 1.0))
+    r = h2h.head_to_head(rows, "A", "B", 10)
+    assert r["per_task"]["t1"] == {"seeds": 3, "ratio": pytest.approx(0.9), "wins": 3, "losses": 0}
+    assert r["per_task"]["t2"]["wins"] == 1 and r["per_task"]["t2"]["losses"] == 2
+    assert (r["wins"], r["losses"], r["pairs"]) == (4, 2, 6)
+    assert r["p_pairs"] == pytest.approx(h2h.sign_test(4, 2))
+    assert h2h.head_to_head(rows, "A", "C", 10)["pairs"] == 1
+    with pytest.raises(ValueError, match="optimizers in these runs: A, B, C, adam"):
+        h2h.head_to_head(rows, "A", "D", 10)
+    # Through the CLI, from a compare run's folder.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    compare.write_csv(rows, run_dir / "curves.csv")
+    meta = {"horizon": 10, "factors": [1], "device": "cpu", "torch": "x", "tasks": {}}
+    (run_dir / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "h2h.md"
+    res = h2h.main([str(run_dir), "--a", "A", "--b", "B", "--out", str(out)])
+    assert res[1]["wins"] == 4
+    assert "| t1 | 3 | 0.900 | 3 | 0 |" in out.read_text()
+    assert "A lower on 4 of 6" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="two different optimizers"):
+        h2h.main([str(run_dir), "--a", "A", "--b", "A"])
+    with pytest.raises(SystemExit, match="no task has train losses of both 'A' and 'Z'"):
+        h2h.main([str(run_dir), "--a", "A", "--b", "Z"])
+
+
 @pytest.mark.slow
 def test_snapshots_ranks_a_runs_nets_on_a_suite(tmp_path):
     import lopt

@@ -1,0 +1,159 @@
+"""Two learned optimizers head to head, paired by task and seed.
+
+``benchmarks.compare`` counts the tasks each optimizer wins against tuned
+Adam, from losses averaged over seeds. Whether one learned optimizer beats
+another (the NFN against the per-parameter MLP meta-trained with the same
+budget) is a paired question: every seed of a task starts both from the same
+initialisation and feeds them the same batches, so the two final losses of
+one (task, seed) differ only by the optimizer. This reads compare runs and,
+at a multiple of the horizon, reports per task the geometric mean over seeds
+of A's loss over B's, with A's wins; overall, A's wins over all (task, seed)
+pairs with an exact two-sided sign test, the same over tasks (a task's sign
+is that of its mean log ratio), and the geometric mean ratio:
+
+    python -m benchmarks.head_to_head runs/compare-nfn runs/compare-mlp \\
+        --a nfn --b mlp --out runs/nfn-vs-mlp.md
+
+The runs may be several ``--out`` folders of compare (one per optimizer,
+with the same baselines), read as one as ``compare --merge`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.compare import merge_runs
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test: the probability, were each pair a fair coin,
+    of a split at least as uneven as ``wins`` to ``losses`` (ties left out)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_losses(rows, a: str, b: str, step: int) -> dict[str, dict[int, tuple[float, float]]]:
+    """Per task and seed, (A's, B's) whole-split training loss at ``step``.
+    Only (task, seed) pairs both optimizers ran are kept."""
+    at: dict = defaultdict(dict)
+    for task, opt, seed, s, split, loss in rows:
+        if split == "train" and s == step and opt in (a, b):
+            at[(task, seed)][opt] = loss
+    out: dict = defaultdict(dict)
+    for (task, seed), v in sorted(at.items()):
+        if a in v and b in v:
+            out[task][seed] = (v[a], v[b])
+    return dict(out)
+
+
+def _log_ratio(la: float, lb: float) -> float:
+    """log(A / B); a non-finite loss loses to a finite one."""
+    fa, fb = math.isfinite(la) and la > 0, math.isfinite(lb) and lb > 0
+    if fa and fb:
+        return math.log(la / lb)
+    return 0.0 if fa == fb else (math.inf if not fa else -math.inf)
+
+
+def head_to_head(rows, a: str, b: str, step: int) -> dict:
+    """The paired comparison of A against B at ``step`` (see the module)."""
+    pairs = paired_losses(rows, a, b, step)
+    if not pairs:
+        opts = sorted({r[1] for r in rows})
+        raise ValueError(
+            f"no task has train losses of both {a!r} and {b!r} at step {step} "
+            f"(optimizers in these runs: {', '.join(opts)})"
+        )
+    per_task, logs = {}, []
+    for task, seeds in pairs.items():
+        lr = [_log_ratio(la, lb) for la, lb in seeds.values()]
+        logs += lr
+        mean = statistics.fmean(lr)
+        per_task[task] = {
+            "seeds": len(lr),
+            "ratio": math.exp(mean),
+            "wins": sum(x < 0 for x in lr),
+            "losses": sum(x > 0 for x in lr),
+        }
+    wins, losses = sum(x < 0 for x in logs), sum(x > 0 for x in logs)
+    task_wins = sum(e["ratio"] < 1 for e in per_task.values())
+    task_losses = sum(e["ratio"] > 1 for e in per_task.values())
+    return {
+        "a": a,
+        "b": b,
+        "step": step,
+        "per_task": per_task,
+        "pairs": len(logs),
+        "wins": wins,
+        "losses": losses,
+        "p_pairs": sign_test(wins, losses),
+        "task_wins": task_wins,
+        "task_losses": task_losses,
+        "p_tasks": sign_test(task_wins, task_losses),
+        "ratio": math.exp(statistics.fmean(logs)),
+    }
+
+
+def markdown(r: dict, factor: int) -> str:
+    a, b = r["a"], r["b"]
+    lines = [
+        f"## {a} against {b} at {factor}x the horizon (step {r['step']}), paired by seed",
+        "",
+        f"| task | seeds | {a} / {b} (geometric mean) | {a} lower | {b} lower |",
+        "|---|---|---|---|---|",
+    ]
+    for task, e in r["per_task"].items():
+        lines.append(f"| {task} | {e['seeds']} | {e['ratio']:.3f} | {e['wins']} | {e['losses']} |")
+    lines += [
+        "",
+        f"- (task, seed) pairs: {a} lower on {r['wins']} of {r['pairs']}, {b} on "
+        f"{r['losses']}; sign test p = {r['p_pairs']:.3g}",
+        f"- tasks (mean over seeds): {a} lower on {r['task_wins']} of {len(r['per_task'])}, "
+        f"{b} on {r['task_losses']}; sign test p = {r['p_tasks']:.3g}",
+        f"- geometric mean of {a}'s loss over {b}'s, all pairs: {r['ratio']:.3f}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("runs", type=Path, nargs="+", help="benchmarks.compare --out folders")
+    p.add_argument("--a", required=True, help="optimizer label A (e.g. the NFN)")
+    p.add_argument("--b", required=True, help="optimizer label B (e.g. the MLP)")
+    p.add_argument(
+        "--factors",
+        type=int,
+        nargs="+",
+        default=None,
+        help="multiples of the horizon (default: every one the runs have)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="also write the tables here")
+    args = p.parse_args(argv)
+    if args.a == args.b:
+        raise SystemExit("--a and --b must name two different optimizers")
+    rows, meta = merge_runs(args.runs)
+    factors = args.factors or meta["factors"]
+    texts, results = [], {}
+    for f in factors:
+        try:
+            results[f] = head_to_head(rows, args.a, args.b, meta["horizon"] * f)
+        except ValueError as e:
+            raise SystemExit(str(e)) from e
+        texts.append(markdown(results[f], f))
+    text = "\n".join(texts)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
