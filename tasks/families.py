@@ -233,6 +233,8 @@ TASKS: dict[str, Callable[..., Task]] = {
     ),
     # 4x wider and one layer deeper than mlp-family-deep (its CNNs are cnn-family-small's).
     "mlp-mnist1d-256x5": _task("mlp-mnist1d-256x5", lambda d: mlp(40, [256] * 5, 10), "mnist1d"),
+    # 4x wider and one layer deeper than mlp-family-deeper.
+    "mlp-mnist1d-256x7": _task("mlp-mnist1d-256x7", lambda d: mlp(40, [256] * 7, 10), "mnist1d"),
     # Inside mlp-family-broad, at its edges (depth 4, width 64, GELU): validation.
     "mlp-mnist1d-64x4": _task("mlp-mnist1d-64x4", lambda d: mlp(40, [64] * 4, 10), "mnist1d"),
     "mlp-gmm16-gelu": _task("mlp-gmm16-gelu", lambda d: mlp(16, [64, 64], 8, "gelu"), "gmm-16"),
@@ -293,6 +295,23 @@ FAMILIES: dict[str, Callable[..., TaskFamily]] = {
         datasets=("mnist1d", "digits", "teacher", "gmm", "gmm-16", "gmm-32"),
     ),
     "mixed-family-broad": lambda device="cpu": _mixed("mlp-family-broad", device),
+    # The broad family, plus (30%) narrow MLPs of 5-6 hidden layers, so that
+    # meta-training sees what a too-large step does to depth; the held-out
+    # 5 x 48 MLP stays outside by width (8-32 at depth 5-6, 8-64 up to 4).
+    "mlp-family-deeper": lambda device="cpu": MixtureFamily(
+        [
+            FAMILIES["mlp-family-broad"](device),
+            replace(
+                FAMILIES["mlp-family-broad"](device),
+                name="mlp-family-deep-narrow",
+                depth=(5, 6),
+                width=(8, 32),
+            ),
+        ],
+        [0.7, 0.3],
+        "mlp-family-deeper",
+    ),
+    "mixed-family-deeper": lambda device="cpu": _mixed("mlp-family-deeper", device),
 }
 
 SUITES: dict[str, list[str]] = {
@@ -319,6 +338,7 @@ SUITES: dict[str, list[str]] = {
     "quick": ["mlp-digits", "mlp-gmm"],
     "stress": ["mlp-mnist1d-4x-deeper", "cnn-digits-4x-deeper"],
     "stress-deep": ["mlp-mnist1d-256x5", "cnn-digits-4x-deeper"],
+    "stress-deeper": ["mlp-mnist1d-256x7", "cnn-digits-4x-deeper"],
 }
 
 

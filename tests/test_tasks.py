@@ -255,11 +255,23 @@ def _architecture(task):
     return kind, hidden, acts, task.dataset
 
 
-def _component(mixture, kind):
-    """The mixture's family of that kind, and the widest layer it samples."""
+def _components(mixture, kind):
+    """The mixture's families of that kind (nested mixtures flattened), each
+    with the widest layer it samples."""
     cls = MLPFamily if kind == "mlp" else CNNFamily
-    fam = next(f for f in mixture.families if isinstance(f, cls))
-    return fam, (fam.width if kind == "mlp" else fam.channels)[1]
+    out = []
+    for f in mixture.families:
+        if isinstance(f, tasks.families.MixtureFamily):
+            out += _components(f, kind)
+        elif isinstance(f, cls):
+            out.append((f, (f.width if kind == "mlp" else f.channels)[1]))
+    return out
+
+
+def _component(mixture, kind):
+    """The mixture's one family of that kind, and the widest layer it samples."""
+    (found,) = _components(mixture, kind)
+    return found
 
 
 def _family_datasets(fam, kind):
@@ -268,20 +280,21 @@ def _family_datasets(fam, kind):
 
 
 @pytest.mark.parametrize(
-    "family", ["mixed-family-small", "mixed-family-deep", "mixed-family-broad"]
+    "family",
+    ["mixed-family-small", "mixed-family-deep", "mixed-family-broad", "mixed-family-deeper"],
 )
 def test_heldout_tasks_lie_outside_the_training_families(family):
     mixture = tasks.get_family(family)
     for name in SUITES["heldout"]:
         kind, hidden, acts, ds = _architecture(tasks.get_task(name))
-        fam, widest = _component(mixture, kind)
-        outside = (
-            len(hidden) > fam.depth[1]
-            or max(hidden) > widest
-            or not acts <= set(fam.activations)
-            or all(ds is not d for d in _family_datasets(fam, kind))
-        )
-        assert outside, f"{name} can be sampled by {family}"
+        for fam, widest in _components(mixture, kind):
+            outside = (
+                len(hidden) > fam.depth[1]
+                or max(hidden) > widest
+                or not acts <= set(fam.activations)
+                or all(ds is not d for d in _family_datasets(fam, kind))
+            )
+            assert outside, f"{name} can be sampled by {family} ({fam.name})"
 
 
 @pytest.mark.parametrize(
@@ -290,6 +303,7 @@ def test_heldout_tasks_lie_outside_the_training_families(family):
         ("mixed-family-small", "stress"),
         ("mixed-family-deep", "stress-deep"),
         ("mixed-family-broad", "stress-deep"),
+        ("mixed-family-deeper", "stress-deeper"),
     ],
 )
 def test_stress_tasks_are_4x_wider_and_one_layer_deeper(family, suite):
@@ -297,9 +311,9 @@ def test_stress_tasks_are_4x_wider_and_one_layer_deeper(family, suite):
     kinds = set()
     for name in SUITES[suite]:
         kind, hidden, _, _ = _architecture(tasks.get_task(name))
-        fam, widest = _component(mixture, kind)
-        assert len(hidden) == fam.depth[1] + 1, name
-        assert min(hidden) >= 4 * widest, name
+        comps = _components(mixture, kind)
+        assert len(hidden) == max(f.depth[1] for f, _ in comps) + 1, name
+        assert min(hidden) >= 4 * max(w for _, w in comps), name
         kinds.add(kind)
     assert kinds == {"mlp", "cnn"}
 
@@ -309,6 +323,15 @@ def test_deep_family_samples_depth_4_and_gelu():
     archs = [_architecture(fam.sample(gen(i))) for i in range(60)]
     assert max(len(h) for _, h, _, _ in archs) == 4
     assert any("gelu" in a for _, _, a, _ in archs)
+
+
+def test_deeper_family_samples_depth_6_only_narrow():
+    fam = tasks.get_family("mlp-family-deeper")
+    archs = [_architecture(fam.sample(gen(i))) for i in range(80)]
+    depths = [len(h) for _, h, _, _ in archs]
+    assert max(depths) == 6 and min(depths) == 1
+    assert all(max(h) <= 32 for _, h, _, _ in archs if len(h) >= 5)
+    assert any(max(h) > 32 for _, h, _, _ in archs if len(h) <= 4)
 
 
 def test_broad_family_varies_the_input_width():
