@@ -54,16 +54,28 @@ def paired_losses(rows, a: str, b: str, step: int) -> dict[str, dict[int, tuple[
     return dict(out)
 
 
-def _log_ratio(la: float, lb: float) -> float:
-    """log(A / B); a non-finite loss loses to a finite one."""
-    fa, fb = math.isfinite(la) and la > 0, math.isfinite(lb) and lb > 0
+def _sign(la: float, lb: float) -> int:
+    """-1 when A's loss is the lower, 1 when B's, 0 for a tie; a non-finite
+    loss loses to a finite one."""
+    fa, fb = math.isfinite(la), math.isfinite(lb)
     if fa and fb:
-        return math.log(la / lb)
-    return 0.0 if fa == fb else (math.inf if not fa else -math.inf)
+        return (la > lb) - (la < lb)
+    return 0 if fa == fb else (1 if not fa else -1)
+
+
+def _log_ratio(la: float, lb: float) -> float:
+    """log(A / B), losses floored at 1e-30 (a loss may reach 0)."""
+    return math.log(max(la, 1e-30) / max(lb, 1e-30))
+
+
+def _geomean(logs: list[float]) -> float:
+    return math.exp(statistics.fmean(logs)) if logs else math.nan
 
 
 def head_to_head(rows, a: str, b: str, step: int) -> dict:
-    """The paired comparison of A against B at ``step`` (see the module)."""
+    """The paired comparison of A against B at ``step`` (see the module).
+    Wins count every pair; the geometric mean ratios count the pairs where
+    both losses are finite (``nonfinite`` says how many are not)."""
     pairs = paired_losses(rows, a, b, step)
     if not pairs:
         opts = sorted({r[1] for r in rows})
@@ -71,34 +83,45 @@ def head_to_head(rows, a: str, b: str, step: int) -> dict:
             f"no task has train losses of both {a!r} and {b!r} at step {step} "
             f"(optimizers in these runs: {', '.join(opts)})"
         )
-    per_task, logs = {}, []
+    per_task, signs, logs = {}, [], []
     for task, seeds in pairs.items():
-        lr = [_log_ratio(la, lb) for la, lb in seeds.values()]
+        sg = [_sign(la, lb) for la, lb in seeds.values()]
+        lr = [_log_ratio(*p) for p in seeds.values() if all(map(math.isfinite, p))]
+        signs += sg
         logs += lr
-        mean = statistics.fmean(lr)
         per_task[task] = {
-            "seeds": len(lr),
-            "ratio": math.exp(mean),
-            "wins": sum(x < 0 for x in lr),
-            "losses": sum(x > 0 for x in lr),
+            "seeds": len(sg),
+            "ratio": _geomean(lr),
+            "wins": sg.count(-1),
+            "losses": sg.count(1),
+            "finite": len(lr),
         }
-    wins, losses = sum(x < 0 for x in logs), sum(x > 0 for x in logs)
-    task_wins = sum(e["ratio"] < 1 for e in per_task.values())
-    task_losses = sum(e["ratio"] > 1 for e in per_task.values())
+    wins, losses = signs.count(-1), signs.count(1)
+    task_signs = [_task_sign(e) for e in per_task.values()]
+    task_wins, task_losses = task_signs.count(-1), task_signs.count(1)
     return {
         "a": a,
         "b": b,
         "step": step,
         "per_task": per_task,
-        "pairs": len(logs),
+        "pairs": len(signs),
         "wins": wins,
         "losses": losses,
+        "nonfinite": len(signs) - len(logs),
         "p_pairs": sign_test(wins, losses),
         "task_wins": task_wins,
         "task_losses": task_losses,
         "p_tasks": sign_test(task_wins, task_losses),
-        "ratio": math.exp(statistics.fmean(logs)),
+        "ratio": _geomean(logs),
     }
+
+
+def _task_sign(e: dict) -> int:
+    """A task's sign: that of its mean log ratio, or, when a loss there is
+    not finite, of its pair wins."""
+    if e["finite"] == e["seeds"]:
+        return (e["ratio"] > 1) - (e["ratio"] < 1)
+    return (e["losses"] > e["wins"]) - (e["losses"] < e["wins"])
 
 
 def markdown(r: dict, factor: int) -> str:
@@ -117,7 +140,8 @@ def markdown(r: dict, factor: int) -> str:
         f"{r['losses']}; sign test p = {r['p_pairs']:.3g}",
         f"- tasks (mean over seeds): {a} lower on {r['task_wins']} of {len(r['per_task'])}, "
         f"{b} on {r['task_losses']}; sign test p = {r['p_tasks']:.3g}",
-        f"- geometric mean of {a}'s loss over {b}'s, all pairs: {r['ratio']:.3f}",
+        f"- geometric mean of {a}'s loss over {b}'s, over the {r['pairs'] - r['nonfinite']} "
+        f"pairs where both are finite: {r['ratio']:.3f}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -280,9 +280,23 @@ def test_head_to_head_pairs_seeds_and_tests_signs(tmp_path, capsys):
         if task == "t1":
             rows.append((task, "C", 0, 10, "train", 1.0))
     r = h2h.head_to_head(rows, "A", "B", 10)
-    assert r["per_task"]["t1"] == {"seeds": 3, "ratio": pytest.approx(0.9), "wins": 3, "losses": 0}
-    assert r["per_task"]["t2"]["wins"] == 1 and r["per_task"]["t2"]["losses"] == 2
-    assert (r["wins"], r["losses"], r["pairs"]) == (4, 2, 6)
+    assert r["per_task"]["t1"] == {
+        "seeds": 3,
+        "ratio": pytest.approx(0.9),
+        "wins": 3,
+        "losses": 0,
+        "finite": 3,
+    }
+    # B's diverged seed counts as A's win, and is left out of the ratio.
+    t2 = r["per_task"]["t2"]
+    assert (t2["wins"], t2["losses"], t2["finite"]) == (1, 2, 2)
+    assert t2["ratio"] == pytest.approx(1.1)
+    assert (r["wins"], r["losses"], r["pairs"], r["nonfinite"]) == (4, 2, 6, 1)
+    assert (r["task_wins"], r["task_losses"]) == (1, 1)
+    assert r["ratio"] == pytest.approx(math.exp((3 * math.log(0.9) + 2 * math.log(1.1)) / 5))
+    # A loss of 0 is the lowest there is, not a failure.
+    zero = [(t, o, s, st, sp, 0.0 if o == "A" else v) for t, o, s, st, sp, v in rows]
+    assert h2h.head_to_head(zero, "A", "B", 10)["wins"] == 6
     assert r["p_pairs"] == pytest.approx(h2h.sign_test(4, 2))
     assert h2h.head_to_head(rows, "A", "C", 10)["pairs"] == 1
     with pytest.raises(ValueError, match="optimizers in these runs: A, B, C, adam"):
