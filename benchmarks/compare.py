@@ -71,14 +71,14 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
                 raise SystemExit(f"--set {name}={value:g}: a switch is 0 or 1")
             setattr(net, name, bool(value))
             continue
-        nf = ["nf_scale"] if isinstance(net, lopt.NFNNet) else []
-        if name in nf:
-            net.nf_scale = value
+        if name in net.CONSTANTS:
+            setattr(net, name, value)
             continue
         if name not in scalars:
+            settable = sorted(scalars) + list(net.SWITCHES) + list(net.CONSTANTS)
             raise SystemExit(
                 f"--set {name}: {label} has no scalar meta-parameter or switch {name!r} "
-                f"(it has {', '.join(sorted(scalars) + list(net.SWITCHES) + nf)})"
+                f"(it has {', '.join(settable)})"
             )
         with torch.no_grad():
             scalars[name].fill_(value)

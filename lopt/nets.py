@@ -143,6 +143,7 @@ class OptimizerNet(nn.Module):
     """Base class: the update formula; subclasses define :meth:`body`."""
 
     SWITCHES = ("input_width_factor", "radial_correction")  # may change after training
+    CONSTANTS: tuple[str, ...] = ()  # unlearned numbers that may change after training
 
     def __init__(
         self,
@@ -446,6 +447,8 @@ class NFNNet(OptimizerNet):
             leaves in them perturbs the updates less.
     """
 
+    CONSTANTS = ("nf_scale",)
+
     def __init__(
         self,
         width: int = 16,
@@ -457,13 +460,22 @@ class NFNNet(OptimizerNet):
         super().__init__(width, depth, **kwargs)
         if nf_channels is not None and nf_channels < 1:
             raise ValueError(f"nf_channels must be positive, got {nf_channels}")
-        self._config.update(nf_channels=nf_channels, nf_scale=nf_scale)
-        self.nf_scale = nf_scale
+        self._config.update(nf_channels=nf_channels, nf_scale=float(nf_scale))
         self.nf_proj = nn.Linear(width, nf_channels, bias=False) if nf_channels else None
         self.nf = NFLinear(template_specs(), nf_channels or width, 2, strict=False)
         with torch.no_grad():
             for w in list(self.nf.weights.values()) + list(self.nf.biases.values()):
                 w.mul_(kwargs.get("out_scale", 0.01))
+
+    @property
+    def nf_scale(self) -> float:
+        """The constant on the NF-layer's output; 0 leaves the per-entry path
+        alone (an ablation of what the NF-layer adds)."""
+        return self._config["nf_scale"]
+
+    @nf_scale.setter
+    def nf_scale(self, value: float) -> None:
+        self._config["nf_scale"] = float(value)
 
     def entry_outputs(self, spec, inputs, bias, c2, fused):
         # Pass 1, slice by slice: the per-entry output plus the NF-layer's
