@@ -82,7 +82,11 @@ def entry_channels(
     """The channels of (a slice of) one parameter before the per-tensor
     :func:`channel_scales`, channel first: ``(NUM_FEATURES, *shape)``. The
     last is ``m / (sqrt(v_hat) + eps)``, Adam's direction times ``c1``."""
-    rms = second_moment.sqrt()
+    # The clamp leaves every value above 1e-15 as it was; it keeps the
+    # meta-gradient finite where v == 0 (an entry whose gradient has always
+    # been exactly 0, e.g. a dead ReLU unit): sqrt's derivative there is inf,
+    # and inf * (dv/dg = 0) is NaN through truncated backprop.
+    rms = second_moment.clamp_min(1e-30).sqrt()
     # Adam's sqrt(v_hat) + eps in one fused op, as this runs per slice; its
     # 1 / c1 is a per-tensor scalar, left to the channel scales.
     rsqrt_c2 = c2.rsqrt()

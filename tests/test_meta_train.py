@@ -540,3 +540,25 @@ def test_freeze_holds_meta_parameters_at_their_value(tmp_path):
     args = common + ["--outer-steps", "1", "--no-radial-correction", "--out", str(out) + "3"]
     assert main(args) == 0
     assert lopt.load(str(out) + "3/optimizer.pt")[0].radial_correction is False
+
+
+@pytest.mark.parametrize("net_cls", [PerParamMLP, lopt.NFNNet])
+def test_backprop_meta_gradient_is_finite_through_a_dead_relu_unit(net_cls):
+    # A unit whose pre-activation is always negative gets gradient exactly 0,
+    # so its entries' second moment stays 0: sqrt'(0) = inf used to make the
+    # whole meta-gradient NaN (every such truncation was skipped).
+    torch.manual_seed(0)
+    net = net_cls(width=4, depth=1, out_scale=1.0, step_mult=1e-2)
+    unroll = TaskUnroll(net, get_task("mlp-gmm"))
+    inner = unroll.init_inner(2, torch.Generator().manual_seed(0))
+    inner["params"]["1.weight"][:, 0] = 0.0
+    inner["params"]["1.bias"][:, 0] = -1.0
+    batches = unroll.sample_batches(3, torch.Generator().manual_seed(1))
+    theta = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
+    thetas = theta.expand(2, -1).clone()
+
+    grad = torch.func.grad(lambda t: unroll.unroll(t, inner, batches)[0].sum())(thetas)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # The case above really arose: the dead unit's second moment is still 0.
+    second_moment = unroll.unroll(thetas, inner, batches)[2]["second_moment"]
+    assert (second_moment[unroll.names.index("1.weight")][:, 0] == 0).all()

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One call on a GPU machine, in the repository root: the CUDA tests, the
+# meta-training throughput table on the GPU, then the GPU recipes
+# (configs/*-gpu.json) trained side by side until a deadline; each run stops
+# on SIGINT with its checkpoint, optimizer.pt and snapshots, and the runs come
+# back as one archive.
+#
+#   OUT=/tmp/gpu TRAIN_S=450 bash benchmarks/gpu_session.sh [CONFIG ...]
+#
+# CONFIG names files in configs/ (default: every *-gpu.json); the runs start
+# from runs/mlp-tangent-lr/optimizer.pt (their --init-from), which must be
+# there. Without the mnist1d package, put its wheel in .whl/ (it is installed
+# into /tmp/site with no network).
+set -u
+OUT=${OUT:-/tmp/gpu-session}
+TRAIN_S=${TRAIN_S:-450}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu rehearses the script where there is no GPU
+POPULATIONS=${POPULATIONS:-16 128}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+} > "$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+# Build the datasets once, so parallel runs do not race on the cache file.
+python3 -c "from tasks.families import get_dataset as g; [g(n) for n in ('mnist1d', 'mnist1d-conv', 'digits')]"
+
+# Throughput first, alone on the GPU (the trainings would share it).
+timeout 90 python3 -m benchmarks.meta_throughput --device "$DEVICE" --populations $POPULATIONS \
+    --repeats 3 > "$OUT/throughput.txt" 2>&1
+cat "$OUT/throughput.txt"
+
+configs=("$@")
+if [ ${#configs[@]} -eq 0 ]; then
+    configs=(configs/*-gpu.json)
+fi
+pids=()
+for c in "${configs[@]}"; do
+    name=$(basename "$c" .json)
+    timeout -s INT "$TRAIN_S" python3 -m meta_train --config "configs/$name.json" \
+        --device "$DEVICE" --out "runs/$name" > "$OUT/$name.log" 2>&1 &
+    pids+=($!)
+done
+timeout 240 python3 -m pytest -p no:cacheprovider tests/test_cuda.py -q -rs > "$OUT/test_cuda.txt" 2>&1
+tail -5 "$OUT/test_cuda.txt"
+wait "${pids[@]}"
+for c in "${configs[@]}"; do
+    name=$(basename "$c" .json)
+    # tqdm redraws with \r: keep the last state of each line.
+    echo "$name: $(tr '\r' '\n' < "$OUT/$name.log" | grep -E 'meta-train|wrote|Error' | tail -2)"
+done
+tar czf "$OUT/runs.tgz" --exclude=checkpoint.pt $(for c in "${configs[@]}"; do echo "runs/$(basename "$c" .json)"; done)
+ls -la "$OUT"

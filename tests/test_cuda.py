@@ -1,0 +1,101 @@
+"""The CUDA path against the CPU: the same numbers to float32 rounding.
+
+Skipped where no GPU is present (CI has none); on a GPU machine run
+``pytest tests/test_cuda.py``. TF32 is switched off here because it rounds
+matrix products and convolutions to ~1e-3, far above float32's differences.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lopt
+from benchmarks.runner import run
+from lopt.nets import NFNNet
+from meta_train import LearnedOptimizerProblem, MetaTrainer, make_estimator
+from tasks import get_family, get_task
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("weights", ["nfn-small", "mlp-small"])
+@pytest.mark.parametrize("task_name", ["mlp-digits", "cnn-digits"])
+def test_shipped_optimizers_train_the_same_on_cuda(weights, task_name):
+    kind = lopt.NFNOptimizer if weights.startswith("nfn") else lopt.MLPOptimizer
+    losses = {}
+    for device in ("cpu", "cuda"):
+        task = get_task(task_name, device)
+        curve = run(task, lambda m: kind(m.parameters(), weights=weights, model=m), 20, seed=0)
+        losses[device] = torch.tensor(curve.train)
+    assert losses["cuda"][-1] < losses["cuda"][0]
+    torch.testing.assert_close(losses["cuda"], losses["cpu"], rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_parameters_on_cuda_keep_float32_state():
+    task = get_task("mlp-digits", "cuda")
+    model = task.module_with(task.init(torch.Generator().manual_seed(0))).to(torch.bfloat16)
+    opt = lopt.NFNOptimizer(model.parameters(), weights="nfn-small", model=model)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(30):
+        x, y = task.sample_batch(g)
+        opt.zero_grad()
+        loss = task.loss(dict(model.named_parameters()), (x.to(torch.bfloat16), y))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.dtype == torch.bfloat16 and p.is_cuda for p in model.parameters())
+    states = [s for s in opt.state.values() for s in s.values() if torch.is_tensor(s)]
+    assert states and all(s.is_cuda and s.dtype == torch.float32 for s in states)
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def _first_outer_step(estimator: str, device: str):
+    torch.manual_seed(0)
+    net = NFNNet(width=4, depth=1, out_scale=1.0, step_mult=1e-2).to(device)
+    problem = LearnedOptimizerProblem(
+        net, get_family("mixed-family-small", device), truncation=3, horizon=6, seed=3
+    )
+    trainer = MetaTrainer(problem, make_estimator(estimator, 0.05), pairs=2, meta_lr=1e-2)
+    metrics = trainer.outer_step()
+    return metrics, trainer.theta.grad.cpu(), problem.task.name
+
+
+@pytest.mark.parametrize("estimator", ["pes", "backprop"])
+def test_meta_gradient_on_cuda_matches_the_cpu(estimator):
+    cpu, grad_cpu, name = _first_outer_step(estimator, "cpu")
+    cuda, grad_cuda, name_cuda = _first_outer_step(estimator, "cuda")
+    assert name == name_cuda  # the same task was sampled
+    assert cuda["meta_loss"] == pytest.approx(cpu["meta_loss"], rel=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(cuda["inner_losses"]), torch.tensor(cpu["inner_losses"]), rtol=1e-5, atol=0
+    )
+    # ES divides loss differences by sigma, so rounding shows more there.
+    tol = 1e-3 if estimator == "pes" else 1e-4
+    assert (grad_cuda - grad_cpu).norm() <= tol * grad_cpu.norm()
+
+
+def test_cli_on_cuda_writes_a_net_that_loads_on_the_cpu(tmp_path):
+    from meta_train.__main__ import main
+
+    out = tmp_path / "run"
+    args = ["--net", "nfn", "--width", "4", "--family", "mixed-family-small", "--device", "cuda"]
+    args += ["--truncation", "2", "--horizon", "4", "--population", "2", "--eval-every", "2"]
+    args += ["--eval-steps", "10", "--snapshot-every", "2", "--no-progress", "--out", str(out)]
+    assert main(args + ["--outer-steps", "2"]) == 0
+    assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
+    net, meta = lopt.load(out / "optimizer.pt")
+    assert meta["outer_steps"] == 3 and meta["device"] == "cuda"
+    assert all(p.device.type == "cpu" for p in net.parameters())
+    task = get_task("mlp-digits")
+    curve = run(task, lambda m: lopt.NFNOptimizer(m.parameters(), net=net, model=m), 5, seed=0)
+    assert all(torch.isfinite(torch.tensor(curve.train)))
