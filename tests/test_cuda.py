@@ -37,7 +37,8 @@ def test_shipped_optimizers_train_the_same_on_cuda(weights, task_name):
         curve = run(task, lambda m: kind(m.parameters(), weights=weights, model=m), 20, seed=0)
         losses[device] = torch.tensor(curve.train)
     assert losses["cuda"][-1] < losses["cuda"][0]
-    torch.testing.assert_close(losses["cuda"], losses["cpu"], rtol=1e-4, atol=1e-5)
+    # Rounding differences grow over the steps (2.5e-4 after 20 on an H200).
+    torch.testing.assert_close(losses["cuda"], losses["cpu"], rtol=1e-3, atol=1e-5)
 
 
 def test_bfloat16_parameters_on_cuda_keep_float32_state():
@@ -79,8 +80,9 @@ def test_meta_gradient_on_cuda_matches_the_cpu(estimator):
     torch.testing.assert_close(
         torch.tensor(cuda["inner_losses"]), torch.tensor(cpu["inner_losses"]), rtol=1e-5, atol=0
     )
-    # ES divides loss differences by sigma, so rounding shows more there.
-    tol = 1e-3 if estimator == "pes" else 1e-4
+    # ES divides loss differences by sigma, so rounding shows more there
+    # (1.3e-3 on an H200).
+    tol = 5e-3 if estimator == "pes" else 1e-4
     assert (grad_cuda - grad_cpu).norm() <= tol * grad_cpu.norm()
 
 
