@@ -345,16 +345,32 @@ def test_snapshots_ranks_a_runs_nets_on_a_suite(tmp_path):
     assert text.index("| step20 |") < text.index("| step10 |")
     assert text.strip().endswith(f"best: {best}")
 
+    def entry(ratio, steps):
+        return {"normalised": ratio, "steps_to_baseline": steps}
+
     summary = {
         "per_task": {
-            ("A", "x"): {"normalised": 0.5},
-            ("B", "x"): {"normalised": 2.0},
-            ("A", "y"): {"normalised": 0.5},
-            ("B", "y"): {"normalised": math.nan},
-        }
+            ("A", "x"): entry(0.5, 0.6),
+            ("B", "x"): entry(2.0, math.inf),
+            ("A", "y"): entry(0.5, 0.5),
+            ("B", "y"): entry(math.nan, math.inf),
+            # z wins A by a ratio of 1e-4 (a loss near 0): clipped to 0.5, so
+            # it does not outweigh its worse task B.
+            ("A", "z"): entry(1e-4, 0.4),
+            ("B", "z"): entry(1.5, 0.9),
+            ("A", "w"): entry(0.8, 0.5),
+            ("B", "w"): entry(0.9, 0.8),
+        },
+        "counts": {k: {"beats@1x": 1, "diverged": 0} for k in "xyzw"},
     }
     assert snapshots.score(summary, "x") == pytest.approx(1.0)
     assert snapshots.score(summary, "y") == math.inf
+    assert snapshots.score(summary, "z") == pytest.approx(math.sqrt(0.5 * 1.5))
+    assert snapshots.score(summary, "z", clip=None) == pytest.approx(math.sqrt(1e-4 * 1.5))
+    assert snapshots.speed(summary, "x") == pytest.approx((0.6 + snapshots.NEVER) / 2)
+    assert snapshots.speed(summary, "w") == pytest.approx(0.65)
+    # z and w tie on speed, w has the lower clipped ratio; y's NaN puts it last.
+    assert [r[0] for r in snapshots.ranking(summary, list("xyzw"))] == ["w", "z", "x", "y"]
     with pytest.raises(SystemExit, match="no snapshots"):
         snapshots.main([str(tmp_path / "empty"), "--out", str(out)])
 
