@@ -82,11 +82,12 @@ def entry_channels(
     """The channels of (a slice of) one parameter before the per-tensor
     :func:`channel_scales`, channel first: ``(NUM_FEATURES, *shape)``. The
     last is ``m / (sqrt(v_hat) + eps)``, Adam's direction times ``c1``."""
-    # The clamp leaves every value above 1e-15 as it was; it keeps the
-    # meta-gradient finite where v == 0 (an entry whose gradient has always
-    # been exactly 0, e.g. a dead ReLU unit): sqrt's derivative there is inf,
-    # and inf * (dv/dg = 0) is NaN through truncated backprop.
-    rms = second_moment.clamp_min(1e-30).sqrt()
+    # sqrt(v), but with a zero derivative where v == 0 (an entry whose
+    # gradient has always been exactly 0, e.g. a dead ReLU unit): sqrt's is
+    # inf there, and inf * (dv/dg = 0) made truncated backprop's
+    # meta-gradient NaN. The inner where keeps inf out of the backward pass.
+    zero = second_moment == 0
+    rms = torch.where(zero, 0.0, torch.where(zero, 1.0, second_moment).sqrt())
     # Adam's sqrt(v_hat) + eps in one fused op, as this runs per slice; its
     # 1 / c1 is a per-tensor scalar, left to the channel scales.
     rsqrt_c2 = c2.rsqrt()

@@ -559,6 +559,12 @@ def test_backprop_meta_gradient_is_finite_through_a_dead_relu_unit(net_cls):
 
     grad = torch.func.grad(lambda t: unroll.unroll(t, inner, batches)[0].sum())(thetas)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # The forward value is untouched: sqrt(0) is still exactly 0.
+    f = lopt.features
+    momenta = torch.zeros(len(f.MOMENTUM_DECAYS), 3)
+    zeros = torch.zeros(3)
+    channels = f.entry_channels(torch.ones(3), zeros, momenta, zeros, torch.tensor(0.5))
+    assert (channels[f.FEATURE_NAMES.index("rms")] == 0).all()
     # The case above really arose: the dead unit's second moment is still 0.
     second_moment = unroll.unroll(thetas, inner, batches)[2]["second_moment"]
     assert (second_moment[unroll.names.index("1.weight")][:, 0] == 0).all()
