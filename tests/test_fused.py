@@ -66,6 +66,26 @@ def test_fused_update_equals_the_torch_path(arch, kind, depth, seed):
 
 
 @needs_kernel
+@pytest.mark.parametrize("cls", [PerParamMLP, NFNNet])
+def test_fused_equals_the_torch_path_on_a_tensor_that_never_had_a_gradient(cls):
+    # Its second moment is all 0, where the torch path's sqrt has a guarded
+    # derivative (for truncated backprop); both must still read rms = 0.
+    torch.manual_seed(0)
+    module = make_mlp([4, 6, 3])
+    net = strong(cls, 1)
+    spec = WeightSpaceSpec.from_module(module)
+    params = [p.detach().clone() for p in module.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    grads[0].zero_()
+    state = functional.init(params)
+    with torch.no_grad():
+        ref, _ = functional.update(net, spec, None, grads, state, params)
+        out, _ = functional.update(net, spec, None, grads, state, params, fused=True)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@needs_kernel
 @settings(max_examples=15, deadline=None)
 @given(arch=architectures(), kind=st.sampled_from(["mlp", "nfn-proj"]), seed=st.integers(0, 999))
 def test_fused_in_place_update_equals_the_torch_path(arch, kind, seed):
