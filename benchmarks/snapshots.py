@@ -8,12 +8,11 @@ needs to reach tuned Adam's loss at the horizon, as a fraction of it (a task
 where it never does counts as ``NEVER``); ties go to the geometric mean of
 their loss over Adam's (learned_optimization's normalised loss), each task's
 ratio clipped to [1/CLIP, CLIP], then to the tasks they win, then to the
-unclipped mean. Both are bounded
-per task because a task whose loss nears 0 makes its ratio swing by orders of
-magnitude between neighbouring snapshots (``mlp-gmm16-gelu``: 0.00 to 8.9),
-and an unclipped mean over tasks then ranks by that task alone. Pick on a
-suite of tasks the family samples (``validation``), never on the held-out
-suite the pick is then judged on:
+unclipped mean. Both are bounded per task because a task whose loss nears 0
+makes its ratio swing by orders of magnitude between neighbouring snapshots
+(``mlp-gmm16-gelu``: 0.00 to 8.9), and an unclipped mean over tasks then
+ranks by that task alone. Pick on a suite of tasks the family samples
+(``validation``), never on the held-out suite the pick is then judged on:
 
     python -m benchmarks.compare --suite validation --steps 200 --seeds 3 --factors 1 \\
         --weights nfn-small --out runs/val-base            # tuned Adam, once
@@ -92,9 +91,9 @@ def ranking(summary: dict, labels: list[str]) -> list[tuple[str, float, float, i
         )
     # A net that is not finite on some task goes last, whatever its speed;
     # the unclipped ratio only breaks what is still tied.
-    unclipped = {label: score(summary, label, clip=None) for label in labels}
     return sorted(
-        rows, key=lambda r: (not math.isfinite(r[2]), r[1], r[2], -r[3], unclipped[r[0]])
+        rows,
+        key=lambda r: (not math.isfinite(r[2]), r[1], r[2], -r[3], score(summary, r[0], None)),
     )
 
 
