@@ -7,15 +7,16 @@
 #
 #   OUT=/tmp/gpu TRAIN_S=450 bash benchmarks/gpu_session.sh [CONFIG ...]
 #
-# CONFIG names files in configs/ (default: every *-gpu.json); the runs start
-# from runs/mlp-tangent-lr/optimizer.pt (their --init-from), which must be
-# there. Without the mnist1d package, put its wheel in .whl/ (it is installed
-# into /tmp/site with no network).
+# CONFIG names files in configs/ (default: every *-gpu.json); each run's
+# --init-from (runs/mlp-tangent-lr/optimizer.pt for *-gpu.json, the *-gpu
+# runs' optimizer.pt for *-gpu2*.json) must be there. Without the mnist1d
+# package, put its wheel in .whl/ (it is installed into /tmp/site with no
+# network).
 set -u
 OUT=${OUT:-/tmp/gpu-session}
 TRAIN_S=${TRAIN_S:-450}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu rehearses the script where there is no GPU
-POPULATIONS=${POPULATIONS:-16 128}
+POPULATIONS=${POPULATIONS-16 128}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -29,10 +30,13 @@ cat "$OUT/device.txt"
 # Build the datasets once, so parallel runs do not race on the cache file.
 python3 -c "from tasks.families import get_dataset as g; [g(n) for n in ('mnist1d', 'mnist1d-conv', 'digits')]"
 
-# Throughput first, alone on the GPU (the trainings would share it).
-timeout 90 python3 -m benchmarks.meta_throughput --device "$DEVICE" --populations $POPULATIONS \
-    --repeats 3 > "$OUT/throughput.txt" 2>&1
-cat "$OUT/throughput.txt"
+# Throughput first, alone on the GPU (the trainings would share it);
+# POPULATIONS= (empty) skips it.
+if [ -n "$POPULATIONS" ]; then
+    timeout 90 python3 -m benchmarks.meta_throughput --device "$DEVICE" --populations $POPULATIONS \
+        --repeats 3 > "$OUT/throughput.txt" 2>&1
+    cat "$OUT/throughput.txt"
+fi
 
 configs=("$@")
 if [ ${#configs[@]} -eq 0 ]; then
