@@ -7,8 +7,12 @@ model card.
 The file is checked first (it loads, it is under ``--max-mb``), and its
 metadata gains the run's recipe: the config, every session's command from
 ``history.jsonl`` (the first run and each ``--resume``), outer and inner
-steps, wall time and machine. The card printed is what the README's model
-card section holds.
+steps, wall time and machine. A net that started from another's weights
+(``--init-from``) also gets the recipe of every earlier phase, followed
+through each phase's ``init_from`` back to a shipped name or a net trained
+from scratch (``phases``, oldest first; the files must still be where the
+runs read them). The card printed is what the README's model card section
+holds.
 """
 
 from __future__ import annotations
@@ -21,6 +25,54 @@ from typing import Any
 
 import lopt
 from lopt.checkpoint import PRETRAINED_DIR
+
+# What a phase of a multi-phase recipe keeps of its net's metadata.
+PHASE_KEYS = (
+    "command", "history", "config", "outer_steps", "inner_steps",
+    "train_seconds_total", "machine", "device", "torch",
+)  # fmt: skip
+
+
+def lineage(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The phases before a net's own run, oldest first: each ``--init-from``
+    net's recipe, followed back until a net trained from scratch, a shipped
+    name (one entry ``{"shipped": name}``: its own card holds its recipe) or
+    a net that already carries its phases. Raises ``SystemExit`` for an
+    ``init_from`` file that is not there: the recipe would be incomplete."""
+    phases: list[dict[str, Any]] = []
+    src = meta.get("config", {}).get("init_from")
+    seen: set[str] = set()
+    while src and src not in seen:
+        seen.add(src)
+        if not Path(src).is_file() and src in lopt.pretrained_names():
+            phases.append({"shipped": src})
+            break
+        if not Path(src).is_file():
+            raise SystemExit(
+                f"init_from {src!r}: no such file, so the recipe's earlier phases are "
+                "unknown (ship from where the runs were trained)"
+            )
+        m = lopt.load(src)[1]
+        phases.append({"from": src, **{k: m[k] for k in PHASE_KEYS if k in m}})
+        if m.get("phases"):
+            phases.extend(reversed(m["phases"]))
+            break
+        src = m.get("config", {}).get("init_from")
+    return phases[::-1]
+
+
+def _phase_line(i: int, ph: dict[str, Any]) -> list[str]:
+    if "shipped" in ph:
+        return [f"  {i}. the shipped `{ph['shipped']}` (its own card)"]
+    cfg = ph.get("config", {})
+    commands = [h["command"] for h in ph.get("history") or [{"command": ph.get("command", "?")}]]
+    wall = ph.get("train_seconds_total") or 0
+    return [
+        f"  {i}. `{ph['from']}`: `{cfg.get('family', '?')}`, {cfg.get('estimator', '?').upper()}, "
+        f"population {cfg.get('population')}, {ph.get('outer_steps', 0):,} outer steps, "
+        f"{wall / 60:.0f} min on {ph.get('machine', '?')} ({ph.get('device', '?')}, "
+        f"torch {ph.get('torch', '?')}): " + "; ".join(f"`{c}`" for c in commands)
+    ]
 
 
 def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: int) -> str:
@@ -38,9 +90,19 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
     horizon = f"horizon {cfg.get('horizon')} steps"
     if cfg.get("horizon_max"):
         horizon = f"horizon {cfg['horizon']}-{cfg['horizon_max']} steps (log-uniform per run)"
+    phases = meta.get("phases") or []
     lines = [
         f"**`{name}`** ({type(net).__name__}, {n_params:,} meta-parameters, {size / 1024:.0f} KiB)",
         "",
+        *(
+            [
+                f"* Phases 1-{len(phases)} (oldest first; each starts from the net before it):",
+                *[ln for i, ph in enumerate(phases, 1) for ln in _phase_line(i, ph)],
+                f"* Phase {len(phases) + 1}, this net's run, from `{cfg.get('init_from')}`:",
+            ]
+            if phases
+            else []
+        ),
         f"* Trained on: `{cfg.get('family', '?')}`, {horizon}, "
         f"{cfg.get('estimator', '?').upper()} with {cfg.get('population')} antithetic pairs, "
         f"truncation {cfg.get('truncation')}, `{cfg.get('meta_loss')}` meta-loss, "
@@ -79,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     history_file = src.parent / "history.jsonl"
     if "history" not in meta and history_file.is_file():
         meta["history"] = [json.loads(x) for x in history_file.read_text().splitlines() if x]
+    if "phases" not in meta:
+        meta["phases"] = lineage(meta)
     args.dest.mkdir(parents=True, exist_ok=True)
     dest = args.dest / f"{args.name}.pt"
     lopt.save(net, dest, meta)

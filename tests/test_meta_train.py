@@ -568,3 +568,35 @@ def test_backprop_meta_gradient_is_finite_through_a_dead_relu_unit(net_cls):
     # The case above really arose: the dead unit's second moment is still 0.
     second_moment = unroll.unroll(thetas, inner, batches)[2]["second_moment"]
     assert (second_moment[unroll.names.index("1.weight")][:, 0] == 0).all()
+
+
+def test_ship_records_every_earlier_phase_of_a_multi_phase_recipe(tmp_path, capsys):
+    from meta_train.__main__ import main
+    from meta_train.ship import main as ship
+
+    args = "--width 16 --family mlp-gmm --outer-steps 1 --truncation 2 --horizon 4 --population 1"
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    # a starts from a shipped net, b from a, c (an NFN) from b's per-entry trunk.
+    assert main([*args.split(), "--net", "mlp", "--init-from", "mlp-small", "--out", str(a),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert main([*args.split(), "--net", "mlp", "--init-from", str(a / "optimizer.pt"),
+                 "--outer-steps", "2", "--out", str(b), "--no-progress"]) == 0  # fmt: skip
+    assert main([*args.split(), "--net", "nfn", "--init-from", str(b / "optimizer.pt"),
+                 "--out", str(c), "--no-progress"]) == 0  # fmt: skip
+    dest = tmp_path / "pretrained"
+    assert ship([str(c), "my-nfn", "--dest", str(dest)]) == 0
+    card = capsys.readouterr().out
+    phases = lopt.load(dest / "my-nfn.pt")[1]["phases"]
+    assert phases[0] == {"shipped": "mlp-small"}
+    assert [p["from"] for p in phases[1:]] == [str(a / "optimizer.pt"), str(b / "optimizer.pt")]
+    assert [p["outer_steps"] for p in phases[1:]] == [1, 2]
+    assert "Phases 1-3" in card and "Phase 4, this net's run" in card
+    assert f"--out {b}" in card and f"--out {c}" in card
+    # Shipping a shipped-style net again keeps its phases instead of walking files.
+    assert ship([str(dest / "my-nfn.pt"), "again", "--dest", str(dest)]) == 0
+    assert lopt.load(dest / "again.pt")[1]["phases"] == phases
+    # A phase whose net is gone: the recipe would be incomplete, so nothing ships.
+    (a / "optimizer.pt").unlink()
+    with pytest.raises(SystemExit, match="no such file, so the recipe's earlier phases"):
+        ship([str(c), "broken", "--dest", str(dest)])
+    assert not (dest / "broken.pt").exists()
