@@ -419,6 +419,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--suite", default="heldout", help="a suite or a task name (heldout)")
     p.add_argument("--steps", type=int, default=200, help="the horizon (meta-training's)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="run seeds FIRST .. FIRST + SEEDS - 1 (0): fresh seeds, to confirm on new "
+        "initialisations and batches a net picked after runs on the first ones",
+    )
     p.add_argument("--tune-seeds", type=int, default=2)
     p.add_argument(
         "--weights",
@@ -468,6 +475,11 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = parse_overrides(args.set)
     if overrides and not args.weights:
         raise SystemExit("--set changes learned nets: give them with --weights")
+    if args.first_seed < 0 or args.first_seed + args.seeds > 100:
+        raise SystemExit(
+            f"--first-seed {args.first_seed} --seeds {args.seeds}: the seeds run must lie in "
+            "0..99 (from 100 on they tune Adam and SGDm's learning rates)"
+        )
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     grid = ADAM_GRID
@@ -501,12 +513,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "horizon": args.steps,
                 "factors": list(factors),
                 "seeds": args.seeds,
+                "first_seed": args.first_seed,
                 "set": overrides,
                 "tune_seeds": args.tune_seeds,
                 "tasks": {},
             },
         )
-        seeds, tune_seeds = list(range(args.seeds)), list(range(100, 100 + args.tune_seeds))
+        seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+        tune_seeds = list(range(100, 100 + args.tune_seeds))
         reuse = {}
         if args.baselines_from is not None:
             reuse = load_baselines(

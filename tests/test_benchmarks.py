@@ -424,3 +424,28 @@ def test_weight_norms_trace_against_a_naive_run():
     )
     with pytest.raises(SystemExit, match="nothing to run"):
         weight_norms.main(["--task", "mlp-gmm", "--adam-lr", "0"])
+
+
+@pytest.mark.slow
+def test_compare_first_seed_runs_fresh_seeds(tmp_path):
+    import lopt
+
+    torch.manual_seed(0)
+    lopt.save(lopt.PerParamMLP(), tmp_path / "net.pt")
+    base = ["--quick", "--suite", "mlp-gmm", "--weights", f"a={tmp_path / 'net.pt'}"]
+    compare.main([*base, "--out", str(tmp_path / "s0")])
+    compare.main([*base, "--first-seed", "7", "--out", str(tmp_path / "s7")])
+    s0, s7 = (compare.read_csv(tmp_path / d / "curves.csv") for d in ("s0", "s7"))
+    assert {r[2] for r in s0} == {0} and {r[2] for r in s7} == {7}
+    # Another initialisation and other batches: other curves, the same first step count.
+    assert [r[5] for r in s0 if r[1] == "a"] != [r[5] for r in s7 if r[1] == "a"]
+    assert json.loads((tmp_path / "s7" / "meta.json").read_text())["first_seed"] == 7
+    # The two as one run of two seeds.
+    merged = compare.main(["--merge", str(tmp_path / "s0"), str(tmp_path / "s7"),
+                           "--out", str(tmp_path / "m")])  # fmt: skip
+    assert {r[2] for r in compare.read_csv(tmp_path / "m" / "curves.csv")} == {0, 7}
+    assert merged["optimizers"]
+    for bad in (["--first-seed", "-1"], ["--first-seed", "99", "--seeds", "2"]):
+        with pytest.raises(SystemExit, match="must lie in 0..99"):
+            compare.main([*base, *bad, "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
