@@ -67,9 +67,11 @@ def _phase_line(i: int, ph: dict[str, Any]) -> list[str]:
     cfg = ph.get("config", {})
     commands = [h["command"] for h in ph.get("history") or [{"command": ph.get("command", "?")}]]
     wall = ph.get("train_seconds_total") or 0
+    horizon = f"{cfg.get('horizon')}" + (f"-{cfg['horizon_max']}" if cfg.get("horizon_max") else "")
     return [
         f"  {i}. `{ph['from']}`: `{cfg.get('family', '?')}`, {cfg.get('estimator', '?').upper()}, "
-        f"population {cfg.get('population')}, {ph.get('outer_steps', 0):,} outer steps, "
+        f"population {cfg.get('population')}, horizon {horizon}, meta lr {cfg.get('meta_lr')}, "
+        f"{ph.get('outer_steps', 0):,} outer steps, "
         f"{wall / 60:.0f} min on {ph.get('machine', '?')} ({ph.get('device', '?')}, "
         f"torch {ph.get('torch', '?')}): " + "; ".join(f"`{c}`" for c in commands)
     ]
