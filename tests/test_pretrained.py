@@ -20,7 +20,7 @@ CLASSES = {"NFNNet": lopt.NFNOptimizer, "PerParamMLP": lopt.MLPOptimizer}
 
 
 def test_the_nfn_and_mlp_nets_are_shipped():
-    assert {"nfn-small", "mlp-small"} <= set(SHIPPED)
+    assert {"nfn-small", "mlp-small", "nfn-broad", "mlp-broad"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -35,6 +35,17 @@ def test_shipped_net_loads_by_name_with_its_recipe(name):
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     opt = cls(model.parameters(), model=model, weights=name)
     assert torch.equal(opt.net.log_lr, net.log_lr)
+
+
+@pytest.mark.parametrize("name", ["nfn-broad", "mlp-broad"])
+def test_multi_phase_nets_carry_every_phase_of_their_recipe(name):
+    # Six phases: the shipped mlp-small, two CPU phases, three GPU phases.
+    phases = lopt.load(name)[1]["phases"]
+    assert phases[0] == {"shipped": "mlp-small"} and len(phases) == 5
+    for ph in phases[1:]:
+        assert ph["command"].startswith("python -m meta_train --config configs/")
+        assert ph["outer_steps"] > 0 and ph["config"]["family"] == "mixed-family-broad"
+    assert [ph["device"] for ph in phases[1:]] == ["cpu", "cpu", "cuda", "cuda"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -70,4 +81,4 @@ def test_quickstart_trains_with_the_shipped_nfn_and_plots(tmp_path):
         timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    assert "nfn-small: final train loss" in run.stdout and plot.stat().st_size > 0
+    assert "nfn-broad: final train loss" in run.stdout and plot.stat().st_size > 0
