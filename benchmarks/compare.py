@@ -276,8 +276,13 @@ def summarise(rows, horizon: int, factors=FACTORS, baseline: str = "adam") -> di
     for (task, opt, _seed), c in runs.items():
         steps = sorted(c)
         later = [c[s] for s in steps[1:]]
-        ok = all(math.isfinite(v) for v in later)
-        peaks[(task, opt)].append(max(later) / c[steps[0]] if ok and later else math.inf)
+        if not later:  # a run evaluated at its start only
+            continue
+        if not all(math.isfinite(v) for v in later):
+            peaks[(task, opt)].append(math.inf)
+            continue
+        start, top = c[steps[0]], max(later)
+        peaks[(task, opt)].append(top / start if start > 0 else (math.inf if top > 0 else 1.0))
     mean = {k: {s: statistics.fmean(v) for s, v in sorted(c.items())} for k, c in curves.items()}
     tasks = sorted({t for t, _ in mean})
     opts = sorted({o for _, o in mean})
@@ -304,7 +309,7 @@ def summarise(rows, horizon: int, factors=FACTORS, baseline: str = "adam") -> di
             entry["diverged"] = (not all(math.isfinite(v) for v in values)) or values[-1] >= values[
                 0
             ]
-            entry["peak"] = max(peaks[(task, opt)])
+            entry["peak"] = max(peaks[(task, opt)], default=0.0)
             entry["runs_above_start"] = sum(p >= 1 for p in peaks[(task, opt)])
             entry["runs"] = len(peaks[(task, opt)])
             per_task[(task, opt)] = entry
