@@ -44,10 +44,10 @@ def lineage(meta: dict[str, Any]) -> list[dict[str, Any]]:
     seen: set[str] = set()
     while src and src not in seen:
         seen.add(src)
-        if not Path(src).is_file() and src in lopt.pretrained_names():
-            phases.append({"shipped": src})
-            break
         if not Path(src).is_file():
+            if src in lopt.pretrained_names():
+                phases.append({"shipped": src})
+                break
             raise SystemExit(
                 f"init_from {src!r}: no such file, so the recipe's earlier phases are "
                 "unknown (ship from where the runs were trained)"
@@ -61,20 +61,20 @@ def lineage(meta: dict[str, Any]) -> list[dict[str, Any]]:
     return phases[::-1]
 
 
-def _phase_line(i: int, ph: dict[str, Any]) -> list[str]:
+def _phase_line(i: int, ph: dict[str, Any]) -> str:
     if "shipped" in ph:
-        return [f"  {i}. the shipped `{ph['shipped']}` (its own card)"]
+        return f"  {i}. the shipped `{ph['shipped']}` (its own card)"
     cfg = ph.get("config", {})
     commands = [h["command"] for h in ph.get("history") or [{"command": ph.get("command", "?")}]]
     wall = ph.get("train_seconds_total") or 0
     horizon = f"{cfg.get('horizon')}" + (f"-{cfg['horizon_max']}" if cfg.get("horizon_max") else "")
-    return [
+    return (
         f"  {i}. `{ph['from']}`: `{cfg.get('family', '?')}`, {cfg.get('estimator', '?').upper()}, "
         f"population {cfg.get('population')}, horizon {horizon}, meta lr {cfg.get('meta_lr')}, "
         f"{ph.get('outer_steps', 0):,} outer steps, "
         f"{wall / 60:.0f} min on {ph.get('machine', '?')} ({ph.get('device', '?')}, "
         f"torch {ph.get('torch', '?')}): " + "; ".join(f"`{c}`" for c in commands)
-    ]
+    )
 
 
 def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: int) -> str:
@@ -99,7 +99,7 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         *(
             [
                 f"* Phases 1-{len(phases)} (oldest first; each starts from the net before it):",
-                *[ln for i, ph in enumerate(phases, 1) for ln in _phase_line(i, ph)],
+                *[_phase_line(i, ph) for i, ph in enumerate(phases, 1)],
                 f"* Phase {len(phases) + 1}, this net's run, from `{cfg.get('init_from')}`:",
             ]
             if phases
