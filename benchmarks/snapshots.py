@@ -39,14 +39,18 @@ CLIP = 2.0  # a task's loss ratio counts within [1 / CLIP, CLIP]
 NEVER = 2.0  # steps to Adam's loss (fractions of the horizon) of a run that never gets there
 
 
-def snapshots(run: Path) -> list[tuple[str, Path]]:
+def snapshots(run: Path, every: int = 0) -> list[tuple[str, Path]]:
     """``(label, path)`` of a run's snapshots in step order, then its final
     ``optimizer.pt`` (labelled ``final``) when it exists; a snapshot of the
-    final's own step is left out (the same net twice)."""
+    final's own step is left out (the same net twice). ``every``: only the
+    snapshots whose step is a multiple of it (0: all), for a long run with
+    many of them."""
+    if every < 0:
+        raise SystemExit(f"--every must be >= 0, got {every}")
     found = []
     for p in (run / "snapshots").glob("optimizer-*.pt"):
         m = SNAPSHOT.search(p.name)
-        if m:
+        if m and (not every or int(m.group(1)) % every == 0):
             found.append((int(m.group(1)), p))
     final = run / "optimizer.pt"
     last = lopt.load(final)[1].get("outer_steps") if final.exists() else None
@@ -104,9 +108,16 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--steps", type=int, default=200, help="the horizon (200)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--baselines-from", type=Path, default=None, metavar="DIR")
+    p.add_argument(
+        "--every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="rank only the snapshots of steps that are multiples of N, and the final net",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    found = snapshots(args.run)
+    found = snapshots(args.run, args.every)
     if not found:
         raise SystemExit(
             f"{args.run}: no snapshots/optimizer-*.pt and no optimizer.pt "

@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "clip": 1.0,
     "meta_loss": "mean",
     "loss_cap": 3.0,
+    "meta_loss_ramp": 0,
     "outer_steps": 100,
     "seed": 0,
     "device": "cpu",
@@ -136,6 +137,13 @@ def parser() -> argparse.ArgumentParser:
     a("--clip", type=float, help="meta-gradient norm clipping (1.0)")
     a("--meta-loss", choices=META_LOSSES, help="mean (default), log, final or heldout")
     a("--loss-cap", type=float, help="cap on per-step losses, times the initial loss (3)")
+    a(
+        "--meta-loss-ramp",
+        type=int,
+        metavar="STEPS",
+        help="weight the loss after inner step t by min(1, t / STEPS), so the start of "
+        "every run counts less (e.g. the horizon); 0 (default) weighs every step alike",
+    )
     a("--outer-steps", type=int, help="total outer steps (100)")
     a("--seed", type=int, help="seed of every random stream (0)")
     a("--device", help="cpu (default) or cuda")
@@ -215,7 +223,7 @@ def build(
         truncation=cfg["truncation"],
         horizon=cfg["horizon"],
         horizon_max=cfg["horizon_max"],
-        meta_loss=MetaLoss(cfg["meta_loss"], cfg["loss_cap"]),
+        meta_loss=MetaLoss(cfg["meta_loss"], cfg["loss_cap"], cfg.get("meta_loss_ramp") or 0),
         seed=cfg["seed"],
         vectorise=cfg["vectorise"],
     )

@@ -77,6 +77,12 @@ def _phase_line(i: int, ph: dict[str, Any]) -> str:
     )
 
 
+def _ramp(cfg: dict) -> str:
+    """The meta-loss ramp of a config, in words (empty when there is none)."""
+    ramp = cfg.get("meta_loss_ramp") or 0
+    return f" weighted by min(1, t / {ramp}) over inner step t" if ramp else ""
+
+
 def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: int) -> str:
     """A markdown model card from a shipped net's metadata."""
     cfg = meta.get("config", {})
@@ -107,7 +113,7 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         ),
         f"* Trained on: `{cfg.get('family', '?')}`, {horizon}, "
         f"{cfg.get('estimator', '?').upper()} with {cfg.get('population')} antithetic pairs, "
-        f"truncation {cfg.get('truncation')}, `{cfg.get('meta_loss')}` meta-loss, "
+        f"truncation {cfg.get('truncation')}, `{cfg.get('meta_loss')}` meta-loss{_ramp(cfg)}, "
         f"meta lr {cfg.get('meta_lr')}.",
         f"* Outer steps: {meta.get('outer_steps'):,}; inner steps: {meta.get('inner_steps', 0):,}; "
         f"training time {wall / 60:.0f} min on {meta.get('machine', '?')} "

@@ -34,25 +34,44 @@ class MetaLoss:
     ``final`` loss, or ``heldout``: mean loss on held-out batches. Each
     per-step loss is capped at ``cap`` times the member's initial loss, and a
     NaN or infinite loss counts as the cap (learned_optimization's protection
-    against divergence)."""
+    against divergence).
+
+    ``ramp``: if positive, the loss (or log loss) after inner step ``t`` of a
+    run is weighted by ``min(1, t / ramp)``, so the first ``ramp`` steps of
+    every run count less, linearly, than the rest. With ``ramp`` equal to the
+    horizon the meta-objective leans on the loss late in the run, which is
+    what the steps-to-a-target benchmark measures; 0 (the default) weighs
+    every step alike."""
 
     kind: str = "mean"
     cap: float = 3.0
+    ramp: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in META_LOSSES:
             raise ValueError(f"meta-loss must be one of {META_LOSSES}, got {self.kind!r}")
         if not self.cap > 0:
             raise ValueError(f"loss cap must be > 0, got {self.cap}")
+        if self.ramp < 0 or int(self.ramp) != self.ramp:
+            raise ValueError(
+                f"meta-loss ramp must be a whole number of steps >= 0, got {self.ramp}"
+            )
 
-    def __call__(self, losses: Tensor, initial: Tensor) -> Tensor:
+    def __call__(self, losses: Tensor, initial: Tensor, start: Tensor | None = None) -> Tensor:
+        """``losses``: ``(..., K)`` the losses of a truncation's K steps;
+        ``start``: the inner steps taken before it (needed when ``ramp``)."""
         cap = self.cap * initial.clamp(min=1e-8)
         clipped = torch.where(torch.isfinite(losses), torch.minimum(losses, cap), cap)
+        values = clipped.clamp(min=1e-12).log() if self.kind == "log" else clipped
+        if self.ramp:
+            if start is None:
+                raise ValueError("a ramped meta-loss needs the truncation's start step")
+            k = torch.arange(1, losses.shape[-1] + 1, device=losses.device, dtype=losses.dtype)
+            t = torch.as_tensor(start, dtype=losses.dtype, device=losses.device)[..., None] + k
+            values = values * (t / self.ramp).clamp(max=1.0)
         if self.kind == "final":
-            return clipped[..., -1]
-        if self.kind == "log":
-            return clipped.clamp(min=1e-12).log().mean(-1)
-        return clipped.mean(-1)
+            return values[..., -1]
+        return values.mean(-1)
 
 
 class TaskUnroll:
@@ -120,6 +139,7 @@ class TaskUnroll:
         net_params = self.unflatten(theta)
         params = dict(inner["params"])
         state = {k: inner[k] for k in ("momenta", "second_moment", "step", "skipped")}
+        start = state["step"] + state["skipped"]  # inner steps taken, good or not
         grad_fn = torch.func.grad_and_value(self.task.loss)
         losses = []
         for k in range(batches[0].shape[0]):
@@ -138,7 +158,7 @@ class TaskUnroll:
             losses.append(loss)
         losses = torch.stack(losses)
         new_inner = {"params": params, **state, "initial_loss": inner["initial_loss"]}
-        return self.meta_loss(losses, inner["initial_loss"]), losses, new_inner
+        return self.meta_loss(losses, inner["initial_loss"], start), losses, new_inner
 
     # ------------------------------------------------------------ population
     def unroll(self, thetas: Tensor, inner: InnerState, batches, heldout=None):

@@ -355,6 +355,9 @@ def test_snapshots_ranks_a_runs_nets_on_a_suite(tmp_path):
     lopt.save(lopt.PerParamMLP(), run / "optimizer.pt", {"outer_steps": 30})
     lopt.save(lopt.PerParamMLP(), run / "snapshots" / "optimizer-000030.pt", {"outer_steps": 30})
     assert [lab for lab, _ in snapshots.snapshots(run)] == ["step10", "step20", "final"]
+    assert [lab for lab, _ in snapshots.snapshots(run, every=20)] == ["step20", "final"]
+    with pytest.raises(SystemExit, match="--every must be >= 0"):
+        snapshots.snapshots(run, every=-1)
     (run / "optimizer.pt").unlink()
     (run / "snapshots" / "optimizer-000030.pt").unlink()
     out = tmp_path / "rank"

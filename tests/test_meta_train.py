@@ -349,6 +349,10 @@ def test_cli_smoke_writes_events_and_a_loadable_optimizer(tmp_path):
         "3",
         "--eval-steps",
         "10",
+        "--meta-loss",
+        "log",
+        "--meta-loss-ramp",
+        "4",
         "--out",
         str(out),
         "--no-progress",
@@ -357,6 +361,7 @@ def test_cli_smoke_writes_events_and_a_loadable_optimizer(tmp_path):
     assert list((out / "tb").glob("events.out.tfevents.*"))
     net, meta = lopt.load(out / "optimizer.pt")
     assert isinstance(net, lopt.NFNNet) and meta["outer_steps"] == 3
+    assert meta["config"]["meta_loss_ramp"] == 4
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     lopt.NFNOptimizer(model.parameters(), weights=out / "optimizer.pt")
     assert main(["--resume", str(out), "--outer-steps", "4", "--no-progress"]) == 0
@@ -473,6 +478,9 @@ def test_cli_bad_input(tmp_path):
         )
     with pytest.raises(ValueError, match="horizon_max >= horizon"):
         main(["--family", "mlp-gmm", "--horizon-max", "100", "--out", str(tmp_path / "y")])
+    with pytest.raises(ValueError, match="ramp must be a whole number"):
+        main(["--family", "mlp-gmm", "--meta-loss-ramp", "-5", "--out", str(tmp_path / "z")])
+    assert not (tmp_path / "z").exists()
 
 
 def test_distribution_slices_cover_the_population():
@@ -600,3 +608,48 @@ def test_ship_records_every_earlier_phase_of_a_multi_phase_recipe(tmp_path, caps
     with pytest.raises(SystemExit, match="no such file, so the recipe's earlier phases"):
         ship([str(c), "broken", "--dest", str(dest)])
     assert not (dest / "broken.pt").exists()
+
+
+def test_ramped_meta_loss_weighs_each_step_by_its_place_in_the_run():
+    from meta_train import MetaLoss
+
+    losses = torch.tensor([[2.0, 1.0, float("nan"), 0.5], [0.9, 0.8, 0.7, 0.6]])
+    initial = torch.tensor([[2.0], [1.0]])
+    start = torch.tensor([0.0, 10.0])
+    for kind in ("mean", "log", "final"):
+        got = MetaLoss(kind, cap=3.0, ramp=8)(losses, initial, start)
+        for i in range(2):  # naive reference, one member and one step at a time
+            vals = []
+            for k in range(4):
+                x, cap = losses[i, k].item(), 3.0 * initial[i, 0].item()
+                x = min(x, cap) if math.isfinite(x) else cap
+                x = math.log(x) if kind == "log" else x
+                vals.append(x * min(1.0, (start[i].item() + k + 1) / 8))
+            want = vals[-1] if kind == "final" else sum(vals) / 4
+            assert got[i].item() == pytest.approx(want, rel=1e-6)
+        # a run past the ramp weighs every step alike: the unramped loss
+        torch.testing.assert_close(got[1], MetaLoss(kind, cap=3.0)(losses, initial)[1])
+    with pytest.raises(ValueError, match="ramp must be a whole number"):
+        MetaLoss("log", ramp=-1)
+    with pytest.raises(ValueError, match="needs the truncation's start step"):
+        MetaLoss("log", ramp=8)(losses, initial)
+
+
+def test_unroll_ramps_the_meta_loss_by_the_inner_steps_taken():
+    from meta_train import MetaLoss
+
+    torch.manual_seed(0)
+    net = lopt.NFNNet(width=4, depth=1)
+    unroll = TaskUnroll(net, get_task("mlp-gmm"), MetaLoss("log", ramp=6))
+    inner = unroll.init_inner(2, torch.Generator().manual_seed(0))
+    theta = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
+    thetas = theta.expand(2, -1)
+    g = torch.Generator().manual_seed(1)
+    for start in (0, 3):  # two truncations of 3 steps: weights 1/6..3/6, then 4/6..1
+        batches = unroll.sample_batches(3, g)
+        loop_metas = unroll.unroll_loop(thetas, inner, batches)[0]
+        metas, losses, inner = unroll.unroll(thetas, inner, batches)
+        w = torch.tensor([start + 1.0, start + 2.0, start + 3.0]) / 6
+        torch.testing.assert_close(metas, (losses.log() * w).mean(-1))
+        torch.testing.assert_close(metas, loop_metas)
+    assert torch.all(inner["step"] == 6)
