@@ -5,9 +5,12 @@ weights (larger logits lower the loss quickly), which later destabilises deep
 networks. For each optimizer this trains one task from the same
 initialisation on the same batches (as :mod:`benchmarks.compare` does) and
 reports, every ``--every`` steps: the whole-split training loss, the norm of
-each weight (tensors of 2 or more axes, in model order), and the mean over
-the window of ``cos(step, weight)``, the radial share of each step (0: the
-step is orthogonal to the weight; > 0: it grows it).
+each weight (tensors of 2 or more axes, in model order), the mean over the
+window of ``cos(step, weight)``, the radial share of each step (0: the step
+is orthogonal to the weight; > 0: it grows it), and the mean relative step
+``|step| / |weight|`` per weight: how far each layer moves per step, to set
+a learned optimizer's per-layer step sizes (its width factor) beside
+Adam's.
 
     python -m benchmarks.weight_norms --task mlp-mnist1d-deep --steps 1000 \\
         --weights nfn-small mlp-small --adam-lr 1e-2 --out runs/weight-norms
@@ -37,11 +40,13 @@ def trace(
     seed: int = 0,
 ) -> list[dict]:
     """One run's rows: ``step``, ``loss`` (whole training split), ``norms``
-    (one per weight) and ``radial`` (mean cos(step, weight) per weight over
-    the steps since the previous row)."""
+    (one per weight), ``radial`` (mean cos(step, weight) per weight over
+    the steps since the previous row) and ``rel_step`` (mean |step| /
+    |weight| per weight over the same steps)."""
     model, opt, batches = start(task, make, seed)
     weights = [p for p in model.parameters() if p.dim() >= 2]
     radial = torch.zeros(len(weights))
+    rel_step = torch.zeros(len(weights))
     count = 0
     rows = []
 
@@ -53,6 +58,7 @@ def trace(
                 "loss": task.eval_loss(params, "train").item(),
                 "norms": [w.detach().norm().item() for w in weights],
                 "radial": (radial / max(count, 1)).tolist(),
+                "rel_step": (rel_step / max(count, 1)).tolist(),
             }
         )
 
@@ -69,10 +75,14 @@ def trace(
                 for w, b in zip(weights, before)
             ]
         )
+        rel_step += torch.stack(
+            [(w.detach() - b).norm() / b.norm().clamp(min=1e-30) for w, b in zip(weights, before)]
+        )
         count += 1
         if step % every == 0 or step == steps:
             row(step)
             radial.zero_()
+            rel_step.zero_()
             count = 0
     return rows
 
@@ -81,14 +91,18 @@ def markdown(task: str, results: dict[str, list[dict]]) -> str:
     lines = [
         f"## {task}: weight norms and cos(step, weight) per layer",
         "",
-        "| optimizer | step | train loss | weight norms | mean cos(step, weight) since last row |",
-        "|---|---|---|---|---|",
+        "| optimizer | step | train loss | weight norms | mean cos(step, weight) since last row "
+        "| mean abs(step) / abs(weight) since last row |",
+        "|---|---|---|---|---|---|",
     ]
     for label, rows in results.items():
         for r in rows:
             norms = ", ".join(f"{n:.1f}" for n in r["norms"])
             radial = ", ".join(f"{c:.3f}" for c in r["radial"]) if r["step"] else "-"
-            lines.append(f"| {label} | {r['step']} | {r['loss']:.3f} | {norms} | {radial} |")
+            rel = ", ".join(f"{c:.1e}" for c in r["rel_step"]) if r["step"] else "-"
+            lines.append(
+                f"| {label} | {r['step']} | {r['loss']:.3f} | {norms} | {radial} | {rel} |"
+            )
     return "\n".join(lines) + "\n"
 
 

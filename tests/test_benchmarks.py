@@ -420,6 +420,7 @@ def test_weight_norms_trace_against_a_naive_run():
     assert [r["step"] for r in rows] == [0, 10, 20]
     for r in rows[1:]:
         assert r["radial"] == pytest.approx([1.0, 1.0], abs=1e-5)
+        assert r["rel_step"] == pytest.approx([0.01, 0.01], rel=1e-3)
         assert r["norms"] == pytest.approx(
             [n * 1.01 ** r["step"] for n in rows[0]["norms"]], rel=1e-5
         )
@@ -428,7 +429,7 @@ def test_weight_norms_trace_against_a_naive_run():
     rows = weight_norms.trace(task, make, steps=20, every=20)
     model = task.module_with(task.init(torch.Generator().manual_seed(0)))
     opt, batches = make(model), torch.Generator().manual_seed(10_000)
-    cos = []
+    cos, rel = [], []
     for _ in range(20):
         before = [p.detach().clone() for p in model.parameters() if p.dim() == 2]
         opt.zero_grad()
@@ -441,9 +442,13 @@ def test_weight_norms_trace_against_a_naive_run():
                 for a, b in zip(after, before)
             ]
         )
+        rel.append([float((a - b).norm() / b.norm()) for a, b in zip(after, before)])
     assert rows[-1]["norms"] == pytest.approx([p.norm().item() for p in after], rel=1e-6)
     assert rows[-1]["radial"] == pytest.approx(
         [sum(c[i] for c in cos) / 20 for i in range(2)], abs=1e-5
+    )
+    assert rows[-1]["rel_step"] == pytest.approx(
+        [sum(r[i] for r in rel) / 20 for i in range(2)], rel=1e-5
     )
     with pytest.raises(SystemExit, match="nothing to run"):
         weight_norms.main(["--task", "mlp-gmm", "--adam-lr", "0"])
