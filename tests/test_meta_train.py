@@ -420,6 +420,10 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     )
     assert ship([str(tangent), "my-mlp-tangent", "--dest", str(dest)]) == 0
     assert "learned term tangent to weight rows" in capsys.readouterr().out
+    ramp = tmp_path / "ramp"
+    assert main([*args.split(), "--meta-loss-ramp", "4", "--out", str(ramp), "--no-progress"]) == 0
+    assert ship([str(ramp), "my-mlp-ramp", "--dest", str(dest)]) == 0
+    assert "`mean` meta-loss weighted by min(1, t / 4) over inner step t" in capsys.readouterr().out
     monkeypatch.setattr(lopt.checkpoint, "PRETRAINED_DIR", dest)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     opt = lopt.MLPOptimizer(model.parameters(), weights="my-mlp")
