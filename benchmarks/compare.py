@@ -170,21 +170,30 @@ def read_run(folder: Path, option: str) -> tuple[list[tuple], dict]:
         raise SystemExit(f"{option} {folder}: cannot read its meta.json / curves.csv: {e}") from e
 
 
-def merge_runs(folders: list[Path]) -> tuple[list[tuple], dict]:
+def merge_runs(folders: list[Path], common_factors: bool = False) -> tuple[list[tuple], dict]:
     """The rows and meta of several compare runs as one run, e.g. checkpoints
     each run with ``--baselines-from`` the same folder. Settings must match,
     and a curve in more than one run (the shared baselines) must be the same
-    in each, else this raises SystemExit saying where."""
+    in each, else this raises SystemExit saying where. ``common_factors``:
+    runs may have other multiples of the horizon (e.g. a ``--factors 1`` run
+    on more seeds), and the merged meta keeps those all of them have."""
     rows: dict[tuple, float] = {}
     meta: dict = {}
+    keys = (
+        ("horizon", "device", "torch")
+        if common_factors
+        else ("horizon", "factors", "device", "torch")
+    )
     for folder in map(Path, folders):
         r, m = read_run(folder, "--merge")
         if not meta:
             meta = {k: v for k, v in m.items() if k != "tasks"} | {"tasks": {}}
             meta["command"] = "merged from " + ", ".join(map(str, folders))
-        for key in ("horizon", "factors", "device", "torch"):
+        for key in keys:
             if m.get(key) != meta.get(key):
                 raise SystemExit(f"--merge {folder}: {key} {m.get(key)} != {meta.get(key)}")
+        if common_factors:
+            meta["factors"] = [f for f in meta["factors"] if f in m.get("factors", [])]
         for *key, loss in r:
             key = tuple(key)
             if key in rows and rows[key] != loss:

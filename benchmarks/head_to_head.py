@@ -15,7 +15,9 @@ is that of its mean log ratio), and the geometric mean ratio:
         --a nfn --b mlp --out runs/nfn-vs-mlp.md
 
 The runs may be several ``--out`` folders of compare (one per optimizer,
-with the same baselines), read as one as ``compare --merge`` does.
+with the same baselines), read as one as ``compare --merge`` does, or runs
+on other seeds with other multiples of the horizon (a ``--factors 1`` run
+on more seeds): their pairs are pooled at the multiples every run has.
 """
 
 from __future__ import annotations
@@ -52,6 +54,23 @@ def paired_losses(rows, a: str, b: str, step: int) -> dict[str, dict[int, tuple[
         if a in v and b in v:
             out[task][seed] = (v[a], v[b])
     return dict(out)
+
+
+def relabel(rows, aliases: dict[str, str]) -> list[tuple]:
+    """``rows`` with each optimizer label in ``aliases`` replaced by its value:
+    one net run under different labels in different runs. A (task, seed,
+    step, split) the net has under two labels must have the same loss under
+    both (runs are deterministic), else SystemExit."""
+    out: dict[tuple, float] = {}
+    for task, opt, seed, step, split, loss in rows:
+        key = (task, aliases.get(opt, opt), seed, step, split)
+        if key in out and out[key] != loss and not (math.isnan(loss) and math.isnan(out[key])):
+            names = sorted({key[1], *(x for x, y in aliases.items() if y == key[1])})
+            raise SystemExit(
+                f"{', '.join(names)} differ on {task} seed {seed} step {step}: not the same net"
+            )
+        out[key] = loss
+    return [(*k, v) for k, v in out.items()]
 
 
 def _sign(la: float, lb: float) -> int:
@@ -149,8 +168,13 @@ def markdown(r: dict, factor: int) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("runs", type=Path, nargs="+", help="benchmarks.compare --out folders")
-    p.add_argument("--a", required=True, help="optimizer label A (e.g. the NFN)")
-    p.add_argument("--b", required=True, help="optimizer label B (e.g. the MLP)")
+    p.add_argument(
+        "--a",
+        required=True,
+        help="optimizer label A (e.g. the NFN); LABEL,OTHER,... when the same net has other "
+        "labels in some of the runs",
+    )
+    p.add_argument("--b", required=True, help="optimizer label B (e.g. the MLP); the same")
     p.add_argument(
         "--factors",
         type=int,
@@ -160,14 +184,25 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = p.parse_args(argv)
-    if args.a == args.b:
+    a, *a_aliases = args.a.split(",")
+    b, *b_aliases = args.b.split(",")
+    if {a, *a_aliases} & {b, *b_aliases}:
         raise SystemExit("--a and --b must name two different optimizers")
-    rows, meta = merge_runs(args.runs)
+    # Runs on other seeds may have other multiples (a --factors 1 run on
+    # more seeds): pairs are pooled at the multiples every run has.
+    rows, meta = merge_runs(args.runs, common_factors=True)
+    rows = relabel(rows, {x: a for x in a_aliases} | {x: b for x in b_aliases})
     factors = args.factors or meta["factors"]
+    missing = sorted(set(factors) - set(meta["factors"]))
+    if missing:
+        raise SystemExit(
+            f"--factors {' '.join(map(str, missing))}: not in every run "
+            f"(the runs have {' '.join(map(str, meta['factors'])) or 'none'} in common)"
+        )
     texts, results = [], {}
     for f in factors:
         try:
-            results[f] = head_to_head(rows, args.a, args.b, meta["horizon"] * f)
+            results[f] = head_to_head(rows, a, b, meta["horizon"] * f)
         except ValueError as e:
             raise SystemExit(str(e)) from e
         texts.append(markdown(results[f], f))

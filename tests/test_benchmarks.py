@@ -332,6 +332,36 @@ def test_head_to_head_pairs_seeds_and_tests_signs(tmp_path, capsys):
     assert res[1]["wins"] == 4
     assert "| t1 | 3 | 0.900 | 3 | 0 |" in out.read_text()
     assert "A lower on 4 of 6" in capsys.readouterr().out
+    # A second run on other seeds with more multiples: pooled at the common one.
+    more = tmp_path / "more"
+    more.mkdir()
+    compare.write_csv(
+        [(t, o, s + 10, st, sp, v) for t, o, s, st, sp, v in rows if o in "AB"]
+        + [("t1", o, 10, 20, "train", v) for o, v in (("A", 5.0), ("B", 1.0))],
+        more / "curves.csv",
+    )
+    (more / "meta.json").write_text(json.dumps(meta | {"factors": [1, 2]}))
+    res = h2h.main([str(run_dir), str(more), "--a", "A", "--b", "B"])
+    assert list(res) == [1] and (res[1]["wins"], res[1]["pairs"]) == (8, 12)
+    # The same net under another label in a third run: pooled under A's name.
+    other = tmp_path / "other"
+    other.mkdir()
+    compare.write_csv(
+        [(t, "A2" if o == "A" else o, s + 20, st, sp, v) for t, o, s, st, sp, v in rows],
+        other / "curves.csv",
+    )
+    (other / "meta.json").write_text(json.dumps(meta))
+    res = h2h.main([str(run_dir), str(other), "--a", "A,A2", "--b", "B"])
+    assert (res[1]["wins"], res[1]["pairs"]) == (8, 12)
+    assert "| t1 | 6 | 0.900 | 6 | 0 |" in capsys.readouterr().out
+    clash = [(t, "A2", s, st, sp, v + 1) for t, o, s, st, sp, v in rows if o == "A"]
+    compare.write_csv(rows + clash, other / "curves.csv")
+    with pytest.raises(SystemExit, match="A, A2 differ on t1 seed 0"):
+        h2h.main([str(other), "--a", "A,A2", "--b", "B"])
+    with pytest.raises(SystemExit, match="two different optimizers"):
+        h2h.main([str(run_dir), "--a", "A,B", "--b", "B"])
+    with pytest.raises(SystemExit, match="--factors 2: not in every run"):
+        h2h.main([str(run_dir), str(more), "--a", "A", "--b", "B", "--factors", "2"])
     with pytest.raises(SystemExit, match="two different optimizers"):
         h2h.main([str(run_dir), "--a", "A", "--b", "A"])
     with pytest.raises(SystemExit, match="no task has train losses of both 'A' and 'Z'"):
