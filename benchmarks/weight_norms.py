@@ -69,14 +69,12 @@ def trace(
         loss = task.loss(dict(model.named_parameters()), task.sample_batch(batches))
         loss.backward()
         opt.step()
+        deltas = [w.detach() - b for w, b in zip(weights, before)]
         radial += torch.stack(
-            [
-                F.cosine_similarity((w.detach() - b).flatten(), b.flatten(), dim=0)
-                for w, b in zip(weights, before)
-            ]
+            [F.cosine_similarity(d.flatten(), b.flatten(), dim=0) for d, b in zip(deltas, before)]
         )
         rel_step += torch.stack(
-            [(w.detach() - b).norm() / b.norm().clamp(min=1e-30) for w, b in zip(weights, before)]
+            [d.norm() / b.norm().clamp(min=1e-30) for d, b in zip(deltas, before)]
         )
         count += 1
         if step % every == 0 or step == steps:
