@@ -223,7 +223,7 @@ def build(
         truncation=cfg["truncation"],
         horizon=cfg["horizon"],
         horizon_max=cfg["horizon_max"],
-        meta_loss=MetaLoss(cfg["meta_loss"], cfg["loss_cap"], cfg.get("meta_loss_ramp") or 0),
+        meta_loss=MetaLoss(cfg["meta_loss"], cfg["loss_cap"], cfg["meta_loss_ramp"]),
         seed=cfg["seed"],
         vectorise=cfg["vectorise"],
     )
