@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lopt import fused as fused_kernel
+from lopt import ortho
 from lopt.features import (
     ADAM_CHANNEL,
     ADAM_MOMENTUM,
@@ -156,12 +157,15 @@ class OptimizerNet(nn.Module):
         fan_in_exp: float = 0.0,
         input_width_factor: bool = True,
         radial_correction: bool = True,
+        ortho_lr: float | None = None,
     ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
             raise ValueError(f"width and depth must be positive, got width={width}, depth={depth}")
         if lr <= 0 or step_mult <= 0:
             raise ValueError(f"lr and step_mult must be positive, got {lr}, {step_mult}")
+        if ortho_lr is not None and not ortho_lr > 0:
+            raise ValueError(f"ortho_lr must be positive (or None: off), got {ortho_lr}")
         self._config = dict(
             width=width,
             depth=depth,
@@ -172,8 +176,11 @@ class OptimizerNet(nn.Module):
             fan_in_exp=fan_in_exp,
             input_width_factor=bool(input_width_factor),
             radial_correction=bool(radial_correction),
+            ortho_lr=None if ortho_lr is None else float(ortho_lr),
         )
         self.mag_mult = mag_mult
+        if ortho_lr is not None:
+            self.log_ortho_lr = nn.Parameter(torch.tensor(math.log(ortho_lr)))
         self.fan_in_exp = nn.Parameter(torch.tensor(float(fan_in_exp)))
         self.log_lr = nn.Parameter(torch.tensor(math.log(lr)))
         self.log_step_mult = nn.Parameter(torch.tensor(math.log(step_mult)))
@@ -211,6 +218,18 @@ class OptimizerNet(nn.Module):
         if not self.input_width_factor and reads_network_input(spec, t):
             return 0.0
         return width_log_ratio(t)
+
+    @property
+    def ortho(self) -> bool:
+        """Whether weights between hidden neuron groups step along their
+        orthogonalised momentum (:mod:`lopt.ortho`, learned rate
+        ``log_ortho_lr``) instead of Adam's direction."""
+        return self._config["ortho_lr"] is not None
+
+    def base_kinds(self, spec: WeightSpaceSpec) -> list[bool]:
+        """Per tensor: True where the base direction is the orthogonalised
+        momentum, False where it is Adam's."""
+        return [self.ortho and ortho.applies(spec, t) for t in spec.tensors]
 
     @property
     def config(self) -> dict[str, Any]:
@@ -257,7 +276,12 @@ class OptimizerNet(nn.Module):
         factors = [torch.exp(self.fan_in_exp * self.width_log_ratio(spec, t)) for t in spec.tensors]
         mag = self.log_step_mult.new_tensor(self.mag_mult)
         out_scales = [torch.stack([-self.log_step_mult.exp() * f, mag]) for f in factors]
-        neg_lrs = [-self.log_lr.exp() * f for f in factors]
+        # Tensors on the orthogonalised base get no Adam term (neg_lr 0); their
+        # base is added after the learned term, outside the tangent projection.
+        on_ortho = self.base_kinds(spec)
+        neg_lrs = [
+            torch.zeros_like(f) if o else -self.log_lr.exp() * f for f, o in zip(factors, on_ortho)
+        ]
         inputs = [
             TensorInputs(*a)
             for a in zip(
@@ -275,6 +299,10 @@ class OptimizerNet(nn.Module):
             if tangent:
                 u = tangent_correction(u, torch.cat(bases).reshape(u.shape), x.param)
             updates.append(u)
+        for i, o in enumerate(on_ortho):
+            if o:
+                m = momenta[i][ADAM_MOMENTUM]
+                updates[i] = updates[i] - self.log_ortho_lr.exp() * ortho.direction(grads[i], m)
         return updates
 
     @staticmethod

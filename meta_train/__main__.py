@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "init_fan_in_exp": 0.0,
     "input_width_factor": True,
     "radial_correction": True,
+    "init_ortho_lr": None,
     "nf_channels": None,
     "nf_scale": 1.0,
     "family": "mlp-family-small",
@@ -105,6 +106,13 @@ def parser() -> argparse.ArgumentParser:
         help="let the learned term of the update grow or shrink weight rows (default); "
         "--no-radial-correction removes its component along each row, so only Adam's part "
         "changes the rows' norms",
+    )
+    a(
+        "--init-ortho-lr",
+        type=float,
+        help="step the weights between hidden neuron groups along their orthogonalised "
+        "momentum instead of Adam's direction, at this initial (learned) rate, e.g. 0.05 "
+        "(default: off); with --init-from, every other tensor is copied",
     )
     a("--nf-channels", type=int, help="nfn: channels the NF-layer reads (default: the width)")
     a("--nf-scale", type=float, help="nfn: constant on the NF-layer's output (1.0)")
@@ -188,6 +196,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"unknown options {sorted(unknown)} (see --help)")
     if not cfg.get("out"):
         raise SystemExit("--out DIR is required (or --resume DIR)")
+    if cfg["init_ortho_lr"] is not None and not cfg["init_ortho_lr"] > 0:
+        raise SystemExit(f"--init-ortho-lr must be positive, got {cfg['init_ortho_lr']}")
     if cfg["family"] not in FAMILIES and cfg["family"] not in TASKS:
         get_family(cfg["family"])  # raises with close names
     return cfg
@@ -209,6 +219,7 @@ def build(
         fan_in_exp=cfg.get("init_fan_in_exp", 0.0),
         input_width_factor=cfg.get("input_width_factor", True),
         radial_correction=cfg.get("radial_correction", True),
+        ortho_lr=cfg["init_ortho_lr"],
         **extra,
     )
     if warm and cfg.get("init_from"):

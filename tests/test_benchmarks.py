@@ -1,11 +1,13 @@
 """Benchmarks: tuning, the summary computed from curves, and --quick runs."""
 
+import copy
 import csv
 import json
 import math
 
 import pytest
 import torch
+from torch import nn
 
 from benchmarks import compare, overhead
 from benchmarks.runner import adam, run, tune
@@ -506,4 +508,48 @@ def test_compare_first_seed_runs_fresh_seeds(tmp_path):
     for bad in (["--first-seed", "-1"], ["--first-seed", "99", "--seeds", "2"]):
         with pytest.raises(SystemExit, match="must lie in 0..99"):
             compare.main([*base, *bad, "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_ortho_hidden_steps_hidden_weights_orthogonally_and_the_rest_by_adam():
+    from benchmarks.hand_variants import OrthoHidden
+    from lopt import ortho
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 3))
+    twin = copy.deepcopy(model)
+    opt = OrthoHidden(model, lr=0.01, ortho_lr=0.05)
+    hidden = model[2].weight
+    others = [p for p in model.parameters() if p is not hidden]
+    adam = torch.optim.Adam([p for p in twin.parameters() if p is not twin[2].weight], lr=0.01)
+    w, m = twin[2].weight.detach().clone(), torch.zeros_like(hidden)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for p, q, g in zip(model.parameters(), twin.parameters(), grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        adam.step()
+        m = 0.9 * m + 0.1 * grads[2]  # the hidden weight is the third tensor
+        w = w - 0.05 * ortho.direction(grads[2], m)
+    torch.testing.assert_close(hidden.detach(), w)
+    twins = [q for q in twin.parameters() if q is not twin[2].weight]
+    for p, q in zip(others, twins):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+
+
+def test_hand_variants_quick_writes_every_variant(tmp_path):
+    from benchmarks import hand_variants
+
+    out = tmp_path / "hv"
+    args = ["--tasks", "mlp-mnist1d", "--steps", "10", "--seeds", "1", "--tune-seeds", "1"]
+    results = hand_variants.main(args + ["--ortho-lrs", "0.02", "--quick", "--out", str(out)])
+    rows = results["mlp-mnist1d"]["variants"]
+    assert rows["adam"]["normalised"] == 1.0 and rows["adam"]["steps_to_adam"] <= 1.0
+    assert "ortho hidden 0.02, adam elsewhere" in rows and "nadam" in rows and len(rows) == 14
+    assert all(math.isfinite(v["loss"]) for v in rows.values())
+    text = (out / "results.md").read_text()
+    assert "ortho hidden 0.02" in text and (out / "results.json").exists()
+    for bad, message in ((["--tasks", "nope"], "nope"), (["--ortho-lrs", "-1"], "positive")):
+        with pytest.raises((SystemExit, KeyError), match=message):
+            hand_variants.main(bad + ["--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()

@@ -521,6 +521,30 @@ def test_init_from_warm_starts_the_shared_tensors(tmp_path):
     torch.testing.assert_close(trained.log_lr, source.log_lr, atol=1e-6, rtol=0)
 
 
+def test_init_ortho_lr_adds_the_learned_orthogonal_base_to_a_warm_start(tmp_path):
+    from meta_train.__main__ import main
+
+    torch.manual_seed(0)
+    source = lopt.NFNNet(width=4, nf_channels=2, lr=0.02)
+    lopt.save(source, tmp_path / "nfn.pt")
+    out = tmp_path / "run"
+    # mlp-mnist1d has a weight between two hidden groups, so the rate matters.
+    args = "--net nfn --width 4 --nf-channels 2 --family mlp-mnist1d --outer-steps 3"
+    args += f" --truncation 2 --horizon 4 --population 2 --init-from {tmp_path / 'nfn.pt'}"
+    args += " --meta-lr 0.05 --init-ortho-lr 0.05 --freeze log_lr --no-progress --out"
+    assert main([*args.split(), str(out)]) == 0
+    trained, meta = lopt.load(out / "optimizer.pt")
+    assert meta["config"]["init_ortho_lr"] == 0.05 and trained.ortho
+    assert torch.equal(trained.log_lr, source.log_lr)  # copied, then frozen
+    assert abs(trained.log_ortho_lr.item() - math.log(0.05)) > 1e-3  # learned
+    assert main(["--resume", str(out), "--outer-steps", "4", "--no-progress"]) == 0
+    assert lopt.load(out / "optimizer.pt")[0].ortho
+    bad = tmp_path / "bad"
+    with pytest.raises(SystemExit, match="--init-ortho-lr must be positive"):
+        main([*args.split()[:-1], "--init-ortho-lr", "0", "--out", str(bad)])
+    assert not bad.exists()
+
+
 def test_freeze_holds_meta_parameters_at_their_value(tmp_path):
     from meta_train.__main__ import main
 

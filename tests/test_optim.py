@@ -36,11 +36,11 @@ def train(model, opt, x, y, steps, scale=1.0):
     return losses
 
 
-def strong_net(cls=NFNNet, seed=0):
+def strong_net(cls=NFNNet, seed=0, ortho_lr=None):
     """A random net whose learned term dominates the update, so the tests
     exercise it rather than the Adam base."""
     torch.manual_seed(seed)
-    return cls(out_scale=1.0, step_mult=1e-2, lr=1e-4)
+    return cls(out_scale=1.0, step_mult=1e-2, lr=1e-4, ortho_lr=ortho_lr)
 
 
 def test_step_equals_functional_update():
@@ -71,9 +71,9 @@ def test_step_equals_functional_update():
         torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("radial", [True, False])
+@pytest.mark.parametrize("radial,ortho", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_training_commutes_with_hidden_permutations(arch, radial):
+def test_training_commutes_with_hidden_permutations(arch, radial, ortho):
     torch.manual_seed(1)
     if arch == "mlp":
         model, x, y = make_mlp([6, 7, 5, 3]), *data()
@@ -88,7 +88,7 @@ def test_training_commutes_with_hidden_permutations(arch, radial):
     with torch.no_grad():
         for p, q in zip(twin.parameters(), permuted.to_tensors()):
             p.copy_(q)
-    net = strong_net()
+    net = strong_net(ortho_lr=0.02 if ortho else None)
     net.radial_correction = radial
     a = train(model, lopt.NFNOptimizer(model.parameters(), net=net, model=model), x, y, 20)
     b = train(twin, lopt.NFNOptimizer(twin.parameters(), net=net, model=twin), x, y, 20)
@@ -112,11 +112,12 @@ def test_training_commutes_with_hidden_permutations(arch, radial):
 
 
 @pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
-def test_update_is_invariant_to_loss_scale(cls):
+@pytest.mark.parametrize("ortho_lr", [None, 0.02])
+def test_update_is_invariant_to_loss_scale(cls, ortho_lr):
     torch.manual_seed(2)
-    model = make_mlp([6, 8, 3])
+    model = make_mlp([6, 8, 5, 3])
     twin = copy.deepcopy(model)
-    net = strong_net(cls)
+    net = strong_net(cls, ortho_lr=ortho_lr)
     x, y = data()
     opt_a = lopt.LearnedOptimizer(model.parameters(), net=net)
     opt_b = lopt.LearnedOptimizer(twin.parameters(), net=net)
@@ -345,7 +346,13 @@ def test_torch_compiled_model():
 
 @pytest.mark.parametrize(
     "cls,extra",
-    [(NFNNet, {}), (NFNNet, {"nf_channels": 3, "nf_scale": 0.1}), (PerParamMLP, {})],
+    [
+        (NFNNet, {}),
+        (NFNNet, {"nf_channels": 3, "nf_scale": 0.1}),
+        (NFNNet, {"ortho_lr": 0.03}),
+        (PerParamMLP, {}),
+        (PerParamMLP, {"ortho_lr": 0.03}),
+    ],
 )
 @pytest.mark.parametrize("chunk", [3, 10_000])
 def test_sliced_net_equals_the_plain_layers(cls, extra, chunk, monkeypatch):
@@ -377,15 +384,33 @@ def test_sliced_net_equals_the_plain_layers(cls, extra, chunk, monkeypatch):
         hp = h if net.nf_proj is None else h.map(net.nf_proj)
         out = out + net.nf_scale * net.nf(hp)
     c1, c2 = features.bias_corrections(step)
-    for t, u, o, m, v in zip(spec.tensors, got, out.tensors, momenta, second):
+    for t, u, o, g, m, v in zip(spec.tensors, got, out.tensors, grads, momenta, second):
         adam = m[1] / c1 / ((v / c2).sqrt() + features.EPS)
+        if "ortho_lr" in extra and t.name == "2.weight":  # the conv between hidden groups
+            base = net.log_ortho_lr.exp() * naive_ortho_direction(g, m[1])
+        else:
+            base = net.log_lr.exp() * adam
         d, mag = o[..., 0].reshape(t.shape), o[..., 1].reshape(t.shape)
-        want = -(
-            net.log_lr.exp() * adam + net.log_step_mult.exp() * d * torch.exp(net.mag_mult * mag)
-        )
+        want = -(base + net.log_step_mult.exp() * d * torch.exp(net.mag_mult * mag))
         torch.testing.assert_close(
             u, want, rtol=1e-4, atol=1e-7, msg=lambda m, n=t.name: f"{n}: {m}"
         )
+
+
+def naive_ortho_direction(grad, momentum, steps=5):
+    """lopt.ortho.direction written out in float64: Nesterov momentum as
+    (out, in * kernel), Frobenius-normalised, five quintic Newton-Schulz steps
+    on the wide orientation, times sqrt(max(1, rows / cols))."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    g = (0.9 * momentum + 0.1 * grad).double().reshape(grad.shape[0], -1)
+    x = g / (g.norm() + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + b * gram @ x + c * gram @ gram @ x
+    x = x.T if tall else x
+    return (x * max(1.0, x.shape[0] / x.shape[1]) ** 0.5).float().reshape(grad.shape)
 
 
 def width_factor_updates(model, net, exponent, input_factor=True):
