@@ -53,9 +53,10 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
     """A label and an optimizer factory for ``[LABEL=]WEIGHTS`` (a shipped
     name or a checkpoint path). The default label is the file's stem, or its
     folder's name for meta_train's ``DIR/optimizer.pt``. ``overrides`` set
-    scalar meta-parameters (``fan_in_exp``, ``log_lr``, ``log_step_mult``)
-    to other values, an ablation of one learned number, or switch an option
-    of the net on or off (``input_width_factor=0``, ``radial_correction=0``),
+    scalar meta-parameters (``fan_in_exp``, ``log_lr``, ``log_step_mult``,
+    ``log_ortho_lr``; ``-inf`` switches the orthogonal base off) to other
+    values, an ablation of one learned number, or switch an option of the
+    net on or off (``input_width_factor=0``, ``radial_correction=0``),
     or scale an NFN net's NF-layer output (``nf_scale=0``: the per-entry path
     alone, an ablation of what the NF-layer adds)."""
     label, _, path = weights.rpartition("=")
@@ -481,7 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         metavar="NAME=VALUE",
         help="ablation: set a scalar meta-parameter of every learned net "
-        "(fan_in_exp, log_lr, log_step_mult), switch an option "
+        "(fan_in_exp, log_lr, log_step_mult, log_ortho_lr), switch an option "
         "(input_width_factor=0, radial_correction=0) or scale an NFN net's "
         "NF-layer output (nf_scale=0: its per-entry path alone) before running",
     )

@@ -250,6 +250,25 @@ def test_set_overrides_a_learned_scalar_for_an_ablation(tmp_path):
     with pytest.raises(SystemExit, match="give them with --weights"):
         compare.main(["--set", "fan_in_exp=1", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+    # -inf switches the orthogonal base of a net that has one off: the hidden
+    # weight then moves by the learned term alone, the others as before.
+    lopt.save(lopt.NFNNet(ortho_lr=0.05), tmp_path / "o.pt")
+    moved = {}
+    for value in (math.log(0.05), -math.inf):
+        ((_, make),) = compare.learned_all([str(tmp_path / "o.pt")], {"log_ortho_lr": value})
+        torch.manual_seed(0)
+        model = mlp(4, [8, 8], 2)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = make(model)
+        model(torch.randn(16, 4)).square().mean().backward()
+        opt.step()
+        moved[value] = [(p.detach() - b).norm().item() for p, b in zip(model.parameters(), before)]
+    on, off = moved[math.log(0.05)], moved[-math.inf]
+    hidden = [n for n, _ in model.named_parameters()].index("3.weight")
+    assert 0 < off[hidden] < 0.1 * on[hidden]
+    assert [x for i, x in enumerate(on) if i != hidden] == pytest.approx(
+        [x for i, x in enumerate(off) if i != hidden]
+    )
 
 
 def test_nf_scale_0_runs_the_nfn_as_its_per_entry_net(tmp_path):
