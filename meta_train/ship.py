@@ -127,6 +127,12 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         f"* Learned scalars: lr {net.log_lr.exp().item():.4g}, "
         f"step_mult {net.log_step_mult.exp().item():.3g}, "
         f"fan_in_exp {net.fan_in_exp.item():.3f}"
+        + (
+            f"; weights between hidden groups step along their orthogonalised momentum "
+            f"at {net.log_ortho_lr.exp().item():.4g} instead of Adam's direction"
+            if net.ortho
+            else ""
+        )
         + ("" if net.input_width_factor else "; input layers keep width factor 1")
         + ("." if net.radial_correction else "; learned term tangent to weight rows."),
     ]

@@ -424,6 +424,15 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     assert main([*args.split(), "--meta-loss-ramp", "4", "--out", str(ramp), "--no-progress"]) == 0
     assert ship([str(ramp), "my-mlp-ramp", "--dest", str(dest)]) == 0
     assert "`mean` meta-loss weighted by min(1, t / 4) over inner step t" in capsys.readouterr().out
+    assert "orthogonalised" not in card
+    orth = tmp_path / "ortho"
+    assert (
+        main([*args.split(), "--init-ortho-lr", "0.03", "--out", str(orth), "--no-progress"]) == 0
+    )
+    assert ship([str(orth), "my-mlp-ortho", "--dest", str(dest)]) == 0
+    rate = lopt.load(orth / "optimizer.pt")[0].log_ortho_lr.exp().item()
+    want = f"step along their orthogonalised momentum at {rate:.4g} instead of Adam's"
+    assert want in capsys.readouterr().out
     monkeypatch.setattr(lopt.checkpoint, "PRETRAINED_DIR", dest)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     opt = lopt.MLPOptimizer(model.parameters(), weights="my-mlp")
