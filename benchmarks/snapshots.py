@@ -39,23 +39,29 @@ CLIP = 2.0  # a task's loss ratio counts within [1 / CLIP, CLIP]
 NEVER = 2.0  # steps to Adam's loss (fractions of the horizon) of a run that never gets there
 
 
-def snapshots(run: Path, every: int = 0) -> list[tuple[str, Path]]:
+def snapshots(run: Path, every: int = 0, max_step: int | None = None) -> list[tuple[str, Path]]:
     """``(label, path)`` of a run's snapshots in step order, then its final
     ``optimizer.pt`` (labelled ``final``) when it exists; a snapshot of the
     final's own step is left out (the same net twice). ``every``: only the
     snapshots whose step is a multiple of it (0: all), for a long run with
-    many of them."""
+    many of them. ``max_step``: only the snapshots up to that outer step (the
+    final net too, if it is no later), to pick from two runs at the same
+    meta-training budget when one ran further."""
     if every < 0:
         raise SystemExit(f"--every must be >= 0, got {every}")
+    if max_step is not None and max_step < 0:
+        raise SystemExit(f"--max-step must be >= 0, got {max_step}")
     found = []
     for p in (run / "snapshots").glob("optimizer-*.pt"):
         m = SNAPSHOT.search(p.name)
-        if m and (not every or int(m.group(1)) % every == 0):
-            found.append((int(m.group(1)), p))
+        step = int(m.group(1)) if m else None
+        if m and (not every or step % every == 0) and (max_step is None or step <= max_step):
+            found.append((step, p))
     final = run / "optimizer.pt"
     last = lopt.load(final)[1].get("outer_steps") if final.exists() else None
-    out = [(f"step{step}", p) for step, p in sorted(found) if step != last]
-    if final.exists():
+    keep_final = final.exists() and (max_step is None or (last is not None and last <= max_step))
+    out = [(f"step{step}", p) for step, p in sorted(found) if not (keep_final and step == last)]
+    if keep_final:
         out.append(("final", final))
     return out
 
@@ -115,9 +121,17 @@ def main(argv: list[str] | None = None) -> Path:
         metavar="N",
         help="rank only the snapshots of steps that are multiples of N, and the final net",
     )
+    p.add_argument(
+        "--max-step",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rank only the snapshots up to outer step N (and the final net if it is no "
+        "later): two runs picked at the same meta-training budget",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    found = snapshots(args.run, args.every)
+    found = snapshots(args.run, args.every, args.max_step)
     if not found:
         raise SystemExit(
             f"{args.run}: no snapshots/optimizer-*.pt and no optimizer.pt "

@@ -409,6 +409,11 @@ def test_snapshots_ranks_a_runs_nets_on_a_suite(tmp_path):
     assert [lab for lab, _ in snapshots.snapshots(run, every=20)] == ["step20", "final"]
     with pytest.raises(SystemExit, match="--every must be >= 0"):
         snapshots.snapshots(run, every=-1)
+    # Up to step 20: the final net (step 30) is left out, its snapshot too.
+    assert [lab for lab, _ in snapshots.snapshots(run, max_step=20)] == ["step10", "step20"]
+    assert [lab for lab, _ in snapshots.snapshots(run, max_step=30)][-1] == "final"
+    with pytest.raises(SystemExit, match="--max-step must be >= 0"):
+        snapshots.snapshots(run, max_step=-1)
     (run / "optimizer.pt").unlink()
     (run / "snapshots" / "optimizer-000030.pt").unlink()
     out = tmp_path / "rank"
