@@ -41,6 +41,20 @@ def test_shipped_optimizers_train_the_same_on_cuda(weights, task_name):
     torch.testing.assert_close(losses["cuda"], losses["cpu"], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("task_name", ["mlp-mnist1d", "cnn-digits"])
+def test_orthogonal_base_trains_the_same_on_cuda(task_name):
+    # Both tasks have a weight between hidden groups (Newton-Schulz on it).
+    losses = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        net = NFNNet(lr=1e-2, ortho_lr=0.05).to(device)
+        task = get_task(task_name, device)
+        make = lambda m, net=net: lopt.NFNOptimizer(m.parameters(), net=net, model=m)  # noqa: E731
+        losses[device] = torch.tensor(run(task, make, 20, seed=0).train)
+    assert losses["cuda"][-1] < losses["cuda"][0]
+    torch.testing.assert_close(losses["cuda"], losses["cpu"], rtol=1e-3, atol=1e-5)
+
+
 def test_bfloat16_parameters_on_cuda_keep_float32_state():
     task = get_task("mlp-digits", "cuda")
     model = task.module_with(task.init(torch.Generator().manual_seed(0))).to(torch.bfloat16)
