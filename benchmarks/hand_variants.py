@@ -36,6 +36,7 @@ from torch import nn
 from benchmarks.compare import QUICK_GRID
 from benchmarks.runner import ADAM_GRID, MakeOptimizer, adam, run, tune
 from lopt import ortho
+from lopt.features import ADAM_MOMENTUM, MOMENTUM_DECAYS
 from lopt.weightspace import WeightSpaceSpec
 from tasks import get_task
 
@@ -79,7 +80,7 @@ class OrthoHidden(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             m = self.state[p].setdefault("momentum", torch.zeros_like(p))
-            m.lerp_(p.grad, 1 - 0.9)
+            m.lerp_(p.grad, 1 - MOMENTUM_DECAYS[ADAM_MOMENTUM])
             p.add_(ortho.direction(p.grad, m), alpha=-self.ortho_lr)
 
 
