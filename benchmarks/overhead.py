@@ -64,20 +64,26 @@ def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
 SHIPPED = {"mlp": (lopt.MLPOptimizer, "mlp-small"), "nfn": (lopt.NFNOptimizer, "nfn-small")}
 
 
-def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(
+    kind: str, model: nn.Module, names: dict[str, str] | None = None
+) -> torch.optim.Optimizer:
+    """Adam, or the learned optimizer ``kind`` with the shipped net
+    ``names[kind]`` (default: ``SHIPPED``'s; a default net when not shipped)."""
     if kind == "adam":
         return torch.optim.Adam(model.parameters(), lr=1e-3)
     if kind not in SHIPPED:
         raise ValueError(f"unknown optimizer {kind!r}")
     cls, name = SHIPPED[kind]
+    name = (names or {}).get(kind, name)
     weights = name if name in lopt.pretrained_names() else None
     return cls(model.parameters(), model=model, weights=weights)
 
 
-def net_descriptions() -> dict[str, str]:
+def net_descriptions(names: dict[str, str] | None = None) -> dict[str, str]:
     """Which net each learned optimizer ran: the shipped one, or a default."""
     out = {}
     for kind, (cls, name) in SHIPPED.items():
+        name = (names or {}).get(kind, name)
         if name in lopt.pretrained_names():
             out[kind] = f"shipped {name}: {lopt.load(name)[0].config}"
         else:
@@ -90,14 +96,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(model_name: str, device: torch.device, repeats: int, batch: int) -> dict:
+def time_steps(
+    model_name: str,
+    device: torch.device,
+    repeats: int,
+    batch: int,
+    names: dict[str, str] | None = None,
+) -> dict:
     """Step and train-step times of every optimizer, interleaved."""
     torch.manual_seed(0)
     runs = {}
     for kind in OPTIMIZERS:
         model, in_shape = build_model(model_name)
         model.to(device)
-        runs[kind] = (model, make_optimizer(kind, model))
+        runs[kind] = (model, make_optimizer(kind, model, names))
     x = torch.randn(batch, *in_shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
@@ -147,7 +159,7 @@ model, _ = build_model(name)
 model.to(device)
 for p in model.parameters():
     p.grad = torch.randn_like(p) * 1e-3
-opt = make_optimizer(kind, model)
+opt = make_optimizer(kind, model, {kind: sys.argv[5]} if len(sys.argv) > 5 else None)
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():
     with open("/proc/self/statm") as f:
@@ -177,14 +189,17 @@ print((top - base) / 2**20)
 """
 
 
-def peak_memory_mb(model_name: str, kind: str, device: str, steps: int = 3) -> float:
+def peak_memory_mb(
+    model_name: str, kind: str, device: str, steps: int = 3, net: str | None = None
+) -> float:
     """Peak memory that running ``steps`` optimizer steps adds above the model
     and its gradients (state included), in MiB. Measured in a fresh process:
     on CPU by sampling the resident set every 0.2 ms, on CUDA with
     ``max_memory_allocated``."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     res = subprocess.run(
-        [sys.executable, "-c", _PEAK_CODE, model_name, kind, device, str(steps)],
+        [sys.executable, "-c", _PEAK_CODE, model_name, kind, device, str(steps)]
+        + ([net] if net else []),
         capture_output=True,
         text=True,
         env=env,
@@ -285,16 +300,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-nfn", action="store_true", help="skip the nfn reference layer")
     p.add_argument("--quick", action="store_true", help="tiny models, few repeats (CI)")
+    p.add_argument("--nfn", default=SHIPPED["nfn"][1], help="shipped NFN net to time (nfn-small)")
+    p.add_argument("--mlp", default=SHIPPED["mlp"][1], help="shipped MLP net to time (mlp-small)")
     args = p.parse_args(argv)
+    names = {"nfn": args.nfn, "mlp": args.mlp}
+    for kind, name in names.items():
+        if name not in lopt.pretrained_names():
+            raise SystemExit(
+                f"--{kind} {name}: not a shipped net ({', '.join(lopt.pretrained_names())})"
+            )
     if args.quick:
         args.models, args.repeats = ["mlp-tiny", "cnn-tiny"], 2
     device = torch.device(args.device)
     rows = []
     for name in tqdm(args.models, desc="models"):
-        row = time_steps(name, device, args.repeats, args.batch)
+        row = time_steps(name, device, args.repeats, args.batch, names)
         if not args.no_memory:
             for kind in OPTIMIZERS:
-                row[f"{kind}_peak_mb"] = peak_memory_mb(name, kind, args.device)
+                net = names.get(kind)
+                row[f"{kind}_peak_mb"] = peak_memory_mb(name, kind, args.device, net=net)
         if not args.no_nfn and device.type == "cpu":
             row.update(nfn_reference_ms(name, max(2, args.repeats // 2)) or {})
         rows.append(row)
@@ -302,7 +326,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "nets": net_descriptions(),
+        "nets": net_descriptions(names),
         "command": "python -m benchmarks.overhead "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),

@@ -152,6 +152,16 @@ def test_overhead_quick_writes_every_output(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     assert {r["model"] for r in rows} == {"mlp-tiny", "cnn-tiny"}
     assert all(r["nfn_step_ms"] > 0 and r["nfn_peak_mb"] >= 0 for r in rows)
+    # Other shipped nets by name, recorded in the metadata; an unknown name
+    # is refused before anything runs.
+    out = tmp_path / "ortho"
+    overhead.main(["--quick", "--out", str(out), "--no-nfn", "--nfn", "nfn-ortho"])
+    nets = json.loads((out / "overhead.json").read_text())["meta"]["nets"]
+    assert "shipped nfn-ortho" in nets["nfn"] and "'ortho_lr': None" not in nets["nfn"]
+    assert "shipped mlp-small" in nets["mlp"]
+    with pytest.raises(SystemExit, match="--nfn nope: not a shipped net"):
+        overhead.main(["--quick", "--out", str(tmp_path / "bad"), "--nfn", "nope"])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_learned_optimizer_labels(tmp_path):
