@@ -47,6 +47,7 @@ from tasks import get_suite, get_task
 
 FACTORS = (1, 2, 5)
 QUICK_GRID = (1e-3, 1e-2, 1e-1)
+FIRST_TUNE_SEED = 100  # tuning runs seeds 100, 101, ...: never a benchmark seed (0..99)
 
 
 def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[str, callable]:
@@ -562,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict:
             },
         )
         seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-        tune_seeds = list(range(100, 100 + args.tune_seeds))
+        tune_seeds = list(range(FIRST_TUNE_SEED, FIRST_TUNE_SEED + args.tune_seeds))
         reuse = {}
         if args.baselines_from is not None:
             reuse = load_baselines(

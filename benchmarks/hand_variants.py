@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.compare import QUICK_GRID
+from benchmarks.compare import FIRST_TUNE_SEED, QUICK_GRID, summarise
 from benchmarks.runner import ADAM_GRID, MakeOptimizer, adam, run, tune
 from lopt import ortho
 from lopt.features import ADAM_MOMENTUM, MOMENTUM_DECAYS
@@ -117,21 +116,26 @@ def measure(
     task = get_task(name)
     lr, _ = tune(task, adam, steps, tune_seeds, grid)
     eval_every = max(1, steps // 10)
-    rows, target = {}, None
-    for label, make in variants(lr, steps, ortho_lrs).items():
-        curves = [run(task, make, steps, s, eval_every) for s in seeds]
-        at = curves[0].eval_steps
-        mean = [statistics.fmean(c.train_eval[i] for c in curves) for i in range(len(at))]
-        if target is None:  # Adam's, the first variant
-            target = mean[-1]
-        reach = [s for s, v in zip(at, mean) if s > 0 and v <= target]
-        rows[label] = {
-            "loss": mean[-1],
-            "normalised": mean[-1] / target if target else math.nan,
-            "steps_to_adam": min(reach) / steps if reach else math.inf,
-        }
+    makers = variants(lr, steps, ortho_lrs)
+    rows = []  # compare's CSV rows, so that its summary defines the measures
+    for label, make in makers.items():
+        for seed in seeds:
+            curve = run(task, make, steps, seed, eval_every)
+            rows += [
+                (name, label, seed, s, "train", v)
+                for s, v in zip(curve.eval_steps, curve.train_eval)
+            ]
         progress(f"{name}: {label}")
-    return {"adam_lr": lr, "variants": rows}
+    per_task = summarise(rows, steps, factors=(1,))["per_task"]
+    out = {}
+    for label in makers:
+        e = per_task[(name, label)]
+        out[label] = {
+            "loss": e["loss@1x"],
+            "normalised": e["normalised"],
+            "steps_to_adam": e["steps_to_baseline"],
+        }
+    return {"adam_lr": lr, "variants": out}
 
 
 def markdown(results: dict, command: str) -> str:
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps < 1 or args.seeds < 1 or any(o <= 0 for o in args.ortho_lrs):
         raise SystemExit("--steps and --seeds must be positive, and every --ortho-lrs rate too")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    tune_seeds = list(range(100, 100 + args.tune_seeds))  # compare's tuning seeds
+    tune_seeds = list(range(FIRST_TUNE_SEED, FIRST_TUNE_SEED + args.tune_seeds))
     grid = QUICK_GRID if args.quick else ADAM_GRID
     command = "python -m benchmarks.hand_variants " + " ".join(
         argv if argv is not None else sys.argv[1:]
