@@ -232,6 +232,14 @@ def test_compare_reuses_tuned_baselines(tmp_path, monkeypatch):
     compare.write_csv(changed, bad / "curves.csv")
     with pytest.raises(SystemExit, match="differs from an earlier run"):
         compare.merge_runs([first, bad])
+    # A diverged (NaN) point in a shared curve is the same in both runs.
+    diverged = [(*r[:5], math.nan) if r[1] == "adam" else r for r in new]
+    for name in ("nan1", "nan2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text((second / "meta.json").read_text())
+        compare.write_csv(diverged, tmp_path / name / "curves.csv")
+    rows, _ = compare.merge_runs([tmp_path / "nan1", tmp_path / "nan2"])
+    assert sum(math.isnan(r[-1]) for r in rows) == sum(r[1] == "adam" for r in new) > 0
 
 
 def test_set_overrides_a_learned_scalar_for_an_ablation(tmp_path):
