@@ -14,6 +14,7 @@ Options may also come from a JSON file (--config); flags override it.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import platform
@@ -268,7 +269,15 @@ def freeze(net: lopt.OptimizerNet, items: list[str]) -> torch.Tensor | None:
     for item in items:
         name, sep, value = item.partition("=")
         if name not in params:
-            raise SystemExit(f"--freeze: no parameter {name!r} (it has {', '.join(params)})")
+            # An NFN has hundreds of NF-layer tensors: name the close ones and
+            # the scalars, not all of them.
+            close = difflib.get_close_matches(name, params, n=3)
+            scalars = [n for n, t in params.items() if t.dim() == 0]
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise SystemExit(
+                f"--freeze: no parameter {name!r} ({hint}its scalars: {', '.join(scalars)}; "
+                f"all {len(params)} names in net.named_parameters())"
+            )
         if sep:
             try:
                 number = float(value)
