@@ -172,7 +172,7 @@ def read_run(folder: Path, option: str) -> tuple[list[tuple], dict]:
         raise SystemExit(f"{option} {folder}: cannot read its meta.json / curves.csv: {e}") from e
 
 
-def _same_loss(a: float, b: float) -> bool:
+def same_loss(a: float, b: float) -> bool:
     """Equal, with a diverged (NaN) point equal to another NaN."""
     return a == b or (math.isnan(a) and math.isnan(b))
 
@@ -203,7 +203,7 @@ def merge_runs(folders: list[Path], common_factors: bool = False) -> tuple[list[
             meta["factors"] = [f for f in meta["factors"] if f in m.get("factors", [])]
         for *key, loss in r:
             key = tuple(key)
-            if key in rows and not _same_loss(rows[key], loss):
+            if key in rows and not same_loss(rows[key], loss):
                 raise SystemExit(f"--merge {folder}: {key} differs from an earlier run's")
             rows[key] = loss
         for task, tm in m.get("tasks", {}).items():

@@ -28,7 +28,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.compare import merge_runs
+from benchmarks.compare import merge_runs, same_loss
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -64,7 +64,7 @@ def relabel(rows, aliases: dict[str, str]) -> list[tuple]:
     out: dict[tuple, float] = {}
     for task, opt, seed, step, split, loss in rows:
         key = (task, aliases.get(opt, opt), seed, step, split)
-        if key in out and out[key] != loss and not (math.isnan(loss) and math.isnan(out[key])):
+        if key in out and not same_loss(out[key], loss):
             names = sorted({key[1], *(x for x, y in aliases.items() if y == key[1])})
             raise SystemExit(
                 f"{', '.join(names)} differ on {task} seed {seed} step {step}: not the same net"

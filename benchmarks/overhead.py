@@ -64,6 +64,11 @@ def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
 SHIPPED = {"mlp": (lopt.MLPOptimizer, "mlp-small"), "nfn": (lopt.NFNOptimizer, "nfn-small")}
 
 
+def net_name(kind: str, names: dict[str, str] | None = None) -> str:
+    """The net the learned optimizer ``kind`` runs: ``names[kind]``, else ``SHIPPED``'s."""
+    return (names or {}).get(kind, SHIPPED[kind][1])
+
+
 def make_optimizer(
     kind: str, model: nn.Module, names: dict[str, str] | None = None
 ) -> torch.optim.Optimizer:
@@ -73,8 +78,7 @@ def make_optimizer(
         return torch.optim.Adam(model.parameters(), lr=1e-3)
     if kind not in SHIPPED:
         raise ValueError(f"unknown optimizer {kind!r}")
-    cls, name = SHIPPED[kind]
-    name = (names or {}).get(kind, name)
+    cls, name = SHIPPED[kind][0], net_name(kind, names)
     weights = name if name in lopt.pretrained_names() else None
     return cls(model.parameters(), model=model, weights=weights)
 
@@ -82,8 +86,8 @@ def make_optimizer(
 def net_descriptions(names: dict[str, str] | None = None) -> dict[str, str]:
     """Which net each learned optimizer ran: the shipped one, or a default."""
     out = {}
-    for kind, (cls, name) in SHIPPED.items():
-        name = (names or {}).get(kind, name)
+    for kind, (cls, _) in SHIPPED.items():
+        name = net_name(kind, names)
         if name in lopt.pretrained_names():
             out[kind] = f"shipped {name}: {lopt.load(name)[0].config}"
         else:
