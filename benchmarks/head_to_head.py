@@ -9,7 +9,11 @@ one (task, seed) differ only by the optimizer. This reads compare runs and,
 at a multiple of the horizon, reports per task the geometric mean over seeds
 of A's loss over B's, with A's wins; overall, A's wins over all (task, seed)
 pairs with an exact two-sided sign test, the same over tasks (a task's sign
-is that of its mean log ratio), and the geometric mean ratio:
+is that of its mean log ratio), and the geometric mean ratio with a 95%
+interval (seeds resampled within each task: the tasks are the suite's, the
+seeds a sample; a pair count and a ratio can disagree, one task's large
+ratios outweighing many small wins, and the interval says whether the
+ratio is told apart from 1):
 
     python -m benchmarks.head_to_head runs/compare-nfn runs/compare-mlp \\
         --a nfn --b mlp --out runs/nfn-vs-mlp.md
@@ -28,6 +32,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.compare import merge_runs, same_loss
 
 
@@ -40,6 +46,28 @@ def sign_test(wins: int, losses: int) -> float:
     k = min(wins, losses)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
+
+
+def ratio_interval(
+    task_logs: list[list[float]], level: float = 0.95, resamples: int = 4000, seed: int = 0
+) -> tuple[float, float]:
+    """A ``level`` percentile-bootstrap interval for the geometric mean ratio
+    ``exp(mean of every log ratio)``: each resample redraws every task's log
+    ratios from that task's own (stratified), so the task mix stays the
+    suite's. Seeded: the same numbers give the same interval. NaNs when
+    there are no ratios."""
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"level must be in (0, 1) and resamples >= 1, got {level}, {resamples}")
+    logs = [np.asarray(x, dtype=np.float64) for x in task_logs if len(x)]
+    if not logs:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    total = np.zeros(resamples)
+    for x in logs:
+        total += x[rng.integers(0, len(x), size=(resamples, len(x)))].sum(1)
+    means = total / sum(len(x) for x in logs)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return math.exp(lo), math.exp(hi)
 
 
 def paired_losses(rows, a: str, b: str, step: int) -> dict[str, dict[int, tuple[float, float]]]:
@@ -102,12 +130,13 @@ def head_to_head(rows, a: str, b: str, step: int) -> dict:
             f"no task has train losses of both {a!r} and {b!r} at step {step} "
             f"(optimizers in these runs: {', '.join(opts)})"
         )
-    per_task, signs, logs = {}, [], []
+    per_task, signs, logs, task_logs = {}, [], [], []
     for task, seeds in pairs.items():
         sg = [_sign(la, lb) for la, lb in seeds.values()]
         lr = [_log_ratio(*p) for p in seeds.values() if all(map(math.isfinite, p))]
         signs += sg
         logs += lr
+        task_logs.append(lr)
         per_task[task] = {
             "seeds": len(sg),
             "ratio": _geomean(lr),
@@ -132,6 +161,7 @@ def head_to_head(rows, a: str, b: str, step: int) -> dict:
         "task_losses": task_losses,
         "p_tasks": sign_test(task_wins, task_losses),
         "ratio": _geomean(logs),
+        "ratio_interval": ratio_interval(task_logs),
     }
 
 
@@ -160,7 +190,8 @@ def markdown(r: dict, factor: int) -> str:
         f"- tasks (mean over seeds): {a} lower on {r['task_wins']} of {len(r['per_task'])}, "
         f"{b} on {r['task_losses']}; sign test p = {r['p_tasks']:.3g}",
         f"- geometric mean of {a}'s loss over {b}'s, over the {r['pairs'] - r['nonfinite']} "
-        f"pairs where both are finite: {r['ratio']:.3f}",
+        f"pairs where both are finite: {r['ratio']:.3f} (95% interval "
+        f"{r['ratio_interval'][0]:.3f}-{r['ratio_interval'][1]:.3f}, seeds resampled within tasks)",
     ]
     return "\n".join(lines) + "\n"
 

@@ -4,6 +4,7 @@ import copy
 import csv
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -316,6 +317,31 @@ def test_nf_scale_0_runs_the_nfn_as_its_per_entry_net(tmp_path):
         compare.learned(str(tmp_path / "mlp.pt"), {"nf_scale": 0})
 
 
+def test_ratio_interval_matches_the_stratified_normal_interval():
+    """With many seeds per task the bootstrap interval is the normal one:
+    exp(M +- 1.96 SE), SE^2 = sum over tasks of n_t var_t / N^2 (plug-in
+    variances; the tasks' own means are kept, so their spread adds nothing)."""
+    from benchmarks import head_to_head as h2h
+
+    gen = torch.Generator().manual_seed(0)
+    task_logs = [
+        (mu + sd * torch.randn(n, generator=gen, dtype=torch.float64)).tolist()
+        for mu, sd, n in ((-0.5, 0.1, 300), (0.4, 0.3, 200), (0.0, 0.05, 400))
+    ]
+    flat = [x for t in task_logs for x in t]
+    n = len(flat)
+    m = sum(flat) / n
+    var = sum(statistics.pvariance(t) * len(t) for t in task_logs) / n**2
+    lo, hi = h2h.ratio_interval(task_logs)
+    assert math.log(lo) == pytest.approx(m - 1.96 * var**0.5, abs=0.15 * var**0.5)
+    assert math.log(hi) == pytest.approx(m + 1.96 * var**0.5, abs=0.15 * var**0.5)
+    assert h2h.ratio_interval(task_logs) == (lo, hi)  # seeded
+    assert lo < h2h.ratio_interval(task_logs, level=0.5)[0] < math.exp(m)
+    assert all(math.isnan(x) for x in h2h.ratio_interval([[], []]))
+    with pytest.raises(ValueError, match="level must be in"):
+        h2h.ratio_interval(task_logs, level=1.0)
+
+
 def test_head_to_head_pairs_seeds_and_tests_signs(tmp_path, capsys):
     from benchmarks import head_to_head as h2h
 
@@ -353,6 +379,8 @@ def test_head_to_head_pairs_seeds_and_tests_signs(tmp_path, capsys):
     assert (r["wins"], r["losses"], r["pairs"], r["nonfinite"]) == (4, 2, 6, 1)
     assert (r["task_wins"], r["task_losses"]) == (1, 1)
     assert r["ratio"] == pytest.approx(math.exp((3 * math.log(0.9) + 2 * math.log(1.1)) / 5))
+    # Every task's seeds agree, so resampling seeds within tasks moves nothing.
+    assert r["ratio_interval"] == pytest.approx((r["ratio"], r["ratio"]))
     # A loss of 0 is the lowest there is, not a failure.
     zero = [(t, o, s, st, sp, 0.0 if o == "A" else v) for t, o, s, st, sp, v in rows]
     assert h2h.head_to_head(zero, "A", "B", 10)["wins"] == 6
