@@ -6,8 +6,13 @@
 # back as one archive.
 #
 #   OUT=/tmp/gpu TRAIN_S=450 bash benchmarks/gpu_session.sh [CONFIG ...]
+#   SEEDS="43 44 45" OVERHEAD="--nfn nfn-ortho-v2 --mlp mlp-ortho" bash benchmarks/gpu_session.sh CONFIG ...
 #
-# CONFIG names files in configs/ (default: every *-gpu.json); each run's
+# CONFIG names files in configs/ (default: every *-gpu.json); SEEDS trains
+# each CONFIG once per seed (--seed S, into runs/CONFIG-sS); OVERHEAD, when
+# set, times those nets' step against Adam on the GPU first
+# (benchmarks.overhead, 1.8M-parameter MLP and the CNN). The runs, their
+# logs and the overhead tables come back in $OUT/runs.tgz. Each run's
 # --init-from (runs/mlp-tangent-lr/optimizer.pt for *-gpu.json, the *-gpu
 # runs' optimizer.pt for *-gpu2*.json) must be there. Without the mnist1d
 # package, put its wheel in .whl/ (it is installed into /tmp/site with no
@@ -17,7 +22,9 @@ OUT=${OUT:-/tmp/gpu-session}
 TRAIN_S=${TRAIN_S:-450}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu rehearses the script where there is no GPU
 POPULATIONS=${POPULATIONS-16 128}
-mkdir -p "$OUT"
+SEEDS=${SEEDS-}
+OVERHEAD=${OVERHEAD-}
+mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -38,24 +45,38 @@ if [ -n "$POPULATIONS" ]; then
     cat "$OUT/throughput.txt"
 fi
 
+if [ -n "$OVERHEAD" ]; then
+    # shellcheck disable=SC2086
+    timeout 120 python3 -m benchmarks.overhead --device "$DEVICE" --models mlp-1.8m cnn-57k --repeats 10 \
+        --no-memory --no-nfn $OVERHEAD --out "$OUT/overhead" > "$OUT/overhead.txt" 2>&1
+    cat "$OUT/overhead.txt"
+fi
+
 configs=("$@")
 if [ ${#configs[@]} -eq 0 ]; then
     configs=(configs/*-gpu.json)
 fi
+# One run per config and seed: runs/NAME, or runs/NAME-sSEED with SEEDS.
+runs=()
 pids=()
 for c in "${configs[@]}"; do
     name=$(basename "$c" .json)
-    timeout -s INT "$TRAIN_S" python3 -m meta_train --config "configs/$name.json" \
-        --device "$DEVICE" --out "runs/$name" > "$OUT/$name.log" 2>&1 &
-    pids+=($!)
+    for seed in ${SEEDS:-default}; do
+        if [ "$seed" = default ]; then run=$name; seed_arg=(); else run=$name-s$seed; seed_arg=(--seed "$seed"); fi
+        timeout -s INT "$TRAIN_S" python3 -m meta_train --config "configs/$name.json" "${seed_arg[@]}" \
+            --device "$DEVICE" --out "runs/$run" > "$OUT/logs/$run.log" 2>&1 &
+        runs+=("$run")
+        pids+=($!)
+    done
 done
 timeout 240 python3 -m pytest -p no:cacheprovider tests/test_cuda.py -q -rs > "$OUT/test_cuda.txt" 2>&1
 tail -5 "$OUT/test_cuda.txt"
 wait "${pids[@]}"
-for c in "${configs[@]}"; do
-    name=$(basename "$c" .json)
+for run in "${runs[@]}"; do
     # tqdm redraws with \r: keep the last state of each line.
-    echo "$name: $(tr '\r' '\n' < "$OUT/$name.log" | grep -E 'meta-train|wrote|Error' | tail -2)"
+    echo "$run: $(tr '\r' '\n' < "$OUT/logs/$run.log" | grep -E 'meta-train|wrote|Error' | tail -2)"
 done
-tar czf "$OUT/runs.tgz" --exclude=checkpoint.pt $(for c in "${configs[@]}"; do echo "runs/$(basename "$c" .json)"; done)
+# At most 8 files come back from a lent machine: logs and tables go in the archive.
+tar czf "$OUT/runs.tgz" --exclude=checkpoint.pt "${runs[@]/#/runs/}" -C "$OUT" logs $([ -d "$OUT/overhead" ] && echo overhead)
+rm -rf "$OUT/logs" "$OUT/overhead"
 ls -la "$OUT"

@@ -27,7 +27,7 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-@pytest.mark.parametrize("weights", ["nfn-small", "mlp-small", "nfn-broad", "mlp-broad"])
+@pytest.mark.parametrize("weights", lopt.pretrained_names())
 @pytest.mark.parametrize("task_name", ["mlp-digits", "cnn-digits"])
 def test_shipped_optimizers_train_the_same_on_cuda(weights, task_name):
     kind = lopt.NFNOptimizer if weights.startswith("nfn") else lopt.MLPOptimizer
