@@ -3,7 +3,9 @@
 For MLPs of ~50k, ~300k and ~1.8M parameters and a CNN, measures in one run:
 the time of one ``optimizer.step()`` and of a whole train step (forward,
 backward, step) at batch 128, as ratios to Adam measured interleaved in the
-same process; the optimizer state size; and the peak memory a run of steps
+same process; the launches one step makes (CUDA kernels on a GPU, where a
+step of small tensors is bound by them; top-level torch operators on the
+CPU); the optimizer state size; and the peak memory a run of steps
 adds above the model and its gradients (measured in a fresh subprocess per
 optimizer, from the peak resident set on CPU or ``max_memory_allocated`` on
 CUDA). Optionally the ``nfn`` reference NF-layer stack is timed on the same
@@ -100,6 +102,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def launches_per_step(opt: torch.optim.Optimizer, device: torch.device) -> int:
+    """CUDA kernels one ``opt.step()`` launches on a GPU; on the CPU, the torch
+    operators it calls at top level (work in the fused C kernels is not one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        opt.step()
+        _sync(device)
+    events = prof.events()
+    if cuda:
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    def top_level(e) -> bool:  # no torch operator above it (Optimizer.step's own range is none)
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    return sum(1 for e in events if e.name.startswith("aten::") and top_level(e))
+
+
 def time_steps(
     model_name: str,
     device: torch.device,
@@ -139,6 +166,8 @@ def time_steps(
             times[kind]["train"].append(time.perf_counter() - t0)
     n_params = sum(p.numel() for p in runs["adam"][0].parameters())
     out = {"model": model_name, "params": n_params}
+    for kind, (_, opt) in runs.items():
+        out[f"{kind}_launches"] = launches_per_step(opt, device)
     for kind, t in times.items():
         out[f"{kind}_step_ms"] = 1e3 * statistics.median(t["step"])
         out[f"{kind}_train_ms"] = 1e3 * statistics.median(t["train"])
@@ -244,8 +273,8 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     head = (
-        "| model | params | optimizer | step (ms) | step / Adam | train step (ms) | "
-        "train / Adam | state (MB) | peak extra (MB) |\n|---|---|---|---|---|---|---|---|---|\n"
+        "| model | params | optimizer | step (ms) | step / Adam | launches | train step (ms) | "
+        "train / Adam | state (MB) | peak extra (MB) |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -253,7 +282,7 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> str:
             step, train = r[f"{kind}_step_ms"], r[f"{kind}_train_ms"]
             lines.append(
                 f"| {r['model']} | {r['params']:,} | {kind} | {step:.2f} | "
-                f"{step / r['adam_step_ms']:.1f}x | {train:.1f} | "
+                f"{step / r['adam_step_ms']:.1f}x | {r[f'{kind}_launches']} | {train:.1f} | "
                 f"{train / r['adam_train_ms']:.2f}x | {r[f'{kind}_state_mb']:.1f} | "
                 f"{r.get(f'{kind}_peak_mb', float('nan')):.1f} |"
             )

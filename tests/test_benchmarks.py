@@ -153,6 +153,8 @@ def test_overhead_quick_writes_every_output(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     assert {r["model"] for r in rows} == {"mlp-tiny", "cnn-tiny"}
     assert all(r["nfn_step_ms"] > 0 and r["nfn_peak_mb"] >= 0 for r in rows)
+    # Adam's foreach step calls few operators; the learned ones, more.
+    assert all(0 < r["adam_launches"] < r["mlp_launches"] < r["nfn_launches"] for r in rows)
     # Other shipped nets by name, recorded in the metadata; an unknown name
     # is refused before anything runs.
     out = tmp_path / "ortho"
