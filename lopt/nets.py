@@ -51,8 +51,16 @@ from lopt.weightspace import INPUT, TensorSpec, WeightSpaceSpec
 
 MAX_LOG_MAGNITUDE = 10.0  # exp() of more than this is clipped: no overflow to inf
 MATRIX_POOLS = {(0,), (1,), (0, 1)}  # the pools of a matrix the fused kernel sums
-CHUNK = 65536  # entries per slice in the per-entry layers (a few MB of activations)
+CHUNK = 65536  # entries per slice in the per-entry layers on the CPU (a few MB of activations)
+# On a GPU a step is bound by kernel launches, not cache: slices of whole
+# tensors up to 4M entries (about 0.5 GB of activations at width 16).
+GPU_CHUNK = 1 << 22
 FAN_IN_REF = 64.0  # fan-in at which the width factor is 1
+
+
+def slice_entries(device: torch.device) -> int:
+    """Entries per slice of the per-entry layers for tensors on ``device``."""
+    return CHUNK if device.type == "cpu" else GPU_CHUNK
 
 
 def width_log_ratio(t: TensorSpec) -> float:
@@ -253,8 +261,9 @@ class OptimizerNet(nn.Module):
         would compute, when the caller has them already (the fused state
         update of :func:`lopt.functional.update`).
 
-        Per tensor the work runs on slices of at most ``CHUNK`` entries along
-        the first axis, channel-first (``(channels, entries)``), so activations
+        Per tensor the work runs on slices of at most ``CHUNK`` entries (on
+        a GPU ``GPU_CHUNK``, see :func:`slice_entries`) along the first axis,
+        channel-first (``(channels, entries)``), so activations
         stay small and in cache and no tensor-sized feature or activation
         array is stored. ``fused=True`` (no autograd: the optimizer classes)
         runs the per-entry part through the fused CPU kernel wherever it can
@@ -387,7 +396,7 @@ class OptimizerNet(nn.Module):
             yield TrunkSlice(o, base, t.shape[0] if t.shape else 0, None, row_sums, col_sums)
             return
         if t.shape:
-            rows = max(1, CHUNK // max(1, math.prod(t.shape[1:])))
+            rows = max(1, slice_entries(p.device) // max(1, math.prod(t.shape[1:])))
             bounds = [(r0, min(r0 + rows, t.shape[0])) for r0 in range(0, t.shape[0], rows)]
         else:
             bounds = [None]

@@ -115,3 +115,27 @@ def test_cli_on_cuda_writes_a_net_that_loads_on_the_cpu(tmp_path):
     task = get_task("mlp-digits")
     curve = run(task, lambda m: lopt.NFNOptimizer(m.parameters(), net=net, model=m), 5, seed=0)
     assert all(torch.isfinite(torch.tensor(curve.train)))
+
+
+@pytest.mark.parametrize("weights", ["nfn-broad", "mlp-ortho"])
+def test_whole_tensor_slices_on_cuda_match_the_chunked_cpu(weights):
+    # 400 x 300 entries: two slices on the CPU (nets.CHUNK), one on a GPU.
+    from lopt import nets
+
+    assert nets.CHUNK < 400 * 300 <= nets.slice_entries(torch.device("cuda"))
+    kind = lopt.NFNOptimizer if weights.startswith("nfn") else lopt.MLPOptimizer
+    params = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(20, 400), torch.nn.ReLU(), torch.nn.Linear(400, 300)
+        ).to(device)
+        opt = kind(model.parameters(), weights=weights, model=model, fused=False)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g).to(device) * 1e-2
+            opt.step()
+        params[device] = [p.detach().cpu() for p in model.parameters()]
+    for cpu, cuda in zip(params["cpu"], params["cuda"]):
+        torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-6)

@@ -344,6 +344,17 @@ def test_torch_compiled_model():
     assert losses[-1] < losses[0]
 
 
+def test_slices_are_whole_tensors_off_the_cpu():
+    """On the CPU slices keep activations in cache; on a GPU, where a step of
+    small tensors is bound by kernel launches, a 1024 x 1024 weight is one
+    slice (the numbers do not depend on the slicing: the test below)."""
+    from lopt import nets
+
+    assert nets.slice_entries(torch.device("cpu")) == nets.CHUNK < 1024 * 1024
+    assert nets.slice_entries(torch.device("cuda")) >= 1024 * 1024
+    assert nets.slice_entries(torch.device("meta")) == nets.GPU_CHUNK
+
+
 @pytest.mark.parametrize(
     "cls,extra",
     [
