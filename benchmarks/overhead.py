@@ -13,6 +13,7 @@ weight space as the peer for the NF-layer cost.
 
     python -m benchmarks.overhead --out runs/overhead
     python -m benchmarks.overhead --quick --out /tmp/overhead   # CI-sized
+    python -m benchmarks.overhead --torch-path --slice-entries 4194304  # a GPU's path, on the CPU
 """
 
 from __future__ import annotations
@@ -64,6 +65,29 @@ def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
 
 # Timed with the shipped nets when present, else default nets.
 SHIPPED = {"mlp": (lopt.MLPOptimizer, "mlp-small"), "nfn": (lopt.NFNOptimizer, "nfn-small")}
+# The learned optimizers' path: None, the default (the fused kernel on the
+# CPU); False, the torch path a GPU runs (see use_path).
+FUSED: bool | None = None
+SLICE_ENTRIES: int | None = None  # set by use_path, for the peak-memory subprocesses
+
+
+def use_path(torch_path: bool = False, slice_entries: int | None = None) -> tuple:
+    """Time the learned optimizers on the torch path (``fused=False``, what a
+    GPU runs) instead of the default, and/or with the per-entry layers cut
+    into slices of ``slice_entries`` entries on every device (default: the
+    device's, :func:`lopt.nets.slice_entries`). Returns what it replaced, for
+    ``restore_path``."""
+    global FUSED, SLICE_ENTRIES
+    old = (FUSED, SLICE_ENTRIES, lopt.nets.CHUNK, lopt.nets.GPU_CHUNK)
+    FUSED, SLICE_ENTRIES = (False if torch_path else None), slice_entries
+    if slice_entries is not None:
+        lopt.nets.CHUNK = lopt.nets.GPU_CHUNK = slice_entries
+    return old
+
+
+def restore_path(old: tuple) -> None:
+    global FUSED, SLICE_ENTRIES
+    FUSED, SLICE_ENTRIES, lopt.nets.CHUNK, lopt.nets.GPU_CHUNK = old
 
 
 def net_name(kind: str, names: dict[str, str] | None = None) -> str:
@@ -82,7 +106,7 @@ def make_optimizer(
         raise ValueError(f"unknown optimizer {kind!r}")
     cls, name = SHIPPED[kind][0], net_name(kind, names)
     weights = name if name in lopt.pretrained_names() else None
-    return cls(model.parameters(), model=model, weights=weights)
+    return cls(model.parameters(), model=model, weights=weights, fused=FUSED)
 
 
 def net_descriptions(names: dict[str, str] | None = None) -> dict[str, str]:
@@ -185,14 +209,15 @@ def time_steps(
 
 
 _PEAK_CODE = """
-import os, sys, threading, time, torch
-from benchmarks.overhead import build_model, make_optimizer
+import json, os, sys, threading, time, torch
+from benchmarks.overhead import build_model, make_optimizer, use_path
 name, kind, device, steps = sys.argv[1], sys.argv[2], torch.device(sys.argv[3]), int(sys.argv[4])
+use_path(*json.loads(sys.argv[6]))
 model, _ = build_model(name)
 model.to(device)
 for p in model.parameters():
     p.grad = torch.randn_like(p) * 1e-3
-opt = make_optimizer(kind, model, {kind: sys.argv[5]} if len(sys.argv) > 5 else None)
+opt = make_optimizer(kind, model, {kind: sys.argv[5]} if sys.argv[5] else None)
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():
     with open("/proc/self/statm") as f:
@@ -230,9 +255,10 @@ def peak_memory_mb(
     on CPU by sampling the resident set every 0.2 ms, on CUDA with
     ``max_memory_allocated``."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    path = [FUSED is False, SLICE_ENTRIES]
     res = subprocess.run(
         [sys.executable, "-c", _PEAK_CODE, model_name, kind, device, str(steps)]
-        + ([net] if net else []),
+        + [net or "", json.dumps(path)],
         capture_output=True,
         text=True,
         env=env,
@@ -335,7 +361,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="tiny models, few repeats (CI)")
     p.add_argument("--nfn", default=SHIPPED["nfn"][1], help="shipped NFN net to time (nfn-small)")
     p.add_argument("--mlp", default=SHIPPED["mlp"][1], help="shipped MLP net to time (mlp-small)")
+    p.add_argument(
+        "--torch-path",
+        action="store_true",
+        help="learned optimizers on the torch path (fused=False), as on a GPU",
+    )
+    p.add_argument(
+        "--slice-entries",
+        type=int,
+        default=None,
+        metavar="N",
+        help="slices of N entries in the per-entry layers on any device (default: the device's)",
+    )
     args = p.parse_args(argv)
+    if args.slice_entries is not None and args.slice_entries < 1:
+        raise SystemExit(f"--slice-entries {args.slice_entries}: must be at least 1")
     names = {"nfn": args.nfn, "mlp": args.mlp}
     for kind, name in names.items():
         if name not in lopt.pretrained_names():
@@ -346,20 +386,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.models, args.repeats = ["mlp-tiny", "cnn-tiny"], 2
     device = torch.device(args.device)
     rows = []
-    for name in tqdm(args.models, desc="models"):
-        row = time_steps(name, device, args.repeats, args.batch, names)
-        if not args.no_memory:
-            for kind in OPTIMIZERS:
-                net = names.get(kind)
-                row[f"{kind}_peak_mb"] = peak_memory_mb(name, kind, args.device, net=net)
-        if not args.no_nfn and device.type == "cpu":
-            row.update(nfn_reference_ms(name, max(2, args.repeats // 2)) or {})
-        rows.append(row)
+    old = use_path(args.torch_path, args.slice_entries)
+    try:
+        for name in tqdm(args.models, desc="models"):
+            row = time_steps(name, device, args.repeats, args.batch, names)
+            if not args.no_memory:
+                for kind in OPTIMIZERS:
+                    net = names.get(kind)
+                    row[f"{kind}_peak_mb"] = peak_memory_mb(name, kind, args.device, net=net)
+            if not args.no_nfn and device.type == "cpu":
+                row.update(nfn_reference_ms(name, max(2, args.repeats // 2)) or {})
+            rows.append(row)
+    finally:
+        restore_path(old)
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "nets": net_descriptions(names),
+        "path": {"torch_path": args.torch_path, "slice_entries": args.slice_entries},
         "command": "python -m benchmarks.overhead "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),

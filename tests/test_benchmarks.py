@@ -167,6 +167,27 @@ def test_overhead_quick_writes_every_output(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_overhead_times_the_torch_path_with_any_slicing(tmp_path):
+    from lopt import nets
+
+    base = ["--quick", "--no-nfn", "--no-memory", "--nfn", "nfn-broad", "--mlp", "mlp-broad"]
+    fused = overhead.main(base + ["--out", str(tmp_path / "a")])
+    torch_path = overhead.main(base + ["--torch-path", "--out", str(tmp_path / "b")])
+    sliced = ["--torch-path", "--slice-entries", "8", "--out", str(tmp_path / "c")]
+    sliced = overhead.main(base + sliced)
+    for a, b, c in zip(fused, torch_path, sliced):
+        # The fused kernel replaces most operators; slices of 8 entries add them back per slice.
+        assert a["mlp_launches"] < b["mlp_launches"] < c["mlp_launches"]
+        assert b["nfn_launches"] < c["nfn_launches"] and a["adam_launches"] == c["adam_launches"]
+    meta = json.loads((tmp_path / "c" / "overhead.json").read_text())["meta"]
+    assert meta["path"] == {"torch_path": True, "slice_entries": 8}
+    # The benchmark leaves the library as it found it.
+    assert overhead.FUSED is None and nets.CHUNK == 65536 and nets.GPU_CHUNK == 1 << 22
+    with pytest.raises(SystemExit, match="--slice-entries 0: must be at least 1"):
+        overhead.main(base + ["--slice-entries", "0", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_learned_optimizer_labels(tmp_path):
     import lopt
 
