@@ -167,6 +167,7 @@ def test_overhead_quick_writes_every_output(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_overhead_times_the_torch_path_with_any_slicing(tmp_path):
     from lopt import nets
 
