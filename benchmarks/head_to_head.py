@@ -130,12 +130,11 @@ def head_to_head(rows, a: str, b: str, step: int) -> dict:
             f"no task has train losses of both {a!r} and {b!r} at step {step} "
             f"(optimizers in these runs: {', '.join(opts)})"
         )
-    per_task, signs, logs, task_logs = {}, [], [], []
+    per_task, signs, task_logs = {}, [], []
     for task, seeds in pairs.items():
         sg = [_sign(la, lb) for la, lb in seeds.values()]
         lr = [_log_ratio(*p) for p in seeds.values() if all(map(math.isfinite, p))]
         signs += sg
-        logs += lr
         task_logs.append(lr)
         per_task[task] = {
             "seeds": len(sg),
@@ -144,6 +143,7 @@ def head_to_head(rows, a: str, b: str, step: int) -> dict:
             "losses": sg.count(1),
             "finite": len(lr),
         }
+    logs = [x for lr in task_logs for x in lr]
     wins, losses = signs.count(-1), signs.count(1)
     task_signs = [_task_sign(e) for e in per_task.values()]
     task_wins, task_losses = task_signs.count(-1), task_signs.count(1)
