@@ -22,6 +22,17 @@ The runs may be several ``--out`` folders of compare (one per optimizer,
 with the same baselines), read as one as ``compare --merge`` does, or runs
 on other seeds with other multiples of the horizon (a ``--factors 1`` run
 on more seeds): their pairs are pooled at the multiples every run has.
+
+A recipe is judged by more than one meta-training seed. Give ``--a`` (or
+``--b``, or both, pairing them in order) several times, one net per
+meta-training seed, and the pairs of every pair of nets are pooled: the
+table lists each pair of nets, and the pooled ratio gets two intervals,
+one with the nets fixed (seeds resampled within each net's tasks) and one
+that also resamples the nets, the meta-training seeds (a few nets make
+that interval coarse, but it is the one that speaks for the recipe):
+
+    python -m benchmarks.head_to_head runs/compare-* --a nfn-s43 --a nfn-s44 \
+        --a nfn-s45 --b mlp-start
 """
 
 from __future__ import annotations
@@ -66,6 +77,34 @@ def ratio_interval(
     for x in logs:
         total += x[rng.integers(0, len(x), size=(resamples, len(x)))].sum(1)
     means = total / sum(len(x) for x in logs)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return math.exp(lo), math.exp(hi)
+
+
+def recipe_interval(
+    net_task_logs: list[list[list[float]]],
+    level: float = 0.95,
+    resamples: int = 4000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """As :func:`ratio_interval`, for log ratios of several nets (one list of
+    per-task lists each, e.g. one net per meta-training seed): each resample
+    first redraws the nets with replacement, then every drawn net's tasks'
+    seeds as :func:`ratio_interval` does. The spread between nets widens it."""
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"level must be in (0, 1) and resamples >= 1, got {level}, {resamples}")
+    nets = [[np.asarray(x, dtype=np.float64) for x in tl if len(x)] for tl in net_task_logs]
+    nets = [n for n in nets if n]
+    if not nets:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    sums = np.zeros((len(nets), resamples))
+    counts = np.array([sum(len(x) for x in n) for n in nets], dtype=np.float64)
+    for i, net in enumerate(nets):
+        for x in net:
+            sums[i] += x[rng.integers(0, len(x), size=(resamples, len(x)))].sum(1)
+    drawn = rng.integers(0, len(nets), size=(resamples, len(nets)))
+    means = sums[drawn, np.arange(resamples)[:, None]].sum(1) / counts[drawn].sum(1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return math.exp(lo), math.exp(hi)
 
@@ -162,6 +201,31 @@ def head_to_head(rows, a: str, b: str, step: int) -> dict:
         "p_tasks": sign_test(task_wins, task_losses),
         "ratio": _geomean(logs),
         "ratio_interval": ratio_interval(task_logs),
+        "task_logs": task_logs,
+    }
+
+
+def pooled_head_to_head(rows, pairs: list[tuple[str, str]], step: int) -> dict:
+    """:func:`head_to_head` of every pair of nets ``(a, b)`` in ``pairs`` at
+    ``step`` (``per_pair``), and their (task, seed) pairs pooled: wins, the
+    sign test, the geometric mean ratio with ``ratio_interval`` (the nets as
+    they are) and ``recipe_interval`` (the nets resampled too)."""
+    if not pairs:
+        raise ValueError("no pair of nets to compare")
+    per = [head_to_head(rows, a, b, step) for a, b in pairs]
+    wins, losses = sum(r["wins"] for r in per), sum(r["losses"] for r in per)
+    logs = [x for r in per for tl in r["task_logs"] for x in tl]
+    return {
+        "step": step,
+        "per_pair": per,
+        "pairs": sum(r["pairs"] for r in per),
+        "wins": wins,
+        "losses": losses,
+        "nonfinite": sum(r["nonfinite"] for r in per),
+        "p_pairs": sign_test(wins, losses),
+        "ratio": _geomean(logs),
+        "ratio_interval": ratio_interval([tl for r in per for tl in r["task_logs"]]),
+        "recipe_interval": recipe_interval([r["task_logs"] for r in per]),
     }
 
 
@@ -196,16 +260,78 @@ def markdown(r: dict, factor: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pooled_markdown(r: dict, factor: int) -> str:
+    per = r["per_pair"]
+    lines = [
+        f"## {len(per)} pairs of nets at {factor}x the horizon (step {r['step']}), "
+        "paired by seed, then pooled",
+        "",
+        "| A | B | pairs | A lower | B lower | A / B (geometric mean, 95% interval) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in per:
+        lo, hi = e["ratio_interval"]
+        lines.append(
+            f"| {e['a']} | {e['b']} | {e['pairs']} | {e['wins']} | {e['losses']} | "
+            f"{e['ratio']:.3f} ({lo:.3f}-{hi:.3f}) |"
+        )
+    (lo, hi), (rlo, rhi) = r["ratio_interval"], r["recipe_interval"]
+    lines += [
+        "",
+        f"- pooled (task, seed) pairs: A lower on {r['wins']} of {r['pairs']}, B on "
+        f"{r['losses']}; sign test p = {r['p_pairs']:.3g}",
+        f"- geometric mean of A's loss over B's, over the {r['pairs'] - r['nonfinite']} pairs "
+        f"where both are finite: {r['ratio']:.3f}; 95% interval {lo:.3f}-{hi:.3f} with these "
+        f"nets (seeds resampled within tasks), {rlo:.3f}-{rhi:.3f} with the nets resampled too",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def pair_specs(a_specs: list[str], b_specs: list[str]) -> tuple[list[tuple[str, str]], dict]:
+    """The pairs of nets ``--a`` and ``--b`` name (in order; one side may
+    name a single net, paired with each of the other's) and the aliases
+    their ``LABEL,OTHER,...`` forms give. SystemExit on a bad pairing."""
+    if len(a_specs) != len(b_specs) and 1 not in (len(a_specs), len(b_specs)):
+        raise SystemExit(
+            f"--a is given {len(a_specs)} times and --b {len(b_specs)}: give them as often "
+            "(paired in order), or one of them once"
+        )
+    n = max(len(a_specs), len(b_specs))
+    aliases: dict[str, str] = {}
+    pairs = []
+    a_specs = a_specs * n if len(a_specs) == 1 else a_specs
+    b_specs = b_specs * n if len(b_specs) == 1 else b_specs
+    for sa, sb in zip(a_specs, b_specs):
+        (a, *a_al), (b, *b_al) = sa.split(","), sb.split(",")
+        if {a, *a_al} & {b, *b_al}:
+            raise SystemExit("--a and --b must name two different optimizers")
+        for name, al in ((a, a_al), (b, b_al)):
+            for x in al:
+                if aliases.setdefault(x, name) != name:
+                    raise SystemExit(
+                        f"{x} is given as another label of both {aliases[x]} and {name}"
+                    )
+        pairs.append((a, b))
+    return pairs, aliases
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("runs", type=Path, nargs="+", help="benchmarks.compare --out folders")
     p.add_argument(
         "--a",
         required=True,
+        action="append",
         help="optimizer label A (e.g. the NFN); LABEL,OTHER,... when the same net has other "
-        "labels in some of the runs",
+        "labels in some of the runs; several times: one net per meta-training seed, pooled",
     )
-    p.add_argument("--b", required=True, help="optimizer label B (e.g. the MLP); the same")
+    p.add_argument(
+        "--b",
+        required=True,
+        action="append",
+        help="optimizer label B (e.g. the MLP); the same (given as often as --a, the nets "
+        "are paired in order)",
+    )
     p.add_argument(
         "--factors",
         type=int,
@@ -215,14 +341,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = p.parse_args(argv)
-    a, *a_aliases = args.a.split(",")
-    b, *b_aliases = args.b.split(",")
-    if {a, *a_aliases} & {b, *b_aliases}:
-        raise SystemExit("--a and --b must name two different optimizers")
+    pairs, aliases = pair_specs(args.a, args.b)
     # Runs on other seeds may have other multiples (a --factors 1 run on
     # more seeds): pairs are pooled at the multiples every run has.
     rows, meta = merge_runs(args.runs, common_factors=True)
-    rows = relabel(rows, {x: a for x in a_aliases} | {x: b for x in b_aliases})
+    rows = relabel(rows, aliases)
     factors = args.factors or meta["factors"]
     missing = sorted(set(factors) - set(meta["factors"]))
     if missing:
@@ -233,10 +356,13 @@ def main(argv: list[str] | None = None) -> dict:
     texts, results = [], {}
     for f in factors:
         try:
-            results[f] = head_to_head(rows, a, b, meta["horizon"] * f)
+            if len(pairs) == 1:
+                results[f] = head_to_head(rows, *pairs[0], meta["horizon"] * f)
+            else:
+                results[f] = pooled_head_to_head(rows, pairs, meta["horizon"] * f)
         except ValueError as e:
             raise SystemExit(str(e)) from e
-        texts.append(markdown(results[f], f))
+        texts.append((markdown if len(pairs) == 1 else pooled_markdown)(results[f], f))
     text = "\n".join(texts)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

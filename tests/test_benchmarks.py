@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import lopt
 from benchmarks import compare, overhead
 from benchmarks.runner import adam, run, tune
 from tasks import Task
@@ -459,6 +460,83 @@ def test_head_to_head_pairs_seeds_and_tests_signs(tmp_path, capsys):
         h2h.main([str(run_dir), "--a", "A", "--b", "Z"])
 
 
+def test_recipe_interval_widens_with_the_spread_between_nets():
+    """Nets that agree within their seeds but disagree with each other: with
+    the nets fixed the interval is narrow, with them resampled it spans
+    their means; one net gives the stratified interval."""
+    from benchmarks import head_to_head as h2h
+
+    gen = torch.Generator().manual_seed(1)
+
+    def net(mu: float) -> list[list[float]]:
+        return [(mu + 0.05 * torch.randn(50, generator=gen, dtype=torch.float64)).tolist()] * 2
+
+    nets = [net(-0.2), net(0.0), net(0.2)]
+    lo, hi = h2h.ratio_interval([tl for n in nets for tl in n])
+    rlo, rhi = h2h.recipe_interval(nets)
+    assert rlo < lo < 1 < hi < rhi
+    assert rlo < math.exp(-0.1) and rhi > math.exp(0.1)
+    assert h2h.recipe_interval(nets) == (rlo, rhi)  # seeded
+    one = h2h.recipe_interval(nets[:1])
+    assert math.log(one[0]) == pytest.approx(math.log(h2h.ratio_interval(nets[0])[0]), abs=0.01)
+    assert all(math.isnan(x) for x in h2h.recipe_interval([[[]], []]))
+    with pytest.raises(ValueError, match="level must be in"):
+        h2h.recipe_interval(nets, level=0.0)
+
+
+def test_head_to_head_pools_several_pairs_of_nets(tmp_path, capsys):
+    """Several --a (one net per meta-training seed) against one --b, or
+    paired in order with as many --b: each pair reported, the pairs pooled."""
+    from benchmarks import head_to_head as h2h
+
+    # A1 is 0.8 of B's loss on every pair, A2 1.0 (a tie), A3 0.9; B2 is
+    # A3's own partner, at A3's loss over 0.5.
+    rows = []
+    for task in ("t1", "t2"):
+        for seed in range(4):
+            b = 1.0 + seed
+            for opt, loss in (("A1", 0.8 * b), ("A2", b), ("A3", 0.9 * b), ("B", b)):
+                rows.append((task, opt, seed, 10, "train", loss))
+            rows.append((task, "B2", seed, 10, "train", 1.8 * b))
+    r = h2h.pooled_head_to_head(rows, [("A1", "B"), ("A2", "B"), ("A3", "B")], 10)
+    assert [e["ratio"] for e in r["per_pair"]] == pytest.approx([0.8, 1.0, 0.9])
+    assert (r["wins"], r["losses"], r["pairs"]) == (16, 0, 24)
+    assert r["ratio"] == pytest.approx((0.8 * 1.0 * 0.9) ** (1 / 3))
+    # Seeds agree within every net: only resampling the nets moves the ratio.
+    assert r["ratio_interval"] == pytest.approx((r["ratio"], r["ratio"]))
+    lo, hi = r["recipe_interval"]
+    assert 0.8 - 1e-9 <= lo < r["ratio"] < hi <= 1.0 + 1e-9
+    with pytest.raises(ValueError, match="no pair of nets"):
+        h2h.pooled_head_to_head(rows, [], 10)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    compare.write_csv(rows, run_dir / "curves.csv")
+    meta = {"horizon": 10, "factors": [1], "device": "cpu", "torch": "x", "tasks": {}}
+    (run_dir / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "pooled.md"
+    res = h2h.main(
+        [str(run_dir), "--a", "A1", "--a", "A2", "--a", "A3", "--b", "B", "--out", str(out)]
+    )
+    assert res[1]["ratio"] == pytest.approx(r["ratio"])
+    text = out.read_text()
+    assert "| A1 | B | 8 | 8 | 0 | 0.800 (0.800-0.800) |" in text
+    assert "A lower on 16 of 24, B on 0" in text
+    # Paired in order: A3 with its own B2.
+    res = h2h.main([str(run_dir), "--a", "A1", "--a", "A3", "--b", "B", "--b", "B2"])
+    assert [e["b"] for e in res[1]["per_pair"]] == ["B", "B2"]
+    assert res[1]["per_pair"][1]["ratio"] == pytest.approx(0.5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="--a is given 3 times and --b 2"):
+        h2h.main([str(run_dir), "--a", "A1", "--a", "A2", "--a", "A3", "--b", "B", "--b", "B2"])
+    with pytest.raises(SystemExit, match="two different optimizers"):
+        h2h.main([str(run_dir), "--a", "A1", "--a", "B", "--b", "B"])
+    with pytest.raises(SystemExit, match="X is given as another label of both A1 and A2"):
+        h2h.main([str(run_dir), "--a", "A1,X", "--a", "A2,X", "--b", "B"])
+    with pytest.raises(SystemExit, match="no task has train losses of both 'A9' and 'B'"):
+        h2h.main([str(run_dir), "--a", "A1", "--a", "A9", "--b", "B"])
+    assert not (tmp_path / "nothing.md").exists()
+
+
 @pytest.mark.slow
 def test_snapshots_ranks_a_runs_nets_on_a_suite(tmp_path):
     import lopt
@@ -647,3 +725,86 @@ def test_hand_variants_quick_writes_every_variant(tmp_path):
         with pytest.raises((SystemExit, KeyError), match=message):
             hand_variants.main(bad + ["--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+
+
+def test_nf_share_measures_the_nf_layers_part_of_the_update(tmp_path, capsys):
+    """Against a naive reference (two copies of the net, one with the layer
+    off, stepped side by side); 0 with the layer off; linear in nf_scale at
+    small scales; the net is left as it was; bad input is refused."""
+    from benchmarks import nf_share
+    from lopt import functional
+    from tasks import get_task
+
+    torch.manual_seed(0)
+    net = lopt.NFNNet(width=8, nf_channels=2, nf_scale=0.5, ortho_lr=0.01)
+    with torch.no_grad():  # an NF-layer as large as a trained one, not the init's
+        for w in net.nf.parameters():
+            w.mul_(30)
+    before = copy.deepcopy(net.state_dict())
+    r = nf_share.nf_share(net, "mlp-gmm", steps=4)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert net.nf_scale == 0.5
+
+    # The reference: the same steps with three nets.
+    off, base = copy.deepcopy(net), copy.deepcopy(net)
+    off.nf_scale = base.nf_scale = 0.0
+    with torch.no_grad():
+        base.log_step_mult.fill_(-math.inf)
+    task = get_task("mlp-gmm")
+    params = task.init(torch.Generator().manual_seed(0))
+    names, ps = list(params), list(params.values())
+    batches = torch.Generator().manual_seed(10_000)
+    state = functional.init(ps)
+    for step in range(4):
+        leaves = [p.clone().requires_grad_() for p in ps]
+        grads = torch.autograd.grad(
+            task.loss(dict(zip(names, leaves)), task.sample_batch(batches)), leaves
+        )
+        with torch.no_grad():
+            u0, _ = functional.update(off, task.spec, None, grads, state, ps)
+            b, _ = functional.update(base, task.spec, None, grads, state, ps)
+            u, state = functional.update(net, task.spec, None, grads, state, ps)
+        d = torch.cat([(x - y).flatten() for x, y in zip(u, u0)]).norm()
+        learned = torch.cat([(x - y).flatten() for x, y in zip(u0, b)]).norm()
+        assert r["of_update"][step] == pytest.approx(
+            (d / torch.cat([x.flatten() for x in u0]).norm()).item(), rel=1e-5
+        )
+        assert r["of_learned"][step] == pytest.approx((d / learned).item(), rel=1e-5)
+        ps = [p + x for p, x in zip(ps, u)]
+    assert 0.01 < r["of_update"][0] < r["of_learned"][0]
+    assert math.isfinite(r["final_loss"])
+
+    net.nf_scale = 0.0
+    assert nf_share.nf_share(net, "mlp-gmm", steps=2)["of_update"] == [0.0, 0.0]
+    net.nf_scale = 1e-3
+    small = nf_share.nf_share(net, "mlp-gmm", steps=1)["of_update"][0]
+    net.nf_scale = 2e-3
+    assert nf_share.nf_share(net, "mlp-gmm", steps=1)["of_update"][0] == pytest.approx(
+        2 * small, rel=0.02
+    )
+    with pytest.raises(TypeError, match="PerParamMLP has no NF-layer"):
+        nf_share.nf_share(lopt.PerParamMLP(), "mlp-gmm", steps=1)
+    with pytest.raises(ValueError, match="steps must be positive"):
+        nf_share.nf_share(net, "mlp-gmm", steps=0)
+
+    # The command line: a shipped net, a table and its numbers.
+    out = tmp_path / "share"
+    res = nf_share.main(
+        ["--weights", "v2=nfn-ortho-v2", "--tasks", "mlp-gmm", "--steps", "3", "--every", "2",
+         "--out", str(out), "--no-progress"]
+    )  # fmt: skip
+    assert list(res) == [("v2", "mlp-gmm")]
+    text = (out / "nf_share.md").read_text()
+    assert "| net | task | step 1 | step 2 | step 3 |" in text and "| v2 | mlp-gmm |" in text
+    payload = json.loads((out / "nf_share.json").read_text())
+    assert payload["results"][0]["of_update"] == pytest.approx(res[("v2", "mlp-gmm")]["of_update"])
+    assert payload["command"].startswith("python -m benchmarks.nf_share --weights v2=nfn-ortho-v2")
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    with pytest.raises(SystemExit, match="a PerParamMLP, which has no NF-layer"):
+        nf_share.main(["--weights", "mlp-ortho", "--out", str(bad)])
+    with pytest.raises(SystemExit, match="--weights nope: no optimizer checkpoint 'nope'"):
+        nf_share.main(["--weights", "nope", "--out", str(bad)])
+    with pytest.raises(SystemExit, match="--steps and --every must be positive"):
+        nf_share.main(["--weights", "nfn-ortho-v2", "--steps", "0", "--out", str(bad)])
+    assert not bad.exists()
