@@ -482,9 +482,15 @@ class NFNNet(OptimizerNet):
             slows the layer's weights relative to the per-entry ones under a
             meta-optimizer that normalises step sizes (Adam), so the noise ES
             leaves in them perturbs the updates less.
+        nf_outputs: ``"both"``: the NF-layer adds to the direction and the
+            log-magnitude; ``"magnitude"``: to the log-magnitude alone, so it
+            can rescale the learned term per neuron (and per tensor) but not
+            turn it (a row-constant direction term pushes all of a neuron's
+            weights one way).
     """
 
     CONSTANTS = ("nf_scale",)
+    NF_OUTPUTS = ("both", "magnitude")
 
     def __init__(
         self,
@@ -492,14 +498,20 @@ class NFNNet(OptimizerNet):
         depth: int = 1,
         nf_channels: int | None = None,
         nf_scale: float = 1.0,
+        nf_outputs: str = "both",
         **kwargs: Any,
     ) -> None:
         super().__init__(width, depth, **kwargs)
         if nf_channels is not None and nf_channels < 1:
             raise ValueError(f"nf_channels must be positive, got {nf_channels}")
+        if nf_outputs not in self.NF_OUTPUTS:
+            raise ValueError(f"nf_outputs must be one of {self.NF_OUTPUTS}, got {nf_outputs!r}")
         self._config.update(nf_channels=nf_channels, nf_scale=float(nf_scale))
+        if nf_outputs != "both":  # older checkpoints' configs stay as they were
+            self._config["nf_outputs"] = nf_outputs
         self.nf_proj = nn.Linear(width, nf_channels, bias=False) if nf_channels else None
-        self.nf = NFLinear(template_specs(), nf_channels or width, 2, strict=False)
+        n_out = 2 if nf_outputs == "both" else 1
+        self.nf = NFLinear(template_specs(), nf_channels or width, n_out, strict=False)
         with torch.no_grad():
             for w in list(self.nf.weights.values()) + list(self.nf.biases.values()):
                 w.mul_(kwargs.get("out_scale", 0.01))
@@ -513,6 +525,17 @@ class NFNNet(OptimizerNet):
     @nf_scale.setter
     def nf_scale(self, value: float) -> None:
         self._config["nf_scale"] = float(value)
+
+    @property
+    def nf_outputs(self) -> str:
+        """Which output channels the NF-layer writes: ``"both"`` or ``"magnitude"``."""
+        return self._config.get("nf_outputs", "both")
+
+    def _as_outputs(self, x: Tensor, dim: int) -> Tensor:
+        """The NF-layer's output channels (along ``dim``) as the net's two,
+        direction and log-magnitude: a zero direction when it writes the
+        magnitude alone."""
+        return x if self.nf_outputs == "both" else torch.cat([torch.zeros_like(x), x], dim)
 
     def entry_outputs(self, spec, inputs, bias, c2, fused):
         # Pass 1, slice by slice: the per-entry output plus the NF-layer's
@@ -529,7 +552,7 @@ class NFNNet(OptimizerNet):
             pw = self.nf.pointwise_weight(spec, i)
             w_out = self.out.weight
             if pw is not None:
-                pw = pw.t() if proj is None else pw.t() @ proj
+                pw = self._as_outputs(pw.t() if proj is None else pw.t() @ proj, 0)
                 w_out = w_out + self.nf_scale * pw
             w_out = w_out * x.out_scale[:, None]
             b_out = (self.out.bias * x.out_scale)[:, None]
@@ -588,7 +611,10 @@ class NFNNet(OptimizerNet):
             inputs, outs, row_counts, self.nf.broadcast_terms(spec, pooled)
         ):
             t = x.t
-            terms = [(term * (self.nf_scale * x.out_scale)).movedim(-1, 0) for term in terms]
+            terms = [
+                (self._as_outputs(term, -1) * (self.nf_scale * x.out_scale)).movedim(-1, 0)
+                for term in terms
+            ]
             if fused and len(blocks) == 1 and fused_kernel.accepts(*blocks[0]):
                 results.append([(*blocks[0], terms)])  # the whole tensor: the kernel adds them
                 continue

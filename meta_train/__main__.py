@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "init_ortho_lr": None,
     "nf_channels": None,
     "nf_scale": 1.0,
+    "nf_outputs": "both",
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
@@ -117,6 +118,12 @@ def parser() -> argparse.ArgumentParser:
     )
     a("--nf-channels", type=int, help="nfn: channels the NF-layer reads (default: the width)")
     a("--nf-scale", type=float, help="nfn: constant on the NF-layer's output (1.0)")
+    a(
+        "--nf-outputs",
+        choices=NFNNet.NF_OUTPUTS,
+        help="nfn: the NF-layer adds to the direction and log-magnitude (both, default) "
+        "or to the log-magnitude alone",
+    )
     a(
         "--init-from",
         help="start from the weights of a saved optimizer net (a path or shipped name): "
@@ -211,7 +218,11 @@ def build(
     run restores its own weights)."""
     extra = {}
     if cfg["net"] == "nfn":
-        extra = {"nf_channels": cfg["nf_channels"], "nf_scale": cfg["nf_scale"]}
+        extra = {
+            "nf_channels": cfg["nf_channels"],
+            "nf_scale": cfg["nf_scale"],
+            "nf_outputs": cfg["nf_outputs"],
+        }
     net = NETS[cfg["net"]](
         width=cfg["width"],
         depth=cfg["depth"],

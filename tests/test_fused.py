@@ -40,7 +40,7 @@ def strong(cls, depth, **kw):
 @settings(max_examples=25, deadline=None)
 @given(
     arch=architectures(),
-    kind=st.sampled_from(["mlp", "nfn", "nfn-proj"]),
+    kind=st.sampled_from(["mlp", "nfn", "nfn-proj", "nfn-magnitude"]),
     depth=st.integers(1, 2),
     seed=st.integers(0, 2**16),
 )
@@ -50,7 +50,12 @@ def test_fused_update_equals_the_torch_path(arch, kind, depth, seed):
     if kind == "mlp":
         net = strong(PerParamMLP, depth)
     else:
-        net = strong(NFNNet, depth, nf_channels=3 if kind == "nfn-proj" else None)
+        net = strong(
+            NFNNet,
+            depth,
+            nf_channels=3 if kind == "nfn-proj" else None,
+            nf_outputs="magnitude" if kind == "nfn-magnitude" else "both",
+        )
     spec = WeightSpaceSpec.from_module(module)
     params = [p.detach().clone() for p in module.parameters()]
     grads = [torch.randn_like(p) for p in params]

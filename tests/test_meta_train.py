@@ -555,6 +555,34 @@ def test_init_ortho_lr_adds_the_learned_orthogonal_base_to_a_warm_start(tmp_path
     assert not bad.exists()
 
 
+def test_nf_outputs_magnitude_trains_a_magnitude_only_nf_layer(tmp_path):
+    """--nf-outputs magnitude builds, trains, saves and resumes an NFN whose
+    NF-layer writes the log-magnitude alone; the per-entry net warm-starts
+    from an MLP as with the default."""
+    from meta_train.__main__ import main
+
+    torch.manual_seed(0)
+    lopt.save(PerParamMLP(width=4, lr=0.02), tmp_path / "mlp.pt")
+    out = tmp_path / "run"
+    args = "--net nfn --width 4 --nf-channels 2 --nf-outputs magnitude --family mlp-gmm"
+    args += " --outer-steps 2 --truncation 2 --horizon 4 --population 2 --meta-lr 0.05"
+    args += f" --init-from {tmp_path / 'mlp.pt'} --no-progress --out {out}"
+    assert main(args.split()) == 0
+    net, meta = lopt.load(out / "optimizer.pt")
+    assert net.nf_outputs == "magnitude" and meta["config"]["nf_outputs"] == "magnitude"
+    assert {w.shape[-1] for w in net.nf.parameters()} == {1}
+    fresh = lopt.NFNNet(width=4, nf_channels=2, nf_outputs="magnitude", out_scale=0.01)
+    assert any(  # the NF-layer was trained (from a fresh layer at init scale)
+        w.abs().max() > 2 * v.abs().max()
+        for w, v in zip(net.nf.parameters(), fresh.nf.parameters())
+    )
+    assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
+    assert lopt.load(out / "optimizer.pt")[0].nf_outputs == "magnitude"
+    with pytest.raises(SystemExit):
+        main([*args.split()[:-1], str(tmp_path / "bad"), "--nf-outputs", "direction"])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_freeze_holds_meta_parameters_at_their_value(tmp_path):
     from meta_train.__main__ import main
 

@@ -530,3 +530,71 @@ def test_version_1_checkpoints_load_without_a_width_factor(tmp_path):
     assert loaded.fan_in_exp.item() == 0.0
     assert loaded.input_width_factor is True and loaded.radial_correction is True
     assert torch.equal(loaded.log_lr, net.log_lr)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_magnitude_only_nf_layer_is_a_both_net_with_no_direction_term(arch, tmp_path):
+    """nf_outputs="magnitude": the same update as a "both" net whose NF-layer
+    writes nothing to the direction, so the learned term only rescales (its
+    signs are the per-entry path's); trains equivariantly; saved and loaded
+    with its setting; a bad value is named."""
+    torch.manual_seed(3)
+    if arch == "mlp":
+        model, (x, y) = make_mlp([6, 7, 5, 3]), data()
+    else:
+        model, (x, y) = make_cnn([2, 4, 3], [3, 3], 2, "flatten", 3, True, 4), data((2, 4, 4))
+    spec = WeightSpaceSpec.from_module(model)
+    mag = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3, nf_outputs="magnitude")
+    with torch.no_grad():
+        for w in mag.nf.parameters():
+            w.mul_(100)  # as large as the per-entry path's
+    both = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3)
+    state = {k: v for k, v in mag.state_dict().items() if not k.startswith("nf.")}
+    both.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for (name, w), (_, v) in zip(both.nf.named_parameters(), mag.nf.named_parameters()):
+            assert w.shape[:-1] == v.shape[:-1] and (w.shape[-1], v.shape[-1]) == (2, 1), name
+            w[..., 0] = 0
+            w[..., 1] = v[..., 0]
+    off = copy.deepcopy(mag)
+    off.nf_scale = 0.0
+    params = [p.detach() for p in model.parameters()]
+    loss = loss_of(model, x, y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    state0 = functional.init(params)
+    with torch.no_grad():
+        u_mag, _ = functional.update(mag, spec, None, grads, state0, params)
+        u_both, _ = functional.update(both, spec, None, grads, state0, params)
+        u_off, _ = functional.update(off, spec, None, grads, state0, params)
+        base, _ = functional.update(
+            off, spec, {**dict(off.named_parameters()), "log_step_mult": torch.tensor(-1e9)},
+            grads, state0, params,
+        )  # fmt: skip
+    changed = 0.0
+    for a, b, c, d in zip(u_mag, u_both, u_off, base):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+        learned, learned_off = a - d, c - d
+        # Only rescaled: never the other sign, and never from zero.
+        assert (learned * learned_off >= 0).all()
+        assert ((learned == 0) == (learned_off == 0)).all()
+        changed += (learned - learned_off).abs().sum().item()
+    assert changed > 0
+    # Equivariant: a permuted twin trains the same.
+    perms = {g: torch.randperm(n) for g, n in spec.hidden_groups().items()}
+    twin = copy.deepcopy(model)
+    moved = WeightSpace.from_tensors(spec, params).permute(perms).to_tensors()
+    with torch.no_grad():
+        for p, q in zip(twin.parameters(), moved):
+            p.copy_(q)
+    a = train(model, lopt.NFNOptimizer(model.parameters(), net=mag, model=model), x, y, 10)
+    b = train(twin, lopt.NFNOptimizer(twin.parameters(), net=mag, model=twin), x, y, 10)
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
+    # Saved with its setting; a "both" net's config is as before the option.
+    lopt.save(mag, tmp_path / "mag.pt")
+    back, _ = lopt.load(tmp_path / "mag.pt")
+    assert back.nf_outputs == "magnitude" and back.config["nf_outputs"] == "magnitude"
+    assert "nf_outputs" not in both.config and both.nf_outputs == "both"
+    with pytest.raises(
+        ValueError, match=r"nf_outputs must be one of \('both', 'magnitude'\), got 'dir'"
+    ):
+        NFNNet(nf_outputs="dir")
