@@ -367,6 +367,15 @@ def test_ratio_interval_matches_the_stratified_normal_interval():
         h2h.ratio_interval(task_logs, level=1.0)
 
 
+def compare_run(folder, rows, horizon=10):
+    """A compare --out folder holding ``rows``, as head_to_head reads it."""
+    folder.mkdir()
+    compare.write_csv(rows, folder / "curves.csv")
+    meta = {"horizon": horizon, "factors": [1], "device": "cpu", "torch": "x", "tasks": {}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder, meta
+
+
 def test_head_to_head_pairs_seeds_and_tests_signs(tmp_path, capsys):
     from benchmarks import head_to_head as h2h
 
@@ -414,11 +423,7 @@ def test_head_to_head_pairs_seeds_and_tests_signs(tmp_path, capsys):
     with pytest.raises(ValueError, match="optimizers in these runs: A, B, C, adam"):
         h2h.head_to_head(rows, "A", "D", 10)
     # Through the CLI, from a compare run's folder.
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    compare.write_csv(rows, run_dir / "curves.csv")
-    meta = {"horizon": 10, "factors": [1], "device": "cpu", "torch": "x", "tasks": {}}
-    (run_dir / "meta.json").write_text(json.dumps(meta))
+    run_dir, meta = compare_run(tmp_path / "run", rows)
     out = tmp_path / "h2h.md"
     res = h2h.main([str(run_dir), "--a", "A", "--b", "B", "--out", str(out)])
     assert res[1]["wins"] == 4
@@ -508,11 +513,7 @@ def test_head_to_head_pools_several_pairs_of_nets(tmp_path, capsys):
     assert 0.8 - 1e-9 <= lo < r["ratio"] < hi <= 1.0 + 1e-9
     with pytest.raises(ValueError, match="no pair of nets"):
         h2h.pooled_head_to_head(rows, [], 10)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    compare.write_csv(rows, run_dir / "curves.csv")
-    meta = {"horizon": 10, "factors": [1], "device": "cpu", "torch": "x", "tasks": {}}
-    (run_dir / "meta.json").write_text(json.dumps(meta))
+    run_dir, _ = compare_run(tmp_path / "run", rows)
     out = tmp_path / "pooled.md"
     res = h2h.main(
         [str(run_dir), "--a", "A1", "--a", "A2", "--a", "A3", "--b", "B", "--out", str(out)]
