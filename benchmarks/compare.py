@@ -50,6 +50,16 @@ QUICK_GRID = (1e-3, 1e-2, 1e-1)
 FIRST_TUNE_SEED = 100  # tuning runs seeds 100, 101, ...: never a benchmark seed (0..99)
 
 
+def weights_label(weights: str) -> tuple[str, str]:
+    """``(label, path)`` of ``[LABEL=]WEIGHTS``; the default label is the
+    file's stem, or its folder's name for meta_train's ``DIR/optimizer.pt``."""
+    label, _, path = weights.rpartition("=")
+    if not label:
+        p = Path(path)
+        label = p.parent.name if p.stem == "optimizer" and p.parent.name else p.stem
+    return label, path
+
+
 def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[str, callable]:
     """A label and an optimizer factory for ``[LABEL=]WEIGHTS`` (a shipped
     name or a checkpoint path). The default label is the file's stem, or its
@@ -60,12 +70,9 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
     net on or off (``input_width_factor=0``, ``radial_correction=0``),
     or scale an NFN net's NF-layer output (``nf_scale=0``: the per-entry path
     alone, an ablation of what the NF-layer adds)."""
-    label, _, path = weights.rpartition("=")
+    label, path = weights_label(weights)
     net, _ = lopt.load(path)
     cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
-    if not label:
-        p = Path(path)
-        label = p.parent.name if p.stem == "optimizer" and p.parent.name else p.stem
     scalars = {n: t for n, t in net.named_parameters() if t.numel() == 1}
     for name, value in (overrides or {}).items():
         if name in net.SWITCHES:

@@ -66,19 +66,8 @@ def ratio_interval(
     ``exp(mean of every log ratio)``: each resample redraws every task's log
     ratios from that task's own (stratified), so the task mix stays the
     suite's. Seeded: the same numbers give the same interval. NaNs when
-    there are no ratios."""
-    if not 0 < level < 1 or resamples < 1:
-        raise ValueError(f"level must be in (0, 1) and resamples >= 1, got {level}, {resamples}")
-    logs = [np.asarray(x, dtype=np.float64) for x in task_logs if len(x)]
-    if not logs:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    total = np.zeros(resamples)
-    for x in logs:
-        total += x[rng.integers(0, len(x), size=(resamples, len(x)))].sum(1)
-    means = total / sum(len(x) for x in logs)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return math.exp(lo), math.exp(hi)
+    there are no ratios. (:func:`recipe_interval` of one net.)"""
+    return recipe_interval([task_logs], level, resamples, seed)
 
 
 def recipe_interval(
@@ -353,16 +342,20 @@ def main(argv: list[str] | None = None) -> dict:
             f"--factors {' '.join(map(str, missing))}: not in every run "
             f"(the runs have {' '.join(map(str, meta['factors'])) or 'none'} in common)"
         )
+    if len(pairs) == 1:
+        compare_at, describe = (lambda step: head_to_head(rows, *pairs[0], step)), markdown
+    else:
+        compare_at, describe = (
+            (lambda step: pooled_head_to_head(rows, pairs, step)),
+            pooled_markdown,
+        )
     texts, results = [], {}
     for f in factors:
         try:
-            if len(pairs) == 1:
-                results[f] = head_to_head(rows, *pairs[0], meta["horizon"] * f)
-            else:
-                results[f] = pooled_head_to_head(rows, pairs, meta["horizon"] * f)
+            results[f] = compare_at(meta["horizon"] * f)
         except ValueError as e:
             raise SystemExit(str(e)) from e
-        texts.append((markdown if len(pairs) == 1 else pooled_markdown)(results[f], f))
+        texts.append(describe(results[f], f))
     text = "\n".join(texts)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

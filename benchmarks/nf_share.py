@@ -31,6 +31,8 @@ import torch
 from tqdm import tqdm
 
 import lopt
+from benchmarks.compare import weights_label
+from benchmarks.runner import seed_start
 from lopt import functional
 from tasks import get_task
 
@@ -73,10 +75,9 @@ def nf_share(net: lopt.NFNNet, task_name: str, steps: int, seed: int = 0) -> dic
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
     task = get_task(task_name)
-    params = task.init(torch.Generator().manual_seed(seed))
+    params, batches = seed_start(task, seed)
     names = list(params)
     ps = [params[n].detach() for n in names]
-    batches = torch.Generator().manual_seed(10_000 + seed)
     state = functional.init(ps)
     share_update, share_learned = [], []
     for _ in range(steps):
@@ -135,14 +136,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--steps and --every must be positive, got {args.steps}, {args.every}")
     nets = {}
     for spec in args.weights:
-        label, _, path = spec.rpartition("=")
+        label, path = weights_label(spec)
         try:
             net, _ = lopt.load(path)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--weights {spec}: {e}") from e
         if not isinstance(net, lopt.NFNNet):
             raise SystemExit(f"--weights {spec}: a {type(net).__name__}, which has no NF-layer")
-        nets[label or Path(path).stem] = net
+        nets[label] = net
     for t in args.tasks:
         get_task(t)  # an unknown name fails here, before any work
     at = sorted({*range(args.every, args.steps + 1, args.every), 1, args.steps})

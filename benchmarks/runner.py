@@ -40,13 +40,22 @@ class Curve:
         return self.train_eval[0]
 
 
+def seed_start(task: Task, seed: int) -> tuple[dict[str, torch.Tensor], torch.Generator]:
+    """The seed's initial parameters and its batch stream: what every run of
+    that seed starts from."""
+    return task.init(torch.Generator().manual_seed(seed)), torch.Generator().manual_seed(
+        10_000 + seed
+    )
+
+
 def start(
     task: Task, make_optimizer: MakeOptimizer, seed: int
 ) -> tuple[nn.Module, torch.optim.Optimizer, torch.Generator]:
     """The model at the seed's initialisation, its optimizer and the seed's
-    batch stream: what every run of that seed starts from."""
-    model = task.module_with(task.init(torch.Generator().manual_seed(seed)))
-    return model, make_optimizer(model), torch.Generator().manual_seed(10_000 + seed)
+    batch stream (:func:`seed_start`)."""
+    params, batches = seed_start(task, seed)
+    model = task.module_with(params)
+    return model, make_optimizer(model), batches
 
 
 def run(
