@@ -11,7 +11,10 @@
 # CONFIG names files in configs/ (default: every *-gpu.json); SEEDS trains
 # each CONFIG once per seed (--seed S, into runs/CONFIG-sS); OVERHEAD, when
 # set, times those nets' step against Adam on the GPU first
-# (benchmarks.overhead, 1.8M-parameter MLP and the CNN). The runs, their
+# (benchmarks.overhead, 1.8M-parameter MLP and the CNN), once per entry of
+# OVERHEAD_SLICES when that is set (--slice-entries N: slices of N entries,
+# e.g. "65536 4194304" for the CPU's slices against a GPU's whole tensors,
+# into $OUT/overhead-N). The runs, their
 # logs and the overhead tables come back in $OUT/runs.tgz. Each run's
 # --init-from (runs/mlp-tangent-lr/optimizer.pt for *-gpu.json, the *-gpu
 # runs' optimizer.pt for *-gpu2*.json) must be there. Without the mnist1d
@@ -24,6 +27,7 @@ DEVICE=${DEVICE:-cuda}  # DEVICE=cpu rehearses the script where there is no GPU
 POPULATIONS=${POPULATIONS-16 128}
 SEEDS=${SEEDS-}
 OVERHEAD=${OVERHEAD-}
+OVERHEAD_SLICES=${OVERHEAD_SLICES-}
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -46,10 +50,13 @@ if [ -n "$POPULATIONS" ]; then
 fi
 
 if [ -n "$OVERHEAD" ]; then
-    # shellcheck disable=SC2086
-    timeout 120 python3 -m benchmarks.overhead --device "$DEVICE" --models mlp-1.8m cnn-57k --repeats 10 \
-        --no-memory --no-nfn $OVERHEAD --out "$OUT/overhead" > "$OUT/overhead.txt" 2>&1
-    cat "$OUT/overhead.txt"
+    for slices in ${OVERHEAD_SLICES:-default}; do
+        if [ "$slices" = default ]; then tag=overhead; slice_arg=(); else tag=overhead-$slices; slice_arg=(--slice-entries "$slices"); fi
+        # shellcheck disable=SC2086
+        timeout 120 python3 -m benchmarks.overhead --device "$DEVICE" --models mlp-1.8m cnn-57k --repeats 10 \
+            --no-memory --no-nfn "${slice_arg[@]}" $OVERHEAD --out "$OUT/$tag" > "$OUT/$tag.txt" 2>&1
+        cat "$OUT/$tag.txt"
+    done
 fi
 
 configs=("$@")
@@ -77,6 +84,6 @@ for run in "${runs[@]}"; do
     echo "$run: $(tr '\r' '\n' < "$OUT/logs/$run.log" | grep -E 'meta-train|wrote|Error' | tail -2)"
 done
 # At most 8 files come back from a lent machine: logs and tables go in the archive.
-tar czf "$OUT/runs.tgz" --exclude=checkpoint.pt "${runs[@]/#/runs/}" -C "$OUT" logs $([ -d "$OUT/overhead" ] && echo overhead)
-rm -rf "$OUT/logs" "$OUT/overhead"
+tar czf "$OUT/runs.tgz" --exclude=checkpoint.pt "${runs[@]/#/runs/}" -C "$OUT" logs $(cd "$OUT" && find . -maxdepth 1 -type d -name 'overhead*')
+rm -rf "$OUT/logs" "$OUT"/overhead*/
 ls -la "$OUT"

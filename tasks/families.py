@@ -233,11 +233,21 @@ TASKS: dict[str, Callable[..., Task]] = {
     ),
     # 4x wider and one layer deeper than mlp-family-deep (its CNNs are cnn-family-small's).
     "mlp-mnist1d-256x5": _task("mlp-mnist1d-256x5", lambda d: mlp(40, [256] * 5, 10), "mnist1d"),
+    # 4x wider and one layer deeper than mixed-family-wide's MLPs and CNNs.
+    "mlp-mnist1d-512x5": _task("mlp-mnist1d-512x5", lambda d: mlp(40, [512] * 5, 10), "mnist1d"),
+    "cnn-digits-96x4": _task(
+        "cnn-digits-96x4", lambda d: cnn((1, 8, 8), [96] * 4, [3] * 4, 10), "digits"
+    ),
     # 4x wider and one layer deeper than mlp-family-deeper.
     "mlp-mnist1d-256x7": _task("mlp-mnist1d-256x7", lambda d: mlp(40, [256] * 7, 10), "mnist1d"),
     # Inside mlp-family-broad, at its edges (depth 4, width 64, GELU): validation.
     "mlp-mnist1d-64x4": _task("mlp-mnist1d-64x4", lambda d: mlp(40, [64] * 4, 10), "mnist1d"),
     "mlp-gmm16-gelu": _task("mlp-gmm16-gelu", lambda d: mlp(16, [64, 64], 8, "gelu"), "gmm-16"),
+    # Inside mixed-family-wide, at its widths: validation-wide.
+    "mlp-digits-128x2": _task("mlp-digits-128x2", lambda d: mlp(64, [128, 128], 10), "digits"),
+    "cnn-mnist1d-24x3": _task(
+        "cnn-mnist1d-24x3", lambda d: cnn((1, 40), [24] * 3, [3] * 3, 10), "mnist1d-conv"
+    ),
     # From a user's files ($LOPT_DATA).
     "mlp-fashion-8": _task("mlp-fashion-8", lambda d: mlp(64, [64], 10), "fashion_mnist-8"),
     "cnn-fashion-16": _task(
@@ -250,9 +260,9 @@ TASKS: dict[str, Callable[..., Task]] = {
 FILE_TASKS = {"mlp-fashion-8", "cnn-fashion-16", "cnn-cifar10-16"}
 
 
-def _mixed(mlp_family: str, device: str) -> MixtureFamily:
-    """``mixed-family-*``: 60% the named MLP family, 40% ``cnn-family-small``."""
-    fams = [FAMILIES[mlp_family](device), FAMILIES["cnn-family-small"](device)]
+def _mixed(mlp_family: str, device: str, cnn_family: str = "cnn-family-small") -> MixtureFamily:
+    """``mixed-family-*``: 60% the named MLP family, 40% the CNN family."""
+    fams = [FAMILIES[mlp_family](device), FAMILIES[cnn_family](device)]
     return MixtureFamily(fams, [0.6, 0.4], mlp_family.replace("mlp-", "mixed-"))
 
 
@@ -312,8 +322,29 @@ FAMILIES: dict[str, Callable[..., TaskFamily]] = {
         "mlp-family-deeper",
     ),
     "mixed-family-deeper": lambda device="cpu": _mixed("mlp-family-deeper", device),
+    # The broad family at twice the width (MLPs 8-128 wide, CNNs of 4-24
+    # channels), so that an NF-layer's per-neuron terms are trained on layers
+    # nearer the held-out ones; each held-out task stays outside it (256-wide
+    # MLPs, 32-channel CNNs, 5 hidden layers, GELU on new data).
+    "mlp-family-wide": lambda device="cpu": replace(
+        FAMILIES["mlp-family-broad"](device), name="mlp-family-wide", width=(8, 128)
+    ),
+    "cnn-family-wide": lambda device="cpu": replace(
+        FAMILIES["cnn-family-small"](device), name="cnn-family-wide", channels=(4, 24)
+    ),
+    "mixed-family-wide": lambda device="cpu": _mixed("mlp-family-wide", device, "cnn-family-wide"),
 }
 
+VALIDATION = [
+    "mlp-mnist1d",
+    "cnn-mnist1d",
+    "mlp-digits",
+    "cnn-digits",
+    "mlp-teacher",
+    "mlp-gmm",
+    "mlp-mnist1d-64x4",
+    "mlp-gmm16-gelu",
+]
 SUITES: dict[str, list[str]] = {
     "builtin": ["mlp-mnist1d", "cnn-mnist1d", "mlp-digits", "cnn-digits", "mlp-teacher", "mlp-gmm"],
     "heldout": [
@@ -325,20 +356,14 @@ SUITES: dict[str, list[str]] = {
         "cnn-mnist1d-deep",
     ],
     # Tasks mixed-family-broad samples, to pick a checkpoint on (not held-out).
-    "validation": [
-        "mlp-mnist1d",
-        "cnn-mnist1d",
-        "mlp-digits",
-        "cnn-digits",
-        "mlp-teacher",
-        "mlp-gmm",
-        "mlp-mnist1d-64x4",
-        "mlp-gmm16-gelu",
-    ],
+    "validation": VALIDATION,
+    # validation and two tasks at mixed-family-wide's widths, for nets trained on it.
+    "validation-wide": VALIDATION + ["mlp-digits-128x2", "cnn-mnist1d-24x3"],
     "quick": ["mlp-digits", "mlp-gmm"],
     "stress": ["mlp-mnist1d-4x-deeper", "cnn-digits-4x-deeper"],
     "stress-deep": ["mlp-mnist1d-256x5", "cnn-digits-4x-deeper"],
     "stress-deeper": ["mlp-mnist1d-256x7", "cnn-digits-4x-deeper"],
+    "stress-wide": ["mlp-mnist1d-512x5", "cnn-digits-96x4"],
 }
 
 

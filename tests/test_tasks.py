@@ -281,7 +281,13 @@ def _family_datasets(fam, kind):
 
 @pytest.mark.parametrize(
     "family",
-    ["mixed-family-small", "mixed-family-deep", "mixed-family-broad", "mixed-family-deeper"],
+    [
+        "mixed-family-small",
+        "mixed-family-deep",
+        "mixed-family-broad",
+        "mixed-family-deeper",
+        "mixed-family-wide",
+    ],
 )
 def test_heldout_tasks_lie_outside_the_training_families(family):
     mixture = tasks.get_family(family)
@@ -304,6 +310,7 @@ def test_heldout_tasks_lie_outside_the_training_families(family):
         ("mixed-family-deep", "stress-deep"),
         ("mixed-family-broad", "stress-deep"),
         ("mixed-family-deeper", "stress-deeper"),
+        ("mixed-family-wide", "stress-wide"),
     ],
 )
 def test_stress_tasks_are_4x_wider_and_one_layer_deeper(family, suite):
@@ -325,6 +332,15 @@ def test_deep_family_samples_depth_4_and_gelu():
     assert any("gelu" in a for _, _, a, _ in archs)
 
 
+def test_wide_family_samples_past_the_broad_widths():
+    fam = tasks.get_family("mixed-family-wide")
+    archs = [_architecture(fam.sample(gen(i))) for i in range(120)]
+    mlp_widths = [w for k, h, _, _ in archs if k == "mlp" for w in h]
+    cnn_channels = [c for k, h, _, _ in archs if k == "cnn" for c in h]
+    assert 64 < max(mlp_widths) <= 128 and min(mlp_widths) >= 8
+    assert 16 < max(cnn_channels) <= 24 and min(cnn_channels) >= 4
+
+
 def test_deeper_family_samples_depth_6_only_narrow():
     fam = tasks.get_family("mlp-family-deeper")
     archs = [_architecture(fam.sample(gen(i))) for i in range(80)]
@@ -340,9 +356,13 @@ def test_broad_family_varies_the_input_width():
     assert {8, 16, 32, 40, 64} <= inputs
 
 
-def test_validation_tasks_lie_inside_the_broad_family():
-    mixture = tasks.get_family("mixed-family-broad")
-    for name in SUITES["validation"]:
+@pytest.mark.parametrize(
+    "family, suite",
+    [("mixed-family-broad", "validation"), ("mixed-family-wide", "validation-wide")],
+)
+def test_validation_tasks_lie_inside_their_family(family, suite):
+    mixture = tasks.get_family(family)
+    for name in SUITES[suite]:
         task = tasks.get_task(name)
         kind, hidden, acts, ds = _architecture(task)
         fam, widest = _component(mixture, kind)
