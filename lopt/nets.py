@@ -467,6 +467,51 @@ def pooled_sums(hv: Tensor, pools: set[tuple[int, ...]]) -> dict[tuple[int, ...]
     return {p: kept[p].squeeze([1 + a for a in p]) if p else hv for p in pools}
 
 
+NEURON_STATS: tuple[str, ...] = ("log_rms_param", "log_rms_adam_direction", "log_rel_rms_grad")
+"""What :func:`neuron_stats` measures over each pool of a tensor's entries:
+the log root mean square of the parameter and of Adam's direction (each
+floored at ``STAT_FLOOR``: zero-initialised biases stay finite), and the
+log of the gradient's root mean square over the pool relative to the whole
+tensor's (0 for the whole tensor). All three are loss-scale invariant."""
+STAT_POOLS: tuple[str, ...] = ("row", "column", "tensor", "vector")
+"""The pools, each with its own coefficients: the rows (output neurons) and
+columns (input neurons) of a tensor of 2+ axes, and the whole of it; the
+whole of a tensor of fewer axes (a bias)."""
+STAT_FLOOR = 1e-3
+
+
+def _log_rms(x: Tensor, dims: tuple[int, ...], floor_sq: float | Tensor) -> Tensor:
+    # Smooth at 0 (no NaN meta-gradients through truncated backprop).
+    return 0.5 * torch.log(x.square().mean(dims, keepdim=True) + floor_sq)
+
+
+def neuron_stats(
+    t: TensorSpec, param: Tensor, grad: Tensor, adam_direction: Tensor
+) -> dict[str, Tensor]:
+    """:data:`NEURON_STATS` of one tensor over each of its :data:`STAT_POOLS`,
+    channels last, each broadcastable to ``(*t.view, len(NEURON_STATS))``:
+    the statistics an optimizer needs for per-neuron or per-layer trust
+    ratios (LARS, Nero), which the per-entry features, normalised per
+    tensor, do not carry. Pooled over a neuron's entries, they are
+    permutation-equivariant."""
+    view = t.view or (1,)
+    p, g, a = (x.reshape(view) for x in (param, grad, adam_direction))
+    every = tuple(range(len(view)))
+    g_all = g.square().mean(every, keepdim=True)
+    g_floor = STAT_FLOOR**2 * g_all + 1e-30
+    pools = (
+        {"row": every[1:], "column": (0, *every[2:]), "tensor": every}
+        if len(view) >= 2
+        else {"vector": every}
+    )
+    out = {}
+    for name, dims in pools.items():
+        rel = _log_rms(g, dims, g_floor) - 0.5 * torch.log(g_all + g_floor)
+        stats = [_log_rms(p, dims, STAT_FLOOR**2), _log_rms(a, dims, STAT_FLOOR**2), rel]
+        out[name] = torch.stack(stats, -1)
+    return out
+
+
 class NFNNet(OptimizerNet):
     """The NFN optimizer net: per-entry layers, then one permutation-equivariant
     NF-layer (role-tied, so it runs on any depth, width and kernel size) beside
@@ -487,6 +532,12 @@ class NFNNet(OptimizerNet):
             can rescale the learned term per neuron (and per tensor) but not
             turn it (a row-constant direction term pushes all of a neuron's
             weights one way).
+        neuron_stats: the NF part also reads :func:`neuron_stats` (per output
+            neuron, input neuron and tensor: log norms of the weights, of
+            Adam's direction and of the gradient) and adds a learned linear
+            map of them, one per pool (:data:`STAT_POOLS`), to the
+            log-magnitude: per-neuron trust ratios, which no per-entry net
+            can compute. Its coefficients start at 0 (no change).
     """
 
     CONSTANTS = ("nf_scale",)
@@ -499,6 +550,7 @@ class NFNNet(OptimizerNet):
         nf_channels: int | None = None,
         nf_scale: float = 1.0,
         nf_outputs: str = "both",
+        neuron_stats: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(width, depth, **kwargs)
@@ -509,6 +561,9 @@ class NFNNet(OptimizerNet):
         self._config.update(nf_channels=nf_channels, nf_scale=float(nf_scale))
         if nf_outputs != "both":  # older checkpoints' configs stay as they were
             self._config["nf_outputs"] = nf_outputs
+        if neuron_stats:
+            self._config["neuron_stats"] = True
+            self.stat_weight = nn.Parameter(torch.zeros(len(STAT_POOLS), len(NEURON_STATS)))
         self.nf_proj = nn.Linear(width, nf_channels, bias=False) if nf_channels else None
         n_out = 2 if nf_outputs == "both" else 1
         self.nf = NFLinear(template_specs(), nf_channels or width, n_out, strict=False)
@@ -530,6 +585,31 @@ class NFNNet(OptimizerNet):
     def nf_outputs(self) -> str:
         """Which output channels the NF-layer writes: ``"both"`` or ``"magnitude"``."""
         return self._config.get("nf_outputs", "both")
+
+    @property
+    def neuron_stats(self) -> bool:
+        """Whether the log-magnitude reads :func:`neuron_stats`."""
+        return self._config.get("neuron_stats", False)
+
+    def stat_terms(self, x: TensorInputs, c2: Tensor) -> list[Tensor]:
+        """The log-magnitude terms of :func:`neuron_stats`, one per pool,
+        channels last, each broadcastable to ``(*x.t.view, 1)``."""
+        if not self.neuron_stats:
+            return []
+        v = x.second_moment
+        zero = v == 0  # sqrt's derivative is inf at 0: kept out, as in entry_channels
+        rms = torch.where(zero, 0.0, torch.where(zero, 1.0, v).sqrt())
+        denom = torch.addcmul(c2.new_tensor(EPS), rms, c2.rsqrt())
+        adam = x.momenta[ADAM_MOMENTUM] / denom * x.scales[ADAM_CHANNEL]
+        stats = neuron_stats(x.t, x.param, x.grad, adam)
+        terms = []
+        for name, st in stats.items():
+            # In the exponent's units (mag_mult is on every log-magnitude
+            # term): a coefficient of 1 on a log RMS makes the learned term
+            # proportional to that RMS.
+            term = (st @ self.stat_weight[STAT_POOLS.index(name)]).unsqueeze(-1) / self.mag_mult
+            terms.append(term if x.t.view else term.reshape(1))
+        return terms
 
     def _as_outputs(self, x: Tensor, dim: int) -> Tensor:
         """The NF-layer's output channels (along ``dim``) as the net's two,
@@ -611,10 +691,10 @@ class NFNNet(OptimizerNet):
             inputs, outs, row_counts, self.nf.broadcast_terms(spec, pooled)
         ):
             t = x.t
-            terms = [
-                (self._as_outputs(term, -1) * (self.nf_scale * x.out_scale)).movedim(-1, 0)
-                for term in terms
+            terms = [self._as_outputs(term, -1) for term in terms] + [
+                torch.cat([torch.zeros_like(term), term], -1) for term in self.stat_terms(x, c2)
             ]
+            terms = [(term * (self.nf_scale * x.out_scale)).movedim(-1, 0) for term in terms]
             if fused and len(blocks) == 1 and fused_kernel.accepts(*blocks[0]):
                 results.append([(*blocks[0], terms)])  # the whole tensor: the kernel adds them
                 continue

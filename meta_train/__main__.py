@@ -18,9 +18,7 @@ import difflib
 import json
 import os
 import platform
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import lopt
 from lopt.nets import NFNNet, PerParamMLP
 from meta_train.estimators import ESTIMATORS, make_estimator
 from meta_train.problems import LearnedOptimizerProblem
+from meta_train.stopping import StopRequests
 from meta_train.trainer import MetaTrainer
 from meta_train.unroll import META_LOSSES, MetaLoss
 from tasks import FAMILIES, TASKS, get_family
@@ -49,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "nf_channels": None,
     "nf_scale": 1.0,
     "nf_outputs": "both",
+    "neuron_stats": False,
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
@@ -123,6 +123,12 @@ def parser() -> argparse.ArgumentParser:
         choices=NFNNet.NF_OUTPUTS,
         help="nfn: the NF-layer adds to the direction and log-magnitude (both, default) "
         "or to the log-magnitude alone",
+    )
+    a(
+        "--neuron-stats",
+        action=argparse.BooleanOptionalAction,
+        help="nfn: the log-magnitude also reads per-neuron and per-tensor log norms of the "
+        "weights, Adam's direction and the gradient (learned trust ratios; default off)",
     )
     a(
         "--init-from",
@@ -206,6 +212,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--out DIR is required (or --resume DIR)")
     if cfg["init_ortho_lr"] is not None and not cfg["init_ortho_lr"] > 0:
         raise SystemExit(f"--init-ortho-lr must be positive, got {cfg['init_ortho_lr']}")
+    if cfg.get("neuron_stats") and cfg["net"] != "nfn":
+        raise SystemExit("--neuron-stats is for --net nfn (a per-entry net cannot pool a neuron)")
     if cfg["family"] not in FAMILIES and cfg["family"] not in TASKS:
         get_family(cfg["family"])  # raises with close names
     return cfg
@@ -222,6 +230,7 @@ def build(
             "nf_channels": cfg["nf_channels"],
             "nf_scale": cfg["nf_scale"],
             "nf_outputs": cfg["nf_outputs"],
+            "neuron_stats": cfg.get("neuron_stats", False),
         }
     net = NETS[cfg["net"]](
         width=cfg["width"],
@@ -347,20 +356,6 @@ def type_of(net: lopt.OptimizerNet):
     return lopt.NFNOptimizer if isinstance(net, NFNNet) else lopt.MLPOptimizer
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def stop_on_signals() -> dict[int, Any]:
-    """Make SIGTERM (``kill``, batch schedulers, preemption) and SIGINT stop a
-    run like Ctrl-C: checkpoint, ``optimizer.pt``, exit status 130. SIGINT too,
-    because a shell starts background jobs with it ignored. Returns the
-    handlers it replaced (none off the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command = "python -m meta_train " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -384,17 +379,16 @@ def main(argv: list[str] | None = None) -> int:
     trainer.snapshot_fn = lambda t: save_net(
         net, out, cfg, t, time.time() - start, rank, command, snapshot=True
     )
-    replaced = stop_on_signals()
-    try:
-        trainer.train(cfg["outer_steps"], progress=not args.no_progress)
-    except KeyboardInterrupt:
+    # Open until optimizer.pt is written: a signal then waits for it.
+    with StopRequests() as stops:
+        try:
+            trainer.train(cfg["outer_steps"], progress=not args.no_progress, stops=stops)
+        except KeyboardInterrupt:
+            save_net(net, out, cfg, trainer, time.time() - start, rank, command)
+            return 130
+        finally:
+            trainer.close()
         save_net(net, out, cfg, trainer, time.time() - start, rank, command)
-        return 130
-    finally:
-        trainer.close()
-        for s, handler in replaced.items():
-            signal.signal(s, handler)
-    save_net(net, out, cfg, trainer, time.time() - start, rank, command)
     if dist.is_initialized():
         # Rank 0 may still be writing: tearing gloo down under it can abort
         # the process ("terminate called without an active exception").

@@ -14,6 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from lopt.checkpoint import atomic_save
 from meta_train.estimators import Estimator, inner_size
 from meta_train.problems import TruncatedProblem, rng
+from meta_train.stopping import StopRequests
 from meta_train.unroll import cat_inner, index_inner
 
 CHECKPOINT = "checkpoint.pt"
@@ -193,10 +195,15 @@ class MetaTrainer:
         return metrics
 
     # ------------------------------------------------------------ the loop
-    def train(self, outer_steps: int, progress: bool = True) -> list[dict[str, Any]]:
+    def train(
+        self, outer_steps: int, progress: bool = True, stops: StopRequests | None = None
+    ) -> list[dict[str, Any]]:
         """Run until ``outer_steps`` outer steps have been taken in all (so a
-        resumed run continues to the same total). Ctrl-C saves a checkpoint
-        first, then re-raises."""
+        resumed run continues to the same total). Ctrl-C, SIGINT or SIGTERM
+        stop it at the end of the outer step it is in (a second signal: at
+        once): a checkpoint is saved, then ``KeyboardInterrupt`` raised.
+        ``stops``: requests the caller collects already (the command line
+        opens one before building the run); None: this call opens one."""
         history = []
         bar = tqdm(
             total=outer_steps,
@@ -206,29 +213,33 @@ class MetaTrainer:
             dynamic_ncols=True,
         )
         try:
-            while self.step < outer_steps:
-                m = self.outer_step()
-                history.append(m)
-                self._log(m)
-                bar.update(1)
-                bar.set_postfix(
-                    meta_loss=f"{m['meta_loss']:.4f}", inner_steps_s=f"{m['inner_steps_per_s']:.0f}"
-                )
-                if (
-                    self.eval_fn is not None
-                    and self.eval_every
-                    and self.step % self.eval_every == 0
-                ):
-                    self._log_eval(self.eval_fn(self))
-                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if (
-                    self.snapshot_fn is not None
-                    and self.snapshot_every
-                    and self.step % self.snapshot_every == 0
-                    and self.rank == 0
-                ):
-                    self.snapshot_fn(self)
+            with StopRequests() if stops is None else nullcontext(stops) as stops:
+                while self.step < outer_steps:
+                    if self._stop_requested(stops):
+                        raise KeyboardInterrupt(stops.name or "a signal on another rank")
+                    m = self.outer_step()
+                    history.append(m)
+                    self._log(m)
+                    bar.update(1)
+                    bar.set_postfix(
+                        meta_loss=f"{m['meta_loss']:.4f}",
+                        inner_steps_s=f"{m['inner_steps_per_s']:.0f}",
+                    )
+                    if (
+                        self.eval_fn is not None
+                        and self.eval_every
+                        and self.step % self.eval_every == 0
+                    ):
+                        self._log_eval(self.eval_fn(self))
+                    if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if (
+                        self.snapshot_fn is not None
+                        and self.snapshot_every
+                        and self.step % self.snapshot_every == 0
+                        and self.rank == 0
+                    ):
+                        self.snapshot_fn(self)
         except KeyboardInterrupt:
             self.save_checkpoint()
             if self.rank == 0:
@@ -242,6 +253,16 @@ class MetaTrainer:
         if self._writer is not None:
             self._writer.flush()
         return history
+
+    def _stop_requested(self, stops: StopRequests) -> bool:
+        """Whether any rank got a stop signal: all ranks stop at the same
+        step, or the others would wait in the next all-reduce for ever."""
+        stop = stops.signum is not None
+        if self.world_size > 1:
+            flag = self.theta.new_tensor([float(stop)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
 
     def _log(self, m: dict[str, Any]) -> None:
         w = self.writer

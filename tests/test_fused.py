@@ -40,7 +40,7 @@ def strong(cls, depth, **kw):
 @settings(max_examples=25, deadline=None)
 @given(
     arch=architectures(),
-    kind=st.sampled_from(["mlp", "nfn", "nfn-proj", "nfn-magnitude"]),
+    kind=st.sampled_from(["mlp", "nfn", "nfn-proj", "nfn-magnitude", "nfn-stats"]),
     depth=st.integers(1, 2),
     seed=st.integers(0, 2**16),
 )
@@ -55,7 +55,11 @@ def test_fused_update_equals_the_torch_path(arch, kind, depth, seed):
             depth,
             nf_channels=3 if kind == "nfn-proj" else None,
             nf_outputs="magnitude" if kind == "nfn-magnitude" else "both",
+            neuron_stats=kind == "nfn-stats",
         )
+        if kind == "nfn-stats":
+            with torch.no_grad():
+                net.stat_weight.normal_(std=0.3)
     spec = WeightSpaceSpec.from_module(module)
     params = [p.detach().clone() for p in module.parameters()]
     grads = [torch.randn_like(p) for p in params]

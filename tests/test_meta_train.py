@@ -446,6 +446,70 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
+class Signalling(Quadratic):
+    """Sends its own process ``sig`` in the middle of the unroll of outer step
+    ``at`` (0-based), as a signal comes in the middle of a step."""
+
+    def __init__(self, *args, sig=signal.SIGTERM, at=2, **kw):
+        super().__init__(*args, **kw)
+        self.sig, self.at, self.sent = sig, at, 0
+
+    def unroll(self, thetas, inner, counter):
+        metas, losses, inner = super().unroll(thetas, inner, counter)
+        if counter == self.at:
+            self.sent += 1
+            os.kill(os.getpid(), self.sig)
+        return metas, losses, inner
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_training_after_the_step_it_came_in(tmp_path, sig):
+    # The step finishes (nothing is cut mid-way: torch.func and TensorBoard's
+    # writer are left whole), then a checkpoint, then KeyboardInterrupt.
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    t = MetaTrainer(
+        Signalling(2, 10, sig=sig), make_estimator("es", 0.01), pairs=2, out_dir=tmp_path,
+        checkpoint_every=0,
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt, match=signal.Signals(sig).name):
+        t.train(10, progress=False)
+    t.close()
+    ref = MetaTrainer(Quadratic(2, 10), make_estimator("es", 0.01), pairs=2)
+    ref.train(3, progress=False)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert t.step == saved["step"] == 3 and t.problem.sent == 1
+    assert torch.equal(t.theta, ref.theta)
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers put back
+    # A run resumes from there as if never stopped.
+    back = MetaTrainer(Quadratic(2, 10), make_estimator("es", 0.01), pairs=2, out_dir=tmp_path)
+    back.resume()
+    back.train(5, progress=False)
+    ref.train(5, progress=False)
+    assert torch.equal(back.theta, ref.theta)
+
+
+def test_stop_requests_record_one_signal_and_raise_on_a_second():
+    from meta_train.stopping import StopRequests
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequests() as stops:
+        assert stops.signum is None and stops.name is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stops.name == "SIGTERM"  # recorded, nothing raised
+        with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs before this ends
+    assert signal.getsignal(signal.SIGTERM) == before
+    # Off the main thread no handler can be set: it changes nothing.
+    import threading
+
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(StopRequests().__enter__()._replaced))
+    worker.start()
+    worker.join()
+    assert seen == [{}] and signal.getsignal(signal.SIGTERM) == before
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_cli_stops_on_a_signal_with_a_checkpoint_and_optimizer(tmp_path, sig):
     # As a background job started by a shell: SIGINT ignored until main() takes it.
@@ -495,6 +559,28 @@ def test_cli_bad_input(tmp_path):
     with pytest.raises(ValueError, match="ramp must be a whole number"):
         main(["--family", "mlp-gmm", "--meta-loss-ramp", "-5", "--out", str(tmp_path / "z")])
     assert not (tmp_path / "z").exists()
+
+
+def test_neuron_stats_flag_trains_the_statistics_coefficients(tmp_path):
+    """--neuron-stats builds an NFN whose log-magnitude reads neuron
+    statistics, trains their coefficients from 0, keeps the setting on
+    --resume; with --net mlp it is refused before anything is written."""
+    from meta_train.__main__ import main
+
+    out = tmp_path / "run"
+    args = "--net nfn --width 4 --nf-channels 2 --nf-outputs magnitude --neuron-stats"
+    args += " --family mlp-gmm --outer-steps 2 --truncation 2 --horizon 4 --population 2"
+    args += f" --meta-lr 0.05 --no-progress --out {out}"
+    assert main(args.split()) == 0
+    net, meta = lopt.load(out / "optimizer.pt")
+    assert net.neuron_stats and meta["config"]["neuron_stats"] is True
+    assert (net.stat_weight.abs() > 0.01).any()
+    assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
+    assert lopt.load(out / "optimizer.pt")[0].neuron_stats
+    bad = tmp_path / "bad"
+    with pytest.raises(SystemExit, match="--neuron-stats is for --net nfn"):
+        main(["--net", "mlp", "--neuron-stats", "--family", "mlp-gmm", "--out", str(bad)])
+    assert not bad.exists()
 
 
 def test_distribution_slices_cover_the_population():

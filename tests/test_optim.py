@@ -598,3 +598,114 @@ def test_magnitude_only_nf_layer_is_a_both_net_with_no_direction_term(arch, tmp_
         ValueError, match=r"nf_outputs must be one of \('both', 'magnitude'\), got 'dir'"
     ):
         NFNNet(nf_outputs="dir")
+
+
+def naive_stat_log_factor(t, p, g, adam, w):
+    """The log-factor neuron statistics put on the learned term, entry by
+    entry from explicit loops over rows and columns (the reference for
+    lopt.nets.neuron_stats)."""
+    from lopt.nets import STAT_FLOOR, STAT_POOLS
+
+    f2 = STAT_FLOOR**2
+    P, G, D = (x.reshape(t.view) for x in (p, g, adam))
+    g_all = G.pow(2).mean()
+    gf = f2 * g_all + 1e-30
+
+    def stats(sel):
+        rel = 0.5 * torch.log(G[sel].pow(2).mean() + gf) - 0.5 * torch.log(g_all + gf)
+        return torch.stack(
+            [
+                0.5 * torch.log(P[sel].pow(2).mean() + f2),
+                0.5 * torch.log(D[sel].pow(2).mean() + f2),
+                rel,
+            ]
+        )
+
+    out = torch.zeros(t.view)
+    if len(t.view) == 1:
+        return out + stats(slice(None)) @ w[STAT_POOLS.index("vector")]
+    whole = stats(slice(None)) @ w[STAT_POOLS.index("tensor")]
+    for i in range(t.view[0]):
+        for j in range(t.view[1]):
+            row = stats((i,)) @ w[STAT_POOLS.index("row")]
+            col = stats((slice(None), j)) @ w[STAT_POOLS.index("column")]
+            out[i, j] = row + col + whole
+    return out
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_neuron_stats_rescale_the_learned_term_by_per_neuron_norms(arch, tmp_path):
+    """neuron_stats=True: the learned term is the same net's without them
+    times exp(a linear map of per-row, per-column and per-tensor log norms),
+    checked against loops; zero coefficients change nothing and nf_scale=0
+    removes them; it trains equivariantly and loss-scale invariantly, and is
+    saved with its setting."""
+    torch.manual_seed(4)
+    if arch == "mlp":
+        model, (x, y) = make_mlp([6, 7, 5, 3]), data()
+    else:
+        model, (x, y) = make_cnn([2, 4, 3], [3, 3], 2, "flatten", 3, True, 4), data((2, 4, 4))
+    spec = WeightSpaceSpec.from_module(model)
+    on = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3, neuron_stats=True)
+    off = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3)
+    off.load_state_dict({k: v for k, v in on.state_dict().items() if k != "stat_weight"})
+    params = [p.detach() for p in model.parameters()]
+    loss = loss_of(model, x, y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    state0 = functional.init(params)
+
+    def step(net, state=state0, **theta):
+        with torch.no_grad():
+            return functional.update(
+                net, spec, {**dict(net.named_parameters()), **theta} if theta else None,
+                grads, state, params,
+            )  # fmt: skip
+
+    u_off, state1 = step(off)
+    for a, b in zip(step(on)[0], u_off):  # zero coefficients: no change
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        on.stat_weight.normal_(std=0.3)
+    # A second step, so momenta and second moments are not the gradient's.
+    u_on, _ = step(on, state1)
+    u_off, _ = step(off, state1)
+    base, _ = step(off, state1, log_step_mult=torch.tensor(-1e9))
+    c1, c2 = features.bias_corrections(state1["step"] + 1)
+    _, s2 = step(off, state1)  # the state this step's features read
+    changed = 0.0
+    for i, t in enumerate(spec.tensors):
+        m, v = s2["momenta"][i][features.ADAM_MOMENTUM], s2["second_moment"][i]
+        adam = m / c1 / ((v / c2).sqrt() + features.EPS)
+        log_f = naive_stat_log_factor(t, params[i], grads[i], adam, on.stat_weight.detach())
+        want = (u_off[i] - base[i]) * log_f.exp().reshape(t.shape)
+        torch.testing.assert_close(u_on[i] - base[i], want, rtol=1e-4, atol=1e-9)
+        changed += (u_on[i] - u_off[i]).abs().sum().item()
+    assert changed > 0
+    ablated = copy.deepcopy(on)
+    ablated.nf_scale = 0.0
+    for a, b in zip(
+        step(ablated, state1)[0], step(ablated, state1, stat_weight=torch.zeros(4, 3))[0]
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Equivariant: a permuted twin trains the same.
+    perms = {g: torch.randperm(n) for g, n in spec.hidden_groups().items()}
+    twin = copy.deepcopy(model)
+    moved = WeightSpace.from_tensors(spec, params).permute(perms).to_tensors()
+    with torch.no_grad():
+        for p, q in zip(twin.parameters(), moved):
+            p.copy_(q)
+    start = copy.deepcopy(model)
+    a = train(model, lopt.NFNOptimizer(model.parameters(), net=on, model=model), x, y, 10)
+    b = train(twin, lopt.NFNOptimizer(twin.parameters(), net=on, model=twin), x, y, 10)
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
+    # Loss-scale invariant: every statistic is a ratio of gradients or none.
+    scaled = start
+    train(scaled, lopt.NFNOptimizer(scaled.parameters(), net=on, model=scaled), x, y, 10, 1000.0)
+    for p, q in zip(model.parameters(), scaled.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    # Saved with its setting; a net without them has the config it had.
+    lopt.save(on, tmp_path / "on.pt")
+    back, _ = lopt.load(tmp_path / "on.pt")
+    assert back.neuron_stats and back.config["neuron_stats"] is True
+    assert torch.equal(back.stat_weight, on.stat_weight)
+    assert "neuron_stats" not in off.config and not off.neuron_stats
