@@ -25,6 +25,7 @@ from typing import Any
 
 import lopt
 from lopt.checkpoint import PRETRAINED_DIR
+from lopt.nets import NEURON_STATS, STAT_POOLS
 
 # What a phase of a multi-phase recipe keeps of its net's metadata.
 PHASE_KEYS = (
@@ -136,6 +137,18 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         + ("" if net.input_width_factor else "; input layers keep width factor 1")
         + ("." if net.radial_correction else "; learned term tangent to weight rows."),
     ]
+    if getattr(net, "neuron_stats", False):
+        rows = [
+            f"{pool} ({', '.join(f'{w:+.3f}' for w in ws.tolist())})"
+            for pool, ws in zip(STAT_POOLS, net.stat_weight.detach())
+        ]
+        lines.append(
+            "* Neuron statistics' coefficients on the log-magnitude, per pool ("
+            + ", ".join(NEURON_STATS)
+            + "): "
+            + "; ".join(rows)
+            + "."
+        )
     return "\n".join(lines)
 
 

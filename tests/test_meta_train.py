@@ -421,6 +421,14 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     )
     assert ship([str(tangent), "my-mlp-tangent", "--dest", str(dest)]) == 0
     assert "learned term tangent to weight rows" in capsys.readouterr().out
+    assert "Neuron statistics" not in card
+    stats = tmp_path / "stats"
+    nfn = args.replace("--net mlp", "--net nfn --nf-channels 2 --neuron-stats")
+    assert main([*nfn.split(), "--out", str(stats), "--no-progress"]) == 0
+    assert ship([str(stats), "my-nfn-stats", "--dest", str(dest)]) == 0
+    w = lopt.load(stats / "optimizer.pt")[0].stat_weight[0].tolist()
+    want = f"log_rel_rms_grad): row ({w[0]:+.3f}, {w[1]:+.3f}, {w[2]:+.3f}); column ("
+    assert want in capsys.readouterr().out
     ramp = tmp_path / "ramp"
     assert main([*args.split(), "--meta-loss-ramp", "4", "--out", str(ramp), "--no-progress"]) == 0
     assert ship([str(ramp), "my-mlp-ramp", "--dest", str(dest)]) == 0
