@@ -576,9 +576,7 @@ def test_neuron_stats_flag_trains_the_statistics_coefficients(tmp_path):
     from meta_train.__main__ import main
 
     out = tmp_path / "run"
-    args = "--net nfn --width 4 --nf-channels 2 --nf-outputs magnitude --neuron-stats"
-    args += " --family mlp-gmm --outer-steps 2 --truncation 2 --horizon 4 --population 2"
-    args += f" --meta-lr 0.05 --no-progress --out {out}"
+    args = f"{TINY_MAGNITUDE_NFN} --neuron-stats --no-progress --out {out}"
     assert main(args.split()) == 0
     net, meta = lopt.load(out / "optimizer.pt")
     assert net.neuron_stats and meta["config"]["neuron_stats"] is True
@@ -649,6 +647,13 @@ def test_init_ortho_lr_adds_the_learned_orthogonal_base_to_a_warm_start(tmp_path
     assert not bad.exists()
 
 
+# A magnitude-only NFN run small enough for a unit test (2 outer steps).
+TINY_MAGNITUDE_NFN = (
+    "--net nfn --width 4 --nf-channels 2 --nf-outputs magnitude --family mlp-gmm"
+    " --outer-steps 2 --truncation 2 --horizon 4 --population 2 --meta-lr 0.05"
+)
+
+
 def test_nf_outputs_magnitude_trains_a_magnitude_only_nf_layer(tmp_path):
     """--nf-outputs magnitude builds, trains, saves and resumes an NFN whose
     NF-layer writes the log-magnitude alone; the per-entry net warm-starts
@@ -658,9 +663,7 @@ def test_nf_outputs_magnitude_trains_a_magnitude_only_nf_layer(tmp_path):
     torch.manual_seed(0)
     lopt.save(PerParamMLP(width=4, lr=0.02), tmp_path / "mlp.pt")
     out = tmp_path / "run"
-    args = "--net nfn --width 4 --nf-channels 2 --nf-outputs magnitude --family mlp-gmm"
-    args += " --outer-steps 2 --truncation 2 --horizon 4 --population 2 --meta-lr 0.05"
-    args += f" --init-from {tmp_path / 'mlp.pt'} --no-progress --out {out}"
+    args = f"{TINY_MAGNITUDE_NFN} --init-from {tmp_path / 'mlp.pt'} --no-progress --out {out}"
     assert main(args.split()) == 0
     net, meta = lopt.load(out / "optimizer.pt")
     assert net.nf_outputs == "magnitude" and meta["config"]["nf_outputs"] == "magnitude"

@@ -36,6 +36,30 @@ def train(model, opt, x, y, steps, scale=1.0):
     return losses
 
 
+def small_model(arch):
+    """A 3-layer MLP or a small CNN (hidden groups to permute), and data for it."""
+    if arch == "mlp":
+        return make_mlp([6, 7, 5, 3]), *data()
+    return make_cnn([2, 4, 3], [3, 3], 2, "flatten", 3, True, 4), *data((2, 4, 4))
+
+
+def assert_trains_equivariantly(model, net, x, y, steps=10):
+    """A twin of ``model`` with its hidden neurons permuted trains to the same
+    losses under ``net`` (both models are trained)."""
+    spec = WeightSpaceSpec.from_module(model)
+    perms = {g: torch.randperm(n) for g, n in spec.hidden_groups().items()}
+    twin = copy.deepcopy(model)
+    params = [p.detach() for p in model.parameters()]
+    moved = WeightSpace.from_tensors(spec, params).permute(perms).to_tensors()
+    with torch.no_grad():
+        for p, q in zip(twin.parameters(), moved):
+            p.copy_(q)
+    a = train(model, lopt.NFNOptimizer(model.parameters(), net=net, model=model), x, y, steps)
+    b = train(twin, lopt.NFNOptimizer(twin.parameters(), net=net, model=twin), x, y, steps)
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
+    return a
+
+
 def strong_net(cls=NFNNet, seed=0, ortho_lr=None):
     """A random net whose learned term dominates the update, so the tests
     exercise it rather than the Adam base."""
@@ -539,10 +563,7 @@ def test_magnitude_only_nf_layer_is_a_both_net_with_no_direction_term(arch, tmp_
     signs are the per-entry path's); trains equivariantly; saved and loaded
     with its setting; a bad value is named."""
     torch.manual_seed(3)
-    if arch == "mlp":
-        model, (x, y) = make_mlp([6, 7, 5, 3]), data()
-    else:
-        model, (x, y) = make_cnn([2, 4, 3], [3, 3], 2, "flatten", 3, True, 4), data((2, 4, 4))
+    model, x, y = small_model(arch)
     spec = WeightSpaceSpec.from_module(model)
     mag = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3, nf_outputs="magnitude")
     with torch.no_grad():
@@ -579,16 +600,7 @@ def test_magnitude_only_nf_layer_is_a_both_net_with_no_direction_term(arch, tmp_
         assert ((learned == 0) == (learned_off == 0)).all()
         changed += (learned - learned_off).abs().sum().item()
     assert changed > 0
-    # Equivariant: a permuted twin trains the same.
-    perms = {g: torch.randperm(n) for g, n in spec.hidden_groups().items()}
-    twin = copy.deepcopy(model)
-    moved = WeightSpace.from_tensors(spec, params).permute(perms).to_tensors()
-    with torch.no_grad():
-        for p, q in zip(twin.parameters(), moved):
-            p.copy_(q)
-    a = train(model, lopt.NFNOptimizer(model.parameters(), net=mag, model=model), x, y, 10)
-    b = train(twin, lopt.NFNOptimizer(twin.parameters(), net=mag, model=twin), x, y, 10)
-    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
+    assert_trains_equivariantly(model, mag, x, y)
     # Saved with its setting; a "both" net's config is as before the option.
     lopt.save(mag, tmp_path / "mag.pt")
     back, _ = lopt.load(tmp_path / "mag.pt")
@@ -641,10 +653,7 @@ def test_neuron_stats_rescale_the_learned_term_by_per_neuron_norms(arch, tmp_pat
     removes them; it trains equivariantly and loss-scale invariantly, and is
     saved with its setting."""
     torch.manual_seed(4)
-    if arch == "mlp":
-        model, (x, y) = make_mlp([6, 7, 5, 3]), data()
-    else:
-        model, (x, y) = make_cnn([2, 4, 3], [3, 3], 2, "flatten", 3, True, 4), data((2, 4, 4))
+    model, x, y = small_model(arch)
     spec = WeightSpaceSpec.from_module(model)
     on = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3, neuron_stats=True)
     off = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3)
@@ -687,17 +696,8 @@ def test_neuron_stats_rescale_the_learned_term_by_per_neuron_norms(arch, tmp_pat
         step(ablated, state1)[0], step(ablated, state1, stat_weight=torch.zeros(4, 3))[0]
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # Equivariant: a permuted twin trains the same.
-    perms = {g: torch.randperm(n) for g, n in spec.hidden_groups().items()}
-    twin = copy.deepcopy(model)
-    moved = WeightSpace.from_tensors(spec, params).permute(perms).to_tensors()
-    with torch.no_grad():
-        for p, q in zip(twin.parameters(), moved):
-            p.copy_(q)
     start = copy.deepcopy(model)
-    a = train(model, lopt.NFNOptimizer(model.parameters(), net=on, model=model), x, y, 10)
-    b = train(twin, lopt.NFNOptimizer(twin.parameters(), net=on, model=twin), x, y, 10)
-    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
+    assert_trains_equivariantly(model, on, x, y)
     # Loss-scale invariant: every statistic is a ratio of gradients or none.
     scaled = start
     train(scaled, lopt.NFNOptimizer(scaled.parameters(), net=on, model=scaled), x, y, 10, 1000.0)
