@@ -76,22 +76,28 @@ def channel_scales(
     return torch.cat([scales, scales.new_ones(1), (1 / c1).reshape(1)])
 
 
-def entry_channels(
-    param: Tensor, grad: Tensor, momenta: Tensor, second_moment: Tensor, c2: Tensor
-) -> Tensor:
-    """The channels of (a slice of) one parameter before the per-tensor
-    :func:`channel_scales`, channel first: ``(NUM_FEATURES, *shape)``. The
-    last is ``m / (sqrt(v_hat) + eps)``, Adam's direction times ``c1``."""
+def rms_and_denominator(second_moment: Tensor, c2: Tensor) -> tuple[Tensor, Tensor]:
+    """``sqrt(v)`` and Adam's denominator ``sqrt(v_hat) + eps`` (``v_hat = v /
+    c2``), so Adam's direction is ``m / denom / c1``."""
     # sqrt(v), but with a zero derivative where v == 0 (an entry whose
     # gradient has always been exactly 0, e.g. a dead ReLU unit): sqrt's is
     # inf there, and inf * (dv/dg = 0) made truncated backprop's
     # meta-gradient NaN. The inner where keeps inf out of the backward pass.
     zero = second_moment == 0
     rms = torch.where(zero, 0.0, torch.where(zero, 1.0, second_moment).sqrt())
-    # Adam's sqrt(v_hat) + eps in one fused op, as this runs per slice; its
-    # 1 / c1 is a per-tensor scalar, left to the channel scales.
+    # In one fused op, as this runs per slice; Adam's 1 / c1 is a per-tensor
+    # scalar, left to the callers (the channel scales).
     rsqrt_c2 = c2.rsqrt()
-    denom = torch.addcmul(rsqrt_c2.new_tensor(EPS), rms, rsqrt_c2)
+    return rms, torch.addcmul(rsqrt_c2.new_tensor(EPS), rms, rsqrt_c2)
+
+
+def entry_channels(
+    param: Tensor, grad: Tensor, momenta: Tensor, second_moment: Tensor, c2: Tensor
+) -> Tensor:
+    """The channels of (a slice of) one parameter before the per-tensor
+    :func:`channel_scales`, channel first: ``(NUM_FEATURES, *shape)``. The
+    last is ``m / (sqrt(v_hat) + eps)``, Adam's direction times ``c1``."""
+    rms, denom = rms_and_denominator(second_moment, c2)
     return torch.cat(
         [
             param[None],

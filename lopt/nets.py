@@ -44,6 +44,7 @@ from lopt.features import (
     bias_corrections,
     channel_scales,
     entry_channels,
+    rms_and_denominator,
     step_features,
 )
 from lopt.nn import NFLinear
@@ -504,9 +505,10 @@ def neuron_stats(
         if len(view) >= 2
         else {"vector": every}
     )
+    log_g_all = 0.5 * torch.log(g_all + g_floor)
     out = {}
     for name, dims in pools.items():
-        rel = _log_rms(g, dims, g_floor) - 0.5 * torch.log(g_all + g_floor)
+        rel = _log_rms(g, dims, g_floor) - log_g_all
         stats = [_log_rms(p, dims, STAT_FLOOR**2), _log_rms(a, dims, STAT_FLOOR**2), rel]
         out[name] = torch.stack(stats, -1)
     return out
@@ -596,10 +598,7 @@ class NFNNet(OptimizerNet):
         channels last, each broadcastable to ``(*x.t.view, 1)``."""
         if not self.neuron_stats:
             return []
-        v = x.second_moment
-        zero = v == 0  # sqrt's derivative is inf at 0: kept out, as in entry_channels
-        rms = torch.where(zero, 0.0, torch.where(zero, 1.0, v).sqrt())
-        denom = torch.addcmul(c2.new_tensor(EPS), rms, c2.rsqrt())
+        _, denom = rms_and_denominator(x.second_moment, c2)
         adam = x.momenta[ADAM_MOMENTUM] / denom * x.scales[ADAM_CHANNEL]
         stats = neuron_stats(x.t, x.param, x.grad, adam)
         terms = []
