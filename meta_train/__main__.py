@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import fnmatch
 import json
 import os
 import platform
@@ -141,7 +142,8 @@ def parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="NAME[=VALUE]",
         help="hold these meta-parameters of the net fixed, at VALUE if given (set after "
-        "--init-from), e.g. --freeze fan_in_exp=1.0; names as in net.named_parameters()",
+        "--init-from), e.g. --freeze fan_in_exp=1.0; names as in net.named_parameters(), "
+        "or a glob for a group: 'nf.*=0' (the NF-layer held at zero)",
     )
     a("--family", help=f"task family or task name ({', '.join(FAMILIES)}, or a task)")
     a("--estimator", choices=sorted(ESTIMATORS), help="pes (default), es or backprop")
@@ -278,8 +280,9 @@ def build(
 
 
 def freeze(net: lopt.OptimizerNet, items: list[str]) -> torch.Tensor | None:
-    """``--freeze`` items (``NAME`` or ``NAME=VALUE``): set each given value
-    (every entry of the parameter) and return the bool mask over
+    """``--freeze`` items (``NAME`` or ``NAME=VALUE``; NAME may be a glob over
+    ``net.named_parameters()``): set each given value (every entry of the
+    parameter) and return the bool mask over
     ``parameters_to_vector(net.parameters())`` that is True on the named
     parameters (None for no items)."""
     if not items:
@@ -288,7 +291,12 @@ def freeze(net: lopt.OptimizerNet, items: list[str]) -> torch.Tensor | None:
     names = set()
     for item in items:
         name, sep, value = item.partition("=")
-        if name not in params:
+        # A glob names a group at once (an NFN's NF-layer is hundreds of
+        # tensors: --freeze 'nf.*=0' leaves the rest, e.g. the statistics, to train).
+        group = fnmatch.filter(params, name) if any(c in name for c in "*?[") else [name]
+        if not group:
+            raise SystemExit(f"--freeze: {name!r} matches no parameter of the net")
+        if name not in params and group == [name]:
             # An NFN has hundreds of NF-layer tensors: name the close ones and
             # the scalars, not all of them.
             close = difflib.get_close_matches(name, params, n=3)
@@ -304,8 +312,9 @@ def freeze(net: lopt.OptimizerNet, items: list[str]) -> torch.Tensor | None:
             except ValueError:
                 raise SystemExit(f"--freeze {item!r}: VALUE must be a number") from None
             with torch.no_grad():
-                params[name].fill_(number)
-        names.add(name)
+                for member in group:
+                    params[member].fill_(number)
+        names.update(group)
     return torch.cat(
         [torch.full((t.numel(),), n in names, dtype=torch.bool) for n, t in params.items()]
     )

@@ -717,6 +717,28 @@ def test_freeze_holds_meta_parameters_at_their_value(tmp_path):
     assert lopt.load(str(out) + "3/optimizer.pt")[0].radial_correction is False
 
 
+def test_freeze_glob_holds_a_group_and_trains_the_rest(tmp_path):
+    """--freeze 'nf.*=0' holds every NF-layer tensor at zero while the neuron
+    statistics train (the statistics-alone recipe); a glob that matches
+    nothing is refused before anything is written."""
+    from meta_train.__main__ import main
+
+    out = tmp_path / "run"
+    args = f"{TINY_MAGNITUDE_NFN} --neuron-stats --no-progress --out {out} --freeze nf.*=0 log_lr"
+    assert main(args.split()) == 0
+    net, _ = lopt.load(out / "optimizer.pt")
+    nf = dict(net.nf.named_parameters())
+    assert len(nf) > 10 and all((w == 0).all() for w in nf.values())
+    assert torch.equal(net.log_lr, lopt.NFNNet(width=4, nf_channels=2).log_lr)
+    assert (net.stat_weight.abs() > 0.01).any()  # what is not frozen still trains
+    assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
+    assert all((w == 0).all() for w in lopt.load(out / "optimizer.pt")[0].nf.parameters())
+    bad = tmp_path / "bad"
+    with pytest.raises(SystemExit, match="'nope.\\*' matches no parameter"):
+        main(f"{TINY_MAGNITUDE_NFN} --no-progress --out {bad} --freeze nope.*".split())
+    assert not bad.exists()
+
+
 @pytest.mark.parametrize("net_cls", [PerParamMLP, lopt.NFNNet])
 def test_backprop_meta_gradient_is_finite_through_a_dead_relu_unit(net_cls):
     # A unit whose pre-activation is always negative gets gradient exactly 0,
