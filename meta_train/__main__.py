@@ -293,10 +293,13 @@ def freeze(net: lopt.OptimizerNet, items: list[str]) -> torch.Tensor | None:
         name, sep, value = item.partition("=")
         # A glob names a group at once (an NFN's NF-layer is hundreds of
         # tensors: --freeze 'nf.*=0' leaves the rest, e.g. the statistics, to train).
-        group = fnmatch.filter(params, name) if any(c in name for c in "*?[") else [name]
-        if not group:
-            raise SystemExit(f"--freeze: {name!r} matches no parameter of the net")
-        if name not in params and group == [name]:
+        if any(c in name for c in "*?["):
+            group = fnmatch.filter(params, name)
+            if not group:
+                raise SystemExit(f"--freeze: {name!r} matches no parameter of the net")
+        elif name in params:
+            group = [name]
+        else:
             # An NFN has hundreds of NF-layer tensors: name the close ones and
             # the scalars, not all of them.
             close = difflib.get_close_matches(name, params, n=3)
