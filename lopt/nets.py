@@ -473,7 +473,11 @@ NEURON_STATS: tuple[str, ...] = ("log_rms_param", "log_rms_adam_direction", "log
 the log root mean square of the parameter and of Adam's direction (each
 floored at ``STAT_FLOOR``: zero-initialised biases stay finite), and the
 log of the gradient's root mean square over the pool relative to the whole
-tensor's (0 for the whole tensor). All three are loss-scale invariant."""
+tensor's (0 for the whole tensor). All three are loss-scale invariant.
+With ``width_free``, a tensor of 2+ axes adds ``0.5 * log(fan_in /
+FAN_IN_REF)`` to its parameter's log RMS, which reads it relative to a
+width-scaled init: a layer 4x wider than any seen in meta-training then
+reads what a narrow one reads at the same point of training."""
 STAT_POOLS: tuple[str, ...] = ("row", "column", "tensor", "vector")
 """The pools, each with its own coefficients: the rows (output neurons) and
 columns (input neurons) of a tensor of 2+ axes, and the whole of it; the
@@ -487,7 +491,7 @@ def _log_rms(x: Tensor, dims: tuple[int, ...], floor_sq: float | Tensor) -> Tens
 
 
 def neuron_stats(
-    t: TensorSpec, param: Tensor, grad: Tensor, adam_direction: Tensor
+    t: TensorSpec, param: Tensor, grad: Tensor, adam_direction: Tensor, width_free: bool = False
 ) -> dict[str, Tensor]:
     """:data:`NEURON_STATS` of one tensor over each of its :data:`STAT_POOLS`,
     channels last, each broadcastable to ``(*t.view, len(NEURON_STATS))``:
@@ -506,10 +510,14 @@ def neuron_stats(
         else {"vector": every}
     )
     log_g_all = 0.5 * torch.log(g_all + g_floor)
+    # Every entry of a weight starts at a scale of fan_in ** -0.5, so its
+    # log RMS alone reads width as much as training.
+    shift = -0.5 * width_log_ratio(t) if width_free else 0.0
     out = {}
     for name, dims in pools.items():
         rel = _log_rms(g, dims, g_floor) - log_g_all
-        stats = [_log_rms(p, dims, STAT_FLOOR**2), _log_rms(a, dims, STAT_FLOOR**2), rel]
+        log_p = _log_rms(p, dims, STAT_FLOOR**2) + shift
+        stats = [log_p, _log_rms(a, dims, STAT_FLOOR**2), rel]
         out[name] = torch.stack(stats, -1)
     return out
 
@@ -540,6 +548,9 @@ class NFNNet(OptimizerNet):
             map of them, one per pool (:data:`STAT_POOLS`), to the
             log-magnitude: per-neuron trust ratios, which no per-entry net
             can compute. Its coefficients start at 0 (no change).
+        width_free_stats: with ``neuron_stats``, the weights' log RMS is read
+            relative to a width-scaled init (``width_free`` of
+            :func:`neuron_stats`), so its term does not change with width.
     """
 
     CONSTANTS = ("nf_scale",)
@@ -553,6 +564,7 @@ class NFNNet(OptimizerNet):
         nf_scale: float = 1.0,
         nf_outputs: str = "both",
         neuron_stats: bool = False,
+        width_free_stats: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(width, depth, **kwargs)
@@ -560,12 +572,16 @@ class NFNNet(OptimizerNet):
             raise ValueError(f"nf_channels must be positive, got {nf_channels}")
         if nf_outputs not in self.NF_OUTPUTS:
             raise ValueError(f"nf_outputs must be one of {self.NF_OUTPUTS}, got {nf_outputs!r}")
+        if width_free_stats and not neuron_stats:
+            raise ValueError("width_free_stats needs neuron_stats=True (it changes what they read)")
         self._config.update(nf_channels=nf_channels, nf_scale=float(nf_scale))
         if nf_outputs != "both":  # older checkpoints' configs stay as they were
             self._config["nf_outputs"] = nf_outputs
         if neuron_stats:
             self._config["neuron_stats"] = True
             self.stat_weight = nn.Parameter(torch.zeros(len(STAT_POOLS), len(NEURON_STATS)))
+        if width_free_stats:  # absent from older configs: those read the raw log RMS
+            self._config["width_free_stats"] = True
         self.nf_proj = nn.Linear(width, nf_channels, bias=False) if nf_channels else None
         n_out = 2 if nf_outputs == "both" else 1
         self.nf = NFLinear(template_specs(), nf_channels or width, n_out, strict=False)
@@ -593,6 +609,11 @@ class NFNNet(OptimizerNet):
         """Whether the log-magnitude reads :func:`neuron_stats`."""
         return self._config.get("neuron_stats", False)
 
+    @property
+    def width_free_stats(self) -> bool:
+        """Whether the weights' statistic is read relative to a width-scaled init."""
+        return self._config.get("width_free_stats", False)
+
     def stat_terms(self, x: TensorInputs, c2: Tensor) -> list[Tensor]:
         """The log-magnitude terms of :func:`neuron_stats`, one per pool,
         channels last, each broadcastable to ``(*x.t.view, 1)``."""
@@ -600,7 +621,7 @@ class NFNNet(OptimizerNet):
             return []
         _, denom = rms_and_denominator(x.second_moment, c2)
         adam = x.momenta[ADAM_MOMENTUM] / denom * x.scales[ADAM_CHANNEL]
-        stats = neuron_stats(x.t, x.param, x.grad, adam)
+        stats = neuron_stats(x.t, x.param, x.grad, adam, self.width_free_stats)
         terms = []
         for name, st in stats.items():
             # In the exponent's units (mag_mult is on every log-magnitude

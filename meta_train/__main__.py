@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "nf_scale": 1.0,
     "nf_outputs": "both",
     "neuron_stats": False,
+    "width_free_stats": False,
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
@@ -130,6 +131,12 @@ def parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="nfn: the log-magnitude also reads per-neuron and per-tensor log norms of the "
         "weights, Adam's direction and the gradient (learned trust ratios; default off)",
+    )
+    a(
+        "--width-free-stats",
+        action=argparse.BooleanOptionalAction,
+        help="nfn, with --neuron-stats: read the weights' log norm relative to a width-scaled "
+        "init, so that a wider layer than any meta-trained on reads the same (default off)",
     )
     a(
         "--init-from",
@@ -216,6 +223,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--init-ortho-lr must be positive, got {cfg['init_ortho_lr']}")
     if cfg.get("neuron_stats") and cfg["net"] != "nfn":
         raise SystemExit("--neuron-stats is for --net nfn (a per-entry net cannot pool a neuron)")
+    if cfg.get("width_free_stats") and not cfg.get("neuron_stats"):
+        raise SystemExit("--width-free-stats changes what --neuron-stats read; give both")
     if cfg["family"] not in FAMILIES and cfg["family"] not in TASKS:
         get_family(cfg["family"])  # raises with close names
     return cfg
@@ -233,6 +242,7 @@ def build(
             "nf_scale": cfg["nf_scale"],
             "nf_outputs": cfg["nf_outputs"],
             "neuron_stats": cfg.get("neuron_stats", False),
+            "width_free_stats": cfg.get("width_free_stats", False),
         }
     net = NETS[cfg["net"]](
         width=cfg["width"],

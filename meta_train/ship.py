@@ -147,7 +147,11 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
             + ", ".join(NEURON_STATS)
             + "): "
             + "; ".join(rows)
-            + "."
+            + (
+                "; the weights' log RMS read relative to a width-scaled init."
+                if net.width_free_stats
+                else "."
+            )
         )
     return "\n".join(lines)
 

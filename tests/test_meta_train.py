@@ -428,7 +428,12 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     assert ship([str(stats), "my-nfn-stats", "--dest", str(dest)]) == 0
     w = lopt.load(stats / "optimizer.pt")[0].stat_weight[0].tolist()
     want = f"log_rel_rms_grad): row ({w[0]:+.3f}, {w[1]:+.3f}, {w[2]:+.3f}); column ("
-    assert want in capsys.readouterr().out
+    stats_card = capsys.readouterr().out
+    assert want in stats_card and "relative to a width-scaled init" not in stats_card
+    free = tmp_path / "free"
+    assert main([*nfn.split(), "--width-free-stats", "--out", str(free), "--no-progress"]) == 0
+    assert ship([str(free), "my-nfn-free", "--dest", str(dest)]) == 0
+    assert "the weights' log RMS read relative to a width-scaled init" in capsys.readouterr().out
     ramp = tmp_path / "ramp"
     assert main([*args.split(), "--meta-loss-ramp", "4", "--out", str(ramp), "--no-progress"]) == 0
     assert ship([str(ramp), "my-mlp-ramp", "--dest", str(dest)]) == 0
@@ -569,23 +574,31 @@ def test_cli_bad_input(tmp_path):
     assert not (tmp_path / "z").exists()
 
 
-def test_neuron_stats_flag_trains_the_statistics_coefficients(tmp_path):
+@pytest.mark.parametrize("width_free", [False, True])
+def test_neuron_stats_flag_trains_the_statistics_coefficients(width_free, tmp_path):
     """--neuron-stats builds an NFN whose log-magnitude reads neuron
-    statistics, trains their coefficients from 0, keeps the setting on
-    --resume; with --net mlp it is refused before anything is written."""
+    statistics (--width-free-stats: the weights' relative to a width-scaled
+    init), trains their coefficients from 0, keeps the setting on --resume;
+    with --net mlp, or width-free without the statistics, it is refused
+    before anything is written."""
     from meta_train.__main__ import main
 
     out = tmp_path / "run"
-    args = f"{TINY_MAGNITUDE_NFN} --neuron-stats --no-progress --out {out}"
+    flags = "--neuron-stats --width-free-stats" if width_free else "--neuron-stats"
+    args = f"{TINY_MAGNITUDE_NFN} {flags} --no-progress --out {out}"
     assert main(args.split()) == 0
     net, meta = lopt.load(out / "optimizer.pt")
     assert net.neuron_stats and meta["config"]["neuron_stats"] is True
+    assert net.width_free_stats is width_free
+    assert meta["config"]["width_free_stats"] is width_free
     assert (net.stat_weight.abs() > 0.01).any()
     assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
-    assert lopt.load(out / "optimizer.pt")[0].neuron_stats
+    assert lopt.load(out / "optimizer.pt")[0].width_free_stats is width_free
     bad = tmp_path / "bad"
     with pytest.raises(SystemExit, match="--neuron-stats is for --net nfn"):
         main(["--net", "mlp", "--neuron-stats", "--family", "mlp-gmm", "--out", str(bad)])
+    with pytest.raises(SystemExit, match="--width-free-stats changes what --neuron-stats read"):
+        main(["--net", "nfn", "--width-free-stats", "--family", "mlp-gmm", "--out", str(bad)])
     assert not bad.exists()
 
 

@@ -1,6 +1,7 @@
 """Learned optimizers as torch.optim optimizers."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -612,13 +613,17 @@ def test_magnitude_only_nf_layer_is_a_both_net_with_no_direction_term(arch, tmp_
         NFNNet(nf_outputs="dir")
 
 
-def naive_stat_log_factor(t, p, g, adam, w):
+def naive_stat_log_factor(t, p, g, adam, w, width_free=False):
     """The log-factor neuron statistics put on the learned term, entry by
     entry from explicit loops over rows and columns (the reference for
     lopt.nets.neuron_stats)."""
-    from lopt.nets import STAT_FLOOR, STAT_POOLS
+    from lopt.nets import FAN_IN_REF, STAT_FLOOR, STAT_POOLS
 
     f2 = STAT_FLOOR**2
+    fan_in = 1
+    for n in t.shape[1:]:
+        fan_in *= n
+    shift = 0.5 * math.log(fan_in / FAN_IN_REF) if width_free and len(t.shape) >= 2 else 0.0
     P, G, D = (x.reshape(t.view) for x in (p, g, adam))
     g_all = G.pow(2).mean()
     gf = f2 * g_all + 1e-30
@@ -627,7 +632,7 @@ def naive_stat_log_factor(t, p, g, adam, w):
         rel = 0.5 * torch.log(G[sel].pow(2).mean() + gf) - 0.5 * torch.log(g_all + gf)
         return torch.stack(
             [
-                0.5 * torch.log(P[sel].pow(2).mean() + f2),
+                0.5 * torch.log(P[sel].pow(2).mean() + f2) + shift,
                 0.5 * torch.log(D[sel].pow(2).mean() + f2),
                 rel,
             ]
@@ -645,17 +650,23 @@ def naive_stat_log_factor(t, p, g, adam, w):
     return out
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_neuron_stats_rescale_the_learned_term_by_per_neuron_norms(arch, tmp_path):
+@pytest.mark.parametrize(
+    "arch,width_free", [("mlp", False), ("cnn", False), ("mlp", True), ("cnn", True)]
+)
+def test_neuron_stats_rescale_the_learned_term_by_per_neuron_norms(arch, width_free, tmp_path):
     """neuron_stats=True: the learned term is the same net's without them
     times exp(a linear map of per-row, per-column and per-tensor log norms),
-    checked against loops; zero coefficients change nothing and nf_scale=0
-    removes them; it trains equivariantly and loss-scale invariantly, and is
-    saved with its setting."""
+    checked against loops (with width_free_stats, the weights' log norm
+    relative to a width-scaled init); zero coefficients change nothing and
+    nf_scale=0 removes them; it trains equivariantly and loss-scale
+    invariantly, and is saved with its setting."""
     torch.manual_seed(4)
     model, x, y = small_model(arch)
     spec = WeightSpaceSpec.from_module(model)
-    on = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3, neuron_stats=True)
+    on = NFNNet(
+        out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3, neuron_stats=True,
+        width_free_stats=width_free,
+    )  # fmt: skip
     off = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3)
     off.load_state_dict({k: v for k, v in on.state_dict().items() if k != "stat_weight"})
     params = [p.detach() for p in model.parameters()]
@@ -685,7 +696,9 @@ def test_neuron_stats_rescale_the_learned_term_by_per_neuron_norms(arch, tmp_pat
     for i, t in enumerate(spec.tensors):
         m, v = s2["momenta"][i][features.ADAM_MOMENTUM], s2["second_moment"][i]
         adam = m / c1 / ((v / c2).sqrt() + features.EPS)
-        log_f = naive_stat_log_factor(t, params[i], grads[i], adam, on.stat_weight.detach())
+        log_f = naive_stat_log_factor(
+            t, params[i], grads[i], adam, on.stat_weight.detach(), width_free
+        )
         want = (u_off[i] - base[i]) * log_f.exp().reshape(t.shape)
         torch.testing.assert_close(u_on[i] - base[i], want, rtol=1e-4, atol=1e-9)
         changed += (u_on[i] - u_off[i]).abs().sum().item()
@@ -707,5 +720,28 @@ def test_neuron_stats_rescale_the_learned_term_by_per_neuron_norms(arch, tmp_pat
     lopt.save(on, tmp_path / "on.pt")
     back, _ = lopt.load(tmp_path / "on.pt")
     assert back.neuron_stats and back.config["neuron_stats"] is True
+    assert back.width_free_stats is width_free
+    assert ("width_free_stats" in back.config) is width_free
     assert torch.equal(back.stat_weight, on.stat_weight)
     assert "neuron_stats" not in off.config and not off.neuron_stats
+
+
+def test_width_free_weight_statistic_reads_the_same_at_init_across_widths():
+    """At a default init, a layer 4x wider has weights half the RMS: the raw
+    log-RMS statistic falls by log 2 with width, the width-free one does not
+    (to within sampling); a width-free net without statistics is refused."""
+    from lopt.nets import neuron_stats
+
+    torch.manual_seed(0)
+    raw, free = {}, {}
+    for fan_in in (64, 256):
+        layer = nn.Linear(fan_in, 128)
+        t = WeightSpaceSpec.from_module(layer).tensors[0]
+        w = layer.weight.detach()
+        ones = torch.ones_like(w)
+        raw[fan_in] = neuron_stats(t, w, ones, ones)["tensor"][..., 0].item()
+        free[fan_in] = neuron_stats(t, w, ones, ones, width_free=True)["tensor"][..., 0].item()
+    assert raw[64] - raw[256] == pytest.approx(math.log(2), abs=0.02)
+    assert free[64] == pytest.approx(free[256], abs=0.02)
+    with pytest.raises(ValueError, match="width_free_stats needs neuron_stats=True"):
+        NFNNet(width_free_stats=True)
