@@ -620,9 +620,7 @@ def naive_stat_log_factor(t, p, g, adam, w, width_free=False):
     from lopt.nets import FAN_IN_REF, STAT_FLOOR, STAT_POOLS
 
     f2 = STAT_FLOOR**2
-    fan_in = 1
-    for n in t.shape[1:]:
-        fan_in *= n
+    fan_in = math.prod(t.shape[1:])
     shift = 0.5 * math.log(fan_in / FAN_IN_REF) if width_free and len(t.shape) >= 2 else 0.0
     P, G, D = (x.reshape(t.view) for x in (p, g, adam))
     g_all = G.pow(2).mean()
