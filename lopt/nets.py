@@ -18,7 +18,9 @@ factor 1 (muP's rule: its fan-in is the data's, not a width). With
 of every weight of 2+ axes loses its component along the weight, row by row
 (per output neuron or channel), so only Adam's part changes the rows' norms
 to first order: short unrolls reward nets that inflate weights (larger logits
-lower the loss fast), which later destabilises deep networks. The net learns a
+lower the loss fast), which later destabilises deep networks. With ``step_cap`` above 0 a weight's
+whole update is scaled down to at most ``step_cap`` times the weight's norm
+(a guard against isolated huge steps on networks unlike the family's). The net learns a
 correction on top of Adam (as the UNF paper's net does on top of SGD with
 momentum), and its output layer starts near zero, so a fresh net is a sane,
 slow optimizer. Every input is loss-scale invariant, so the update is too.
@@ -149,11 +151,21 @@ def tangent_correction(u: Tensor, base: Tensor, param: Tensor) -> Tensor:
     return u - (along * w).reshape(u.shape)
 
 
+def cap_step(u: Tensor, param: Tensor, cap: float) -> Tensor:
+    """``u`` scaled down, if needed, to a norm of at most ``cap * |param|``;
+    tensors of fewer than 2 axes (biases, which may start at 0) unchanged."""
+    if param.dim() < 2:
+        return u
+    # Smooth in u away from the bound; no division by a zero update.
+    scale = torch.clamp(cap * param.norm() / (u.norm() + 1e-30), max=1.0)
+    return u * scale
+
+
 class OptimizerNet(nn.Module):
     """Base class: the update formula; subclasses define :meth:`body`."""
 
     SWITCHES = ("input_width_factor", "radial_correction")  # may change after training
-    CONSTANTS: tuple[str, ...] = ()  # unlearned numbers that may change after training
+    CONSTANTS: tuple[str, ...] = ("step_cap",)  # unlearned numbers that may change after training
 
     def __init__(
         self,
@@ -167,6 +179,7 @@ class OptimizerNet(nn.Module):
         input_width_factor: bool = True,
         radial_correction: bool = True,
         ortho_lr: float | None = None,
+        step_cap: float = 0.0,
     ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
@@ -187,6 +200,7 @@ class OptimizerNet(nn.Module):
             radial_correction=bool(radial_correction),
             ortho_lr=None if ortho_lr is None else float(ortho_lr),
         )
+        self.step_cap = step_cap  # validated, and absent from the config while 0 (older files)
         self.mag_mult = mag_mult
         if ortho_lr is not None:
             self.log_ortho_lr = nn.Parameter(torch.tensor(math.log(ortho_lr)))
@@ -219,6 +233,26 @@ class OptimizerNet(nn.Module):
     @radial_correction.setter
     def radial_correction(self, on: bool) -> None:
         self._config["radial_correction"] = bool(on)
+
+    @property
+    def step_cap(self) -> float:
+        """The most a weight (a tensor of 2+ axes) may move in one step,
+        relative to its norm: an update longer than ``step_cap * |W|`` is
+        scaled down to that length, direction kept (a LAMB-style bound on
+        the trust ratio). 0: off (the default). A guard for networks unlike
+        those of meta-training, where a net meta-trained on small ones can
+        take isolated steps many times a layer's norm."""
+        return self._config.get("step_cap", 0.0)
+
+    @step_cap.setter
+    def step_cap(self, value: float) -> None:
+        value = float(value)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"step_cap must be a finite number >= 0 (0: off), got {value}")
+        if value:
+            self._config["step_cap"] = value
+        else:
+            self._config.pop("step_cap", None)
 
     def width_log_ratio(self, spec: WeightSpaceSpec, t: TensorSpec) -> float:
         """:func:`width_log_ratio`, or 0 for a layer reading the network's
@@ -313,6 +347,8 @@ class OptimizerNet(nn.Module):
             if o:
                 m = momenta[i][ADAM_MOMENTUM]
                 updates[i] = updates[i] - self.log_ortho_lr.exp() * ortho.direction(grads[i], m)
+        if self.step_cap:
+            updates = [cap_step(u, p, self.step_cap) for u, p in zip(updates, params)]
         return updates
 
     @staticmethod
@@ -553,7 +589,7 @@ class NFNNet(OptimizerNet):
             :func:`neuron_stats`), so its term does not change with width.
     """
 
-    CONSTANTS = ("nf_scale",)
+    CONSTANTS = (*OptimizerNet.CONSTANTS, "nf_scale")
     NF_OUTPUTS = ("both", "magnitude")
 
     def __init__(

@@ -17,6 +17,7 @@ import argparse
 import difflib
 import fnmatch
 import json
+import math
 import os
 import platform
 import sys
@@ -51,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "nf_outputs": "both",
     "neuron_stats": False,
     "width_free_stats": False,
+    "step_cap": 0.0,
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
@@ -139,6 +141,12 @@ def parser() -> argparse.ArgumentParser:
         "init, so that a wider layer than any meta-trained on reads the same (default off)",
     )
     a(
+        "--step-cap",
+        type=float,
+        help="scale down any weight's update longer than this fraction of the weight's norm "
+        "(default 0: off); the optimizer nets' step_cap, also settable after training",
+    )
+    a(
         "--init-from",
         help="start from the weights of a saved optimizer net (a path or shipped name): "
         "every tensor of the same name and shape is copied, e.g. an mlp net's per-entry "
@@ -225,6 +233,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--neuron-stats is for --net nfn (a per-entry net cannot pool a neuron)")
     if cfg.get("width_free_stats") and not cfg.get("neuron_stats"):
         raise SystemExit("--width-free-stats changes what --neuron-stats read; give both")
+    if not (math.isfinite(cfg["step_cap"]) and cfg["step_cap"] >= 0):
+        raise SystemExit(f"--step-cap must be a finite number >= 0 (0: off), got {cfg['step_cap']}")
     if cfg["family"] not in FAMILIES and cfg["family"] not in TASKS:
         get_family(cfg["family"])  # raises with close names
     return cfg
@@ -253,6 +263,7 @@ def build(
         input_width_factor=cfg.get("input_width_factor", True),
         radial_correction=cfg.get("radial_correction", True),
         ortho_lr=cfg["init_ortho_lr"],
+        step_cap=cfg.get("step_cap", 0.0),
         **extra,
     )
     if warm and cfg.get("init_from"):

@@ -135,7 +135,9 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
             else ""
         )
         + ("" if net.input_width_factor else "; input layers keep width factor 1")
-        + ("." if net.radial_correction else "; learned term tangent to weight rows."),
+        + ("" if net.radial_correction else "; learned term tangent to weight rows")
+        + (f"; each weight's step capped at {net.step_cap:g} of its norm" if net.step_cap else "")
+        + ".",
     ]
     if getattr(net, "neuron_stats", False):
         rows = [

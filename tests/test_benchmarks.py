@@ -342,6 +342,23 @@ def test_nf_scale_0_runs_the_nfn_as_its_per_entry_net(tmp_path):
         compare.learned(str(tmp_path / "mlp.pt"), {"nf_scale": 0})
 
 
+def test_set_step_cap_caps_a_learned_optimizers_steps(tmp_path):
+    """--set step_cap=C runs a saved net with its weights' steps capped at
+    C times their norm (a net of either kind), without touching the file."""
+    import lopt
+    from tasks import get_task
+
+    torch.manual_seed(0)
+    lopt.save(lopt.PerParamMLP(out_scale=1.0, step_mult=0.3), tmp_path / "mlp.pt")
+    task = get_task("mlp-gmm")
+    free = run(task, compare.learned(str(tmp_path / "mlp.pt"))[1], 10, 0, 10).train
+    capped = run(task, compare.learned(str(tmp_path / "mlp.pt"), {"step_cap": 1e-3})[1], 10, 0, 10)
+    assert abs(capped.train[-1] - free[-1]) > 1e-3
+    make = compare.learned(str(tmp_path / "mlp.pt"), {"step_cap": 1e-3})[1]
+    assert make(task.module_with(task.init(torch.Generator()))).net.step_cap == 1e-3
+    assert lopt.load(tmp_path / "mlp.pt")[0].step_cap == 0.0
+
+
 def test_ratio_interval_matches_the_stratified_normal_interval():
     """With many seeds per task the bootstrap interval is the normal one:
     exp(M +- 1.96 SE), SE^2 = sum over tasks of n_t var_t / N^2 (plug-in

@@ -743,3 +743,51 @@ def test_width_free_weight_statistic_reads_the_same_at_init_across_widths():
     assert free[64] == pytest.approx(free[256], abs=0.02)
     with pytest.raises(ValueError, match="width_free_stats needs neuron_stats=True"):
         NFNNet(width_free_stats=True)
+
+
+@pytest.mark.parametrize("kind,arch", [("mlp", "mlp"), ("nfn", "cnn"), ("nfn", "mlp")])
+def test_step_cap_bounds_each_weight_step_by_its_norm(kind, arch, tmp_path):
+    """step_cap=c: every tensor of 2+ axes moves by the uncapped update
+    times min(1, c |W| / |u|) (checked against that formula), biases as
+    without it; the NFN still trains equivariantly, and the setting is saved
+    (0: absent from the config, as in older files)."""
+    torch.manual_seed(5)
+    model, x, y = small_model(arch)
+    spec = WeightSpaceSpec.from_module(model)
+    cls = NFNNet if kind == "nfn" else PerParamMLP
+    free = cls(out_scale=1.0, step_mult=0.3, lr=1e-2)  # steps a good part of the weights
+    params = [p.detach() for p in model.parameters()]
+    grads = torch.autograd.grad(loss_of(model, x, y), list(model.parameters()))
+    with torch.no_grad():
+        u_free, _ = functional.update(free, spec, None, grads, functional.init(params), params)
+    ratios = [(u.norm() / p.norm()).item() for u, p in zip(u_free, params) if p.dim() >= 2]
+    cap = sorted(ratios)[len(ratios) // 2]  # binds on some weights, not on others
+    capped = copy.deepcopy(free)
+    capped.step_cap = cap
+    with torch.no_grad():
+        u_cap, _ = functional.update(capped, spec, None, grads, functional.init(params), params)
+    bound = 0
+    for u, v, p in zip(u_free, u_cap, params):
+        if p.dim() < 2:
+            torch.testing.assert_close(v, u, rtol=0, atol=0)
+            continue
+        torch.testing.assert_close(v, u * min(1.0, cap * p.norm().item() / u.norm().item()))
+        assert v.norm() <= cap * p.norm() * (1 + 1e-5)
+        bound += bool(u.norm() > cap * p.norm())
+    assert 0 < bound < len(ratios)
+    if kind == "nfn":
+        assert_trains_equivariantly(model, capped, x, y)
+    lopt.save(capped, tmp_path / "capped.pt")
+    back, _ = lopt.load(tmp_path / "capped.pt")
+    assert back.step_cap == cap and back.config["step_cap"] == cap
+    assert "step_cap" not in free.config and free.step_cap == 0.0
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
+def test_step_cap_refuses_negative_or_non_finite_values(value):
+    with pytest.raises(ValueError, match="step_cap must be a finite number >= 0"):
+        PerParamMLP(step_cap=value)
+    net = NFNNet(step_cap=0.1)
+    with pytest.raises(ValueError, match="step_cap must be a finite number >= 0"):
+        net.step_cap = value
+    assert net.step_cap == 0.1 and net.config["step_cap"] == 0.1
