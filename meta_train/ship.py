@@ -139,6 +139,13 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         + (f"; each weight's step capped at {net.step_cap:g} of its norm" if net.step_cap else "")
         + ".",
     ]
+    shipped_with = meta.get("set_when_shipped") or {}
+    if shipped_with:
+        lines.append(
+            "* Set when shipped, after meta-training without it: "
+            + ", ".join(f"{k} {v:g}" for k, v in shipped_with.items())
+            + "."
+        )
     if getattr(net, "neuron_stats", False):
         rows = [
             f"{pool} ({', '.join(f'{w:+.3f}' for w in ws.tolist())})"
@@ -163,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", type=Path, help="a meta_train output folder (or an optimizer.pt)")
     p.add_argument("name", help="the shipped name: lopt/pretrained/NAME.pt")
     p.add_argument("--max-mb", type=float, default=5.0, help="refuse larger files (5)")
+    p.add_argument(
+        "--step-cap",
+        type=float,
+        help="ship the net with this step_cap (each weight's step at most this fraction of "
+        "its norm), a guard chosen after meta-training; recorded in the file and the card",
+    )
     p.add_argument("--dest", type=Path, default=PRETRAINED_DIR, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     src = args.run / "optimizer.pt" if args.run.is_dir() else args.run
@@ -171,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.name or "/" in args.name or args.name.endswith(".pt"):
         raise SystemExit(f"name {args.name!r}: give a bare name like nfn-small")
     net, meta = lopt.load(src)
+    if args.step_cap is not None and args.step_cap != net.step_cap:
+        try:
+            net.step_cap = args.step_cap
+        except ValueError as e:
+            raise SystemExit(f"--step-cap: {e}") from e
+        meta["set_when_shipped"] = {**meta.get("set_when_shipped", {}), "step_cap": net.step_cap}
     history_file = src.parent / "history.jsonl"
     if "history" not in meta and history_file.is_file():
         meta["history"] = [json.loads(x) for x in history_file.read_text().splitlines() if x]

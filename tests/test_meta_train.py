@@ -434,6 +434,17 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     assert main([*nfn.split(), "--width-free-stats", "--out", str(free), "--no-progress"]) == 0
     assert ship([str(free), "my-nfn-free", "--dest", str(dest)]) == 0
     assert "the weights' log RMS read relative to a width-scaled init" in capsys.readouterr().out
+    assert "capped" not in card and "Set when shipped" not in card
+    assert ship([str(free), "my-nfn-capped", "--step-cap", "0.03", "--dest", str(dest)]) == 0
+    capped_card = capsys.readouterr().out
+    assert "each weight's step capped at 0.03 of its norm." in capped_card
+    assert "* Set when shipped, after meta-training without it: step_cap 0.03." in capped_card
+    capped, meta = lopt.load(dest / "my-nfn-capped.pt")
+    assert capped.step_cap == 0.03 and meta["set_when_shipped"] == {"step_cap": 0.03}
+    assert lopt.load(free / "optimizer.pt")[0].step_cap == 0.0  # the run's own file untouched
+    with pytest.raises(SystemExit, match="--step-cap: step_cap must be a finite number >= 0"):
+        ship([str(free), "my-nfn-bad", "--step-cap", "-1", "--dest", str(dest)])
+    assert not (dest / "my-nfn-bad.pt").exists()
     ramp = tmp_path / "ramp"
     assert main([*args.split(), "--meta-loss-ramp", "4", "--out", str(ramp), "--no-progress"]) == 0
     assert ship([str(ramp), "my-mlp-ramp", "--dest", str(dest)]) == 0
