@@ -20,7 +20,12 @@ ranks by that task alone. Pick on a suite of tasks the family samples
         --out runs/val-nfn-broad
 
 Writes the comparison's files to ``--out`` and ``ranking.md`` (the table it
-prints); the best snapshot's path is its last line.
+prints); the best snapshot's path is its last line. Several runs (one per
+seed, say) are ranked together, to pick the one net to ship among them;
+``--set`` applies to every net as in :mod:`benchmarks.compare`:
+
+    python -m benchmarks.snapshots runs/a-s46 runs/a-s47 --every 1500 --set step_cap=0.03 \
+        --baselines-from runs/val-base --out runs/val-a
 """
 
 from __future__ import annotations
@@ -109,7 +114,13 @@ def ranking(summary: dict, labels: list[str]) -> list[tuple[str, float, float, i
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("run", type=Path, help="a meta_train --out folder")
+    p.add_argument(
+        "run",
+        type=Path,
+        nargs="+",
+        help="a meta_train --out folder; several (e.g. one per seed) are ranked together, "
+        "each net labelled FOLDER-LABEL",
+    )
     p.add_argument("--suite", default="validation", help="the tasks to rank on (validation)")
     p.add_argument("--steps", type=int, default=200, help="the horizon (200)")
     p.add_argument("--seeds", type=int, default=3)
@@ -129,24 +140,39 @@ def main(argv: list[str] | None = None) -> Path:
         help="rank only the snapshots up to outer step N (and the final net if it is no "
         "later): two runs picked at the same meta-training budget",
     )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="as in benchmarks.compare, on every net (e.g. step_cap=0.03)",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    found = snapshots(args.run, args.every, args.max_step)
-    if not found:
-        raise SystemExit(
-            f"{args.run}: no snapshots/optimizer-*.pt and no optimizer.pt "
-            "(meta-train with --snapshot-every N)"
-        )
+    if len({r.name for r in args.run}) != len(args.run):
+        raise SystemExit(f"runs must have distinct folder names, got {[str(r) for r in args.run]}")
+    found = []
+    for run in args.run:
+        nets = snapshots(run, args.every, args.max_step)
+        if not nets:
+            raise SystemExit(
+                f"{run}: no snapshots/optimizer-*.pt and no optimizer.pt "
+                "(meta-train with --snapshot-every N)"
+            )
+        found += [(f"{run.name}-{lab}" if len(args.run) > 1 else lab, p) for lab, p in nets]
     cmd = ["--suite", args.suite, "--steps", str(args.steps), "--seeds", str(args.seeds)]
     cmd += ["--factors", "1", "--out", str(args.out), "--weights"]
     cmd += [f"{label}={path}" for label, path in found]
     if args.baselines_from is not None:
         cmd += ["--baselines-from", str(args.baselines_from)]
+    if args.set:
+        cmd += ["--set", *args.set]
     summary = compare.main(cmd)
     ranked = ranking(summary, [label for label, _ in found])
     paths = dict(found)
     lines = [
-        f"## Snapshots of {args.run} on {args.suite} (horizon {args.steps}, {args.seeds} seeds)",
+        f"## Snapshots of {', '.join(map(str, args.run))} on {args.suite} "
+        f"(horizon {args.steps}, {args.seeds} seeds)",
         "",
         "| snapshot | steps to Adam's loss (mean) | loss / Adam's (geometric mean, "
         f"clipped to [{1 / CLIP:g}, {CLIP:g}]) | beats Adam @1x | diverged |",

@@ -589,6 +589,20 @@ def test_snapshots_ranks_a_runs_nets_on_a_suite(tmp_path):
     text = (out / "ranking.md").read_text()
     assert text.index("| step20 |") < text.index("| step10 |")
     assert text.strip().endswith(f"best: {best}")
+    # Two runs ranked together, labelled by folder, --set passed to every net.
+    other = tmp_path / "other"
+    (other / "snapshots").mkdir(parents=True)
+    slow = lopt.PerParamMLP(lr=1e-7, step_mult=1e-7)
+    lopt.save(slow, other / "snapshots" / "optimizer-000020.pt")
+    both = tmp_path / "both"
+    args = [str(other), str(run), *args[1:-1], str(both), "--every", "20", "--set", "step_cap=0.5"]
+    assert snapshots.main(args) == run / "snapshots" / "optimizer-000020.pt"
+    text = (both / "ranking.md").read_text()
+    assert text.index("| run-step20 |") < text.index("| other-step20 |")
+    assert "step10" not in text
+    assert json.loads((both / "meta.json").read_text())["set"] == {"step_cap": 0.5}
+    with pytest.raises(SystemExit, match="distinct folder names"):
+        snapshots.main([str(run), str(run), "--out", str(both)])
 
     def entry(ratio, steps):
         return {"normalised": ratio, "steps_to_baseline": steps}
