@@ -18,9 +18,11 @@ factor 1 (muP's rule: its fan-in is the data's, not a width). With
 of every weight of 2+ axes loses its component along the weight, row by row
 (per output neuron or channel), so only Adam's part changes the rows' norms
 to first order: short unrolls reward nets that inflate weights (larger logits
-lower the loss fast), which later destabilises deep networks. With ``step_cap`` above 0 a weight's
-whole update is scaled down to at most ``step_cap`` times the weight's norm
-(a guard against isolated huge steps on networks unlike the family's). The net learns a
+lower the loss fast), which later destabilises deep networks. With
+``step_cap`` above 0 the learned term of a weight's update is scaled down
+to at most ``step_cap`` times the weight's norm (a guard against isolated
+huge learned steps on networks unlike the family's; Adam's part is left as
+it is). The net learns a
 correction on top of Adam (as the UNF paper's net does on top of SGD with
 momentum), and its output layer starts near zero, so a fresh net is a sane,
 slow optimizer. Every input is loss-scale invariant, so the update is too.
@@ -151,14 +153,13 @@ def tangent_correction(u: Tensor, base: Tensor, param: Tensor) -> Tensor:
     return u - (along * w).reshape(u.shape)
 
 
-def cap_step(u: Tensor, param: Tensor, cap: float) -> Tensor:
-    """``u`` scaled down, if needed, to a norm of at most ``cap * |param|``;
-    tensors of fewer than 2 axes (biases, which may start at 0) unchanged."""
-    if param.dim() < 2:
-        return u
-    # Smooth in u away from the bound; no division by a zero update.
-    scale = torch.clamp(cap * param.norm() / (u.norm() + 1e-30), max=1.0)
-    return u * scale
+def cap_learned_term(u: Tensor, base: Tensor, param: Tensor, cap: float) -> Tensor:
+    """``u`` with its learned term (``u`` minus the base optimizer's part
+    ``base``) scaled down, if needed, to a norm of at most ``cap * |param|``."""
+    learned = u - base
+    # Smooth in u away from the bound; no division by a zero term.
+    scale = torch.clamp(cap * param.norm() / (learned.norm() + 1e-30), max=1.0)
+    return base + learned * scale
 
 
 class OptimizerNet(nn.Module):
@@ -236,12 +237,14 @@ class OptimizerNet(nn.Module):
 
     @property
     def step_cap(self) -> float:
-        """The most a weight (a tensor of 2+ axes) may move in one step,
-        relative to its norm: an update longer than ``step_cap * |W|`` is
-        scaled down to that length, direction kept (a LAMB-style bound on
-        the trust ratio). 0: off (the default). A guard for networks unlike
-        those of meta-training, where a net meta-trained on small ones can
-        take isolated steps many times a layer's norm."""
+        """The most the learned term (the update minus the base optimizer's
+        part: Adam's, or the orthogonalised momentum's) may move a weight (a
+        tensor of 2+ axes) in one step, relative to its norm: a longer one
+        is scaled down to ``step_cap * |W|``, direction kept (a LAMB-style
+        bound on its trust ratio); the base part is untouched. 0: off (the
+        default). A guard for networks unlike those of meta-training, where
+        a net meta-trained on small ones can take isolated learned steps
+        many times a layer's norm."""
         return self._config.get("step_cap", 0.0)
 
     @step_cap.setter
@@ -336,19 +339,22 @@ class OptimizerNet(nn.Module):
         updates = []
         for x, chunks in zip(inputs, outs):
             tangent = not self.radial_correction and x.t.kind == "weight" and x.param.dim() >= 2
+            capped = bool(self.step_cap) and x.param.dim() >= 2
             # _finish adds the learned term into Adam's part in place (fused).
-            bases = [base.clone() for _, base, _ in chunks] if tangent else []
+            bases = [base.clone() for _, base, _ in chunks] if tangent or capped else []
             ups = [self._finish(x.t, o, base, terms, fused) for o, base, terms in chunks]
             u = (ups[0] if len(ups) == 1 else torch.cat(ups)).reshape(x.param.shape)
+            if bases:
+                base = torch.cat(bases).reshape(u.shape)
             if tangent:
-                u = tangent_correction(u, torch.cat(bases).reshape(u.shape), x.param)
+                u = tangent_correction(u, base, x.param)
+            if capped:
+                u = cap_learned_term(u, base, x.param, self.step_cap)
             updates.append(u)
         for i, o in enumerate(on_ortho):
             if o:
                 m = momenta[i][ADAM_MOMENTUM]
                 updates[i] = updates[i] - self.log_ortho_lr.exp() * ortho.direction(grads[i], m)
-        if self.step_cap:
-            updates = [cap_step(u, p, self.step_cap) for u, p in zip(updates, params)]
         return updates
 
     @staticmethod

@@ -143,8 +143,9 @@ def parser() -> argparse.ArgumentParser:
     a(
         "--step-cap",
         type=float,
-        help="scale down any weight's update longer than this fraction of the weight's norm "
-        "(default 0: off); the optimizer nets' step_cap, also settable after training",
+        help="scale down the learned term of any weight's update where it is longer than "
+        "this fraction of the weight's norm (default 0: off; Adam's part is kept); the "
+        "optimizer nets' step_cap, also settable after training",
     )
     a(
         "--init-from",

@@ -136,7 +136,11 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         )
         + ("" if net.input_width_factor else "; input layers keep width factor 1")
         + ("" if net.radial_correction else "; learned term tangent to weight rows")
-        + (f"; each weight's step capped at {net.step_cap:g} of its norm" if net.step_cap else "")
+        + (
+            f"; learned term capped at {net.step_cap:g} of each weight's norm per step"
+            if net.step_cap
+            else ""
+        )
         + ".",
     ]
     shipped_with = meta.get("set_when_shipped") or {}
@@ -173,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--step-cap",
         type=float,
-        help="ship the net with this step_cap (each weight's step at most this fraction of "
-        "its norm), a guard chosen after meta-training; recorded in the file and the card",
+        help="ship the net with this step_cap (each weight's learned step at most this "
+        "fraction of its norm), a guard chosen after meta-training; recorded in the file "
+        "and the card",
     )
     p.add_argument("--dest", type=Path, default=PRETRAINED_DIR, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

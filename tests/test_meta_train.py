@@ -437,7 +437,7 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     assert "capped" not in card and "Set when shipped" not in card
     assert ship([str(free), "my-nfn-capped", "--step-cap", "0.03", "--dest", str(dest)]) == 0
     capped_card = capsys.readouterr().out
-    assert "each weight's step capped at 0.03 of its norm." in capped_card
+    assert "learned term capped at 0.03 of each weight's norm per step." in capped_card
     assert "* Set when shipped, after meta-training without it: step_cap 0.03." in capped_card
     capped, meta = lopt.load(dest / "my-nfn-capped.pt")
     assert capped.step_cap == 0.03 and meta["set_when_shipped"] == {"step_cap": 0.03}

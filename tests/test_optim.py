@@ -745,36 +745,56 @@ def test_width_free_weight_statistic_reads_the_same_at_init_across_widths():
         NFNNet(width_free_stats=True)
 
 
-@pytest.mark.parametrize("kind,arch", [("mlp", "mlp"), ("nfn", "cnn"), ("nfn", "mlp")])
-def test_step_cap_bounds_each_weight_step_by_its_norm(kind, arch, tmp_path):
-    """step_cap=c: every tensor of 2+ axes moves by the uncapped update
-    times min(1, c |W| / |u|) (checked against that formula), biases as
-    without it; the NFN still trains equivariantly, and the setting is saved
-    (0: absent from the config, as in older files)."""
+@pytest.mark.parametrize(
+    "kind,arch,ortho_lr", [("mlp", "mlp", None), ("mlp", "mlp", 0.05), ("nfn", "cnn", None)]
+)
+def test_step_cap_bounds_each_weights_learned_step_by_its_norm(kind, arch, ortho_lr, tmp_path):
+    """step_cap=c: on every tensor of 2+ axes the learned term (the update
+    minus the base part: Adam's, or the orthogonalised momentum's) is scaled
+    by min(1, c |W| / |learned|) (checked against that formula), the base
+    part and the biases are as without it; the NFN still trains
+    equivariantly, and the setting is saved (0: absent from the config, as
+    in older files)."""
     torch.manual_seed(5)
     model, x, y = small_model(arch)
     spec = WeightSpaceSpec.from_module(model)
     cls = NFNNet if kind == "nfn" else PerParamMLP
-    free = cls(out_scale=1.0, step_mult=0.3, lr=1e-2)  # steps a good part of the weights
+    free = cls(out_scale=1.0, step_mult=0.3, lr=1e-2, ortho_lr=ortho_lr)  # large learned steps
     params = [p.detach() for p in model.parameters()]
     grads = torch.autograd.grad(loss_of(model, x, y), list(model.parameters()))
-    with torch.no_grad():
-        u_free, _ = functional.update(free, spec, None, grads, functional.init(params), params)
-    ratios = [(u.norm() / p.norm()).item() for u, p in zip(u_free, params) if p.dim() >= 2]
+
+    def step(net, **theta):
+        theta = {**dict(net.named_parameters()), **theta}
+        with torch.no_grad():
+            return functional.update(net, spec, theta, grads, functional.init(params), params)[0]
+
+    u_free, base = step(free), step(free, log_step_mult=torch.tensor(-1e9))
+    ratios = [
+        ((u - b).norm() / p.norm()).item() for u, b, p in zip(u_free, base, params) if p.dim() >= 2
+    ]
     cap = sorted(ratios)[len(ratios) // 2]  # binds on some weights, not on others
     capped = copy.deepcopy(free)
     capped.step_cap = cap
-    with torch.no_grad():
-        u_cap, _ = functional.update(capped, spec, None, grads, functional.init(params), params)
+    u_cap = step(capped)
     bound = 0
-    for u, v, p in zip(u_free, u_cap, params):
+    for u, v, b, p in zip(u_free, u_cap, base, params):
         if p.dim() < 2:
             torch.testing.assert_close(v, u, rtol=0, atol=0)
             continue
-        torch.testing.assert_close(v, u * min(1.0, cap * p.norm().item() / u.norm().item()))
-        assert v.norm() <= cap * p.norm() * (1 + 1e-5)
-        bound += bool(u.norm() > cap * p.norm())
+        learned = u - b
+        want = b + learned * min(1.0, cap * p.norm().item() / learned.norm().item())
+        torch.testing.assert_close(v, want)
+        assert (v - b).norm() <= cap * p.norm() * (1 + 1e-5)
+        bound += bool(learned.norm() > cap * p.norm())
     assert 0 < bound < len(ratios)
+    # The optimizer class (fused per-entry path where it can) takes the same step.
+    twin = copy.deepcopy(model)
+    opt_cls = lopt.NFNOptimizer if kind == "nfn" else lopt.MLPOptimizer
+    opt = opt_cls(twin.parameters(), net=capped, model=twin)
+    loss_of(twin, x, y).backward()
+    opt.step()
+    for p0, p1, v in zip(params, twin.parameters(), u_cap):
+        torch.testing.assert_close(p1.detach() - p0, v, rtol=1e-4, atol=1e-6)
     if kind == "nfn":
         assert_trains_equivariantly(model, capped, x, y)
     lopt.save(capped, tmp_path / "capped.pt")
