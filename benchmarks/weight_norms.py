@@ -10,7 +10,9 @@ window of ``cos(step, weight)``, the radial share of each step (0: the step
 is orthogonal to the weight; > 0: it grows it), and the mean relative step
 ``|step| / |weight|`` per weight: how far each layer moves per step, to set
 a learned optimizer's per-layer step sizes (its width factor) beside
-Adam's.
+Adam's, and the largest ``|step| / |weight|`` of any weight in the window:
+a single step that moves a layer by a large part of its norm, which a mean
+over the window hides.
 
     python -m benchmarks.weight_norms --task mlp-mnist1d-deep --steps 1000 \\
         --weights nfn-small mlp-small --adam-lr 1e-2 --out runs/weight-norms
@@ -41,12 +43,14 @@ def trace(
 ) -> list[dict]:
     """One run's rows: ``step``, ``loss`` (whole training split), ``norms``
     (one per weight), ``radial`` (mean cos(step, weight) per weight over
-    the steps since the previous row) and ``rel_step`` (mean |step| /
-    |weight| per weight over the same steps)."""
+    the steps since the previous row), ``rel_step`` (mean |step| /
+    |weight| per weight over the same steps) and ``max_rel_step`` (the
+    largest |step| / |weight| of any weight in any of those steps)."""
     model, opt, batches = start(task, make, seed)
     weights = [p for p in model.parameters() if p.dim() >= 2]
     radial = torch.zeros(len(weights))
     rel_step = torch.zeros(len(weights))
+    max_rel = 0.0
     count = 0
     rows = []
 
@@ -59,6 +63,7 @@ def trace(
                 "norms": [w.detach().norm().item() for w in weights],
                 "radial": (radial / max(count, 1)).tolist(),
                 "rel_step": (rel_step / max(count, 1)).tolist(),
+                "max_rel_step": max_rel,
             }
         )
 
@@ -73,14 +78,15 @@ def trace(
         radial += torch.stack(
             [F.cosine_similarity(d.flatten(), b.flatten(), dim=0) for d, b in zip(deltas, before)]
         )
-        rel_step += torch.stack(
-            [d.norm() / b.norm().clamp(min=1e-30) for d, b in zip(deltas, before)]
-        )
+        rel = torch.stack([d.norm() / b.norm().clamp(min=1e-30) for d, b in zip(deltas, before)])
+        rel_step += rel
+        max_rel = max(max_rel, rel.max().item())
         count += 1
         if step % every == 0 or step == steps:
             row(step)
             radial.zero_()
             rel_step.zero_()
+            max_rel = 0.0
             count = 0
     return rows
 
@@ -90,16 +96,17 @@ def markdown(task: str, results: dict[str, list[dict]]) -> str:
         f"## {task}: weight norms and cos(step, weight) per layer",
         "",
         "| optimizer | step | train loss | weight norms | mean cos(step, weight) since last row "
-        "| mean abs(step) / abs(weight) since last row |",
-        "|---|---|---|---|---|---|",
+        "| mean abs(step) / abs(weight) since last row | largest since last row |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, rows in results.items():
         for r in rows:
             norms = ", ".join(f"{n:.1f}" for n in r["norms"])
             radial = ", ".join(f"{c:.3f}" for c in r["radial"]) if r["step"] else "-"
             rel = ", ".join(f"{c:.1e}" for c in r["rel_step"]) if r["step"] else "-"
+            top = f"{r['max_rel_step']:.2g}" if r["step"] else "-"
             lines.append(
-                f"| {label} | {r['step']} | {r['loss']:.3f} | {norms} | {radial} | {rel} |"
+                f"| {label} | {r['step']} | {r['loss']:.3f} | {norms} | {radial} | {rel} | {top} |"
             )
     return "\n".join(lines) + "\n"
 

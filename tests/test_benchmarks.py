@@ -657,6 +657,7 @@ def test_weight_norms_trace_against_a_naive_run():
     for r in rows[1:]:
         assert r["radial"] == pytest.approx([1.0, 1.0], abs=1e-5)
         assert r["rel_step"] == pytest.approx([0.01, 0.01], rel=1e-3)
+        assert r["max_rel_step"] == pytest.approx(0.01, rel=1e-3)
         assert r["norms"] == pytest.approx(
             [n * 1.01 ** r["step"] for n in rows[0]["norms"]], rel=1e-5
         )
@@ -686,6 +687,8 @@ def test_weight_norms_trace_against_a_naive_run():
     assert rows[-1]["rel_step"] == pytest.approx(
         [sum(r[i] for r in rel) / 20 for i in range(2)], rel=1e-5
     )
+    assert rows[-1]["max_rel_step"] == pytest.approx(max(max(r) for r in rel), rel=1e-5)
+    assert rows[-1]["max_rel_step"] > rows[-1]["rel_step"][0]
     with pytest.raises(SystemExit, match="nothing to run"):
         weight_norms.main(["--task", "mlp-gmm", "--adam-lr", "0"])
 
