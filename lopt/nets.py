@@ -244,7 +244,8 @@ class OptimizerNet(nn.Module):
         bound on its trust ratio); the base part is untouched. 0: off (the
         default). A guard for networks unlike those of meta-training, where
         a net meta-trained on small ones can take isolated learned steps
-        many times a layer's norm."""
+        many times a layer's norm. A weight that is all zeros gets no
+        learned term until the base part has moved it."""
         return self._config.get("step_cap", 0.0)
 
     @step_cap.setter
