@@ -153,6 +153,15 @@ def tangent_correction(u: Tensor, base: Tensor, param: Tensor) -> Tensor:
     return u - (along * w).reshape(u.shape)
 
 
+def check_step_cap(value: float) -> float:
+    """``value`` as a float if it is a valid ``step_cap`` (finite, >= 0);
+    else ``ValueError``."""
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"step_cap must be a finite number >= 0 (0: off), got {value}")
+    return value
+
+
 def cap_learned_term(u: Tensor, base: Tensor, param: Tensor, cap: float) -> Tensor:
     """``u`` with its learned term (``u`` minus the base optimizer's part
     ``base``) scaled down, if needed, to a norm of at most ``cap * |param|``."""
@@ -250,9 +259,7 @@ class OptimizerNet(nn.Module):
 
     @step_cap.setter
     def step_cap(self, value: float) -> None:
-        value = float(value)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"step_cap must be a finite number >= 0 (0: off), got {value}")
+        value = check_step_cap(value)
         if value:
             self._config["step_cap"] = value
         else:

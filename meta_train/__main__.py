@@ -17,7 +17,6 @@ import argparse
 import difflib
 import fnmatch
 import json
-import math
 import os
 import platform
 import sys
@@ -29,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 import lopt
-from lopt.nets import NFNNet, PerParamMLP
+from lopt.nets import NFNNet, PerParamMLP, check_step_cap
 from meta_train.estimators import ESTIMATORS, make_estimator
 from meta_train.problems import LearnedOptimizerProblem
 from meta_train.stopping import StopRequests
@@ -234,8 +233,10 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--neuron-stats is for --net nfn (a per-entry net cannot pool a neuron)")
     if cfg.get("width_free_stats") and not cfg.get("neuron_stats"):
         raise SystemExit("--width-free-stats changes what --neuron-stats read; give both")
-    if not (math.isfinite(cfg["step_cap"]) and cfg["step_cap"] >= 0):
-        raise SystemExit(f"--step-cap must be a finite number >= 0 (0: off), got {cfg['step_cap']}")
+    try:
+        check_step_cap(cfg["step_cap"])
+    except ValueError as e:
+        raise SystemExit(f"--step-cap: {e}") from e
     if cfg["family"] not in FAMILIES and cfg["family"] not in TASKS:
         get_family(cfg["family"])  # raises with close names
     return cfg

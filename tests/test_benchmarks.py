@@ -351,10 +351,10 @@ def test_set_step_cap_caps_a_learned_optimizers_steps(tmp_path):
     torch.manual_seed(0)
     lopt.save(lopt.PerParamMLP(out_scale=1.0, step_mult=0.3), tmp_path / "mlp.pt")
     task = get_task("mlp-gmm")
-    free = run(task, compare.learned(str(tmp_path / "mlp.pt"))[1], 10, 0, 10).train
-    capped = run(task, compare.learned(str(tmp_path / "mlp.pt"), {"step_cap": 1e-3})[1], 10, 0, 10)
-    assert abs(capped.train[-1] - free[-1]) > 1e-3
     make = compare.learned(str(tmp_path / "mlp.pt"), {"step_cap": 1e-3})[1]
+    free = run(task, compare.learned(str(tmp_path / "mlp.pt"))[1], 10, 0, 10).train
+    capped = run(task, make, 10, 0, 10)
+    assert abs(capped.train[-1] - free[-1]) > 1e-3
     assert make(task.module_with(task.init(torch.Generator()))).net.step_cap == 1e-3
     assert lopt.load(tmp_path / "mlp.pt")[0].step_cap == 0.0
 

@@ -911,6 +911,6 @@ def test_step_cap_flag_meta_trains_a_capped_net(tmp_path):
     assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
     assert lopt.load(out / "optimizer.pt")[0].step_cap == 0.05
     bad = tmp_path / "bad"
-    with pytest.raises(SystemExit, match="--step-cap must be a finite number >= 0"):
+    with pytest.raises(SystemExit, match="--step-cap: step_cap must be a finite number >= 0"):
         main(["--step-cap", "-1", "--family", "mlp-gmm", "--out", str(bad)])
     assert not bad.exists()
