@@ -7,6 +7,7 @@
 #
 #   OUT=/tmp/gpu TRAIN_S=450 bash benchmarks/gpu_session.sh [CONFIG ...]
 #   SEEDS="43 44 45" OVERHEAD="--nfn nfn-ortho-v2 --mlp mlp-ortho" bash benchmarks/gpu_session.sh CONFIG ...
+#   SEEDS="50 51" KEEP_CHECKPOINTS=1 bash benchmarks/gpu_session.sh CONFIG ...   # finish on a CPU
 #
 # CONFIG names files in configs/ (default: every *-gpu.json); SEEDS trains
 # each CONFIG once per seed (--seed S, into runs/CONFIG-sS); OVERHEAD, when
@@ -28,6 +29,7 @@ POPULATIONS=${POPULATIONS-16 128}
 SEEDS=${SEEDS-}
 OVERHEAD=${OVERHEAD-}
 OVERHEAD_SLICES=${OVERHEAD_SLICES-}
+KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS-}
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -84,6 +86,14 @@ for run in "${runs[@]}"; do
     echo "$run: $(tr '\r' '\n' < "$OUT/logs/$run.log" | grep -E 'meta-train|wrote|Error' | tail -2)"
 done
 # At most 8 files come back from a lent machine: logs and tables go in the archive.
-tar czf "$OUT/runs.tgz" --exclude=checkpoint.pt "${runs[@]/#/runs/}" -C "$OUT" logs $(cd "$OUT" && find . -maxdepth 1 -type d -name 'overhead*')
+# KEEP_CHECKPOINTS=1 keeps each run's checkpoint.pt, so a CPU can finish it
+# (python -m meta_train --resume runs/NAME --device cpu); the archive then
+# comes back in parts under 15 MiB (cat runs.tgz.part-* | tar xz).
+exclude=(--exclude=checkpoint.pt)
+if [ -n "$KEEP_CHECKPOINTS" ]; then exclude=(); fi
+tar czf "$OUT/runs.tgz" "${exclude[@]}" "${runs[@]/#/runs/}" -C "$OUT" logs $(cd "$OUT" && find . -maxdepth 1 -type d -name 'overhead*')
+if [ "$(stat -c %s "$OUT/runs.tgz")" -gt $((15 * 1024 * 1024)) ]; then
+    split -b 15M "$OUT/runs.tgz" "$OUT/runs.tgz.part-" && rm "$OUT/runs.tgz"
+fi
 rm -rf "$OUT/logs" "$OUT"/overhead*/
 ls -la "$OUT"

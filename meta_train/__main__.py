@@ -256,18 +256,23 @@ def build(
             "neuron_stats": cfg.get("neuron_stats", False),
             "width_free_stats": cfg.get("width_free_stats", False),
         }
-    net = NETS[cfg["net"]](
-        width=cfg["width"],
-        depth=cfg["depth"],
-        lr=cfg["init_lr"],
-        step_mult=cfg["init_step_mult"],
-        fan_in_exp=cfg.get("init_fan_in_exp", 0.0),
-        input_width_factor=cfg.get("input_width_factor", True),
-        radial_correction=cfg.get("radial_correction", True),
-        ortho_lr=cfg["init_ortho_lr"],
-        step_cap=cfg.get("step_cap", 0.0),
-        **extra,
-    )
+    # The fresh net is drawn from the run's seed: PyTorch seeds its global
+    # generator at random in each process, so a rerun, or each torchrun rank,
+    # would otherwise start from a different net.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["seed"])
+        net = NETS[cfg["net"]](
+            width=cfg["width"],
+            depth=cfg["depth"],
+            lr=cfg["init_lr"],
+            step_mult=cfg["init_step_mult"],
+            fan_in_exp=cfg.get("init_fan_in_exp", 0.0),
+            input_width_factor=cfg.get("input_width_factor", True),
+            radial_correction=cfg.get("radial_correction", True),
+            ortho_lr=cfg["init_ortho_lr"],
+            step_cap=cfg.get("step_cap", 0.0),
+            **extra,
+        )
     if warm and cfg.get("init_from"):
         copied = warm_start(net, cfg["init_from"])
         print(f"--init-from {cfg['init_from']}: copied {', '.join(copied)}", file=sys.stderr)

@@ -898,6 +898,25 @@ def test_every_recipe_config_builds(config, tmp_path):
         assert same and all(torch.equal(ours[k], theirs[k]) for k in same)
 
 
+@pytest.mark.parametrize("net", ["nfn", "mlp"])
+def test_a_fresh_net_is_drawn_from_the_runs_seed(net, tmp_path):
+    """PyTorch seeds its global generator at random per process: the fresh net
+    must come from --seed, or a rerun (or each torchrun rank) starts elsewhere."""
+    from meta_train.__main__ import DEFAULTS, build
+
+    def fresh(seed):
+        cfg = {**DEFAULTS, "net": net, "width": 4, "family": "mixed-family-small"}
+        cfg.update(seed=seed, out=str(tmp_path), eval_every=0)
+        return torch.cat(
+            [p.detach().flatten() for p in build(cfg, torch.device("cpu"))[1].parameters()]
+        )
+
+    before = torch.random.get_rng_state()
+    first, again, other = fresh(3), fresh(3), fresh(4)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's generator untouched
+
+
 def test_step_cap_flag_meta_trains_a_capped_net(tmp_path):
     """--step-cap builds the net with its steps capped (vectorised unrolls
     run through it), saves and resumes with it; a negative cap is refused
