@@ -151,7 +151,7 @@ def test_cli_run_on_cuda_resumes_on_the_cpu(tmp_path):
     assert meta["outer_steps"] == 4 and meta["device"] == "cpu" and net_moved.step_cap == 0.05
 
     def flat(net):
-        return torch.cat([p.detach().flatten() for p in net.parameters()])
+        return torch.nn.utils.parameters_to_vector(net.parameters()).detach()
 
     # PES divides by sigma, so device rounding can flip the sign of a few tiny
     # meta-gradient entries (a full meta step each); a lost estimator or

@@ -907,9 +907,8 @@ def test_a_fresh_net_is_drawn_from_the_runs_seed(net, tmp_path):
     def fresh(seed):
         cfg = {**DEFAULTS, "net": net, "width": 4, "family": "mixed-family-small"}
         cfg.update(seed=seed, out=str(tmp_path), eval_every=0)
-        return torch.cat(
-            [p.detach().flatten() for p in build(cfg, torch.device("cpu"))[1].parameters()]
-        )
+        net_built = build(cfg, torch.device("cpu"))[1]
+        return torch.nn.utils.parameters_to_vector(net_built.parameters()).detach()
 
     before = torch.random.get_rng_state()
     first, again, other = fresh(3), fresh(3), fresh(4)
