@@ -8,6 +8,7 @@
 #   OUT=/tmp/gpu TRAIN_S=450 bash benchmarks/gpu_session.sh [CONFIG ...]
 #   SEEDS="43 44 45" OVERHEAD="--nfn nfn-ortho-v2 --mlp mlp-ortho" bash benchmarks/gpu_session.sh CONFIG ...
 #   SEEDS="50 51" KEEP_CHECKPOINTS=1 bash benchmarks/gpu_session.sh CONFIG ...   # finish on a CPU
+#   SEEDS="49" TAG=cap03 EXTRA_ARGS="--step-cap 0.03" bash benchmarks/gpu_session.sh CONFIG ...
 #
 # CONFIG names files in configs/ (default: every *-gpu.json); SEEDS trains
 # each CONFIG once per seed (--seed S, into runs/CONFIG-sS); OVERHEAD, when
@@ -30,6 +31,8 @@ SEEDS=${SEEDS-}
 OVERHEAD=${OVERHEAD-}
 OVERHEAD_SLICES=${OVERHEAD_SLICES-}
 KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS-}
+TAG=${TAG-}
+EXTRA_ARGS=${EXTRA_ARGS-}
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -70,9 +73,10 @@ runs=()
 pids=()
 for c in "${configs[@]}"; do
     name=$(basename "$c" .json)
+    stem=$name${TAG:+-$TAG}
     for seed in ${SEEDS:-default}; do
-        if [ "$seed" = default ]; then run=$name; seed_arg=(); else run=$name-s$seed; seed_arg=(--seed "$seed"); fi
-        timeout -s INT "$TRAIN_S" python3 -m meta_train --config "configs/$name.json" "${seed_arg[@]}" \
+        if [ "$seed" = default ]; then run=$stem; seed_arg=(); else run=$stem-s$seed; seed_arg=(--seed "$seed"); fi
+        timeout -s INT "$TRAIN_S" python3 -m meta_train --config "configs/$name.json" "${seed_arg[@]}" $EXTRA_ARGS \
             --device "$DEVICE" --out "runs/$run" > "$OUT/logs/$run.log" 2>&1 &
         runs+=("$run")
         pids+=($!)
