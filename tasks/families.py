@@ -240,6 +240,15 @@ TASKS: dict[str, Callable[..., Task]] = {
     ),
     # 4x wider and one layer deeper than mlp-family-deeper.
     "mlp-mnist1d-256x7": _task("mlp-mnist1d-256x7", lambda d: mlp(40, [256] * 7, 10), "mnist1d"),
+    # 4x wider and one layer deeper than mixed-family-broad's MLPs and CNNs, like
+    # stress-deep, but on data and activations the step_cap choice never saw.
+    "mlp-digits-256x5": _task("mlp-digits-256x5", lambda d: mlp(64, [256] * 5, 10), "digits"),
+    "mlp-gmm32-256x5-tanh": _task(
+        "mlp-gmm32-256x5-tanh", lambda d: mlp(_flat(d), [256] * 5, d.output_size, "tanh"), "gmm-32"
+    ),
+    "cnn-mnist1d-64x4": _task(
+        "cnn-mnist1d-64x4", lambda d: cnn((1, 40), [64] * 4, [3] * 4, 10), "mnist1d-conv"
+    ),
     # Inside mlp-family-broad, at its edges (depth 4, width 64, GELU): validation.
     "mlp-mnist1d-64x4": _task("mlp-mnist1d-64x4", lambda d: mlp(40, [64] * 4, 10), "mnist1d"),
     "mlp-gmm16-gelu": _task("mlp-gmm16-gelu", lambda d: mlp(16, [64, 64], 8, "gelu"), "gmm-16"),
@@ -364,6 +373,8 @@ SUITES: dict[str, list[str]] = {
     "stress-deep": ["mlp-mnist1d-256x5", "cnn-digits-4x-deeper"],
     "stress-deeper": ["mlp-mnist1d-256x7", "cnn-digits-4x-deeper"],
     "stress-wide": ["mlp-mnist1d-512x5", "cnn-digits-96x4"],
+    # stress-deep's sizes on other data and activations, fixed before any net ran on it.
+    "stress-unseen": ["mlp-digits-256x5", "mlp-gmm32-256x5-tanh", "cnn-mnist1d-64x4"],
 }
 
 

@@ -311,6 +311,7 @@ def test_heldout_tasks_lie_outside_the_training_families(family):
         ("mixed-family-broad", "stress-deep"),
         ("mixed-family-deeper", "stress-deeper"),
         ("mixed-family-wide", "stress-wide"),
+        ("mixed-family-broad", "stress-unseen"),
     ],
 )
 def test_stress_tasks_are_4x_wider_and_one_layer_deeper(family, suite):
@@ -323,6 +324,13 @@ def test_stress_tasks_are_4x_wider_and_one_layer_deeper(family, suite):
         assert min(hidden) >= 4 * max(w for _, w in comps), name
         kinds.add(kind)
     assert kinds == {"mlp", "cnn"}
+
+
+def test_unseen_stress_tasks_differ_from_stress_deep_in_data_or_activation():
+    seen = [_architecture(tasks.get_task(n)) for n in SUITES["stress-deep"]]
+    for name in SUITES["stress-unseen"]:
+        kind, _, acts, ds = _architecture(tasks.get_task(name))
+        assert all(ds is not d or acts != a for k, _, a, d in seen if k == kind), name
 
 
 def test_deep_family_samples_depth_4_and_gelu():
