@@ -76,6 +76,8 @@ for c in "${configs[@]}"; do
     stem=$name${TAG:+-$TAG}
     for seed in ${SEEDS:-default}; do
         if [ "$seed" = default ]; then run=$stem; seed_arg=(); else run=$stem-s$seed; seed_arg=(--seed "$seed"); fi
+        # EXTRA_ARGS is split into words on purpose (several flags).
+        # shellcheck disable=SC2086
         timeout -s INT "$TRAIN_S" python3 -m meta_train --config "configs/$name.json" "${seed_arg[@]}" $EXTRA_ARGS \
             --device "$DEVICE" --out "runs/$run" > "$OUT/logs/$run.log" 2>&1 &
         runs+=("$run")
