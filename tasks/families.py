@@ -249,6 +249,22 @@ TASKS: dict[str, Callable[..., Task]] = {
     "cnn-mnist1d-64x4": _task(
         "cnn-mnist1d-64x4", lambda d: cnn((1, 40), [64] * 4, [3] * 4, 10), "mnist1d-conv"
     ),
+    # stress-deep's sizes again, each differing from every stress-deep and
+    # stress-unseen network in data or activation: fixed (session 25) before
+    # any net ran on them, to check the adam_cap choice out of sample.
+    "mlp-digits-256x5-gelu": _task(
+        "mlp-digits-256x5-gelu", lambda d: mlp(64, [256] * 5, 10, "gelu"), "digits"
+    ),
+    "mlp-teacher-256x5-gelu": _task(
+        "mlp-teacher-256x5-gelu",
+        lambda d: mlp(_flat(d), [256] * 5, d.output_size, "gelu"),
+        "teacher",
+    ),
+    "cnn-digits-64x4-tanh": _task(
+        "cnn-digits-64x4-tanh",
+        lambda d: cnn((1, 8, 8), [64] * 4, [3] * 4, 10, activation="tanh"),
+        "digits",
+    ),
     # Inside mlp-family-broad, at its edges (depth 4, width 64, GELU): validation.
     "mlp-mnist1d-64x4": _task("mlp-mnist1d-64x4", lambda d: mlp(40, [64] * 4, 10), "mnist1d"),
     "mlp-gmm16-gelu": _task("mlp-gmm16-gelu", lambda d: mlp(16, [64, 64], 8, "gelu"), "gmm-16"),
@@ -375,6 +391,8 @@ SUITES: dict[str, list[str]] = {
     "stress-wide": ["mlp-mnist1d-512x5", "cnn-digits-96x4"],
     # stress-deep's sizes on other data and activations, fixed before any net ran on it.
     "stress-unseen": ["mlp-digits-256x5", "mlp-gmm32-256x5-tanh", "cnn-mnist1d-64x4"],
+    # The same sizes, differing from stress-deep and stress-unseen in data or activation.
+    "stress-fresh": ["mlp-digits-256x5-gelu", "mlp-teacher-256x5-gelu", "cnn-digits-64x4-tanh"],
 }
 
 

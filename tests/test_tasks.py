@@ -312,6 +312,7 @@ def test_heldout_tasks_lie_outside_the_training_families(family):
         ("mixed-family-deeper", "stress-deeper"),
         ("mixed-family-wide", "stress-wide"),
         ("mixed-family-broad", "stress-unseen"),
+        ("mixed-family-broad", "stress-fresh"),
     ],
 )
 def test_stress_tasks_are_4x_wider_and_one_layer_deeper(family, suite):
@@ -326,9 +327,13 @@ def test_stress_tasks_are_4x_wider_and_one_layer_deeper(family, suite):
     assert kinds == {"mlp", "cnn"}
 
 
-def test_unseen_stress_tasks_differ_from_stress_deep_in_data_or_activation():
-    seen = [_architecture(tasks.get_task(n)) for n in SUITES["stress-deep"]]
-    for name in SUITES["stress-unseen"]:
+@pytest.mark.parametrize(
+    "suite, earlier",
+    [("stress-unseen", ["stress-deep"]), ("stress-fresh", ["stress-deep", "stress-unseen"])],
+)
+def test_later_stress_tasks_differ_from_earlier_ones_in_data_or_activation(suite, earlier):
+    seen = [_architecture(tasks.get_task(n)) for s in earlier for n in SUITES[s]]
+    for name in SUITES[suite]:
         kind, _, acts, ds = _architecture(tasks.get_task(name))
         assert all(ds is not d or acts != a for k, _, a, d in seen if k == kind), name
 
