@@ -12,7 +12,11 @@ is orthogonal to the weight; > 0: it grows it), and the mean relative step
 a learned optimizer's per-layer step sizes (its width factor) beside
 Adam's, and the largest ``|step| / |weight|`` of any weight in the window:
 a single step that moves a layer by a large part of its norm, which a mean
-over the window hides.
+over the window hides. For a learned optimizer it also reports, per weight,
+the mean ratio of the learned term to Adam's part of the step
+(``|update - base| / |base|``, :meth:`lopt.LearnedOptimizer.base_updates`):
+the scale for ``adam_cap``, and whether the learned term shrinks as Adam's
+step does.
 
     python -m benchmarks.weight_norms --task mlp-mnist1d-deep --steps 1000 \\
         --weights nfn-small mlp-small --adam-lr 1e-2 --out runs/weight-norms
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import lopt
 from benchmarks import compare
 from benchmarks.runner import start
 from tasks import Task, get_task
@@ -44,12 +49,17 @@ def trace(
     """One run's rows: ``step``, ``loss`` (whole training split), ``norms``
     (one per weight), ``radial`` (mean cos(step, weight) per weight over
     the steps since the previous row), ``rel_step`` (mean |step| /
-    |weight| per weight over the same steps) and ``max_rel_step`` (the
-    largest |step| / |weight| of any weight in any of those steps)."""
+    |weight| per weight over the same steps), ``max_rel_step`` (the
+    largest |step| / |weight| of any weight in any of those steps) and, for
+    a learned optimizer, ``learned_share`` (mean |learned term| / |base
+    part| per weight over the same steps; empty for others)."""
     model, opt, batches = start(task, make, seed)
+    learned = isinstance(opt, lopt.LearnedOptimizer)
     weights = [p for p in model.parameters() if p.dim() >= 2]
+    is_weight = [p.dim() >= 2 for p in model.parameters()]
     radial = torch.zeros(len(weights))
     rel_step = torch.zeros(len(weights))
+    share = torch.zeros(len(weights))
     max_rel = 0.0
     count = 0
     rows = []
@@ -64,6 +74,7 @@ def trace(
                 "radial": (radial / max(count, 1)).tolist(),
                 "rel_step": (rel_step / max(count, 1)).tolist(),
                 "max_rel_step": max_rel,
+                "learned_share": (share / max(count, 1)).tolist() if learned else [],
             }
         )
 
@@ -73,8 +84,14 @@ def trace(
         opt.zero_grad()
         loss = task.loss(dict(model.named_parameters()), task.sample_batch(batches))
         loss.backward()
+        if learned:
+            bases = [b for b, w in zip(opt.base_updates(), is_weight) if w]
         opt.step()
         deltas = [w.detach() - b for w, b in zip(weights, before)]
+        if learned:
+            share += torch.stack(
+                [(d - b).norm() / b.norm().clamp(min=1e-30) for d, b in zip(deltas, bases)]
+            )
         radial += torch.stack(
             [F.cosine_similarity(d.flatten(), b.flatten(), dim=0) for d, b in zip(deltas, before)]
         )
@@ -86,6 +103,7 @@ def trace(
             row(step)
             radial.zero_()
             rel_step.zero_()
+            share.zero_()
             max_rel = 0.0
             count = 0
     return rows
@@ -96,8 +114,9 @@ def markdown(task: str, results: dict[str, list[dict]]) -> str:
         f"## {task}: weight norms and cos(step, weight) per layer",
         "",
         "| optimizer | step | train loss | weight norms | mean cos(step, weight) since last row "
-        "| mean abs(step) / abs(weight) since last row | largest since last row |",
-        "|---|---|---|---|---|---|---|",
+        "| mean abs(step) / abs(weight) since last row | largest since last row "
+        "| mean abs(learned) / abs(Adam's part) since last row |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, rows in results.items():
         for r in rows:
@@ -105,8 +124,11 @@ def markdown(task: str, results: dict[str, list[dict]]) -> str:
             radial = ", ".join(f"{c:.3f}" for c in r["radial"]) if r["step"] else "-"
             rel = ", ".join(f"{c:.1e}" for c in r["rel_step"]) if r["step"] else "-"
             top = f"{r['max_rel_step']:.2g}" if r["step"] else "-"
+            share = ", ".join(f"{c:.2g}" for c in r["learned_share"])
+            share = share if r["step"] and share else "-"
             lines.append(
-                f"| {label} | {r['step']} | {r['loss']:.3f} | {norms} | {radial} | {rel} | {top} |"
+                f"| {label} | {r['step']} | {r['loss']:.3f} | {norms} | {radial} | {rel} | {top} "
+                f"| {share} |"
             )
     return "\n".join(lines) + "\n"
 

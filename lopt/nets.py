@@ -22,7 +22,11 @@ lower the loss fast), which later destabilises deep networks. With
 ``step_cap`` above 0 the learned term of a weight's update is scaled down
 to at most ``step_cap`` times the weight's norm (a guard against isolated
 huge learned steps on networks unlike the family's; Adam's part is left as
-it is). The net learns a
+it is). With ``adam_cap`` above 0 the learned term of every tensor on Adam's
+base is scaled down to at most ``adam_cap`` times the norm of Adam's part of
+its update, so the learned term anneals as Adam's step does (Adam's second
+moment remembers larger gradients, so its step shrinks as a run converges;
+the net's scale-free inputs do not see that). The net learns a
 correction on top of Adam (as the UNF paper's net does on top of SGD with
 momentum), and its output layer starts near zero, so a fresh net is a sane,
 slow optimizer. Every input is loss-scale invariant, so the update is too.
@@ -153,21 +157,35 @@ def tangent_correction(u: Tensor, base: Tensor, param: Tensor) -> Tensor:
     return u - (along * w).reshape(u.shape)
 
 
-def check_step_cap(value: float) -> float:
-    """``value`` as a float if it is a valid ``step_cap`` (finite, >= 0);
-    else ``ValueError``."""
+def check_cap(name: str, value: float) -> float:
+    """``value`` as a float if it is a valid cap (finite, >= 0); else
+    ``ValueError`` naming ``name``."""
     value = float(value)
     if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"step_cap must be a finite number >= 0 (0: off), got {value}")
+        raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {value}")
     return value
 
 
-def cap_learned_term(u: Tensor, base: Tensor, param: Tensor, cap: float) -> Tensor:
+def check_step_cap(value: float) -> float:
+    """``value`` as a float if it is a valid ``step_cap`` (finite, >= 0);
+    else ``ValueError``."""
+    return check_cap("step_cap", value)
+
+
+def cap_learned_term(
+    u: Tensor, base: Tensor, param: Tensor, cap: float, adam_cap: float = 0.0
+) -> Tensor:
     """``u`` with its learned term (``u`` minus the base optimizer's part
-    ``base``) scaled down, if needed, to a norm of at most ``cap * |param|``."""
+    ``base``) scaled down, if needed, to a norm of at most ``cap * |param|``
+    and at most ``adam_cap * |base|`` (each bound off at 0)."""
     learned = u - base
-    # Smooth in u away from the bound; no division by a zero term.
-    scale = torch.clamp(cap * param.norm() / (learned.norm() + 1e-30), max=1.0)
+    norm = learned.norm() + 1e-30  # no division by a zero term
+    # Smooth in u away from the bound.
+    scale = torch.ones_like(norm)
+    if cap:
+        scale = torch.minimum(scale, cap * param.norm() / norm)
+    if adam_cap:
+        scale = torch.minimum(scale, adam_cap * base.norm() / norm)
     return base + learned * scale
 
 
@@ -175,7 +193,8 @@ class OptimizerNet(nn.Module):
     """Base class: the update formula; subclasses define :meth:`body`."""
 
     SWITCHES = ("input_width_factor", "radial_correction")  # may change after training
-    CONSTANTS: tuple[str, ...] = ("step_cap",)  # unlearned numbers that may change after training
+    # Unlearned numbers that may change after training.
+    CONSTANTS: tuple[str, ...] = ("step_cap", "adam_cap")
 
     def __init__(
         self,
@@ -190,6 +209,7 @@ class OptimizerNet(nn.Module):
         radial_correction: bool = True,
         ortho_lr: float | None = None,
         step_cap: float = 0.0,
+        adam_cap: float = 0.0,
     ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
@@ -210,7 +230,9 @@ class OptimizerNet(nn.Module):
             radial_correction=bool(radial_correction),
             ortho_lr=None if ortho_lr is None else float(ortho_lr),
         )
-        self.step_cap = step_cap  # validated, and absent from the config while 0 (older files)
+        # Validated, and absent from the config while 0 (older files).
+        self.step_cap = step_cap
+        self.adam_cap = adam_cap
         self.mag_mult = mag_mult
         if ortho_lr is not None:
             self.log_ortho_lr = nn.Parameter(torch.tensor(math.log(ortho_lr)))
@@ -264,6 +286,27 @@ class OptimizerNet(nn.Module):
             self._config["step_cap"] = value
         else:
             self._config.pop("step_cap", None)
+
+    @property
+    def adam_cap(self) -> float:
+        """The most the learned term of a tensor's update may be, relative
+        to the norm of Adam's part of that update: a longer one is scaled
+        down to ``adam_cap * |Adam's part|``, direction kept. Applies to
+        every tensor on Adam's base (weights and biases; not those on the
+        orthogonalised base). 0: off (the default). Adam's step shrinks as
+        a run converges (its second moment remembers larger gradients); the
+        net's inputs are scale-free and do not, so without this bound its
+        learned term can keep a converging network moving at a fixed
+        relative rate, and climb back up the loss over long runs."""
+        return self._config.get("adam_cap", 0.0)
+
+    @adam_cap.setter
+    def adam_cap(self, value: float) -> None:
+        value = check_cap("adam_cap", value)
+        if value:
+            self._config["adam_cap"] = value
+        else:
+            self._config.pop("adam_cap", None)
 
     def width_log_ratio(self, spec: WeightSpaceSpec, t: TensorSpec) -> float:
         """:func:`width_log_ratio`, or 0 for a layer reading the network's
@@ -345,9 +388,11 @@ class OptimizerNet(nn.Module):
         ]
         outs = self.entry_outputs(spec, inputs, bias, c2, fused)
         updates = []
-        for x, chunks in zip(inputs, outs):
+        for x, chunks, o in zip(inputs, outs, on_ortho):
             tangent = not self.radial_correction and x.t.kind == "weight" and x.param.dim() >= 2
-            capped = bool(self.step_cap) and x.param.dim() >= 2
+            step_cap = self.step_cap if x.param.dim() >= 2 else 0.0
+            adam_cap = 0.0 if o else self.adam_cap
+            capped = bool(step_cap or adam_cap)
             # _finish adds the learned term into Adam's part in place (fused).
             bases = [base.clone() for _, base, _ in chunks] if tangent or capped else []
             ups = [self._finish(x.t, o, base, terms, fused) for o, base, terms in chunks]
@@ -357,7 +402,7 @@ class OptimizerNet(nn.Module):
             if tangent:
                 u = tangent_correction(u, base, x.param)
             if capped:
-                u = cap_learned_term(u, base, x.param, self.step_cap)
+                u = cap_learned_term(u, base, x.param, step_cap, adam_cap)
             updates.append(u)
         for i, o in enumerate(on_ortho):
             if o:

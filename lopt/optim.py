@@ -188,6 +188,39 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     p.add_(updates[i])
         return loss
 
+    @torch.no_grad()
+    def base_updates(self) -> list[Tensor | None]:
+        """The base optimizer's part (Adam's, or the orthogonalised
+        momentum's) of the update that :meth:`step` would now take, per
+        parameter of every group in order (``None`` for a parameter without
+        a gradient), changing nothing. The update minus this is the learned
+        term: a diagnostic of how much of a step the net adds (the bounds
+        ``step_cap`` and ``adam_cap`` are on its norm)."""
+        out: list[Tensor | None] = []
+        for index, group in enumerate(self.param_groups):
+            active = [j for j, p in enumerate(group["params"]) if p.grad is not None]
+            parts: dict[int, Tensor] = {}
+            if active:
+                params = [group["params"][j] for j in active]
+                fresh = [p for p in params if not self.state[p]]
+                state = self._gather_state(params)
+                theta = dict(self.net.named_parameters())
+                # A vanishing learned term leaves the base part alone.
+                theta["log_step_mult"] = torch.full_like(theta["log_step_mult"], -1e9)
+                updates, _ = functional.update(
+                    self.net,
+                    self._spec(index, group, active),
+                    theta,
+                    [p.grad for p in params],
+                    state,
+                    params,
+                )
+                for p in fresh:  # _gather_state made it; step() makes it again
+                    del self.state[p]
+                parts = dict(zip(active, updates))
+            out += [parts.get(j) for j in range(len(group["params"]))]
+        return out
+
     def _use_fused(self, device: torch.device) -> bool:
         if device.type != "cpu" or self._fused is False:
             return False

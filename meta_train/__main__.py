@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 import lopt
-from lopt.nets import NFNNet, PerParamMLP, check_step_cap
+from lopt.nets import NFNNet, PerParamMLP, check_cap
 from meta_train.estimators import ESTIMATORS, make_estimator
 from meta_train.problems import LearnedOptimizerProblem
 from meta_train.stopping import StopRequests
@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "neuron_stats": False,
     "width_free_stats": False,
     "step_cap": 0.0,
+    "adam_cap": 0.0,
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
@@ -147,6 +148,13 @@ def parser() -> argparse.ArgumentParser:
         "optimizer nets' step_cap, also settable after training",
     )
     a(
+        "--adam-cap",
+        type=float,
+        help="scale down the learned term of any tensor's update where it is longer than "
+        "this multiple of Adam's part (default 0: off), so it anneals as Adam's step does; "
+        "the optimizer nets' adam_cap, also settable after training",
+    )
+    a(
         "--init-from",
         help="start from the weights of a saved optimizer net (a path or shipped name): "
         "every tensor of the same name and shape is copied, e.g. an mlp net's per-entry "
@@ -233,10 +241,11 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--neuron-stats is for --net nfn (a per-entry net cannot pool a neuron)")
     if cfg.get("width_free_stats") and not cfg.get("neuron_stats"):
         raise SystemExit("--width-free-stats changes what --neuron-stats read; give both")
-    try:
-        check_step_cap(cfg["step_cap"])
-    except ValueError as e:
-        raise SystemExit(f"--step-cap: {e}") from e
+    for name in ("step_cap", "adam_cap"):
+        try:
+            check_cap(name, cfg.get(name, 0.0))
+        except ValueError as e:
+            raise SystemExit(f"--{name.replace('_', '-')}: {e}") from e
     if cfg["family"] not in FAMILIES and cfg["family"] not in TASKS:
         get_family(cfg["family"])  # raises with close names
     return cfg
@@ -271,6 +280,7 @@ def build(
             radial_correction=cfg.get("radial_correction", True),
             ortho_lr=cfg["init_ortho_lr"],
             step_cap=cfg.get("step_cap", 0.0),
+            adam_cap=cfg.get("adam_cap", 0.0),
             **extra,
         )
     if warm and cfg.get("init_from"):

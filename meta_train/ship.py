@@ -141,6 +141,11 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
             if net.step_cap
             else ""
         )
+        + (
+            f"; learned term capped at {net.adam_cap:g} times Adam's part of each update"
+            if net.adam_cap
+            else ""
+        )
         + ".",
     ]
     shipped_with = meta.get("set_when_shipped") or {}
@@ -181,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         "fraction of its norm), a guard chosen after meta-training; recorded in the file "
         "and the card",
     )
+    p.add_argument(
+        "--adam-cap",
+        type=float,
+        help="ship the net with this adam_cap (each tensor's learned term at most this "
+        "multiple of Adam's part of its update); recorded in the file and the card",
+    )
     p.add_argument("--dest", type=Path, default=PRETRAINED_DIR, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     src = args.run / "optimizer.pt" if args.run.is_dir() else args.run
@@ -189,12 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.name or "/" in args.name or args.name.endswith(".pt"):
         raise SystemExit(f"name {args.name!r}: give a bare name like nfn-small")
     net, meta = lopt.load(src)
-    if args.step_cap is not None and args.step_cap != net.step_cap:
+    for name in ("step_cap", "adam_cap"):
+        value = getattr(args, name)
+        if value is None or value == getattr(net, name):
+            continue
         try:
-            net.step_cap = args.step_cap
+            setattr(net, name, value)
         except ValueError as e:
-            raise SystemExit(f"--step-cap: {e}") from e
-        meta["set_when_shipped"] = {**meta.get("set_when_shipped", {}), "step_cap": net.step_cap}
+            raise SystemExit(f"--{name.replace('_', '-')}: {e}") from e
+        meta["set_when_shipped"] = {**meta.get("set_when_shipped", {}), name: getattr(net, name)}
     history_file = src.parent / "history.jsonl"
     if "history" not in meta and history_file.is_file():
         meta["history"] = [json.loads(x) for x in history_file.read_text().splitlines() if x]

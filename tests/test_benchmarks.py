@@ -693,6 +693,32 @@ def test_weight_norms_trace_against_a_naive_run():
         weight_norms.main(["--task", "mlp-gmm", "--adam-lr", "0"])
 
 
+def test_weight_norms_learned_share_is_the_learned_term_over_adams_part():
+    """learned_share: about 0 (rounding) for a net whose learned term vanishes; for a net
+    of large learned steps, above 1 without adam_cap and at most adam_cap
+    with it; empty for Adam."""
+    import lopt
+    from benchmarks import weight_norms
+    from tasks import get_task
+
+    task = get_task("mlp-gmm")
+    torch.manual_seed(0)
+    big = lopt.PerParamMLP(out_scale=1.0, step_mult=0.3, lr=1e-3)
+    silent = lopt.PerParamMLP(step_mult=1e-30)
+    capped = lopt.PerParamMLP(out_scale=1.0, step_mult=0.3, lr=1e-3, adam_cap=0.5)
+    capped.load_state_dict(big.state_dict())
+
+    def share(net):
+        make = lambda m: lopt.MLPOptimizer(m.parameters(), net=net, model=m)  # noqa: E731
+        return weight_norms.trace(task, make, steps=10, every=10)[-1]["learned_share"]
+
+    assert max(share(silent)) < 1e-4  # float32 rounding of w_after - w_before
+    assert min(share(big)) > 1.0
+    assert all(0.1 < r <= 0.5 * (1 + 1e-4) for r in share(capped))
+    adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)  # noqa: E731
+    assert weight_norms.trace(task, adam, steps=2, every=2)[-1]["learned_share"] == []
+
+
 @pytest.mark.slow
 def test_compare_first_seed_runs_fresh_seeds(tmp_path):
     import lopt

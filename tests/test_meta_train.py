@@ -445,6 +445,19 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="--step-cap: step_cap must be a finite number >= 0"):
         ship([str(free), "my-nfn-bad", "--step-cap", "-1", "--dest", str(dest)])
     assert not (dest / "my-nfn-bad.pt").exists()
+    # adam_cap on top of a shipped step_cap: both recorded, in the order set.
+    args2 = [str(dest / "my-nfn-capped.pt"), "my-nfn-both", "--adam-cap", "3", "--dest", str(dest)]
+    assert ship(args2) == 0
+    both_card = capsys.readouterr().out
+    assert "; learned term capped at 3 times Adam's part of each update." in both_card
+    assert "Set when shipped, after meta-training without it: step_cap 0.03, adam_cap 3." in (
+        both_card
+    )
+    both, meta = lopt.load(dest / "my-nfn-both.pt")
+    assert (both.step_cap, both.adam_cap) == (0.03, 3.0)
+    with pytest.raises(SystemExit, match="--adam-cap: adam_cap must be a finite number >= 0"):
+        ship([str(free), "my-nfn-bad", "--adam-cap", "nan", "--dest", str(dest)])
+    assert not (dest / "my-nfn-bad.pt").exists()
     ramp = tmp_path / "ramp"
     assert main([*args.split(), "--meta-loss-ramp", "4", "--out", str(ramp), "--no-progress"]) == 0
     assert ship([str(ramp), "my-mlp-ramp", "--dest", str(dest)]) == 0
@@ -932,3 +945,19 @@ def test_step_cap_flag_meta_trains_a_capped_net(tmp_path):
     with pytest.raises(SystemExit, match="--step-cap: step_cap must be a finite number >= 0"):
         main(["--step-cap", "-1", "--family", "mlp-gmm", "--out", str(bad)])
     assert not bad.exists()
+    with pytest.raises(SystemExit, match="--adam-cap: adam_cap must be a finite number >= 0"):
+        main(["--adam-cap", "-2", "--family", "mlp-gmm", "--out", str(bad)])
+    assert not bad.exists()
+
+
+def test_adam_cap_flag_meta_trains_a_capped_net(tmp_path):
+    """--adam-cap builds the net with its learned term bounded by Adam's
+    part (vectorised unrolls run through it) and resumes with it."""
+    from meta_train.__main__ import main
+
+    out = tmp_path / "run"
+    assert main(f"{TINY_MAGNITUDE_NFN} --adam-cap 2 --no-progress --out {out}".split()) == 0
+    net, meta = lopt.load(out / "optimizer.pt")
+    assert net.adam_cap == 2.0 and meta["config"]["adam_cap"] == 2.0
+    assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
+    assert lopt.load(out / "optimizer.pt")[0].adam_cap == 2.0

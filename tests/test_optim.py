@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 import lopt
 from lopt import WeightSpace, WeightSpaceSpec, features, functional
+from lopt.features import EPS
 from lopt.nets import NFNNet, PerParamMLP
 
 
@@ -801,6 +802,112 @@ def test_step_cap_bounds_each_weights_learned_step_by_its_norm(kind, arch, ortho
     back, _ = lopt.load(tmp_path / "capped.pt")
     assert back.step_cap == cap and back.config["step_cap"] == cap
     assert "step_cap" not in free.config and free.step_cap == 0.0
+
+
+@pytest.mark.parametrize(
+    "kind,arch,ortho_lr", [("mlp", "mlp", None), ("mlp", "mlp", 0.05), ("nfn", "cnn", None)]
+)
+def test_adam_cap_bounds_each_tensors_learned_term_by_adams_part(kind, arch, ortho_lr, tmp_path):
+    """adam_cap=c: on every tensor on Adam's base (weights and biases) the
+    learned term is scaled by min(1, c |Adam's part| / |learned|) (checked
+    against that formula), tensors on the orthogonalised base are as
+    without it; with step_cap as well the smaller bound wins; the optimizer
+    class (fused path) takes the same step; the NFN still trains
+    equivariantly; the setting is saved (0: absent from the config)."""
+    torch.manual_seed(6)
+    model, x, y = small_model(arch)
+    spec = WeightSpaceSpec.from_module(model)
+    cls = NFNNet if kind == "nfn" else PerParamMLP
+    free = cls(out_scale=1.0, step_mult=0.3, lr=1e-2, ortho_lr=ortho_lr)  # large learned steps
+    params = [p.detach() for p in model.parameters()]
+    grads = torch.autograd.grad(loss_of(model, x, y), list(model.parameters()))
+    on_ortho = free.base_kinds(spec)
+
+    def step(net, **theta):
+        theta = {**dict(net.named_parameters()), **theta}
+        with torch.no_grad():
+            return functional.update(net, spec, theta, grads, functional.init(params), params)[0]
+
+    u_free, base = step(free), step(free, log_step_mult=torch.tensor(-1e9))
+    ratios = [
+        ((u - b).norm() / b.norm()).item() for u, b, o in zip(u_free, base, on_ortho) if not o
+    ]
+    cap = sorted(ratios)[len(ratios) // 2]  # binds on some tensors, not on others
+    capped = copy.deepcopy(free)
+    capped.adam_cap = cap
+    u_cap = step(capped)
+    bound = 0
+    for u, v, b, o in zip(u_free, u_cap, base, on_ortho):
+        if o:
+            torch.testing.assert_close(v, u, rtol=0, atol=0)
+            continue
+        learned = u - b
+        want = b + learned * min(1.0, cap * b.norm().item() / learned.norm().item())
+        torch.testing.assert_close(v, want)
+        assert (v - b).norm() <= cap * b.norm() * (1 + 1e-5)
+        bound += bool(learned.norm() > cap * b.norm())
+    assert 0 < bound < len(ratios)
+    # With step_cap too, each tensor takes the smaller of the two bounds.
+    both = copy.deepcopy(capped)
+    both.step_cap = 0.01
+    for u, v, b, p, o in zip(u_free, step(both), base, params, on_ortho):
+        learned = u - b
+        limits = [1.0] + ([] if o else [cap * b.norm().item() / learned.norm().item()])
+        limits += [0.01 * p.norm().item() / learned.norm().item()] if p.dim() >= 2 else []
+        torch.testing.assert_close(v, b + learned * min(limits))
+    twin = copy.deepcopy(model)
+    opt_cls = lopt.NFNOptimizer if kind == "nfn" else lopt.MLPOptimizer
+    opt = opt_cls(twin.parameters(), net=capped, model=twin)
+    loss_of(twin, x, y).backward()
+    opt.step()
+    for p0, p1, v in zip(params, twin.parameters(), u_cap):
+        torch.testing.assert_close(p1.detach() - p0, v, rtol=1e-4, atol=1e-6)
+    if kind == "nfn":
+        assert_trains_equivariantly(model, capped, x, y)
+    lopt.save(capped, tmp_path / "capped.pt")
+    back, _ = lopt.load(tmp_path / "capped.pt")
+    assert back.adam_cap == cap and back.config["adam_cap"] == cap
+    assert "adam_cap" not in free.config and free.adam_cap == 0.0
+
+
+def test_base_updates_are_adams_step_and_change_nothing():
+    """LearnedOptimizer.base_updates: at the first step Adam's part is
+    -lr * g / (|g| + eps) per entry (a naive reference); it leaves the
+    parameters and the optimizer state as they were, gives None for a
+    parameter without a gradient, and the next step() is unchanged by it."""
+    torch.manual_seed(7)
+    model, x, y = small_model("mlp")
+    net = PerParamMLP(out_scale=1.0, step_mult=0.3, lr=1e-2)
+    twin = copy.deepcopy(model)
+    opt = lopt.MLPOptimizer(model.parameters(), net=net, model=model)
+    ref = lopt.MLPOptimizer(twin.parameters(), net=copy.deepcopy(net), model=twin)
+    loss_of(model, x, y).backward()
+    loss_of(twin, x, y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    bases = opt.base_updates()
+    for b, p in zip(bases, model.parameters()):
+        g = p.grad
+        torch.testing.assert_close(b, -1e-2 * g / (g.abs() + EPS), rtol=1e-5, atol=1e-7)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), q)
+    assert not opt.state
+    opt.step()
+    ref.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+    first = next(model.parameters())
+    first.grad = None
+    assert opt.base_updates()[0] is None and opt.base_updates()[1] is not None
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
+def test_adam_cap_refuses_negative_or_non_finite_values(value):
+    with pytest.raises(ValueError, match="adam_cap must be a finite number >= 0"):
+        PerParamMLP(adam_cap=value)
+    net = NFNNet(adam_cap=3.0)
+    with pytest.raises(ValueError, match="adam_cap must be a finite number >= 0"):
+        net.adam_cap = value
+    assert net.adam_cap == 3.0 and net.config["adam_cap"] == 3.0
 
 
 @pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
