@@ -117,20 +117,22 @@ def test_cli_on_cuda_writes_a_net_that_loads_on_the_cpu(tmp_path):
     assert all(torch.isfinite(torch.tensor(curve.train)))
 
 
-def test_step_cap_on_cuda_caps_as_on_the_cpu():
+@pytest.mark.parametrize("name,cap", [("step_cap", 1e-3), ("adam_cap", 0.05)])
+def test_caps_on_cuda_cap_as_on_the_cpu(name, cap):
     # A cap small enough to bind on every weight, so the capped path runs.
     losses = {}
-    for device, cap in (("cpu", 0.0), ("cpu", 1e-3), ("cuda", 1e-3)):
+    for device, value in (("cpu", 0.0), ("cpu", cap), ("cuda", cap)):
         task = get_task("mlp-digits", device)
 
-        def make(m, cap=cap):
+        def make(m, value=value):
             opt = lopt.NFNOptimizer(m.parameters(), weights="nfn-stats", model=m)
-            opt.net.step_cap = cap
+            opt.net.step_cap = opt.net.adam_cap = 0.0
+            setattr(opt.net, name, value)
             return opt
 
-        losses[device, cap] = torch.tensor(run(task, make, 20, seed=0).train)
-    assert not torch.allclose(losses["cpu", 1e-3], losses["cpu", 0.0], rtol=1e-3, atol=1e-5)
-    torch.testing.assert_close(losses["cuda", 1e-3], losses["cpu", 1e-3], rtol=1e-3, atol=1e-5)
+        losses[device, value] = torch.tensor(run(task, make, 20, seed=0).train)
+    assert not torch.allclose(losses["cpu", cap], losses["cpu", 0.0], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(losses["cuda", cap], losses["cpu", cap], rtol=1e-3, atol=1e-5)
 
 
 def test_cli_run_on_cuda_resumes_on_the_cpu(tmp_path):
