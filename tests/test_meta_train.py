@@ -929,35 +929,21 @@ def test_a_fresh_net_is_drawn_from_the_runs_seed(net, tmp_path):
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's generator untouched
 
 
-def test_step_cap_flag_meta_trains_a_capped_net(tmp_path):
-    """--step-cap builds the net with its steps capped (vectorised unrolls
-    run through it), saves and resumes with it; a negative cap is refused
-    before anything is written."""
+@pytest.mark.parametrize("name,value", [("step_cap", 0.05), ("adam_cap", 2.0)])
+def test_cap_flags_meta_train_a_capped_net(tmp_path, name, value):
+    """--step-cap / --adam-cap build the net with that cap (vectorised
+    unrolls run through it), save and resume with it; a negative cap is
+    refused before anything is written."""
     from meta_train.__main__ import main
 
+    flag = "--" + name.replace("_", "-")
     out = tmp_path / "run"
-    assert main(f"{TINY_MAGNITUDE_NFN} --step-cap 0.05 --no-progress --out {out}".split()) == 0
+    assert main(f"{TINY_MAGNITUDE_NFN} {flag} {value} --no-progress --out {out}".split()) == 0
     net, meta = lopt.load(out / "optimizer.pt")
-    assert net.step_cap == 0.05 and meta["config"]["step_cap"] == 0.05
+    assert getattr(net, name) == value and meta["config"][name] == value
     assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
-    assert lopt.load(out / "optimizer.pt")[0].step_cap == 0.05
+    assert getattr(lopt.load(out / "optimizer.pt")[0], name) == value
     bad = tmp_path / "bad"
-    with pytest.raises(SystemExit, match="--step-cap: step_cap must be a finite number >= 0"):
-        main(["--step-cap", "-1", "--family", "mlp-gmm", "--out", str(bad)])
+    with pytest.raises(SystemExit, match=f"{flag}: {name} must be a finite number >= 0"):
+        main([flag, "-1", "--family", "mlp-gmm", "--out", str(bad)])
     assert not bad.exists()
-    with pytest.raises(SystemExit, match="--adam-cap: adam_cap must be a finite number >= 0"):
-        main(["--adam-cap", "-2", "--family", "mlp-gmm", "--out", str(bad)])
-    assert not bad.exists()
-
-
-def test_adam_cap_flag_meta_trains_a_capped_net(tmp_path):
-    """--adam-cap builds the net with its learned term bounded by Adam's
-    part (vectorised unrolls run through it) and resumes with it."""
-    from meta_train.__main__ import main
-
-    out = tmp_path / "run"
-    assert main(f"{TINY_MAGNITUDE_NFN} --adam-cap 2 --no-progress --out {out}".split()) == 0
-    net, meta = lopt.load(out / "optimizer.pt")
-    assert net.adam_cap == 2.0 and meta["config"]["adam_cap"] == 2.0
-    assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
-    assert lopt.load(out / "optimizer.pt")[0].adam_cap == 2.0

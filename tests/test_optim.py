@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from helpers import make_cnn, make_mlp
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 import lopt
@@ -746,75 +746,42 @@ def test_width_free_weight_statistic_reads_the_same_at_init_across_widths():
         NFNNet(width_free_stats=True)
 
 
+def _cap_applies(name: str, p: Tensor, on_ortho: bool) -> bool:
+    """Whether a cap acts on a tensor: step_cap on 2+ axes, adam_cap on Adam's base."""
+    return p.dim() >= 2 if name == "step_cap" else not on_ortho
+
+
+def _cap_ratio(name: str, u: Tensor, b: Tensor, p: Tensor, on_ortho: bool) -> float:
+    """|learned term| over what a cap multiplies: the weight's norm
+    (step_cap) or that of Adam's part of its update (adam_cap)."""
+    ref = p if name == "step_cap" else b
+    return ((u - b).norm() / ref.norm()).item()
+
+
+def _cap_limit(name: str, cap: float, *state) -> float:
+    """What scales the learned term under one cap (1: the cap does not act
+    or does not bind): the naive formula."""
+    if not _cap_applies(name, *state[2:]):
+        return 1.0
+    return min(1.0, cap / _cap_ratio(name, *state))
+
+
+@pytest.mark.parametrize("name", ["step_cap", "adam_cap"])
 @pytest.mark.parametrize(
     "kind,arch,ortho_lr", [("mlp", "mlp", None), ("mlp", "mlp", 0.05), ("nfn", "cnn", None)]
 )
-def test_step_cap_bounds_each_weights_learned_step_by_its_norm(kind, arch, ortho_lr, tmp_path):
+def test_caps_bound_each_tensors_learned_term(name, kind, arch, ortho_lr, tmp_path):
     """step_cap=c: on every tensor of 2+ axes the learned term (the update
     minus the base part: Adam's, or the orthogonalised momentum's) is scaled
-    by min(1, c |W| / |learned|) (checked against that formula), the base
-    part and the biases are as without it; the NFN still trains
-    equivariantly, and the setting is saved (0: absent from the config, as
-    in older files)."""
+    by min(1, c |W| / |learned|). adam_cap=c: on every tensor on Adam's base
+    (weights and biases) by min(1, c |Adam's part| / |learned|); tensors on
+    the orthogonalised base are left alone. Checked against those formulas
+    (the cap binding on some tensors and not others), every other tensor and
+    the base part as without it; with both caps the smaller bound wins; the
+    optimizer class (fused per-entry path where it can) takes the same step;
+    the NFN still trains equivariantly; the setting is saved (0: absent
+    from the config, as in older files)."""
     torch.manual_seed(5)
-    model, x, y = small_model(arch)
-    spec = WeightSpaceSpec.from_module(model)
-    cls = NFNNet if kind == "nfn" else PerParamMLP
-    free = cls(out_scale=1.0, step_mult=0.3, lr=1e-2, ortho_lr=ortho_lr)  # large learned steps
-    params = [p.detach() for p in model.parameters()]
-    grads = torch.autograd.grad(loss_of(model, x, y), list(model.parameters()))
-
-    def step(net, **theta):
-        theta = {**dict(net.named_parameters()), **theta}
-        with torch.no_grad():
-            return functional.update(net, spec, theta, grads, functional.init(params), params)[0]
-
-    u_free, base = step(free), step(free, log_step_mult=torch.tensor(-1e9))
-    ratios = [
-        ((u - b).norm() / p.norm()).item() for u, b, p in zip(u_free, base, params) if p.dim() >= 2
-    ]
-    cap = sorted(ratios)[len(ratios) // 2]  # binds on some weights, not on others
-    capped = copy.deepcopy(free)
-    capped.step_cap = cap
-    u_cap = step(capped)
-    bound = 0
-    for u, v, b, p in zip(u_free, u_cap, base, params):
-        if p.dim() < 2:
-            torch.testing.assert_close(v, u, rtol=0, atol=0)
-            continue
-        learned = u - b
-        want = b + learned * min(1.0, cap * p.norm().item() / learned.norm().item())
-        torch.testing.assert_close(v, want)
-        assert (v - b).norm() <= cap * p.norm() * (1 + 1e-5)
-        bound += bool(learned.norm() > cap * p.norm())
-    assert 0 < bound < len(ratios)
-    # The optimizer class (fused per-entry path where it can) takes the same step.
-    twin = copy.deepcopy(model)
-    opt_cls = lopt.NFNOptimizer if kind == "nfn" else lopt.MLPOptimizer
-    opt = opt_cls(twin.parameters(), net=capped, model=twin)
-    loss_of(twin, x, y).backward()
-    opt.step()
-    for p0, p1, v in zip(params, twin.parameters(), u_cap):
-        torch.testing.assert_close(p1.detach() - p0, v, rtol=1e-4, atol=1e-6)
-    if kind == "nfn":
-        assert_trains_equivariantly(model, capped, x, y)
-    lopt.save(capped, tmp_path / "capped.pt")
-    back, _ = lopt.load(tmp_path / "capped.pt")
-    assert back.step_cap == cap and back.config["step_cap"] == cap
-    assert "step_cap" not in free.config and free.step_cap == 0.0
-
-
-@pytest.mark.parametrize(
-    "kind,arch,ortho_lr", [("mlp", "mlp", None), ("mlp", "mlp", 0.05), ("nfn", "cnn", None)]
-)
-def test_adam_cap_bounds_each_tensors_learned_term_by_adams_part(kind, arch, ortho_lr, tmp_path):
-    """adam_cap=c: on every tensor on Adam's base (weights and biases) the
-    learned term is scaled by min(1, c |Adam's part| / |learned|) (checked
-    against that formula), tensors on the orthogonalised base are as
-    without it; with step_cap as well the smaller bound wins; the optimizer
-    class (fused path) takes the same step; the NFN still trains
-    equivariantly; the setting is saved (0: absent from the config)."""
-    torch.manual_seed(6)
     model, x, y = small_model(arch)
     spec = WeightSpaceSpec.from_module(model)
     cls = NFNNet if kind == "nfn" else PerParamMLP
@@ -829,32 +796,30 @@ def test_adam_cap_bounds_each_tensors_learned_term_by_adams_part(kind, arch, ort
             return functional.update(net, spec, theta, grads, functional.init(params), params)[0]
 
     u_free, base = step(free), step(free, log_step_mult=torch.tensor(-1e9))
-    ratios = [
-        ((u - b).norm() / b.norm()).item() for u, b, o in zip(u_free, base, on_ortho) if not o
-    ]
+    states = list(zip(u_free, base, params, on_ortho))
+    ratios = [_cap_ratio(name, *st) for st in states if _cap_applies(name, *st[2:])]
     cap = sorted(ratios)[len(ratios) // 2]  # binds on some tensors, not on others
     capped = copy.deepcopy(free)
-    capped.adam_cap = cap
+    setattr(capped, name, cap)
     u_cap = step(capped)
     bound = 0
-    for u, v, b, o in zip(u_free, u_cap, base, on_ortho):
-        if o:
-            torch.testing.assert_close(v, u, rtol=0, atol=0)
+    for v, st in zip(u_cap, states):
+        u, b, p, o = st
+        if not _cap_applies(name, p, o):
+            torch.testing.assert_close(v, u, rtol=0, atol=0)  # untouched
             continue
-        learned = u - b
-        want = b + learned * min(1.0, cap * b.norm().item() / learned.norm().item())
-        torch.testing.assert_close(v, want)
-        assert (v - b).norm() <= cap * b.norm() * (1 + 1e-5)
-        bound += bool(learned.norm() > cap * b.norm())
+        scale = _cap_limit(name, cap, *st)
+        torch.testing.assert_close(v, b + (u - b) * scale)
+        bound += scale < 1
     assert 0 < bound < len(ratios)
-    # With step_cap too, each tensor takes the smaller of the two bounds.
+    # With the other cap too, each tensor takes the smaller of the two bounds.
+    other, other_cap = ("adam_cap", 0.5) if name == "step_cap" else ("step_cap", 0.01)
     both = copy.deepcopy(capped)
-    both.step_cap = 0.01
-    for u, v, b, p, o in zip(u_free, step(both), base, params, on_ortho):
-        learned = u - b
-        limits = [1.0] + ([] if o else [cap * b.norm().item() / learned.norm().item()])
-        limits += [0.01 * p.norm().item() / learned.norm().item()] if p.dim() >= 2 else []
-        torch.testing.assert_close(v, b + learned * min(limits))
+    setattr(both, other, other_cap)
+    for v, st in zip(step(both), states):
+        u, b = st[:2]
+        scale = min(_cap_limit(name, cap, *st), _cap_limit(other, other_cap, *st))
+        torch.testing.assert_close(v, b + (u - b) * scale)
     twin = copy.deepcopy(model)
     opt_cls = lopt.NFNOptimizer if kind == "nfn" else lopt.MLPOptimizer
     opt = opt_cls(twin.parameters(), net=capped, model=twin)
@@ -866,8 +831,8 @@ def test_adam_cap_bounds_each_tensors_learned_term_by_adams_part(kind, arch, ort
         assert_trains_equivariantly(model, capped, x, y)
     lopt.save(capped, tmp_path / "capped.pt")
     back, _ = lopt.load(tmp_path / "capped.pt")
-    assert back.adam_cap == cap and back.config["adam_cap"] == cap
-    assert "adam_cap" not in free.config and free.adam_cap == 0.0
+    assert getattr(back, name) == cap and back.config[name] == cap
+    assert name not in free.config and getattr(free, name) == 0.0
 
 
 def test_base_updates_are_adams_step_and_change_nothing():
@@ -900,21 +865,12 @@ def test_base_updates_are_adams_step_and_change_nothing():
     assert opt.base_updates()[0] is None and opt.base_updates()[1] is not None
 
 
+@pytest.mark.parametrize("name", ["step_cap", "adam_cap"])
 @pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
-def test_adam_cap_refuses_negative_or_non_finite_values(value):
-    with pytest.raises(ValueError, match="adam_cap must be a finite number >= 0"):
-        PerParamMLP(adam_cap=value)
-    net = NFNNet(adam_cap=3.0)
-    with pytest.raises(ValueError, match="adam_cap must be a finite number >= 0"):
-        net.adam_cap = value
-    assert net.adam_cap == 3.0 and net.config["adam_cap"] == 3.0
-
-
-@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
-def test_step_cap_refuses_negative_or_non_finite_values(value):
-    with pytest.raises(ValueError, match="step_cap must be a finite number >= 0"):
-        PerParamMLP(step_cap=value)
-    net = NFNNet(step_cap=0.1)
-    with pytest.raises(ValueError, match="step_cap must be a finite number >= 0"):
-        net.step_cap = value
-    assert net.step_cap == 0.1 and net.config["step_cap"] == 0.1
+def test_caps_refuse_negative_or_non_finite_values(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+        PerParamMLP(**{name: value})
+    net = NFNNet(**{name: 0.1})
+    with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+        setattr(net, name, value)
+    assert getattr(net, name) == 0.1 and net.config[name] == 0.1
