@@ -166,12 +166,6 @@ def check_cap(name: str, value: float) -> float:
     return value
 
 
-def check_step_cap(value: float) -> float:
-    """``value`` as a float if it is a valid ``step_cap`` (finite, >= 0);
-    else ``ValueError``."""
-    return check_cap("step_cap", value)
-
-
 def cap_learned_term(
     u: Tensor, base: Tensor, param: Tensor, cap: float, adam_cap: float = 0.0
 ) -> Tensor:
@@ -281,11 +275,7 @@ class OptimizerNet(nn.Module):
 
     @step_cap.setter
     def step_cap(self, value: float) -> None:
-        value = check_step_cap(value)
-        if value:
-            self._config["step_cap"] = value
-        else:
-            self._config.pop("step_cap", None)
+        self._set_cap("step_cap", value)
 
     @property
     def adam_cap(self) -> float:
@@ -302,11 +292,16 @@ class OptimizerNet(nn.Module):
 
     @adam_cap.setter
     def adam_cap(self, value: float) -> None:
-        value = check_cap("adam_cap", value)
+        self._set_cap("adam_cap", value)
+
+    def _set_cap(self, name: str, value: float) -> None:
+        """Validate a cap and store it; 0 (off) is left out of the config,
+        as in files saved before the cap existed."""
+        value = check_cap(name, value)
         if value:
-            self._config["adam_cap"] = value
+            self._config[name] = value
         else:
-            self._config.pop("adam_cap", None)
+            self._config.pop(name, None)
 
     def width_log_ratio(self, spec: WeightSpaceSpec, t: TensorSpec) -> float:
         """:func:`width_log_ratio`, or 0 for a layer reading the network's
@@ -388,10 +383,10 @@ class OptimizerNet(nn.Module):
         ]
         outs = self.entry_outputs(spec, inputs, bias, c2, fused)
         updates = []
-        for x, chunks, o in zip(inputs, outs, on_ortho):
+        for x, chunks, ortho_base in zip(inputs, outs, on_ortho):
             tangent = not self.radial_correction and x.t.kind == "weight" and x.param.dim() >= 2
             step_cap = self.step_cap if x.param.dim() >= 2 else 0.0
-            adam_cap = 0.0 if o else self.adam_cap
+            adam_cap = 0.0 if ortho_base else self.adam_cap
             capped = bool(step_cap or adam_cap)
             # _finish adds the learned term into Adam's part in place (fused).
             bases = [base.clone() for _, base, _ in chunks] if tangent or capped else []
