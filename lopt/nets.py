@@ -26,7 +26,11 @@ it is). With ``adam_cap`` above 0 the learned term of every tensor on Adam's
 base is scaled down to at most ``adam_cap`` times the norm of Adam's part of
 its update, so the learned term anneals as Adam's step does (Adam's second
 moment remembers larger gradients, so its step shrinks as a run converges;
-the net's scale-free inputs do not see that). The net learns a
+the net's scale-free inputs do not see that). With ``decay_after`` above 0
+the whole update at step ``t`` past it is multiplied by ``sqrt(decay_after /
+t)``, the step-size decay of Adam's convergence theorem: a net meta-trained
+on unrolls of ``decay_after`` steps has never seen a longer run, and a
+constant rate near zero loss sets off loss spikes there. The net learns a
 correction on top of Adam (as the UNF paper's net does on top of SGD with
 momentum), and its output layer starts near zero, so a fresh net is a sane,
 slow optimizer. Every input is loss-scale invariant, so the update is too.
@@ -157,9 +161,10 @@ def tangent_correction(u: Tensor, base: Tensor, param: Tensor) -> Tensor:
     return u - (along * w).reshape(u.shape)
 
 
-def check_cap(name: str, value: float) -> float:
-    """``value`` as a float if it is a valid cap (finite, >= 0); else
-    ``ValueError`` naming ``name``."""
+def check_constant(name: str, value: float) -> float:
+    """``value`` as a float if it is a valid setting of a cap or of
+    ``decay_after`` (finite, >= 0; 0 is off); else ``ValueError`` naming
+    ``name``."""
     value = float(value)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {value}")
@@ -188,7 +193,7 @@ class OptimizerNet(nn.Module):
 
     SWITCHES = ("input_width_factor", "radial_correction")  # may change after training
     # Unlearned numbers that may change after training.
-    CONSTANTS: tuple[str, ...] = ("step_cap", "adam_cap")
+    CONSTANTS: tuple[str, ...] = ("step_cap", "adam_cap", "decay_after")
 
     def __init__(
         self,
@@ -204,6 +209,7 @@ class OptimizerNet(nn.Module):
         ortho_lr: float | None = None,
         step_cap: float = 0.0,
         adam_cap: float = 0.0,
+        decay_after: float = 0.0,
     ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
@@ -227,6 +233,7 @@ class OptimizerNet(nn.Module):
         # Validated, and absent from the config while 0 (older files).
         self.step_cap = step_cap
         self.adam_cap = adam_cap
+        self.decay_after = decay_after
         self.mag_mult = mag_mult
         if ortho_lr is not None:
             self.log_ortho_lr = nn.Parameter(torch.tensor(math.log(ortho_lr)))
@@ -275,7 +282,7 @@ class OptimizerNet(nn.Module):
 
     @step_cap.setter
     def step_cap(self, value: float) -> None:
-        self._set_cap("step_cap", value)
+        self._set_constant("step_cap", value)
 
     @property
     def adam_cap(self) -> float:
@@ -292,12 +299,28 @@ class OptimizerNet(nn.Module):
 
     @adam_cap.setter
     def adam_cap(self, value: float) -> None:
-        self._set_cap("adam_cap", value)
+        self._set_constant("adam_cap", value)
 
-    def _set_cap(self, name: str, value: float) -> None:
-        """Validate a cap and store it; 0 (off) is left out of the config,
-        as in files saved before the cap existed."""
-        value = check_cap(name, value)
+    @property
+    def decay_after(self) -> float:
+        """The step past which the whole update (base part and learned term)
+        decays: at step ``t > decay_after`` it is multiplied by
+        ``sqrt(decay_after / t)`` (the ``lr / sqrt(t)`` of Adam's convergence
+        theorem); before it nothing changes. 0: off (the default). Set it to
+        the meta-training horizon: a net meta-trained on runs of that length
+        keeps its meta-learned rate for as long as it has seen it work, and
+        anneals after it, where a constant rate near zero loss sets off loss
+        spikes (Adam's own instability at a large rate)."""
+        return self._config.get("decay_after", 0.0)
+
+    @decay_after.setter
+    def decay_after(self, value: float) -> None:
+        self._set_constant("decay_after", value)
+
+    def _set_constant(self, name: str, value: float) -> None:
+        """Validate a cap or ``decay_after`` and store it; 0 (off) is left
+        out of the config, as in files saved before the setting existed."""
+        value = check_constant(name, value)
         if value:
             self._config[name] = value
         else:
@@ -403,6 +426,9 @@ class OptimizerNet(nn.Module):
             if o:
                 m = momenta[i][ADAM_MOMENTUM]
                 updates[i] = updates[i] - self.log_ortho_lr.exp() * ortho.direction(grads[i], m)
+        if self.decay_after:
+            decay = (self.decay_after / step).clamp(max=1.0).sqrt().to(updates[0].dtype)
+            updates = [u.mul_(decay) if fused else u * decay for u in updates]
         return updates
 
     @staticmethod

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 import lopt
-from lopt.nets import NFNNet, PerParamMLP, check_cap
+from lopt.nets import NFNNet, PerParamMLP, check_constant
 from meta_train.estimators import ESTIMATORS, make_estimator
 from meta_train.problems import LearnedOptimizerProblem
 from meta_train.stopping import StopRequests
@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "width_free_stats": False,
     "step_cap": 0.0,
     "adam_cap": 0.0,
+    "decay_after": 0.0,
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
@@ -155,6 +156,13 @@ def parser() -> argparse.ArgumentParser:
         "the optimizer nets' adam_cap, also settable after training",
     )
     a(
+        "--decay-after",
+        type=float,
+        help="past this inner step, multiply every update by sqrt(DECAY_AFTER / step) "
+        "(default 0: off; unrolls longer than it meta-train the net with the decay); the "
+        "optimizer nets' decay_after, also settable after training",
+    )
+    a(
         "--init-from",
         help="start from the weights of a saved optimizer net (a path or shipped name): "
         "every tensor of the same name and shape is copied, e.g. an mlp net's per-entry "
@@ -241,9 +249,9 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--neuron-stats is for --net nfn (a per-entry net cannot pool a neuron)")
     if cfg.get("width_free_stats") and not cfg.get("neuron_stats"):
         raise SystemExit("--width-free-stats changes what --neuron-stats read; give both")
-    for name in ("step_cap", "adam_cap"):
+    for name in ("step_cap", "adam_cap", "decay_after"):
         try:
-            check_cap(name, cfg.get(name, 0.0))
+            check_constant(name, cfg.get(name, 0.0))
         except ValueError as e:
             raise SystemExit(f"--{name.replace('_', '-')}: {e}") from e
     if cfg["family"] not in FAMILIES and cfg["family"] not in TASKS:
@@ -281,6 +289,7 @@ def build(
             ortho_lr=cfg["init_ortho_lr"],
             step_cap=cfg.get("step_cap", 0.0),
             adam_cap=cfg.get("adam_cap", 0.0),
+            decay_after=cfg.get("decay_after", 0.0),
             **extra,
         )
     if warm and cfg.get("init_from"):

@@ -146,6 +146,12 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
             if net.adam_cap
             else ""
         )
+        + (
+            f"; every update multiplied by sqrt({net.decay_after:g} / step) past step "
+            f"{net.decay_after:g}"
+            if net.decay_after
+            else ""
+        )
         + ".",
     ]
     shipped_with = meta.get("set_when_shipped") or {}
@@ -192,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         help="ship the net with this adam_cap (each tensor's learned term at most this "
         "multiple of Adam's part of its update); recorded in the file and the card",
     )
+    p.add_argument(
+        "--decay-after",
+        type=float,
+        help="ship the net with this decay_after (past that step every update is "
+        "multiplied by sqrt(DECAY_AFTER / step); give the meta-training horizon); "
+        "recorded in the file and the card",
+    )
     p.add_argument("--dest", type=Path, default=PRETRAINED_DIR, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     src = args.run / "optimizer.pt" if args.run.is_dir() else args.run
@@ -200,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.name or "/" in args.name or args.name.endswith(".pt"):
         raise SystemExit(f"name {args.name!r}: give a bare name like nfn-small")
     net, meta = lopt.load(src)
-    for name in ("step_cap", "adam_cap"):
+    for name in ("step_cap", "adam_cap", "decay_after"):
         value = getattr(args, name)
         if value is None or value == getattr(net, name):
             continue

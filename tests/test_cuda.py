@@ -117,7 +117,7 @@ def test_cli_on_cuda_writes_a_net_that_loads_on_the_cpu(tmp_path):
     assert all(torch.isfinite(torch.tensor(curve.train)))
 
 
-@pytest.mark.parametrize("name,cap", [("step_cap", 1e-3), ("adam_cap", 0.05)])
+@pytest.mark.parametrize("name,cap", [("step_cap", 1e-3), ("adam_cap", 0.05), ("decay_after", 5)])
 def test_caps_on_cuda_cap_as_on_the_cpu(name, cap):
     # A cap small enough to bind on every weight, so the capped path runs.
     losses = {}
@@ -126,7 +126,7 @@ def test_caps_on_cuda_cap_as_on_the_cpu(name, cap):
 
         def make(m, value=value):
             opt = lopt.NFNOptimizer(m.parameters(), weights="nfn-stats", model=m)
-            opt.net.step_cap = opt.net.adam_cap = 0.0
+            opt.net.step_cap = opt.net.adam_cap = opt.net.decay_after = 0.0
             setattr(opt.net, name, value)
             return opt
 

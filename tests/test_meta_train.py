@@ -458,6 +458,16 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="--adam-cap: adam_cap must be a finite number >= 0"):
         ship([str(free), "my-nfn-bad", "--adam-cap", "nan", "--dest", str(dest)])
     assert not (dest / "my-nfn-bad.pt").exists()
+    # decay_after on top of both caps: all three recorded, in the order set.
+    args3 = [str(dest / "my-nfn-both.pt"), "my-nfn-decay", "--decay-after", "200"]
+    assert ship([*args3, "--dest", str(dest)]) == 0
+    decay_card = capsys.readouterr().out
+    assert "; every update multiplied by sqrt(200 / step) past step 200." in decay_card
+    assert "without it: step_cap 0.03, adam_cap 3, decay_after 200." in decay_card
+    assert lopt.load(dest / "my-nfn-decay.pt")[0].decay_after == 200.0
+    with pytest.raises(SystemExit, match="--decay-after: decay_after must be a finite number"):
+        ship([str(free), "my-nfn-bad", "--decay-after", "-5", "--dest", str(dest)])
+    assert not (dest / "my-nfn-bad.pt").exists()
     ramp = tmp_path / "ramp"
     assert main([*args.split(), "--meta-loss-ramp", "4", "--out", str(ramp), "--no-progress"]) == 0
     assert ship([str(ramp), "my-mlp-ramp", "--dest", str(dest)]) == 0
@@ -929,11 +939,14 @@ def test_a_fresh_net_is_drawn_from_the_runs_seed(net, tmp_path):
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's generator untouched
 
 
-@pytest.mark.parametrize("name,value", [("step_cap", 0.05), ("adam_cap", 2.0)])
+@pytest.mark.parametrize(
+    "name,value", [("step_cap", 0.05), ("adam_cap", 2.0), ("decay_after", 2.0)]
+)
 def test_cap_flags_meta_train_a_capped_net(tmp_path, name, value):
-    """--step-cap / --adam-cap build the net with that cap (vectorised
-    unrolls run through it), save and resume with it; a negative cap is
-    refused before anything is written."""
+    """--step-cap / --adam-cap / --decay-after build the net with that
+    setting (vectorised unrolls run through it: decay_after 2 acts within
+    the horizon of 4), save and resume with it; a negative value is refused
+    before anything is written."""
     from meta_train.__main__ import main
 
     flag = "--" + name.replace("_", "-")

@@ -835,6 +835,61 @@ def test_caps_bound_each_tensors_learned_term(name, kind, arch, ortho_lr, tmp_pa
     assert name not in free.config and getattr(free, name) == 0.0
 
 
+@pytest.mark.parametrize(
+    "kind,arch,ortho_lr", [("mlp", "mlp", None), ("mlp", "mlp", 0.05), ("nfn", "cnn", None)]
+)
+def test_decay_after_scales_the_whole_update_past_that_step(kind, arch, ortho_lr, tmp_path):
+    """decay_after=D: at step t the update (base part, learned term, capped
+    or not) is the undecayed one times sqrt(D / t) for t > D, unchanged for
+    t <= D (naive formula, from the same state at each t); the optimizer
+    class (fused path) takes the same steps over a run; the NFN still trains
+    equivariantly; the setting is saved (0: absent from the config)."""
+    torch.manual_seed(6)
+    model, x, y = small_model(arch)
+    spec = WeightSpaceSpec.from_module(model)
+    cls = NFNNet if kind == "nfn" else PerParamMLP
+    free = cls(out_scale=1.0, step_mult=0.3, lr=1e-2, ortho_lr=ortho_lr, adam_cap=2.0)
+    decayed = copy.deepcopy(free)
+    decayed.decay_after = 3
+    params = [p.detach() for p in model.parameters()]
+    grads = torch.autograd.grad(loss_of(model, x, y), list(model.parameters()))
+
+    def step(net, t):
+        state = functional.init(params)
+        state["step"] = torch.tensor(float(t - 1))  # update() counts this step: t
+        theta = dict(net.named_parameters())
+        with torch.no_grad():
+            return functional.update(net, spec, theta, grads, state, params)[0]
+
+    for t in (1, 3, 4, 12, 300):
+        factor = min(1.0, 3 / t) ** 0.5
+        for v, u in zip(step(decayed, t), step(free, t)):
+            torch.testing.assert_close(v, u * factor, rtol=1e-6, atol=0)
+    # Over a run, the optimizer class against the functional core step by step.
+    twin = copy.deepcopy(model)
+    opt_cls = lopt.NFNOptimizer if kind == "nfn" else lopt.MLPOptimizer
+    opt = opt_cls(twin.parameters(), net=decayed, model=twin)
+    state = functional.init(params)
+    theta = dict(decayed.named_parameters())
+    ref = [p.clone() for p in params]
+    for _ in range(6):
+        g = torch.autograd.grad(loss_of(twin, x, y), list(twin.parameters()))
+        for p, gi in zip(twin.parameters(), g):
+            p.grad = gi
+        with torch.no_grad():
+            u, state = functional.update(decayed, spec, theta, list(g), state, ref)
+        ref = [r + ui for r, ui in zip(ref, u)]
+        opt.step()
+        for r, p in zip(ref, twin.parameters()):
+            torch.testing.assert_close(p.detach(), r, rtol=1e-4, atol=1e-6)
+    if kind == "nfn":
+        assert_trains_equivariantly(model, decayed, x, y)
+    lopt.save(decayed, tmp_path / "decayed.pt")
+    back, _ = lopt.load(tmp_path / "decayed.pt")
+    assert back.decay_after == 3 and back.config["decay_after"] == 3
+    assert "decay_after" not in free.config and free.decay_after == 0.0
+
+
 def test_base_updates_are_adams_step_and_change_nothing():
     """LearnedOptimizer.base_updates: at the first step Adam's part is
     -lr * g / (|g| + eps) per entry (a naive reference); it leaves the
@@ -865,7 +920,7 @@ def test_base_updates_are_adams_step_and_change_nothing():
     assert opt.base_updates()[0] is None and opt.base_updates()[1] is not None
 
 
-@pytest.mark.parametrize("name", ["step_cap", "adam_cap"])
+@pytest.mark.parametrize("name", ["step_cap", "adam_cap", "decay_after"])
 @pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
 def test_caps_refuse_negative_or_non_finite_values(name, value):
     with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
