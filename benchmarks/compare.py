@@ -284,7 +284,8 @@ def summarise(rows, horizon: int, factors=FACTORS, baseline: str = "adam") -> di
     below 1 beats it), the steps to reach the baseline's loss at the horizon
     as a fraction of the horizon, whether the run diverged (non-finite, or
     above its initial loss) and, per seed, its highest loss after the start
-    over its initial loss (``peak``: the worst seed; ``runs_above_start``).
+    over its initial loss (``peak``: the worst seed; ``runs_above_start``)
+    and how many seeds end at or above it (``runs_end_above_start``).
     Then, per optimizer, on how many tasks it beats the baseline at each
     multiple."""
     curves: dict = defaultdict(lambda: defaultdict(list))
@@ -297,6 +298,7 @@ def summarise(rows, horizon: int, factors=FACTORS, baseline: str = "adam") -> di
     # seed, every evaluated loss after the start (the seed-mean curve and the
     # end point hide a spike that one seed recovers from).
     peaks: dict = defaultdict(list)
+    ends: dict = defaultdict(list)  # per seed: whether it ends at or above its start
     for (task, opt, _seed), c in runs.items():
         steps = sorted(c)
         later = [c[s] for s in steps[1:]]
@@ -304,9 +306,11 @@ def summarise(rows, horizon: int, factors=FACTORS, baseline: str = "adam") -> di
             continue
         if not all(math.isfinite(v) for v in later):
             peaks[(task, opt)].append(math.inf)
+            ends[(task, opt)].append(True)
             continue
         start, top = c[steps[0]], max(later)
         peaks[(task, opt)].append(top / start if start > 0 else (math.inf if top > 0 else 1.0))
+        ends[(task, opt)].append(later[-1] >= start)
     mean = {k: {s: statistics.fmean(v) for s, v in sorted(c.items())} for k, c in curves.items()}
     tasks = sorted({t for t, _ in mean})
     opts = sorted({o for _, o in mean})
@@ -335,6 +339,7 @@ def summarise(rows, horizon: int, factors=FACTORS, baseline: str = "adam") -> di
             ]
             entry["peak"] = max(peaks[(task, opt)], default=0.0)
             entry["runs_above_start"] = sum(p >= 1 for p in peaks[(task, opt)])
+            entry["runs_end_above_start"] = sum(ends[(task, opt)])
             entry["runs"] = len(peaks[(task, opt)])
             per_task[(task, opt)] = entry
     counts = {}
@@ -350,6 +355,7 @@ def summarise(rows, horizon: int, factors=FACTORS, baseline: str = "adam") -> di
         counts[opt]["median_steps_to_baseline"] = statistics.median(steps) if steps else math.nan
         counts[opt]["diverged"] = sum(e["diverged"] for e in entries)
         counts[opt]["runs_above_start"] = sum(e["runs_above_start"] for e in entries)
+        counts[opt]["runs_end_above_start"] = sum(e["runs_end_above_start"] for e in entries)
         counts[opt]["runs"] = sum(e["runs"] for e in entries)
     return {"tasks": tasks, "optimizers": opts, "per_task": per_task, "counts": counts}
 
@@ -372,21 +378,23 @@ def markdown(summary: dict, meta: dict, factors=FACTORS) -> str:
     lines += [
         "| optimizer | "
         + " | ".join(f"@{f}x" for f in factors)
-        + " | median steps to Adam's loss | diverged | runs ever at or above their start |",
-        "|" + "---|" * (len(factors) + 4),
+        + " | median steps to Adam's loss | diverged | runs ever at or above their start"
+        + " | runs ending at or above it |",
+        "|" + "---|" * (len(factors) + 5),
     ]
     for opt, c in summary["counts"].items():
         beats = " | ".join(f"{c[f'beats@{f}x']}/{c['tasks']}" for f in factors)
         lines.append(
             f"| {opt} | {beats} | {_ratio(c['median_steps_to_baseline'])} | {c['diverged']} | "
-            f"{c['runs_above_start']}/{c['runs']} |"
+            f"{c['runs_above_start']}/{c['runs']} | {c['runs_end_above_start']}/{c['runs']} |"
         )
     lines += [
         "",
         "diverged: tasks whose seed-mean loss is not finite or ends at or above its start; "
         "peak / start: the highest loss after step 0 over the initial loss, the worst seed "
         "(inf: not finite); runs ever at or above their start: (task, seed) runs with such a "
-        "loss at any evaluated step up to the last multiple.",
+        "loss at any evaluated step up to the last multiple; runs ending at or above it: "
+        "(task, seed) runs whose last loss is at or above the start, or that went non-finite.",
     ]
     if meta.get("tasks"):
         lines += [

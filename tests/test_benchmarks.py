@@ -103,11 +103,13 @@ def test_summary_counts_from_a_hand_made_csv(tmp_path):
     assert s["per_task"][("A", "nfn")]["normalised"] == pytest.approx(0.31 / 0.61)
     assert s["counts"]["div"]["diverged"] == 2 and nfn["diverged"] == 0
     text = compare.markdown(s, {}, (1, 2))
-    assert "| nfn | 1/2 | 2/2 | 1.25x | 0 | 0/4 |" in text
+    assert "| nfn | 1/2 | 2/2 | 1.25x | 0 | 0/4 | 0/4 |" in text
     assert s["per_task"][("A", "nfn")]["peak"] == pytest.approx(0.52 / 2.02)
     assert s["per_task"][("B", "div")]["peak"] == math.inf  # a NaN on the way
     assert s["per_task"][("A", "div")]["peak"] == pytest.approx(3.5 / 2.0)
     assert s["counts"]["div"]["runs_above_start"] == 2
+    assert s["counts"]["div"]["runs_end_above_start"] == 2  # ends at 3.5 > 2.0; NaN on the way
+    assert "| div | 0/2 | 0/2 | never | 2 | 2/2 | 2/2 |" in text
 
 
 def test_summary_counts_a_seed_that_spikes_above_its_start_and_recovers():
@@ -117,10 +119,17 @@ def test_summary_counts_a_seed_that_spikes_above_its_start_and_recovers():
             for s, v in ((0, 2.0), (10, 1.0), (20, 0.5))]  # fmt: skip
     rows += [("T", "spiky", 0, s, "train", v) for s, v in ((0, 2.0), (10, 0.8), (20, 0.4))]
     rows += [("T", "spiky", 1, s, "train", v) for s, v in ((0, 2.0), (10, 5.0), (20, 0.6))]
+    # One seed ends above its start, the seed mean below it (1.25 < 2).
+    rows += [("T", "late", 0, s, "train", v) for s, v in ((0, 2.0), (10, 0.1), (20, 0.1))]
+    rows += [("T", "late", 1, s, "train", v) for s, v in ((0, 2.0), (10, 1.0), (20, 2.4))]
     s = compare.summarise(rows, horizon=10, factors=(1, 2))
     e = s["per_task"][("T", "spiky")]
     assert not e["diverged"] and e["peak"] == 2.5 and (e["runs_above_start"], e["runs"]) == (1, 2)
     assert s["counts"]["spiky"]["runs_above_start"] == 1
+    assert s["counts"]["spiky"]["runs_end_above_start"] == 0
+    late = s["per_task"][("T", "late")]
+    assert not late["diverged"]
+    assert (late["runs_above_start"], late["runs_end_above_start"]) == (1, 1)
     assert "| T | spiky | 2.9000 | 0.5000 | 2.900 | 2.00x | no | 2.500 |" in compare.markdown(
         s, {}, (1, 2)
     )
