@@ -192,7 +192,8 @@ class OptimizerNet(nn.Module):
     """Base class: the update formula; subclasses define :meth:`body`."""
 
     SWITCHES = ("input_width_factor", "radial_correction")  # may change after training
-    # Unlearned numbers that may change after training.
+    # Unlearned numbers that may change after training; meta_train and ship
+    # have a flag of each name (--step-cap, ...).
     CONSTANTS: tuple[str, ...] = ("step_cap", "adam_cap", "decay_after")
 
     def __init__(

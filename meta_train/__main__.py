@@ -249,7 +249,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--neuron-stats is for --net nfn (a per-entry net cannot pool a neuron)")
     if cfg.get("width_free_stats") and not cfg.get("neuron_stats"):
         raise SystemExit("--width-free-stats changes what --neuron-stats read; give both")
-    for name in ("step_cap", "adam_cap", "decay_after"):
+    for name in lopt.OptimizerNet.CONSTANTS:
         try:
             check_constant(name, cfg.get(name, 0.0))
         except ValueError as e:
@@ -287,9 +287,7 @@ def build(
             input_width_factor=cfg.get("input_width_factor", True),
             radial_correction=cfg.get("radial_correction", True),
             ortho_lr=cfg["init_ortho_lr"],
-            step_cap=cfg.get("step_cap", 0.0),
-            adam_cap=cfg.get("adam_cap", 0.0),
-            decay_after=cfg.get("decay_after", 0.0),
+            **{name: cfg.get(name, 0.0) for name in lopt.OptimizerNet.CONSTANTS},
             **extra,
         )
     if warm and cfg.get("init_from"):

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.name or "/" in args.name or args.name.endswith(".pt"):
         raise SystemExit(f"name {args.name!r}: give a bare name like nfn-small")
     net, meta = lopt.load(src)
-    for name in ("step_cap", "adam_cap", "decay_after"):
+    for name in lopt.OptimizerNet.CONSTANTS:
         value = getattr(args, name)
         if value is None or value == getattr(net, name):
             continue
