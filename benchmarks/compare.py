@@ -48,6 +48,11 @@ from tasks import get_suite, get_task
 FACTORS = (1, 2, 5)
 QUICK_GRID = (1e-3, 1e-2, 1e-1)
 FIRST_TUNE_SEED = 100  # tuning runs seeds 100, 101, ...: never a benchmark seed (0..99)
+# A batch-loss spike: a step's batch loss above SPIKE_MARGIN times the run's
+# initial (whole-split) loss. The whole-split loss is evaluated every
+# horizon / 10 steps and misses spikes of a few steps; the margin keeps the
+# first steps' batch-to-batch noise around the start from counting.
+SPIKE_MARGIN = 1.25
 
 
 def weights_label(weights: str) -> tuple[str, str]:
@@ -68,7 +73,7 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
     ``log_ortho_lr``; ``-inf`` switches the orthogonal base off) to other
     values, an ablation of one learned number, or switch an option of the
     net on or off (``input_width_factor=0``, ``radial_correction=0``), set
-    one of its constants (``step_cap``, ``adam_cap``, ``decay_after``),
+    one of its constants (``step_cap``, ``adam_cap``, ``decay_after``, ``decay_power``),
     or scale an NFN net's NF-layer output (``nf_scale=0``: the per-entry path
     alone, an ablation of what the NF-layer adds)."""
     label, path = weights_label(weights)
@@ -285,15 +290,24 @@ def summarise(rows, horizon: int, factors=FACTORS, baseline: str = "adam") -> di
     as a fraction of the horizon, whether the run diverged (non-finite, or
     above its initial loss) and, per seed, its highest loss after the start
     over its initial loss (``peak``: the worst seed; ``runs_above_start``)
-    and how many seeds end at or above it (``runs_end_above_start``).
-    Then, per optimizer, on how many tasks it beats the baseline at each
-    multiple."""
+    and how many seeds end at or above it (``runs_end_above_start``); from
+    the ``batch`` rows (every step), how many seeds have a batch-loss spike
+    (:func:`batch_spike`, ``runs_batch_spike``). Then, per optimizer, on how
+    many tasks it beats the baseline at each multiple."""
     curves: dict = defaultdict(lambda: defaultdict(list))
     runs: dict = defaultdict(dict)  # (task, opt, seed) -> {step: loss}
+    batches: dict = defaultdict(dict)
     for task, opt, seed, step, split, loss in rows:
         if split == "train":
             curves[(task, opt)][step].append(loss)
             runs[(task, opt, seed)][step] = loss
+        elif split == "batch":
+            batches[(task, opt, seed)][step] = loss
+    spikes: dict = defaultdict(int)
+    for (task, opt, seed), c in batches.items():
+        start = runs.get((task, opt, seed), {}).get(0)
+        if start is not None:
+            spikes[(task, opt)] += batch_spike([c[s] for s in sorted(c)], start)
     # The bar's "stays finite and below its initial value", read strictly: per
     # seed, every evaluated loss after the start (the seed-mean curve and the
     # end point hide a spike that one seed recovers from).
@@ -340,6 +354,7 @@ def summarise(rows, horizon: int, factors=FACTORS, baseline: str = "adam") -> di
             entry["peak"] = max(peaks[(task, opt)], default=0.0)
             entry["runs_above_start"] = sum(p >= 1 for p in peaks[(task, opt)])
             entry["runs_end_above_start"] = sum(ends[(task, opt)])
+            entry["runs_batch_spike"] = spikes[(task, opt)]
             entry["runs"] = len(peaks[(task, opt)])
             per_task[(task, opt)] = entry
     counts = {}
@@ -356,8 +371,15 @@ def summarise(rows, horizon: int, factors=FACTORS, baseline: str = "adam") -> di
         counts[opt]["diverged"] = sum(e["diverged"] for e in entries)
         counts[opt]["runs_above_start"] = sum(e["runs_above_start"] for e in entries)
         counts[opt]["runs_end_above_start"] = sum(e["runs_end_above_start"] for e in entries)
+        counts[opt]["runs_batch_spike"] = sum(e["runs_batch_spike"] for e in entries)
         counts[opt]["runs"] = sum(e["runs"] for e in entries)
     return {"tasks": tasks, "optimizers": opts, "per_task": per_task, "counts": counts}
+
+
+def batch_spike(losses: list[float], start: float) -> bool:
+    """Whether a run's batch losses spike: one is above ``SPIKE_MARGIN *
+    start`` or not finite."""
+    return any(not (v <= SPIKE_MARGIN * start) for v in losses)
 
 
 def markdown(summary: dict, meta: dict, factors=FACTORS) -> str:
@@ -379,14 +401,15 @@ def markdown(summary: dict, meta: dict, factors=FACTORS) -> str:
         "| optimizer | "
         + " | ".join(f"@{f}x" for f in factors)
         + " | median steps to Adam's loss | diverged | runs ever at or above their start"
-        + " | runs ending at or above it |",
-        "|" + "---|" * (len(factors) + 5),
+        + " | runs ending at or above it | runs with a batch-loss spike |",
+        "|" + "---|" * (len(factors) + 6),
     ]
     for opt, c in summary["counts"].items():
         beats = " | ".join(f"{c[f'beats@{f}x']}/{c['tasks']}" for f in factors)
         lines.append(
             f"| {opt} | {beats} | {_ratio(c['median_steps_to_baseline'])} | {c['diverged']} | "
-            f"{c['runs_above_start']}/{c['runs']} | {c['runs_end_above_start']}/{c['runs']} |"
+            f"{c['runs_above_start']}/{c['runs']} | {c['runs_end_above_start']}/{c['runs']} | "
+            f"{c['runs_batch_spike']}/{c['runs']} |"
         )
     lines += [
         "",
@@ -394,7 +417,10 @@ def markdown(summary: dict, meta: dict, factors=FACTORS) -> str:
         "peak / start: the highest loss after step 0 over the initial loss, the worst seed "
         "(inf: not finite); runs ever at or above their start: (task, seed) runs with such a "
         "loss at any evaluated step up to the last multiple; runs ending at or above it: "
-        "(task, seed) runs whose last loss is at or above the start, or that went non-finite.",
+        "(task, seed) runs whose last loss is at or above the start, or that went non-finite; "
+        f"runs with a batch-loss spike: (task, seed) runs with a batch loss above "
+        f"{SPIKE_MARGIN:g}x the start, or not finite, at any step (the whole-split loss is "
+        "evaluated every horizon / 10 steps and misses spikes of a few steps).",
     ]
     if meta.get("tasks"):
         lines += [
@@ -506,7 +532,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="ablation: set a scalar meta-parameter of every learned net "
         "(fan_in_exp, log_lr, log_step_mult, log_ortho_lr), switch an option "
         "(input_width_factor=0, radial_correction=0), set a constant (step_cap, "
-        "adam_cap, decay_after) or scale an NFN net's NF-layer output (nf_scale=0: "
+        "adam_cap, decay_after, decay_power) or scale an NFN net's NF-layer output (nf_scale=0: "
         "its per-entry path alone) before running",
     )
     p.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))

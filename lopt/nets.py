@@ -27,10 +27,15 @@ base is scaled down to at most ``adam_cap`` times the norm of Adam's part of
 its update, so the learned term anneals as Adam's step does (Adam's second
 moment remembers larger gradients, so its step shrinks as a run converges;
 the net's scale-free inputs do not see that). With ``decay_after`` above 0
-the whole update at step ``t`` past it is multiplied by ``sqrt(decay_after /
-t)``, the step-size decay of Adam's convergence theorem: a net meta-trained
-on unrolls of ``decay_after`` steps has never seen a longer run, and a
-constant rate near zero loss sets off loss spikes there. The net learns a
+the whole update at step ``t`` past it is multiplied by ``(decay_after /
+t) ** decay_power`` (default power 1): a net meta-trained on unrolls of
+``decay_after`` steps has never seen a longer run, and a constant rate near
+zero loss sets off loss spikes there. Power 1, not the 1/2 of Adam's
+convergence theorem, because Adam's own step grows as a run converges: its
+bias-corrected second moment averages the squared gradients of the whole run
+so far (for ``t`` well under ``1 / (1 - beta2)`` = 1000 steps), so once the
+gradients fade it falls as ``1 / t`` and Adam's step rises as ``sqrt(t)``;
+``1 / t`` makes the step fall as ``1 / sqrt(t)``. The net learns a
 correction on top of Adam (as the UNF paper's net does on top of SGD with
 momentum), and its output layer starts near zero, so a fresh net is a sane,
 slow optimizer. Every input is loss-scale invariant, so the update is too.
@@ -161,12 +166,26 @@ def tangent_correction(u: Tensor, base: Tensor, param: Tensor) -> Tensor:
     return u - (along * w).reshape(u.shape)
 
 
+# The unlearned constants of every optimizer net and their defaults (a
+# constant at its default is left out of a net's config, so files saved before
+# it existed load unchanged).
+CONSTANT_DEFAULTS: dict[str, float] = {
+    "step_cap": 0.0,
+    "adam_cap": 0.0,
+    "decay_after": 0.0,
+    "decay_power": 1.0,
+}
+
+
 def check_constant(name: str, value: float) -> float:
-    """``value`` as a float if it is a valid setting of a cap or of
-    ``decay_after`` (finite, >= 0; 0 is off); else ``ValueError`` naming
-    ``name``."""
+    """``value`` as a float if it is a valid setting of constant ``name``: a
+    cap or ``decay_after`` is finite and >= 0 (0 is off), ``decay_power``
+    finite and > 0; else ``ValueError`` naming ``name``."""
     value = float(value)
-    if not (math.isfinite(value) and value >= 0):
+    if name == "decay_power":
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"decay_power must be a finite number > 0, got {value}")
+    elif not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {value}")
     return value
 
@@ -194,7 +213,7 @@ class OptimizerNet(nn.Module):
     SWITCHES = ("input_width_factor", "radial_correction")  # may change after training
     # Unlearned numbers that may change after training; meta_train and ship
     # have a flag of each name (--step-cap, ...).
-    CONSTANTS: tuple[str, ...] = ("step_cap", "adam_cap", "decay_after")
+    CONSTANTS: tuple[str, ...] = tuple(CONSTANT_DEFAULTS)
 
     def __init__(
         self,
@@ -211,6 +230,7 @@ class OptimizerNet(nn.Module):
         step_cap: float = 0.0,
         adam_cap: float = 0.0,
         decay_after: float = 0.0,
+        decay_power: float = 1.0,
     ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
@@ -235,6 +255,7 @@ class OptimizerNet(nn.Module):
         self.step_cap = step_cap
         self.adam_cap = adam_cap
         self.decay_after = decay_after
+        self.decay_power = decay_power
         self.mag_mult = mag_mult
         if ortho_lr is not None:
             self.log_ortho_lr = nn.Parameter(torch.tensor(math.log(ortho_lr)))
@@ -306,23 +327,40 @@ class OptimizerNet(nn.Module):
     def decay_after(self) -> float:
         """The step past which the whole update (base part and learned term)
         decays: at step ``t > decay_after`` it is multiplied by
-        ``sqrt(decay_after / t)`` (the ``lr / sqrt(t)`` of Adam's convergence
-        theorem); before it nothing changes. 0: off (the default). Set it to
-        the meta-training horizon: a net meta-trained on runs of that length
-        keeps its meta-learned rate for as long as it has seen it work, and
-        anneals after it, where a constant rate near zero loss sets off loss
-        spikes (Adam's own instability at a large rate)."""
+        ``(decay_after / t) ** decay_power``; before it nothing changes. 0:
+        off (the default). Set it to the meta-training horizon: a net
+        meta-trained on runs of that length keeps its meta-learned rate for
+        as long as it has seen it work, and anneals after it, where a
+        constant rate near zero loss sets off loss spikes (Adam's own
+        instability at a large rate)."""
         return self._config.get("decay_after", 0.0)
 
     @decay_after.setter
     def decay_after(self, value: float) -> None:
         self._set_constant("decay_after", value)
 
+    @property
+    def decay_power(self) -> float:
+        """The power of the decay past ``decay_after``: the update at step
+        ``t`` is multiplied by ``(decay_after / t) ** decay_power``. 1 (the
+        default): Adam's bias-corrected second moment falls as ``1 / t``
+        once the gradients fade (it averages the whole run's squared
+        gradients for ``t`` well under 1000 steps), so Adam's step rises as
+        ``sqrt(t)`` and the decayed step falls as ``1 / sqrt(t)``, the rate
+        of Adam's convergence theorem; 0.5 decays the rate itself as
+        ``1 / sqrt(t)`` and leaves Adam's step about constant there."""
+        return self._config.get("decay_power", CONSTANT_DEFAULTS["decay_power"])
+
+    @decay_power.setter
+    def decay_power(self, value: float) -> None:
+        self._set_constant("decay_power", value)
+
     def _set_constant(self, name: str, value: float) -> None:
-        """Validate a cap or ``decay_after`` and store it; 0 (off) is left
-        out of the config, as in files saved before the setting existed."""
+        """Validate a constant and store it; one at its default (0, off, for
+        the caps and ``decay_after``) is left out of the config, as in files
+        saved before the setting existed."""
         value = check_constant(name, value)
-        if value:
+        if value != CONSTANT_DEFAULTS[name]:
             self._config[name] = value
         else:
             self._config.pop(name, None)
@@ -428,7 +466,8 @@ class OptimizerNet(nn.Module):
                 m = momenta[i][ADAM_MOMENTUM]
                 updates[i] = updates[i] - self.log_ortho_lr.exp() * ortho.direction(grads[i], m)
         if self.decay_after:
-            decay = (self.decay_after / step).clamp(max=1.0).sqrt().to(updates[0].dtype)
+            decay = (self.decay_after / step).clamp(max=1.0).pow(self.decay_power)
+            decay = decay.to(updates[0].dtype)
             updates = [u.mul_(decay) if fused else u * decay for u in updates]
         return updates
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 import lopt
-from lopt.nets import NFNNet, PerParamMLP, check_constant
+from lopt.nets import CONSTANT_DEFAULTS, NFNNet, PerParamMLP, check_constant
 from meta_train.estimators import ESTIMATORS, make_estimator
 from meta_train.problems import LearnedOptimizerProblem
 from meta_train.stopping import StopRequests
@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "step_cap": 0.0,
     "adam_cap": 0.0,
     "decay_after": 0.0,
+    "decay_power": 1.0,
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
@@ -158,9 +159,15 @@ def parser() -> argparse.ArgumentParser:
     a(
         "--decay-after",
         type=float,
-        help="past this inner step, multiply every update by sqrt(DECAY_AFTER / step) "
-        "(default 0: off; unrolls longer than it meta-train the net with the decay); the "
-        "optimizer nets' decay_after, also settable after training",
+        help="past this inner step, multiply every update by (DECAY_AFTER / step) ** "
+        "DECAY_POWER (default 0: off; unrolls longer than it meta-train the net with the "
+        "decay); the optimizer nets' decay_after, also settable after training",
+    )
+    a(
+        "--decay-power",
+        type=float,
+        help="the power of that decay (default 1: Adam's step, which rises as sqrt(step) once "
+        "its gradients fade, then falls as 1 / sqrt(step)); the optimizer nets' decay_power",
     )
     a(
         "--init-from",
@@ -251,7 +258,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--width-free-stats changes what --neuron-stats read; give both")
     for name in lopt.OptimizerNet.CONSTANTS:
         try:
-            check_constant(name, cfg.get(name, 0.0))
+            check_constant(name, cfg.get(name, CONSTANT_DEFAULTS[name]))
         except ValueError as e:
             raise SystemExit(f"--{name.replace('_', '-')}: {e}") from e
     if cfg["family"] not in FAMILIES and cfg["family"] not in TASKS:
@@ -287,7 +294,9 @@ def build(
             input_width_factor=cfg.get("input_width_factor", True),
             radial_correction=cfg.get("radial_correction", True),
             ortho_lr=cfg["init_ortho_lr"],
-            **{name: cfg.get(name, 0.0) for name in lopt.OptimizerNet.CONSTANTS},
+            **{
+                name: cfg.get(name, CONSTANT_DEFAULTS[name]) for name in lopt.OptimizerNet.CONSTANTS
+            },
             **extra,
         )
     if warm and cfg.get("init_from"):

@@ -84,6 +84,13 @@ def _ramp(cfg: dict) -> str:
     return f" weighted by min(1, t / {ramp}) over inner step t" if ramp else ""
 
 
+def decay_text(net: lopt.OptimizerNet) -> str:
+    """The card's words for a net's ``decay_after`` and ``decay_power``."""
+    d, p = f"{net.decay_after:g}", net.decay_power
+    factor = f"({d} / step)" if p == 1 else f"({d} / step)^{p:g}"
+    return f"every update multiplied by {factor} past step {d}"
+
+
 def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: int) -> str:
     """A markdown model card from a shipped net's metadata."""
     cfg = meta.get("config", {})
@@ -146,12 +153,7 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
             if net.adam_cap
             else ""
         )
-        + (
-            f"; every update multiplied by sqrt({net.decay_after:g} / step) past step "
-            f"{net.decay_after:g}"
-            if net.decay_after
-            else ""
-        )
+        + (f"; {decay_text(net)}" if net.decay_after else "")
         + ".",
     ]
     shipped_with = meta.get("set_when_shipped") or {}
@@ -202,8 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         "--decay-after",
         type=float,
         help="ship the net with this decay_after (past that step every update is "
-        "multiplied by sqrt(DECAY_AFTER / step); give the meta-training horizon); "
-        "recorded in the file and the card",
+        "multiplied by (DECAY_AFTER / step) ** decay_power; give the meta-training "
+        "horizon); recorded in the file and the card",
+    )
+    p.add_argument(
+        "--decay-power",
+        type=float,
+        help="ship the net with this decay_power (default 1); recorded in the file and the card",
     )
     p.add_argument("--dest", type=Path, default=PRETRAINED_DIR, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -103,13 +103,13 @@ def test_summary_counts_from_a_hand_made_csv(tmp_path):
     assert s["per_task"][("A", "nfn")]["normalised"] == pytest.approx(0.31 / 0.61)
     assert s["counts"]["div"]["diverged"] == 2 and nfn["diverged"] == 0
     text = compare.markdown(s, {}, (1, 2))
-    assert "| nfn | 1/2 | 2/2 | 1.25x | 0 | 0/4 | 0/4 |" in text
+    assert "| nfn | 1/2 | 2/2 | 1.25x | 0 | 0/4 | 0/4 | 0/4 |" in text
     assert s["per_task"][("A", "nfn")]["peak"] == pytest.approx(0.52 / 2.02)
     assert s["per_task"][("B", "div")]["peak"] == math.inf  # a NaN on the way
     assert s["per_task"][("A", "div")]["peak"] == pytest.approx(3.5 / 2.0)
     assert s["counts"]["div"]["runs_above_start"] == 2
     assert s["counts"]["div"]["runs_end_above_start"] == 2  # ends at 3.5 > 2.0; NaN on the way
-    assert "| div | 0/2 | 0/2 | never | 2 | 2/2 | 2/2 |" in text
+    assert "| div | 0/2 | 0/2 | never | 2 | 2/2 | 2/2 | 0/2 |" in text
 
 
 def test_summary_counts_a_seed_that_spikes_above_its_start_and_recovers():
@@ -133,6 +133,35 @@ def test_summary_counts_a_seed_that_spikes_above_its_start_and_recovers():
     assert "| T | spiky | 2.9000 | 0.5000 | 2.900 | 2.00x | no | 2.500 |" in compare.markdown(
         s, {}, (1, 2)
     )
+
+
+def test_batch_spike_against_the_margin():
+    m = compare.SPIKE_MARGIN
+    assert not compare.batch_spike([2.0, 2.0 * m, 0.1], 2.0)  # at the margin: not above
+    assert compare.batch_spike([2.0, 2.0 * m * 1.001, 0.1], 2.0)
+    assert compare.batch_spike([1.0, float("nan"), 1.0], 2.0)
+    assert compare.batch_spike([1.0, float("inf")], 2.0)
+    assert not compare.batch_spike([], 2.0)
+
+
+def test_summary_counts_batch_loss_spikes_the_sparse_evaluations_miss():
+    # Whole-split losses every 10 steps never leave [start/4, start], but
+    # seed 1's batch losses spike to 3x the start for 3 steps in between.
+    rows = []
+    for opt in ("adam", "spiky"):
+        for seed in (0, 1):
+            rows += [("T", opt, seed, s, "train", v) for s, v in ((0, 2.0), (10, 1.0), (20, 0.5))]
+            batch = [2.0 - 0.07 * s for s in range(1, 21)]
+            if opt == "spiky" and seed == 1:
+                batch[11:14] = [6.0] * 3
+            batch[0] = 2.4  # the first steps' noise, inside the margin
+            rows += [("T", opt, seed, s, "batch", v) for s, v in enumerate(batch, 1)]
+    s = compare.summarise(rows, horizon=10, factors=(1, 2))
+    assert s["per_task"][("T", "spiky")]["runs_above_start"] == 0
+    assert s["per_task"][("T", "spiky")]["runs_batch_spike"] == 1
+    assert s["counts"]["spiky"]["runs_batch_spike"] == 1
+    assert s["per_task"][("T", "adam")]["runs_batch_spike"] == 0
+    assert "| 0/2 | 0/2 | 1/2 |" in compare.markdown(s, {}, (1, 2))
 
 
 def test_summary_rejects_a_csv_without_the_baseline(tmp_path):

@@ -462,9 +462,18 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     args3 = [str(dest / "my-nfn-both.pt"), "my-nfn-decay", "--decay-after", "200"]
     assert ship([*args3, "--dest", str(dest)]) == 0
     decay_card = capsys.readouterr().out
-    assert "; every update multiplied by sqrt(200 / step) past step 200." in decay_card
+    assert "; every update multiplied by (200 / step) past step 200." in decay_card
     assert "without it: step_cap 0.03, adam_cap 3, decay_after 200." in decay_card
     assert lopt.load(dest / "my-nfn-decay.pt")[0].decay_after == 200.0
+    # decay_power off its default: recorded, and the card shows the power.
+    args4 = [str(dest / "my-nfn-decay.pt"), "my-nfn-sqrt", "--decay-power", "0.5"]
+    assert ship([*args4, "--dest", str(dest)]) == 0
+    assert "; every update multiplied by (200 / step)^0.5 past step 200." in (
+        capsys.readouterr().out
+    )
+    assert lopt.load(dest / "my-nfn-sqrt.pt")[0].decay_power == 0.5
+    with pytest.raises(SystemExit, match="--decay-power: decay_power must be a finite number > 0"):
+        ship([str(free), "my-nfn-bad", "--decay-power", "0", "--dest", str(dest)])
     with pytest.raises(SystemExit, match="--decay-after: decay_after must be a finite number"):
         ship([str(free), "my-nfn-bad", "--decay-after", "-5", "--dest", str(dest)])
     assert not (dest / "my-nfn-bad.pt").exists()
@@ -940,23 +949,26 @@ def test_a_fresh_net_is_drawn_from_the_runs_seed(net, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name,value", [("step_cap", 0.05), ("adam_cap", 2.0), ("decay_after", 2.0)]
+    "name,value",
+    [("step_cap", 0.05), ("adam_cap", 2.0), ("decay_after", 2.0), ("decay_power", 0.5)],
 )
 def test_cap_flags_meta_train_a_capped_net(tmp_path, name, value):
-    """--step-cap / --adam-cap / --decay-after build the net with that
-    setting (vectorised unrolls run through it: decay_after 2 acts within
-    the horizon of 4), save and resume with it; a negative value is refused
-    before anything is written."""
+    """--step-cap / --adam-cap / --decay-after / --decay-power build the net
+    with that setting (vectorised unrolls run through it: decay_after 2 acts
+    within the horizon of 4), save and resume with it; a negative value is
+    refused before anything is written."""
     from meta_train.__main__ import main
 
     flag = "--" + name.replace("_", "-")
     out = tmp_path / "run"
-    assert main(f"{TINY_MAGNITUDE_NFN} {flag} {value} --no-progress --out {out}".split()) == 0
+    extra = " --decay-after 2" if name == "decay_power" else ""
+    cmd = f"{TINY_MAGNITUDE_NFN} {flag} {value}{extra} --no-progress --out {out}"
+    assert main(cmd.split()) == 0
     net, meta = lopt.load(out / "optimizer.pt")
     assert getattr(net, name) == value and meta["config"][name] == value
     assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
     assert getattr(lopt.load(out / "optimizer.pt")[0], name) == value
     bad = tmp_path / "bad"
-    with pytest.raises(SystemExit, match=f"{flag}: {name} must be a finite number >= 0"):
+    with pytest.raises(SystemExit, match=f"{flag}: {name} must be a finite number"):
         main([flag, "-1", "--family", "mlp-gmm", "--out", str(bad)])
     assert not bad.exists()
