@@ -300,7 +300,7 @@ class OptimizerNet(nn.Module):
         a net meta-trained on small ones can take isolated learned steps
         many times a layer's norm. A weight that is all zeros gets no
         learned term until the base part has moved it."""
-        return self._config.get("step_cap", 0.0)
+        return self._constant("step_cap")
 
     @step_cap.setter
     def step_cap(self, value: float) -> None:
@@ -317,7 +317,7 @@ class OptimizerNet(nn.Module):
         net's inputs are scale-free and do not, so without this bound its
         learned term can keep a converging network moving at a fixed
         relative rate, and climb back up the loss over long runs."""
-        return self._config.get("adam_cap", 0.0)
+        return self._constant("adam_cap")
 
     @adam_cap.setter
     def adam_cap(self, value: float) -> None:
@@ -333,7 +333,7 @@ class OptimizerNet(nn.Module):
         as long as it has seen it work, and anneals after it, where a
         constant rate near zero loss sets off loss spikes (Adam's own
         instability at a large rate)."""
-        return self._config.get("decay_after", 0.0)
+        return self._constant("decay_after")
 
     @decay_after.setter
     def decay_after(self, value: float) -> None:
@@ -349,11 +349,15 @@ class OptimizerNet(nn.Module):
         ``sqrt(t)`` and the decayed step falls as ``1 / sqrt(t)``, the rate
         of Adam's convergence theorem; 0.5 decays the rate itself as
         ``1 / sqrt(t)`` and leaves Adam's step about constant there."""
-        return self._config.get("decay_power", CONSTANT_DEFAULTS["decay_power"])
+        return self._constant("decay_power")
 
     @decay_power.setter
     def decay_power(self, value: float) -> None:
         self._set_constant("decay_power", value)
+
+    def _constant(self, name: str) -> float:
+        """A constant's value: the config's, or its default when left out."""
+        return self._config.get(name, CONSTANT_DEFAULTS[name])
 
     def _set_constant(self, name: str, value: float) -> None:
         """Validate a constant and store it; one at its default (0, off, for

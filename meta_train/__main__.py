@@ -51,10 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "nf_outputs": "both",
     "neuron_stats": False,
     "width_free_stats": False,
-    "step_cap": 0.0,
-    "adam_cap": 0.0,
-    "decay_after": 0.0,
-    "decay_power": 1.0,
+    **CONSTANT_DEFAULTS,  # step_cap, adam_cap, decay_after, decay_power
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
