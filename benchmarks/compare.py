@@ -73,7 +73,8 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
     ``log_ortho_lr``; ``-inf`` switches the orthogonal base off) to other
     values, an ablation of one learned number, or switch an option of the
     net on or off (``input_width_factor=0``, ``radial_correction=0``), set
-    one of its constants (``step_cap``, ``adam_cap``, ``decay_after``, ``decay_power``),
+    one of its constants (``step_cap``, ``adam_cap``, ``decay_after``, ``decay_power``,
+    ``warmup``),
     or scale an NFN net's NF-layer output (``nf_scale=0``: the per-entry path
     alone, an ablation of what the NF-layer adds)."""
     label, path = weights_label(weights)
@@ -532,8 +533,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="ablation: set a scalar meta-parameter of every learned net "
         "(fan_in_exp, log_lr, log_step_mult, log_ortho_lr), switch an option "
         "(input_width_factor=0, radial_correction=0), set a constant (step_cap, "
-        "adam_cap, decay_after, decay_power) or scale an NFN net's NF-layer output (nf_scale=0: "
-        "its per-entry path alone) before running",
+        "adam_cap, decay_after, decay_power, warmup) or scale an NFN net's NF-layer "
+        "output (nf_scale=0: its per-entry path alone) before running",
     )
     p.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))
     p.add_argument("--device", default="cpu")

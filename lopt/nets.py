@@ -35,7 +35,10 @@ convergence theorem, because Adam's own step grows as a run converges: its
 bias-corrected second moment averages the squared gradients of the whole run
 so far (for ``t`` well under ``1 / (1 - beta2)`` = 1000 steps), so once the
 gradients fade it falls as ``1 / t`` and Adam's step rises as ``sqrt(t)``;
-``1 / t`` makes the step fall as ``1 / sqrt(t)``. The net learns a
+``1 / t`` makes the step fall as ``1 / sqrt(t)``. With ``warmup`` above 0
+the whole update at step ``t`` before it is multiplied by ``t / warmup``
+(Adam's second moment rests on a few gradients in the first steps, and a
+rate tuned for the family overshoots there on deeper, wider networks). The net learns a
 correction on top of Adam (as the UNF paper's net does on top of SGD with
 momentum), and its output layer starts near zero, so a fresh net is a sane,
 slow optimizer. Every input is loss-scale invariant, so the update is too.
@@ -174,12 +177,13 @@ CONSTANT_DEFAULTS: dict[str, float] = {
     "adam_cap": 0.0,
     "decay_after": 0.0,
     "decay_power": 1.0,
+    "warmup": 0.0,
 }
 
 
 def check_constant(name: str, value: float) -> float:
     """``value`` as a float if it is a valid setting of constant ``name``: a
-    cap or ``decay_after`` is finite and >= 0 (0 is off), ``decay_power``
+    cap, ``decay_after`` or ``warmup`` is finite and >= 0 (0 is off), ``decay_power``
     finite and > 0; else ``ValueError`` naming ``name``."""
     value = float(value)
     if name == "decay_power":
@@ -231,6 +235,7 @@ class OptimizerNet(nn.Module):
         adam_cap: float = 0.0,
         decay_after: float = 0.0,
         decay_power: float = 1.0,
+        warmup: float = 0.0,
     ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
@@ -256,6 +261,7 @@ class OptimizerNet(nn.Module):
         self.adam_cap = adam_cap
         self.decay_after = decay_after
         self.decay_power = decay_power
+        self.warmup = warmup
         self.mag_mult = mag_mult
         if ortho_lr is not None:
             self.log_ortho_lr = nn.Parameter(torch.tensor(math.log(ortho_lr)))
@@ -355,13 +361,28 @@ class OptimizerNet(nn.Module):
     def decay_power(self, value: float) -> None:
         self._set_constant("decay_power", value)
 
+    @property
+    def warmup(self) -> float:
+        """The steps over which the whole update (base part and learned
+        term) warms up: at step ``t < warmup`` it is multiplied by ``t /
+        warmup``; from then on nothing changes. 0: off (the default). Adam's
+        second moment rests on a handful of gradients in the first steps
+        (RAdam's argument), and a rate meta-tuned for the family's networks
+        overshoots there on deeper and wider ones (the loss jumps to several
+        times its start at steps 3-10 before it trains)."""
+        return self._constant("warmup")
+
+    @warmup.setter
+    def warmup(self, value: float) -> None:
+        self._set_constant("warmup", value)
+
     def _constant(self, name: str) -> float:
         """A constant's value: the config's, or its default when left out."""
         return self._config.get(name, CONSTANT_DEFAULTS[name])
 
     def _set_constant(self, name: str, value: float) -> None:
         """Validate a constant and store it; one at its default (0, off, for
-        the caps and ``decay_after``) is left out of the config, as in files
+        the caps, ``decay_after`` and ``warmup``) is left out of the config, as in files
         saved before the setting existed."""
         value = check_constant(name, value)
         if value != CONSTANT_DEFAULTS[name]:
@@ -473,6 +494,9 @@ class OptimizerNet(nn.Module):
             decay = (self.decay_after / step).clamp(max=1.0).pow(self.decay_power)
             decay = decay.to(updates[0].dtype)
             updates = [u.mul_(decay) if fused else u * decay for u in updates]
+        if self.warmup:
+            ramp = (step / self.warmup).clamp(max=1.0).to(updates[0].dtype)
+            updates = [u.mul_(ramp) if fused else u * ramp for u in updates]
         return updates
 
     @staticmethod

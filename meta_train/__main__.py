@@ -51,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "nf_outputs": "both",
     "neuron_stats": False,
     "width_free_stats": False,
-    **CONSTANT_DEFAULTS,  # step_cap, adam_cap, decay_after, decay_power
+    **CONSTANT_DEFAULTS,  # step_cap, adam_cap, decay_after, decay_power, warmup
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
@@ -165,6 +165,12 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         help="the power of that decay (default 1: Adam's step, which rises as sqrt(step) once "
         "its gradients fade, then falls as 1 / sqrt(step)); the optimizer nets' decay_power",
+    )
+    a(
+        "--warmup",
+        type=float,
+        help="before this inner step, multiply every update by step / WARMUP (default 0: "
+        "off); the optimizer nets' warmup, also settable after training",
     )
     a(
         "--init-from",

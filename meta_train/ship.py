@@ -91,6 +91,11 @@ def decay_text(net: lopt.OptimizerNet) -> str:
     return f"every update multiplied by {factor} past step {d}"
 
 
+def warmup_text(net: lopt.OptimizerNet) -> str:
+    """The card's words for a net's ``warmup``."""
+    return f"every update multiplied by step / {net.warmup:g} before step {net.warmup:g}"
+
+
 def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: int) -> str:
     """A markdown model card from a shipped net's metadata."""
     cfg = meta.get("config", {})
@@ -154,6 +159,7 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
             else ""
         )
         + (f"; {decay_text(net)}" if net.decay_after else "")
+        + (f"; {warmup_text(net)}" if net.warmup else "")
         + ".",
     ]
     shipped_with = meta.get("set_when_shipped") or {}
@@ -211,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         "--decay-power",
         type=float,
         help="ship the net with this decay_power (default 1); recorded in the file and the card",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        help="ship the net with this warmup (before that step every update is multiplied by "
+        "step / WARMUP); recorded in the file and the card",
     )
     p.add_argument("--dest", type=Path, default=PRETRAINED_DIR, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

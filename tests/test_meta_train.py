@@ -477,6 +477,16 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="--decay-after: decay_after must be a finite number"):
         ship([str(free), "my-nfn-bad", "--decay-after", "-5", "--dest", str(dest)])
     assert not (dest / "my-nfn-bad.pt").exists()
+    # warmup: recorded, and the card shows the ramp after the decay.
+    args5 = [str(dest / "my-nfn-decay.pt"), "my-nfn-warm", "--warmup", "25"]
+    assert ship([*args5, "--dest", str(dest)]) == 0
+    assert "past step 200; every update multiplied by step / 25 before step 25." in (
+        capsys.readouterr().out
+    )
+    assert lopt.load(dest / "my-nfn-warm.pt")[0].warmup == 25.0
+    with pytest.raises(SystemExit, match="--warmup: warmup must be a finite number >= 0"):
+        ship([str(free), "my-nfn-bad", "--warmup", "inf", "--dest", str(dest)])
+    assert not (dest / "my-nfn-bad.pt").exists()
     ramp = tmp_path / "ramp"
     assert main([*args.split(), "--meta-loss-ramp", "4", "--out", str(ramp), "--no-progress"]) == 0
     assert ship([str(ramp), "my-mlp-ramp", "--dest", str(dest)]) == 0
@@ -950,13 +960,19 @@ def test_a_fresh_net_is_drawn_from_the_runs_seed(net, tmp_path):
 
 @pytest.mark.parametrize(
     "name,value",
-    [("step_cap", 0.05), ("adam_cap", 2.0), ("decay_after", 2.0), ("decay_power", 0.5)],
+    [
+        ("step_cap", 0.05),
+        ("adam_cap", 2.0),
+        ("decay_after", 2.0),
+        ("decay_power", 0.5),
+        ("warmup", 3.0),
+    ],
 )
 def test_cap_flags_meta_train_a_capped_net(tmp_path, name, value):
-    """--step-cap / --adam-cap / --decay-after / --decay-power build the net
-    with that setting (vectorised unrolls run through it: decay_after 2 acts
-    within the horizon of 4), save and resume with it; a negative value is
-    refused before anything is written."""
+    """--step-cap / --adam-cap / --decay-after / --decay-power / --warmup
+    build the net with that setting (vectorised unrolls run through it:
+    decay_after 2 and warmup 3 act within the horizon of 4), save and resume
+    with it; a negative value is refused before anything is written."""
     from meta_train.__main__ import main
 
     flag = "--" + name.replace("_", "-")

@@ -836,16 +836,22 @@ def test_caps_bound_each_tensors_learned_term(name, kind, arch, ortho_lr, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "kind,arch,ortho_lr,power",
-    [("mlp", "mlp", None, 1.0), ("mlp", "mlp", 0.05, 0.5), ("nfn", "cnn", None, 1.0)],
+    "kind,arch,ortho_lr,power,warmup",
+    [
+        ("mlp", "mlp", None, 1.0, 0.0),
+        ("mlp", "mlp", 0.05, 0.5, 5.0),
+        ("nfn", "cnn", None, 1.0, 4.0),
+        ("nfn", "mlp", None, 1.0, 0.0),
+    ],
 )
-def test_decay_after_scales_the_whole_update_past_that_step(kind, arch, ortho_lr, power, tmp_path):
-    """decay_after=D: at step t the update (base part, learned term, capped
-    or not) is the undecayed one times (D / t) ** decay_power for t > D,
-    unchanged for t <= D (naive formula, from the same state at each t); the
-    optimizer class (fused path) takes the same steps over a run; the NFN
-    still trains equivariantly; the settings are saved (at their defaults:
-    absent from the config)."""
+def test_decay_and_warmup_scale_the_whole_update(kind, arch, ortho_lr, power, warmup, tmp_path):
+    """decay_after=D, warmup=W: at step t the update (base part, learned
+    term, capped or not) is the plain one times (D / t) ** decay_power for t
+    > D and times t / W for t < W, unchanged between (naive formula, from the
+    same state at each t; W > D checks the two together); the optimizer
+    class (fused path) takes the same steps over a run; the NFN still trains
+    equivariantly; the settings are saved (at their defaults: absent from the
+    config)."""
     torch.manual_seed(6)
     model, x, y = small_model(arch)
     spec = WeightSpaceSpec.from_module(model)
@@ -854,6 +860,7 @@ def test_decay_after_scales_the_whole_update_past_that_step(kind, arch, ortho_lr
     decayed = copy.deepcopy(free)
     decayed.decay_after = 3
     decayed.decay_power = power
+    decayed.warmup = warmup
     params = [p.detach() for p in model.parameters()]
     grads = torch.autograd.grad(loss_of(model, x, y), list(model.parameters()))
 
@@ -864,8 +871,8 @@ def test_decay_after_scales_the_whole_update_past_that_step(kind, arch, ortho_lr
         with torch.no_grad():
             return functional.update(net, spec, theta, grads, state, params)[0]
 
-    for t in (1, 3, 4, 12, 300):
-        factor = min(1.0, 3 / t) ** power
+    for t in (1, 2, 3, 4, 5, 12, 300):
+        factor = min(1.0, 3 / t) ** power * (min(1.0, t / warmup) if warmup else 1.0)
         for v, u in zip(step(decayed, t), step(free, t)):
             torch.testing.assert_close(v, u * factor, rtol=1e-6, atol=0)
     # Over a run, the optimizer class against the functional core step by step.
@@ -894,6 +901,8 @@ def test_decay_after_scales_the_whole_update_past_that_step(kind, arch, ortho_lr
     assert back.decay_power == power and ("decay_power" in back.config) == (power != 1.0)
     assert "decay_after" not in free.config and free.decay_after == 0.0
     assert "decay_power" not in free.config and free.decay_power == 1.0
+    assert back.warmup == warmup and ("warmup" in back.config) == bool(warmup)
+    assert "warmup" not in free.config and free.warmup == 0.0
 
 
 def test_base_updates_are_adams_step_and_change_nothing():
@@ -926,7 +935,7 @@ def test_base_updates_are_adams_step_and_change_nothing():
     assert opt.base_updates()[0] is None and opt.base_updates()[1] is not None
 
 
-@pytest.mark.parametrize("name", ["step_cap", "adam_cap", "decay_after"])
+@pytest.mark.parametrize("name", ["step_cap", "adam_cap", "decay_after", "warmup"])
 @pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
 def test_caps_refuse_negative_or_non_finite_values(name, value):
     with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
