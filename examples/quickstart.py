@@ -3,9 +3,10 @@ and with Adam, side by side, in an ordinary PyTorch loop.
 
     python examples/quickstart.py [--steps 300] [--weights NAME_OR_PATH] [--plot out.png]
 
-By default the optimizer is the shipped, meta-trained ``nfn-broad``;
-``--weights`` takes another shipped name (``mlp-broad``, ``nfn-small``,
-``mlp-small``) or a checkpoint from ``python -m meta_train``.
+By default the optimizer is the shipped, meta-trained ``nfn-stats`` (the NFN
+of issue 7's bar, see the README's Pretrained optimizers); ``--weights``
+takes another shipped name (``mlp-broad-cont``, ``nfn-broad``, ...) or a
+checkpoint from ``python -m meta_train``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tasks import get_task
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
-    shipped = "nfn-broad" if "nfn-broad" in lopt.pretrained_names() else None
+    shipped = "nfn-stats" if "nfn-stats" in lopt.pretrained_names() else None
     p.add_argument(
         "--weights",
         default=shipped,

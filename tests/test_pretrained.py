@@ -81,4 +81,4 @@ def test_quickstart_trains_with_the_shipped_nfn_and_plots(tmp_path):
         timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    assert "nfn-broad: final train loss" in run.stdout and plot.stat().st_size > 0
+    assert "nfn-stats: final train loss" in run.stdout and plot.stat().st_size > 0
