@@ -907,3 +907,62 @@ def test_nf_share_measures_the_nf_layers_part_of_the_update(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--steps and --every must be positive"):
         nf_share.main(["--weights", "nfn-ortho-v2", "--steps", "0", "--out", str(bad)])
     assert not bad.exists()
+
+
+def test_per_step_report_against_a_hand_made_curve():
+    from benchmarks.per_step import run_report
+    from benchmarks.runner import Curve
+
+    c = Curve(
+        train=[2.1, 1.9, 2.6, 1.0, 0.5],
+        eval_steps=[0, 1, 2, 3, 4, 5],
+        train_eval=[2.0, 2.0, 1.5, 2.4, 0.9, 0.4],
+    )
+    r = run_report(c)
+    assert r["start"] == 2.0 and r["batch_max_step"] == 3 and r["batch_max"] == pytest.approx(1.3)
+    assert r["above"] == [(1, 1.0), (3, pytest.approx(1.2))]  # at the start counts
+    assert r["spike"] and r["final"] == 0.4
+    c.train[2] = 2.5  # exactly at the margin: not a spike
+    assert not run_report(c)["spike"]
+    c.train[1] = math.inf  # the runner stores a non-finite loss as inf
+    assert run_report(c)["spike"] and run_report(c)["batch_max_step"] == 2
+
+
+def test_per_step_reruns_runs_with_the_whole_split_every_step(capsys):
+    """per_step with --every-step prints, per seed, what a naive rerun of the
+    same (task, seed) with the whole split evaluated every step shows; a
+    learned net with --set runs too; bad inputs are refused with a message."""
+    from benchmarks import per_step
+    from benchmarks.runner import run
+    from tasks import get_task
+
+    assert (
+        per_step.main(["mlp-gmm", "adam:1", "--seeds", "3", "4", "--steps", "12", "--every-step"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    for seed in (3, 4):
+        c = run(get_task("mlp-gmm"), adam(1.0), 12, seed, eval_every=1)
+        start = c.initial_train
+        above = [(s, v / start) for s, v in zip(c.eval_steps[1:], c.train_eval[1:]) if v >= start]
+        top = max(range(12), key=c.train.__getitem__)
+        cells = ", ".join(f"{s}: {x:.3f}x" for s, x in above) or "none"
+        peak = f"{c.train[top] / start:.3f}x ({top + 1})"
+        assert above  # Adam at rate 1 overshoots: the check has steps to find
+        row = f"| {seed} | {start:.4f} | {peak} | {cells} | {c.final_train:.4g} |"
+        assert row in out
+    spikes = sum(
+        per_step.run_report(run(get_task("mlp-gmm"), adam(1.0), 12, s)).get("spike") for s in (3, 4)
+    )
+    assert f"runs with a batch-loss spike (above 1.25x the start or not finite): {spikes}/2" in out
+    assert per_step.main(["mlp-gmm", "nfn-stats", "--steps", "3", "--set", "nf_scale=0"]) == 0
+    assert "nfn-stats on mlp-gmm, 3 steps" in capsys.readouterr().out
+    for argv, message in [
+        (["mlp-gmm", "adam:fast"], "the rate after adam: must be a number"),
+        (["mlp-gmm", "sgdm:-1"], "the rate must be positive"),
+        (["mlp-gmm", "adam:0.1", "--set", "step_cap=0.1"], "--set is for learned optimizers"),
+        (["mlp-gmz", "adam:0.1"], "unknown task 'mlp-gmz'"),
+        (["mlp-gmm", "adam:0.1", "--steps", "0"], "--steps must be positive"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            per_step.main(argv)
