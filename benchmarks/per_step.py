@@ -23,7 +23,7 @@ import sys
 
 from tqdm import tqdm
 
-from benchmarks.compare import SPIKE_MARGIN, learned, parse_overrides
+from benchmarks.compare import SPIKE_MARGIN, batch_spike, learned, parse_overrides
 from benchmarks.runner import Curve, MakeOptimizer, adam, run, sgdm
 from tasks import get_task
 
@@ -60,7 +60,7 @@ def run_report(curve: Curve) -> dict:
         "start": start,
         "batch_max": curve.train[top] / start,
         "batch_max_step": top + 1,
-        "spike": any(not (v <= SPIKE_MARGIN * start) for v in curve.train),
+        "spike": batch_spike(curve.train, start),
         "above": above,
         "final": curve.final_train,
     }
