@@ -465,27 +465,23 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     assert "; every update multiplied by (200 / step) past step 200." in decay_card
     assert "without it: step_cap 0.03, adam_cap 3, decay_after 200." in decay_card
     assert lopt.load(dest / "my-nfn-decay.pt")[0].decay_after == 200.0
-    # decay_power off its default: recorded, and the card shows the power.
-    args4 = [str(dest / "my-nfn-decay.pt"), "my-nfn-sqrt", "--decay-power", "0.5"]
-    assert ship([*args4, "--dest", str(dest)]) == 0
-    assert "; every update multiplied by (200 / step)^0.5 past step 200." in (
-        capsys.readouterr().out
-    )
-    assert lopt.load(dest / "my-nfn-sqrt.pt")[0].decay_power == 0.5
-    with pytest.raises(SystemExit, match="--decay-power: decay_power must be a finite number > 0"):
-        ship([str(free), "my-nfn-bad", "--decay-power", "0", "--dest", str(dest)])
+    # decay_power off its default, and warmup after the decay: each recorded,
+    # with the card's words for it; a bad value refused, nothing written.
+    for flag, value, name, card, bad, message in [
+        ("--decay-power", "0.5", "my-nfn-sqrt", "by (200 / step)^0.5 past step 200.", "0", "> 0"),
+        ("--warmup", "25", "my-nfn-warm", "past step 200; every update multiplied by step / 25 "
+         "before step 25.", "inf", ">= 0"),
+    ]:  # fmt: skip
+        assert ship([str(dest / "my-nfn-decay.pt"), name, flag, value, "--dest", str(dest)]) == 0
+        assert card in capsys.readouterr().out
+        constant = flag[2:].replace("-", "_")
+        assert getattr(lopt.load(dest / f"{name}.pt")[0], constant) == float(value)
+        with pytest.raises(
+            SystemExit, match=f"{flag}: {constant} must be a finite number {message}"
+        ):
+            ship([str(free), "my-nfn-bad", flag, bad, "--dest", str(dest)])
     with pytest.raises(SystemExit, match="--decay-after: decay_after must be a finite number"):
         ship([str(free), "my-nfn-bad", "--decay-after", "-5", "--dest", str(dest)])
-    assert not (dest / "my-nfn-bad.pt").exists()
-    # warmup: recorded, and the card shows the ramp after the decay.
-    args5 = [str(dest / "my-nfn-decay.pt"), "my-nfn-warm", "--warmup", "25"]
-    assert ship([*args5, "--dest", str(dest)]) == 0
-    assert "past step 200; every update multiplied by step / 25 before step 25." in (
-        capsys.readouterr().out
-    )
-    assert lopt.load(dest / "my-nfn-warm.pt")[0].warmup == 25.0
-    with pytest.raises(SystemExit, match="--warmup: warmup must be a finite number >= 0"):
-        ship([str(free), "my-nfn-bad", "--warmup", "inf", "--dest", str(dest)])
     assert not (dest / "my-nfn-bad.pt").exists()
     ramp = tmp_path / "ramp"
     assert main([*args.split(), "--meta-loss-ramp", "4", "--out", str(ramp), "--no-progress"]) == 0
