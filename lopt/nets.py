@@ -490,13 +490,17 @@ class OptimizerNet(nn.Module):
             if o:
                 m = momenta[i][ADAM_MOMENTUM]
                 updates[i] = updates[i] - self.log_ortho_lr.exp() * ortho.direction(grads[i], m)
+        # The decay past decay_after and the ramp before warmup: one scalar,
+        # one pass over the updates.
+        scale = None
         if self.decay_after:
-            decay = (self.decay_after / step).clamp(max=1.0).pow(self.decay_power)
-            decay = decay.to(updates[0].dtype)
-            updates = [u.mul_(decay) if fused else u * decay for u in updates]
+            scale = (self.decay_after / step).clamp(max=1.0).pow(self.decay_power)
         if self.warmup:
-            ramp = (step / self.warmup).clamp(max=1.0).to(updates[0].dtype)
-            updates = [u.mul_(ramp) if fused else u * ramp for u in updates]
+            ramp = (step / self.warmup).clamp(max=1.0)
+            scale = ramp if scale is None else scale * ramp
+        if scale is not None:
+            scale = scale.to(updates[0].dtype)
+            updates = [u.mul_(scale) if fused else u * scale for u in updates]
         return updates
 
     @staticmethod
