@@ -42,8 +42,9 @@ import torch
 from tqdm import tqdm
 
 import lopt
-from benchmarks.runner import ADAM_GRID, adam, run, sgdm, tune
+from lopt import cli
 from tasks import get_suite, get_task
+from tasks.runs import ADAM_GRID, adam, run, sgdm, tune
 
 FACTORS = (1, 2, 5)
 QUICK_GRID = (1e-3, 1e-2, 1e-1)
@@ -78,7 +79,7 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
     or scale an NFN net's NF-layer output (``nf_scale=0``: the per-entry path
     alone, an ablation of what the NF-layer adds)."""
     label, path = weights_label(weights)
-    net, _ = lopt.load(path)
+    net, _ = cli.load_weights("--weights", path)
     cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
     scalars = {n: t for n, t in net.named_parameters() if t.numel() == 1}
     for name, value in (overrides or {}).items():
@@ -506,9 +507,13 @@ def figures(rows, summary: dict, horizon: int, out: Path) -> None:
 
 # ---------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m benchmarks.compare",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--suite", default="heldout", help="a suite or a task name (heldout)")
-    p.add_argument("--steps", type=int, default=200, help="the horizon (meta-training's)")
+    p.add_argument("--steps", type=int, default=None, help="the horizon (meta-training's; 200)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument(
         "--first-seed",
@@ -564,6 +569,20 @@ def main(argv: list[str] | None = None) -> dict:
         "factors, seeds, device and torch) instead of tuning and running them again",
     )
     args = p.parse_args(argv)
+    cli.check_device("--device", args.device)
+    if args.quick and args.steps is not None:
+        raise SystemExit("--quick runs 50 steps: drop --steps, or drop --quick")
+    if args.steps is None:
+        args.steps = 200
+    counts = [("--steps", args.steps), ("--seeds", args.seeds), ("--tune-seeds", args.tune_seeds)]
+    for flag, value in counts + [("--factors", f) for f in args.factors]:
+        if value < 1:
+            raise SystemExit(f"{flag} must be a whole number >= 1, got {value}")
+    if not (args.merge or args.from_csv):
+        try:
+            get_suite("quick" if args.quick else args.suite)
+        except KeyError as e:
+            raise SystemExit(f"--suite: {e.args[0]}") from None
     overrides = parse_overrides(args.set)
     if overrides and not args.weights:
         raise SystemExit("--set changes learned nets: give them with --weights")
@@ -572,6 +591,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"--first-seed {args.first_seed} --seeds {args.seeds}: the seeds run must lie in "
             "0..99 (from 100 on they tune Adam and SGDm's learning rates)"
         )
+    if args.weights and not (args.merge or args.from_csv):
+        learned_all(args.weights, overrides)  # a bad name or file is reported before any write
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     grid = ADAM_GRID
@@ -653,4 +674,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m benchmarks.compare")

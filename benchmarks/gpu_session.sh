@@ -91,7 +91,7 @@ for run in "${runs[@]}"; do
     # tqdm redraws with \r: keep the last state of each line.
     echo "$run: $(tr '\r' '\n' < "$OUT/logs/$run.log" | grep -E 'meta-train|wrote|Error' | tail -2)"
 done
-# At most 8 files come back from a lent machine: logs and tables go in the archive.
+# Few files may come back from a remote machine: logs and tables go in the archive.
 # KEEP_CHECKPOINTS=1 keeps each run's checkpoint.pt, so a CPU can finish it
 # (python -m meta_train --resume runs/NAME --device cpu); the archive then
 # comes back in parts under 15 MiB (cat runs.tgz.part-* | tar xz).

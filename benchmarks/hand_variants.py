@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from benchmarks.compare import FIRST_TUNE_SEED, QUICK_GRID, summarise
-from benchmarks.runner import ADAM_GRID, MakeOptimizer, adam, run, tune
-from lopt import ortho
+from lopt import cli, ortho
 from lopt.features import ADAM_MOMENTUM, MOMENTUM_DECAYS
 from lopt.weightspace import WeightSpaceSpec
 from tasks import get_task
+from tasks.runs import ADAM_GRID, MakeOptimizer, adam, run, tune
 
 
 class LinearDecayAdam(torch.optim.Adam):
@@ -150,7 +150,11 @@ def markdown(results: dict, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m benchmarks.hand_variants",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--tasks", nargs="+", default=["mlp-mnist1d-wide", "mlp-gmm-hard"])
     p.add_argument("--steps", type=int, default=200, help="the horizon (200)")
     p.add_argument("--seeds", type=int, default=10)
@@ -191,4 +195,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m benchmarks.hand_variants")

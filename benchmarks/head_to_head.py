@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.compare import merge_runs, same_loss
+from lopt import cli
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -305,7 +306,11 @@ def pair_specs(a_specs: list[str], b_specs: list[str]) -> tuple[list[tuple[str, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m benchmarks.head_to_head",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("runs", type=Path, nargs="+", help="benchmarks.compare --out folders")
     p.add_argument(
         "--a",
@@ -365,4 +370,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m benchmarks.head_to_head")

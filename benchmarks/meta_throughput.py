@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from lopt import cli
 from lopt.nets import NFNNet, PerParamMLP
 from meta_train import LearnedOptimizerProblem, MetaTrainer, make_estimator
 from tasks import get_family
@@ -30,7 +31,11 @@ def trainer(
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m benchmarks.meta_throughput",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--net", choices=["nfn", "mlp"], default="nfn")
     p.add_argument(
         "--family", default="mlp-mnist1d", help="a task or family (default: one fixed task)"
@@ -40,7 +45,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = cli.check_device("--device", args.device)
+    try:
+        get_family(args.family)
+    except KeyError as e:
+        p.error(f"--family: {e.args[0]}")
+    for flag, values in (("--populations", args.populations), ("--truncation", [args.truncation]),
+                         ("--repeats", [args.repeats])):  # fmt: skip
+        if min(values) < 1:
+            p.error(f"{flag} must be whole numbers >= 1, got {values}")
     rows = []
     for pop in args.populations:
         runs = {
@@ -71,4 +84,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m benchmarks.meta_throughput")

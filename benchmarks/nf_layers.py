@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from lopt import WeightSpace, WeightSpaceSpec
+from lopt import WeightSpace, WeightSpaceSpec, cli
 from lopt.nn import NFLinear, WSReLU
 
 
@@ -53,7 +53,11 @@ def _time(fn, repeats: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m benchmarks.nf_layers",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--widths", type=int, nargs="+", default=[784, 1024, 1024, 10])
     p.add_argument("--channels", type=int, default=8)
     p.add_argument("--depth", type=int, default=2, help="NF-layers in the stack")
@@ -61,6 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
+    if len(args.widths) < 3 or min(args.widths) < 1:
+        p.error(f"--widths must be 3 or more sizes >= 1 (input, hidden, output), got {args.widths}")
+    for flag, v in (("--channels", args.channels), ("--depth", args.depth),
+                    ("--repeats", args.repeats), ("--threads", args.threads or 1)):  # fmt: skip
+        if v < 1:
+            p.error(f"{flag} must be a whole number >= 1, got {v}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -128,4 +138,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m benchmarks.nf_layers")

@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 import lopt
 from benchmarks.compare import weights_label
-from benchmarks.runner import seed_start
-from lopt import functional
+from lopt import cli, functional
 from tasks import get_task
+from tasks.runs import seed_start
 
 
 @contextmanager
@@ -119,7 +119,11 @@ def markdown(results: dict, at: list[int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m benchmarks.nf_share",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument(
         "--weights", nargs="+", required=True, help="NFN nets: [LABEL=]NAME or checkpoint path"
     )
@@ -168,4 +172,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m benchmarks.nf_share")

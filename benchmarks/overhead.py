@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import lopt
+from lopt import cli
 
 OPTIMIZERS = ("adam", "mlp", "nfn")
 
@@ -350,7 +351,11 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m benchmarks.overhead",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--models", nargs="+", default=["mlp-50k", "mlp-300k", "mlp-1.8m", "cnn-57k"])
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--batch", type=int, default=128)
@@ -374,6 +379,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="slices of N entries in the per-entry layers on any device (default: the device's)",
     )
     args = p.parse_args(argv)
+    cli.check_device("--device", args.device)
     if args.slice_entries is not None and args.slice_entries < 1:
         raise SystemExit(f"--slice-entries {args.slice_entries}: must be at least 1")
     names = {"nfn": args.nfn, "mlp": args.mlp}
@@ -414,4 +420,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m benchmarks.overhead")

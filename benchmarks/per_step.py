@@ -24,8 +24,9 @@ import sys
 from tqdm import tqdm
 
 from benchmarks.compare import SPIKE_MARGIN, batch_spike, learned, parse_overrides
-from benchmarks.runner import Curve, MakeOptimizer, adam, run, sgdm
+from lopt import cli
 from tasks import get_task
+from tasks.runs import Curve, MakeOptimizer, adam, run, sgdm
 
 
 def optimizer_factory(spec: str, overrides: dict[str, float]) -> tuple[str, MakeOptimizer]:
@@ -67,7 +68,11 @@ def run_report(curve: Curve) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m benchmarks.per_step",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("task", help="a task name (python -m tasks list)")
     p.add_argument("optimizer", help="a shipped name, a checkpoint path, adam:LR or sgdm:LR")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -119,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, "python -m benchmarks.per_step")

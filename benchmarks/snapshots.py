@@ -33,11 +33,11 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import sys
 from pathlib import Path
 
 import lopt
 from benchmarks import compare
+from lopt import cli
 
 SNAPSHOT = re.compile(r"optimizer-(\d+)\.pt$")
 CLIP = 2.0  # a task's loss ratio counts within [1 / CLIP, CLIP]
@@ -113,7 +113,11 @@ def ranking(summary: dict, labels: list[str]) -> list[tuple[str, float, float, i
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m benchmarks.snapshots",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument(
         "run",
         type=Path,
@@ -189,4 +193,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, "python -m benchmarks.snapshots")

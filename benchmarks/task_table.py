@@ -10,16 +10,23 @@ import statistics
 
 from tqdm import tqdm
 
-from benchmarks.runner import ADAM_GRID, adam, run, tune
+from lopt import cli
 from tasks import get_suite, get_task
+from tasks.runs import ADAM_GRID, adam, run, tune
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m benchmarks.task_table",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--suite", default="builtin")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--seeds", type=int, default=2)
     args = p.parse_args(argv)
+    if args.steps < 1 or args.seeds < 1:
+        p.error(f"--steps and --seeds must be whole numbers >= 1, got {args.steps}, {args.seeds}")
     seeds = list(range(args.seeds))
     rows = [
         "| task | data | params | tuned Adam lr | initial loss | final train loss "
@@ -42,4 +49,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m benchmarks.task_table")

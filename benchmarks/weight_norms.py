@@ -25,7 +25,6 @@ step does.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +34,9 @@ from torch.nn import functional as F
 
 import lopt
 from benchmarks import compare
-from benchmarks.runner import start
+from lopt import cli
 from tasks import Task, get_task
+from tasks.runs import start
 
 
 def trace(
@@ -134,7 +134,11 @@ def markdown(task: str, results: dict[str, list[dict]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m benchmarks.weight_norms",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--task", default="mlp-mnist1d-deep")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--every", type=int, default=250, help="steps between rows (250)")
@@ -174,4 +178,4 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, "python -m benchmarks.weight_norms")

@@ -3,9 +3,9 @@ and with Adam, side by side, in an ordinary PyTorch loop.
 
     python examples/quickstart.py [--steps 300] [--weights NAME_OR_PATH] [--plot out.png]
 
-By default the optimizer is the shipped, meta-trained ``nfn-stats`` (the NFN
-of issue 7's bar, see the README's Pretrained optimizers); ``--weights``
-takes another shipped name (``mlp-broad-cont``, ``nfn-broad``, ...) or a
+By default the optimizer is the shipped, meta-trained ``nfn-stats`` (the
+README's default net, see Shipped nets); ``--weights`` takes another shipped
+name (``mlp-broad-cont``, ``nfn-broad``, ...) or a
 checkpoint from ``python -m meta_train``.
 """
 
@@ -18,11 +18,16 @@ import torch
 from torch.nn import functional as F
 
 import lopt
+from lopt import cli
 from tasks import get_task
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python examples/quickstart.py",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--steps", type=int, default=300)
     shipped = "nfn-stats" if "nfn-stats" in lopt.pretrained_names() else None
     p.add_argument(
@@ -33,6 +38,15 @@ def main() -> None:
     p.add_argument("--adam-lr", type=float, default=1e-2)
     p.add_argument("--plot", default=None, help="write a loss plot here (needs matplotlib)")
     args = p.parse_args()
+    if args.steps < 1:
+        p.error(f"--steps must be a whole number >= 1, got {args.steps}")
+    if not args.adam_lr > 0:
+        p.error(f"--adam-lr must be > 0, got {args.adam_lr}")
+    if args.weights is not None:
+        try:
+            lopt.load(args.weights)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(f"--weights: {e}")
 
     task = get_task("cnn-digits")
     torch.manual_seed(0)
@@ -84,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python examples/quickstart.py")

@@ -19,7 +19,9 @@ import torch
 from lopt.nets import NETS, OptimizerNet
 
 FORMAT = "lopt-optimizer-net"
-VERSION = 2  # 2: nets have a width exponent (fan_in_exp); version 1 files get 0
+# 2: nets have a width exponent (fan_in_exp); version 1 files get 0.
+# 3: nets may read the step budget (config "budget"); older files never do.
+VERSION = 3
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
 
@@ -62,6 +64,26 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def unreadable(path: Path, error: BaseException) -> str:
+    """Why ``torch.load`` could not read ``path``, in plain words: never a
+    blank reason, and never torch's advice to turn safe loading off (which
+    would let an untrusted file run code)."""
+    size = path.stat().st_size if path.exists() else None
+    if size == 0:
+        return f"{path}: the file is empty (0 bytes; a write that never finished?)"
+    text = str(error)
+    if "Unsupported global" in text:
+        return (
+            f"{path}: holds Python objects other than tensors and plain data, which are "
+            "not loaded (loading them could run code); it was not written by lopt"
+        )
+    # torch's own words name unpickler internals, or advise loading unsafely.
+    return (
+        f"{path}: not a readable checkpoint: corrupt, truncated or not a torch file "
+        f"({size} bytes)"
+    )
+
+
 def resolve(weights: str | os.PathLike) -> Path:
     """A shipped name or a path to a file."""
     path = Path(weights)
@@ -89,9 +111,7 @@ def load(
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(
-            f"{path}: not a readable lopt checkpoint (corrupt or truncated?): {e}"
-        ) from e
+        raise ValueError(unreadable(path, e)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not an lopt optimizer-net checkpoint")
     if payload.get("version", 0) > VERSION:

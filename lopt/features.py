@@ -9,7 +9,8 @@ mean square over the tensor (:func:`channel_scales`); the last two are
 ratios already. So a loss scaled by 1000 (gradients and momenta x1000,
 second moment x1e6) gives the same features. The step count enters as
 ``tanh(t / timescale)`` encodings, a vector shared by every entry (nets add it
-as a bias, so it costs nothing per entry).
+as a bias, so it costs nothing per entry). So does the step budget, when the
+run's length is known (:func:`budget_features`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 NUM_FEATURES = len(FEATURE_NAMES)
 NUM_STEP_FEATURES = len(STEP_TIMESCALES)
+BUDGET_SCALES: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
+NUM_BUDGET_FEATURES = 2 * len(BUDGET_SCALES) + 1
 EPS = 1e-8
 ADAM_MOMENTUM = MOMENTUM_DECAYS.index(0.9)
 ADAM_CHANNEL = FEATURE_NAMES.index("adam_direction")
@@ -133,3 +136,20 @@ def step_features(step: Tensor) -> Tensor:
     """``tanh(t / timescale)`` for each timescale: shape ``(NUM_STEP_FEATURES,)``."""
     scales = torch.tensor(STEP_TIMESCALES, dtype=torch.float32, device=step.device)
     return torch.tanh(step.float() / scales)
+
+
+def budget_features(step: Tensor, total_steps: Tensor | float | None) -> Tensor:
+    """Where step ``t`` lies in a run of ``total_steps`` steps, as VeLO reads
+    it: with ``f = min(t / total_steps, 1)``, ``tanh(f / s)`` and ``tanh((1 - f)
+    / s)`` for each ``s`` in :data:`BUDGET_SCALES` (fine near the start and
+    near the end), then 1, the flag that the budget is known. An unknown
+    budget (``None``, or a value <= 0, as meta-training passes for runs it
+    hides the budget from) gives all zeros. Shape ``(NUM_BUDGET_FEATURES,)``."""
+    if total_steps is None:
+        return torch.zeros(NUM_BUDGET_FEATURES, dtype=torch.float32, device=step.device)
+    total = torch.as_tensor(total_steps, dtype=torch.float32, device=step.device)
+    known = total > 0
+    f = (step.float() / torch.where(known, total, 1.0)).clamp(0.0, 1.0)
+    scales = torch.tensor(BUDGET_SCALES, dtype=torch.float32, device=step.device)
+    feats = torch.cat([torch.tanh(f / scales), torch.tanh((1 - f) / scales), f.new_ones(1)])
+    return torch.where(known, feats, torch.zeros_like(feats))

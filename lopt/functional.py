@@ -52,6 +52,7 @@ def update(
     guard: bool = True,
     inplace: bool = False,
     fused: bool = False,
+    total_steps: Tensor | float | None = None,
 ) -> tuple[list[Tensor], State]:
     """One step: the updates to add to ``params`` and the next state.
 
@@ -68,6 +69,8 @@ def update(
     checking the gradients are finite). ``fused=True`` (no autograd, no vmap)
     runs the net's per-entry part through the fused CPU kernel where it can
     (:mod:`lopt.fused`): the same formula, in one pass over memory.
+    ``total_steps`` is the run's step budget (None, or a value <= 0: not
+    known), which nets built with ``budget=True`` read.
     """
     if inplace and guard:
         raise ValueError("inplace=True needs guard=False: an in-place state cannot be rolled back")
@@ -99,7 +102,7 @@ def update(
         momenta = [torch.lerp(m, g[None], w) for m, g, w in zip(state["momenta"], grads, weights)]
         second = [torch.lerp(v, g * g, 1 - b2) for v, g in zip(state["second_moment"], grads)]
     args = (spec, params32, grads, momenta, second, step)
-    kwargs = {"fused": fused, "squares": squares}
+    kwargs = {"fused": fused, "squares": squares, "total_steps": total_steps}
     if net_params is None:
         updates = net(*args, **kwargs)
     else:

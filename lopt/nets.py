@@ -38,7 +38,12 @@ gradients fade it falls as ``1 / t`` and Adam's step rises as ``sqrt(t)``;
 ``1 / t`` makes the step fall as ``1 / sqrt(t)``. With ``warmup`` above 0
 the whole update at step ``t`` before it is multiplied by ``t / warmup``
 (Adam's second moment rests on a few gradients in the first steps, and a
-rate tuned for the family overshoots there on deeper, wider networks). The net learns a
+rate tuned for the family overshoots there on deeper, wider networks). A net
+built with ``budget=True`` also reads where the step lies in the run
+(``total_steps``, :func:`~lopt.features.budget_features`) beside the step
+count, and multiplies the whole update by a learned schedule, ``exp(w .
+[step features, budget features] + b)``: what the hand-set decay and warm-up
+do, learned. The net learns a
 correction on top of Adam (as the UNF paper's net does on top of SGD with
 momentum), and its output layer starts near zero, so a fresh net is a sane,
 slow optimizer. Every input is loss-scale invariant, so the update is too.
@@ -59,9 +64,11 @@ from lopt.features import (
     ADAM_CHANNEL,
     ADAM_MOMENTUM,
     EPS,
+    NUM_BUDGET_FEATURES,
     NUM_FEATURES,
     NUM_STEP_FEATURES,
     bias_corrections,
+    budget_features,
     channel_scales,
     entry_channels,
     rms_and_denominator,
@@ -71,6 +78,7 @@ from lopt.nn import NFLinear
 from lopt.weightspace import INPUT, TensorSpec, WeightSpaceSpec
 
 MAX_LOG_MAGNITUDE = 10.0  # exp() of more than this is clipped: no overflow to inf
+MAX_LOG_SCHEDULE = 3.0  # the learned schedule multiplies an update by at most e**3
 MATRIX_POOLS = {(0,), (1,), (0, 1)}  # the pools of a matrix the fused kernel sums
 CHUNK = 65536  # entries per slice in the per-entry layers on the CPU (a few MB of activations)
 # On a GPU a step is bound by kernel launches, not cache: slices of whole
@@ -236,6 +244,7 @@ class OptimizerNet(nn.Module):
         decay_after: float = 0.0,
         decay_power: float = 1.0,
         warmup: float = 0.0,
+        budget: bool = False,
     ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
@@ -256,6 +265,8 @@ class OptimizerNet(nn.Module):
             radial_correction=bool(radial_correction),
             ortho_lr=None if ortho_lr is None else float(ortho_lr),
         )
+        if budget:  # absent from older configs: those nets never read the budget
+            self._config["budget"] = True
         # Validated, and absent from the config while 0 (older files).
         self.step_cap = step_cap
         self.adam_cap = adam_cap
@@ -270,11 +281,31 @@ class OptimizerNet(nn.Module):
         self.log_step_mult = nn.Parameter(torch.tensor(math.log(step_mult)))
         self.inp = nn.Linear(NUM_FEATURES, width)
         self.step_inp = nn.Linear(NUM_STEP_FEATURES, width, bias=False)
+        if budget:
+            # Zero at first: a net warm-started from one without the budget
+            # input behaves as that net did until meta-training moves it.
+            self.budget_inp = nn.Linear(NUM_BUDGET_FEATURES, width, bias=False)
+            # The learned schedule: the log of one factor on the whole update
+            # (Adam's part too, which the per-entry output cannot scale), from
+            # the step and the budget.
+            self.schedule = nn.Linear(NUM_STEP_FEATURES + NUM_BUDGET_FEATURES, 1)
+            with torch.no_grad():
+                self.budget_inp.weight.zero_()
+                self.schedule.weight.zero_()
+                self.schedule.bias.zero_()
         self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
         self.out = nn.Linear(width, 2)
         with torch.no_grad():
             self.out.weight.mul_(out_scale)
             self.out.bias.zero_()
+
+    @property
+    def reads_budget(self) -> bool:
+        """Whether the net reads the run's step budget (``total_steps``,
+        :func:`~lopt.features.budget_features`) and has a learned schedule
+        (one factor on the whole update, from the step and budget features);
+        a net without them ignores ``total_steps``."""
+        return self._config.get("budget", False)
 
     @property
     def input_width_factor(self) -> bool:
@@ -425,9 +456,12 @@ class OptimizerNet(nn.Module):
         step: Tensor,
         fused: bool = False,
         squares: Sequence[Tensor] | None = None,
+        total_steps: Tensor | float | None = None,
     ) -> list[Tensor]:
         """The update of every parameter, from the optimizer state after this
         step's gradient (``step`` counts it; ``momenta[i]`` is ``(K, *shape)``).
+        ``total_steps`` is the run's step budget (None or <= 0: unknown), read
+        by nets built with ``budget=True``.
         ``squares``, per tensor, are the sums :func:`~lopt.features.channel_scales`
         would compute, when the caller has them already (the fused state
         update of :func:`lopt.functional.update`).
@@ -443,7 +477,11 @@ class OptimizerNet(nn.Module):
         if fused and torch.is_grad_enabled():
             raise RuntimeError("fused=True is for steps without autograd (torch.no_grad())")
         c1, c2 = bias_corrections(step)
-        bias = self.inp.bias + self.step_inp(step_features(step))
+        steps_in = step_features(step)
+        bias = self.inp.bias + self.step_inp(steps_in)
+        if self.reads_budget:
+            budget_in = budget_features(step, total_steps)
+            bias = bias + self.budget_inp(budget_in)
         if squares is None:
             squares = [None] * len(params)
         scales = [
@@ -490,11 +528,15 @@ class OptimizerNet(nn.Module):
             if o:
                 m = momenta[i][ADAM_MOMENTUM]
                 updates[i] = updates[i] - self.log_ortho_lr.exp() * ortho.direction(grads[i], m)
-        # The decay past decay_after and the ramp before warmup: one scalar,
-        # one pass over the updates.
+        # The learned schedule, the decay past decay_after and the ramp
+        # before warmup: one scalar, one pass over the updates.
         scale = None
+        if self.reads_budget:
+            log_scale = self.schedule(torch.cat([steps_in, budget_in]))[0]
+            scale = log_scale.clamp(max=MAX_LOG_SCHEDULE).exp()
         if self.decay_after:
-            scale = (self.decay_after / step).clamp(max=1.0).pow(self.decay_power)
+            decay = (self.decay_after / step).clamp(max=1.0).pow(self.decay_power)
+            scale = decay if scale is None else scale * decay
         if self.warmup:
             ramp = (step / self.warmup).clamp(max=1.0)
             scale = ramp if scale is None else scale * ramp

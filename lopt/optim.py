@@ -7,7 +7,9 @@ meta-training), and write parameters and state back in place.
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -26,6 +28,27 @@ _STATE_KEYS = ("momenta", "second_moment")
 class LearnedOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` driven by an optimizer net.
 
+    The update, per parameter group (the net's ``lr_net``, ``c``, ``e`` and
+    the schedule ``s`` are meta-learned; ``fan_in`` is a tensor's size over
+    all but its first axis, 1-D tensors take no width factor)::
+
+        input: params theta, net phi, lr gamma, total_steps N (or unknown)
+        initialise: momenta m_k = 0 (decays b_k = 0.5, 0.9, 0.99, 0.999),
+                    second moment v = 0, t = 0
+        each step:
+            g = grad f(theta)
+            if g is not finite: skipped += 1, nothing else changes
+            t = t + 1
+            m_k = b_k m_k + (1 - b_k) g;  v = 0.999 v + 0.001 g^2
+            adam = (m_0.9 / (1 - 0.9^t)) / (sqrt(v / (1 - 0.999^t)) + 1e-8)
+            x = [theta, g, m_k, sqrt(v)] / RMS over the tensor, g / sqrt(v_hat), adam
+            d, m = net_phi(x, t, t / N)   (the NFN adds per-neuron pooled terms)
+            u = -s(t, N) (64 / fan_in)^e (lr_net adam + c d exp(0.1 m))
+            theta = theta + gamma u
+
+    The net's constants (``step_cap``, ``adam_cap``, ``decay_after``,
+    ``warmup``) bound or scale ``u`` further when set (:mod:`lopt.nets`).
+
     Args:
         params: parameters or parameter groups, as for any torch optimizer.
         net: an :class:`~lopt.nets.OptimizerNet` (default: a fresh one, built
@@ -37,17 +60,32 @@ class LearnedOptimizer(torch.optim.Optimizer):
         model: the ``nn.Module`` the parameters belong to; its layers give the
             spec. Without ``spec`` or ``model`` the spec is inferred from the
             parameter shapes in order (see :meth:`WeightSpaceSpec.from_shapes`).
+        lr: a factor on the whole update (default 1: the update the net
+            computes), per parameter group, so that torch's learning-rate
+            schedulers (``StepLR``, ``CosineAnnealingLR``, ``LambdaLR``,
+            ``OneCycleLR`` with ``cycle_momentum=False``) scale it.
+        total_steps: the number of steps the run will take (as a cosine
+            schedule is told), read by nets that know the budget (a group
+            may set its own); None: not known, and the net falls back on
+            what it learned for runs of unknown length. Nets without the
+            budget input ignore it.
         fused: run the net's per-entry part on CPU through the fused kernel
             (:mod:`lopt.fused`, compiled on first use): ``None`` (default)
             when it is available, ``True`` to require it (raises if there is
             no C compiler), ``False`` for the plain torch ops. Same numbers
             up to float rounding; CUDA parameters always use torch ops.
 
+    To build a fresh net with other settings, pass ``net=NFNNet(...)``
+    (``net_kwargs`` are its constructor's arguments, e.g. ``width``).
     Parameters without a gradient are skipped. A step whose gradients are not
     all finite changes nothing but the group's ``skipped`` counter; if the net
     produces non-finite updates, the parameters are left untouched (the state
     still takes in the step's finite gradient) and the step counts as skipped.
+    After ``SKIPS_BEFORE_WARNING`` skipped steps in a row a ``RuntimeWarning``
+    says so (once per optimizer): the parameters have stopped changing.
     """
+
+    SKIPS_BEFORE_WARNING = 5
 
     net_class: type[OptimizerNet] = OptimizerNet
 
@@ -59,6 +97,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         weights: str | os.PathLike | None = None,
         spec: WeightSpaceSpec | Sequence[WeightSpaceSpec] | None = None,
         model: nn.Module | None = None,
+        lr: float = 1.0,
+        total_steps: int | None = None,
         fused: bool | None = None,
         **net_kwargs: Any,
     ) -> None:
@@ -83,9 +123,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 f"{fused_kernel.unavailable_reason()}"
             )
         self._fused = fused
-        super().__init__(params, {})
+        defaults = {"lr": check_lr(lr), "total_steps": check_total_steps(total_steps)}
+        super().__init__(params, defaults)
         self.net = net
         self._model = model
+        if model is not None:
+            check_model_holds(model, self.param_groups)
+        self._skips_in_a_row = [0] * len(self.param_groups)
+        self._warned_skips = False
         if isinstance(spec, WeightSpaceSpec):
             spec = [spec]
         if spec is not None and len(spec) != len(self.param_groups):
@@ -94,6 +139,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             list(spec) if spec else [None] * len(self.param_groups)
         )
         for i, group in enumerate(self.param_groups):
+            check_total_steps(group["total_steps"], f"parameter group {i}: ")
+            check_lr(group["lr"], f"parameter group {i}: ")
             self._full_spec(i, group)  # raise now, not at the first step, for a bad spec
         self._spec_cache: dict[tuple, WeightSpaceSpec] = {}
 
@@ -163,6 +210,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 # A NaN / inf gradient: params and state stay as they are.
                 for p in params:
                     self.state[p]["skipped"] = self.state[p]["skipped"] + 1
+                self._count_skip(index, True)
                 continue
             if self.net.log_lr.device != device:
                 self.net.to(device)
@@ -176,16 +224,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 guard=False,
                 inplace=True,
                 fused=self._use_fused(device),
+                total_steps=group["total_steps"],
             )
             # The state now holds this step's (finite) gradient; a non-finite
             # update from the net is never written to the parameters.
             skipped = bool(new["skipped"] > state["skipped"])
+            self._count_skip(index, skipped)
             for i, p in enumerate(params):
                 st = self.state[p]
                 st["skipped"] = new["skipped"].clone()
                 st["step"] = new["step"].clone()
                 if not skipped:
-                    p.add_(updates[i])
+                    p.add_(updates[i], alpha=group["lr"])
         return loss
 
     @torch.no_grad()
@@ -214,12 +264,30 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     [p.grad for p in params],
                     state,
                     params,
+                    total_steps=group["total_steps"],
                 )
                 for p in fresh:  # _gather_state made it; step() makes it again
                     del self.state[p]
-                parts = dict(zip(active, updates))
+                parts = {j: u * group["lr"] for j, u in zip(active, updates)}
             out += [parts.get(j) for j in range(len(group["params"]))]
         return out
+
+    def _count_skip(self, index: int, skipped: bool) -> None:
+        """Count group ``index``'s skipped steps in a row; warn once when
+        they reach ``SKIPS_BEFORE_WARNING``."""
+        if index >= len(self._skips_in_a_row):  # a group added after construction
+            self._skips_in_a_row += [0] * (index + 1 - len(self._skips_in_a_row))
+        self._skips_in_a_row[index] = self._skips_in_a_row[index] + 1 if skipped else 0
+        if self._skips_in_a_row[index] >= self.SKIPS_BEFORE_WARNING and not self._warned_skips:
+            self._warned_skips = True
+            warnings.warn(
+                f"{type(self).__name__}: {self._skips_in_a_row[index]} steps in a row of "
+                f"parameter group {index} were skipped because the gradients (or the "
+                "updates) were not finite, so its parameters have stopped changing; check the "
+                "loss for NaN or inf",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _use_fused(self, device: torch.device) -> bool:
         if device.type != "cpu" or self._fused is False:
@@ -256,6 +324,46 @@ class LearnedOptimizer(torch.optim.Optimizer):
             for k in _STATE_KEYS + ("step", "skipped"):
                 if k in st:
                     self.state[p][k] = st[k].to(device=p.device, dtype=torch.float32)
+
+
+def check_model_holds(model: nn.Module, groups: list[dict[str, Any]]) -> None:
+    """``ValueError`` naming the parameters of ``groups`` that ``model`` does
+    not hold (``model=`` is read for their weight space)."""
+    held = {id(p) for p in model.parameters()}
+    missing = [
+        f"group {g}, parameter {j} {tuple(p.shape)}"
+        for g, group in enumerate(groups)
+        for j, p in enumerate(group["params"])
+        if id(p) not in held
+    ]
+    if missing:
+        total = sum(len(group["params"]) for group in groups)
+        shown = "; ".join(missing[:3]) + ("; ..." if len(missing) > 3 else "")
+        raise ValueError(
+            f"model= ({type(model).__name__}) does not hold {len(missing)} of the {total} "
+            f"parameters given ({shown}): pass the model they belong to"
+        )
+
+
+def check_lr(lr: Any, where: str = "") -> float:
+    """``lr`` as a float if it is a finite number >= 0, else ``ValueError``."""
+    number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
+    if not (number and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"{where}lr must be a finite number >= 0, got {lr!r}")
+    return float(lr)
+
+
+def check_total_steps(total_steps: Any, where: str = "") -> int | None:
+    """``total_steps`` as an int if it is None or a whole number >= 1, else
+    ``ValueError`` saying so."""
+    if total_steps is None:
+        return None
+    number = isinstance(total_steps, (int, float)) and not isinstance(total_steps, bool)
+    if not (number and math.isfinite(total_steps) and total_steps == int(total_steps) >= 1):
+        raise ValueError(
+            f"{where}total_steps must be a whole number >= 1 or None, got {total_steps!r}"
+        )
+    return int(total_steps)
 
 
 class NFNOptimizer(LearnedOptimizer):

@@ -28,11 +28,14 @@ import torch
 import torch.distributed as dist
 
 import lopt
+from lopt import cli
+from lopt.checkpoint import resolve as resolve_weights
 from lopt.nets import CONSTANT_DEFAULTS, NFNNet, PerParamMLP, check_constant
+from meta_train import options
 from meta_train.estimators import ESTIMATORS, make_estimator
 from meta_train.problems import LearnedOptimizerProblem
 from meta_train.stopping import StopRequests
-from meta_train.trainer import MetaTrainer
+from meta_train.trainer import CHECKPOINT, MetaTrainer
 from meta_train.unroll import META_LOSSES, MetaLoss
 from tasks import FAMILIES, TASKS, get_family
 
@@ -51,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "nf_outputs": "both",
     "neuron_stats": False,
     "width_free_stats": False,
+    "budget": False,
     **CONSTANT_DEFAULTS,  # step_cap, adam_cap, decay_after, decay_power, warmup
     "family": "mlp-family-small",
     "estimator": "pes",
@@ -58,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "truncation": 20,
     "horizon": 200,
     "horizon_max": None,
+    "budget_hidden": 0.0,
     "sigma": 0.01,
     "meta_lr": 3e-3,
     "clip": 1.0,
@@ -77,18 +82,74 @@ DEFAULTS: dict[str, Any] = {
     "freeze": [],
 }
 NETS = {"nfn": NFNNet, "mlp": PerParamMLP}
+_positive = options.number(0, strict=True)
+TASK_LIST = "python -m tasks list shows them all"
+RULES: dict[str, Any] = {
+    "net": options.choice(sorted(NETS)),
+    "width": options.integer(1),
+    "depth": options.integer(1),
+    "init_lr": _positive,
+    "init_step_mult": _positive,
+    "init_fan_in_exp": options.number(),
+    "input_width_factor": options.boolean,
+    "radial_correction": options.boolean,
+    "init_ortho_lr": options.number(0, strict=True, optional=True),
+    "nf_channels": options.integer(1, optional=True),
+    "nf_scale": options.number(),
+    "nf_outputs": options.choice(list(NFNNet.NF_OUTPUTS)),
+    "neuron_stats": options.boolean,
+    "width_free_stats": options.boolean,
+    "budget": options.boolean,
+    **{name: options.number() for name in CONSTANT_DEFAULTS},  # ranges: check_constant
+    "family": options.choice(lambda: list(FAMILIES) + list(TASKS), TASK_LIST),
+    "estimator": options.choice(sorted(ESTIMATORS)),
+    "population": options.integer(1),
+    "truncation": options.integer(1),
+    "horizon": options.integer(1),
+    "horizon_max": options.integer(1, optional=True),
+    "budget_hidden": options.number(0, 1),
+    "sigma": _positive,
+    "meta_lr": _positive,
+    "clip": _positive,
+    "meta_loss": options.choice(list(META_LOSSES)),
+    "loss_cap": _positive,
+    "meta_loss_ramp": options.integer(0),
+    "outer_steps": options.integer(1),
+    "seed": options.integer(0),
+    "device": options.device,
+    "checkpoint_every": options.integer(0),
+    "snapshot_every": options.integer(0),
+    "eval_every": options.integer(0),
+    "eval_task": options.choice(lambda: list(TASKS), TASK_LIST),
+    "eval_steps": options.integer(1),
+    "vectorise": options.boolean,
+    "init_from": options.text(optional=True),
+    "freeze": options.strings,
+    "out": options.text(),
+}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m meta_train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     a = p.add_argument
     a("--config", type=Path, help="JSON file of options (flags override it)")
-    a("--out", type=Path, help="output folder (required unless --resume)")
+    a(
+        "--out",
+        type=Path,
+        help="output folder (required unless --resume); it must be new or empty, "
+        "unless --overwrite",
+    )
     a("--resume", type=Path, help="continue the run in this folder exactly")
+    a(
+        "--overwrite",
+        action="store_true",
+        help="if --out already holds files, move them aside to OUT.replaced-DATE-TIME "
+        "(nothing is deleted) and start afresh",
+    )
     a("--net", choices=sorted(NETS), help="optimizer net: nfn (default) or mlp")
     a("--width", type=int, help="per-entry width of the net (16)")
     a("--depth", type=int, help="per-entry layers of the net (1)")
@@ -138,6 +199,13 @@ def parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="nfn, with --neuron-stats: read the weights' log norm relative to a width-scaled "
         "init, so that a wider layer than any meta-trained on reads the same (default off)",
+    )
+    a(
+        "--budget",
+        action=argparse.BooleanOptionalAction,
+        help="the net reads where each step lies in the run (step / total_steps, as "
+        "NFNOptimizer(..., total_steps=N) tells it; each inner run's horizon in "
+        "meta-training) and learns a schedule from it; default off",
     )
     a(
         "--step-cap",
@@ -197,6 +265,12 @@ def parser() -> argparse.ArgumentParser:
         help="draw each inner run's horizon log-uniformly from [--horizon, this] "
         "(default: every run has --horizon steps)",
     )
+    a(
+        "--budget-hidden",
+        type=float,
+        help="with --budget: the fraction of inner runs whose budget the net is not told, "
+        "so that it learns to run without total_steps too (default 0)",
+    )
     a("--sigma", type=float, help="ES / PES perturbation std (0.01)")
     a("--meta-lr", type=float, help="Adam learning rate of the outer loop (3e-3)")
     a("--clip", type=float, help="meta-gradient norm clipping (1.0)")
@@ -229,34 +303,54 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     cfg = dict(DEFAULTS)
+    if args.resume is not None and args.overwrite:
+        raise SystemExit("--resume carries a run on, --overwrite starts afresh: give one")
+    if args.resume is not None and args.out is not None and args.out != args.resume:
+        raise SystemExit(f"--resume {args.resume} writes there; --out {args.out} differs")
     if args.resume is not None:
         saved = args.resume / "config.json"
         if not saved.exists():
             raise SystemExit(
                 f"--resume: no config.json in {args.resume} (not a meta_train folder?)"
             )
-        cfg.update(json.loads(saved.read_text()))
+        try:
+            cfg.update(json.loads(saved.read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise SystemExit(f"--resume: {saved} is not a JSON object of options ({e})") from None
         cfg["out"] = str(args.resume)
     if args.config is not None:
         try:
-            cfg.update(json.loads(args.config.read_text()))
+            given = json.loads(args.config.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise SystemExit(f"--config {args.config}: {e}") from None
+        if not isinstance(given, dict):
+            raise SystemExit(f"--config {args.config}: must hold a JSON object of options")
+        cfg.update(given)
     for key, value in vars(args).items():
-        if key in ("config", "resume", "loop", "no_progress") or value is None:
+        if key in ("config", "resume", "loop", "no_progress", "overwrite") or value is None:
             continue
         cfg[key] = str(value) if isinstance(value, Path) else value
     if args.loop:
         cfg["vectorise"] = False
-    unknown = set(cfg) - set(DEFAULTS) - {"out"}
+    unknown = sorted(set(cfg) - set(DEFAULTS) - {"out"})
     if unknown:
-        raise SystemExit(f"unknown options {sorted(unknown)} (see --help)")
+        hint = cli.did_you_mean(unknown[0], DEFAULTS)
+        raise SystemExit(f"unknown option {unknown[0]!r}{hint} (see --help)")
     if not cfg.get("out"):
         raise SystemExit("--out DIR is required (or --resume DIR)")
-    if cfg["init_ortho_lr"] is not None and not cfg["init_ortho_lr"] > 0:
-        raise SystemExit(f"--init-ortho-lr must be positive, got {cfg['init_ortho_lr']}")
+    options.check(cfg, RULES)
+    if cfg["horizon"] < cfg["truncation"]:
+        raise SystemExit(
+            f"--horizon ({cfg['horizon']}) must be at least --truncation ({cfg['truncation']})"
+        )
+    if cfg["horizon_max"] is not None and cfg["horizon_max"] < cfg["horizon"]:
+        raise SystemExit(
+            f"--horizon-max ({cfg['horizon_max']}) must be at least --horizon ({cfg['horizon']})"
+        )
     if cfg.get("neuron_stats") and cfg["net"] != "nfn":
         raise SystemExit("--neuron-stats is for --net nfn (a per-entry net cannot pool a neuron)")
+    if cfg.get("budget_hidden") and not cfg.get("budget"):
+        raise SystemExit("--budget-hidden hides the budget from a net that reads it: give --budget")
     if cfg.get("width_free_stats") and not cfg.get("neuron_stats"):
         raise SystemExit("--width-free-stats changes what --neuron-stats read; give both")
     for name in lopt.OptimizerNet.CONSTANTS:
@@ -264,9 +358,36 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
             check_constant(name, cfg.get(name, CONSTANT_DEFAULTS[name]))
         except ValueError as e:
             raise SystemExit(f"--{name.replace('_', '-')}: {e}") from e
-    if cfg["family"] not in FAMILIES and cfg["family"] not in TASKS:
-        get_family(cfg["family"])  # raises with close names
     return cfg
+
+
+def check_runnable(cfg: dict[str, Any], resuming: bool) -> None:
+    """What a valid config also needs on this machine: its device, and the
+    net it starts from (unless resuming: the checkpoint holds the net)."""
+    if torch.device(cfg["device"]).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {cfg['device']}: torch sees no CUDA device here")
+    if cfg["init_from"] is not None and not resuming:
+        try:
+            resolve_weights(cfg["init_from"])
+        except FileNotFoundError as e:
+            raise SystemExit(f"--init-from: {e}") from None
+
+
+def occupied(out: Path) -> bool:
+    """Whether ``out`` exists and is not an empty folder."""
+    return out.exists() and (not out.is_dir() or any(out.iterdir()))
+
+
+def check_new_out(out: Path, overwrite: bool) -> None:
+    """A new run's --out must be new or an empty folder, unless --overwrite
+    (which moves the old one aside)."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} is a file, not a folder")
+    if occupied(out) and not overwrite:
+        raise SystemExit(
+            f"--out {out} already holds files; carry that run on with --resume {out}, "
+            f"or start afresh with --overwrite (moves it aside to {out.name}.replaced-DATE-TIME)"
+        )
 
 
 def build(
@@ -297,6 +418,7 @@ def build(
             input_width_factor=cfg.get("input_width_factor", True),
             radial_correction=cfg.get("radial_correction", True),
             ortho_lr=cfg["init_ortho_lr"],
+            budget=cfg.get("budget", False),
             **{
                 name: cfg.get(name, CONSTANT_DEFAULTS[name]) for name in lopt.OptimizerNet.CONSTANTS
             },
@@ -317,6 +439,7 @@ def build(
         meta_loss=MetaLoss(cfg["meta_loss"], cfg["loss_cap"], cfg["meta_loss_ramp"]),
         seed=cfg["seed"],
         vectorise=cfg["vectorise"],
+        budget_hidden=cfg.get("budget_hidden", 0.0),
     )
     trainer = MetaTrainer(
         problem,
@@ -401,8 +524,8 @@ def warm_start(net: lopt.OptimizerNet, weights: str) -> list[str]:
 def make_eval(cfg: dict[str, Any], device: torch.device):
     """Every few steps: the current net against Adam (its learning rate tuned
     once on the grid) on a fixed task, same initialisation and batches."""
-    from benchmarks.runner import adam, run, tune
     from tasks import get_task
+    from tasks.runs import adam, run, tune
 
     task = get_task(cfg["eval_task"], device)
     steps = cfg["eval_steps"]
@@ -429,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command = "python -m meta_train " + " ".join(sys.argv[1:] if argv is None else argv)
     cfg = resolve_config(args)
+    # A run killed before its first checkpoint resumes from step 0.
+    resuming = args.resume is not None and (Path(cfg["out"]) / CHECKPOINT).is_file()
+    check_runnable(cfg, resuming)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if cfg["device"].startswith("cuda") else "gloo"
         dist.init_process_group(backend)
@@ -438,12 +564,23 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     out = Path(cfg["out"])
-    trainer, net = build(cfg, device, warm=args.resume is None)  # bad options raise here
+    trainer, net = build(cfg, device, warm=not resuming)  # bad options raise here
+    if args.resume is None:
+        check_new_out(out, args.overwrite)
+    elif not resuming:
+        print(f"--resume {out}: no checkpoint yet; starting the run from step 0", file=sys.stderr)
+    if resuming:
+        try:
+            trainer.resume()
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--resume: {e}") from None
+    if rank == 0 and args.resume is None and args.overwrite and occupied(out):
+        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        print(f"--overwrite: moved the earlier {out} to {aside}", file=sys.stderr)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    if args.resume is not None:
-        trainer.resume()
     start = time.time()
     trainer.snapshot_fn = lambda t: save_net(
         net, out, cfg, t, time.time() - start, rank, command, snapshot=True
@@ -455,6 +592,13 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             save_net(net, out, cfg, trainer, time.time() - start, rank, command)
             return 130
+        except OSError as e:  # e.g. a full disk: the last checkpoint is whole (atomic writes)
+            print(
+                f"python -m meta_train: error: {e}; the last checkpoint written to {out} is "
+                f"intact: --resume {out} carries the run on from it",
+                file=sys.stderr,
+            )
+            return 1
         finally:
             trainer.close()
         save_net(net, out, cfg, trainer, time.time() - start, rank, command)
@@ -517,4 +661,4 @@ def save_net(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, "python -m meta_train")

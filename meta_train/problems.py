@@ -18,7 +18,7 @@ from lopt.nets import OptimizerNet
 from meta_train.unroll import InnerState, MetaLoss, TaskUnroll
 from tasks import TaskFamily
 
-_TAGS = {"task": 1, "init": 2, "data": 3, "noise": 4, "heldout": 5, "horizon": 6}
+_TAGS = {"task": 1, "init": 2, "data": 3, "noise": 4, "heldout": 5, "horizon": 6, "budget": 7}
 
 
 def rng(seed: int, tag: str, counter: int) -> torch.Generator:
@@ -74,6 +74,9 @@ class LearnedOptimizerProblem(TruncatedProblem):
         meta_loss: see :class:`~meta_train.unroll.MetaLoss`.
         seed: all sampling derives from it.
         vectorise: ``torch.func.vmap`` over the population (False: a loop).
+        budget_hidden: the fraction of inner runs whose step budget (their
+            horizon) the net is not told, so it also learns to run without
+            ``total_steps``; the others are told it.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class LearnedOptimizerProblem(TruncatedProblem):
         seed: int = 0,
         vectorise: bool = True,
         horizon_max: int | None = None,
+        budget_hidden: float = 0.0,
     ) -> None:
         if truncation < 1 or horizon < truncation:
             raise ValueError(
@@ -95,6 +99,9 @@ class LearnedOptimizerProblem(TruncatedProblem):
             raise ValueError(f"need horizon_max >= horizon, got {horizon_max} < {horizon}")
         self.net, self.family = net, family
         self.truncation, self.horizon, self.horizon_max = truncation, horizon, horizon_max
+        if not 0.0 <= budget_hidden <= 1.0:
+            raise ValueError(f"budget_hidden must be in [0, 1], got {budget_hidden}")
+        self.budget_hidden = budget_hidden
         self.meta_loss = meta_loss or MetaLoss()
         self.seed, self.vectorise = seed, vectorise
         self.unroller: TaskUnroll | None = None
@@ -108,7 +115,18 @@ class LearnedOptimizerProblem(TruncatedProblem):
     def reset(self, counter: int, trajectories: int) -> InnerState:
         task = self.family.sample(rng(self.seed, "task", counter))
         self.unroller = TaskUnroll(self.net, task, self.meta_loss)
-        return self.unroller.init_inner(trajectories, rng(self.seed, "init", counter))
+        return self.unroller.init_inner(
+            trajectories, rng(self.seed, "init", counter), self.budget_of(counter)
+        )
+
+    def budget_of(self, counter: int) -> int | None:
+        """The step budget the net is told in the ``counter``-th inner run:
+        its horizon, or None in a ``budget_hidden`` share of runs."""
+        if self.budget_hidden:
+            u = torch.rand((), generator=rng(self.seed, "budget", counter)).item()
+            if u < self.budget_hidden:
+                return None
+        return self.horizon_of(counter)
 
     @property
     def task(self):

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import lopt
+from lopt import cli
 from lopt.checkpoint import PRETRAINED_DIR
 from lopt.nets import NEURON_STATS, STAT_POOLS
 
@@ -189,7 +189,11 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m meta_train.ship",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("run", type=Path, help="a meta_train output folder (or an optimizer.pt)")
     p.add_argument("name", help="the shipped name: lopt/pretrained/NAME.pt")
     p.add_argument("--max-mb", type=float, default=5.0, help="refuse larger files (5)")
@@ -260,4 +264,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, "python -m meta_train.ship")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lopt.checkpoint import atomic_save
+from lopt.checkpoint import atomic_save, unreadable
 from meta_train.estimators import Estimator, inner_size
 from meta_train.problems import TruncatedProblem, rng
 from meta_train.stopping import StopRequests
@@ -250,7 +251,7 @@ class MetaTrainer:
         finally:
             bar.close()
         self.save_checkpoint()
-        if self._writer is not None:
+        if self._writer:
             self._writer.flush()
         return history
 
@@ -287,13 +288,22 @@ class MetaTrainer:
     @property
     def writer(self):
         if self._writer is None and self.out_dir is not None and self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.out_dir / "tb"))
-        return self._writer
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn(
+                    "TensorBoard is not installed (pip install 'lopt[meta]'): no tb/ logs; "
+                    "the checkpoints and optimizer.pt are written as usual",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._writer = False
+            else:
+                self._writer = SummaryWriter(str(self.out_dir / "tb"))
+        return self._writer or None
 
     def close(self) -> None:
-        if self._writer is not None:
+        if self._writer:
             self._writer.close()
             self._writer = None
 
@@ -337,7 +347,7 @@ class MetaTrainer:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd.get("format") != "lopt-meta-train":
-            raise ValueError("not an lopt meta-training checkpoint")
+            raise ValueError(f"{self.out_dir}: not an lopt meta-training checkpoint")
         if sd["pairs"] != self.pairs:
             raise ValueError(f"checkpoint has a population of {sd['pairs']}, this run {self.pairs}")
         device = self.theta.device
@@ -381,8 +391,14 @@ class MetaTrainer:
 
     def resume(self, path: str | os.PathLike | None = None) -> None:
         path = Path(path) if path is not None else self.out_dir / CHECKPOINT
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from at {path}")
         try:
+            # The run's own file (inner state and generators are not plain
+            # data): it is trusted as the run folder is.
             sd = torch.load(path, map_location="cpu", weights_only=False)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no checkpoint to resume from at {path}") from None
+        except Exception as e:
+            raise ValueError(unreadable(path, e)) from None
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path}: not an lopt meta-training checkpoint")
         self.load_state_dict(sd)

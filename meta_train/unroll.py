@@ -103,9 +103,13 @@ class TaskUnroll:
         return out
 
     # --------------------------------------------------------- inner state
-    def init_inner(self, population: int, generator: torch.Generator) -> InnerState:
+    def init_inner(
+        self, population: int, generator: torch.Generator, total_steps: int | None = None
+    ) -> InnerState:
         """Every member starts from the same initial parameters (common random
-        numbers: antithetic pairs differ only by their perturbation)."""
+        numbers: antithetic pairs differ only by their perturbation).
+        ``total_steps`` is the run's budget as the net is told it (None: not
+        told)."""
         params = self.task.init(generator)
         state = functional.init([params[n] for n in self.names])
         batch = self.task.sample_batch(generator)
@@ -121,6 +125,7 @@ class TaskUnroll:
             "step": rep(state["step"]),
             "skipped": rep(state["skipped"]),
             "initial_loss": rep(initial),
+            "total_steps": rep(torch.tensor(float(total_steps or -1), device=initial.device)),
         }
 
     def sample_batches(self, steps: int, generator: torch.Generator, split: str = "train"):
@@ -151,6 +156,7 @@ class TaskUnroll:
                 [grads[n] for n in self.names],
                 state,
                 [params[n] for n in self.names],
+                total_steps=inner.get("total_steps"),
             )
             params = {n: params[n] + u for n, u in zip(self.names, updates)}
             if heldout is not None:
@@ -158,6 +164,8 @@ class TaskUnroll:
             losses.append(loss)
         losses = torch.stack(losses)
         new_inner = {"params": params, **state, "initial_loss": inner["initial_loss"]}
+        if "total_steps" in inner:
+            new_inner["total_steps"] = inner["total_steps"]
         return self.meta_loss(losses, inner["initial_loss"], start), losses, new_inner
 
     # ------------------------------------------------------------ population

@@ -12,6 +12,7 @@ from tasks.data import Dataset
 from tasks.families import (
     FAMILIES,
     SUITES,
+    TASK_STEPS,
     TASKS,
     CNNFamily,
     MixtureFamily,
@@ -30,6 +31,7 @@ __all__ = [
     "MLPFamily",
     "MixtureFamily",
     "SUITES",
+    "TASK_STEPS",
     "TASKS",
     "Task",
     "TaskFamily",

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
+from lopt import cli
 from tasks.families import FAMILIES, FILE_TASKS, SUITES, TASKS, get_family, get_task
 
 
@@ -34,11 +33,11 @@ def list_all() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tasks", description="Task registry.")
+    p = cli.ArgumentParser(prog="python -m tasks", description="Task registry.")
     p.add_argument("command", choices=["list"], help="list: print every named task")
     p.parse_args(argv)
     print(list_all())
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m tasks")

@@ -56,6 +56,7 @@ class Task:
         self.param_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         self.spec = WeightSpaceSpec.from_module(model)
         self._fan_in = _fan_ins(model)
+        self._fixed = _fixed_inits(model)
 
     def __repr__(self) -> str:
         return (
@@ -76,10 +77,21 @@ class Task:
         return self.dataset.n_classes > 0
 
     def init(self, generator: torch.Generator) -> Params:
-        """Fresh parameters: uniform in +-init_scale/sqrt(fan_in), PyTorch's
-        default for Linear and Conv layers; deterministic in ``generator``."""
+        """Fresh parameters, deterministic in ``generator``: uniform in
+        +-init_scale/sqrt(fan_in), PyTorch's default for Linear and Conv
+        layers; normalisation layers' scales 1 and shifts 0 (PyTorch's
+        defaults); embeddings normal with std ``init_scale`` (PyTorch's
+        default std is 1)."""
         out = {}
         for name, shape in self.param_shapes.items():
+            rule = self._fixed.get(name)
+            if rule == "normal":
+                z = torch.randn(shape, generator=generator)
+                out[name] = (z * self.init_scale).to(self.device)
+                continue
+            if rule is not None:
+                out[name] = torch.full(shape, float(rule), device=self.device)
+                continue
             bound = self.init_scale / math.sqrt(self._fan_in.get(name, shape[-1] if shape else 1))
             u = torch.rand(shape, generator=generator)
             out[name] = ((2 * u - 1) * bound).to(self.device)
@@ -90,7 +102,8 @@ class Task:
         x, y = batch
         out = torch.func.functional_call(self.model, dict(params), (x,))
         if self.is_classification:
-            return F.cross_entropy(out, y)
+            # A sequence model's (batch, positions, classes) counts every position.
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
         return F.mse_loss(out, y)
 
     def sample_batch(self, generator: torch.Generator, split: str = "train") -> Batch:
@@ -133,6 +146,24 @@ def _fan_ins(model: nn.Module) -> dict[str, int]:
             prefix = f"{mod_name}." if mod_name else ""
             out[f"{prefix}weight"] = fan_in
             out[f"{prefix}bias"] = fan_in
+    return out
+
+
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+def _fixed_inits(model: nn.Module) -> dict[str, float | str]:
+    """Parameters not drawn uniformly: a normalisation layer's scale (1) and
+    shift (0), and embeddings (``"normal"``)."""
+    out: dict[str, float | str] = {}
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(mod, NORMS):
+            for p_name, value in (("weight", 1.0), ("bias", 0.0)):
+                if getattr(mod, p_name, None) is not None:
+                    out[prefix + p_name] = value
+        elif isinstance(mod, nn.Embedding):
+            out[prefix + "weight"] = "normal"
     return out
 
 

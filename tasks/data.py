@@ -22,6 +22,20 @@ from torch import Tensor
 from torch.nn import functional as F
 
 
+def require(module: str, package: str):
+    """Import ``module``, or say which install brings it: the task data come
+    with the ``meta`` extra, not with the optimizer alone."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            f"this dataset needs {package}, which the base install leaves out: "
+            "pip install 'lopt[meta]'"
+        ) from None
+
+
 def cache_dir() -> Path:
     """Where generated data is cached: ``$LOPT_CACHE`` or ``~/.cache/lopt``."""
     root = os.environ.get("LOPT_CACHE") or os.path.join(
@@ -101,8 +115,8 @@ def mnist1d(num_samples: int = 5000, seed: int = 42, conv: bool = False) -> Data
     if path.exists():
         d = torch.load(path, weights_only=True)
     else:
-        from mnist1d.data import get_dataset_args, make_dataset
-
+        mnist1d_data = require("mnist1d.data", "mnist1d")
+        get_dataset_args, make_dataset = mnist1d_data.get_dataset_args, mnist1d_data.make_dataset
         args = get_dataset_args()
         args.num_samples, args.seed = num_samples, seed
         state = np.random.get_state()  # make_dataset seeds the global RNGs
@@ -127,12 +141,21 @@ def mnist1d(num_samples: int = 5000, seed: int = 42, conv: bool = False) -> Data
 
 def digits(seed: int = 0) -> Dataset:
     """scikit-learn's 8x8 digits (1,797 images) as ``(1, 8, 8)`` in [0, 1]; 20% held out."""
-    from sklearn.datasets import load_digits
-
-    raw = load_digits()
+    raw = require("sklearn.datasets", "scikit-learn").load_digits()
     x = torch.tensor(raw.images, dtype=torch.float32)[:, None] / 16.0
     y = torch.tensor(raw.target, dtype=torch.long)
     return _split("digits", x, y, 10, 0.2, seed)
+
+
+def diabetes(seed: int = 0) -> Dataset:
+    """scikit-learn's diabetes regression (442 patients, 10 features, one
+    target), inputs and target standardised; 20% held out."""
+    raw = require("sklearn.datasets", "scikit-learn").load_diabetes()
+    x = torch.tensor(raw.data, dtype=torch.float32)
+    y = torch.tensor(raw.target, dtype=torch.float32)[:, None]
+    x = (x - x.mean(0)) / x.std(0)
+    y = (y - y.mean()) / y.std()
+    return _split("diabetes", x, y, 0, 0.2, seed)
 
 
 def teacher_student(
@@ -162,6 +185,71 @@ def gaussian_mixture(
     y = torch.randint(0, classes, (n,), generator=g)
     x = means[y] + spread * torch.randn(n, dim, generator=g)
     return _split("gmm", x, y, classes, 0.2, seed)
+
+
+# ---------------------------------------------------------------------- text
+TEXT_VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
+"""Characters of the text datasets: newline and printable ASCII (96 tokens);
+any other character is read as a space."""
+
+
+def _text_source(source: str) -> str:
+    """Text that every Python installation carries, so it is built offline:
+    ``"docs"``, the English reference topics behind ``help()``
+    (``pydoc_data.topics``, about 0.46M characters); ``"code"``, the source
+    of a fixed list of standard-library modules (about 0.5M characters)."""
+    if source == "docs":
+        from pydoc_data import topics
+
+        return "\n".join(topics.topics[k] for k in sorted(topics.topics))
+    if source == "code":
+        import importlib
+        import inspect
+
+        names = (
+            "argparse",
+            "collections",
+            "dataclasses",
+            "difflib",
+            "email.message",
+            "fractions",
+            "inspect",
+            "json.decoder",
+            "pathlib",
+            "textwrap",
+            "typing",
+        )
+        return "\n".join(inspect.getsource(importlib.import_module(n)) for n in names)
+    raise ValueError(f"text source must be 'docs' or 'code', got {source!r}")
+
+
+def text(source: str = "docs", context: int = 32, test_fraction: float = 0.1) -> Dataset:
+    """Character-level language modelling on offline text (:func:`_text_source`):
+    inputs are windows of ``context`` tokens of :data:`TEXT_VOCAB`, targets the
+    same windows one character on (``(N, context)`` longs each). Windows do
+    not overlap; the last ``test_fraction`` of the text is held out."""
+    if context < 1:
+        raise ValueError(f"context must be >= 1, got {context}")
+    raw = _text_source(source)
+    index = {c: i for i, c in enumerate(TEXT_VOCAB)}
+    space = index[" "]
+    ids = torch.tensor([index.get(c, space) for c in raw], dtype=torch.long)
+    cut = int(len(ids) * (1 - test_fraction))
+
+    def windows(part: Tensor) -> tuple[Tensor, Tensor]:
+        n = (len(part) - 1) // context
+        x = part[: n * context].reshape(n, context)
+        y = part[1 : n * context + 1].reshape(n, context)
+        return x, y
+
+    (x, y), (xt, yt) = windows(ids[:cut]), windows(ids[cut:])
+    return Dataset(f"text-{source}", x, y, xt, yt, len(TEXT_VOCAB))
+
+
+def reconstruction(d: Dataset) -> Dataset:
+    """``d``'s inputs, flattened, as their own regression targets (autoencoders)."""
+    x, xt = d.x_train.flatten(1), d.x_test.flatten(1)
+    return Dataset(f"{d.name}-recon", d.x_train, x, d.x_test, xt, 0)
 
 
 # -------------------------------------------------------------- user files

@@ -17,7 +17,7 @@ import torch
 
 from tasks import data
 from tasks.base import FixedFamily, Task, TaskFamily
-from tasks.models import ACTIVATIONS, cnn, mlp
+from tasks.models import ACTIVATIONS, ResNet, TransformerLM, autoencoder, cnn, mlp
 
 # ------------------------------------------------------------------ datasets
 DATA_ROOT_ENV = "LOPT_DATA"
@@ -45,6 +45,14 @@ DATASETS: dict[str, Callable[[], data.Dataset]] = {
     "cifar10": lambda: data.cifar10(os.path.join(data_root(), "cifar10")),
     "cifar10-8": lambda: data.cifar10(os.path.join(data_root(), "cifar10"), 8),
     "cifar10-16": lambda: data.cifar10(os.path.join(data_root(), "cifar10"), 16),
+    # Character-level text built from what every Python installation carries.
+    "text-docs": lambda: data.text("docs"),
+    "text-code": lambda: data.text("code"),
+    # Inputs as their own targets, for autoencoders.
+    "digits-recon": lambda: data.reconstruction(data.digits()),
+    "mnist1d-recon": lambda: data.reconstruction(data.mnist1d()),
+    # A tabular regression: scikit-learn's diabetes data, standardised.
+    "diabetes": data.diabetes,
 }
 CONV_DATASETS = {"mnist1d": "mnist1d-conv"}  # the CNN view of a dataset
 
@@ -168,6 +176,110 @@ class CNNFamily(TaskFamily):
         return Task(name, model, ds, batch, scale)
 
 
+@dataclass
+class ResNetFamily(TaskFamily):
+    """Residual CNNs with BatchNorm (:class:`~tasks.models.ResNet`): width,
+    number of residual blocks, activation, batch size and dataset sampled."""
+
+    name: str = "resnet-family"
+    datasets: Sequence[str] = ("digits",)
+    width: tuple[int, int] = (8, 32)
+    blocks: tuple[int, int] = (1, 2)
+    activations: Sequence[str] = ("relu", "gelu")
+    batch_size: tuple[int, int] = (32, 64)
+    init_scale: tuple[float, float] = (1.0, 1.0)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _range("width", self.width, 1)
+        _range("blocks", self.blocks, 1)
+        _check_common(self)
+
+    def sample(self, generator: torch.Generator) -> Task:
+        ds_name = _choice(generator, list(self.datasets))
+        ds = get_dataset(CONV_DATASETS.get(ds_name, ds_name), self.device)
+        width = _int_in(generator, *self.width, log=True)
+        blocks = _int_in(generator, *self.blocks)
+        act = _choice(generator, list(self.activations))
+        batch = _int_in(generator, *self.batch_size, log=True)
+        scale = _float_in(generator, *self.init_scale)
+        model = ResNet(ds.input_shape, width, blocks, ds.output_size, activation=act)
+        name = f"resnet-{ds.name}-{width}x{blocks}-{act}"
+        return Task(name, model, ds, batch, scale)
+
+
+@dataclass
+class TransformerFamily(TaskFamily):
+    """Small causal transformer language models (:class:`~tasks.models.TransformerLM`)
+    on character-level text: width (``d_model``, a multiple of the heads),
+    heads, layers, batch size and dataset sampled; the context is the
+    dataset's."""
+
+    name: str = "transformer-family"
+    datasets: Sequence[str] = ("text-docs",)
+    width: tuple[int, int] = (16, 64)
+    heads: Sequence[int] = (1, 2, 4)
+    layers: tuple[int, int] = (1, 2)
+    batch_size: tuple[int, int] = (8, 32)
+    init_scale: tuple[float, float] = (1.0, 1.0)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _range("width", self.width, 1)
+        _range("layers", self.layers, 1)
+        _range("batch_size", self.batch_size, 1)
+        _range("init_scale", self.init_scale, 1e-6)
+        if not self.heads or min(self.heads) < 1:
+            raise ValueError(f"heads must be >= 1, got {tuple(self.heads)}")
+        for d in self.datasets:
+            if d not in DATASETS:
+                raise ValueError(f"datasets: {_unknown('dataset', d, DATASETS)}")
+
+    def sample(self, generator: torch.Generator) -> Task:
+        ds = get_dataset(_choice(generator, list(self.datasets)), self.device)
+        heads = _choice(generator, list(self.heads))
+        width = _int_in(generator, *self.width, log=True)
+        width = max(heads, width // heads * heads)
+        layers = _int_in(generator, *self.layers)
+        batch = _int_in(generator, *self.batch_size, log=True)
+        scale = _float_in(generator, *self.init_scale)
+        context = ds.input_shape[0]
+        model = TransformerLM(ds.n_classes, context, width, heads, layers)
+        name = f"lm-{ds.name}-d{width}h{heads}l{layers}"
+        return Task(name, model, ds, batch, scale)
+
+
+@dataclass
+class AutoencoderFamily(TaskFamily):
+    """MLP autoencoders trained with mean squared error on their input:
+    hidden width, bottleneck, activation, batch size and dataset sampled."""
+
+    name: str = "autoencoder-family"
+    datasets: Sequence[str] = ("digits-recon",)
+    width: tuple[int, int] = (16, 128)
+    bottleneck: tuple[int, int] = (4, 16)
+    activations: Sequence[str] = ("relu", "tanh", "gelu")
+    batch_size: tuple[int, int] = (32, 128)
+    init_scale: tuple[float, float] = (1.0, 1.0)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _range("width", self.width, 1)
+        _range("bottleneck", self.bottleneck, 1)
+        _check_common(self)
+
+    def sample(self, generator: torch.Generator) -> Task:
+        ds = get_dataset(_choice(generator, list(self.datasets)), self.device)
+        width = _int_in(generator, *self.width, log=True)
+        neck = _int_in(generator, *self.bottleneck, log=True)
+        act = _choice(generator, list(self.activations))
+        batch = _int_in(generator, *self.batch_size, log=True)
+        scale = _float_in(generator, *self.init_scale)
+        model = autoencoder(_flat(ds), [width, neck, width], act)
+        name = f"ae-{ds.name}-{width}x{neck}-{act}"
+        return Task(name, model, ds, batch, scale)
+
+
 class MixtureFamily(TaskFamily):
     """Sample a family with the given weights, then a task from it."""
 
@@ -250,8 +362,8 @@ TASKS: dict[str, Callable[..., Task]] = {
         "cnn-mnist1d-64x4", lambda d: cnn((1, 40), [64] * 4, [3] * 4, 10), "mnist1d-conv"
     ),
     # stress-deep's sizes again, each differing from every stress-deep and
-    # stress-unseen network in data or activation: fixed (session 25) before
-    # any net ran on them, to check the adam_cap choice out of sample.
+    # stress-unseen network in data or activation: fixed before any net ran
+    # on them, to check the adam_cap choice out of sample.
     "mlp-digits-256x5-gelu": _task(
         "mlp-digits-256x5-gelu", lambda d: mlp(64, [256] * 5, 10, "gelu"), "digits"
     ),
@@ -281,6 +393,59 @@ TASKS: dict[str, Callable[..., Task]] = {
     "cnn-cifar10-16": _task(
         "cnn-cifar10-16", lambda d: cnn((3, 16, 16), [16, 32], [3, 3], 10), "cifar10-16"
     ),
+}
+TASKS.update(
+    {
+        # Inside real-family: validation, to pick a snapshot on.
+        "resnet-digits-16x2": _task(
+            "resnet-digits-16x2", lambda d: ResNet(d.input_shape, 16, 2, 10), "digits", 64
+        ),
+        "lm-docs-d32h2l2": _task(
+            "lm-docs-d32h2l2", lambda d: TransformerLM(d.n_classes, 32, 32, 2, 2), "text-docs", 16
+        ),
+        "ae-digits-64x8": _task(
+            "ae-digits-64x8", lambda d: autoencoder(64, [64, 8, 64]), "digits-recon", 64
+        ),
+        "mlp-mnist1d-128x2": _task(
+            "mlp-mnist1d-128x2", lambda d: mlp(40, [128, 128], 10, "gelu"), "mnist1d", 64
+        ),
+        # Held out from real-family, each by architecture or data: the tasks
+        # every claim about real models is made on.
+        "resnet-mnist1d-32x3": _task(
+            "resnet-mnist1d-32x3", lambda d: ResNet(d.input_shape, 32, 3, 10), "mnist1d-conv", 64
+        ),
+        "resnet-digits-32x3-gelu": _task(
+            "resnet-digits-32x3-gelu",
+            lambda d: ResNet(d.input_shape, 32, 3, 10, kernel=5, activation="gelu"),
+            "digits",
+            64,
+        ),
+        "lm-code-d64h4l2": _task(
+            "lm-code-d64h4l2", lambda d: TransformerLM(d.n_classes, 32, 64, 4, 2), "text-code", 16
+        ),
+        "lm-docs-d64h4l3": _task(
+            "lm-docs-d64h4l3", lambda d: TransformerLM(d.n_classes, 32, 64, 4, 3), "text-docs", 16
+        ),
+        "ae-mnist1d-128x16": _task(
+            "ae-mnist1d-128x16", lambda d: autoencoder(40, [128, 16, 128], "gelu"), "mnist1d-recon"
+        ),
+        "mlp-diabetes-128x2": _task(
+            "mlp-diabetes-128x2", lambda d: mlp(10, [128, 128], 1), "diabetes", 32
+        ),
+    }
+)
+# The run length each task of the real suites is judged at (its step budget).
+TASK_STEPS: dict[str, int] = {
+    "resnet-digits-16x2": 500,
+    "lm-docs-d32h2l2": 1000,
+    "ae-digits-64x8": 500,
+    "mlp-mnist1d-128x2": 1000,
+    "resnet-mnist1d-32x3": 1000,
+    "resnet-digits-32x3-gelu": 500,
+    "lm-code-d64h4l2": 2000,
+    "lm-docs-d64h4l3": 1000,
+    "ae-mnist1d-128x16": 1000,
+    "mlp-diabetes-128x2": 3000,
 }
 FILE_TASKS = {"mlp-fashion-8", "cnn-fashion-16", "cnn-cifar10-16"}
 
@@ -358,6 +523,30 @@ FAMILIES: dict[str, Callable[..., TaskFamily]] = {
         FAMILIES["cnn-family-small"](device), name="cnn-family-wide", channels=(4, 24)
     ),
     "mixed-family-wide": lambda device="cpu": _mixed("mlp-family-wide", device, "cnn-family-wide"),
+    "resnet-family": lambda device="cpu": ResNetFamily(device=device),
+    "transformer-family": lambda device="cpu": TransformerFamily(device=device),
+    "autoencoder-family": lambda device="cpu": AutoencoderFamily(device=device),
+    # The architectures people train, at widths 16-512: MLPs and CNNs,
+    # BatchNorm ResNets on digits, causal transformer LMs on the Python docs,
+    # MLP autoencoders on digits. The real suite stays outside it by
+    # architecture or data (1-D ResNets, 3-block ResNets, code text, 3-layer
+    # LMs, MNIST-1D autoencoders, tabular regression).
+    "real-family": lambda device="cpu": MixtureFamily(
+        [
+            replace(
+                FAMILIES["mlp-family-broad"](device),
+                name="mlp-family-real",
+                depth=(1, 3),
+                width=(16, 512),
+            ),
+            FAMILIES["cnn-family-wide"](device),
+            ResNetFamily(device=device),
+            TransformerFamily(device=device),
+            AutoencoderFamily(device=device),
+        ],
+        [0.25, 0.15, 0.2, 0.25, 0.15],
+        "real-family",
+    ),
 }
 
 VALIDATION = [
@@ -393,6 +582,23 @@ SUITES: dict[str, list[str]] = {
     "stress-unseen": ["mlp-digits-256x5", "mlp-gmm32-256x5-tanh", "cnn-mnist1d-64x4"],
     # The same sizes, differing from stress-deep and stress-unseen in data or activation.
     "stress-fresh": ["mlp-digits-256x5-gelu", "mlp-teacher-256x5-gelu", "cnn-digits-64x4-tanh"],
+    # Inside real-family, to pick a snapshot on.
+    "validation-real": [
+        "resnet-digits-16x2",
+        "lm-docs-d32h2l2",
+        "ae-digits-64x8",
+        "mlp-mnist1d-128x2",
+    ],
+    # Held out from real-family by architecture or data; every run has the
+    # length TASK_STEPS gives it.
+    "real": [
+        "resnet-mnist1d-32x3",
+        "resnet-digits-32x3-gelu",
+        "lm-code-d64h4l2",
+        "lm-docs-d64h4l3",
+        "ae-mnist1d-128x16",
+        "mlp-diabetes-128x2",
+    ],
 }
 
 

@@ -12,10 +12,10 @@ from torch import nn
 
 import lopt
 from benchmarks import compare, overhead
-from benchmarks.runner import adam, run, tune
 from tasks import Task
 from tasks.data import Dataset
 from tasks.models import mlp
+from tasks.runs import adam, run, tune
 
 
 def toy_task(target=2.0):
@@ -911,7 +911,7 @@ def test_nf_share_measures_the_nf_layers_part_of_the_update(tmp_path, capsys):
 
 def test_per_step_report_against_a_hand_made_curve():
     from benchmarks.per_step import run_report
-    from benchmarks.runner import Curve
+    from tasks.runs import Curve
 
     c = Curve(
         train=[2.1, 1.9, 2.6, 1.0, 0.5],
@@ -933,8 +933,8 @@ def test_per_step_reruns_runs_with_the_whole_split_every_step(capsys):
     same (task, seed) with the whole split evaluated every step shows; a
     learned net with --set runs too; bad inputs are refused with a message."""
     from benchmarks import per_step
-    from benchmarks.runner import run
     from tasks import get_task
+    from tasks.runs import run
 
     assert (
         per_step.main(["mlp-gmm", "adam:1", "--seeds", "3", "4", "--steps", "12", "--every-step"])

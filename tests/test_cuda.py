@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import lopt
-from benchmarks.runner import run
 from lopt.nets import NFNNet
 from meta_train import LearnedOptimizerProblem, MetaTrainer, make_estimator
 from tasks import get_family, get_task
+from tasks.runs import run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -210,7 +210,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         lopt.NFNOptimizer(params(), weights="no-such-optimizer")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:200])
-    with pytest.raises(ValueError, match="corrupt or truncated"):
+    with pytest.raises(ValueError, match="not a readable checkpoint: corrupt, truncated"):
         lopt.NFNOptimizer(params(), weights=truncated)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)

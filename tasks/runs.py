@@ -1,4 +1,5 @@
-"""Run an optimizer on a task: the loop every benchmark shares.
+"""Run an optimizer on a task: the loop every benchmark, and meta-training's
+periodic evaluation, share.
 
 Every optimizer sees the same initial parameters and the same batches for a
 given seed, so curves differ only by the optimizer.
@@ -17,6 +18,9 @@ from torch import nn
 from tasks import Task
 
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
+# A learning-rate schedule for a run: (optimizer, the run's steps) -> a
+# scheduler stepped after every optimizer step.
+MakeSchedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
 ADAM_GRID: tuple[float, ...] = tuple(10 ** (-4 + 0.5 * i) for i in range(7))  # 1e-4 .. 1e-1
 
 
@@ -59,10 +63,17 @@ def start(
 
 
 def run(
-    task: Task, make_optimizer: MakeOptimizer, steps: int, seed: int, eval_every: int = 0
+    task: Task,
+    make_optimizer: MakeOptimizer,
+    steps: int,
+    seed: int,
+    eval_every: int = 0,
+    schedule: MakeSchedule | None = None,
 ) -> Curve:
-    """Train ``task`` from the seed's initialisation for ``steps`` steps."""
+    """Train ``task`` from the seed's initialisation for ``steps`` steps,
+    with the learning rate following ``schedule`` over them if given."""
     model, opt, batches = start(task, make_optimizer, seed)
+    scheduler = schedule(opt, steps) if schedule is not None else None
     eval_every = eval_every or max(1, steps // 20)
     curve = Curve()
 
@@ -80,6 +91,8 @@ def run(
         loss = task.loss(dict(model.named_parameters()), (x, y))
         loss.backward()
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
         curve.train.append(_finite(loss.item()))
         if step % eval_every == 0 or step == steps:
             evaluate(step)
@@ -107,18 +120,24 @@ def sgdm(lr: float) -> MakeOptimizer:
     return lambda model: torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
 
+def cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine decay of the learning rate from its value to 0 over the run."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+
+
 def tune(
     task: Task,
     make: Callable[[float], MakeOptimizer],
     steps: int,
     seeds: Sequence[int],
     grid: Sequence[float] = ADAM_GRID,
+    schedule: MakeSchedule | None = None,
 ) -> tuple[float, dict[float, float]]:
     """The grid point with the lowest mean final training loss over seeds, and
     every grid point's score."""
     scores = {}
     for lr in grid:
-        finals = [run(task, make(lr), steps, s).final_train for s in seeds]
+        finals = [run(task, make(lr), steps, s, schedule=schedule).final_train for s in seeds]
         scores[lr] = sum(finals) / len(finals)
     best = min(scores, key=lambda lr: (scores[lr], lr))
     return best, scores

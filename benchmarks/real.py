@@ -1,0 +1,246 @@
+"""Learned optimizers against tuned Adam on the real suite: each task at its
+own step budget.
+
+    python -m benchmarks.real --weights nfn-stats --seeds 2 --out runs/real
+    python -m benchmarks.real --suite validation-real --weights nfn=runs/x/optimizer.pt
+
+Every task of the suite (``tasks.TASK_STEPS`` gives its run length) runs:
+- Adam at a constant learning rate and Adam with cosine decay to 0 over the
+  run, each with its rate tuned on the 7-point log grid (1e-4 .. 1e-1) on
+  separate tuning seeds; the tuned Adam of a task is the better of the two
+  (lower mean final loss on the benchmark seeds, which favours Adam);
+- AdamW at its defaults (rate 1e-3, weight decay 1e-2);
+- every learned optimizer of ``--weights``, told the run's length
+  (``total_steps``); ``--hide-budget`` runs them without it instead.
+
+All runs of a seed start from the same initialisation and see the same
+batches. The loss is the whole training split's, every budget / 20 steps.
+Writes ``curves.csv``, ``meta.json`` and ``results.md`` (the tables, with the
+command, machine and date) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import lopt
+from lopt import cli
+from tasks import TASK_STEPS, get_suite, get_task
+from tasks.runs import ADAM_GRID, Curve, adam, cosine, run, tune
+
+FIRST_TUNE_SEED = 100  # tuning seeds are never benchmark seeds (0..99)
+ADAM_KINDS = ("adam-constant", "adam-cosine")
+TUNED = "adam-tuned"  # the better of the two, per task
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters())
+
+
+def learned(weights: str, total_steps: int | None):
+    """A label and an optimizer factory for ``[LABEL=]WEIGHTS``, told
+    ``total_steps``."""
+    label, _, path = weights.rpartition("=")
+    if not label:
+        p = Path(path)
+        label = p.parent.name if p.stem == "optimizer" and p.parent.name else p.stem
+    net, _ = cli.load_weights("--weights", path)
+    cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
+    return label, lambda model: cls(
+        model.parameters(), net=net, model=model, total_steps=total_steps
+    )
+
+
+def run_task(name: str, weights: list[str], seeds, tune_seeds, hide_budget: bool, device: str):
+    """Tune Adam's two schedules, run everything; returns (csv rows, meta)."""
+    task = get_task(name, device)
+    steps = TASK_STEPS[name]
+    eval_every = max(1, steps // 20)
+    meta: dict = {"params": task.num_params, "steps": steps}
+    runs: dict[str, tuple] = {}  # label -> (make_optimizer, schedule)
+    for label, schedule in zip(ADAM_KINDS, (None, cosine)):
+        best, scores = tune(task, adam, steps, tune_seeds, ADAM_GRID, schedule)
+        meta[f"{label}_lr"] = best
+        meta[f"{label}_grid_scores"] = {f"{lr:.0e}": s for lr, s in scores.items()}
+        runs[label] = (adam(best), schedule)
+    runs["adamw"] = (adamw, None)
+    for w in weights:
+        label, make = learned(w, None if hide_budget else steps)
+        runs[label] = (make, None)
+    rows = []
+    for label, (make, schedule) in runs.items():
+        for seed in seeds:
+            curve: Curve = run(task, make, steps, seed, eval_every, schedule)
+            for s, tr in zip(curve.eval_steps, curve.train_eval):
+                rows.append((name, label, seed, s, tr))
+    return rows, meta
+
+
+def summarise(rows) -> dict:
+    """Per task: each optimizer's mean final loss over seeds, the tuned Adam
+    (the better schedule), each learned optimizer's ratio to it, the steps it
+    needs to reach tuned Adam's final loss (fraction of the budget, from the
+    evaluated points of the seed-mean curve) and whether any seed diverged
+    (an evaluated loss not finite or not below its start). Then, per learned
+    optimizer, over tasks: beats, worst and geometric-mean ratio, median
+    steps fraction, divergences."""
+    curves: dict = defaultdict(lambda: defaultdict(list))
+    per_seed: dict = defaultdict(dict)
+    for task, opt, seed, step, loss in rows:
+        curves[(task, opt)][step].append(loss)
+        per_seed[(task, opt, seed)][step] = loss
+    mean = {k: {s: statistics.fmean(v) for s, v in sorted(c.items())} for k, c in curves.items()}
+    diverged: dict = defaultdict(bool)
+    for (task, opt, _), c in per_seed.items():
+        values = [c[s] for s in sorted(c)]
+        bad = any(not math.isfinite(v) or v >= values[0] for v in values[1:])
+        diverged[(task, opt)] |= bad
+    tasks = sorted({t for t, _ in mean})
+    others = sorted({o for _, o in mean} - set(ADAM_KINDS))
+    per_task = {}
+    for task in tasks:
+        finals = {o: mean[(task, o)][max(mean[(task, o)])] for t, o in mean if t == task}
+        tuned = min(ADAM_KINDS, key=lambda k: finals.get(k, math.inf))
+        target, steps = finals[tuned], max(mean[(task, tuned)])
+        entry = {"tuned": tuned, "final": finals, "ratio": {}, "steps_to_adam": {}}
+        for opt in others:
+            if opt not in finals:
+                continue
+            entry["ratio"][opt] = finals[opt] / target if target > 0 else math.nan
+            reach = [s for s, v in mean[(task, opt)].items() if s > 0 and v <= target]
+            entry["steps_to_adam"][opt] = min(reach) / steps if reach else math.inf
+            entry.setdefault("diverged", {})[opt] = diverged[(task, opt)]
+        per_task[task] = entry
+    counts = {}
+    for opt in others:
+        ratios = [per_task[t]["ratio"][opt] for t in tasks if opt in per_task[t]["ratio"]]
+        fracs = [per_task[t]["steps_to_adam"][opt] for t in tasks if opt in per_task[t]["ratio"]]
+        counts[opt] = {
+            "beats": sum(r < 1 for r in ratios),
+            "tasks": len(ratios),
+            "worst_ratio": max(ratios, default=math.nan),
+            "geomean_ratio": math.exp(statistics.fmean(math.log(r) for r in ratios))
+            if ratios and all(0 < r < math.inf for r in ratios)
+            else math.nan,
+            "median_steps_to_adam": statistics.median(fracs) if fracs else math.nan,
+            "diverged": sum(
+                per_task[t]["diverged"][opt] for t in tasks if opt in per_task[t]["ratio"]
+            ),
+        }
+    return {"tasks": tasks, "optimizers": others, "per_task": per_task, "counts": counts}
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    lines = [
+        f"`{meta['command']}`",
+        "",
+        f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; "
+        f"seeds {meta['seeds']}; learned optimizers "
+        + ("not told the budget" if meta["hide_budget"] else "told the budget (total_steps)"),
+        "",
+        "Final training loss (whole split, mean over seeds); in brackets, over tuned Adam's.",
+        "",
+    ]
+    opts = summary["optimizers"]
+    lines.append("| task | steps | " + " | ".join([*ADAM_KINDS, *opts]) + " |")
+    lines.append("|---|---|" + "---|" * (len(ADAM_KINDS) + len(opts)))
+    for task in summary["tasks"]:
+        e = summary["per_task"][task]
+        cells = []
+        for o in ADAM_KINDS:
+            lr = meta["tasks"][task][f"{o}_lr"]
+            mark = " *" if o == e["tuned"] else ""
+            cells.append(f"{e['final'][o]:.4g} (lr {lr:.0e}){mark}")
+        for o in opts:
+            div = ", diverged" if e["diverged"][o] else ""
+            cells.append(f"{e['final'][o]:.4g} ({e['ratio'][o]:.2f}{div})")
+        lines.append(f"| {task} | {meta['tasks'][task]['steps']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "\\* the tuned Adam of the task.",
+        "",
+        "| optimizer | beats tuned Adam | worst ratio | geometric-mean ratio "
+        "| median steps to Adam's final loss | diverged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for o, c in summary["counts"].items():
+        lines.append(
+            f"| {o} | {c['beats']}/{c['tasks']} | {c['worst_ratio']:.2f} | "
+            f"{c['geomean_ratio']:.2f} | {c['median_steps_to_adam']:.2f}x | {c['diverged']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = cli.ArgumentParser(
+        prog="python -m benchmarks.real",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--suite", default="real", help="a suite of tasks with budgets (real)")
+    p.add_argument("--weights", nargs="*", default=[], metavar="[LABEL=]WEIGHTS")
+    p.add_argument("--seeds", type=int, default=2, help="benchmark seeds, from 0 (2)")
+    p.add_argument("--tune-seeds", type=int, default=1, help="seeds that tune Adam's rates (1)")
+    p.add_argument("--hide-budget", action="store_true", help="do not tell total_steps")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    cli.check_device("--device", args.device)
+    for w in args.weights:
+        learned(w, None)  # a bad name or file is reported before anything runs
+    if not 1 <= args.seeds <= 100:
+        p.error(f"--seeds must be in 1..100, got {args.seeds}")
+    if args.tune_seeds < 1:
+        p.error(f"--tune-seeds must be >= 1, got {args.tune_seeds}")
+    try:
+        names = get_suite(args.suite)
+    except KeyError as e:
+        p.error(str(e.args[0]))
+    missing = [n for n in names if n not in TASK_STEPS]
+    if missing:
+        p.error(f"--suite {args.suite}: no step budget for {', '.join(missing)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta: dict = {
+        "command": "python -m benchmarks.real "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
+        "torch": str(torch.__version__),
+        "seeds": args.seeds,
+        "hide_budget": args.hide_budget,
+        "tasks": {},
+    }
+    seeds = list(range(args.seeds))
+    tune_seeds = list(range(FIRST_TUNE_SEED, FIRST_TUNE_SEED + args.tune_seeds))
+    rows = []
+    for name in tqdm(names, desc="tasks"):
+        task_rows, meta["tasks"][name] = run_task(
+            name, args.weights, seeds, tune_seeds, args.hide_budget, args.device
+        )
+        rows += task_rows
+    with (args.out / "curves.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(("task", "optimizer", "seed", "step", "loss"))
+        w.writerows(rows)
+    (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
+    summary = summarise(rows)
+    text = markdown(summary, meta)
+    (args.out / "results.md").write_text(text)
+    print(text)
+    return summary
+
+
+if __name__ == "__main__":
+    cli.run(main, "python -m benchmarks.real")

@@ -1,0 +1,217 @@
+"""The step budget: what a net reads of total_steps, and where it is passed."""
+
+import copy
+import math
+
+import pytest
+import torch
+from helpers import make_mlp
+from torch.nn import functional as F
+
+import lopt
+from lopt import WeightSpaceSpec, functional
+from lopt.features import BUDGET_SCALES, NUM_BUDGET_FEATURES, budget_features
+from lopt.nets import NFNNet, PerParamMLP
+
+
+def naive_budget(t: float, n: float | None) -> list[float]:
+    if n is None or n <= 0:
+        return [0.0] * NUM_BUDGET_FEATURES
+    f = min(max(t / n, 0.0), 1.0)
+    return (
+        [math.tanh(f / s) for s in BUDGET_SCALES]
+        + [math.tanh((1 - f) / s) for s in BUDGET_SCALES]
+        + [1.0]
+    )
+
+
+@pytest.mark.parametrize(
+    "t,n", [(1, 100), (50, 100), (100, 100), (250, 100), (7, 10_000), (3, None), (3, -1), (3, 0)]
+)
+def test_budget_features_against_the_formula(t, n):
+    got = budget_features(torch.tensor(float(t)), n)
+    torch.testing.assert_close(got, torch.tensor(naive_budget(t, n)), rtol=1e-6, atol=1e-7)
+
+
+def test_budget_features_vmap_over_known_and_unknown_budgets():
+    steps = torch.tensor([5.0, 5.0, 40.0])
+    totals = torch.tensor([10.0, -1.0, 20.0])
+    got = torch.func.vmap(budget_features)(steps, totals)
+    want = torch.tensor([naive_budget(5, 10), naive_budget(5, None), naive_budget(40, 20)])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def setup(cls=NFNNet, seed=0):
+    torch.manual_seed(seed)
+    model = make_mlp([6, 7, 5, 3])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 6, generator=g)
+    y = torch.randint(0, 3, (32,), generator=g)
+    net = cls(out_scale=1.0, step_mult=1e-2, lr=1e-3, budget=True)
+    return model, x, y, net
+
+
+def one_update(net, model, x, y, step, total):
+    spec = WeightSpaceSpec.from_module(model)
+    params = [p.detach() for p in model.parameters()]
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    state = functional.init(params)
+    state["step"] = torch.tensor(float(step - 1))
+    with torch.no_grad():
+        return functional.update(net, spec, None, grads, state, params, total_steps=total)[0]
+
+
+@pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
+def test_a_fresh_budget_input_changes_nothing_until_trained(cls):
+    """budget_inp starts at zero: the same updates as the net without it, at
+    any budget; once it is not zero, the budget moves the update, and an
+    unknown budget is the same as a zero budget input."""
+    model, x, y, net = setup(cls)
+    plain = cls(**{k: v for k, v in net.config.items() if k != "budget"})
+    own = ("budget_inp.", "schedule.")
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith(own)})
+    for total in (None, 10, 1000):
+        want = one_update(plain, model, x, y, 5, None)
+        for u, v in zip(one_update(net, model, x, y, 5, total), want):
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
+    with torch.no_grad():
+        net.budget_inp.weight.normal_()
+    near_end = one_update(net, model, x, y, 9, 10)
+    early = one_update(net, model, x, y, 9, 1000)
+    unknown = one_update(net, model, x, y, 9, None)
+    assert any(not torch.allclose(a, b) for a, b in zip(near_end, early))
+    for u, v in zip(unknown, one_update(plain, model, x, y, 9, None)):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("cls", [lopt.NFNOptimizer, lopt.MLPOptimizer])
+def test_optimizer_passes_each_groups_total_steps(cls, tmp_path):
+    """The optimizer class (fused path) takes the functional core's steps
+    with the group's total_steps; it is a param-group entry that a group may
+    override and that state_dict round trips; the net's budget flag is saved."""
+    model, x, y, net = setup(cls.net_class, seed=1)
+    with torch.no_grad():
+        net.budget_inp.weight.normal_()
+    twin = copy.deepcopy(model)
+    opt = cls(twin.parameters(), net=net, model=twin, total_steps=8)
+    assert opt.param_groups[0]["total_steps"] == 8
+    spec = WeightSpaceSpec.from_module(model)
+    ref = [p.detach().clone() for p in model.parameters()]
+    state = functional.init(ref)
+    for _ in range(4):
+        with torch.enable_grad():
+            ps = [r.clone().requires_grad_() for r in ref]
+            names = [n for n, _ in model.named_parameters()]
+            out = torch.func.functional_call(model, dict(zip(names, ps)), (x,))
+            g = torch.autograd.grad(F.cross_entropy(out, y), ps)
+        with torch.no_grad():
+            u, state = functional.update(net, spec, None, list(g), state, ref, total_steps=8)
+        ref = [r + ui for r, ui in zip(ref, u)]
+        opt.zero_grad()
+        F.cross_entropy(twin(x), y).backward()
+        opt.step()
+    for p, r in zip(twin.parameters(), ref):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-4, atol=1e-5)
+    saved = opt.state_dict()
+    again = cls(copy.deepcopy(twin).parameters(), net=net)
+    again.load_state_dict(saved)
+    assert again.param_groups[0]["total_steps"] == 8
+    groups = cls(
+        [
+            {"params": list(model.parameters())[:2], "total_steps": 50},
+            {"params": list(model.parameters())[2:]},
+        ],
+        net=net,
+        total_steps=20,
+    )
+    assert [g["total_steps"] for g in groups.param_groups] == [50, 20]
+    lopt.save(net, tmp_path / "b.pt")
+    back, _ = lopt.load(tmp_path / "b.pt")
+    assert back.reads_budget and back.config["budget"] is True
+    assert "budget" not in cls.net_class().config and not cls.net_class().reads_budget
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, float("nan"), float("inf"), "100", True])
+def test_bad_total_steps_are_refused_by_name(bad):
+    model = make_mlp([4, 3])
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="total_steps must be a whole number >= 1 or None"):
+        lopt.NFNOptimizer(model.parameters(), total_steps=bad)
+    with pytest.raises(ValueError, match="parameter group 0: total_steps"):
+        lopt.NFNOptimizer([{"params": list(model.parameters()), "total_steps": bad}])
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), q)
+
+
+def test_a_net_without_the_budget_input_ignores_total_steps():
+    model, x, y, _ = setup()
+    net = NFNNet(out_scale=1.0, step_mult=1e-2)
+    for u, v in zip(one_update(net, model, x, y, 3, 10), one_update(net, model, x, y, 3, None)):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
+def test_learned_schedule_scales_the_whole_update(cls):
+    """The schedule's factor multiplies Adam's part and the learned term
+    alike: exp(bias) with zero weights, and exp(w . features + b) against the
+    naive formula once its weights read the step and budget."""
+    model, x, y, net = setup(cls, seed=2)
+    ref = one_update(net, model, x, y, 6, 30)
+    with torch.no_grad():
+        net.schedule.bias.fill_(math.log(0.5))
+    for u, v in zip(one_update(net, model, x, y, 6, 30), ref):
+        torch.testing.assert_close(u, 0.5 * v, rtol=1e-6, atol=0)
+    with torch.no_grad():
+        net.schedule.weight.normal_(0, 0.3)
+    feats = torch.cat(
+        [lopt.features.step_features(torch.tensor(6.0)), budget_features(torch.tensor(6.0), 30)]
+    )
+    factor = torch.exp(net.schedule.weight[0] @ feats + net.schedule.bias[0]).item()
+    for u, v in zip(one_update(net, model, x, y, 6, 30), ref):
+        torch.testing.assert_close(u, factor * v, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [
+        lambda o: torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.5),
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 6),
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda k: 1.0 / (k + 1)),
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(
+            o, max_lr=1.0, total_steps=6, cycle_momentum=False
+        ),
+    ],
+    ids=["StepLR", "CosineAnnealingLR", "LambdaLR", "OneCycleLR"],
+)
+def test_lr_schedulers_scale_the_whole_update(make_scheduler):
+    """Each group's lr multiplies the update the net computes: under a torch
+    scheduler every step equals the lr-1 optimizer's step times the lr the
+    scheduler set; state_dict round trips with the scheduler attached."""
+    model, x, y, net = setup(seed=3)
+    twin = copy.deepcopy(model)
+    opt = lopt.NFNOptimizer(model.parameters(), net=net, model=model)
+    ref = lopt.NFNOptimizer(twin.parameters(), net=net, model=twin)
+    sched = make_scheduler(opt)
+    assert opt.param_groups[0]["lr"] == pytest.approx(sched.get_last_lr()[0])
+    for k in range(6):
+        lr = opt.param_groups[0]["lr"]
+        before = [p.detach().clone() for p in model.parameters()]
+        with torch.no_grad():
+            for p, q in zip(twin.parameters(), model.parameters()):
+                p.copy_(q)
+        for o, m in ((opt, model), (ref, twin)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+        for p, q, b in zip(model.parameters(), twin.parameters(), before):
+            torch.testing.assert_close(p - b, (q - b) * lr, rtol=1e-4, atol=1e-7)
+        sched.step()
+        if k == 2:
+            saved, saved_sched = opt.state_dict(), sched.state_dict()
+            opt2 = lopt.NFNOptimizer(model.parameters(), net=net, model=model)
+            sched2 = make_scheduler(opt2)
+            opt2.load_state_dict(saved)
+            sched2.load_state_dict(saved_sched)
+            assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        lopt.NFNOptimizer(model.parameters(), lr=-1.0)

@@ -1,0 +1,243 @@
+"""The task families of real architectures, meta-training across step
+budgets on them, and the real benchmark suite."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import lopt
+from benchmarks import real
+from meta_train.__main__ import main as meta_train_main
+from meta_train.problems import LearnedOptimizerProblem
+from meta_train.unroll import TaskUnroll
+from tasks import SUITES, TASK_STEPS, data, get_family, get_suite, get_task
+from tasks.models import ResNet, TransformerLM, autoencoder
+
+NEW_FAMILIES = ["resnet-family", "transformer-family", "autoencoder-family", "real-family"]
+
+
+def test_text_data_is_next_character_windows():
+    d = data.text("docs", context=16)
+    assert d.x_train.shape[1] == 16 and d.x_train.dtype == torch.long
+    assert d.n_classes == len(data.TEXT_VOCAB) == 96
+    assert int(d.x_train.max()) < 96 and int(d.x_train.min()) >= 0
+    # Targets are the inputs one character on, within and across windows' ends.
+    torch.testing.assert_close(d.y_train[:, :-1], d.x_train[:, 1:])
+    torch.testing.assert_close(d.y_train[:-1, -1], d.x_train[1:, 0])
+    code = data.text("code", context=16)
+    assert not torch.equal(code.x_train[:50], d.x_train[:50])
+    with pytest.raises(ValueError, match="text source must be 'docs' or 'code'"):
+        data.text("poems")
+
+
+def test_reconstruction_targets_are_the_flattened_inputs():
+    d = data.reconstruction(data.digits())
+    assert d.n_classes == 0 and d.output_size == 64
+    torch.testing.assert_close(d.y_train, d.x_train.flatten(1))
+
+
+def test_lm_loss_counts_every_position():
+    task = get_task("lm-docs-d32h2l2")
+    params = task.init(torch.Generator().manual_seed(0))
+    x, y = task.sample_batch(torch.Generator().manual_seed(1))
+    logits = torch.func.functional_call(task.model, params, (x,))
+    want = F.cross_entropy(logits.reshape(-1, 96), y.reshape(-1))
+    torch.testing.assert_close(task.loss(params, (x, y)), want)
+    # Causal: a later token does not change an earlier position's logits.
+    x2 = x.clone()
+    x2[:, -1] = (x2[:, -1] + 1) % 96
+    logits2 = torch.func.functional_call(task.model, params, (x2,))
+    torch.testing.assert_close(logits[:, :-1], logits2[:, :-1])
+    assert not torch.allclose(logits[:, -1], logits2[:, -1])
+
+
+def test_init_sets_norms_to_identity_and_embeddings_normal():
+    task = get_task("lm-docs-d32h2l2")
+    p = task.init(torch.Generator().manual_seed(0))
+    assert torch.equal(p["blocks.0.ln1.weight"], torch.ones(32))
+    assert torch.equal(p["blocks.0.ln1.bias"], torch.zeros(32))
+    assert abs(p["tok.weight"].std().item() - 1.0) < 0.1
+    bound = 1 / math.sqrt(32)
+    assert p["blocks.0.attn.qkv.weight"].abs().max() <= bound
+    res = get_task("resnet-digits-16x2").init(torch.Generator().manual_seed(0))
+    assert torch.equal(res["blocks.0.norm1.weight"], torch.ones(16))
+    # Deterministic in the generator.
+    again = task.init(torch.Generator().manual_seed(0))
+    assert all(torch.equal(p[k], again[k]) for k in p)
+
+
+def test_models_refuse_bad_sizes_by_name():
+    with pytest.raises(ValueError, match="d_model \\(30\\) must be a multiple of heads \\(4\\)"):
+        TransformerLM(96, 8, 30, 4, 1)
+    with pytest.raises(ValueError, match="in_shape must be"):
+        ResNet((8,), 4, 1, 3)
+    with pytest.raises(ValueError, match="bottleneck"):
+        autoencoder(10, [])
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_families_sample_trainable_tasks(family):
+    """Every sampled task's loss is finite and one Adam step lowers it on
+    the same batch (the model, data and loss fit together)."""
+    fam = get_family(family)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        task = fam.sample(g)
+        params = task.init(torch.Generator().manual_seed(0))
+        batch = task.sample_batch(torch.Generator().manual_seed(0))
+        model = task.module_with(params)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        before = task.loss(dict(model.named_parameters()), batch)
+        before.backward()
+        opt.step()
+        after = task.loss(dict(model.named_parameters()), batch)
+        assert math.isfinite(before.item()) and after < before, task
+
+
+def test_real_suites_have_budgets_and_stay_out_of_the_family():
+    for suite in ("real", "validation-real"):
+        for name in get_suite(suite):
+            assert TASK_STEPS[name] >= 100
+    assert max(TASK_STEPS[n] for n in SUITES["real"]) >= 3000
+    assert not set(SUITES["real"]) & set(SUITES["validation-real"])
+    # A family of ResNets on 2-D digits of 1-2 blocks: the held-out ResNets
+    # are 1-D or 3 blocks deep; the LMs read other text or are 3 layers deep.
+    fam = get_family("real-family")
+    g = torch.Generator().manual_seed(0)
+    names = {fam.sample(g).name for _ in range(200)}
+    assert not any(n.startswith("resnet-mnist1d") or "x3-" in n and "resnet" in n for n in names)
+    assert not any(n.startswith("lm-text-code") or n.endswith("l3") for n in names)
+    assert not any("mnist1d-recon" in n or "diabetes" in n for n in names)
+
+
+def budget_net():
+    torch.manual_seed(0)
+    net = lopt.NFNNet(width=4, out_scale=1.0, step_mult=1e-2, budget=True, nf_channels=2)
+    with torch.no_grad():
+        net.budget_inp.weight.normal_()
+    return net
+
+
+@pytest.mark.parametrize("name", ["resnet-digits-16x2", "lm-docs-d32h2l2"])
+def test_vmapped_unroll_equals_a_loop_on_real_architectures(name):
+    net = budget_net()
+    unroll = TaskUnroll(net, get_task(name))
+    inner = unroll.init_inner(2, torch.Generator().manual_seed(0), total_steps=20)
+    theta = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
+    thetas = theta + 0.05 * torch.randn(2, theta.numel())
+    batches = unroll.sample_batches(2, torch.Generator().manual_seed(1))
+    a = unroll.unroll(thetas, inner, batches)
+    b = unroll.unroll_loop(thetas, inner, batches)
+    torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-5)
+    assert torch.equal(a[2]["total_steps"], torch.full((2,), 20.0))
+
+
+def test_inner_runs_are_told_their_horizon_or_nothing():
+    """budget_of is the run's horizon, or None in about budget_hidden of the
+    runs, the same on every call; the inner state carries it (-1: hidden),
+    and the net's updates depend on it."""
+    net = budget_net()
+    problem = LearnedOptimizerProblem(
+        net, get_family("mlp-gmm"), truncation=2, horizon=4, horizon_max=40, budget_hidden=0.3
+    )
+    told = [problem.budget_of(c) for c in range(400)]
+    assert told == [problem.budget_of(c) for c in range(400)]
+    hidden = sum(b is None for b in told) / len(told)
+    assert 0.2 < hidden < 0.4
+    assert all(b == problem.horizon_of(c) for c, b in enumerate(told) if b is not None)
+    c_hidden = told.index(None)
+    inner = problem.reset(c_hidden, 2)
+    assert torch.equal(inner["total_steps"], torch.full((2,), -1.0))
+    theta = problem.initial_theta().expand(2, -1)
+    hidden_losses = problem.unroll(theta, inner, 0)[1]
+    inner["total_steps"] = torch.full((2,), 2.0)
+    told_losses = problem.unroll(theta, inner, 0)[1]
+    assert not torch.allclose(hidden_losses, told_losses)
+    with pytest.raises(ValueError, match="budget_hidden must be in \\[0, 1\\]"):
+        LearnedOptimizerProblem(net, get_family("mlp-gmm"), budget_hidden=1.5)
+
+
+def test_cli_budget_flags(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [
+        "--family",
+        "mlp-gmm",
+        "--net",
+        "mlp",
+        "--width",
+        "4",
+        "--population",
+        "2",
+        "--truncation",
+        "2",
+        "--horizon",
+        "4",
+        "--outer-steps",
+        "2",
+        "--no-progress",
+    ]
+    with pytest.raises(SystemExit, match="--budget-hidden hides the budget"):
+        meta_train_main([*args, "--out", str(out), "--budget-hidden", "0.5"])
+    with pytest.raises(SystemExit, match="--budget-hidden must be a number in \\[0, 1\\]"):
+        meta_train_main([*args, "--out", str(out), "--budget", "--budget-hidden", "2"])
+    assert not out.exists()
+    assert meta_train_main([*args, "--out", str(out), "--budget", "--budget-hidden", "0.5"]) == 0
+    net, meta = lopt.load(out / "optimizer.pt")
+    assert net.reads_budget and meta["config"]["budget_hidden"] == 0.5
+    assert net.budget_inp.weight.abs().sum() > 0  # meta-trained away from zero
+
+
+def test_real_summary_against_hand_made_curves():
+    """Tuned Adam is the better schedule; ratios, beats, steps to Adam's
+    final loss and divergence come out as computed by hand."""
+    rows = []
+    curves = {
+        "adam-constant": [4.0, 2.0, 1.0],
+        "adam-cosine": [4.0, 1.5, 0.5],
+        "adamw": [4.0, 2.0, 0.8],
+        "net": [4.0, 0.5, 0.25],
+        "bad": [4.0, 5.0, 0.6],
+    }
+    for opt, c in curves.items():
+        for seed in (0, 1):
+            for step, loss in zip((0, 50, 100), c):
+                rows.append(("t", opt, seed, step, loss))
+    s = real.summarise(rows)
+    e = s["per_task"]["t"]
+    assert e["tuned"] == "adam-cosine"
+    assert e["ratio"]["net"] == pytest.approx(0.5) and e["ratio"]["bad"] == pytest.approx(1.2)
+    assert e["steps_to_adam"]["net"] == pytest.approx(0.5)
+    assert e["steps_to_adam"]["bad"] == math.inf
+    assert e["diverged"] == {"adamw": False, "bad": True, "net": False}
+    assert s["counts"]["net"]["beats"] == 1 and s["counts"]["bad"]["beats"] == 0
+
+
+def test_real_benchmark_runs_and_writes_its_page(tmp_path, monkeypatch):
+    monkeypatch.setitem(TASK_STEPS, "mlp-gmm", 12)
+    monkeypatch.setattr(real, "ADAM_GRID", (1e-3, 1e-2))
+    out = tmp_path / "real"
+    args = ["--suite", "mlp-gmm", "--weights", "nfn-stats", "--seeds", "1", "--out", str(out)]
+    s = real.main(args)
+    assert s["counts"]["nfn-stats"]["tasks"] == 1
+    page = (out / "results.md").read_text()
+    assert "python -m benchmarks.real --suite mlp-gmm" in page and "adam-cosine" in page
+    assert (out / "curves.csv").exists()
+    with pytest.raises(SystemExit):
+        real.main(["--suite", "mlp-digits", "--out", str(tmp_path / "x")])  # no budget
+    assert not (tmp_path / "x").exists()
+
+
+def test_cosine_schedule_reaches_zero_at_the_end():
+    from tasks.runs import cosine
+
+    opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = cosine(opt, 10)
+    lrs = []
+    for _ in range(10):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[4] == pytest.approx(0.05) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
