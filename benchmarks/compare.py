@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 import lopt
+from benchmarks.figures import loss_curves, pyplot
 from lopt import cli
 from tasks import get_suite, get_task
 from tasks.runs import ADAM_GRID, adam, run, sgdm, tune
@@ -449,44 +450,16 @@ def _ratio(x: float) -> str:
 
 
 def figures(rows, summary: dict, horizon: int, out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figures (pip install 'lopt[plots]')")
+    plt = pyplot()
+    if plt is None:
         return
     tasks = summary["tasks"]
-    cols = min(3, len(tasks))
-    nrows = math.ceil(len(tasks) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     curves: dict = defaultdict(lambda: defaultdict(list))
     for task, opt, _, step, split, loss in rows:
         if split == "train":
             curves[(task, opt)][step].append(loss)
-    for ax, task in zip(axes.flat, tasks):
-        for opt in summary["optimizers"]:
-            c = curves.get((task, opt))
-            if not c:
-                continue
-            steps = sorted(c)
-            mean = [statistics.fmean(c[s]) for s in steps]
-            lo = [min(c[s]) for s in steps]
-            hi = [max(c[s]) for s in steps]
-            ax.plot(steps, mean, label=opt)
-            ax.fill_between(steps, lo, hi, alpha=0.2)
-        ax.axvline(horizon, color="grey", lw=0.8, ls="--")
-        ax.set_yscale("log")
-        ax.set_title(task, fontsize=9)
-        ax.set_xlabel("step")
-    for ax in list(axes.flat)[len(tasks) :]:
-        ax.axis("off")
-    axes.flat[0].set_ylabel("training loss (mean, min-max over seeds)")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
+    marks = dict.fromkeys(tasks, horizon)
+    loss_curves(curves, tasks, summary["optimizers"], out / "curves.png", marks)
 
     learned_opts = [o for o in summary["optimizers"] if o != "adam"]
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(tasks)), 3.5))

@@ -15,8 +15,8 @@ Every task of the suite (``tasks.TASK_STEPS`` gives its run length) runs:
 
 All runs of a seed start from the same initialisation and see the same
 batches. The loss is the whole training split's, every budget / 20 steps.
-Writes ``curves.csv``, ``meta.json`` and ``results.md`` (the tables, with the
-command, machine and date) to --out.
+Writes ``curves.csv``, ``meta.json``, ``results.md`` (the tables, with the
+command, machine and date) and ``curves.png`` to --out.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 import lopt
+from benchmarks.figures import loss_curves
 from lopt import cli
 from tasks import TASK_STEPS, get_suite, get_task
 from tasks.runs import ADAM_GRID, Curve, adam, cosine, run, tune
@@ -142,6 +143,14 @@ def summarise(rows) -> dict:
     return {"tasks": tasks, "optimizers": others, "per_task": per_task, "counts": counts}
 
 
+def figure(rows, summary: dict, path: Path) -> None:
+    """Every task's loss curves, tuned Adam's two schedules among them."""
+    curves: dict = defaultdict(lambda: defaultdict(list))
+    for task, opt, _, step, loss in rows:
+        curves[(task, opt)][step].append(loss)
+    loss_curves(curves, summary["tasks"], [*ADAM_KINDS, *summary["optimizers"]], path)
+
+
 def markdown(summary: dict, meta: dict) -> str:
     lines = [
         f"`{meta['command']}`",
@@ -196,7 +205,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--hide-budget", action="store_true", help="do not tell total_steps")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--from-csv",
+        action="store_true",
+        help="only redo the tables and figure from --out's curves.csv and meta.json",
+    )
     args = p.parse_args(argv)
+    if args.from_csv:
+        try:
+            meta = json.loads((args.out / "meta.json").read_text())
+            with (args.out / "curves.csv").open() as f:
+                body = list(csv.reader(f))[1:]
+        except (OSError, ValueError) as e:
+            p.error(f"--from-csv: cannot read {args.out}'s meta.json / curves.csv: {e}")
+        rows = [(t, o, int(s), int(k), float(v)) for t, o, s, k, v in body]
+        return write_page(rows, meta, args.out)
     cli.check_device("--device", args.device)
     for w in args.weights:
         learned(w, None)  # a bad name or file is reported before anything runs
@@ -235,9 +258,15 @@ def main(argv: list[str] | None = None) -> dict:
         w.writerow(("task", "optimizer", "seed", "step", "loss"))
         w.writerows(rows)
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return write_page(rows, meta, args.out)
+
+
+def write_page(rows, meta: dict, out: Path) -> dict:
+    """``results.md`` and ``curves.png`` in ``out``, from the runs' rows."""
     summary = summarise(rows)
-    text = markdown(summary, meta)
-    (args.out / "results.md").write_text(text)
+    text = markdown(summary, meta) + "\n![loss curves](curves.png)\n"
+    (out / "results.md").write_text(text)
+    figure(rows, summary, out / "curves.png")
     print(text)
     return summary
 

@@ -58,7 +58,7 @@ def main() -> None:
             model,
             lopt.LearnedOptimizer(model.parameters(), model=model, weights=args.weights)
             if args.weights
-            else lopt.NFNOptimizer(model.parameters(), model=model),
+            else lopt.NFNOptimizer(model.parameters(), model=model, weights=None),
         ),
         "adam": (twin, torch.optim.Adam(twin.parameters(), lr=args.adam_lr)),
     }

@@ -23,6 +23,14 @@ FORMAT = "lopt-optimizer-net"
 # 3: nets may read the step budget (config "budget"); older files never do.
 VERSION = 3
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+DEFAULT = "default"  # weights= of the optimizer classes: the recommended shipped net
+# The recommended shipped net of each net class (OptimizerNet: any class).
+RECOMMENDED = {"NFNNet": "nfn-stats", "PerParamMLP": "mlp-broad-cont", "OptimizerNet": "nfn-stats"}
+
+
+def recommended(net_class: type[OptimizerNet]) -> str:
+    """The shipped name ``weights="default"`` loads for ``net_class``."""
+    return RECOMMENDED[net_class.__name__]
 
 
 def pretrained_names() -> list[str]:

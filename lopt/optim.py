@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lopt import functional
 from lopt import fused as fused_kernel
-from lopt.checkpoint import load
+from lopt.checkpoint import DEFAULT, load, recommended
 from lopt.nets import NFNNet, OptimizerNet, PerParamMLP
 from lopt.weightspace import LOCAL, Axis, TensorSpec, WeightSpaceSpec
 
@@ -51,10 +51,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups, as for any torch optimizer.
-        net: an :class:`~lopt.nets.OptimizerNet` (default: a fresh one, built
-            from ``net_kwargs``: a sane, slow optimizer until meta-trained).
-        weights: a shipped name (see :func:`lopt.pretrained_names`) or the path
-            of a checkpoint written by :func:`lopt.save` / ``python -m meta_train``.
+        net: an :class:`~lopt.nets.OptimizerNet` to drive the steps (instead
+            of ``weights``).
+        weights: ``"default"`` (the default): the recommended shipped net
+            of the class (``lopt.checkpoint.RECOMMENDED``: ``nfn-stats`` for
+            the NFN, ``mlp-broad-cont`` for the MLP); a shipped name (see
+            :func:`lopt.pretrained_names`) or the path of a checkpoint
+            written by :func:`lopt.save` / ``python -m meta_train``; or
+            ``None`` for a fresh net built from ``net_kwargs`` (a sane, slow
+            optimizer until meta-trained).
         spec: the weight space of the parameters: one
             :class:`~lopt.WeightSpaceSpec`, or one per parameter group.
         model: the ``nn.Module`` the parameters belong to; its layers give the
@@ -94,7 +99,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         net: OptimizerNet | None = None,
         *,
-        weights: str | os.PathLike | None = None,
+        weights: str | os.PathLike | None = DEFAULT,
         spec: WeightSpaceSpec | Sequence[WeightSpaceSpec] | None = None,
         model: nn.Module | None = None,
         lr: float = 1.0,
@@ -102,14 +107,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
         fused: bool | None = None,
         **net_kwargs: Any,
     ) -> None:
-        if net is not None and weights is not None:
+        if net is not None and weights not in (None, DEFAULT):
             raise ValueError("give either net= or weights=, not both")
         if spec is not None and model is not None:
             raise ValueError("give either spec= or model=, not both")
         self.metadata: dict[str, Any] = {}
-        if weights is not None:
+        if net is None and weights is not None:
             if net_kwargs:
-                raise ValueError(f"net options {sorted(net_kwargs)} conflict with weights=")
+                raise ValueError(
+                    f"net options {sorted(net_kwargs)} build a fresh net: pass weights=None "
+                    "with them"
+                )
+            if weights == DEFAULT:
+                weights = recommended(self.net_class)
             net, self.metadata = load(weights, expect=self.net_class)
         elif net is None:
             net = self.net_class(**net_kwargs)
@@ -370,7 +380,7 @@ class NFNOptimizer(LearnedOptimizer):
     """The NFN learned optimizer: an :class:`~lopt.nets.NFNNet` that mixes
     information across the neurons of each layer, equivariantly.
 
-    Example::
+    Example (the recommended shipped net; ``weights=None`` builds a fresh one)::
 
         opt = lopt.NFNOptimizer(model.parameters(), model=model)
         for x, y in data:

@@ -297,7 +297,7 @@ def test_bad_spec_and_arguments_are_named():
     with pytest.raises(TypeError, match="needs a NFNNet"):
         lopt.NFNOptimizer(model.parameters(), net=PerParamMLP())
     with pytest.raises(ValueError, match="width and depth must be positive"):
-        lopt.NFNOptimizer(model.parameters(), width=0)
+        lopt.NFNOptimizer(model.parameters(), weights=None, width=0)
 
 
 def test_modules_that_do_not_fit_the_weight_space_still_train():
@@ -956,3 +956,22 @@ def test_decay_power_refuses_non_positive_or_non_finite_values(value):
     assert net.decay_power == 0.5 and net.config["decay_power"] == 0.5
     net.decay_power = 1.0  # the default: left out of the config again
     assert "decay_power" not in net.config
+
+
+def test_the_default_is_the_recommended_shipped_net():
+    """No weights= loads the recommended shipped net of the class (its file's
+    numbers); weights=None builds a fresh one; net options need weights=None."""
+    model = make_mlp([6, 8, 3])
+    for cls, name in ((lopt.NFNOptimizer, "nfn-stats"), (lopt.MLPOptimizer, "mlp-broad-cont")):
+        assert lopt.checkpoint.recommended(cls.net_class) == name
+        shipped, _ = lopt.load(name)
+        opt = cls(model.parameters(), model=model)
+        for (k, a), b in zip(opt.net.state_dict().items(), shipped.state_dict().values()):
+            assert torch.equal(a, b), k
+        assert opt.net.config == shipped.config
+        fresh = cls(model.parameters(), weights=None)
+        assert not torch.equal(fresh.net.log_lr, shipped.log_lr)
+    with pytest.raises(ValueError, match="build a fresh net: pass weights=None"):
+        lopt.NFNOptimizer(model.parameters(), width=8)
+    with pytest.raises(ValueError, match="either net= or weights="):
+        lopt.NFNOptimizer(model.parameters(), net=NFNNet(), weights="nfn-stats")

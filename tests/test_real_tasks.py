@@ -224,7 +224,10 @@ def test_real_benchmark_runs_and_writes_its_page(tmp_path, monkeypatch):
     assert s["counts"]["nfn-stats"]["tasks"] == 1
     page = (out / "results.md").read_text()
     assert "python -m benchmarks.real --suite mlp-gmm" in page and "adam-cosine" in page
-    assert (out / "curves.csv").exists()
+    assert (out / "curves.csv").exists() and (out / "curves.png").exists()
+    (out / "results.md").unlink()
+    again = real.main(["--from-csv", "--out", str(out)])
+    assert again == s and (out / "results.md").read_text() == page
     with pytest.raises(SystemExit):
         real.main(["--suite", "mlp-digits", "--out", str(tmp_path / "x")])  # no budget
     assert not (tmp_path / "x").exists()
