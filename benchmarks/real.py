@@ -71,8 +71,13 @@ def run_task(name: str, weights: list[str], seeds, tune_seeds, hide_budget: bool
     eval_every = max(1, steps // 20)
     meta: dict = {"params": task.num_params, "steps": steps}
     runs: dict[str, tuple] = {}  # label -> (make_optimizer, schedule)
+    total = len(ADAM_KINDS) * len(ADAM_GRID) * len(tune_seeds)
+    total += (len(ADAM_KINDS) + 1 + len(weights)) * len(seeds)
+    bar = tqdm(total=total, desc=f"{name} ({steps} steps)", unit="run", leave=False)
     for label, schedule in zip(ADAM_KINDS, (None, cosine)):
-        best, scores = tune(task, adam, steps, tune_seeds, ADAM_GRID, schedule)
+        best, scores = tune(
+            task, adam, steps, tune_seeds, ADAM_GRID, schedule, on_run=lambda: bar.update()
+        )
         meta[f"{label}_lr"] = best
         meta[f"{label}_grid_scores"] = {f"{lr:.0e}": s for lr, s in scores.items()}
         runs[label] = (adam(best), schedule)
@@ -84,8 +89,10 @@ def run_task(name: str, weights: list[str], seeds, tune_seeds, hide_budget: bool
     for label, (make, schedule) in runs.items():
         for seed in seeds:
             curve: Curve = run(task, make, steps, seed, eval_every, schedule)
+            bar.update()
             for s, tr in zip(curve.eval_steps, curve.train_eval):
                 rows.append((name, label, seed, s, tr))
+    bar.close()
     return rows, meta
 
 

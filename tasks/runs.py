@@ -132,12 +132,18 @@ def tune(
     seeds: Sequence[int],
     grid: Sequence[float] = ADAM_GRID,
     schedule: MakeSchedule | None = None,
+    on_run: Callable[[], None] | None = None,
 ) -> tuple[float, dict[float, float]]:
     """The grid point with the lowest mean final training loss over seeds, and
-    every grid point's score."""
+    every grid point's score; ``on_run()`` is called after each run (a
+    progress bar)."""
     scores = {}
     for lr in grid:
-        finals = [run(task, make(lr), steps, s, schedule=schedule).final_train for s in seeds]
+        finals = []
+        for s in seeds:
+            finals.append(run(task, make(lr), steps, s, schedule=schedule).final_train)
+            if on_run is not None:
+                on_run()
         scores[lr] = sum(finals) / len(finals)
     best = min(scores, key=lambda lr: (scores[lr], lr))
     return best, scores

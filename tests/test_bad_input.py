@@ -376,3 +376,26 @@ def test_sigkill_at_random_points_then_resume_reproduces_the_run(tmp_path):
     net_a, _ = lopt.load(ref / "optimizer.pt")
     net_b, _ = lopt.load(run / "optimizer.pt")
     assert _same(net_a.state_dict(), net_b.state_dict())
+
+
+def test_the_readmes_troubleshooting_lines_are_what_the_tools_print(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Troubleshooting", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "x" / "config.json").write_text("{}")
+    (tmp_path / "c.json").write_text(json.dumps({"population": "eight"}))
+    commands = [
+        (meta_train_main, ["--outer-steps", "-5", "--out", "new"], "python -m meta_train"),
+        (meta_train_main, ["--family", "mlp-gm", "--out", "new"], "python -m meta_train"),
+        (meta_train_main, ["--config", "c.json", "--out", "new"], "python -m meta_train"),
+        (meta_train_main, [*TINY, "--out", "runs/x"], "python -m meta_train"),
+        (compare_main, ["--quick", "--steps", "10"], "python -m benchmarks.compare"),
+    ]
+    printed = []
+    for main, argv, prog in commands:
+        code, lines = as_command(main, argv, prog)
+        assert code == 2
+        printed += lines
+    assert printed == block.strip().splitlines()
+    assert not (tmp_path / "new").exists()
