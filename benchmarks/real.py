@@ -213,20 +213,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="carry on a run in --out that stopped: the tasks it finished are kept",
+    )
+    p.add_argument(
         "--from-csv",
         action="store_true",
         help="only redo the tables and figure from --out's curves.csv and meta.json",
     )
     args = p.parse_args(argv)
     if args.from_csv:
-        try:
-            meta = json.loads((args.out / "meta.json").read_text())
-            with (args.out / "curves.csv").open() as f:
-                body = list(csv.reader(f))[1:]
-        except (OSError, ValueError) as e:
-            p.error(f"--from-csv: cannot read {args.out}'s meta.json / curves.csv: {e}")
-        rows = [(t, o, int(s), int(k), float(v)) for t, o, s, k, v in body]
-        return write_page(rows, meta, args.out)
+        return write_page(*read_out(args.out, "--from-csv"), args.out)
     cli.check_device("--device", args.device)
     for w in args.weights:
         learned(w, None)  # a bad name or file is reported before anything runs
@@ -241,7 +239,15 @@ def main(argv: list[str] | None = None) -> dict:
     missing = [n for n in names if n not in TASK_STEPS]
     if missing:
         p.error(f"--suite {args.suite}: no step budget for {', '.join(missing)}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "suite": args.suite,
+        "weights": args.weights,
+        "seeds": args.seeds,
+        "tune_seeds": args.tune_seeds,
+        "hide_budget": args.hide_budget,
+        "device": args.device,
+    }
+    rows: list = []
     meta: dict = {
         "command": "python -m benchmarks.real "
         + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -250,22 +256,51 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": str(torch.__version__),
         "seeds": args.seeds,
         "hide_budget": args.hide_budget,
+        "settings": settings,
         "tasks": {},
     }
+    if args.resume:
+        rows, meta = read_out(args.out, "--resume")
+        if meta.get("settings") != settings:
+            p.error(f"--resume: {args.out} was run with other settings: {meta.get('settings')}")
+    elif (args.out / "curves.csv").exists():
+        p.error(f"--out {args.out} holds a run already: --resume carries it on, or pick another")
+    args.out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seeds))
     tune_seeds = list(range(FIRST_TUNE_SEED, FIRST_TUNE_SEED + args.tune_seeds))
-    rows = []
-    for name in tqdm(names, desc="tasks"):
+    for name in tqdm([n for n in names if n not in meta["tasks"]], desc="tasks"):
         task_rows, meta["tasks"][name] = run_task(
             name, args.weights, seeds, tune_seeds, args.hide_budget, args.device
         )
         rows += task_rows
-    with (args.out / "curves.csv").open("w", newline="") as f:
+        write_out(rows, meta, args.out)  # each finished task is kept
+    return write_page(rows, meta, args.out)
+
+
+def write_out(rows, meta: dict, out: Path) -> None:
+    """``curves.csv`` and ``meta.json``, each replaced whole (never half written)."""
+    tmp = out / ".curves.csv.tmp"
+    with tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(("task", "optimizer", "seed", "step", "loss"))
         w.writerows(rows)
-    (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
-    return write_page(rows, meta, args.out)
+    tmp.replace(out / "curves.csv")
+    tmp = out / ".meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(out / "meta.json")
+
+
+def read_out(out: Path, flag: str) -> tuple[list, dict]:
+    """The rows and meta of a run in ``out``; ``SystemExit`` naming ``flag``."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        with (out / "curves.csv").open() as f:
+            body = list(csv.reader(f))[1:]
+        rows = [(t, o, int(s), int(k), float(v)) for t, o, s, k, v in body]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{flag}: cannot read {out}'s meta.json / curves.csv: {e}") from None
+    done = set(meta.get("tasks", {}))
+    return [r for r in rows if r[0] in done], meta
 
 
 def write_page(rows, meta: dict, out: Path) -> dict:

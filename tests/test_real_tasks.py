@@ -244,3 +244,38 @@ def test_cosine_schedule_reaches_zero_at_the_end():
         sched.step()
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs[4] == pytest.approx(0.05) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_real_benchmark_keeps_each_finished_task_and_resumes(tmp_path, monkeypatch):
+    """A run stopped after its first task keeps that task; --resume runs only
+    the rest, and the result equals an uninterrupted run's; an --out holding
+    a run is refused without --resume, and other settings with it."""
+    monkeypatch.setitem(TASK_STEPS, "mlp-gmm", 6)
+    monkeypatch.setitem(TASK_STEPS, "mlp-teacher", 6)
+    monkeypatch.setitem(SUITES, "two", ["mlp-gmm", "mlp-teacher"])
+    monkeypatch.setattr(real, "ADAM_GRID", (1e-2,))
+    args = ["--suite", "two", "--seeds", "1"]
+    whole = real.main([*args, "--out", str(tmp_path / "whole")])
+    calls = []
+    original = real.run_task
+
+    def stop_after_one(name, *rest):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(name)
+        return original(name, *rest)
+
+    monkeypatch.setattr(real, "run_task", stop_after_one)
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        real.main([*args, "--out", str(part)])
+    assert {r[0] for r in real.read_out(part, "x")[0]} == {"mlp-gmm"}
+    monkeypatch.setattr(real, "run_task", original)
+    with pytest.raises(SystemExit, match="holds a run already"):
+        real.main([*args, "--out", str(part)])
+    with pytest.raises(SystemExit, match="other settings"):
+        real.main(["--suite", "two", "--seeds", "2", "--out", str(part), "--resume"])
+    done = []
+    monkeypatch.setattr(real, "run_task", lambda name, *r: done.append(name) or original(name, *r))
+    resumed = real.main([*args, "--out", str(part), "--resume"])
+    assert done == ["mlp-teacher"] and resumed == whole
