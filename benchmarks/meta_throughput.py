@@ -1,5 +1,7 @@
 """Inner steps per second of meta-training: vmap over the population against
-a Python loop over its members, measured interleaved in one run.
+a Python loop over its members, measured interleaved in one run; and the
+share of a vmapped outer step that is the task's own forward and backward
+passes (the rest is the learned optimizer's update and the estimator).
 
     python -m benchmarks.meta_throughput                 # populations 8 and 32, CPU
     python -m benchmarks.meta_throughput --device cuda   # on a GPU
@@ -28,6 +30,29 @@ def trainer(
         net, get_family(family, device), truncation=truncation, horizon=10_000, vectorise=vectorise
     )
     return MetaTrainer(problem, make_estimator("pes", 0.01), pairs=trajectories // 2)
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def task_seconds(t: MetaTrainer, repeats: int, device) -> float:
+    """Median seconds of one vmapped forward and backward pass of the task
+    over the population's current parameters."""
+    u = t.problem.unroller
+    xs, ys = u.sample_batches(1, torch.Generator().manual_seed(0))
+    grad = torch.func.vmap(torch.func.grad_and_value(u.task.loss), in_dims=(0, None))
+    params = t.inner["params"]
+    grad(params, (xs[0], ys[0]))  # warm-up
+    return statistics.median(
+        timed(lambda: grad(params, (xs[0], ys[0])), device) for _ in range(repeats)
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -65,21 +90,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         times: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(args.repeats):
             for v, t in runs.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                t.outer_step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[v].append(time.perf_counter() - t0)
+                times[v].append(timed(t.outer_step, device))
         steps = pop * args.truncation
-        vm, lp = steps / statistics.median(times[True]), steps / statistics.median(times[False])
-        rows.append({"population": pop, "vmap": vm, "loop": lp, "ratio": vm / lp})
+        outer = statistics.median(times[True])
+        vm, lp = steps / outer, steps / statistics.median(times[False])
+        share = task_seconds(runs[True], args.repeats, device) * args.truncation / outer
+        rows.append({"population": pop, "vmap": vm, "loop": lp, "ratio": vm / lp, "task": share})
     print(f"{args.net} net on {args.family}, truncation {args.truncation}, {device}")
-    print("| population | vmap (inner steps/s) | loop (inner steps/s) | vmap / loop |")
-    print("|---|---|---|---|")
+    print(
+        "| population | vmap (inner steps/s) | loop (inner steps/s) | vmap / loop "
+        "| task forward + backward share (vmap) |"
+    )
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['population']} | {r['vmap']:.0f} | {r['loop']:.0f} | {r['ratio']:.1f}x |")
+        print(
+            f"| {r['population']} | {r['vmap']:.0f} | {r['loop']:.0f} | {r['ratio']:.1f}x "
+            f"| {r['task']:.0%} |"
+        )
     return rows
 
 

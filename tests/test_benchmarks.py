@@ -965,3 +965,15 @@ def test_per_step_reruns_runs_with_the_whole_split_every_step(capsys):
     ]:
         with pytest.raises(SystemExit, match=message):
             per_step.main(argv)
+
+
+def test_meta_throughput_reports_vmap_loop_and_the_tasks_share(capsys):
+    from benchmarks.meta_throughput import main
+
+    rows = main(
+        ["--family", "mlp-gmm", "--populations", "2", "--truncation", "2", "--repeats", "1"]
+    )
+    (row,) = rows
+    assert row["population"] == 2 and row["vmap"] > 0 and row["loop"] > 0
+    assert 0 < row["task"] < 1.5  # the task is a part of the outer step (timing noise aside)
+    assert "task forward + backward share" in capsys.readouterr().out
