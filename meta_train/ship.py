@@ -158,6 +158,12 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
             if net.adam_cap
             else ""
         )
+        + (
+            "; reads the step budget (total_steps) and multiplies every update by a "
+            "learned schedule"
+            if net.reads_budget
+            else ""
+        )
         + (f"; {decay_text(net)}" if net.decay_after else "")
         + (f"; {warmup_text(net)}" if net.warmup else "")
         + ".",

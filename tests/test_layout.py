@@ -45,3 +45,20 @@ def test_the_base_install_is_torch_numpy_and_tqdm():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_the_product_does_not_talk_about_its_own_development():
+    import re
+
+    pattern = re.compile(r"session [0-9]|issue [0-9]|lent gpu|our machines", re.IGNORECASE)
+    found = []
+    for path in ROOT.rglob("*"):
+        rel = path.relative_to(ROOT)
+        if not path.is_file() or rel.parts[0] in ("tests", "runs", ".git", ".venv"):
+            continue
+        if path.suffix not in (".py", ".md", ".json", ".sh", ".cfg", ".toml", ".c", ".txt"):
+            continue
+        if any(part.endswith(".egg-info") or part.startswith(".") for part in rel.parts):
+            continue
+        found += [f"{rel}: {m.group(0)}" for m in pattern.finditer(path.read_text())]
+    assert found == []

@@ -82,3 +82,15 @@ def test_quickstart_trains_with_the_shipped_nfn_and_plots(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert "nfn-stats: final train loss" in run.stdout and plot.stat().st_size > 0
+
+
+def test_cards_command_writes_a_page_per_shipped_net(tmp_path):
+    from meta_train.cards import main
+
+    assert main(["--out", str(tmp_path / "cards")]) == 0
+    pages = sorted(p.stem for p in (tmp_path / "cards").glob("*.md") if p.stem != "README")
+    assert pages == lopt.pretrained_names()
+    card = (tmp_path / "cards" / "nfn-stats.md").read_text()
+    assert "python -m meta_train --config configs/" in card and "Learned scalars" in card
+    index = (tmp_path / "cards" / "README.md").read_text()
+    assert "[`nfn-stats`](nfn-stats.md) (the default)" in index
