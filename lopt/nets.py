@@ -678,7 +678,9 @@ def template_specs() -> list[WeightSpaceSpec]:
             layers = [conv(2, 4, 3), conv(4, 4, 3), conv(4, 4, 3)]
             n_in = 4 if head == "pool" else 8
             nets.append(nn.Sequential(*layers, nn.Linear(n_in, 3)))
-    specs = [WeightSpaceSpec.from_module(n) for n in nets]
+    # Shape templates (a Linear straight after a conv reads it flattened), not
+    # models to run: the sequential rule reads them.
+    specs = [WeightSpaceSpec.from_module(n, graph=False) for n in nets]
     shapes = {f"standalone{k}": (3,) * k for k in range(1, 5)}
     axes = {name: (None,) * len(shape) for name, shape in shapes.items()}
     specs.append(WeightSpaceSpec.from_axes(axes, shapes))

@@ -137,6 +137,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.net = net
         self._model = model
+        self._model_spec: WeightSpaceSpec | None = None
         if model is not None:
             check_model_holds(model, self.param_groups)
         self._skips_in_a_row = [0] * len(self.param_groups)
@@ -162,7 +163,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             explicit.check(params)
             return explicit
         if self._model is not None:
-            model_spec = WeightSpaceSpec.from_module(self._model)
+            if self._model_spec is None:  # traced once
+                self._model_spec = WeightSpaceSpec.from_module(self._model)
+            model_spec = self._model_spec
             by_id = {id(p): t for p, t in zip(self._model.parameters(), model_spec.tensors)}
             tensors = [
                 by_id.get(id(p))

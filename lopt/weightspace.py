@@ -270,15 +270,27 @@ class WeightSpaceSpec:
         return _infer(layers, mode)
 
     @classmethod
-    def from_module(cls, module: nn.Module, mode: str = NP) -> WeightSpaceSpec:
-        """Infer the spec from an ``nn.Module`` of Linear / Conv1d / Conv2d layers.
+    def from_module(cls, module: nn.Module, mode: str = NP, graph: bool = True) -> WeightSpaceSpec:
+        """Infer the spec of a module's parameters (in ``named_parameters()``
+        order).
 
-        Parameters are listed in ``module.named_parameters()`` order. Layers
-        are linked in the order the modules were registered (the forward order
-        of an ``nn.Sequential``); global pooling or flatten between conv and
-        linear parts is recognised from the sizes. Parameters of other modules
-        (LayerNorm, Embedding, ...) become standalone tensors.
+        With ``graph=True`` (the default) the module's forward is traced with
+        ``torch.fx`` and every neuron axis is followed through it
+        (:mod:`lopt.graph_spec`): residual additions make one group of the
+        stream they add to, normalisation and embedding parameters join the
+        groups they act on. What the trace does not understand keeps local
+        axes, with a warning naming the operation and the parameters; a
+        module that cannot be traced falls back on the sequential rule, with
+        a warning. ``graph=False`` is the sequential rule: Linear / Conv
+        layers linked in registration order by their sizes (the forward order
+        of an ``nn.Sequential``), global pooling or flatten between conv and
+        linear parts recognised from the sizes, other parameters standalone.
         """
+        # A single layer (no submodules) is read exactly by the sequential rule.
+        if graph and any(True for _ in module.children()):
+            spec = cls._from_graph(module, mode)
+            if spec is not None:
+                return spec
         owner: dict[int, tuple[str, nn.Module]] = {}
         for mod_name, mod in module.named_modules():
             for p_name, p in mod.named_parameters(recurse=False):
@@ -294,6 +306,55 @@ class WeightSpaceSpec:
                 layer_kind = "bias" if p is getattr(mod, "bias", None) else "weight"
             layers.append((name, tuple(p.shape), layer_kind if layer_kind else "standalone"))
         return _infer(layers, mode)
+
+    @classmethod
+    def _from_graph(cls, module: nn.Module, mode: str) -> WeightSpaceSpec | None:
+        import warnings
+
+        from lopt import graph_spec
+
+        try:
+            axes, groups, views = graph_spec.read_graph(module)
+        except graph_spec.GraphError as e:
+            warnings.warn(
+                f"{type(module).__name__} could not be traced ({e}); its weight space "
+                "follows the sequential rule (layers in registration order)",
+                stacklevel=3,
+            )
+            return None
+        tensors, kinds, notes = graph_spec.spec_tensors(module, axes, groups, views)
+        if notes:
+            warnings.warn(
+                f"{type(module).__name__}: neuron axes through operations the weight-space "
+                "inference does not follow keep local axes (not permuted): "
+                + "; ".join(notes),
+                stacklevel=3,
+            )
+        spec = cls(tuple(tensors), tuple(sorted(kinds.items())), NP)
+        return spec.with_mode(mode) if mode != NP else spec
+
+    def random_symmetry(self, generator: torch.Generator) -> Callable[[Sequence[Tensor]], list]:
+        """One random element of the spec's symmetry group: a permutation of
+        every permutable neuron group (``group`` axes; fixed and local axes
+        stay). Returns a function that applies it to a list of
+        parameter-shaped tensors in spec order (parameters, gradients,
+        updates, ...)."""
+        perms = {
+            g: torch.randperm(n, generator=generator) for g, n in self.permutable_groups().items()
+        }
+
+        def apply(tensors: Sequence[Tensor]) -> list[Tensor]:
+            self.check(tensors, "tensor")
+            out = []
+            for t, x in zip(self.tensors, tensors):
+                y = x.reshape(t.view)
+                for a, ax in enumerate(t.axes):
+                    if ax.kind == GROUP:
+                        y = y.index_select(a, perms[ax.group].to(y.device))
+                out.append(y.reshape(t.shape))
+            return out
+
+        return apply
 
 
 def describe_axes(t: TensorSpec) -> str:

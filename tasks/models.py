@@ -164,13 +164,14 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=-1)
-        q, k, v = (z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        # Shapes read by index, not unpacked, so torch.fx can trace it.
+        b, t, d = x.shape[0], x.shape[1], x.shape[2]
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (batch, heads, positions, head width)
         # Written out rather than scaled_dot_product_attention, whose CPU
         # kernels have no vmap batching rule (a population runs as a loop).
         scores = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5
-        future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        future = scores.new_ones((t, t), dtype=torch.bool).triu(1)
         y = scores.masked_fill(future, float("-inf")).softmax(-1) @ v
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 

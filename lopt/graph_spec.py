@@ -1,0 +1,401 @@
+"""A weight-space spec read from a model's traced graph (``torch.fx``).
+
+Each value in the graph may carry one *feature axis* that indexes a neuron
+group: the last axis after a Linear, LayerNorm or Embedding, axis 1 after a
+Conv or BatchNorm. The axis is followed through the operations that keep it:
+
+* Linear and Conv weights read the group of their input's feature axis and
+  write a new group (their rows); their biases write it too;
+* activations, dropout, pooling over other axes, and a flatten after a conv
+  (whose next Linear reads ``(channel, position)`` columns) keep it;
+* an addition or product of two values with feature axes makes their groups
+  one (union-find), so a residual stream is one group shared by the stem,
+  every block that writes it, every layer that reads it and the head;
+* BatchNorm, LayerNorm, RMSNorm (and GroupNorm of one group per channel or
+  one group in all) keep it, and their scale and shift join it;
+* an Embedding's rows are an input group, its columns write a group.
+
+A group that reaches an operation not understood here (an attention's
+reshapes into heads, a concatenation, a reduction over the feature axis)
+cannot be permuted as a whole: its axes become local, and a warning names the
+operation and the parameters it affects. A module that cannot be traced at
+all falls back on the sequential rule (:meth:`WeightSpaceSpec.from_module`'s
+``graph=False``), with a warning.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lopt.weightspace import GROUP, HIDDEN, INPUT, LOCAL, OUTPUT, Axis, TensorSpec
+
+_KEEP_MODULES = (
+    nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus,
+    nn.Mish, nn.Hardtanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool1d, nn.MaxPool2d,
+)  # fmt: skip
+_KEEP_FUNCTIONS = {
+    torch.relu, torch.tanh, torch.sigmoid, torch.sin, torch.nn.functional.relu,
+    torch.nn.functional.gelu, torch.nn.functional.silu, torch.nn.functional.dropout,
+    torch.nn.functional.tanh, torch.nn.functional.sigmoid,
+}  # fmt: skip
+_KEEP_METHODS = {"relu", "tanh", "sigmoid", "sin", "contiguous", "clone", "float", "to"}
+_JOIN_FUNCTIONS = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
+_JOIN_METHODS = {"add", "sub", "mul"}
+_REDUCE = {"mean", "sum", "amax", "amin"}
+_METADATA = {"shape", "device", "dtype", "ndim"}  # reading them does not use the values
+
+
+RAW = "raw"  # the network's input: its first layer reads a fresh input group
+
+
+@dataclass
+class Feature:
+    """A value's feature axis: its group, where it is (``-1`` last, ``1``
+    channels-first) and the value's number of axes when known. ``flat`` is
+    the channel count of a conv output flattened into the last axis."""
+
+    group: int
+    axis: int
+    ndim: int | None
+    flat: int | None = None
+
+
+def on_axis(f: Feature, axis: int) -> bool:
+    """Whether ``f``'s feature axis is ``axis`` (1 and -1 are one axis of a
+    2-D value)."""
+    if f.axis == axis:
+        return True
+    return f.ndim is not None and f.axis % f.ndim == axis % f.ndim
+
+
+class _Groups:
+    """Union-find over neuron groups, with sizes and what touched them."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.input: list[bool] = []
+        self.output: list[bool] = []
+        self.opaque: dict[int, list[str]] = {}
+
+    def new(self, size: int, is_input: bool = False) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        self.input.append(is_input)
+        self.output.append(False)
+        return len(self.parent) - 1
+
+    def find(self, g: int) -> int:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def union(self, a: int, b: int, where: str) -> int:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return a
+        if self.size[a] != self.size[b]:  # not one set of neurons after all
+            self.make_opaque(a, where)
+            self.make_opaque(b, where)
+            return a
+        self.parent[b] = a
+        self.input[a] |= self.input[b]
+        self.output[a] |= self.output[b]
+        if b in self.opaque:
+            self.opaque.setdefault(a, []).extend(self.opaque.pop(b))
+        return a
+
+    def make_opaque(self, g: int, where: str) -> None:
+        self.opaque.setdefault(self.find(g), []).append(where)
+
+    def is_opaque(self, g: int) -> bool:
+        return self.find(g) in self.opaque
+
+
+class GraphError(Exception):
+    """The module could not be traced."""
+
+
+def read_graph(module: nn.Module) -> tuple[dict[str, list], _Groups, dict[str, tuple]]:
+    """Trace ``module`` and follow every feature axis. Returns, per parameter
+    name, its axes as ``("g", group, exponent)`` or ``("l",)`` entries (None
+    for a parameter the graph does not reach), the groups, and the views of
+    weights that read a flattened conv output."""
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception as e:  # fx raises many kinds on untraceable code
+        raise GraphError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    modules = dict(module.named_modules())
+    names = {id(p): n for n, p in module.named_parameters()}
+    groups = _Groups()
+    feat: dict[torch.fx.Node, Feature | None] = {}
+    axes: dict[str, list] = {}
+    views: dict[str, tuple] = {}
+
+    def prefix(target: str) -> str:
+        return f"{target}." if target else ""
+
+    def lose(value, where: str) -> None:
+        """A value reaches an operation not understood: its group is opaque."""
+        f = feat.get(value) if isinstance(value, torch.fx.Node) else None
+        if isinstance(f, Feature):
+            groups.make_opaque(f.group, where)
+
+    def input_group(f, size: int, axis: int, where: str) -> int:
+        """The group a layer reads on its input's ``axis``: a fresh input
+        group for the network's input (``RAW``), a fresh opaque one for a
+        value whose axes were lost on the way."""
+        if f is RAW:
+            return groups.new(size, is_input=True)
+        if f is None:
+            g = groups.new(size)
+            groups.make_opaque(g, where)
+            return g
+        if not on_axis(f, axis) or groups.size[groups.find(f.group)] != size:
+            groups.make_opaque(f.group, where)
+            g = groups.new(size)
+            groups.make_opaque(g, where)
+            return g
+        return f.group
+
+    for node in graph.nodes:
+        args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        first = feat.get(args[0]) if args else None
+        out = None
+        if node.op == "placeholder":
+            out = RAW
+        elif node.op == "call_module":
+            mod = modules[node.target]
+            where = f"{type(mod).__name__} {node.target}"
+            own = {p_name: p for p_name, p in mod.named_parameters(recurse=False)}
+            pre = prefix(node.target)
+            if isinstance(mod, nn.Linear):
+                flat = first.flat if isinstance(first, Feature) else None
+                if flat is not None and flat != mod.in_features:
+                    c = first.flat
+                    if mod.in_features % c:
+                        g_in = input_group(None, mod.in_features, -1, where)
+                    else:
+                        g_in = first.group
+                        views[pre + "weight"] = (mod.out_features, c, mod.in_features // c)
+                else:
+                    g_in = input_group(first, mod.in_features, -1, where)
+                g_out = groups.new(mod.out_features)
+                axes[pre + "weight"] = [("g", g_out, 1), ("g", g_in, -1)]
+                if pre + "weight" in views:
+                    axes[pre + "weight"].append(("l",))
+                if "bias" in own:
+                    axes[pre + "bias"] = [("g", g_out, 1)]
+                out = Feature(g_out, -1, first.ndim if isinstance(first, Feature) else None)
+            elif isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups == 1:
+                g_in = input_group(first, mod.in_channels, 1, where)
+                g_out = groups.new(mod.out_channels)
+                kernel = [("l",)] * (mod.weight.dim() - 2)
+                axes[pre + "weight"] = [("g", g_out, 1), ("g", g_in, -1), *kernel]
+                if "bias" in own:
+                    axes[pre + "bias"] = [("g", g_out, 1)]
+                out = Feature(g_out, 1, mod.weight.dim())
+            elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.RMSNorm,
+                                  nn.GroupNorm)):  # fmt: skip
+                axis = 1 if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)) else -1
+                shape = getattr(mod, "normalized_shape", None)
+                ok = isinstance(first, Feature) and on_axis(first, axis)
+                ok = ok and (shape is None or len(shape) == 1)
+                if isinstance(mod, nn.GroupNorm):
+                    ok = ok and mod.num_groups in (1, mod.num_channels)
+                if ok:
+                    for p_name in own:
+                        axes[pre + p_name] = [("g", first.group, 1)]
+                    out = first
+                else:
+                    lose(args[0] if args else None, where)
+            elif isinstance(mod, nn.Embedding):
+                g_rows = groups.new(mod.num_embeddings, is_input=True)
+                g_out = groups.new(mod.embedding_dim)
+                axes[pre + "weight"] = [("g", g_rows, -1), ("g", g_out, 1)]
+                out = Feature(g_out, -1, None)
+            elif isinstance(mod, _KEEP_MODULES):
+                out = first
+            elif isinstance(mod, nn.Flatten):
+                out = _flatten(first, mod.start_dim, mod.end_dim, groups, where)
+            else:
+                for a in args:
+                    lose(a, where)
+        elif node.op == "call_function" and node.target in _KEEP_FUNCTIONS:
+            out = first
+        elif node.op == "call_method" and node.target in _KEEP_METHODS:
+            out = first
+        elif (node.op == "call_function" and node.target in _JOIN_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _JOIN_METHODS
+        ):
+            out = _join(node, args, feat, groups, axes, names, modules)
+        elif node.op == "call_method" and node.target == "flatten" or (
+            node.op == "call_function" and node.target is torch.flatten
+        ):
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            out = _flatten(first, start, end, groups, f"flatten ({node.name})")
+        elif node.op == "call_method" and node.target in _REDUCE and isinstance(first, Feature):
+            out = _reduce(node, first, groups)
+        elif node.op == "output":
+            for a in torch.fx.node.map_arg(node.args, lambda n: n) or ():
+                for leaf in _leaves(a):
+                    f = feat.get(leaf)
+                    if isinstance(f, Feature):
+                        groups.output[groups.find(f.group)] = True
+        elif node.op == "get_attr":
+            out = None
+        elif (node.op == "call_function" and node.target is getattr
+              and node.args[1] in _METADATA) or (
+            node.op == "call_method" and node.target in ("size", "dim")
+        ):  # fmt: skip
+            out = None
+        else:
+            where = f"{node.op} {getattr(node.target, '__name__', node.target)}"
+            for a in args:
+                lose(a, where)
+        feat[node] = out
+    return axes, groups, views
+
+
+def _leaves(value):
+    if isinstance(value, torch.fx.Node):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _leaves(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+
+
+def _flatten(f, start: int, end: int, groups: _Groups, where: str):
+    """A flatten keeps a channels-first feature axis when it merges only the
+    axes after it, and turns a conv output into ``flat`` columns when it
+    merges the channels with the positions after them; the network's input
+    stays its input."""
+    if f is RAW or f is None:
+        return f
+    if f.axis == 1 and start >= 2:
+        ndim = None if f.ndim is None or end != -1 else start + 1
+        return Feature(f.group, 1, ndim)
+    if f.axis == 1 and start == 1 and end == -1:
+        return Feature(f.group, -1, 2, flat=groups.size[groups.find(f.group)])
+    groups.make_opaque(f.group, where)
+    return None
+
+
+def _reduce(node, f: Feature, groups: _Groups) -> Feature | None:
+    """A mean / sum over axes other than the feature axis keeps it."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    if dims is None or f.ndim is None:
+        groups.make_opaque(f.group, f"{node.target} ({node.name})")
+        return None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    dims = [d % f.ndim for d in dims if isinstance(d, int)]
+    channel = f.axis % f.ndim
+    if channel in dims:
+        groups.make_opaque(f.group, f"{node.target} over the features ({node.name})")
+        return None
+    if keep:
+        return Feature(f.group, f.axis, f.ndim)
+    if f.axis == -1 or all(d > channel for d in dims):
+        return Feature(f.group, f.axis, f.ndim - len(dims))
+    groups.make_opaque(f.group, f"{node.target} ({node.name})")
+    return None
+
+
+def _join(node, args, feat, groups: _Groups, axes, names, modules) -> Feature | None:
+    """``a + b`` (or ``-``, ``*``): two feature axes become one group; a
+    parameter added to a feature (a learned position table, a bias) joins it
+    on its last axis."""
+    where = f"{getattr(node.target, '__name__', node.target)} ({node.name})"
+    fs = [f if isinstance(f, Feature) else None for f in (feat.get(a) for a in args)]
+    known = [f for f in fs if f is not None]
+    if len(known) == 2 and on_axis(known[0], known[1].axis):
+        g = groups.union(known[0].group, known[1].group, where)
+        ndim = known[0].ndim if known[0].ndim is not None else known[1].ndim
+        return Feature(g, known[0].axis, ndim)
+    if len(known) == 1 and len(args) == 1:  # a number and a feature
+        return known[0]
+    if len(known) == 1:
+        other = args[0] if fs[0] is None else args[1]
+        if other.op == "get_attr":
+            p = _attr(modules, other.target)
+            f = known[0]
+            if (
+                isinstance(p, nn.Parameter)
+                and id(p) in names
+                and on_axis(f, -1)
+                and p.dim() >= 1
+                and p.shape[-1] == groups.size[groups.find(f.group)]
+            ):
+                axes[names[id(p)]] = [("l",)] * (p.dim() - 1) + [("g", f.group, 1)]
+                return f
+    for f in known:
+        groups.make_opaque(f.group, where)
+    return None
+
+
+def _attr(modules, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(modules[owner], name, None)
+
+
+def spec_tensors(
+    module: nn.Module, axes: dict[str, list], groups: _Groups, views: dict[str, tuple]
+) -> tuple[list[TensorSpec], dict[str, str], list[str]]:
+    """TensorSpecs in ``named_parameters()`` order, the group kinds, and a
+    line per operation that left groups opaque, naming the parameters."""
+    # A weight that would read and write one group (x + W x with W square)
+    # maps the group to itself, which a spec cannot hold.
+    for name, entries in axes.items():
+        roots = [groups.find(e[1]) for e in entries if e[0] == "g"]
+        for r in {r for r in roots if roots.count(r) > 1}:
+            groups.make_opaque(r, f"{name} maps its group to itself")
+    # Groups named in the order the sequential rule names them (a weight's
+    # columns before its rows), so plain stacks get the very same spec.
+    order: dict[int, str] = {}
+    kinds: dict[str, str] = {}
+    params = list(module.named_parameters())
+    for name, _ in params:
+        entries = axes.get(name) or []
+        idx = [1, 0, *range(2, len(entries))] if len(entries) >= 2 else range(len(entries))
+        for i in idx:
+            e = entries[i]
+            if e[0] == "g" and not groups.is_opaque(e[1]):
+                root = groups.find(e[1])
+                if root not in order:
+                    order[root] = f"g{len(order)}"
+                    out = OUTPUT if groups.output[root] else HIDDEN
+                    kinds[order[root]] = INPUT if groups.input[root] else out
+    tensors, affected = [], {}
+    for name, p in params:
+        shape = tuple(p.shape)
+        view = views.get(name, shape)
+        entries = axes.get(name)
+        if entries is None or len(entries) != len(view):
+            built = [Axis(LOCAL, n) for n in view]
+        else:
+            built = []
+            for e, n in zip(entries, view):
+                if e[0] == "g" and groups.is_opaque(e[1]):
+                    for where in groups.opaque[groups.find(e[1])]:
+                        affected.setdefault(where, []).append(name)
+                if e[0] == "g" and not groups.is_opaque(e[1]):
+                    built.append(Axis(GROUP, n, order[groups.find(e[1])], e[2]))
+                else:
+                    built.append(Axis(LOCAL, n))
+        has_group = any(a.kind == GROUP for a in built)
+        kind = ("weight" if len(view) >= 2 else "bias") if has_group else "standalone"
+        tensors.append(TensorSpec(name, shape, view, tuple(built), kind))
+    notes = [f"{where}: {', '.join(dict.fromkeys(ps))}" for where, ps in affected.items()]
+    return tensors, kinds, notes
