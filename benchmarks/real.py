@@ -158,6 +158,10 @@ def figure(rows, summary: dict, path: Path) -> None:
     loss_curves(curves, summary["tasks"], [*ADAM_KINDS, *summary["optimizers"]], path)
 
 
+def _steps(fraction: float) -> str:
+    return "never" if math.isinf(fraction) else f"{fraction:.2f}x"
+
+
 def markdown(summary: dict, meta: dict) -> str:
     lines = [
         f"`{meta['command']}`",
@@ -194,7 +198,7 @@ def markdown(summary: dict, meta: dict) -> str:
     for o, c in summary["counts"].items():
         lines.append(
             f"| {o} | {c['beats']}/{c['tasks']} | {c['worst_ratio']:.2f} | "
-            f"{c['geomean_ratio']:.2f} | {c['median_steps_to_adam']:.2f}x | {c['diverged']} |"
+            f"{c['geomean_ratio']:.2f} | {_steps(c['median_steps_to_adam'])} | {c['diverged']} |"
         )
     return "\n".join(lines) + "\n"
 
