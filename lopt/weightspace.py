@@ -333,6 +333,50 @@ class WeightSpaceSpec:
         spec = cls(tuple(tensors), tuple(sorted(kinds.items())), NP)
         return spec.with_mode(mode) if mode != NP else spec
 
+    def check_against(self, module: nn.Module) -> None:
+        """Raise ``ValueError`` naming the first parameter where this spec
+        claims a symmetry that ``module``'s traced graph does not have: each
+        permutable group must cover exactly the axes of one group of
+        :meth:`from_module`'s spec (permuting a part of a group, or two groups
+        as one, changes the function). Parameters are matched by name."""
+        graph = self.from_module(module, self.mode)
+        where = {
+            (t.name, a): ax.group
+            for t in graph.tensors
+            for a, ax in enumerate(t.axes)
+            if ax.kind == GROUP
+        }
+        missing = [t.name for t in self.tensors if t.name not in {g.name for g in graph.tensors}]
+        if missing:
+            raise ValueError(f"parameter {missing[0]!r} is not a parameter of the module")
+        mine: dict[str, list[tuple[str, int]]] = {}
+        for t in self.tensors:
+            for a, ax in enumerate(t.axes):
+                if ax.kind == GROUP:
+                    mine.setdefault(ax.group, []).append((t.name, a))
+        for group, positions in mine.items():
+            theirs = {where.get(p) for p in positions}
+            name, axis = positions[0]
+            if None in theirs:
+                name, axis = next(p for p in positions if where.get(p) is None)
+                raise ValueError(
+                    f"parameter {name!r}: axis {axis} is in neuron group {group!r} here, but "
+                    "the model's graph does not let it be permuted"
+                )
+            if len(theirs) > 1:
+                raise ValueError(
+                    f"parameter {name!r}: neuron group {group!r} joins axes the model's graph "
+                    f"keeps in separate groups ({len(theirs)} of them)"
+                )
+            (g,) = theirs
+            full = sorted(p for p, h in where.items() if h == g)
+            if sorted(positions) != full:
+                other = next(p for p in full if p not in positions)
+                raise ValueError(
+                    f"parameter {other[0]!r}: axis {other[1]} shares neurons with group "
+                    f"{group!r} in the model's graph, but this spec does not permute it with them"
+                )
+
     def random_symmetry(self, generator: torch.Generator) -> Callable[[Sequence[Tensor]], list]:
         """One random element of the spec's symmetry group: a permutation of
         every permutable neuron group (``group`` axes; fixed and local axes

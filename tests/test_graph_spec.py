@@ -202,3 +202,21 @@ def test_spec_inference_benchmark_reports_each_model():
     assert row["tensors"] == 30 and row["with_groups"] >= 27 and row["graph_ms"] > 0
     with pytest.raises(SystemExit, match="unknown task 'nope'"):
         main(["--tasks", "nope"])
+
+
+def test_a_hand_written_spec_that_contradicts_the_graph_is_named():
+    model, _ = models()["resnet-bn-2d"]
+    spec = WeightSpaceSpec.from_module(model)
+    spec.check_against(model)  # the graph's own spec agrees
+    # The sequential rule splits the residual stream: a block's conv2 rows
+    # in their own group, apart from the stream the next block reads.
+    sequential = WeightSpaceSpec.from_module(model, graph=False)
+    with pytest.raises(ValueError, match="parameter '.*': .*"):
+        sequential.check_against(model)
+    shapes = {t.name: t.shape for t in spec.tensors}
+    axes = {t.name: tuple(a.group if a.kind == GROUP else None for a in t.axes)
+            for t in spec.tensors}  # fmt: skip
+    axes["blocks.0.norm2.weight"] = ("own",)  # one norm apart from its stream
+    bad = WeightSpaceSpec.from_axes(axes, shapes)
+    with pytest.raises(ValueError, match="'blocks.0.norm2.weight': axis 0 shares neurons"):
+        bad.check_against(model)
