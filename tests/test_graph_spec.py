@@ -38,6 +38,24 @@ class PostLN(nn.Module):
         return self.head(h)
 
 
+class TiedLM(nn.Module):
+    """A small LM whose output layer is its token embedding (tied weights)."""
+
+    def __init__(self, vocab=9, d=6):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.fc = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(2 * d, d)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, idx):
+        h = self.tok(idx)
+        h = h + self.out(F.gelu(self.fc(h)))
+        return self.head(self.ln(h))
+
+
 def models():
     """Models with every parameter drawn at random (norm scales of 1 and
     shifts of 0 would hide a permutation)."""
@@ -47,6 +65,7 @@ def models():
         "resnet-bn-1d": (ResNet((1, 12), 6, 3, 3, activation="gelu"), torch.randn(4, 1, 12)),
         "transformer-causal": (TransformerLM(11, 7, 8, 2, 2), torch.randint(0, 11, (3, 7))),
         "post-ln": (PostLN(), torch.randn(4, 6, 5)),
+        "tied-embeddings": (TiedLM(), torch.randint(0, 9, (3, 5))),
     }
     with torch.no_grad():
         for model, _ in built.values():
