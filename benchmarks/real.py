@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 import lopt
+from benchmarks.compare import weights_label
 from benchmarks.figures import loss_curves
 from lopt import cli
 from tasks import TASK_STEPS, get_suite, get_task
@@ -53,10 +54,7 @@ def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
 def learned(weights: str, total_steps: int | None):
     """A label and an optimizer factory for ``[LABEL=]WEIGHTS``, told
     ``total_steps``."""
-    label, _, path = weights.rpartition("=")
-    if not label:
-        p = Path(path)
-        label = p.parent.name if p.stem == "optimizer" and p.parent.name else p.stem
+    label, path = weights_label(weights)
     net, _ = cli.load_weights("--weights", path)
     cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
     return label, lambda model: cls(

@@ -364,8 +364,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 def check_runnable(cfg: dict[str, Any], resuming: bool) -> None:
     """What a valid config also needs on this machine: its device, and the
     net it starts from (unless resuming: the checkpoint holds the net)."""
-    if torch.device(cfg["device"]).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {cfg['device']}: torch sees no CUDA device here")
+    cli.check_device("--device", cfg["device"])
     if cfg["init_from"] is not None and not resuming:
         try:
             resolve_weights(cfg["init_from"])
