@@ -13,12 +13,17 @@ Conv or BatchNorm. The axis is followed through the operations that keep it:
   every block that writes it, every layer that reads it and the head;
 * BatchNorm, LayerNorm, RMSNorm (and GroupNorm of one group per channel or
   one group in all) keep it, and their scale and shift join it;
-* an Embedding's rows are an input group, its columns write a group.
+* an Embedding's rows are an input group, its columns write a group;
+* attention (:mod:`lopt.graph_heads`): ``nn.MultiheadAttention``, and the
+  same pattern written by hand (a projection reshaped into heads, ``q @
+  k.transpose``, softmax, ``@ v``, heads merged back, an output projection),
+  makes a head group and, nested in it, the query-key and the value
+  dimensions of a head.
 
-A group that reaches an operation not understood here (an attention's
-reshapes into heads, a concatenation, a reduction over the feature axis)
-cannot be permuted as a whole: its axes become local, and a warning names the
-operation and the parameters it affects. A module that cannot be traced at
+A group that reaches an operation not understood here (a concatenation, a
+reduction over the feature axis) cannot be permuted as a whole: its axes
+become local, and a warning names the operation and the parameters it
+affects. A module that cannot be traced at
 all falls back on the sequential rule (:meth:`WeightSpaceSpec.from_module`'s
 ``graph=False``), with a warning.
 """
@@ -45,8 +50,11 @@ _KEEP_FUNCTIONS = {
     torch.nn.functional.tanh, torch.nn.functional.sigmoid,
 }  # fmt: skip
 _KEEP_METHODS = {"relu", "tanh", "sigmoid", "sin", "contiguous", "clone", "float", "to"}
-_JOIN_FUNCTIONS = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
-_JOIN_METHODS = {"add", "sub", "mul"}
+_JOIN_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
+    torch.div,
+}  # fmt: skip
+_JOIN_METHODS = {"add", "sub", "mul", "div"}
 _REDUCE = {"mean", "sum", "amax", "amin"}
 _METADATA = {"shape", "device", "dtype", "ndim"}  # reading them does not use the values
 
@@ -83,6 +91,8 @@ class _Groups:
         self.input: list[bool] = []
         self.output: list[bool] = []
         self.opaque: dict[int, list[str]] = {}
+        self.nest: dict[int, int] = {}  # a nested group (a head's dimensions) -> its heads
+        self.retired: dict[int, tuple[int, int]] = {}  # split into heads -> (heads, dims)
 
     def new(self, size: int, is_input: bool = False) -> int:
         self.parent.append(len(self.parent))
@@ -97,14 +107,29 @@ class _Groups:
             g = self.parent[g]
         return g
 
+    def new_nested(self, heads: int, dims: int) -> tuple[int, int]:
+        """A head group of ``heads`` and a group of ``dims`` nested in it."""
+        h, i = self.new(heads), self.new(dims)
+        self.nest[i] = h
+        return h, i
+
+    def nested_in(self, g: int) -> int | None:
+        p = self.nest.get(self.find(g))
+        return None if p is None else self.find(p)
+
     def union(self, a: int, b: int, where: str) -> int:
         a, b = self.find(a), self.find(b)
         if a == b:
             return a
-        if self.size[a] != self.size[b]:  # not one set of neurons after all
+        pa, pb = self.nested_in(a), self.nested_in(b)
+        if self.size[a] != self.size[b] or (pa is None) != (pb is None):
+            # Not one set of neurons after all (or a head's dimensions and
+            # a plain group).
             self.make_opaque(a, where)
             self.make_opaque(b, where)
             return a
+        if pa is not None:  # the same dimensions of the same heads
+            self.nest[a] = self.union(pa, pb, where)
         self.parent[b] = a
         self.input[a] |= self.input[b]
         self.output[a] |= self.output[b]
@@ -116,7 +141,17 @@ class _Groups:
         self.opaque.setdefault(self.find(g), []).append(where)
 
     def is_opaque(self, g: int) -> bool:
-        return self.find(g) in self.opaque
+        g = self.find(g)
+        if g in self.opaque:
+            return True
+        # A head's dimensions cannot be permuted per head if the heads cannot.
+        p = self.nested_in(g)
+        return p is not None and p in self.opaque
+
+    def why_opaque(self, g: int) -> list[str]:
+        g = self.find(g)
+        p = self.nested_in(g)
+        return self.opaque.get(g, []) + (self.opaque.get(p, []) if p is not None else [])
 
 
 class GraphError(Exception):
@@ -132,10 +167,14 @@ def read_graph(module: nn.Module) -> tuple[dict[str, list], _Groups, dict[str, t
         graph = torch.fx.symbolic_trace(module).graph
     except Exception as e:  # fx raises many kinds on untraceable code
         raise GraphError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    from lopt import graph_heads
+
     modules = dict(module.named_modules())
     names = {id(p): n for n, p in module.named_parameters()}
+    shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
     groups = _Groups()
-    feat: dict[torch.fx.Node, Feature | None] = {}
+    feat: dict[torch.fx.Node, object] = {}
+    ints: dict[torch.fx.Node, object] = {}  # shape arithmetic: sizes known from groups
     axes: dict[str, list] = {}
     views: dict[str, tuple] = {}
 
@@ -143,10 +182,10 @@ def read_graph(module: nn.Module) -> tuple[dict[str, list], _Groups, dict[str, t
         return f"{target}." if target else ""
 
     def lose(value, where: str) -> None:
-        """A value reaches an operation not understood: its group is opaque."""
+        """A value reaches an operation not understood: its groups are opaque."""
         f = feat.get(value) if isinstance(value, torch.fx.Node) else None
-        if isinstance(f, Feature):
-            groups.make_opaque(f.group, where)
+        for g in graph_heads.groups_of(f):
+            groups.make_opaque(g, where)
 
     def input_group(f, size: int, axis: int, where: str) -> int:
         """The group a layer reads on its input's ``axis``: a fresh input
@@ -154,6 +193,10 @@ def read_graph(module: nn.Module) -> tuple[dict[str, list], _Groups, dict[str, t
         value whose axes were lost on the way."""
         if f is RAW:
             return groups.new(size, is_input=True)
+        if f is not None and not isinstance(f, Feature):  # heads read by a layer
+            for g in graph_heads.groups_of(f):
+                groups.make_opaque(g, where)
+            f = None
         if f is None:
             g = groups.new(size)
             groups.make_opaque(g, where)
@@ -169,14 +212,34 @@ def read_graph(module: nn.Module) -> tuple[dict[str, list], _Groups, dict[str, t
         args = [a for a in node.args if isinstance(a, torch.fx.Node)]
         first = feat.get(args[0]) if args else None
         out = None
-        if node.op == "placeholder":
+        handled, heads_out = graph_heads.step(node, args, feat, groups, axes, views, shapes, ints)
+        if handled:
+            out = heads_out
+        elif node.op == "placeholder":
             out = RAW
         elif node.op == "call_module":
             mod = modules[node.target]
             where = f"{type(mod).__name__} {node.target}"
             own = {p_name: p for p_name, p in mod.named_parameters(recurse=False)}
             pre = prefix(node.target)
-            if isinstance(mod, nn.Linear):
+            if isinstance(mod, nn.Linear) and isinstance(first, graph_heads.HeadsFlat):
+                # An output projection reads (head, dimension) columns.
+                g_out = groups.new(mod.out_features)
+                views[pre + "weight"] = (mod.out_features, *first.sizes(groups))
+                axes[pre + "weight"] = [("g", g_out, 1), ("g", first.head, -1),
+                                        ("g", first.dim, -1)]  # fmt: skip
+                if "bias" in own:
+                    axes[pre + "bias"] = [("g", g_out, 1)]
+                out = Feature(g_out, -1, first.ndim)
+            elif isinstance(mod, graph_heads.TRANSFORMERS):
+                out = graph_heads.transformer(
+                    node, mod, pre, feat, groups, axes, views, input_group
+                )
+            elif isinstance(mod, nn.MultiheadAttention):
+                out = graph_heads.multihead_attention(
+                    node, mod, pre, feat, groups, axes, views, input_group
+                )
+            elif isinstance(mod, nn.Linear):
                 flat = first.flat if isinstance(first, Feature) else None
                 if flat is not None and flat != mod.in_features:
                     c = first.flat
@@ -283,6 +346,10 @@ def _flatten(f, start: int, end: int, groups: _Groups, where: str):
     stays its input."""
     if f is RAW or f is None:
         return f
+    if not isinstance(f, Feature):  # heads: a flatten the attention reading did not take
+        for g in _heads_groups(f):
+            groups.make_opaque(g, where)
+        return None
     if f.axis == 1 and start >= 2:
         ndim = None if f.ndim is None or end != -1 else start + 1
         return Feature(f.group, 1, ndim)
@@ -318,6 +385,13 @@ def _join(node, args, feat, groups: _Groups, axes, names, modules) -> Feature | 
     parameter added to a feature (a learned position table, a bias) joins it
     on its last axis."""
     where = f"{getattr(node.target, '__name__', node.target)} ({node.name})"
+    structured = [g for a in args if not isinstance(feat.get(a), Feature)
+                  for g in _heads_groups(feat.get(a))]  # fmt: skip
+    if structured:  # heads met a feature axis: nothing here follows both
+        for a in args:
+            for g in _heads_groups(feat.get(a)) + _heads_groups(feat.get(a), plain=True):
+                groups.make_opaque(g, where)
+        return None
     fs = [f if isinstance(f, Feature) else None for f in (feat.get(a) for a in args)]
     known = [f for f in fs if f is not None]
     if len(known) == 2 and on_axis(known[0], known[1].axis):
@@ -345,6 +419,14 @@ def _join(node, args, feat, groups: _Groups, axes, names, modules) -> Feature | 
     return None
 
 
+def _heads_groups(value, plain: bool = False) -> list[int]:
+    from lopt import graph_heads
+
+    if plain:
+        return [value.group] if isinstance(value, Feature) else []
+    return [] if isinstance(value, Feature) else graph_heads.groups_of(value)
+
+
 def _attr(modules, target: str):
     owner, _, name = target.rpartition(".")
     return getattr(modules[owner], name, None)
@@ -357,10 +439,17 @@ def spec_tensors(
     line per operation that left groups opaque, naming the parameters."""
     # A weight that would read and write one group (x + W x with W square)
     # maps the group to itself, which a spec cannot hold.
+    retired = {groups.find(g): heads for g, heads in groups.retired.items()}
     for name, entries in axes.items():
         roots = [groups.find(e[1]) for e in entries if e[0] == "g"]
         for r in {r for r in roots if roots.count(r) > 1}:
             groups.make_opaque(r, f"{name} maps its group to itself")
+        # A value split into heads and also used whole: neither reading holds.
+        for r in roots:
+            if r in retired:
+                where = f"{name} reads a projection that is also split into heads"
+                for g in (r, *retired[r]):
+                    groups.make_opaque(g, where)
     # Groups named in the order the sequential rule names them (a weight's
     # columns before its rows), so plain stacks get the very same spec.
     order: dict[int, str] = {}
@@ -388,14 +477,16 @@ def spec_tensors(
             built = []
             for e, n in zip(entries, view):
                 if e[0] == "g" and groups.is_opaque(e[1]):
-                    for where in groups.opaque[groups.find(e[1])]:
+                    for where in groups.why_opaque(e[1]):
                         affected.setdefault(where, []).append(name)
                 if e[0] == "g" and not groups.is_opaque(e[1]):
-                    built.append(Axis(GROUP, n, order[groups.find(e[1])], e[2]))
+                    heads = groups.nested_in(e[1])
+                    parent = None if heads is None else order[heads]
+                    built.append(Axis(GROUP, n, order[groups.find(e[1])], e[2], parent))
                 else:
                     built.append(Axis(LOCAL, n))
         has_group = any(a.kind == GROUP for a in built)
-        kind = ("weight" if len(view) >= 2 else "bias") if has_group else "standalone"
+        kind = ("weight" if len(shape) >= 2 else "bias") if has_group else "standalone"
         tensors.append(TensorSpec(name, shape, view, tuple(built), kind))
     notes = [f"{where}: {', '.join(dict.fromkeys(ps))}" for where, ps in affected.items()]
     return tensors, kinds, notes

@@ -624,11 +624,15 @@ class OptimizerNet(nn.Module):
                 pool_from=2 if pool_cols else None,
                 pool_cols=pool_cols,
             )
-            yield TrunkSlice(o, base, t.shape[0] if t.shape else 0, None, row_sums, col_sums)
+            yield TrunkSlice(o, base, t.view[0] if t.view else 0, None, row_sums, col_sums)
             return
-        if t.shape:
-            rows = max(1, slice_entries(p.device) // max(1, math.prod(t.shape[1:])))
-            bounds = [(r0, min(r0 + rows, t.shape[0])) for r0 in range(0, t.shape[0], rows)]
+        if t.view:
+            # Sliced along the view's first axis (an attention projection's
+            # view starts with its heads or its query / key / value part).
+            p, g, v = (y.reshape(t.view) for y in (p, g, v))
+            m = m.reshape(m.shape[0], *t.view)
+            rows = max(1, slice_entries(p.device) // max(1, math.prod(t.view[1:])))
+            bounds = [(r0, min(r0 + rows, t.view[0])) for r0 in range(0, t.view[0], rows)]
         else:
             bounds = [None]
         for b in bounds:
@@ -730,8 +734,12 @@ def neuron_stats(
     the statistics an optimizer needs for per-neuron or per-layer trust
     ratios (LARS, Nero), which the per-entry features, normalised per
     tensor, do not carry. Pooled over a neuron's entries, they are
-    permutation-equivariant."""
-    view = t.view or (1,)
+    permutation-equivariant. A tensor with nested axes (an attention
+    projection viewed as heads) is read in its own shape, one neuron per row
+    and column, since a pool over heads that kept a within-head index would
+    not be; its statistics come back broadcastable to its view."""
+    nested = any(ax.parent is not None for ax in t.axes)
+    view = (t.shape if nested else t.view) or (1,)
     p, g, a = (x.reshape(view) for x in (param, grad, adam_direction))
     every = tuple(range(len(view)))
     g_all = g.square().mean(every, keepdim=True)
@@ -751,6 +759,23 @@ def neuron_stats(
         log_p = _log_rms(p, dims, STAT_FLOOR**2) + shift
         stats = [log_p, _log_rms(a, dims, STAT_FLOOR**2), rel]
         out[name] = torch.stack(stats, -1)
+    if nested:
+        out = {k: v.reshape(*_spread(v.shape[:-1], t.shape, t.view), v.shape[-1])
+               for k, v in out.items()}  # fmt: skip
+    return out
+
+
+def _spread(kept: tuple[int, ...], shape: tuple[int, ...], view: tuple[int, ...]) -> list[int]:
+    """A keepdim statistic's shape over ``shape`` (each axis full or 1) as a
+    shape over ``view``, each axis of ``shape`` spanning whole axes of it."""
+    out, j = [], 0
+    for k, n in zip(kept, shape):
+        span, prod = [], 1
+        while prod < n or (n == 1 and j < len(view) and view[j] == 1 and not span):
+            span.append(view[j])
+            prod *= view[j]
+            j += 1
+        out.extend(span if k == n else [1] * len(span))
     return out
 
 

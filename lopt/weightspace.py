@@ -15,6 +15,13 @@ for every axis of every parameter, which role it plays:
   tensor that fits no group). NF-layers treat its entries as exchangeable, so
   one layer serves every kernel size.
 
+A group may be *nested* in another (its ``parent``): attention heads are a
+group, and the query-key (or value) dimensions within a head are a group
+nested in it, which every head permutes on its own. A nested axis always
+follows its parent's axis in a view (``(heads, head_dim, d_model)``); the
+symmetry permutes the heads as blocks and, within each head, its entries by
+that head's own permutation.
+
 A :class:`WeightSpace` holds one tensor per parameter, shaped
 ``(*batch, *view, channels)``: channels-last, with optional leading batch axes.
 """
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +55,7 @@ class Axis:
     size: int
     group: str | None = None
     exponent: int = 0
+    parent: str | None = None  # the group this one is nested in (attention heads)
 
 
 @dataclass(frozen=True)
@@ -79,12 +87,14 @@ class WeightSpaceSpec:
     group_kinds: tuple[tuple[str, str], ...]
     mode: str = NP
     _kinds: dict = field(default=None, compare=False, hash=False, repr=False)
+    _nesting: dict = field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_kinds", dict(self.group_kinds))
         if self.mode not in (NP, HNP):
             raise ValueError(f"mode must be 'np' or 'hnp', got {self.mode!r}")
         sizes: dict[str, tuple[int, str]] = {}
+        parents: dict[str, str | None] = {}
         for t in self.tensors:
             if math.prod(t.view) != math.prod(t.shape):
                 raise ValueError(
@@ -94,11 +104,12 @@ class WeightSpaceSpec:
             if len(t.axes) != len(t.view):
                 raise ValueError(f"parameter {t.name!r}: {len(t.axes)} axes for view {t.view}")
             seen = set()
-            for ax, n in zip(t.axes, t.view):
+            for a, (ax, n) in enumerate(zip(t.axes, t.view)):
                 if ax.size != n:
                     raise ValueError(f"parameter {t.name!r}: axis size {ax.size} != view size {n}")
                 if ax.kind == LOCAL:
                     continue
+                self._check_nesting(t, a, parents)
                 if ax.group in seen:
                     raise ValueError(
                         f"parameter {t.name!r} indexes neuron group {ax.group!r} on two axes; "
@@ -114,6 +125,30 @@ class WeightSpaceSpec:
                 sizes.setdefault(ax.group, (n, t.name))
                 if ax.kind == GROUP and ax.group not in self._kinds:
                     raise ValueError(f"parameter {t.name!r}: neuron group {ax.group!r} has no kind")
+        object.__setattr__(self, "_nesting", {g: p for g, p in parents.items() if p is not None})
+
+    @staticmethod
+    def _check_nesting(t: TensorSpec, a: int, parents: dict[str, str | None]) -> None:
+        ax = t.axes[a]
+        if ax.group in parents and parents[ax.group] != ax.parent:
+            raise ValueError(
+                f"parameter {t.name!r}: neuron group {ax.group!r} is nested in "
+                f"{ax.parent!r} here but in {parents[ax.group]!r} elsewhere"
+            )
+        parents[ax.group] = ax.parent
+        if ax.parent is None:
+            return
+        before = t.axes[a - 1] if a > 0 else None
+        if before is None or before.kind == LOCAL or before.group != ax.parent:
+            raise ValueError(
+                f"parameter {t.name!r}: axis {a} (group {ax.group!r}) is nested in group "
+                f"{ax.parent!r}, whose axis must come right before it"
+            )
+        if before.parent is not None:
+            raise ValueError(
+                f"parameter {t.name!r}: group {ax.parent!r} is itself nested; one level "
+                "of nesting is supported"
+            )
 
     # ----------------------------------------------------------------- queries
     def __len__(self) -> int:
@@ -154,6 +189,11 @@ class WeightSpaceSpec:
                     out.setdefault(ax.group, ax.size)
         return out
 
+    def nesting(self) -> dict[str, str]:
+        """Each nested neuron group and the group it is nested in (the
+        per-head dimensions of attention and their heads)."""
+        return dict(self._nesting)
+
     def hidden_groups(self) -> dict[str, int]:
         return {g: n for g, n in self.permutable_groups().items() if self._kinds[g] == HIDDEN}
 
@@ -165,7 +205,7 @@ class WeightSpaceSpec:
         tensors = []
         for t in self.tensors:
             axes = tuple(
-                Axis(new_kind, a.size, a.group, a.exponent)
+                replace(a, kind=new_kind)
                 if a.kind != LOCAL and self._kinds[a.group] != HIDDEN
                 else a
                 for a in t.axes
@@ -204,6 +244,7 @@ class WeightSpaceSpec:
         outputs: Iterable[str] = (),
         mode: str = NP,
         views: Mapping[str, Sequence[int]] | None = None,
+        nested: Mapping[str, str] | None = None,
     ) -> WeightSpaceSpec:
         """An explicit spec: for each parameter, the neuron group of each axis.
 
@@ -212,9 +253,13 @@ class WeightSpaceSpec:
         Axes of a weight after the first two, and a 1-D tensor's only axis,
         follow the weight / bias convention (first axis writes the group).
         Groups named in ``inputs`` / ``outputs`` are the network's input
-        features and outputs; every other group is hidden.
+        features and outputs; every other group is hidden. ``nested`` maps a
+        group to the group it is nested in (``{"qk": "heads"}``: each head
+        permutes its own query-key dimensions); a nested axis must follow its
+        parent's axis.
         """
         inputs, outputs = set(inputs), set(outputs)
+        nested = dict(nested or {})
         views = dict(views or {})
         tensors, kinds = [], {}
         for name, names in axes.items():
@@ -239,7 +284,7 @@ class WeightSpaceSpec:
                 gk = INPUT if g in inputs else OUTPUT if g in outputs else HIDDEN
                 kinds[g] = gk
                 exponent = 1 if i == 0 else -1 if i == 1 else 0
-                built.append(Axis(GROUP, n, g, exponent))
+                built.append(Axis(GROUP, n, g, exponent, nested.get(g)))
             tensors.append(TensorSpec(name, shape, view, tuple(built), kind))
         for name in shapes:
             if name not in axes:
@@ -380,12 +425,20 @@ class WeightSpaceSpec:
     def random_symmetry(self, generator: torch.Generator) -> Callable[[Sequence[Tensor]], list]:
         """One random element of the spec's symmetry group: a permutation of
         every permutable neuron group (``group`` axes; fixed and local axes
-        stay). Returns a function that applies it to a list of
-        parameter-shaped tensors in spec order (parameters, gradients,
-        updates, ...)."""
-        perms = {
-            g: torch.randperm(n, generator=generator) for g, n in self.permutable_groups().items()
-        }
+        stay), a nested group permuted by each of its parent's neurons on
+        its own (each attention head its own dimensions). Returns a function
+        that applies it to a list of parameter-shaped tensors in spec order
+        (parameters, gradients, updates, ...)."""
+        groups = self.permutable_groups()
+        nesting = self.nesting()
+        perms = {}
+        for g, n in groups.items():
+            if g in nesting:  # one permutation per neuron of the parent group
+                rows = groups[nesting[g]]
+                each = [torch.randperm(n, generator=generator) for _ in range(rows)]
+                perms[g] = torch.stack(each)
+            else:
+                perms[g] = torch.randperm(n, generator=generator)
 
         def apply(tensors: Sequence[Tensor]) -> list[Tensor]:
             self.check(tensors, "tensor")
@@ -394,11 +447,21 @@ class WeightSpaceSpec:
                 y = x.reshape(t.view)
                 for a, ax in enumerate(t.axes):
                     if ax.kind == GROUP:
-                        y = y.index_select(a, perms[ax.group].to(y.device))
+                        y = permute_axis(y, a, perms[ax.group].to(y.device))
                 out.append(y.reshape(t.shape))
             return out
 
         return apply
+
+
+def permute_axis(x: Tensor, axis: int, perm: Tensor) -> Tensor:
+    """``x`` with axis ``axis`` relabelled by ``perm``: a 1-D permutation, or a
+    2-D one (a row per index of axis ``axis - 1``, for a nested group)."""
+    if perm.dim() == 1:
+        return x.index_select(axis, perm)
+    shape = [1] * x.dim()
+    shape[axis - 1], shape[axis] = perm.shape
+    return x.gather(axis, perm.reshape(shape).expand(x.shape))
 
 
 def describe_axes(t: TensorSpec) -> str:
@@ -407,7 +470,8 @@ def describe_axes(t: TensorSpec) -> str:
         if ax.kind == LOCAL:
             parts.append(f"local[{ax.size}]")
         else:
-            parts.append(f"{ax.kind}:{ax.group}[{ax.size}]")
+            nest = f" in {ax.parent}" if ax.parent else ""
+            parts.append(f"{ax.kind}:{ax.group}[{ax.size}]{nest}")
     return "(" + ", ".join(parts) + ")"
 
 
@@ -605,7 +669,9 @@ class WeightSpace:
     def permute(self, perms: Mapping[str, Tensor]) -> WeightSpace:
         """Relabel neurons: ``perms[group][i]`` is the old index of new neuron ``i``.
 
-        Groups not in ``perms`` keep their order. For a spec inferred from a
+        A nested group's permutation has a row per neuron of its parent group
+        (``perms[g][h, i]``: within head ``h``, after the heads are
+        relabelled). Groups not in ``perms`` keep their order. For a spec inferred from a
         network, permuting hidden groups of its parameters leaves the function
         it computes unchanged.
         """
@@ -618,12 +684,13 @@ class WeightSpace:
             for a, ax in enumerate(t.axes):
                 if ax.kind != LOCAL and ax.group in perms:
                     p = perms[ax.group]
-                    if p.numel() != ax.size:
+                    want = (t.view[a - 1], ax.size) if ax.parent else (ax.size,)
+                    if tuple(p.shape) != want:
                         raise ValueError(
-                            f"permutation of group {ax.group!r} has {p.numel()} entries, "
-                            f"the group has {ax.size} neurons"
+                            f"permutation of group {ax.group!r} has shape {tuple(p.shape)}, "
+                            f"the group needs {want}"
                         )
-                    x = x.index_select(nb + a, p.to(x.device))
+                    x = permute_axis(x, nb + a, p.to(x.device))
             out.append(x)
         return WeightSpace(self.spec, out)
 

@@ -56,7 +56,8 @@ class Task:
         self.init_scale = init_scale
         self.param_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         with warnings.catch_warnings():
-            # The registry's models are known: attention heads keep local axes.
+            # Read once per sampled task: a fallback warning would repeat for
+            # every task of a family (the registry's models are read fully).
             warnings.simplefilter("ignore")
             self.spec = WeightSpaceSpec.from_module(model)
         self._fan_in = _fan_ins(model)

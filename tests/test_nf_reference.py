@@ -155,26 +155,31 @@ def _entries(spec):
 
 
 def _generators(spec):
-    """Adjacent transpositions of every permutable group and every local axis."""
+    """Adjacent transpositions of every permutable group and every local axis;
+    of a nested group, within one neuron of its parent at a time."""
     gens = []
-    for g, n in spec.permutable_groups().items():
-        for i in range(n - 1):
-            gens.append(("g", g, i))
+    groups, nesting = spec.permutable_groups(), spec.nesting()
+    for g, n in groups.items():
+        heads = range(groups[nesting[g]]) if g in nesting else [None]
+        for h in heads:
+            for i in range(n - 1):
+                gens.append(("g", g, i, h))
     for ti, t in enumerate(spec.tensors):
         for a, ax in enumerate(t.axes):
             if ax.kind == LOCAL:
-                gens.extend(("l", (ti, a), i) for i in range(ax.size - 1))
+                gens.extend(("l", (ti, a), i, None) for i in range(ax.size - 1))
     return gens
 
 
 def _act(spec, gen, entry):
-    kind, name, i = gen
+    kind, name, i, head = gen
     ti, idx = entry
     idx = list(idx)
     for a, ax in enumerate(spec.tensors[ti].axes):
         hit = (kind == "g" and ax.kind == GROUP and ax.group == name) or (
             kind == "l" and name == (ti, a)
         )
+        hit = hit and (head is None or idx[a - 1] == head)
         if hit and idx[a] in (i, i + 1):
             idx[a] = 2 * i + 1 - idx[a]
     return ti, tuple(idx)
@@ -195,6 +200,17 @@ def _count_orbits(items, step):
     return len({find(x) for x in items})
 
 
+def attention_spec():
+    """Query, key and value projections into 2 heads of 2 dimensions (query
+    and key sharing theirs), an output projection, a stream of 2."""
+    axes = {"q": ("a", "qk", "s"), "k": ("a", "qk", "s"), "v": ("a", "vd", "s"),
+            "o": ("s", "a", "vd"), "ob": ("s",)}  # fmt: skip
+    shapes = {"q": (4, 2), "k": (4, 2), "v": (4, 2), "o": (2, 4), "ob": (2,)}
+    views = {"q": (2, 2, 2), "k": (2, 2, 2), "v": (2, 2, 2), "o": (2, 2, 2)}
+    return WeightSpaceSpec.from_axes(axes, shapes, views=views,
+                                     nested={"qk": "a", "vd": "a"})  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "model,mode",
     [
@@ -202,12 +218,18 @@ def _count_orbits(items, step):
         (make_mlp([2, 3, 2, 2]), "hnp"),
         (make_mlp([3, 2, 2], bias=False), "hnp"),
         (make_cnn([2, 2], [2], 1, "pool", 2, True), "np"),
+        ("attention", "np"),
     ],
 )
 def test_untied_layer_spans_every_equivariant_linear_map(model, mode):
     """dim(equivariant maps) = #orbits of the symmetry group on (out, in) entry
-    pairs; the untied layer's linear weights must be that many and independent."""
-    spec = WeightSpaceSpec.from_module(model, mode=mode)
+    pairs; the untied layer's linear weights must be that many and independent.
+    With nested groups (attention heads) the group is finer than a product of
+    permutations, and so are its orbits."""
+    if model == "attention":
+        spec = attention_spec()
+    else:
+        spec = WeightSpaceSpec.from_module(model, mode=mode)
     entries = _entries(spec)
     gens = _generators(spec)
     pairs = [(u, t) for u in entries for t in entries]

@@ -157,5 +157,61 @@ def test_permute_rejects_bad_permutations():
     with pytest.raises(ValueError, match="unknown neuron groups"):
         ws.permute({"nope": torch.arange(3)})
     g = next(iter(spec.hidden_groups()))
-    with pytest.raises(ValueError, match="has 3 entries, the group has 4"):
+    with pytest.raises(ValueError, match=r"has shape \(3,\), the group needs \(4,\)"):
         ws.permute({g: torch.arange(3)})
+
+
+def attention_spec():
+    """Separate query / key / value projections of 3 heads of width 2, values
+    of width 4, reading and writing 5 features (fixed: HNP), by hand."""
+    axes = {
+        "q": ("heads", "qk", "s"), "k": ("heads", "qk", "s"), "v": ("heads", "vd", "s"),
+        "o": ("s", "heads", "vd"),
+    }  # fmt: skip
+    shapes = {"q": (6, 5), "k": (6, 5), "v": (12, 5), "o": (5, 12)}
+    views = {"q": (3, 2, 5), "k": (3, 2, 5), "v": (3, 4, 5), "o": (5, 3, 4)}
+    nested = {"qk": "heads", "vd": "heads"}
+    return WeightSpaceSpec.from_axes(axes, shapes, ["s"], mode="hnp", views=views, nested=nested)
+
+
+def attend(q, k, v, o, x):
+    """Three heads of attention over the rows of ``x`` (the spec above)."""
+    qx = torch.einsum("hds,ts->htd", q.view(3, 2, 5), x)
+    kx = torch.einsum("hds,ts->htd", k.view(3, 2, 5), x)
+    vx = torch.einsum("hds,ts->htd", v.view(3, 4, 5), x)
+    heads = (qx @ kx.transpose(1, 2)).softmax(-1) @ vx  # (heads, rows, value dims)
+    return heads.transpose(0, 1).reshape(x.shape[0], 12) @ o.T
+
+
+def test_nested_groups_are_permuted_per_neuron_of_their_parent():
+    spec = attention_spec()
+    assert spec.nesting() == {"qk": "heads", "vd": "heads"}
+    q, k, v, o = (torch.randn(t.shape) for t in spec.tensors)
+    x = torch.randn(7, 5)
+    out = attend(q, k, v, o, x)
+    for seed in range(4):
+        moved = spec.random_symmetry(torch.Generator().manual_seed(seed))([q, k, v, o])
+        assert all(not torch.equal(a, b) for a, b in zip(moved, [q, k, v, o]))
+        torch.testing.assert_close(attend(*moved, x), out, rtol=1e-5, atol=1e-5)
+    # Each head draws its own permutation of its dimensions (4! = 24 each):
+    # over a few draws, two heads differ.
+    ws = WeightSpace.from_tensors(spec, [q, k, v, o])
+    perms = torch.stack([torch.randperm(4) for _ in range(3)])
+    moved = ws.permute({"vd": perms}).tensors[2][..., 0]
+    for h in range(3):
+        torch.testing.assert_close(moved[h], v.view(3, 4, 5)[h][perms[h]])
+    with pytest.raises(ValueError, match=r"group 'vd' has shape \(4,\), the group needs \(3, 4\)"):
+        ws.permute({"vd": torch.arange(4)})
+
+
+def test_nesting_that_the_axes_do_not_allow_is_refused():
+    spec = attention_spec()
+    axes = {t.name: tuple(a.group for a in t.axes) for t in spec.tensors}
+    shapes = {t.name: t.shape for t in spec.tensors}
+    views = {t.name: t.view for t in spec.tensors}
+    with pytest.raises(ValueError, match=r"'q': axis 0 \(group 'heads'\) is nested in group 'vd'"):
+        WeightSpaceSpec.from_axes(axes, shapes, views=views, nested={"heads": "vd"})
+    swapped = {**axes, "q": ("qk", "heads", "s")}
+    with pytest.raises(ValueError, match="'q': axis 0 .* whose axis must come right before it"):
+        WeightSpaceSpec.from_axes(swapped, shapes, views={**views, "q": (2, 3, 5)},
+                                  nested={"qk": "heads", "vd": "heads"})  # fmt: skip

@@ -11,6 +11,12 @@ per tensor, so per group the orbit of an (output index, input index) pair is
 subset of shared axes for every (U, T) pair therefore gives the full family of
 equivariant affine maps (Navon et al. 2023 for HNP; Zhou et al. 2023 for NP).
 
+A nested group (the dimensions within an attention head) is permuted by
+each neuron of its parent group (the head) on its own, so the orbits are
+finer: a nested axis can be tied only together with its parent's axis (the
+same dimension of the same head); pooling it within a head, or pooling both,
+is allowed; tying it across heads is not.
+
 A term's *key* names the weights it uses. With ``tie="role"`` the key depends
 only on the roles of U and T (which kinds of neuron groups their axes hold)
 and on how T's axes relate to U's, never on layer indices, so one set of
@@ -65,13 +71,20 @@ class OutputPlan:
 
 
 def role(t: TensorSpec, spec: WeightSpaceSpec) -> str:
-    """What a tensor is, independent of where it sits: its axes' kinds."""
+    """What a tensor is, independent of where it sits: its axes' kinds
+    (``a`` for a group others are nested in, attention heads; ``n`` for a
+    nested group)."""
+    parents = set(spec._nesting.values())
     codes = []
     for ax in t.axes:
         if ax.kind == LOCAL:
             codes.append("l")
         elif ax.kind == FIXED:
             codes.append(f"f{ax.size}")
+        elif ax.parent is not None:
+            codes.append("n")
+        elif ax.group in parents:
+            codes.append("a")
         else:
             codes.append(_KIND_CODE[spec.group_kind(ax.group)])
     return "".join(codes) if codes else "s"
@@ -104,6 +117,13 @@ def shared_axes(spec: WeightSpaceSpec, ui: int, ti: int) -> list[tuple[int, int]
         if ident is not None and ident in u_ids:
             pairs.append((u_ids[ident], b))
     return pairs
+
+
+def _nesting_kept(t: TensorSpec, ties) -> bool:
+    """Whether every tied nested axis of ``t`` has its parent's axis tied
+    (the same head): a dimension of one head means nothing in another."""
+    tied = {b for _, b in ties}
+    return all(t.axes[b].parent is None or b - 1 in tied for b in tied)
 
 
 def term_key(spec: WeightSpaceSpec, ui: int, ti: int, ties, tie: str) -> str:
@@ -160,6 +180,8 @@ def build_plan(
             pairs = shared_axes(spec, ui, ti)
             for r in range(len(pairs) + 1):
                 for ties in itertools.combinations(pairs, r):
+                    if not _nesting_kept(t, ties):
+                        continue
                     if term_allowed is not None and not term_allowed(spec, ui, ti, ties):
                         continue
                     tied_t = {b: a for a, b in ties}
