@@ -13,6 +13,9 @@ Conv or BatchNorm. The axis is followed through the operations that keep it:
   every block that writes it, every layer that reads it and the head;
 * BatchNorm, LayerNorm, RMSNorm (and GroupNorm of one group per channel or
   one group in all) keep it, and their scale and shift join it;
+* ``transpose`` / ``permute`` / indexing move or keep the feature axis; a
+  concatenation along another axis (positions, a learned class token) makes
+  one group of its parts;
 * an Embedding's rows are an input group, its columns write a group;
 * attention (:mod:`lopt.graph_heads`): ``nn.MultiheadAttention``, and the
   same pattern written by hand (a projection reshaped into heads, ``q @
@@ -20,8 +23,8 @@ Conv or BatchNorm. The axis is followed through the operations that keep it:
   makes a head group and, nested in it, the query-key and the value
   dimensions of a head.
 
-A group that reaches an operation not understood here (a concatenation, a
-reduction over the feature axis) cannot be permuted as a whole: its axes
+A group that reaches an operation not understood here (a concatenation of
+features, a reduction over the feature axis) cannot be permuted as a whole: its axes
 become local, and a warning names the operation and the parameters it
 affects. A module that cannot be traced at
 all falls back on the sequential rule (:meth:`WeightSpaceSpec.from_module`'s
@@ -56,6 +59,8 @@ _JOIN_FUNCTIONS = {
 }  # fmt: skip
 _JOIN_METHODS = {"add", "sub", "mul", "div"}
 _REDUCE = {"mean", "sum", "amax", "amin"}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+_EXPAND = {"expand", "repeat", "expand_as"}
 _METADATA = {"shape", "device", "dtype", "ndim"}  # reading them does not use the values
 
 
@@ -307,6 +312,15 @@ def read_graph(module: nn.Module) -> tuple[dict[str, list], _Groups, dict[str, t
             out = _flatten(first, start, end, groups, f"flatten ({node.name})")
         elif node.op == "call_method" and node.target in _REDUCE and isinstance(first, Feature):
             out = _reduce(node, first, groups)
+        elif (node.op == "call_function" and node.target is operator.getitem
+              and isinstance(first, Feature)):  # fmt: skip
+            out = _index(node, first, groups)
+        elif node.op == "call_function" and node.target in _CAT:
+            out = _cat(node, feat, groups, axes, names, modules)
+        elif node.op == "call_method" and node.target in ("transpose", "permute", "swapaxes") and (
+            isinstance(first, Feature)
+        ):
+            out = _move_axes(node, first, groups)
         elif node.op == "output":
             for a in torch.fx.node.map_arg(node.args, lambda n: n) or ():
                 for leaf in _leaves(a):
@@ -378,6 +392,96 @@ def _reduce(node, f: Feature, groups: _Groups) -> Feature | None:
         return Feature(f.group, f.axis, f.ndim - len(dims))
     groups.make_opaque(f.group, f"{node.target} ({node.name})")
     return None
+
+
+def _move_axes(node, f: Feature, groups: _Groups) -> Feature | None:
+    """``transpose`` / ``permute`` moves the feature axis (its new place is
+    known when the value's number of axes is)."""
+    dims = list(node.args[1:])
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = list(dims[0])
+    where = f"{node.target} ({node.name})"
+    if f.ndim is None or any(not isinstance(d, int) for d in dims):
+        groups.make_opaque(f.group, where)
+        return None
+    axis = f.axis % f.ndim
+    dims = [d % f.ndim for d in dims]
+    if node.target == "permute":
+        if sorted(dims) != list(range(f.ndim)):
+            groups.make_opaque(f.group, where)
+            return None
+        new = dims.index(axis)
+    else:
+        a, b = dims
+        new = b if axis == a else a if axis == b else axis
+    return Feature(f.group, -1 if new == f.ndim - 1 else new, f.ndim)
+
+
+def _index(node, f: Feature, groups: _Groups) -> Feature | None:
+    """``x[:, 0]`` (a class token's position), ``x[..., :n]`` of positions:
+    integers and slices on axes other than the features keep them."""
+    index = node.args[1]
+    index = index if isinstance(index, tuple) else (index,)
+    simple = all(isinstance(i, int) or isinstance(i, slice) for i in index)
+    if f.ndim is None or not simple or len(index) > f.ndim:
+        groups.make_opaque(f.group, f"getitem ({node.name})")
+        return None
+    axis = f.axis % f.ndim
+    if axis < len(index) and index[axis] != slice(None):
+        groups.make_opaque(f.group, f"getitem over the features ({node.name})")
+        return None
+    dropped = sum(isinstance(i, int) for i in index[:axis])
+    ndim = f.ndim - sum(isinstance(i, int) for i in index)
+    new = axis - dropped
+    return Feature(f.group, -1 if new == ndim - 1 else new, ndim)
+
+
+def _cat(node, feat, groups: _Groups, axes, names, modules) -> Feature | None:
+    """Concatenating along an axis other than the features (positions, a
+    class token) makes one group of the parts' groups; a learned token
+    (a parameter, expanded) joins it on its last axis. Along the features
+    it is not followed."""
+    parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    where = f"cat ({node.name})"
+    values = [feat.get(p) if isinstance(p, torch.fx.Node) else None for p in parts]
+    known = [v for v in values if isinstance(v, Feature)]
+    ndim = next((v.ndim for v in known if v.ndim is not None), None)
+    ok = bool(known) and isinstance(dim, int) and ndim is not None
+    ok = ok and all(v.ndim in (None, ndim) and v.axis % ndim != dim % ndim for v in known)
+    tokens = []
+    for p, v in zip(parts, values):
+        if isinstance(v, Feature):
+            continue
+        param = _expanded_param(p, modules, names)
+        size = groups.size[groups.find(known[0].group)] if known else None
+        if param is None or param.shape[-1] != size:
+            ok = False
+        else:
+            tokens.append(param)
+    if not ok:
+        for v in values:
+            for g in _heads_groups(v) + _heads_groups(v, plain=True):
+                groups.make_opaque(g, where)
+        return None
+    g = known[0].group
+    for v in known[1:]:
+        g = groups.union(g, v.group, where)
+    for param in tokens:
+        axes[names[id(param)]] = [("l",)] * (param.dim() - 1) + [("g", g, 1)]
+    return Feature(g, -1 if known[0].axis % ndim == ndim - 1 else known[0].axis, ndim)
+
+
+def _expanded_param(node, modules, names):
+    """The parameter behind ``p`` or ``p.expand(...)`` (a learned token)."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "call_method" and node.target in _EXPAND and node.args:
+        node = node.args[0]
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return None
+    p = _attr(modules, node.target)
+    return p if isinstance(p, nn.Parameter) and id(p) in names else None
 
 
 def _join(node, args, feat, groups: _Groups, axes, names, modules) -> Feature | None:

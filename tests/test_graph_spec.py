@@ -128,6 +128,27 @@ class TorchDecoder(nn.Module):
         return self.head(self.dec(self.inp(x), self.mem(memory), tgt_is_causal=False))
 
 
+class ViT(nn.Module):
+    """A vision transformer: conv patches moved to the last axis, a learned
+    class token concatenated before them, learned positions, torch's pre-LN
+    encoder, the class token's output read by index."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.patch = nn.Conv2d(1, d, 4, stride=4)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = nn.Parameter(torch.zeros(1, 10, d))
+        layer = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True,
+                                           norm_first=True)  # fmt: skip
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 3)
+
+    def forward(self, img):
+        x = self.patch(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.head(self.norm(self.enc(x))[:, 0])
+
+
 class TiedLM(nn.Module):
     """A small LM whose output layer is its token embedding (tied weights)."""
 
@@ -162,6 +183,7 @@ def models():
         "torch-encoder-post-ln": (TorchEncoder(), torch.randn(3, 6, 5)),
         "torch-encoder-pre-ln": (TorchEncoder(norm_first=True), torch.randn(3, 6, 5)),
         "torch-decoder": (TorchDecoder(), (torch.randn(3, 6, 5), torch.randn(3, 4, 4))),
+        "vit": (ViT(), torch.randn(3, 1, 12, 12)),
     }
     with torch.no_grad():
         for model, _ in built.values():
@@ -303,6 +325,28 @@ class PerHeadScale(nn.Module):
         return self.o(((q @ k.transpose(-2, -1)) * self.scale).softmax(-1) @ v)
 
 
+def test_a_class_token_joins_the_stream_and_a_concatenation_of_features_warns():
+    model, _ = models()["vit"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = WeightSpaceSpec.from_module(model)
+    by_name = {t.name: t for t in spec.tensors}
+    stream = by_name["patch.weight"].axes[0].group
+    assert {"cls", "pos", "norm.weight", "head.weight"} <= stream_members(spec, stream)
+
+    class Widen(nn.Module):  # features of two layers side by side
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.c(torch.cat([self.a(x), self.b(x)], dim=-1))
+
+    with pytest.warns(UserWarning, match=r"cat \(cat\): a.weight, a.bias, b.weight, b.bias"):
+        spec = WeightSpaceSpec.from_module(Widen())
+    assert spec.tensors[0].axes[0].kind == "local"
+
+
 def test_heads_meeting_an_operation_not_followed_stay_local_with_a_warning():
     model = PerHeadScale()
     with pytest.warns(UserWarning, match="does not follow") as caught:
@@ -332,7 +376,7 @@ def test_an_untraceable_module_falls_back_with_a_warning():
 
 
 ATTENTION = ["transformer-causal", "mha-pre-ln", "mha-post-ln-causal", "decoder-cross",
-             "torch-encoder-pre-ln", "torch-decoder"]  # fmt: skip
+             "torch-encoder-pre-ln", "torch-decoder", "vit"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["resnet-bn-2d", *ATTENTION])
