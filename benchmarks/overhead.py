@@ -1,6 +1,8 @@
 """Cost of a learned optimizer step against torch.optim.Adam.
 
-For MLPs of ~50k, ~300k and ~1.8M parameters and a CNN, measures in one run:
+For MLPs of ~10k, ~50k, ~300k and ~1.8M parameters, a CNN, a BatchNorm
+ResNet and a character transformer LM (2 layers, width 64), measures in one
+run:
 the time of one ``optimizer.step()`` and of a whole train step (forward,
 backward, step) at batch 128, as ratios to Adam measured interleaved in the
 same process; the launches one step makes (CUDA kernels on a GPU, where a
@@ -38,10 +40,24 @@ from lopt import cli
 OPTIMIZERS = ("adam", "mlp", "nfn")
 
 
+MODELS = ("mlp-10k", "mlp-50k", "mlp-300k", "mlp-1.8m", "cnn-57k", "resnet-bn", "transformer-char")
+LM_VOCAB, LM_CONTEXT = 96, 64
+
+
 def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
-    """A named benchmark model and its input shape (without batch)."""
+    """A named benchmark model and its input shape (without batch); the
+    character LM reads token indices (:func:`batch_for`)."""
+    if name == "transformer-char":
+        from tasks.models import TransformerLM
+
+        return TransformerLM(LM_VOCAB, LM_CONTEXT, 64, 4, 2), (LM_CONTEXT,)
+    if name == "resnet-bn":
+        from tasks.models import ResNet
+
+        return ResNet((3, 16, 16), 32, 3, 10), (3, 16, 16)
     if name.startswith("mlp-"):
         widths = {
+            "mlp-10k": [64, 96, 32, 10],
             "mlp-50k": [784, 64, 10],
             "mlp-300k": [784, 384, 10],
             "mlp-1.8m": [784, 1024, 1024, 10],
@@ -65,7 +81,10 @@ def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
 
 
 # Timed with the shipped nets when present, else default nets.
-SHIPPED = {"mlp": (lopt.MLPOptimizer, "mlp-small"), "nfn": (lopt.NFNOptimizer, "nfn-small")}
+SHIPPED = {
+    "mlp": (lopt.MLPOptimizer, lopt.checkpoint.RECOMMENDED["PerParamMLP"]),
+    "nfn": (lopt.NFNOptimizer, lopt.checkpoint.RECOMMENDED["NFNNet"]),
+}
 # The learned optimizers' path: None, the default (the fused kernel on the
 # CPU); False, the torch path a GPU runs (see use_path).
 FUSED: bool | None = None
@@ -152,6 +171,18 @@ def launches_per_step(opt: torch.optim.Optimizer, device: torch.device) -> int:
     return sum(1 for e in events if e.name.startswith("aten::") and top_level(e))
 
 
+def batch_for(
+    model_name: str, in_shape: tuple[int, ...], batch: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random inputs and class targets (the LM: tokens, the next at every position)."""
+    g = torch.Generator().manual_seed(0)
+    if model_name == "transformer-char":
+        tokens = torch.randint(0, LM_VOCAB, (batch, LM_CONTEXT + 1), generator=g)
+        return tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+    x = torch.randn(batch, *in_shape, generator=g)
+    return x.to(device), torch.randint(0, 10, (batch,), generator=g).to(device)
+
+
 def time_steps(
     model_name: str,
     device: torch.device,
@@ -166,12 +197,12 @@ def time_steps(
         model, in_shape = build_model(model_name)
         model.to(device)
         runs[kind] = (model, make_optimizer(kind, model, names))
-    x = torch.randn(batch, *in_shape, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    x, y = batch_for(model_name, in_shape, batch, device)
 
     def train_step(model, opt):
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        out = model(x)
+        F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
         opt.step()
 
     for model, opt in runs.values():  # warm up, create state, keep grads
@@ -356,7 +387,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         description=__doc__,
         formatter_class=argparse.RawTextHelpFormatter,
     )
-    p.add_argument("--models", nargs="+", default=["mlp-50k", "mlp-300k", "mlp-1.8m", "cnn-57k"])
+    p.add_argument("--models", nargs="+", default=list(MODELS), help=", ".join(MODELS))
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -364,8 +395,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-nfn", action="store_true", help="skip the nfn reference layer")
     p.add_argument("--quick", action="store_true", help="tiny models, few repeats (CI)")
-    p.add_argument("--nfn", default=SHIPPED["nfn"][1], help="shipped NFN net to time (nfn-small)")
-    p.add_argument("--mlp", default=SHIPPED["mlp"][1], help="shipped MLP net to time (mlp-small)")
+    p.add_argument("--nfn", default=SHIPPED["nfn"][1], help="shipped NFN net to time (the default)")
+    p.add_argument("--mlp", default=SHIPPED["mlp"][1], help="shipped MLP net to time (the default)")
     p.add_argument(
         "--torch-path",
         action="store_true",
