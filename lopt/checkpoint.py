@@ -21,7 +21,8 @@ from lopt.nets import NETS, OptimizerNet
 FORMAT = "lopt-optimizer-net"
 # 2: nets have a width exponent (fan_in_exp); version 1 files get 0.
 # 3: nets may read the step budget (config "budget"); older files never do.
-VERSION = 3
+# 4: NFN nets have NF-layer weights for attention's roles; older files do not.
+VERSION = 4
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT = "default"  # weights= of the optimizer classes: the recommended shipped net
 # The recommended shipped net of each net class (OptimizerNet: any class).
@@ -87,8 +88,7 @@ def unreadable(path: Path, error: BaseException) -> str:
         )
     # torch's own words name unpickler internals, or advise loading unsafely.
     return (
-        f"{path}: not a readable checkpoint: corrupt, truncated or not a torch file "
-        f"({size} bytes)"
+        f"{path}: not a readable checkpoint: corrupt, truncated or not a torch file ({size} bytes)"
     )
 
 
@@ -132,7 +132,10 @@ def load(
         raise ValueError(f"{path}: unknown optimizer net {name!r} (known: {sorted(NETS)})")
     if expect is not None and not issubclass(NETS[name], expect):
         raise ValueError(f"{path}: holds a {name}, but a {expect.__name__} is needed")
-    net = NETS[name](**payload["config"])
+    config = dict(payload["config"])
+    if payload.get("version", 0) < 4 and name == "NFNNet":
+        config["attention_roles"] = False
+    net = NETS[name](**config)
     state = dict(payload["state_dict"])
     if payload.get("version", 0) < 2 and "fan_in_exp" not in state:
         state["fan_in_exp"] = torch.zeros(())  # no width factor, as those nets ran

@@ -87,8 +87,10 @@ _ADD_FUNCTIONS = {operator.add, operator.sub, torch.add, torch.sub}
 _KEEP_METHODS = {"masked_fill", "masked_fill_", "type_as", "float", "to", "contiguous",
                  "clone", "half", "bfloat16"}  # fmt: skip
 _NEW_METHODS = {"new_ones", "new_zeros", "new_full", "new_empty", "new_tensor"}
-_INT_OPS = {operator.floordiv: operator.floordiv, operator.mul: operator.mul,
-            operator.add: operator.add, operator.sub: operator.sub}  # fmt: skip
+_INT_OPS = {
+    operator.floordiv: operator.floordiv, operator.mul: operator.mul, operator.add: operator.add,
+    operator.sub: operator.sub, operator.pow: operator.pow, operator.truediv: operator.truediv,
+}  # fmt: skip  # fmt: skip
 
 
 def _size(value, axis: int, groups):
@@ -126,7 +128,7 @@ def _dim_arg(node, position: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
-def step(node, args, feat, groups, axes, views, shapes, ints) -> tuple[bool, object]:
+def step(node, args, feat, groups, axes, views, shapes, ints, modules) -> tuple[bool, object]:
     """Follow ``node`` if it is shape arithmetic or an operation on heads;
     ``(False, None)`` leaves it to :func:`lopt.graph_spec.read_graph`."""
     where = f"{getattr(node.target, '__name__', node.target)} ({node.name})"
@@ -156,10 +158,8 @@ def step(node, args, feat, groups, axes, views, shapes, ints) -> tuple[bool, obj
         and any(a in ints for a in args)
     ):
         a, b = (_int(x, ints) for x in node.args[:2])
-        if a is not None and b is not None:
-            ints[node] = _INT_OPS[target](a, b)
-        else:
-            ints[node] = None
+        # A size, or a scalar computed from sizes (a head's width ** -0.5).
+        ints[node] = _INT_OPS[target](a, b) if a is not None and b is not None else None
         return True, None
 
     if op == "call_method" and target in _NEW_METHODS:  # reads dtype and device only
@@ -246,13 +246,37 @@ def step(node, args, feat, groups, axes, views, shapes, ints) -> tuple[bool, obj
         op == "call_method" and target in ("add", "sub")
     )
     if scale or add:
-        # A number, a mask built from shapes, or heads of the same labels.
-        others = [v for v in vals[1:] if v is not None]
-        if any(a.op == "get_attr" for a in args[1:]):
-            return lose()  # a learned bias or scale may differ per head
-        if all(isinstance(v, Heads) and _same(h, v, groups, where) for v in others):
-            return True, h
+        # A number; heads of the same labels; on the scores (no head
+        # dimension), a mask or bias that does not index the heads.
+        for a in args[1:]:
+            v = feat.get(a)
+            if isinstance(v, Heads):
+                if not _same(h, v, groups, where):
+                    return lose()
+            elif v is not None or not (a in ints or _shared_by_heads(a, h, modules)):
+                return lose()
+        return True, h
     return lose()
+
+
+def _shared_by_heads(node, h: Heads, modules) -> bool:
+    """Whether a tensor combined with ``h`` entry by entry keeps its
+    symmetry: never with a head's dimensions (a rotary embedding, a
+    per-dimension scale); with the scores, a registered buffer of size 1 on
+    the head axis, or a tensor computed in the forward pass (a causal mask),
+    which is taken to be the same for every head. A parameter may differ per
+    head."""
+    if any(lab is not None and lab[0] == "dim" for lab in h.labels):
+        return False
+    if node.op != "get_attr":
+        return True
+    value = graph_spec._attr(modules, node.target)
+    if isinstance(value, nn.Parameter) or not isinstance(value, torch.Tensor):
+        return False
+    shape = (1,) * (h.ndim - value.dim()) + tuple(value.shape)
+    return len(shape) == h.ndim and all(
+        n == 1 for n, lab in zip(shape, h.labels) if lab is not None
+    )
 
 
 def _keeps(node) -> bool:

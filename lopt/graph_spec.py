@@ -217,7 +217,9 @@ def read_graph(module: nn.Module) -> tuple[dict[str, list], _Groups, dict[str, t
         args = [a for a in node.args if isinstance(a, torch.fx.Node)]
         first = feat.get(args[0]) if args else None
         out = None
-        handled, heads_out = graph_heads.step(node, args, feat, groups, axes, views, shapes, ints)
+        handled, heads_out = graph_heads.step(
+            node, args, feat, groups, axes, views, shapes, ints, modules
+        )
         if handled:
             out = heads_out
         elif node.op == "placeholder":
@@ -304,8 +306,10 @@ def read_graph(module: nn.Module) -> tuple[dict[str, list], _Groups, dict[str, t
             node.op == "call_method" and node.target in _JOIN_METHODS
         ):
             out = _join(node, args, feat, groups, axes, names, modules)
-        elif node.op == "call_method" and node.target == "flatten" or (
-            node.op == "call_function" and node.target is torch.flatten
+        elif (
+            node.op == "call_method"
+            and node.target == "flatten"
+            or (node.op == "call_function" and node.target is torch.flatten)
         ):
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
@@ -317,8 +321,10 @@ def read_graph(module: nn.Module) -> tuple[dict[str, list], _Groups, dict[str, t
             out = _index(node, first, groups)
         elif node.op == "call_function" and node.target in _CAT:
             out = _cat(node, feat, groups, axes, names, modules)
-        elif node.op == "call_method" and node.target in ("transpose", "permute", "swapaxes") and (
-            isinstance(first, Feature)
+        elif (
+            node.op == "call_method"
+            and node.target in ("transpose", "permute", "swapaxes")
+            and (isinstance(first, Feature))
         ):
             out = _move_axes(node, first, groups)
         elif node.op == "output":

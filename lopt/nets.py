@@ -43,7 +43,8 @@ built with ``budget=True`` also reads where the step lies in the run
 (``total_steps``, :func:`~lopt.features.budget_features`) beside the step
 count, and multiplies the whole update by a learned schedule, ``exp(w .
 [step features, budget features] + b)``: what the hand-set decay and warm-up
-do, learned. The net learns a
+do, learned, starting from a decay over the end of the run
+(:func:`schedule_prior`). The net learns a
 correction on top of Adam (as the UNF paper's net does on top of SGD with
 momentum), and its output layer starts near zero, so a fresh net is a sane,
 slow optimizer. Every input is loss-scale invariant, so the update is too.
@@ -51,6 +52,7 @@ slow optimizer. Every input is loss-scale invariant, so the update is too.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
@@ -63,6 +65,7 @@ from lopt import ortho
 from lopt.features import (
     ADAM_CHANNEL,
     ADAM_MOMENTUM,
+    BUDGET_SCALES,
     EPS,
     NUM_BUDGET_FEATURES,
     NUM_FEATURES,
@@ -79,12 +82,34 @@ from lopt.weightspace import INPUT, TensorSpec, WeightSpaceSpec
 
 MAX_LOG_MAGNITUDE = 10.0  # exp() of more than this is clipped: no overflow to inf
 MAX_LOG_SCHEDULE = 3.0  # the learned schedule multiplies an update by at most e**3
+# Where the learned schedule starts: 1 without a budget; with one, 1 through
+# most of the run, then down to e**-DECAY_PRIOR at its end, along
+# tanh((1 - f) / DECAY_PRIOR_WIDTH) (f = t / total_steps), as practitioners
+# decay a rate at the end of a run. From a flat start, meta-gradients of
+# truncated unrolls move it slowly, and a net that does not decay stalls or
+# diverges late in a run.
+DECAY_PRIOR = 2.5
+DECAY_PRIOR_WIDTH = 0.3
 MATRIX_POOLS = {(0,), (1,), (0, 1)}  # the pools of a matrix the fused kernel sums
 CHUNK = 65536  # entries per slice in the per-entry layers on the CPU (a few MB of activations)
 # On a GPU a step is bound by kernel launches, not cache: slices of whole
 # tensors up to 4M entries (about 0.5 GB of activations at width 16).
 GPU_CHUNK = 1 << 22
 FAN_IN_REF = 64.0  # fan-in at which the width factor is 1
+
+
+def schedule_prior() -> Tensor:
+    """The learned schedule's initial weights ``(1, step + budget
+    features)``: ``log factor = -DECAY_PRIOR * (1 - tanh((1 - f) / w) /
+    tanh(1 / w))`` when the budget is known (0 at the start, -DECAY_PRIOR
+    at the end), 0 when it is not (its features are then all zero)."""
+    w = torch.zeros(1, NUM_STEP_FEATURES + NUM_BUDGET_FEATURES)
+    n = len(BUDGET_SCALES)
+    w[0, -1] = -DECAY_PRIOR  # the known-budget flag
+    w[0, NUM_STEP_FEATURES + n + BUDGET_SCALES.index(DECAY_PRIOR_WIDTH)] = DECAY_PRIOR / math.tanh(
+        1 / DECAY_PRIOR_WIDTH
+    )
+    return w
 
 
 def slice_entries(device: torch.device) -> int:
@@ -291,7 +316,7 @@ class OptimizerNet(nn.Module):
             self.schedule = nn.Linear(NUM_STEP_FEATURES + NUM_BUDGET_FEATURES, 1)
             with torch.no_grad():
                 self.budget_inp.weight.zero_()
-                self.schedule.weight.zero_()
+                self.schedule.weight.copy_(schedule_prior())
                 self.schedule.bias.zero_()
         self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
         self.out = nn.Linear(width, 2)
@@ -667,10 +692,45 @@ class PerParamMLP(OptimizerNet):
         return outs
 
 
-def template_specs() -> list[WeightSpaceSpec]:
+class AttentionTemplate(nn.Module):
+    """Attention's tensor roles, for the NF-layer's weights: torch's encoder
+    layer (a packed query-key-value projection), a block of separate
+    projections with biases, and cross-attention to a memory of another
+    width (separate projections without biases)."""
+
+    def __init__(self, d: int = 8, heads: int = 2, memory: int = 6) -> None:
+        super().__init__()
+        self.heads = heads
+        self.inp = nn.Linear(4, d)
+        self.layer = nn.TransformerEncoderLayer(d, heads, d, dropout=0.0, batch_first=True)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.cross = nn.MultiheadAttention(
+            d, heads, kdim=memory, vdim=memory, bias=False, batch_first=True
+        )
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+        h = self.layer(self.inp(x))
+        b, t = h.shape[0], h.shape[1]
+        q, k, v = (
+            f(h).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v)
+        )
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        h = h + self.o(y.transpose(1, 2).flatten(2))
+        h = h + self.cross(h, memory, memory, need_weights=False)[0]
+        return self.head(h)
+
+
+def template_specs(attention: bool = True) -> list[WeightSpaceSpec]:
     """The architectures whose roles an NFN net is built with: MLPs (any depth
     from 1, with and without biases), Conv1d / Conv2d nets with pooling and
-    flatten heads, and standalone tensors of 1 to 4 axes (norms, embeddings)."""
+    flatten heads, standalone tensors of 1 to 4 axes (norms, embeddings),
+    and (``attention``) the projections of multi-head attention."""
+    return list(_template_specs(attention))
+
+
+@functools.cache
+def _template_specs(attention: bool) -> tuple[WeightSpaceSpec, ...]:  # specs are immutable
     mlp = [nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)]
     nets: list[nn.Module] = [
         nn.Sequential(*mlp),
@@ -688,7 +748,9 @@ def template_specs() -> list[WeightSpaceSpec]:
     shapes = {f"standalone{k}": (3,) * k for k in range(1, 5)}
     axes = {name: (None,) * len(shape) for name, shape in shapes.items()}
     specs.append(WeightSpaceSpec.from_axes(axes, shapes))
-    return specs
+    if attention:
+        specs.append(WeightSpaceSpec.from_module(AttentionTemplate()))
+    return tuple(specs)
 
 
 def pooled_sums(hv: Tensor, pools: set[tuple[int, ...]]) -> dict[tuple[int, ...], Tensor]:
@@ -808,6 +870,9 @@ class NFNNet(OptimizerNet):
         width_free_stats: with ``neuron_stats``, the weights' log RMS is read
             relative to a width-scaled init (``width_free`` of
             :func:`neuron_stats`), so its term does not change with width.
+        attention_roles: the NF-layer has weights for the roles of attention's
+            tensors (heads and their dimensions); without them those
+            tensors get the per-entry path and the neuron statistics only.
     """
 
     CONSTANTS = (*OptimizerNet.CONSTANTS, "nf_scale")
@@ -822,6 +887,7 @@ class NFNNet(OptimizerNet):
         nf_outputs: str = "both",
         neuron_stats: bool = False,
         width_free_stats: bool = False,
+        attention_roles: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(width, depth, **kwargs)
@@ -839,9 +905,14 @@ class NFNNet(OptimizerNet):
             self.stat_weight = nn.Parameter(torch.zeros(len(STAT_POOLS), len(NEURON_STATS)))
         if width_free_stats:  # absent from older configs: those read the raw log RMS
             self._config["width_free_stats"] = True
+        # Older checkpoints (format version < 4) have no weights for attention's
+        # roles: they load with attention_roles=False.
+        self._config["attention_roles"] = bool(attention_roles)
         self.nf_proj = nn.Linear(width, nf_channels, bias=False) if nf_channels else None
         n_out = 2 if nf_outputs == "both" else 1
-        self.nf = NFLinear(template_specs(), nf_channels or width, n_out, strict=False)
+        self.nf = NFLinear(
+            template_specs(attention_roles), nf_channels or width, n_out, strict=False
+        )
         with torch.no_grad():
             for w in list(self.nf.weights.values()) + list(self.nf.biases.values()):
                 w.mul_(kwargs.get("out_scale", 0.01))

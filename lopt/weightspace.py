@@ -88,6 +88,7 @@ class WeightSpaceSpec:
     mode: str = NP
     _kinds: dict = field(default=None, compare=False, hash=False, repr=False)
     _nesting: dict = field(default=None, compare=False, hash=False, repr=False)
+    _hash: int = field(default=0, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_kinds", dict(self.group_kinds))
@@ -126,6 +127,12 @@ class WeightSpaceSpec:
                 if ax.kind == GROUP and ax.group not in self._kinds:
                     raise ValueError(f"parameter {t.name!r}: neuron group {ax.group!r} has no kind")
         object.__setattr__(self, "_nesting", {g: p for g, p in parents.items() if p is not None})
+        # Specs key the NF-layers' plans, looked up several times per step:
+        # hash the nested tuples once.
+        object.__setattr__(self, "_hash", hash((self.tensors, self.group_kinds, self.mode)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @staticmethod
     def _check_nesting(t: TensorSpec, a: int, parents: dict[str, str | None]) -> None:
@@ -331,6 +338,8 @@ class WeightSpaceSpec:
         of an ``nn.Sequential``), global pooling or flatten between conv and
         linear parts recognised from the sizes, other parameters standalone.
         """
+        # torch.compile's wrapper holds the model (the same parameters).
+        module = getattr(module, "_orig_mod", module)
         # A single layer (no submodules) is read exactly by the sequential rule.
         if graph and any(True for _ in module.children()):
             spec = cls._from_graph(module, mode)

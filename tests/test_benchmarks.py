@@ -200,7 +200,7 @@ def test_overhead_quick_writes_every_output(tmp_path):
     overhead.main(["--quick", "--out", str(out), "--no-nfn", "--nfn", "nfn-ortho"])
     nets = json.loads((out / "overhead.json").read_text())["meta"]["nets"]
     assert "shipped nfn-ortho" in nets["nfn"] and "'ortho_lr': None" not in nets["nfn"]
-    assert "shipped mlp-small" in nets["mlp"]
+    assert f"shipped {lopt.checkpoint.RECOMMENDED['PerParamMLP']}" in nets["mlp"]
     with pytest.raises(SystemExit, match="--nfn nope: not a shipped net"):
         overhead.main(["--quick", "--out", str(tmp_path / "bad"), "--nfn", "nope"])
     assert not (tmp_path / "bad").exists()

@@ -61,19 +61,34 @@ def one_update(net, model, x, y, step, total):
         return functional.update(net, spec, None, grads, state, params, total_steps=total)[0]
 
 
+def prior_factor(t: float, total: int | None) -> float:
+    """The schedule's starting factor, by its formula."""
+    if total is None:
+        return 1.0
+    f = min(t / total, 1.0)
+    w, big = lopt.nets.DECAY_PRIOR_WIDTH, lopt.nets.DECAY_PRIOR
+    return math.exp(-big * (1 - math.tanh((1 - f) / w) / math.tanh(1 / w)))
+
+
 @pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
-def test_a_fresh_budget_input_changes_nothing_until_trained(cls):
-    """budget_inp starts at zero: the same updates as the net without it, at
-    any budget; once it is not zero, the budget moves the update, and an
-    unknown budget is the same as a zero budget input."""
+def test_a_fresh_budget_net_is_the_net_without_it_times_the_decay_prior(cls):
+    """budget_inp starts at zero and the schedule at the decay prior: the
+    updates of the net without them, unchanged without a budget and times
+    the prior's factor (1 early, e**-DECAY_PRIOR at the end) with one; once
+    budget_inp is not zero, the budget moves the update, and an unknown
+    budget is the same as a zero budget input."""
     model, x, y, net = setup(cls)
     plain = cls(**{k: v for k, v in net.config.items() if k != "budget"})
     own = ("budget_inp.", "schedule.")
     plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith(own)})
-    for total in (None, 10, 1000):
-        want = one_update(plain, model, x, y, 5, None)
+    want = one_update(plain, model, x, y, 5, None)
+    for u, v in zip(one_update(net, model, x, y, 5, None), want):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    for total in (5, 8, 10, 1000):
+        factor = prior_factor(5, total)
         for u, v in zip(one_update(net, model, x, y, 5, total), want):
-            torch.testing.assert_close(u, v, rtol=0, atol=0)
+            torch.testing.assert_close(u, factor * v, rtol=1e-5, atol=1e-9)
+    assert prior_factor(5, 1000) > 0.99 and prior_factor(5, 5) == pytest.approx(math.exp(-2.5))
     with torch.no_grad():
         net.budget_inp.weight.normal_()
     near_end = one_update(net, model, x, y, 9, 10)
@@ -156,6 +171,8 @@ def test_learned_schedule_scales_the_whole_update(cls):
     alike: exp(bias) with zero weights, and exp(w . features + b) against the
     naive formula once its weights read the step and budget."""
     model, x, y, net = setup(cls, seed=2)
+    with torch.no_grad():
+        net.schedule.weight.zero_()  # a flat schedule: the reference
     ref = one_update(net, model, x, y, 6, 30)
     with torch.no_grad():
         net.schedule.bias.fill_(math.log(0.5))

@@ -310,19 +310,29 @@ def test_torchs_transformer_layers_read_as_one_stream_with_heads(name):
 
 
 class PerHeadScale(nn.Module):
-    """Attention whose scores are scaled by a learned per-head parameter: the
-    heads are not interchangeable the way the spec would need."""
+    """Attention whose scores are scaled by a learned per-head parameter, or
+    whose queries and keys are multiplied by a per-dimension factor made in
+    the forward pass (as a rotary embedding is): the heads, or a head's
+    dimensions, are not interchangeable the way the spec would need."""
 
-    def __init__(self, d=8, heads=2):
+    def __init__(self, d=8, heads=2, rotary=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.rotary = heads, rotary
         self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.scale = nn.Parameter(torch.ones(heads, 1, 1))
 
     def forward(self, x):
-        b, t = x.shape[0], x.shape[1]
-        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        return self.o(((q @ k.transpose(-2, -1)) * self.scale).softmax(-1) @ v)
+        b, t, d = x.shape[0], x.shape[1], x.shape[2]
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.rotary:
+            angle = torch.arange(d // self.heads).float() / t
+            q, k = q * angle.cos(), k * angle.cos()
+            scores = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5
+        else:
+            scores = (q @ k.transpose(-2, -1)) * self.scale
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d)
+        return self.o(y)
 
 
 def test_a_class_token_joins_the_stream_and_a_concatenation_of_features_warns():
@@ -347,8 +357,9 @@ def test_a_class_token_joins_the_stream_and_a_concatenation_of_features_warns():
     assert spec.tensors[0].axes[0].kind == "local"
 
 
-def test_heads_meeting_an_operation_not_followed_stay_local_with_a_warning():
-    model = PerHeadScale()
+@pytest.mark.parametrize("rotary", [False, True])
+def test_heads_meeting_an_operation_not_followed_stay_local_with_a_warning(rotary):
+    model = PerHeadScale(rotary=rotary)
     with pytest.warns(UserWarning, match="does not follow") as caught:
         spec = WeightSpaceSpec.from_module(model)
     message = str(caught[0].message)
@@ -356,6 +367,7 @@ def test_heads_meeting_an_operation_not_followed_stay_local_with_a_warning():
     by_name = {t.name: t for t in spec.tensors}
     assert all(a.kind == "local" for a in by_name["qkv.weight"].axes[:-1])
     assert not spec.nesting()
+
 
 class Branchy(nn.Module):
     def __init__(self):

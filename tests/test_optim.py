@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -362,10 +363,14 @@ def test_functional_update_vmaps_over_a_population_of_nets():
 
 @pytest.mark.slow
 def test_torch_compiled_model():
+    """A compiled model's graph is read from the model it wraps."""
     torch.manual_seed(8)
     model = make_mlp([6, 8, 3])
     compiled = torch.compile(model)
-    opt = lopt.NFNOptimizer(compiled.parameters(), model=compiled)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert WeightSpaceSpec.from_module(compiled) == WeightSpaceSpec.from_module(model)
+        opt = lopt.NFNOptimizer(compiled.parameters(), model=compiled)
     losses = train(compiled, opt, *data(), 20)
     assert losses[-1] < losses[0]
 
@@ -545,17 +550,34 @@ def test_radial_correction_off_removes_the_learned_term_along_each_row(cls, arch
 
 
 def test_version_1_checkpoints_load_without_a_width_factor(tmp_path):
-    net = strong_net()
+    torch.manual_seed(0)
+    net = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-4, attention_roles=False)
     path = tmp_path / "v1.pt"
     lopt.save(net, path)
     payload = torch.load(path, weights_only=True)
     payload["version"] = 1
     del payload["state_dict"]["fan_in_exp"], payload["config"]["fan_in_exp"]
+    del payload["config"]["attention_roles"]
     torch.save(payload, path)
     loaded, _ = lopt.load(path)
     assert loaded.fan_in_exp.item() == 0.0
     assert loaded.input_width_factor is True and loaded.radial_correction is True
     assert torch.equal(loaded.log_lr, net.log_lr)
+
+
+def test_version_3_nfn_checkpoints_load_without_attention_roles(tmp_path):
+    """Files older than format 4 have no NF-layer weights for attention's
+    roles: they load as nets without them, which update attention tensors by
+    the per-entry path; a net saved now keeps them."""
+    old, _ = lopt.load("nfn-stats")
+    assert old.config["attention_roles"] is False
+    fresh = strong_net()
+    assert fresh.config["attention_roles"] is True
+    assert any(k.startswith("lanh") for k in fresh.nf.weights)
+    assert not any(k.startswith("lanh") for k in old.nf.weights)
+    lopt.save(fresh, tmp_path / "v4.pt")
+    back, _ = lopt.load(tmp_path / "v4.pt")
+    assert back.state_dict().keys() == fresh.state_dict().keys()
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
