@@ -434,7 +434,8 @@ TASKS.update(
         ),
     }
 )
-# The run length each task of the real suites is judged at (its step budget).
+# The run length each task of the real and held-out suites is judged at (its
+# step budget).
 TASK_STEPS: dict[str, int] = {
     "resnet-digits-16x2": 500,
     "lm-docs-d32h2l2": 1000,
@@ -446,6 +447,13 @@ TASK_STEPS: dict[str, int] = {
     "lm-docs-d64h4l3": 1000,
     "ae-mnist1d-128x16": 1000,
     "mlp-diabetes-128x2": 3000,
+    # The held-out suite of the small families, at 5x their 200-step unrolls
+    # (``python -m benchmarks.real --suite heldout``: budget nets told it).
+    **dict.fromkeys(
+        ["mlp-mnist1d-wide", "mlp-mnist1d-deep", "mlp-digits-wide", "cnn-digits-wide",
+         "mlp-gmm-hard", "cnn-mnist1d-deep"],
+        1000,
+    ),  # fmt: skip
 }
 FILE_TASKS = {"mlp-fashion-8", "cnn-fashion-16", "cnn-cifar10-16"}
 

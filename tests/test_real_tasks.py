@@ -98,7 +98,7 @@ def test_families_sample_trainable_tasks(family):
 
 
 def test_real_suites_have_budgets_and_stay_out_of_the_family():
-    for suite in ("real", "validation-real"):
+    for suite in ("real", "validation-real", "heldout"):
         for name in get_suite(suite):
             assert TASK_STEPS[name] >= 100
     assert max(TASK_STEPS[n] for n in SUITES["real"]) >= 3000
