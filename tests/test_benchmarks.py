@@ -977,3 +977,29 @@ def test_meta_throughput_reports_vmap_loop_and_the_tasks_share(capsys):
     assert row["population"] == 2 and row["vmap"] > 0 and row["loop"] > 0
     assert 0 < row["task"] < 1.5  # the task is a part of the outer step (timing noise aside)
     assert "task forward + backward share" in capsys.readouterr().out
+
+
+def test_budget_sweep_reads_every_run_and_flags_divergence(tmp_path):
+    from benchmarks import budgets
+
+    out = tmp_path / "sweep"
+    summary = budgets.main(
+        ["--weights", "nfn-stats", "--suite", "mlp-gmm", "--budgets", "12", "4", "--out", str(out)]
+    )
+    assert set(summary) == {("mlp-gmm", 4), ("mlp-gmm", 12)}
+    rows = list(csv.DictReader(open(out / "budgets.csv")))
+    assert {int(r["step"]) for r in rows if r["budget"] == "4"} == {0, 1, 2, 3, 4}
+    text = (out / "results.md").read_text()
+    assert "python -m benchmarks.budgets --weights nfn-stats" in text and "| mlp-gmm |" in text
+    # A reading at or above the start, or not finite, is a divergence.
+    fake = [("t", 5, 0, 1.0), ("t", 5, 1, 0.5), ("t", 5, 2, 1.2), ("u", 5, 0, 1.0),
+            ("u", 5, 5, float("nan")), ("v", 5, 0, 1.0), ("v", 5, 5, 0.1)]  # fmt: skip
+    s = budgets.summarise(fake)
+    assert s[("t", 5)]["diverged"] and s[("u", 5)]["diverged"] and not s[("v", 5)]["diverged"]
+    with pytest.raises(SystemExit, match="holds a sweep already"):
+        budgets.main(["--weights", "nfn-stats", "--suite", "mlp-gmm", "--out", str(out)])
+    with pytest.raises(SystemExit, match="--weights nope"):
+        budgets.main(["--weights", "nope", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--budgets must be >= 1"):
+        budgets.main(["--weights", "nfn-stats", "--budgets", "0", "--out", str(tmp_path / "y")])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
