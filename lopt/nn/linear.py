@@ -205,14 +205,13 @@ class NFLinear(nn.Module):
         k_u = len(u.view)
         arranged_shape = [u.view[a] if a in group.tied else 1 for a in range(k_u)]
         feats = []
+        lead = tuple(range(nb))
         for k in group.inputs:
             acc = None
             for c in k.contributions:
                 x = pooled[(c.t_index, c.pool)]
-                kept = sorted(set(range(len(spec.tensors[c.t_index].view))) - set(c.pool))
-                perm = [kept.index(b) for b in c.order]
-                if perm != list(range(len(perm))):
-                    x = x.permute(*range(nb), *(nb + p for p in perm), x.dim() - 1)
+                if c.perm is not None:  # precomputed with the plan
+                    x = x.permute(*lead, *(nb + p for p in c.perm), x.dim() - 1)
                 x = x.reshape(*batch, *arranged_shape, -1)
                 acc = x if acc is None else acc + x
             if len(k.contributions) > 1:

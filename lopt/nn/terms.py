@@ -44,6 +44,7 @@ class Contribution:
     pool: tuple[int, ...]  # T axes averaged out
     order: tuple[int, ...]  # remaining T axes: tied ones in U-axis order, then fixed ones
     n_fixed: int  # how many of ``order`` are fixed axes (flattened into channels)
+    perm: tuple[int, ...] | None = None  # the pooled input's axes into ``order`` (None: as is)
 
 
 @dataclass(frozen=True)
@@ -192,8 +193,11 @@ def build_plan(
                     order = tuple(sorted(tied_t, key=tied_t.get)) + tuple(fixed_t)
                     key = term_key(spec, ui, ti, ties, tie)
                     tied_u = tuple(sorted(tied_t.values()))
+                    kept = [b for b in range(len(t.axes)) if b not in pool]
+                    perm = tuple(kept.index(b) for b in order)
+                    perm = None if perm == tuple(range(len(perm))) else perm
                     per_key.setdefault((tied_u, key), []).append(
-                        Contribution(ti, pool, order, len(fixed_t))
+                        Contribution(ti, pool, order, len(fixed_t), perm)
                     )
                     feats[key] = in_channels * math.prod(t.axes[b].size for b in fixed_t)
         by_tied: dict[tuple[int, ...], list[KeyedInput]] = {}
