@@ -3,6 +3,8 @@ own step budget.
 
     python -m benchmarks.real --weights nfn-stats --seeds 2 --out runs/real
     python -m benchmarks.real --suite validation-real --weights nfn=runs/x/optimizer.pt
+    python -m benchmarks.real --suite validation-real --weights s900=runs/x/snapshots/... \
+        --baselines-from runs/val-base --out runs/val-s900   # reuse tuned Adam, AdamW
 
 Every task of the suite (``tasks.TASK_STEPS`` gives its run length) runs:
 - Adam at a constant learning rate and Adam with cosine decay to 0 over the
@@ -62,28 +64,46 @@ def learned(weights: str, total_steps: int | None):
     )
 
 
-def run_task(name: str, weights: list[str], seeds, tune_seeds, hide_budget: bool, device: str):
-    """Tune Adam's two schedules, run everything; returns (csv rows, meta)."""
+BASELINES = (*ADAM_KINDS, "adamw")
+
+
+def run_task(
+    name: str,
+    weights: list[str],
+    seeds,
+    tune_seeds,
+    hide_budget: bool,
+    device: str,
+    baselines: tuple[list, dict] | None = None,
+):
+    """Tune Adam's two schedules, run everything; returns (csv rows, meta).
+    ``baselines`` (rows and meta of this task from an earlier run with the
+    same seeds) replaces the tuning and the baselines' runs."""
     task = get_task(name, device)
     steps = TASK_STEPS[name]
     eval_every = max(1, steps // 20)
     meta: dict = {"params": task.num_params, "steps": steps}
     runs: dict[str, tuple] = {}  # label -> (make_optimizer, schedule)
-    total = len(ADAM_KINDS) * len(ADAM_GRID) * len(tune_seeds)
-    total += (len(ADAM_KINDS) + 1 + len(weights)) * len(seeds)
+    total = 0 if baselines else len(ADAM_KINDS) * len(ADAM_GRID) * len(tune_seeds)
+    total += (0 if baselines else len(BASELINES) * len(seeds)) + len(weights) * len(seeds)
     bar = tqdm(total=total, desc=f"{name} ({steps} steps)", unit="run", leave=False)
-    for label, schedule in zip(ADAM_KINDS, (None, cosine)):
-        best, scores = tune(
-            task, adam, steps, tune_seeds, ADAM_GRID, schedule, on_run=lambda: bar.update()
-        )
-        meta[f"{label}_lr"] = best
-        meta[f"{label}_grid_scores"] = {f"{lr:.0e}": s for lr, s in scores.items()}
-        runs[label] = (adam(best), schedule)
-    runs["adamw"] = (adamw, None)
+    rows = []
+    if baselines:
+        old_rows, old_meta = baselines
+        rows = [r for r in old_rows if r[1] in BASELINES]
+        meta.update({k: v for k, v in old_meta.items() if k.startswith(ADAM_KINDS)})
+    else:
+        for label, schedule in zip(ADAM_KINDS, (None, cosine)):
+            best, scores = tune(
+                task, adam, steps, tune_seeds, ADAM_GRID, schedule, on_run=lambda: bar.update()
+            )
+            meta[f"{label}_lr"] = best
+            meta[f"{label}_grid_scores"] = {f"{lr:.0e}": s for lr, s in scores.items()}
+            runs[label] = (adam(best), schedule)
+        runs["adamw"] = (adamw, None)
     for w in weights:
         label, make = learned(w, None if hide_budget else steps)
         runs[label] = (make, None)
-    rows = []
     for label, (make, schedule) in runs.items():
         for seed in seeds:
             curve: Curve = run(task, make, steps, seed, eval_every, schedule)
@@ -224,6 +244,14 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="only redo the tables and figure from --out's curves.csv and meta.json",
     )
+    p.add_argument(
+        "--baselines-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="copy tuned Adam and AdamW from an earlier run of the same tasks and seeds "
+        "(most of a run's time) instead of running them again",
+    )
     args = p.parse_args(argv)
     if args.from_csv:
         return write_page(*read_out(args.out, "--from-csv"), args.out)
@@ -248,7 +276,21 @@ def main(argv: list[str] | None = None) -> dict:
         "tune_seeds": args.tune_seeds,
         "hide_budget": args.hide_budget,
         "device": args.device,
+        "baselines_from": None if args.baselines_from is None else str(args.baselines_from),
     }
+    base_rows, base_meta = ([], {})
+    if args.baselines_from is not None:
+        base_rows, base_meta = read_out(args.baselines_from, "--baselines-from")
+        theirs = base_meta.get("settings", {})
+        for key in ("seeds", "tune_seeds", "device"):
+            if theirs.get(key) != settings[key]:
+                p.error(
+                    f"--baselines-from {args.baselines_from}: ran with {key} "
+                    f"{theirs.get(key)!r}, this run {settings[key]!r}"
+                )
+        missing = [n for n in names if n not in base_meta.get("tasks", {})]
+        if missing:
+            p.error(f"--baselines-from {args.baselines_from}: no runs of {', '.join(missing)}")
     rows: list = []
     meta: dict = {
         "command": "python -m benchmarks.real "
@@ -263,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.resume:
         rows, meta = read_out(args.out, "--resume")
-        if meta.get("settings") != settings:
+        if {"baselines_from": None, **meta.get("settings", {})} != settings:
             p.error(f"--resume: {args.out} was run with other settings: {meta.get('settings')}")
     elif (args.out / "curves.csv").exists():
         p.error(f"--out {args.out} holds a run already: --resume carries it on, or pick another")
@@ -271,8 +313,12 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = list(range(args.seeds))
     tune_seeds = list(range(FIRST_TUNE_SEED, FIRST_TUNE_SEED + args.tune_seeds))
     for name in tqdm([n for n in names if n not in meta["tasks"]], desc="tasks"):
+        baselines = None
+        if args.baselines_from is not None:
+            task_base = [r for r in base_rows if r[0] == name]
+            baselines = (task_base, base_meta["tasks"][name])
         task_rows, meta["tasks"][name] = run_task(
-            name, args.weights, seeds, tune_seeds, args.hide_budget, args.device
+            name, args.weights, seeds, tune_seeds, args.hide_budget, args.device, baselines
         )
         rows += task_rows
         write_out(rows, meta, args.out)  # each finished task is kept

@@ -1,6 +1,7 @@
 """The task families of real architectures, meta-training across step
 budgets on them, and the real benchmark suite."""
 
+import csv
 import math
 
 import pytest
@@ -231,6 +232,21 @@ def test_real_benchmark_runs_and_writes_its_page(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         real.main(["--suite", "mlp-digits", "--out", str(tmp_path / "x")])  # no budget
     assert not (tmp_path / "x").exists()
+    # Another net against the same baselines: tuned Adam and AdamW copied,
+    # not run again, so their rows and picks are the first run's.
+    reuse = tmp_path / "reuse"
+    calls = []
+    monkeypatch.setattr(real, "tune", lambda *a, **k: calls.append(a) or (1e-3, {}))
+    s2 = real.main([*args[:2], "--weights", "b=nfn-stats", "--seeds", "1",
+                    "--baselines-from", str(out), "--out", str(reuse)])  # fmt: skip
+    assert not calls and s2["per_task"]["mlp-gmm"]["tuned"] == s["per_task"]["mlp-gmm"]["tuned"]
+    base = [r for r in csv.reader(open(out / "curves.csv")) if r[1] in real.BASELINES]
+    copied = [r for r in csv.reader(open(reuse / "curves.csv")) if r[1] in real.BASELINES]
+    assert base == copied and {r[1] for r in csv.reader(open(reuse / "curves.csv"))} >= {"b"}
+    with pytest.raises(SystemExit, match="--baselines-from .*: ran with seeds 1, this run 2"):
+        real.main([*args[:2], "--seeds", "2", "--baselines-from", str(out),
+                   "--out", str(tmp_path / "y")])  # fmt: skip
+    assert not (tmp_path / "y").exists()
 
 
 def test_cosine_schedule_reaches_zero_at_the_end():
