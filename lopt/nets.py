@@ -43,8 +43,8 @@ built with ``budget=True`` also reads where the step lies in the run
 (``total_steps``, :func:`~lopt.features.budget_features`) beside the step
 count, and multiplies the whole update by a learned schedule, ``exp(w .
 [step features, budget features] + b)``: what the hand-set decay and warm-up
-do, learned, starting from a decay over the end of the run
-(:func:`schedule_prior`). The net learns a
+do, learned, starting from a short warm-up and a decay over the end of the
+run (:func:`schedule_prior`). The net learns a
 correction on top of Adam (as the UNF paper's net does on top of SGD with
 momentum), and its output layer starts near zero, so a fresh net is a sane,
 slow optimizer. Every input is loss-scale invariant, so the update is too.
@@ -70,6 +70,7 @@ from lopt.features import (
     NUM_BUDGET_FEATURES,
     NUM_FEATURES,
     NUM_STEP_FEATURES,
+    STEP_TIMESCALES,
     bias_corrections,
     budget_features,
     channel_scales,
@@ -82,12 +83,17 @@ from lopt.weightspace import INPUT, TensorSpec, WeightSpaceSpec
 
 MAX_LOG_MAGNITUDE = 10.0  # exp() of more than this is clipped: no overflow to inf
 MAX_LOG_SCHEDULE = 3.0  # the learned schedule multiplies an update by at most e**3
-# Where the learned schedule starts: 1 without a budget; with one, 1 through
-# most of the run, then down to e**-DECAY_PRIOR at its end, along
-# tanh((1 - f) / DECAY_PRIOR_WIDTH) (f = t / total_steps), as practitioners
-# decay a rate at the end of a run. From a flat start, meta-gradients of
-# truncated unrolls move it slowly, and a net that does not decay stalls or
-# diverges late in a run.
+# Where the learned schedule starts. A warm-up: e**-WARMUP_PRIOR times
+# e**(WARMUP_PRIOR * tanh(t / WARMUP_PRIOR_STEPS)), about 0.26 at the first
+# step and 1 by the tenth (the first steps rest on a few gradients, and a
+# step that suits later training kills ReLUs there). With a known budget, a
+# decay: 1 through most of the run, then down to e**-DECAY_PRIOR at its end,
+# along tanh((1 - f) / DECAY_PRIOR_WIDTH) (f = t / total_steps), as
+# practitioners decay a rate. From a flat start, meta-gradients of truncated
+# unrolls move the schedule slowly, and a net that does neither spikes in its
+# first steps or stalls or diverges late in a run.
+WARMUP_PRIOR = 2.0
+WARMUP_PRIOR_STEPS = 3
 DECAY_PRIOR = 2.5
 DECAY_PRIOR_WIDTH = 0.3
 MATRIX_POOLS = {(0,), (1,), (0, 1)}  # the pools of a matrix the fused kernel sums
@@ -98,18 +104,20 @@ GPU_CHUNK = 1 << 22
 FAN_IN_REF = 64.0  # fan-in at which the width factor is 1
 
 
-def schedule_prior() -> Tensor:
-    """The learned schedule's initial weights ``(1, step + budget
-    features)``: ``log factor = -DECAY_PRIOR * (1 - tanh((1 - f) / w) /
-    tanh(1 / w))`` when the budget is known (0 at the start, -DECAY_PRIOR
-    at the end), 0 when it is not (its features are then all zero)."""
+def schedule_prior() -> tuple[Tensor, Tensor]:
+    """The learned schedule's initial weights ``(1, step + budget features)``
+    and bias ``(1,)``: ``log factor = WARMUP_PRIOR * (tanh(t / s) - 1)`` (s =
+    WARMUP_PRIOR_STEPS), plus ``-DECAY_PRIOR * (1 - tanh((1 - f) / w) /
+    tanh(1 / w))`` when the budget is known (0 at the start, -DECAY_PRIOR at
+    the end; its features are all zero when it is not)."""
     w = torch.zeros(1, NUM_STEP_FEATURES + NUM_BUDGET_FEATURES)
+    w[0, STEP_TIMESCALES.index(WARMUP_PRIOR_STEPS)] = WARMUP_PRIOR
     n = len(BUDGET_SCALES)
     w[0, -1] = -DECAY_PRIOR  # the known-budget flag
     w[0, NUM_STEP_FEATURES + n + BUDGET_SCALES.index(DECAY_PRIOR_WIDTH)] = DECAY_PRIOR / math.tanh(
         1 / DECAY_PRIOR_WIDTH
     )
-    return w
+    return w, torch.tensor([-WARMUP_PRIOR])
 
 
 def slice_entries(device: torch.device) -> int:
@@ -316,8 +324,9 @@ class OptimizerNet(nn.Module):
             self.schedule = nn.Linear(NUM_STEP_FEATURES + NUM_BUDGET_FEATURES, 1)
             with torch.no_grad():
                 self.budget_inp.weight.zero_()
-                self.schedule.weight.copy_(schedule_prior())
-                self.schedule.bias.zero_()
+                weight, bias = schedule_prior()
+                self.schedule.weight.copy_(weight)
+                self.schedule.bias.copy_(bias)
         self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
         self.out = nn.Linear(width, 2)
         with torch.no_grad():
