@@ -974,3 +974,31 @@ def test_cap_flags_meta_train_a_capped_net(tmp_path, name, value):
     with pytest.raises(SystemExit, match=f"{flag}: {name} must be a finite number"):
         main([flag, "-1", "--family", "mlp-gmm", "--out", str(bad)])
     assert not bad.exists()
+
+
+def test_a_portable_copy_resumes_from_its_outer_step(tmp_path):
+    """The copy drops the inner run in progress (smaller), keeps the net, the
+    meta-parameters and the step; --resume on it carries the run on; a
+    destination holding files, or a folder that is not a run, is refused."""
+    from meta_train.__main__ import main
+    from meta_train.portable import main as portable_main
+
+    out = tmp_path / "run"
+    args = "--net mlp --width 4 --family mlp-gmm --truncation 2 --horizon 8 --population 1"
+    run = [*args.split(), "--meta-lr", "0.1", "--out", str(out), "--no-progress"]
+    assert main([*run, "--outer-steps", "3", "--checkpoint-every", "1"]) == 0
+    copy = tmp_path / "copy"
+    assert portable_main([str(out), str(copy)]) == 0
+    full = torch.load(out / "checkpoint.pt", weights_only=False)
+    light = torch.load(copy / "checkpoint.pt", weights_only=False)
+    assert full["inner"] is not None and light["inner"] is None and light["est_state"] == {}
+    assert light["step"] == full["step"] == 3 and torch.equal(light["theta"], full["theta"])
+    assert (copy / "checkpoint.pt").stat().st_size < (out / "checkpoint.pt").stat().st_size
+    assert main(["--resume", str(copy), "--outer-steps", "5", "--no-progress"]) == 0
+    assert torch.load(copy / "checkpoint.pt", weights_only=False)["step"] == 5
+    assert [h["outer_steps"] for h in lopt.load(copy / "optimizer.pt")[1]["history"]] == [3, 5]
+    with pytest.raises(SystemExit, match="holds files"):
+        portable_main([str(out), str(copy)])
+    with pytest.raises(SystemExit, match="no checkpoint.pt"):
+        portable_main([str(tmp_path), str(tmp_path / "other")])
+    assert not (tmp_path / "other").exists()
