@@ -792,11 +792,6 @@ whole of a tensor of fewer axes (a bias)."""
 STAT_FLOOR = 1e-3
 
 
-def _log_rms(x: Tensor, dims: tuple[int, ...], floor_sq: float | Tensor) -> Tensor:
-    # Smooth at 0 (no NaN meta-gradients through truncated backprop).
-    return 0.5 * torch.log(x.square().mean(dims, keepdim=True) + floor_sq)
-
-
 def neuron_stats(
     t: TensorSpec, param: Tensor, grad: Tensor, adam_direction: Tensor, width_free: bool = False
 ) -> dict[str, Tensor]:
@@ -811,25 +806,28 @@ def neuron_stats(
     not be; its statistics come back broadcastable to its view."""
     nested = any(ax.parent is not None for ax in t.axes)
     view = (t.shape if nested else t.view) or (1,)
-    p, g, a = (x.reshape(view) for x in (param, grad, adam_direction))
+    # The three squared tensors side by side: one reduction per pool reads
+    # all of them (a step pays per operation on small tensors).
+    sq = torch.stack([x.reshape(view) for x in (param, adam_direction, grad)], -1).square()
     every = tuple(range(len(view)))
-    g_all = g.square().mean(every, keepdim=True)
-    g_floor = STAT_FLOOR**2 * g_all + 1e-30
+    whole = sq.mean(every, keepdim=True)
+    g_all = whole[..., 2:]
+    f2 = whole.new_full((*whole.shape[:-1], 2), STAT_FLOOR**2)
+    floor = torch.cat([f2, STAT_FLOOR**2 * g_all + 1e-30], -1)
     pools = (
         {"row": every[1:], "column": (0, *every[2:]), "tensor": every}
         if len(view) >= 2
         else {"vector": every}
     )
-    log_g_all = 0.5 * torch.log(g_all + g_floor)
+    log_g_all = 0.5 * torch.log(g_all + floor[..., 2:])
     # Every entry of a weight starts at a scale of fan_in ** -0.5, so its
     # log RMS alone reads width as much as training.
     shift = -0.5 * width_log_ratio(t) if width_free else 0.0
+    offset = torch.cat([torch.full_like(g_all, shift), torch.zeros_like(g_all), -log_g_all], -1)
     out = {}
     for name, dims in pools.items():
-        rel = _log_rms(g, dims, g_floor) - log_g_all
-        log_p = _log_rms(p, dims, STAT_FLOOR**2) + shift
-        stats = [log_p, _log_rms(a, dims, STAT_FLOOR**2), rel]
-        out[name] = torch.stack(stats, -1)
+        mean = whole if dims == every else sq.mean(dims, keepdim=True)
+        out[name] = 0.5 * torch.log(mean + floor) + offset
     if nested:
         out = {k: v.reshape(*_spread(v.shape[:-1], t.shape, t.view), v.shape[-1])
                for k, v in out.items()}  # fmt: skip
