@@ -26,6 +26,16 @@ seed, say) are ranked together, to pick the one net to ship among them;
 
     python -m benchmarks.snapshots runs/a-s46 runs/a-s47 --every 1500 --set step_cap=0.03 \
         --baselines-from runs/val-base --out runs/val-a
+
+On a suite whose tasks have step budgets (``validation-real``), the nets run
+through :mod:`benchmarks.real` instead, each task at its budget and told it
+(``--steps`` and ``--set`` do not apply), and rank the same way on the final
+loss over tuned Adam's (the better of constant and cosine) and the steps to
+reach it (fractions of the budget):
+
+    python -m benchmarks.real --suite validation-real --seeds 2 --out runs/val-real-base
+    python -m benchmarks.snapshots runs/nfn-real --suite validation-real --seeds 2 \
+        --baselines-from runs/val-real-base --out runs/val-real-nfn
 """
 
 from __future__ import annotations
@@ -36,8 +46,9 @@ import re
 from pathlib import Path
 
 import lopt
-from benchmarks import compare
+from benchmarks import compare, real
 from lopt import cli
+from tasks import TASK_STEPS, get_suite
 
 SNAPSHOT = re.compile(r"optimizer-(\d+)\.pt$")
 CLIP = 2.0  # a task's loss ratio counts within [1 / CLIP, CLIP]
@@ -112,6 +123,37 @@ def ranking(summary: dict, labels: list[str]) -> list[tuple[str, float, float, i
     )
 
 
+def budget_ranking(summary: dict, labels: list[str]) -> list[tuple[str, float, float, int, int]]:
+    """:func:`ranking` on a :func:`benchmarks.real.summarise` summary:
+    ``(label, speed, clipped geometric-mean ratio, tasks beaten, diverged)``."""
+    rows = []
+    for label in labels:
+        entries = [e for e in summary["per_task"].values() if label in e["ratio"]]
+        fracs = [min(e["steps_to_adam"][label], NEVER) for e in entries]
+        logs = []
+        for e in entries:
+            r = e["ratio"][label]
+            ok = math.isfinite(r) and r > 0
+            logs.append(math.log(min(max(r, 1 / CLIP), CLIP)) if ok else math.inf)
+        c = summary["counts"][label]
+        rows.append((
+            label,
+            sum(fracs) / len(fracs) if fracs else math.nan,
+            math.exp(sum(logs) / len(logs)) if logs else math.nan,
+            c["beats"],
+            c["diverged"],
+        ))  # fmt: skip
+    return sorted(rows, key=lambda r: (not math.isfinite(r[2]), r[1], r[2], -r[3]))
+
+
+def with_budgets(suite: str) -> bool:
+    """Whether every task of ``suite`` has a step budget (``tasks.TASK_STEPS``)."""
+    try:
+        return all(name in TASK_STEPS for name in get_suite(suite))
+    except KeyError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = cli.ArgumentParser(
         prog="python -m benchmarks.snapshots",
@@ -164,22 +206,32 @@ def main(argv: list[str] | None = None) -> Path:
                 "(meta-train with --snapshot-every N)"
             )
         found += [(f"{run.name}-{lab}" if len(args.run) > 1 else lab, p) for lab, p in nets]
-    cmd = ["--suite", args.suite, "--steps", str(args.steps), "--seeds", str(args.seeds)]
-    cmd += ["--factors", "1", "--out", str(args.out), "--weights"]
-    cmd += [f"{label}={path}" for label, path in found]
-    if args.baselines_from is not None:
-        cmd += ["--baselines-from", str(args.baselines_from)]
-    if args.set:
-        cmd += ["--set", *args.set]
-    summary = compare.main(cmd)
-    ranked = ranking(summary, [label for label, _ in found])
+    budgets = with_budgets(args.suite)
+    if budgets and args.set:
+        raise SystemExit(f"--set does not apply to {args.suite}, a suite of step budgets")
+    weights = [f"{label}={path}" for label, path in found]
+    base = [] if args.baselines_from is None else ["--baselines-from", str(args.baselines_from)]
+    labels = [label for label, _ in found]
+    if budgets:
+        cmd = ["--suite", args.suite, "--seeds", str(args.seeds), "--out", str(args.out)]
+        summary = real.main([*cmd, *base, "--weights", *weights])
+        ranked = budget_ranking(summary, labels)
+        where = "each task at its step budget"
+    else:
+        cmd = ["--suite", args.suite, "--steps", str(args.steps), "--seeds", str(args.seeds)]
+        cmd += ["--factors", "1", "--out", str(args.out), "--weights", *weights, *base]
+        if args.set:
+            cmd += ["--set", *args.set]
+        summary = compare.main(cmd)
+        ranked = ranking(summary, labels)
+        where = f"horizon {args.steps}"
     paths = dict(found)
     lines = [
         f"## Snapshots of {', '.join(map(str, args.run))} on {args.suite} "
-        f"(horizon {args.steps}, {args.seeds} seeds)",
+        f"({where}, {args.seeds} seeds)",
         "",
         "| snapshot | steps to Adam's loss (mean) | loss / Adam's (geometric mean, "
-        f"clipped to [{1 / CLIP:g}, {CLIP:g}]) | beats Adam @1x | diverged |",
+        f"clipped to [{1 / CLIP:g}, {CLIP:g}]) | beats Adam | diverged |",
         "|---|---|---|---|---|",
     ]
     n = summary["counts"][ranked[0][0]]["tasks"]

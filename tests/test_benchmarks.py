@@ -1003,3 +1003,32 @@ def test_budget_sweep_reads_every_run_and_flags_divergence(tmp_path):
     with pytest.raises(SystemExit, match="--budgets must be >= 1"):
         budgets.main(["--weights", "nfn-stats", "--budgets", "0", "--out", str(tmp_path / "y")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_snapshots_rank_on_a_suite_of_step_budgets(tmp_path, monkeypatch):
+    """On a suite whose tasks have budgets, the nets run through
+    benchmarks.real (told each budget) and rank by speed, then the clipped
+    ratio to tuned Adam; --set is refused there."""
+    import lopt
+    from benchmarks import real, snapshots
+    from tasks import SUITES, TASK_STEPS
+
+    monkeypatch.setitem(TASK_STEPS, "mlp-gmm", 20)
+    monkeypatch.setitem(SUITES, "budgeted", ["mlp-gmm"])
+    monkeypatch.setattr(real, "ADAM_GRID", (1e-2,))
+    run = tmp_path / "run"
+    (run / "snapshots").mkdir(parents=True)
+    torch.manual_seed(0)
+    lopt.save(lopt.PerParamMLP(lr=1e-7, step_mult=1e-7), run / "snapshots" / "optimizer-000010.pt")
+    lopt.save(lopt.PerParamMLP(lr=1e-2), run / "snapshots" / "optimizer-000020.pt")
+    out = tmp_path / "rank"
+    best = snapshots.main([str(run), "--suite", "budgeted", "--seeds", "1", "--out", str(out)])
+    assert best == run / "snapshots" / "optimizer-000020.pt"
+    text = (out / "ranking.md").read_text()
+    assert "each task at its step budget" in text
+    assert text.index("| step20 |") < text.index("| step10 |")
+    assert "python -m benchmarks.real --suite budgeted" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit, match="--set does not apply to budgeted"):
+        snapshots.main([str(run), "--suite", "budgeted", "--set", "step_cap=0.5",
+                        "--out", str(tmp_path / "x")])  # fmt: skip
+    assert not (tmp_path / "x").exists()
