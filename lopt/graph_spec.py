@@ -367,7 +367,7 @@ def _flatten(f, start: int, end: int, groups: _Groups, where: str):
     if f is RAW or f is None:
         return f
     if not isinstance(f, Feature):  # heads: a flatten the attention reading did not take
-        for g in _heads_groups(f):
+        for g in _groups_of(f):
             groups.make_opaque(g, where)
         return None
     if f.axis == 1 and start >= 2:
@@ -467,7 +467,7 @@ def _cat(node, feat, groups: _Groups, axes, names, modules) -> Feature | None:
             tokens.append(param)
     if not ok:
         for v in values:
-            for g in _heads_groups(v) + _heads_groups(v, plain=True):
+            for g in _groups_of(v):
                 groups.make_opaque(g, where)
         return None
     g = known[0].group
@@ -495,11 +495,9 @@ def _join(node, args, feat, groups: _Groups, axes, names, modules) -> Feature | 
     parameter added to a feature (a learned position table, a bias) joins it
     on its last axis."""
     where = f"{getattr(node.target, '__name__', node.target)} ({node.name})"
-    structured = [g for a in args if not isinstance(feat.get(a), Feature)
-                  for g in _heads_groups(feat.get(a))]  # fmt: skip
-    if structured:  # heads met a feature axis: nothing here follows both
-        for a in args:
-            for g in _heads_groups(feat.get(a)) + _heads_groups(feat.get(a), plain=True):
+    if any(not isinstance(feat.get(a), Feature) and _groups_of(feat.get(a)) for a in args):
+        for a in args:  # heads met a feature axis: nothing here follows both
+            for g in _groups_of(feat.get(a)):
                 groups.make_opaque(g, where)
         return None
     fs = [f if isinstance(f, Feature) else None for f in (feat.get(a) for a in args)]
@@ -529,12 +527,11 @@ def _join(node, args, feat, groups: _Groups, axes, names, modules) -> Feature | 
     return None
 
 
-def _heads_groups(value, plain: bool = False) -> list[int]:
+def _groups_of(value) -> list[int]:
+    """The neuron groups a value carries (a feature, attention heads)."""
     from lopt import graph_heads
 
-    if plain:
-        return [value.group] if isinstance(value, Feature) else []
-    return [] if isinstance(value, Feature) else graph_heads.groups_of(value)
+    return graph_heads.groups_of(value)
 
 
 def _attr(modules, target: str):
