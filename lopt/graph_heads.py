@@ -439,11 +439,6 @@ def multihead_attention(node, mod: nn.MultiheadAttention, pre: str, feat, groups
     fq, fk, fv = (_arg(node, feat, i, name) for i, name in enumerate(("query", "key", "value")))
     g_out = groups.new(mod.embed_dim)
     out = Pair((Feature(g_out, -1, fq.ndim if isinstance(fq, Feature) else None), None))
-    if mod.bias_k is not None:  # learned key / value rows: not followed
-        for f in (fq, fk, fv):
-            for g in groups_of(f):
-                groups.make_opaque(g, where + " (add_bias_kv)")
-        return out
     g_q = input_group(fq, mod.embed_dim, -1, where)
     g_k = input_group(fk, mod.kdim, -1, where)
     g_v = input_group(fv, mod.vdim, -1, where)

@@ -481,3 +481,22 @@ def test_a_hand_written_spec_that_contradicts_the_graph_is_named():
     bad = WeightSpaceSpec.from_axes(axes, shapes)
     with pytest.raises(ValueError, match="'blocks.0.norm2.weight': axis 0 shares neurons"):
         bad.check_against(model)
+
+
+def test_attention_with_learned_key_value_rows_is_not_followed():
+    """add_bias_kv appends learned rows to the keys and values: not followed,
+    so the stream it reads stays local, with the warning naming it."""
+
+    class KV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.head = nn.Linear(3, 8), nn.Linear(8, 2)
+            self.attn = nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.head(h + self.attn(h, h, h)[0])
+
+    with pytest.warns(UserWarning, match=r"MultiheadAttention attn \(add_bias_kv\): inp.weight"):
+        spec = WeightSpaceSpec.from_module(KV())
+    assert not spec.nesting() and spec.tensors[0].axes[0].kind == "local"
