@@ -86,18 +86,23 @@ def _entries(summary: dict, label: str) -> list[dict]:
     return [e for (_task, opt), e in summary["per_task"].items() if opt == label]
 
 
-def score(summary: dict, label: str, clip: float | None = CLIP) -> float:
-    """Geometric mean over tasks of the loss at the horizon over Adam's, each
-    clipped to [1 / clip, clip] (None: not clipped); inf when a run is not
-    finite."""
+def clipped_geomean(ratios: list[float], clip: float | None = CLIP) -> float:
+    """Geometric mean of loss ratios, each clipped to [1 / clip, clip] (None:
+    not clipped); inf when one is not finite."""
     logs = []
-    for e in _entries(summary, label):
-        r = e["normalised"]
+    for r in ratios:
         if not (math.isfinite(r) and r > 0):
             logs.append(math.inf)
             continue
         logs.append(math.log(r if clip is None else min(max(r, 1 / clip), clip)))
     return math.exp(sum(logs) / len(logs)) if logs else math.nan
+
+
+def score(summary: dict, label: str, clip: float | None = CLIP) -> float:
+    """Geometric mean over tasks of the loss at the horizon over Adam's, each
+    clipped to [1 / clip, clip] (None: not clipped); inf when a run is not
+    finite."""
+    return clipped_geomean([e["normalised"] for e in _entries(summary, label)], clip)
 
 
 def speed(summary: dict, label: str) -> float:
@@ -130,16 +135,11 @@ def budget_ranking(summary: dict, labels: list[str]) -> list[tuple[str, float, f
     for label in labels:
         entries = [e for e in summary["per_task"].values() if label in e["ratio"]]
         fracs = [min(e["steps_to_adam"][label], NEVER) for e in entries]
-        logs = []
-        for e in entries:
-            r = e["ratio"][label]
-            ok = math.isfinite(r) and r > 0
-            logs.append(math.log(min(max(r, 1 / CLIP), CLIP)) if ok else math.inf)
         c = summary["counts"][label]
         rows.append((
             label,
             sum(fracs) / len(fracs) if fracs else math.nan,
-            math.exp(sum(logs) / len(logs)) if logs else math.nan,
+            clipped_geomean([e["ratio"][label] for e in entries]),
             c["beats"],
             c["diverged"],
         ))  # fmt: skip

@@ -84,8 +84,8 @@ _SOFTMAX = {torch.softmax, torch.nn.functional.softmax, torch.log_softmax,
             torch.nn.functional.log_softmax}  # fmt: skip
 _SCALE_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, torch.div}
 _ADD_FUNCTIONS = {operator.add, operator.sub, torch.add, torch.sub}
-_KEEP_METHODS = {"masked_fill", "masked_fill_", "type_as", "float", "to", "contiguous",
-                 "clone", "half", "bfloat16"}  # fmt: skip
+# Kept on heads beside read_graph's own (graph_spec._KEEP_METHODS).
+_HEADS_KEEP_METHODS = {"masked_fill", "masked_fill_", "type_as", "half", "bfloat16"}
 _NEW_METHODS = {"new_ones", "new_zeros", "new_full", "new_empty", "new_tensor"}
 _INT_OPS = {
     operator.floordiv: operator.floordiv, operator.mul: operator.mul, operator.add: operator.add,
@@ -238,7 +238,7 @@ def step(node, args, feat, groups, axes, views, shapes, ints, modules) -> tuple[
         dim = _dim_arg(node, 1, "dim")
         ok = isinstance(dim, int) and -h.ndim <= dim < h.ndim and h.labels[dim] is None
         return (True, h) if ok else lose()
-    if _keeps(node) or (op == "call_method" and target in _KEEP_METHODS):
+    if _keeps(node) or (op == "call_method" and target in _HEADS_KEEP_METHODS):
         return (True, h) if len(structured) == 1 else lose()
     scale = op == "call_function" and target in _SCALE_FUNCTIONS
     scale = scale or (op == "call_method" and target in ("mul", "div"))
@@ -292,8 +292,7 @@ def _split(f: Feature, dims: list, groups, ints):
     axis splits it into ``(heads, dims)`` or ``(parts, heads, dims)``."""
     size = groups.size[groups.find(f.group)]
     values = [-1 if d == -1 else _int(d, ints) for d in dims]
-    candidates = []
-    for k in (3, 2):
+    for k in (3, 2):  # (parts, heads, dims) first
         if len(values) < k + 1:  # a batch axis at least stays
             continue
         tail = values[-k:]
@@ -315,28 +314,24 @@ def _split(f: Feature, dims: list, groups, ints):
             continue
         if k == 3 and tail[0] not in (2, 3):
             continue
-        candidates.append((len(values) - k, tail[0] if k == 3 else None, tail[-2], tail[-1]))
-    if not candidates:
-        return None
-    lead, part, n_heads, n_dims = candidates[0]
-    if n_heads < 1 or n_dims < 1:
-        return None
-    return lead, part, n_heads, n_dims
+        if tail[-2] >= 1 and tail[-1] >= 1:
+            return len(values) - k, tail[0] if k == 3 else None, tail[-2], tail[-1]
+    return None
 
 
 def _retire(g: int, part, h: int, i: int, groups, axes, views, shapes) -> None:
     """Rewrite the axes of every parameter that indexes group ``g`` (the
     projection's rows and bias) as ``(part,) heads, dims``."""
     root = groups.find(g)
-    split = ([("l",)] if part else []), [part] if part else []
+    part_axis, part_size = ([("l",)], [part]) if part else ([], [])
+    sizes = part_size + [groups.size[h], groups.size[i]]
     for name, entries in axes.items():
         for k, e in enumerate(entries):
             if e[0] == "g" and groups.find(e[1]) == root:
                 view = list(views.get(name, shapes[name]))
-                n_h, n_d = groups.size[h], groups.size[i]
-                views[name] = tuple(view[:k] + split[1] + [n_h, n_d] + view[k + 1 :])
+                views[name] = tuple(view[:k] + sizes + view[k + 1 :])
                 axes[name] = (
-                    entries[:k] + split[0] + [("g", h, e[2]), ("g", i, e[2])] + entries[k + 1 :]
+                    entries[:k] + part_axis + [("g", h, e[2]), ("g", i, e[2])] + entries[k + 1 :]
                 )
                 break
     groups.retired[root] = (h, i)

@@ -450,15 +450,7 @@ class WeightSpaceSpec:
                 perms[g] = torch.randperm(n, generator=generator)
 
         def apply(tensors: Sequence[Tensor]) -> list[Tensor]:
-            self.check(tensors, "tensor")
-            out = []
-            for t, x in zip(self.tensors, tensors):
-                y = x.reshape(t.view)
-                for a, ax in enumerate(t.axes):
-                    if ax.kind == GROUP:
-                        y = permute_axis(y, a, perms[ax.group].to(y.device))
-                out.append(y.reshape(t.shape))
-            return out
+            return WeightSpace.from_tensors(self, tensors, "tensor").permute(perms).to_tensors()
 
         return apply
 
