@@ -37,8 +37,9 @@ STEPS = 3  # optimizer steps compared on the model and its moved twin
 
 
 def structure(spec: WeightSpaceSpec) -> dict:
-    """What the spec found: the largest group by tensors (the residual
-    stream in a residual net), head groups, tensors with no group."""
+    """What the spec found, per parameter: the largest group by parameters
+    (the residual stream in a residual net), head groups, parameters with a
+    group."""
     members: dict[str, set[str]] = {}
     for t in spec.tensors:
         for ax in t.axes:
@@ -46,8 +47,10 @@ def structure(spec: WeightSpaceSpec) -> dict:
                 members.setdefault(ax.group, set()).add(t.name)
     stream = max(members.values(), key=len) if members else set()
     return {
-        "tensors": len(spec.tensors),
-        "with_groups": sum(any(a.kind == GROUP for a in t.axes) for t in spec.tensors),
+        "tensors": len(spec.names),  # parameters (a packed one's pieces count once)
+        "with_groups": sum(
+            any(a.kind == GROUP for t in pieces for a in t.axes) for pieces in spec.by_parameter()
+        ),
         "stream": len(stream),
         "heads": len(set(spec.nesting().values())),
     }

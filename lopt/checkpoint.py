@@ -22,7 +22,10 @@ FORMAT = "lopt-optimizer-net"
 # 2: nets have a width exponent (fan_in_exp); version 1 files get 0.
 # 3: nets may read the step budget (config "budget"); older files never do.
 # 4: NFN nets have NF-layer weights for attention's roles; older files do not.
-VERSION = 4
+# 5: a packed attention projection is read in pieces (query-key rows, value
+#    rows), so the NF-layer's attention roles changed: a version-4 net gets
+#    zeros for the new ones (no such term, as before) and drops the old.
+VERSION = 5
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT = "default"  # weights= of the optimizer classes: the recommended shipped net
 # The recommended shipped net of each net class (OptimizerNet: any class).
@@ -137,6 +140,8 @@ def load(
         config["attention_roles"] = False
     net = NETS[name](**config)
     state = dict(payload["state_dict"])
+    if payload.get("version", 0) == 4 and config.get("attention_roles"):
+        state = _attention_roles_v5(net, state)
     if payload.get("version", 0) < 2 and "fan_in_exp" not in state:
         state["fan_in_exp"] = torch.zeros(())  # no width factor, as those nets ran
     try:
@@ -144,3 +149,15 @@ def load(
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit a {name} with this config: {e}") from e
     return net, payload.get("metadata", {})
+
+
+def _attention_roles_v5(net: OptimizerNet, state: dict[str, torch.Tensor]) -> dict:
+    """A version-4 NFN state dict for this version's NF-layer roles: the
+    roles this version adds at zero, the ones it no longer has dropped."""
+    ours = net.state_dict()
+    nf = ("nf.weights.", "nf.biases.")
+    out = {k: v for k, v in state.items() if k in ours or not k.startswith(nf)}
+    for k, v in ours.items():
+        if k.startswith(nf) and k not in out:
+            out[k] = torch.zeros_like(v)
+    return out

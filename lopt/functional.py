@@ -71,9 +71,34 @@ def update(
     (:mod:`lopt.fused`): the same formula, in one pass over memory.
     ``total_steps`` is the run's step budget (None, or a value <= 0: not
     known), which nets built with ``budget=True`` read.
+
+    Lists are per parameter. A spec with pieces (packed attention
+    projections) is run on its pieces (views of the parameters and of the
+    state), and the updates and a new state come back per parameter.
     """
     if inplace and guard:
         raise ValueError("inplace=True needs guard=False: an in-place state cannot be rolled back")
+    if not spec.has_pieces:
+        return _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
+                       total_steps)  # fmt: skip
+    cut = {
+        **state,
+        "momenta": spec.split(state["momenta"], dim=1),
+        "second_moment": spec.split(state["second_moment"]),
+    }
+    updates, new = _update(net, spec, net_params, spec.split(grads), cut, spec.split(params),
+                           guard, inplace, fused, total_steps)  # fmt: skip
+    if inplace:  # the pieces are views: the state's own tensors hold the new values
+        momenta, second = state["momenta"], state["second_moment"]
+    else:
+        momenta = spec.join(new["momenta"], dim=1)
+        second = spec.join(new["second_moment"])
+    return spec.join(updates), {**new, "momenta": momenta, "second_moment": second}
+
+
+def _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
+            total_steps) -> tuple[list[Tensor], State]:  # fmt: skip
+    """:func:`update` on the spec's tensors (a packed parameter's pieces apart)."""
     grads = [g.float() for g in grads]
     params32 = [p.float() for p in params]
     decays = torch.tensor(MOMENTUM_DECAYS, dtype=torch.float32, device=grads[0].device)
@@ -81,17 +106,21 @@ def update(
     b2 = SECOND_MOMENT_DECAY
     weights = [(1 - decays).reshape(-1, *[1] * g.dim()) for g in grads]
     squares = None
-    if (
-        inplace
-        and fused
-        and fused_kernel.accepts(*params32, *grads, *state["momenta"], *state["second_moment"])
-    ):
-        # One pass per tensor, which also sums what the channel scales need.
+    if inplace and fused:
+        # One pass per tensor, which also sums what the channel scales need;
+        # a tensor the kernel cannot read (a piece's strided momenta) takes
+        # the torch ops.
         w = [1 - d for d in MOMENTUM_DECAYS]
-        squares = [
-            fused_kernel.state_update(p, g, m, v, w, b2)
-            for p, g, m, v in zip(params32, grads, state["momenta"], state["second_moment"])
-        ]
+        squares = []
+        for p, g, m, v, wt in zip(
+            params32, grads, state["momenta"], state["second_moment"], weights
+        ):
+            if fused_kernel.accepts(p, g, m, v):
+                squares.append(fused_kernel.state_update(p, g, m, v, w, b2))
+            else:
+                m.lerp_(g[None], wt)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                squares.append(None)
         momenta, second = state["momenta"], state["second_moment"]
     elif inplace:
         momenta = [m.lerp_(g[None], w) for m, g, w in zip(state["momenta"], grads, weights)]

@@ -8,7 +8,8 @@ head has its own, so these dimensions are a group *nested* in the head group.
 
 Values on the way carry one label per axis (:class:`Heads`): ``("head",
 g)``, ``("dim", g)``, ``("part", n)`` (the query / key / value index of a
-packed projection) or ``None`` (batch, positions). The operations followed
+packed projection, whose ``"dim"`` label then holds one group per part) or
+``None`` (batch, positions). The operations followed
 are the ones attention is written with: ``reshape`` / ``view`` of a
 projection into ``(..., heads, dim)`` or ``(..., 3, heads, dim)``,
 ``permute`` / ``transpose``, indexing a part, ``@`` (``q @ k^T`` joins the
@@ -19,9 +20,12 @@ scaling, dropout, and the ``reshape`` / ``flatten`` that merges heads back
 columns). Sizes in ``reshape`` calls are read from the groups they come from
 (``x.shape[-1] // heads``), or solved when one is unknown.
 
-A packed projection (one weight for query, key and value) has one axis for
-the dimensions of all three, so its spec permutes them together (a subgroup
-of the attention's symmetry, which lets the value's differ).
+A packed projection (one weight for query, key and value) gets a group of
+dimensions per part, and the parts that end up in different groups (the
+query-key rows and the value rows) become pieces of the parameter
+(:attr:`~lopt.weightspace.TensorSpec.part`): its axes are written
+``("p", (group per part), exponent)`` until :func:`lopt.graph_spec.spec_tensors`
+cuts it.
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ def groups_of(value) -> list[int]:
     if isinstance(value, HeadsFlat):
         return [value.head, value.dim]
     if isinstance(value, Heads):
-        return [lab[1] for lab in value.labels if lab is not None and lab[0] != "part"]
+        return [g for lab in value.labels if lab is not None and lab[0] != "part"
+                for g in _each(lab[1])]  # fmt: skip
     if isinstance(value, Pair):
         return [g for v in value.items for g in groups_of(v)]
     return []
@@ -93,6 +98,25 @@ _INT_OPS = {
 }  # fmt: skip  # fmt: skip
 
 
+def _each(g) -> tuple:
+    """A label's groups: one, or one per part of a packed projection."""
+    return g if isinstance(g, tuple) else (g,)
+
+
+def _collapse(h: Heads, groups, where: str) -> Heads:
+    """``h`` with a packed projection's groups of dimensions made one (an
+    operation on the packed value uses them alike)."""
+    labels = []
+    for lab in h.labels:
+        if lab is not None and isinstance(lab[1], tuple):
+            g = lab[1][0]
+            for other in lab[1][1:]:
+                g = groups.union(g, other, where)
+            lab = (lab[0], g)
+        labels.append(lab)
+    return Heads(tuple(labels))
+
+
 def _size(value, axis: int, groups):
     """The size of ``value``'s ``axis`` when a group says it, else None."""
     if isinstance(value, Feature) and on_axis(value, axis):
@@ -100,7 +124,7 @@ def _size(value, axis: int, groups):
     if isinstance(value, Heads) and -value.ndim <= axis < value.ndim:
         lab = value.labels[axis]
         if lab is not None:
-            return lab[1] if lab[0] == "part" else groups.size[groups.find(lab[1])]
+            return lab[1] if lab[0] == "part" else groups.size[groups.find(_each(lab[1])[0])]
     return None
 
 
@@ -182,8 +206,11 @@ def step(node, args, feat, groups, axes, views, shapes, ints, modules) -> tuple[
             return False, None
         lead, part, n_heads, n_dims = split
         h, i = groups.new_nested(n_heads, n_dims)
-        _retire(first.group, part, h, i, groups, axes, views, shapes)
-        labels = (None,) * lead + ((("part", part),) if part else ()) + (("head", h), ("dim", i))
+        # A packed projection: a group of dimensions per part, until the
+        # attention shows which parts share one (q . k).
+        dims = (i, *(groups.new_in(h, n_dims) for _ in range(part - 1))) if part else i
+        _retire(first.group, part, h, dims, groups, axes, views, shapes)
+        labels = (None,) * lead + ((("part", part),) if part else ()) + (("head", h), ("dim", dims))
         return True, Heads(labels)
 
     structured = [v for v in vals if isinstance(v, (Heads, HeadsFlat, Pair))]
@@ -215,6 +242,9 @@ def step(node, args, feat, groups, axes, views, shapes, ints, modules) -> tuple[
         return True, Heads(tuple(labels))
     if op == "call_function" and target is operator.getitem:
         return _index(h, node.args[1]) or lose()
+    # Anything else reads a packed value's parts alike.
+    h = _collapse(h, groups, where)
+    vals = [_collapse(v, groups, where) if isinstance(v, Heads) else v for v in vals]
     if (op == "call_function" and target in (operator.matmul, torch.matmul)) or (
         op == "call_method" and target == "matmul"
     ):
@@ -319,22 +349,22 @@ def _split(f: Feature, dims: list, groups, ints):
     return None
 
 
-def _retire(g: int, part, h: int, i: int, groups, axes, views, shapes) -> None:
+def _retire(g: int, part, h: int, i, groups, axes, views, shapes) -> None:
     """Rewrite the axes of every parameter that indexes group ``g`` (the
-    projection's rows and bias) as ``(part,) heads, dims``."""
+    projection's rows and bias) as ``(part,) heads, dims`` (``i``: a group of
+    dimensions per part when packed)."""
     root = groups.find(g)
     part_axis, part_size = ([("l",)], [part]) if part else ([], [])
-    sizes = part_size + [groups.size[h], groups.size[i]]
+    sizes = part_size + [groups.size[h], groups.size[_each(i)[0]]]
     for name, entries in axes.items():
         for k, e in enumerate(entries):
             if e[0] == "g" and groups.find(e[1]) == root:
                 view = list(views.get(name, shapes[name]))
                 views[name] = tuple(view[:k] + sizes + view[k + 1 :])
-                axes[name] = (
-                    entries[:k] + part_axis + [("g", h, e[2]), ("g", i, e[2])] + entries[k + 1 :]
-                )
+                dims = ("p", i, e[2]) if part else ("g", i, e[2])
+                axes[name] = entries[:k] + part_axis + [("g", h, e[2]), dims] + entries[k + 1 :]
                 break
-    groups.retired[root] = (h, i)
+    groups.retired[root] = (h, *_each(i))
 
 
 def _index(h: Heads, index):
@@ -347,10 +377,18 @@ def _index(h: Heads, index):
     full = all(isinstance(x, int) or x == slice(None) for x in index)
     if not full or len(ints_at) != 1 or h.labels[ints_at[0]] is None:
         return None
-    if h.labels[ints_at[0]][0] != "part":
+    at = ints_at[0]
+    if h.labels[at][0] != "part":
         return None
-    labels = h.labels[: ints_at[0]] + h.labels[ints_at[0] + 1 :]
-    return True, Heads(labels)
+    n, p = h.labels[at][1], index[at]
+    if not -n <= p < n:
+        return None
+    # The part's own group of dimensions.
+    labels = [
+        (lab[0], lab[1][p]) if lab is not None and isinstance(lab[1], tuple) else lab
+        for lab in h.labels[:at] + h.labels[at + 1 :]
+    ]
+    return True, Heads(tuple(labels))
 
 
 def _same(a: Heads, b: Heads, groups, where: str) -> bool:
@@ -457,24 +495,20 @@ def attention_axes(mod: nn.MultiheadAttention, pre: str, g_q: int, g_k: int, g_v
             groups.make_opaque(g, where + " (add_bias_kv)")
         return
     h, i_qk = groups.new_nested(n_heads, dim)
-    has_bias = mod.in_proj_bias is not None
+    i_v = groups.new_in(h, dim)
+    packed = ("p", (i_qk, i_qk, i_v), 1)  # query and key rows, then value rows
     if mod._qkv_same_embed_dim:
         g_in = groups.union(groups.union(g_q, g_k, where), g_v, where)  # one column axis
         views[pre + "in_proj_weight"] = (3, n_heads, dim, e)
-        axes[pre + "in_proj_weight"] = [("l",), ("g", h, 1), ("g", i_qk, 1), ("g", g_in, -1)]
-        i_v = i_qk
+        axes[pre + "in_proj_weight"] = [("l",), ("g", h, 1), packed, ("g", g_in, -1)]
     else:
-        # A packed bias has one axis for the dimensions of all three.
-        i_v = i_qk if has_bias else groups.new_nested(n_heads, dim)[1]
-        if not has_bias:
-            groups.union(groups.nested_in(i_v), h, where)
         for name, g_col, i, cols in (("q", g_q, i_qk, e), ("k", g_k, i_qk, mod.kdim),
                                      ("v", g_v, i_v, mod.vdim)):  # fmt: skip
             views[f"{pre}{name}_proj_weight"] = (n_heads, dim, cols)
             axes[f"{pre}{name}_proj_weight"] = [("g", h, 1), ("g", i, 1), ("g", g_col, -1)]
-    if has_bias:
+    if mod.in_proj_bias is not None:
         views[pre + "in_proj_bias"] = (3, n_heads, dim)
-        axes[pre + "in_proj_bias"] = [("l",), ("g", h, 1), ("g", i_qk, 1)]
+        axes[pre + "in_proj_bias"] = [("l",), ("g", h, 1), packed]
     views[pre + "out_proj.weight"] = (e, n_heads, dim)
     axes[pre + "out_proj.weight"] = [("g", g_out, 1), ("g", h, -1), ("g", i_v, -1)]
     if mod.out_proj.bias is not None:

@@ -97,7 +97,7 @@ class _Groups:
         self.output: list[bool] = []
         self.opaque: dict[int, list[str]] = {}
         self.nest: dict[int, int] = {}  # a nested group (a head's dimensions) -> its heads
-        self.retired: dict[int, tuple[int, int]] = {}  # split into heads -> (heads, dims)
+        self.retired: dict[int, tuple[int, ...]] = {}  # split into heads -> (heads, dims...)
 
     def new(self, size: int, is_input: bool = False) -> int:
         self.parent.append(len(self.parent))
@@ -114,9 +114,14 @@ class _Groups:
 
     def new_nested(self, heads: int, dims: int) -> tuple[int, int]:
         """A head group of ``heads`` and a group of ``dims`` nested in it."""
-        h, i = self.new(heads), self.new(dims)
-        self.nest[i] = h
-        return h, i
+        h = self.new(heads)
+        return h, self.new_in(h, dims)
+
+    def new_in(self, heads: int, dims: int) -> int:
+        """A group of ``dims`` nested in the head group ``heads``."""
+        i = self.new(dims)
+        self.nest[i] = heads
+        return i
 
     def nested_in(self, g: int) -> int | None:
         p = self.nest.get(self.find(g))
@@ -557,13 +562,20 @@ def spec_tensors(
                 where = f"{name} reads a projection that is also split into heads"
                 for g in (r, *retired[r]):
                     groups.make_opaque(g, where)
+    params = list(module.named_parameters())
+    pieces = [
+        (name, *piece)
+        for name, p in params
+        for piece in _pieces(
+            tuple(p.shape), views.get(name, tuple(p.shape)), axes.get(name), groups
+        )
+    ]
     # Groups named in the order the sequential rule names them (a weight's
     # columns before its rows), so plain stacks get the very same spec.
     order: dict[int, str] = {}
     kinds: dict[str, str] = {}
-    params = list(module.named_parameters())
-    for name, _ in params:
-        entries = axes.get(name) or []
+    for *_, entries in pieces:
+        entries = entries or []
         idx = [1, 0, *range(2, len(entries))] if len(entries) >= 2 else range(len(entries))
         for i in idx:
             e = entries[i]
@@ -574,10 +586,7 @@ def spec_tensors(
                     out = OUTPUT if groups.output[root] else HIDDEN
                     kinds[order[root]] = INPUT if groups.input[root] else out
     tensors, affected = [], {}
-    for name, p in params:
-        shape = tuple(p.shape)
-        view = views.get(name, shape)
-        entries = axes.get(name)
+    for name, part, shape, view, entries in pieces:
         if entries is None or len(entries) != len(view):
             built = [Axis(LOCAL, n) for n in view]
         else:
@@ -594,6 +603,41 @@ def spec_tensors(
                     built.append(Axis(LOCAL, n))
         has_group = any(a.kind == GROUP for a in built)
         kind = ("weight" if len(shape) >= 2 else "bias") if has_group else "standalone"
-        tensors.append(TensorSpec(name, shape, view, tuple(built), kind))
+        tensors.append(TensorSpec(name, shape, view, tuple(built), kind, part))
     notes = [f"{where}: {', '.join(dict.fromkeys(ps))}" for where, ps in affected.items()]
     return tensors, kinds, notes
+
+
+def _pieces(shape: tuple, view: tuple, entries: list | None, groups: _Groups) -> list[tuple]:
+    """``(part, shape, view, entries)`` per piece of a parameter: one piece,
+    the whole of it, unless a packed projection's parts (its first axis; a
+    ``("p", groups, exponent)`` entry) read different groups of dimensions,
+    then a piece per run of parts with one group (query and key rows, value
+    rows), each with a local axis of its parts when it has several."""
+    at = [k for k, e in enumerate(entries or []) if e[0] == "p"]
+    if not at:
+        return [(None, shape, view, entries)]
+    (k,) = at
+    _, dims, exponent = entries[k]
+    where = "a packed projection whose parts cannot be cut apart"
+    if k != 2 or view[0] != len(dims) or any(groups.is_opaque(d) for d in dims):
+        for d in dims[1:]:
+            groups.union(dims[0], d, where)
+    roots = [groups.find(d) for d in dims]
+    runs: list[list[int]] = []
+    for j, r in enumerate(roots):
+        if runs and roots[runs[-1][0]] == r:
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+    if len(runs) == 1:
+        return [(None, shape, view, entries[:k] + [("g", dims[0], exponent)] + entries[k + 1 :])]
+    rows = shape[0] // len(dims)
+    out = []
+    for run in runs:
+        n = len(run)
+        lead = [("l",)] if n > 1 else []
+        piece = lead + entries[1:k] + [("g", dims[run[0]], exponent)] + entries[k + 1 :]
+        part = (run[0] * rows, (run[-1] + 1) * rows)
+        out.append((part, (n * rows, *shape[1:]), (n,) * (n > 1) + view[1:], piece))
+    return out

@@ -166,17 +166,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if self._model_spec is None:  # traced once
                 self._model_spec = WeightSpaceSpec.from_module(self._model)
             model_spec = self._model_spec
-            by_id = {id(p): t for p, t in zip(self._model.parameters(), model_spec.tensors)}
+            by_id = dict(zip(map(id, self._model.parameters()), model_spec.by_parameter()))
             tensors = [
-                by_id.get(id(p))
-                or TensorSpec(
-                    f"param{j}",
-                    tuple(p.shape),
-                    tuple(p.shape),
-                    tuple(Axis(LOCAL, n) for n in p.shape),
-                    "standalone",
-                )
+                t
                 for j, p in enumerate(params)
+                for t in by_id.get(id(p))
+                or (
+                    TensorSpec(
+                        f"param{j}",
+                        tuple(p.shape),
+                        tuple(p.shape),
+                        tuple(Axis(LOCAL, n) for n in p.shape),
+                        "standalone",
+                    ),
+                )
             ]
             return WeightSpaceSpec(tuple(tensors), model_spec.group_kinds, model_spec.mode)
         return WeightSpaceSpec.from_shapes([p.shape for p in params])
@@ -185,11 +188,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         key = (index, tuple(active), tuple(tuple(p.shape) for p in group["params"]))
         if key not in self._spec_cache:
             full = self._full_spec(index, group)
-            if len(active) == len(full.tensors):
+            if len(active) == len(full.names):
                 self._spec_cache[key] = full
             else:
-                tensors = tuple(full.tensors[j] for j in active)
-                self._spec_cache[key] = WeightSpaceSpec(tensors, full.group_kinds, full.mode)
+                self._spec_cache[key] = full.select(active)
         return self._spec_cache[key]
 
     # ------------------------------------------------------------------- step

@@ -22,7 +22,14 @@ follows its parent's axis in a view (``(heads, head_dim, d_model)``); the
 symmetry permutes the heads as blocks and, within each head, its entries by
 that head's own permutation.
 
-A :class:`WeightSpace` holds one tensor per parameter, shaped
+A spec's tensors are usually the parameters themselves; a *packed*
+parameter (one weight for attention's query, key and value) is described by
+*pieces*, consecutive row ranges of it (``TensorSpec.part``), each with its
+own axes: the query-key rows and the value rows read different groups of
+per-head dimensions. :meth:`WeightSpaceSpec.split` and :meth:`~WeightSpaceSpec.join`
+go between parameter-shaped tensors and the spec's tensors.
+
+A :class:`WeightSpace` holds one tensor per spec tensor, shaped
 ``(*batch, *view, channels)``: channels-last, with optional leading batch axes.
 """
 
@@ -60,17 +67,26 @@ class Axis:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One parameter: its name, its shape, the view NF-layers see, its axes."""
+    """One parameter, or one piece of it: its name, its shape, the view
+    NF-layers see, its axes. ``part`` is ``(start, stop)``, the rows along the
+    parameter's first axis that a piece covers (``None``: the whole
+    parameter); ``shape`` is then the piece's."""
 
     name: str
     shape: tuple[int, ...]
     view: tuple[int, ...]
     axes: tuple[Axis, ...]
     kind: str  # "weight", "bias" or "standalone"
+    part: tuple[int, int] | None = None
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def label(self) -> str:
+        """The name, with a piece's rows: ``attn.in_proj_weight[128:192]``."""
+        return self.name if self.part is None else f"{self.name}[{self.part[0]}:{self.part[1]}]"
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,7 @@ class WeightSpaceSpec:
     mode: str = NP
     _kinds: dict = field(default=None, compare=False, hash=False, repr=False)
     _nesting: dict = field(default=None, compare=False, hash=False, repr=False)
+    _params: tuple = field(default=None, compare=False, hash=False, repr=False)
     _hash: int = field(default=0, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -99,34 +116,37 @@ class WeightSpaceSpec:
         for t in self.tensors:
             if math.prod(t.view) != math.prod(t.shape):
                 raise ValueError(
-                    f"parameter {t.name!r}: view {t.view} has a different number of "
+                    f"parameter {t.label!r}: view {t.view} has a different number of "
                     f"entries than its shape {t.shape}"
                 )
             if len(t.axes) != len(t.view):
-                raise ValueError(f"parameter {t.name!r}: {len(t.axes)} axes for view {t.view}")
+                raise ValueError(f"parameter {t.label!r}: {len(t.axes)} axes for view {t.view}")
             seen = set()
             for a, (ax, n) in enumerate(zip(t.axes, t.view)):
                 if ax.size != n:
-                    raise ValueError(f"parameter {t.name!r}: axis size {ax.size} != view size {n}")
+                    raise ValueError(f"parameter {t.label!r}: axis size {ax.size} != view size {n}")
                 if ax.kind == LOCAL:
                     continue
                 self._check_nesting(t, a, parents)
                 if ax.group in seen:
                     raise ValueError(
-                        f"parameter {t.name!r} indexes neuron group {ax.group!r} on two axes; "
+                        f"parameter {t.label!r} indexes neuron group {ax.group!r} on two axes; "
                         "weights that map a group to itself are not supported"
                     )
                 seen.add(ax.group)
                 if ax.group in sizes and sizes[ax.group][0] != n:
                     other_n, other = sizes[ax.group]
                     raise ValueError(
-                        f"parameter {t.name!r}: neuron group {ax.group!r} has size {n} here "
+                        f"parameter {t.label!r}: neuron group {ax.group!r} has size {n} here "
                         f"but size {other_n} in parameter {other!r}"
                     )
-                sizes.setdefault(ax.group, (n, t.name))
+                sizes.setdefault(ax.group, (n, t.label))
                 if ax.kind == GROUP and ax.group not in self._kinds:
-                    raise ValueError(f"parameter {t.name!r}: neuron group {ax.group!r} has no kind")
+                    raise ValueError(
+                        f"parameter {t.label!r}: neuron group {ax.group!r} has no kind"
+                    )
         object.__setattr__(self, "_nesting", {g: p for g, p in parents.items() if p is not None})
+        object.__setattr__(self, "_params", _parameters(self.tensors))
         # Specs key the NF-layers' plans, looked up several times per step:
         # hash the nested tuples once.
         object.__setattr__(self, "_hash", hash((self.tensors, self.group_kinds, self.mode)))
@@ -139,7 +159,7 @@ class WeightSpaceSpec:
         ax = t.axes[a]
         if ax.group in parents and parents[ax.group] != ax.parent:
             raise ValueError(
-                f"parameter {t.name!r}: neuron group {ax.group!r} is nested in "
+                f"parameter {t.label!r}: neuron group {ax.group!r} is nested in "
                 f"{ax.parent!r} here but in {parents[ax.group]!r} elsewhere"
             )
         parents[ax.group] = ax.parent
@@ -148,12 +168,12 @@ class WeightSpaceSpec:
         before = t.axes[a - 1] if a > 0 else None
         if before is None or before.kind == LOCAL or before.group != ax.parent:
             raise ValueError(
-                f"parameter {t.name!r}: axis {a} (group {ax.group!r}) is nested in group "
+                f"parameter {t.label!r}: axis {a} (group {ax.group!r}) is nested in group "
                 f"{ax.parent!r}, whose axis must come right before it"
             )
         if before.parent is not None:
             raise ValueError(
-                f"parameter {t.name!r}: group {ax.parent!r} is itself nested; one level "
+                f"parameter {t.label!r}: group {ax.parent!r} is itself nested; one level "
                 "of nesting is supported"
             )
 
@@ -169,7 +189,52 @@ class WeightSpaceSpec:
 
     @property
     def names(self) -> list[str]:
-        return [t.name for t in self.tensors]
+        """The parameters' names (one per parameter, pieces or not)."""
+        return [name for name, _, _ in self._params]
+
+    @property
+    def parameter_shapes(self) -> list[tuple[int, ...]]:
+        """The parameters' shapes, in order (a packed parameter's whole shape)."""
+        return [shape for _, shape, _ in self._params]
+
+    @property
+    def has_pieces(self) -> bool:
+        """Whether some parameter is described by pieces (more tensors than parameters)."""
+        return len(self._params) != len(self.tensors)
+
+    def by_parameter(self) -> list[tuple[TensorSpec, ...]]:
+        """The spec's tensors grouped per parameter: ``(t,)``, or a packed
+        parameter's pieces in row order."""
+        return [self.tensors[sl] for _, _, sl in self._params]
+
+    def select(self, indices: Sequence[int]) -> WeightSpaceSpec:
+        """The spec of the parameters at ``indices`` (in that order)."""
+        tensors = tuple(t for i in indices for t in self.tensors[self._params[i][2]])
+        return WeightSpaceSpec(tensors, self.group_kinds, self.mode)
+
+    def split(self, tensors: Sequence[Tensor], dim: int = 0) -> list[Tensor]:
+        """Parameter-shaped tensors (a leading ``dim`` axes before the
+        parameter's, e.g. momenta's) as the spec's tensors: a packed
+        parameter's rows cut into its pieces (views, no copy). Without pieces
+        the same list."""
+        if not self.has_pieces:
+            return list(tensors)
+        out = []
+        for x, (_, _, sl) in zip(tensors, self._params):
+            for t in self.tensors[sl]:
+                out.append(x if t.part is None else x.narrow(dim, t.part[0], t.part[1] - t.part[0]))
+        return out
+
+    def join(self, tensors: Sequence[Tensor], dim: int = 0) -> list[Tensor]:
+        """The inverse of :meth:`split`: pieces concatenated back into their
+        parameters' rows (a copy for packed parameters only)."""
+        if not self.has_pieces:
+            return list(tensors)
+        out = []
+        for _, _, sl in self._params:
+            pieces = tensors[sl]
+            out.append(pieces[0] if len(pieces) == 1 else torch.cat(list(pieces), dim))
+        return out
 
     @property
     def numel(self) -> int:
@@ -217,28 +282,31 @@ class WeightSpaceSpec:
                 else a
                 for a in t.axes
             )
-            tensors.append(TensorSpec(t.name, t.shape, t.view, axes, t.kind))
+            tensors.append(replace(t, axes=axes))
         return WeightSpaceSpec(tuple(tensors), self.group_kinds, mode)
 
     def check(self, tensors: Sequence[Tensor], what: str = "parameter") -> None:
-        """Raise ``ValueError`` naming the first tensor whose shape contradicts the spec."""
-        if len(tensors) != len(self.tensors):
+        """Raise ``ValueError`` naming the first parameter-shaped tensor whose
+        shape contradicts the spec."""
+        if len(tensors) != len(self._params):
             raise ValueError(
-                f"the weight-space spec describes {len(self.tensors)} parameters "
+                f"the weight-space spec describes {len(self._params)} parameters "
                 f"but {len(tensors)} {what}s were given"
             )
-        for t, x in zip(self.tensors, tensors):
-            if tuple(x.shape) != t.shape:
+        for (name, shape, sl), x in zip(self._params, tensors):
+            if tuple(x.shape) != shape:
+                axes = "; ".join(f"{t.label} {describe_axes(t)}" for t in self.tensors[sl])
                 raise ValueError(
-                    f"{what} {t.name!r} has shape {tuple(x.shape)} but the weight-space spec "
-                    f"says {t.shape} ({describe_axes(t)})"
+                    f"{what} {name!r} has shape {tuple(x.shape)} but the weight-space spec "
+                    f"says {shape} ({axes})"
                 )
 
     def describe(self) -> str:
         """A human-readable table of every parameter's axes."""
         lines = [f"WeightSpaceSpec(mode={self.mode!r}, {len(self.tensors)} tensors)"]
+        width = max([28] + [len(t.label) for t in self.tensors])
         for t in self.tensors:
-            lines.append(f"  {t.name:<28} {str(t.shape):<18} {t.kind:<10} {describe_axes(t)}")
+            lines.append(f"  {t.label:<{width}} {str(t.shape):<18} {t.kind:<10} {describe_axes(t)}")
         return "\n".join(lines)
 
     # ---------------------------------------------------------- construction
@@ -380,8 +448,7 @@ class WeightSpaceSpec:
         if notes:
             warnings.warn(
                 f"{type(module).__name__}: neuron axes through operations the weight-space "
-                "inference does not follow keep local axes (not permuted): "
-                + "; ".join(notes),
+                "inference does not follow keep local axes (not permuted): " + "; ".join(notes),
                 stacklevel=3,
             )
         spec = cls(tuple(tensors), tuple(sorted(kinds.items())), NP)
@@ -395,7 +462,7 @@ class WeightSpaceSpec:
         as one, changes the function). Parameters are matched by name."""
         graph = self.from_module(module, self.mode)
         where = {
-            (t.name, a): ax.group
+            (t.label, a): ax.group
             for t in graph.tensors
             for a, ax in enumerate(t.axes)
             if ax.kind == GROUP
@@ -407,7 +474,7 @@ class WeightSpaceSpec:
         for t in self.tensors:
             for a, ax in enumerate(t.axes):
                 if ax.kind == GROUP:
-                    mine.setdefault(ax.group, []).append((t.name, a))
+                    mine.setdefault(ax.group, []).append((t.label, a))
         for group, positions in mine.items():
             theirs = {where.get(p) for p in positions}
             name, axis = positions[0]
@@ -453,6 +520,36 @@ class WeightSpaceSpec:
             return WeightSpace.from_tensors(self, tensors, "tensor").permute(perms).to_tensors()
 
         return apply
+
+
+def _parameters(tensors: Sequence[TensorSpec]) -> tuple[tuple[str, tuple[int, ...], slice], ...]:
+    """``(name, shape, slice of tensors)`` per parameter: a run of pieces of
+    one name that tile its rows from 0 is one parameter."""
+    out, i = [], 0
+    while i < len(tensors):
+        t = tensors[i]
+        if t.part is None:
+            out.append((t.name, t.shape, slice(i, i + 1)))
+            i += 1
+            continue
+        j, rows = i, 0
+        while j < len(tensors) and tensors[j].name == t.name and tensors[j].part is not None:
+            p = tensors[j]
+            if p.part[0] != rows or p.part[1] - p.part[0] != (p.shape[0] if p.shape else -1):
+                raise ValueError(
+                    f"parameter {t.name!r}: piece {p.label} does not follow the rows before "
+                    f"it (pieces must tile the first axis in order from 0, got rows {rows})"
+                )
+            if p.shape[1:] != t.shape[1:]:
+                raise ValueError(
+                    f"parameter {t.name!r}: pieces of shapes {t.shape} and {p.shape} differ "
+                    "past the first axis"
+                )
+            rows = p.part[1]
+            j += 1
+        out.append((t.name, (rows, *t.shape[1:]), slice(i, j)))
+        i = j
+    return tuple(out)
 
 
 def permute_axis(x: Tensor, axis: int, perm: Tensor) -> Tensor:
@@ -572,7 +669,8 @@ class WeightSpace:
     ) -> WeightSpace:
         """One channel from a list of parameter-shaped tensors (params, grads, ...)."""
         spec.check(tensors, what)
-        return cls(spec, [x.reshape(t.view + (1,)) for t, x in zip(spec.tensors, tensors)])
+        pieces = spec.split(tensors)
+        return cls(spec, [x.reshape(t.view + (1,)) for t, x in zip(spec.tensors, pieces)])
 
     @classmethod
     def from_channels(
@@ -583,6 +681,7 @@ class WeightSpace:
             raise ValueError("from_channels needs at least one channel")
         for c in channels:
             spec.check(c)
+        channels = [spec.split(c) for c in channels]
         return cls(
             spec,
             [
@@ -593,13 +692,14 @@ class WeightSpace:
 
     def to_tensors(self) -> list[Tensor]:
         """Back to parameter shapes: ``(*batch, *shape)`` for one channel,
-        ``(*batch, *shape, channels)`` otherwise."""
+        ``(*batch, *shape, channels)`` otherwise (a packed parameter's pieces
+        joined)."""
         out = []
         for t, x in zip(self.spec.tensors, self.tensors):
             lead = x.shape[: x.dim() - len(t.view) - 1]
             c = x.shape[-1]
             out.append(x.reshape(*lead, *t.shape) if c == 1 else x.reshape(*lead, *t.shape, c))
-        return out
+        return self.spec.join(out, len(self.batch_shape))
 
     # ------------------------------------------------------------ structure
     @property

@@ -60,6 +60,11 @@ class TruncatedProblem:
     def load_theta(self, theta: Tensor) -> None:
         """Write the meta-parameters back where users read them (e.g. a net)."""
 
+    def theta_layout(self) -> list[tuple[str, int]]:
+        """``(name, size)`` of each run of entries of theta, in order (one
+        run, ``("theta", D)``, unless a subclass names its parts)."""
+        return [("theta", self.initial_theta().numel())]
+
 
 class LearnedOptimizerProblem(TruncatedProblem):
     """Meta-train an optimizer net on tasks sampled from a family.
@@ -111,6 +116,9 @@ class LearnedOptimizerProblem(TruncatedProblem):
 
     def load_theta(self, theta: Tensor) -> None:
         nn.utils.vector_to_parameters(theta.detach().clone(), self.net.parameters())
+
+    def theta_layout(self) -> list[tuple[str, int]]:
+        return [(name, p.numel()) for name, p in self.net.named_parameters()]
 
     def reset(self, counter: int, trajectories: int) -> InnerState:
         task = self.family.sample(rng(self.seed, "task", counter))

@@ -334,6 +334,7 @@ class MetaTrainer:
             "version": 1,
             "config": self.config,
             "theta": self.theta.detach().cpu(),
+            "theta_layout": self.problem.theta_layout(),
             "meta_opt": self.meta_opt.state_dict(),
             "step": self.step,
             "resets": self.resets,
@@ -345,11 +346,79 @@ class MetaTrainer:
             **local,
         }
 
+    def _relaid(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint whose net had other meta-parameters (a newer version
+        of the net adds NF-layer weights for new roles): every entry moved to
+        its name's place in this run's theta, in theta, the meta-optimizer's
+        moments and the estimator's state; names the checkpoint lacks start
+        at 0 (no term, as the old net had none), names this net lacks go.
+        The layout comes from the checkpoint, or for files written before
+        it was stored, from the run's ``optimizer.pt`` (the same net)."""
+        old = sd.get("theta_layout")
+        if old is None:
+            net_file = None if self.out_dir is None else self.out_dir / "optimizer.pt"
+            if net_file is None or not net_file.is_file():
+                raise ValueError(
+                    f"{self.out_dir}: the checkpoint's meta-parameters ({sd['theta'].numel()}) "
+                    f"do not fit this net ({self.theta.numel()}) and no optimizer.pt says "
+                    "what they were"
+                )
+            state = torch.load(net_file, map_location="cpu", weights_only=True)["state_dict"]
+            old = [(k, v.numel()) for k, v in state.items()]
+        if sum(n for _, n in old) != sd["theta"].numel():
+            raise ValueError(f"{self.out_dir}: the checkpoint's layout does not match its theta")
+        starts, at = {}, 0
+        for name, n in old:
+            starts[name] = (at, n)
+            at += n
+        src, kept, added = [], 0, []
+        for name, n in self.problem.theta_layout():
+            if name in starts and starts[name][1] == n:
+                src.append(torch.arange(starts[name][0], starts[name][0] + n))
+                kept += 1
+            else:
+                src.append(torch.full((n,), -1))
+                added.append(name)
+        src = torch.cat(src)
+        have = src >= 0
+        dropped = sorted(set(starts) - {name for name, _ in self.problem.theta_layout()})
+        old_n = sd["theta"].numel()
+
+        def move(x):
+            if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != old_n:
+                return x
+            out = x.new_zeros(*x.shape[:-1], src.numel())
+            out[..., have] = x[..., src[have].to(x.device)]
+            return out
+
+        sd = dict(sd)
+        sd["theta"] = move(sd["theta"])
+        meta_opt = {**sd["meta_opt"], "state": {
+            k: {kk: move(vv) for kk, vv in v.items()} for k, v in sd["meta_opt"]["state"].items()
+        }}  # fmt: skip
+        sd["meta_opt"] = meta_opt
+        if sd.get("est_state"):
+            sd["est_state"] = {k: move(v) for k, v in sd["est_state"].items()}
+        def few(names: list[str]) -> str:
+            return ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+
+        warnings.warn(
+            f"{self.out_dir}: the net's meta-parameters changed since this checkpoint: "
+            f"{kept} tensors carried over, {len(added)} new at 0 ({few(added)}), "
+            f"{len(dropped)} dropped ({few(dropped)})",
+            stacklevel=3,
+        )
+        return sd
+
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd.get("format") != "lopt-meta-train":
             raise ValueError(f"{self.out_dir}: not an lopt meta-training checkpoint")
         if sd["pairs"] != self.pairs:
             raise ValueError(f"checkpoint has a population of {sd['pairs']}, this run {self.pairs}")
+        if sd["theta"].numel() != self.theta.numel() or (
+            "theta_layout" in sd and sd["theta_layout"] != self.problem.theta_layout()
+        ):
+            sd = self._relaid(sd)
         device = self.theta.device
         with torch.no_grad():
             self.theta.copy_(sd["theta"].to(device))

@@ -257,15 +257,22 @@ def test_a_transformers_stream_embeddings_norms_and_heads():
             assert f"blocks.{b}.{p}" in members, p
     assert {"tok.weight", "pos.weight", "ln.weight", "ln.bias", "head.weight"} <= members
     assert spec.group_kind(by_name["tok.weight"].axes[0].group) == "input"
-    # The packed projection: (query/key/value, heads, head dim, stream); the
-    # output projection reads (heads, head dim) columns of the same groups.
+    # The packed projection, in pieces: the query and key rows (part, heads,
+    # head dim, stream) and the value rows (heads, head dim, stream), with
+    # their own head dims; the output projection reads the value's.
+    by_label = {t.label: t for t in spec.tensors}
     for b in range(2):
-        qkv, proj = by_name[f"blocks.{b}.attn.qkv.weight"], by_name[f"blocks.{b}.attn.proj.weight"]
-        assert qkv.view == (3, 2, 4, 8) and proj.view == (8, 2, 4)
-        part, heads, dims, _ = qkv.axes
+        pre = f"blocks.{b}.attn."
+        qk, v = by_label[pre + "qkv.weight[0:16]"], by_label[pre + "qkv.weight[16:24]"]
+        proj = by_name[pre + "proj.weight"]
+        assert qk.view == (2, 2, 4, 8) and v.view == (2, 4, 8) and proj.view == (8, 2, 4)
+        part, heads, dims, _ = qk.axes
         assert part.kind == "local" and heads.kind == "group" and dims.parent == heads.group
-        assert [a.group for a in proj.axes[1:]] == [heads.group, dims.group]
-        assert by_name[f"blocks.{b}.attn.qkv.bias"].axes[1:] == (heads, dims)
+        assert v.axes[0] == heads and v.axes[1].parent == heads.group
+        assert v.axes[1].group != dims.group
+        assert [a.group for a in proj.axes[1:]] == [heads.group, v.axes[1].group]
+        assert by_label[pre + "qkv.bias[0:16]"].axes[1:] == (heads, dims)
+        assert by_label[pre + "qkv.bias[16:24]"].axes == v.axes[:2]
     assert len(set(spec.nesting().values())) == 2  # one head group per block
 
 
@@ -302,9 +309,10 @@ def test_torchs_transformer_layers_read_as_one_stream_with_heads(name):
                        and not n.endswith(("in_proj_bias", "linear1.bias"))]  # fmt: skip
     assert set(reads_or_writes) <= members | {n for n in reads_or_writes if "linear1" in n}
     assert "head.weight" in members
-    for n, t in by_name.items():
-        if n.endswith("in_proj_weight"):
-            assert t.view == (3, 2, 4, 8) and t.axes[2].parent == t.axes[1].group
+    for t in spec.tensors:
+        if t.name.endswith("in_proj_weight"):  # query-key rows, value rows
+            assert t.view == ((2, 2, 4, 8) if t.part == (0, 16) else (2, 4, 8))
+            assert t.axes[-2].parent == t.axes[-3].group
     if name == "torch-decoder":  # cross-attention's packed columns read the memory
         assert "mem.weight" in members
 
@@ -412,9 +420,9 @@ def sym_one(spec, sym, t, channels_last):
     i = spec.tensors.index(t)
     out = []
     for c in range(channels_last.shape[-1]):
-        xs = [torch.zeros(s.shape) for s in spec.tensors]
-        xs[i] = channels_last[..., c].reshape(t.shape)
-        out.append(sym(xs)[i].reshape(t.view))
+        pieces = [torch.zeros(s.shape) for s in spec.tensors]
+        pieces[i] = channels_last[..., c].reshape(t.shape)
+        out.append(spec.split(sym(spec.join(pieces)))[i].reshape(t.view))
     return torch.stack(out, -1)
 
 

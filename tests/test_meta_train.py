@@ -174,6 +174,47 @@ def test_resume_continues_exactly(tmp_path, estimator):
     assert torch.equal(resumed.theta, full.theta)
 
 
+@pytest.mark.parametrize("layout_from", ["checkpoint", "optimizer.pt"])
+def test_a_resumed_run_carries_its_net_over_to_new_nf_roles(tmp_path, layout_from):
+    """A newer net (here: with attention's NF roles) resumes an older run's
+    checkpoint: shared meta-parameters by name, new ones at 0, in theta and
+    in the meta-optimizer's moments."""
+
+    def trainer(attention):
+        torch.manual_seed(0)
+        net = lopt.NFNNet(width=4, depth=1, attention_roles=attention)
+        problem = LearnedOptimizerProblem(net, get_family("mlp-gmm"), truncation=3, horizon=6)
+        est = make_estimator("pes", 0.05)
+        return MetaTrainer(
+            problem, est, pairs=2, meta_lr=1e-2, out_dir=tmp_path, checkpoint_every=2
+        )
+
+    old = trainer(False)
+    old.train(2, progress=False)
+    if layout_from == "optimizer.pt":  # a checkpoint from before layouts were stored
+        sd = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+        del sd["theta_layout"]
+        torch.save(sd, tmp_path / "checkpoint.pt")
+        lopt.save(old.problem.net, tmp_path / "optimizer.pt")
+    new = trainer(True)
+    assert new.theta.numel() > old.theta.numel()
+    with pytest.warns(UserWarning, match=r"carried over, \d+ new at 0 \(nf\.weights\."):
+        new.resume()
+    assert new.step == 2
+    before = dict(old.problem.net.named_parameters())
+    moments = new.meta_opt.state[new.theta]["exp_avg"]
+    at = 0
+    for name, p in new.problem.net.named_parameters():
+        part = moments[at : at + p.numel()]
+        if name in before:
+            assert torch.equal(p, before[name])
+        else:
+            assert not p.any() and not part.any()
+        at += p.numel()
+    new.train(3, progress=False)
+    assert torch.isfinite(new.theta).all()
+
+
 class SampledQuadratic(Quadratic):
     """The quadratic with each inner run's horizon drawn from [2, 12]."""
 
