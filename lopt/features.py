@@ -79,6 +79,15 @@ def channel_scales(
     return torch.cat([scales, scales.new_ones(1), (1 / c1).reshape(1)])
 
 
+def channel_scales_all(squares: Tensor, numels: Tensor, c1: Tensor) -> Tensor:
+    """:func:`channel_scales` of many tensors at once, from their sums
+    ``squares`` ``(T, K + 3)`` and entry counts ``numels`` ``(T,)``: ``(T,
+    NUM_FEATURES)``."""
+    scales = torch.rsqrt(squares / numels[:, None] + 1e-30).to(c1.dtype)
+    ones = scales.new_ones(scales.shape[0], 1)
+    return torch.cat([scales, ones, (1 / c1).expand(scales.shape[0], 1)], 1)
+
+
 def rms_and_denominator(second_moment: Tensor, c2: Tensor) -> tuple[Tensor, Tensor]:
     """``sqrt(v)`` and Adam's denominator ``sqrt(v_hat) + eps`` (``v_hat = v /
     c2``), so Adam's direction is ``m / denom / c1``."""

@@ -99,12 +99,15 @@ def update(
 def _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
             total_steps) -> tuple[list[Tensor], State]:  # fmt: skip
     """:func:`update` on the spec's tensors (a packed parameter's pieces apart)."""
-    grads = [g.float() for g in grads]
-    params32 = [p.float() for p in params]
+    grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
+    params32 = [p if p.dtype == torch.float32 else p.float() for p in params]
     decays = torch.tensor(MOMENTUM_DECAYS, dtype=torch.float32, device=grads[0].device)
     step = state["step"] + 1
     b2 = SECOND_MOMENT_DECAY
-    weights = [(1 - decays).reshape(-1, *[1] * g.dim()) for g in grads]
+
+    def weights(g: Tensor) -> Tensor:  # the momenta's lerp weights, shaped for g
+        return (1 - decays).reshape(-1, *[1] * g.dim())
+
     squares = None
     if inplace and fused:
         # One pass per tensor, which also sums what the channel scales need;
@@ -112,23 +115,23 @@ def _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
         # the torch ops.
         w = [1 - d for d in MOMENTUM_DECAYS]
         squares = []
-        for p, g, m, v, wt in zip(
-            params32, grads, state["momenta"], state["second_moment"], weights
-        ):
-            if fused_kernel.accepts(p, g, m, v):
-                squares.append(fused_kernel.state_update(p, g, m, v, w, b2))
+        # One buffer for every tensor's sums: the channel scales read them at once.
+        sums = torch.empty(len(grads), len(w) + 3, dtype=torch.float64).unbind()
+        for p, g, m, v, out in zip(params32, grads, state["momenta"], state["second_moment"], sums):
+            if fused_kernel.accepts_state(p, g, m, v):
+                squares.append(fused_kernel.state_update(p, g, m, v, w, b2, out))
             else:
-                m.lerp_(g[None], wt)
+                m.lerp_(g[None], weights(g))
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 squares.append(None)
         momenta, second = state["momenta"], state["second_moment"]
     elif inplace:
-        momenta = [m.lerp_(g[None], w) for m, g, w in zip(state["momenta"], grads, weights)]
+        momenta = [m.lerp_(g[None], weights(g)) for m, g in zip(state["momenta"], grads)]
         second = [
             v.mul_(b2).addcmul_(g, g, value=1 - b2) for v, g in zip(state["second_moment"], grads)
         ]
     else:
-        momenta = [torch.lerp(m, g[None], w) for m, g, w in zip(state["momenta"], grads, weights)]
+        momenta = [torch.lerp(m, g[None], weights(g)) for m, g in zip(state["momenta"], grads)]
         second = [torch.lerp(v, g * g, 1 - b2) for v, g in zip(state["second_moment"], grads)]
     args = (spec, params32, grads, momenta, second, step)
     kwargs = {"fused": fused, "squares": squares, "total_steps": total_steps}
@@ -137,8 +140,7 @@ def _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
     else:
         updates = torch.func.functional_call(net, dict(net_params), args, kwargs)
 
-    total = torch.stack([g.sum() for g in grads] + [u.sum() for u in updates]).sum()
-    ok = torch.isfinite(total)
+    ok = all_finite(grads + updates)
     skipped = state["skipped"] + (~ok).float()
     if not guard:
         new_state = {"momenta": momenta, "second_moment": second, "step": step, "skipped": skipped}
@@ -153,6 +155,20 @@ def _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
         "skipped": skipped,
     }
     return updates, new_state
+
+
+def all_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """Whether every entry of every tensor is finite, as a 0-d bool tensor
+    (no host synchronisation). Outside autograd and vmap, a few operations
+    for any number of tensors: their norms, so an entry whose square
+    overflows (above about 1e19 in float32) also reads as not finite, as a
+    sum that overflows did."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if torch.is_grad_enabled() or any(wrapped(x) for x in tensors):
+        total = torch.stack([x.sum() for x in tensors]).sum()
+    else:  # inf or nan if an entry is
+        total = torch.stack(torch._foreach_norm(list(tensors))).sum()
+    return torch.isfinite(total)
 
 
 def apply_updates(params: Sequence[Tensor], updates: Sequence[Tensor]) -> list[Tensor]:

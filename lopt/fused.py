@@ -28,6 +28,7 @@ the torch path runs.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "entry_outputs.c"
-ABI = 3  # lopt_entry_outputs_abi() of the C file this wrapper matches
+ABI = 4  # lopt_entry_outputs_abi() of the C file this wrapper matches
 MIN_ENTRIES_PER_THREAD = 32768  # below this, splitting costs more than it saves
 
 _lock = threading.Lock()
@@ -111,13 +112,13 @@ def _load(target: Path) -> ctypes.CDLL:
     fn = lib.lopt_entry_outputs
     fn.restype = i32
     fn.argtypes = [i64, ptr, ptr, ptr, i64, i32, i32, ptr, f32, f32, i32, i32]
-    fn.argtypes += [ptr, ptr, ptr, ptr, i32, ptr, ptr, f32, i32, ptr, ptr, i64, ptr, ptr, i32]
+    fn.argtypes += [ptr, ptr, ptr, ptr, i32, ptr, ptr, f32, i32, ptr, ptr, i64, ptr, ptr, i32, i32]
     st = lib.lopt_state_update
     st.restype = i32
     st.argtypes = [i64, ptr, ptr, ptr, i64, i32, ptr, ptr, f32, ptr, i32]
     fin = lib.lopt_finish
     fin.restype = ctypes.c_double
-    fin.argtypes = [i64, ptr, ptr, ptr, i64, ptr, ptr, f32, i32]
+    fin.argtypes = [i64, ptr, ptr, ptr, i64, ptr, ptr, i64, f32, i32]
     return lib
 
 
@@ -161,6 +162,23 @@ def accepts(*tensors: Tensor) -> bool:
     )
 
 
+def accepts_state(param: Tensor, grad: Tensor, momenta: Tensor, second_moment: Tensor) -> bool:
+    """:func:`accepts` for a tensor's state: ``momenta`` ``(K, *shape)`` may
+    be a view whose momenta lie apart (a packed parameter's piece), each
+    contiguous."""
+    m = momenta
+    if not accepts(param, grad, second_moment) or m.dim() != param.dim() + 1:
+        return False
+    if m.device.type != "cpu" or m.dtype != torch.float32 or m.shape[1:] != param.shape:
+        return False
+    expected, step = [], 1
+    for n in reversed(m.shape[1:]):
+        expected.append(step)
+        step *= n
+    inner = all(s == e for s, e, n in zip(m.stride()[1:], reversed(expected), m.shape[1:]) if n > 1)
+    return inner and (m.shape[0] == 1 or m.stride(0) >= param.numel())
+
+
 def _threads(n: int) -> int:
     return min(torch.get_num_threads(), max(1, n // MIN_ENTRIES_PER_THREAD))
 
@@ -186,6 +204,7 @@ def entry_outputs(
     base_scale: float,
     pool_from: int | None = None,
     pool_cols: int = 0,
+    stats: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """The fused per-entry pass over one tensor (see ``csrc/entry_outputs.c``).
 
@@ -196,13 +215,18 @@ def entry_outputs(
     ``(numel / pool_cols, pool_cols)`` matrix), only the first ``pool_from``
     outputs are stored, and the rest are summed instead: the last two results
     are their row sums ``(outputs - pool_from, numel / pool_cols)`` and column
-    sums ``(outputs - pool_from, pool_cols)``."""
+    sums ``(outputs - pool_from, pool_cols)``. With ``stats`` as well (and
+    ``pool_from`` up to ``outputs``: none of them pooled), three more rows end
+    both: the sums of ``p**2``, of Adam's direction squared (before the bias
+    correction ``1 / c1``) and of ``g**2``."""
     lib = _kernel()
     n = param.numel()
     n_out = w_out.shape[0]
     pooling = pool_from is not None
     if pooling and (pool_cols < 1 or n % pool_cols or not 0 <= pool_from <= n_out):
         raise ValueError(f"cannot pool {n} entries in rows of {pool_cols} from output {pool_from}")
+    if stats and not pooling:
+        raise ValueError("stats are summed over rows and columns: give pool_from and pool_cols")
     width = layers[0][0].shape[0]
     w_in = layers[0][0].contiguous()
     b_in = layers[0][1].contiguous()
@@ -217,8 +241,9 @@ def entry_outputs(
     out = param.new_empty(n_store, n)
     base = param.new_empty(n)
     if pooling:
-        rows = param.new_empty(n_out - n_store, n // pool_cols)
-        cols = param.new_empty(n_out - n_store, pool_cols)
+        pooled = n_out - n_store + 3 * stats
+        rows = param.new_empty(pooled, n // pool_cols)
+        cols = param.new_empty(pooled, pool_cols)
         sums = (rows.data_ptr(), cols.data_ptr())
     else:
         rows = cols = None
@@ -229,7 +254,7 @@ def entry_outputs(
         param.data_ptr(),
         grad.data_ptr(),
         momenta.data_ptr(),
-        n,
+        momenta.stride(0) if k > 1 else n,
         k,
         adam_momentum,
         second_moment.data_ptr(),
@@ -249,6 +274,7 @@ def entry_outputs(
         base.data_ptr(),
         pool_cols if pooling else 0,
         *sums,
+        int(stats),
         _threads(n),
     )
     if code == 2:
@@ -274,7 +300,8 @@ def finish(
     in one pass, written over ``base`` (all ``(numel,)``), and its sum (not
     finite when an entry is not). The terms see the entries as a ``(numel /
     cols, cols)`` matrix: ``row_terms`` ``(rows, 2)`` and ``col_terms`` ``(2,
-    cols)`` hold a (direction, magnitude) pair per row and per column."""
+    cols)`` (its rows may lie apart: a slice of a wider buffer) hold a
+    (direction, magnitude) pair per row and per column."""
     lib = _kernel()
     n = base.numel()
     cols = n if cols is None else cols
@@ -286,14 +313,19 @@ def finish(
         raise ValueError(f"col_terms must be (2, {cols}), got {tuple(col_terms.shape)}")
     if not accepts(direction, magnitude, base):
         raise ValueError("finish reads contiguous float32 CPU tensors without autograd")
-    terms = [None if t is None else t.contiguous() for t in (row_terms, col_terms)]
+    if row_terms is not None:
+        row_terms = row_terms.contiguous()
+    if col_terms is not None and (col_terms.stride(1) != 1 or col_terms.stride(0) < cols):
+        col_terms = col_terms.contiguous()
     total = lib.lopt_finish(
         n,
         direction.data_ptr(),
         magnitude.data_ptr(),
         base.data_ptr(),
         cols,
-        *[None if t is None else t.data_ptr() for t in terms],
+        None if row_terms is None else row_terms.data_ptr(),
+        None if col_terms is None else col_terms.data_ptr(),
+        cols if col_terms is None else col_terms.stride(0),
         max_magnitude,
         _threads(n),
     )
@@ -307,25 +339,32 @@ def state_update(
     second_moment: Tensor,
     weights: Sequence[float],
     second_moment_decay: float,
+    out: Tensor | None = None,
 ) -> Tensor:
     """This step's optimizer-state update, in place, in one pass: ``momenta[k]``
     lerps towards ``grad`` with ``weights[k]`` (as ``torch.lerp``) and the
     second moment becomes ``decay * v + (1 - decay) * grad**2``. Returns, from
     the same pass, the sums :func:`lopt.features.channel_scales` needs:
-    ``(sum p^2, sum g^2, sum m_k^2 for each k, sum v)`` as float64."""
+    ``(sum p^2, sum g^2, sum m_k^2 for each k, sum v)`` as float64, in
+    ``out`` when given (a contiguous float64 ``(k + 3,)``)."""
     lib = _kernel()
     k = momenta.shape[0]
-    if len(weights) != k or not accepts(param, grad, momenta, second_moment):
+    if len(weights) != k or not accepts_state(param, grad, momenta, second_moment):
         raise ValueError("state_update reads contiguous float32 CPU tensors, one weight a momentum")
     n = param.numel()
-    w = torch.tensor(list(weights), dtype=torch.float32)
-    sums = torch.empty(k + 3, dtype=torch.float64)
+    w = _weights(tuple(float(x) for x in weights))
+    if out is None:
+        sums = torch.empty(k + 3, dtype=torch.float64)
+    elif out.dtype != torch.float64 or out.shape != (k + 3,) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float64 tensor of shape ({k + 3},)")
+    else:
+        sums = out
     code = lib.lopt_state_update(
         n,
         param.data_ptr(),
         grad.data_ptr(),
         momenta.data_ptr(),
-        n,
+        momenta.stride(0) if k > 1 else n,
         k,
         w.data_ptr(),
         second_moment.data_ptr(),
@@ -336,3 +375,8 @@ def state_update(
     if code:
         raise ValueError(f"the fused kernel takes 1 to 13 momenta, got {k}")
     return sums
+
+
+@functools.cache
+def _weights(weights: tuple[float, ...]) -> Tensor:
+    return torch.tensor(weights, dtype=torch.float32)  # read by the kernel, never written

@@ -74,11 +74,12 @@ from lopt.features import (
     bias_corrections,
     budget_features,
     channel_scales,
+    channel_scales_all,
     entry_channels,
     rms_and_denominator,
     step_features,
 )
-from lopt.nn import NFLinear
+from lopt.nn import NFLinear, flat_terms
 from lopt.weightspace import INPUT, TensorSpec, WeightSpaceSpec
 
 MAX_LOG_MAGNITUDE = 10.0  # exp() of more than this is clipped: no overflow to inf
@@ -120,6 +121,23 @@ def schedule_prior() -> tuple[Tensor, Tensor]:
     return w, torch.tensor([-WARMUP_PRIOR])
 
 
+@functools.lru_cache(maxsize=64)  # a meta-training run meets many specs: bounded
+def _per_tensor(
+    spec: WeightSpaceSpec, input_width_factor: bool, ortho_on: bool, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    ratios = [step_width_log_ratio(spec, t, input_width_factor) for t in spec.tensors]
+    kinds = [ortho_on and ortho.applies(spec, t) for t in spec.tensors]
+    return (
+        torch.tensor(ratios, dtype=torch.float32, device=device),
+        torch.tensor(kinds, dtype=torch.bool, device=device),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _numels(spec: WeightSpaceSpec) -> Tensor:
+    return torch.tensor([max(1, t.numel) for t in spec.tensors], dtype=torch.float64)
+
+
 def slice_entries(device: torch.device) -> int:
     """Entries per slice of the per-entry layers for tensors on ``device``."""
     return CHUNK if device.type == "cpu" else GPU_CHUNK
@@ -129,6 +147,15 @@ def width_log_ratio(t: TensorSpec) -> float:
     """``log(FAN_IN_REF / fan_in)``, fan-in being the product of all but the
     first axis; 0 (no width factor) for tensors of fewer than 2 axes."""
     return math.log(FAN_IN_REF / math.prod(t.shape[1:])) if len(t.shape) >= 2 else 0.0
+
+
+def step_width_log_ratio(spec: WeightSpaceSpec, t: TensorSpec, input_width_factor: bool) -> float:
+    """:func:`width_log_ratio`, or 0 for a layer reading the network's input
+    when ``input_width_factor`` is off (muP's rule: only fan-ins that are
+    widths scale the step)."""
+    if not input_width_factor and reads_network_input(spec, t):
+        return 0.0
+    return width_log_ratio(t)
 
 
 def reads_network_input(spec: WeightSpaceSpec, t: TensorSpec) -> bool:
@@ -151,6 +178,10 @@ class TensorInputs(NamedTuple):
     scales: Tensor  # (NUM_FEATURES,): lopt.features.channel_scales
     neg_lr: Tensor  # -lr times the width factor
     out_scale: Tensor  # (2,): what multiplies the output layer's two channels
+    # Precomputed for the fused kernel, for all tensors at once (or None):
+    first_weight: Tensor | None = None  # the trunk's first weight, scales folded in
+    base_scale: float | None = None  # neg_lr times Adam's channel scale
+    rsqrt_c2: float | None = None
 
 
 class TrunkSlice(NamedTuple):
@@ -162,6 +193,9 @@ class TrunkSlice(NamedTuple):
     hidden: Tensor | None  # (width, entries): the trunk's activations (torch path)
     row_sums: Tensor | None = None  # (outputs - 2, rows): sums of the pooled outputs
     col_sums: Tensor | None = None  # (outputs - 2, cols)
+    # The fused kernel's sums for neuron_stats: (3, rows) and (3, cols) of
+    # the tensor seen as its stat_matrix.
+    stat_sums: tuple[Tensor, Tensor] | None = None
 
 
 def matrix_view(t: TensorSpec) -> tuple[int, int]:
@@ -455,13 +489,18 @@ class OptimizerNet(nn.Module):
         else:
             self._config.pop(name, None)
 
+    def _per_tensor(self, spec: WeightSpaceSpec, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Per tensor of ``spec``: :meth:`width_log_ratio` and whether its base
+        is the orthogonalised momentum, as tensors (cached per spec)."""
+        return _per_tensor(spec, self.input_width_factor, self.ortho, device)
+
+    @staticmethod
+    def _numels(spec: WeightSpaceSpec) -> Tensor:
+        return _numels(spec)
+
     def width_log_ratio(self, spec: WeightSpaceSpec, t: TensorSpec) -> float:
-        """:func:`width_log_ratio`, or 0 for a layer reading the network's
-        input when ``input_width_factor`` is off (muP's rule: only fan-ins
-        that are widths scale the step)."""
-        if not self.input_width_factor and reads_network_input(spec, t):
-            return 0.0
-        return width_log_ratio(t)
+        """:func:`step_width_log_ratio` with this net's ``input_width_factor``."""
+        return step_width_log_ratio(spec, t, self.input_width_factor)
 
     @property
     def ortho(self) -> bool:
@@ -473,7 +512,9 @@ class OptimizerNet(nn.Module):
     def base_kinds(self, spec: WeightSpaceSpec) -> list[bool]:
         """Per tensor: True where the base direction is the orthogonalised
         momentum, False where it is Adam's."""
-        return [self.ortho and ortho.applies(spec, t) for t in spec.tensors]
+        return _per_tensor(spec, self.input_width_factor, self.ortho, torch.device("cpu"))[
+            1
+        ].tolist()
 
     @property
     def config(self) -> dict[str, Any]:
@@ -518,28 +559,42 @@ class OptimizerNet(nn.Module):
             bias = bias + self.budget_inp(budget_in)
         if squares is None:
             squares = [None] * len(params)
-        scales = [
-            channel_scales(*state, c1, squares=sq)
-            for *state, sq in zip(params, grads, momenta, second_moments, squares)
-        ]
+        vectorised = fused and all(sq is not None for sq in squares)
+        if vectorised:
+            # Every tensor's sums at hand (the fused state pass): all at once.
+            scales_all = channel_scales_all(torch.stack(squares), self._numels(spec), c1)
+            scales = scales_all.unbind()
+        else:
+            scales = [
+                channel_scales(*state, c1, squares=sq)
+                for *state, sq in zip(params, grads, momenta, second_moments, squares)
+            ]
         # -step_mult and mag_mult are folded into the output layer, so per
         # entry: update = -lr * adam + o[0] * exp(min(o[1], MAX_LOG_MAGNITUDE)).
-        # The width factor is folded in too, per tensor.
-        factors = [torch.exp(self.fan_in_exp * self.width_log_ratio(spec, t)) for t in spec.tensors]
+        # The width factor is folded in too, per tensor; per-tensor scalars
+        # are computed for all tensors at once (a step pays per operation).
+        ratios, ortho_mask = self._per_tensor(spec, self.log_lr.device)
+        factors_all = torch.exp(self.fan_in_exp * ratios)
         mag = self.log_step_mult.new_tensor(self.mag_mult)
-        out_scales = [torch.stack([-self.log_step_mult.exp() * f, mag]) for f in factors]
+        out_scales = torch.stack(
+            [-self.log_step_mult.exp() * factors_all, mag.expand_as(factors_all)], -1
+        ).unbind(-2)
         # Tensors on the orthogonalised base get no Adam term (neg_lr 0); their
         # base is added after the learned term, outside the tangent projection.
         on_ortho = self.base_kinds(spec)
-        neg_lrs = [
-            torch.zeros_like(f) if o else -self.log_lr.exp() * f for f, o in zip(factors, on_ortho)
-        ]
+        neg_lrs = torch.where(ortho_mask, 0.0, -self.log_lr.exp() * factors_all).unbind(-1)
         inputs = [
             TensorInputs(*a)
             for a in zip(
                 spec.tensors, params, grads, momenta, second_moments, scales, neg_lrs, out_scales
             )
         ]
+        if vectorised:  # what the fused kernel reads of each tensor, for all at once
+            first = (self.inp.weight * scales_all[:, None, :]).unbind()
+            base = (torch.stack(neg_lrs) * scales_all[:, ADAM_CHANNEL]).tolist()
+            r = float(c2.rsqrt())
+            inputs = [x._replace(first_weight=w, base_scale=b, rsqrt_c2=r)
+                      for x, w, b in zip(inputs, first, base)]  # fmt: skip
         outs = self.entry_outputs(spec, inputs, bias, c2, fused)
         updates = []
         for x, chunks, ortho_base in zip(inputs, outs, on_ortho):
@@ -628,6 +683,7 @@ class OptimizerNet(nn.Module):
         b_out: Tensor,
         fused: bool = False,
         pool_cols: int = 0,
+        stat_cols: int = 0,
     ) -> Iterator[TrunkSlice]:
         """Yield, per slice of the first axis, ``w_out @ trunk(features) +
         b_out`` ``(outputs, entries)``, Adam's direction times ``x.neg_lr``
@@ -637,11 +693,18 @@ class OptimizerNet(nn.Module):
         fused CPU kernel (:mod:`lopt.fused`) when it can read the tensors; the
         activations never leave the kernel (None). With ``pool_cols`` as well,
         the kernel stores only the first two outputs and returns the row and
-        column sums of the others, the entries seen as rows of ``pool_cols``."""
+        column sums of the others, the entries seen as rows of ``pool_cols``.
+        With ``stat_cols`` (``pool_cols`` if that is given) the kernel also
+        sums what :func:`neuron_stats` reads, the entries seen as rows of
+        ``stat_cols`` (``stat_sums``)."""
         t, p, g, m, v = x.t, x.param, x.grad, x.momenta, x.second_moment
-        weight = self.inp.weight * x.scales
-        neg_lr = x.neg_lr * x.scales[ADAM_CHANNEL]
-        if fused and fused_kernel.accepts(p, g, m, v):
+        if fused and fused_kernel.accepts_state(p, g, m, v):
+            if x.first_weight is not None:
+                weight, base_scale, rsqrt_c2 = x.first_weight, x.base_scale, x.rsqrt_c2
+            else:
+                weight = self.inp.weight * x.scales
+                base_scale = float(x.neg_lr * x.scales[ADAM_CHANNEL])
+                rsqrt_c2 = float(c2.rsqrt())
             layers = [(weight, bias)] + [(lay.weight, lay.bias) for lay in self.hidden]
             o, base, row_sums, col_sums = fused_kernel.entry_outputs(
                 p,
@@ -649,17 +712,25 @@ class OptimizerNet(nn.Module):
                 m,
                 v,
                 ADAM_MOMENTUM,
-                float(c2.rsqrt()),
+                rsqrt_c2,
                 EPS,
                 layers,
                 w_out,
                 b_out.reshape(-1),
-                float(neg_lr),
-                pool_from=2 if pool_cols else None,
-                pool_cols=pool_cols,
+                base_scale,
+                pool_from=2 if pool_cols else (w_out.shape[0] if stat_cols else None),
+                pool_cols=pool_cols or stat_cols,
+                stats=bool(stat_cols),
             )
-            yield TrunkSlice(o, base, t.view[0] if t.view else 0, None, row_sums, col_sums)
+            stat_sums = None
+            if stat_cols:
+                stat_sums = (row_sums[-3:], col_sums[-3:])
+                row_sums, col_sums = (row_sums[:-3], col_sums[:-3]) if pool_cols else (None, None)
+            rows = t.view[0] if t.view else 0
+            yield TrunkSlice(o, base, rows, None, row_sums, col_sums, stat_sums)
             return
+        weight = self.inp.weight * x.scales
+        neg_lr = x.neg_lr * x.scales[ADAM_CHANNEL]
         if t.view:
             # Sliced along the view's first axis (an attention projection's
             # view starts with its heads or its query / key / value part).
@@ -834,6 +905,121 @@ def neuron_stats(
     return out
 
 
+def stat_matrix(t: TensorSpec) -> tuple[int, int]:
+    """``(rows, cols)``: the entries of ``t`` as :func:`neuron_stats` reads
+    them, a row per output neuron (its shape for nested axes, else its
+    view). A tensor it reads as a vector has its whole-tensor statistic
+    alone, which any matrix gives: its :func:`matrix_view`, the one the
+    fused kernel pools the NF-layer's channels over."""
+    nested = any(ax.parent is not None for ax in t.axes)
+    view = (t.shape if nested else t.view) or (1,)
+    if len(view) < 2:
+        return matrix_view(t)
+    return view[0], math.prod(view[1:])
+
+
+def neuron_stats_from_sums(
+    t: TensorSpec, row_sums: Tensor, col_sums: Tensor, adam_scale: Tensor, width_free: bool = False
+) -> dict[str, Tensor]:
+    """:func:`neuron_stats` from the sums of ``p**2``, of Adam's direction
+    squared (before ``adam_scale``, the bias correction) and of ``g**2`` over
+    each row ``(3, rows)`` and column ``(3, cols)`` of the tensor seen as its
+    :func:`stat_matrix` (the fused kernel's ``stat_sums``)."""
+    nested = any(ax.parent is not None for ax in t.axes)
+    view = (t.shape if nested else t.view) or (1,)
+    rows, cols = stat_matrix(t)
+    unit = torch.ones(3, dtype=row_sums.dtype, device=row_sums.device)
+    mult = torch.stack([unit[0], adam_scale.to(row_sums.dtype).square(), unit[2]])
+    total = (row_sums.sum(1) * mult / (rows * cols)).reshape(*[1] * len(view), 3)
+    g_all = total[..., 2:]
+    f2 = total.new_full((*total.shape[:-1], 2), STAT_FLOOR**2)
+    floor = torch.cat([f2, STAT_FLOOR**2 * g_all + 1e-30], -1)
+    log_g_all = 0.5 * torch.log(g_all + floor[..., 2:])
+    shift = -0.5 * width_log_ratio(t) if width_free else 0.0
+    offset = torch.cat([torch.full_like(g_all, shift), torch.zeros_like(g_all), -log_g_all], -1)
+    if len(view) >= 2:
+        row = (row_sums.t() * mult / cols).reshape(view[0], *[1] * (len(view) - 1), 3)
+        per_col = col_sums.reshape(3, view[1], -1).sum(-1) * mult[:, None]
+        per_col = per_col / (cols // view[1] * rows)
+        col = per_col.t().reshape(1, view[1], *[1] * (len(view) - 2), 3)
+        means = {"row": row, "column": col, "tensor": total}
+    else:
+        means = {"vector": total}
+    out = {name: 0.5 * torch.log(mean + floor) + offset for name, mean in means.items()}
+    if nested:
+        out = {k: v.reshape(*_spread(v.shape[:-1], t.shape, t.view), v.shape[-1])
+               for k, v in out.items()}  # fmt: skip
+    return out
+
+
+class StatLayout(NamedTuple):
+    """Where each tensor's neuron statistics lie when all are computed at
+    once from the fused kernel's sums (:meth:`NFNNet._stat_terms_from_sums`)."""
+
+    row_tensor: Tensor  # per matrix row of every tensor: its tensor
+    row_count: Tensor  # per row: the entries it sums
+    col_slot: Tensor  # per matrix column: its input neuron's slot
+    col_slots: int
+    col_tensor: Tensor  # per slot: its tensor
+    col_count: Tensor  # per slot: the entries it sums
+    numel: Tensor  # per tensor
+    shift: Tensor  # per tensor: the width-free offset of the parameter's statistic
+    whole_pool: Tensor  # per tensor: the pool of its whole-tensor statistic
+    all_tensors: Tensor  # arange
+    # Per tensor: its rows, its slots, and the broadcast shapes of its row,
+    # column and whole terms over its view (the whole one alone for < 2 axes).
+    pieces: tuple[tuple[int, int, int, int, tuple[tuple[int, ...], ...]], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _stat_layout(spec: WeightSpaceSpec, have: tuple[int, ...], width_free: bool) -> StatLayout:
+    row_tensor, row_count, col_slot, col_tensor, col_count = [], [], [], [], []
+    numel, shift, pool, pieces = [], [], [], []
+    r, c = 0, 0
+    for j, i in enumerate(have):
+        t = spec.tensors[i]
+        nested = any(ax.parent is not None for ax in t.axes)
+        view = (t.shape if nested else t.view) or (1,)
+        rows, cols = stat_matrix(t)
+        row_tensor += [j] * rows
+        row_count += [cols] * rows
+        numel.append(rows * cols)
+        shift.append(-0.5 * width_log_ratio(t) if width_free else 0.0)
+        ones = (1,) * len(t.view)
+        if len(view) >= 2:
+            per = cols // view[1]  # columns of one input neuron (its kernel positions)
+            col_slot += [c + k // per for k in range(cols)]
+            col_tensor += [j] * view[1]
+            col_count += [per * rows] * view[1]
+            kept = [(view[0], *[1] * (len(view) - 1)), (1, view[1], *[1] * (len(view) - 2))]
+            if nested:
+                kept = [tuple(_spread(k, t.shape, t.view)) for k in kept]
+            pieces.append((r, r + rows, c, c + view[1], (*kept, ones)))
+            pool.append(STAT_POOLS.index("tensor"))
+            c += view[1]
+        else:
+            col_slot += [-1] * cols  # summed nowhere: a vector has its whole-tensor pool alone
+            pieces.append((r, r + rows, c, c, (ones,)))
+            pool.append(STAT_POOLS.index("vector"))
+        r += rows
+    slots = c + 1  # the last, discarded slot
+    col_slot = [slots - 1 if k < 0 else k for k in col_slot]
+    long, f32 = torch.long, torch.float32
+    return StatLayout(
+        torch.tensor(row_tensor, dtype=long),
+        torch.tensor(row_count, dtype=f32),
+        torch.tensor(col_slot, dtype=long),
+        slots,
+        torch.tensor(col_tensor + [0], dtype=long),
+        torch.tensor(col_count + [1], dtype=f32),
+        torch.tensor(numel, dtype=f32),
+        torch.tensor(shift, dtype=f32),
+        torch.tensor(pool, dtype=long),
+        torch.arange(len(have)),
+        tuple(pieces),
+    )
+
+
 def _spread(kept: tuple[int, ...], shape: tuple[int, ...], view: tuple[int, ...]) -> list[int]:
     """A keepdim statistic's shape over ``shape`` (each axis full or 1) as a
     shape over ``view``, each axis of ``shape`` spanning whole axes of it."""
@@ -949,14 +1135,21 @@ class NFNNet(OptimizerNet):
         """Whether the weights' statistic is read relative to a width-scaled init."""
         return self._config.get("width_free_stats", False)
 
-    def stat_terms(self, x: TensorInputs, c2: Tensor) -> list[Tensor]:
+    def stat_terms(
+        self, x: TensorInputs, c2: Tensor, sums: tuple[Tensor, Tensor] | None = None
+    ) -> list[Tensor]:
         """The log-magnitude terms of :func:`neuron_stats`, one per pool,
-        channels last, each broadcastable to ``(*x.t.view, 1)``."""
+        channels last, each broadcastable to ``(*x.t.view, 1)``; from the
+        fused kernel's ``sums`` (:attr:`TrunkSlice.stat_sums`) when given."""
         if not self.neuron_stats:
             return []
-        _, denom = rms_and_denominator(x.second_moment, c2)
-        adam = x.momenta[ADAM_MOMENTUM] / denom * x.scales[ADAM_CHANNEL]
-        stats = neuron_stats(x.t, x.param, x.grad, adam, self.width_free_stats)
+        if sums is not None:
+            adam_scale = x.scales[ADAM_CHANNEL]
+            stats = neuron_stats_from_sums(x.t, *sums, adam_scale, self.width_free_stats)
+        else:
+            _, denom = rms_and_denominator(x.second_moment, c2)
+            adam = x.momenta[ADAM_MOMENTUM] / denom * x.scales[ADAM_CHANNEL]
+            stats = neuron_stats(x.t, x.param, x.grad, adam, self.width_free_stats)
         terms = []
         for name, st in stats.items():
             # In the exponent's units (mag_mult is on every log-magnitude
@@ -965,6 +1158,56 @@ class NFNNet(OptimizerNet):
             term = (st @ self.stat_weight[STAT_POOLS.index(name)]).unsqueeze(-1) / self.mag_mult
             terms.append(term if x.t.view else term.reshape(1))
         return terms
+
+    def _stat_terms_from_sums(
+        self,
+        spec: WeightSpaceSpec,
+        inputs: Sequence[TensorInputs],
+        sums: Sequence[tuple[Tensor, Tensor] | None],
+        scale_nf: Tensor,
+    ) -> list[list[Tensor] | None]:
+        """:meth:`stat_terms` of every tensor with the fused kernel's ``sums``,
+        all at once, as ``(2, *broadcast shape)`` terms (zero direction)
+        scaled by ``scale_nf``; None for the others."""
+        have = tuple(i for i, s in enumerate(sums) if s is not None)
+        out: list[list[Tensor] | None] = [None] * len(inputs)
+        if not self.neuron_stats or not have:
+            return out
+        lay = _stat_layout(spec, have, self.width_free_stats)
+        mult = torch.stack([x.scales for x in inputs])[list(have), ADAM_CHANNEL].square()
+        ones = torch.ones_like(mult)
+        mult = torch.stack([ones, mult, ones], 1)  # (T, 3): Adam's squares get 1 / c1**2
+        rows = torch.cat([sums[i][0] for i in have], 1).t()  # (rows, 3)
+        cols = torch.cat([sums[i][1] for i in have], 1).t()
+        total = rows.new_zeros(len(have), 3).index_add_(0, lay.row_tensor, rows)
+        total = total * mult / lay.numel[:, None]
+        g_all = total[:, 2:]
+        floor = torch.cat([torch.full_like(total[:, :2], STAT_FLOOR**2),
+                           STAT_FLOOR**2 * g_all + 1e-30], 1)  # fmt: skip
+        offset = torch.cat([lay.shift[:, None], torch.zeros_like(g_all),
+                            -0.5 * torch.log(g_all + floor[:, 2:])], 1)  # fmt: skip
+
+        def stat(mean: Tensor, tensor: Tensor) -> Tensor:
+            return 0.5 * torch.log(mean + floor[tensor]) + offset[tensor]
+
+        w = self.stat_weight / self.mag_mult
+        row = stat(rows * mult[lay.row_tensor] / lay.row_count[:, None], lay.row_tensor)
+        row = (row @ w[STAT_POOLS.index("row")]) * scale_nf[list(have), 1][lay.row_tensor]
+        per_col = cols.new_zeros(lay.col_slots, 3).index_add_(0, lay.col_slot, cols)
+        col = stat(per_col * mult[lay.col_tensor] / lay.col_count[:, None], lay.col_tensor)
+        col = (col @ w[STAT_POOLS.index("column")]) * scale_nf[list(have), 1][lay.col_tensor]
+        whole = (stat(total, lay.all_tensors) * w[lay.whole_pool]).sum(1)
+        whole = whole * scale_nf[list(have), 1]
+        zeros = torch.zeros_like
+        row, col, whole = (torch.stack([zeros(v), v]) for v in (row, col, whole))
+        for j, i in enumerate(have):
+            r0, r1, c0, c1, shapes = lay.pieces[j]
+            terms = [whole[:, j].reshape(2, *shapes[-1])]
+            if len(shapes) == 3:
+                terms = [row[:, r0:r1].reshape(2, *shapes[0]),
+                         col[:, c0:c1].reshape(2, *shapes[1])] + terms  # fmt: skip
+            out[i] = terms
+        return out
 
     def _as_outputs(self, x: Tensor, dim: int) -> Tensor:
         """The NF-layer's output channels (along ``dim``) as the net's two,
@@ -981,24 +1224,36 @@ class NFNNet(OptimizerNet):
         proj = None if self.nf_proj is None else self.nf_proj.weight
         h_width = self.out.weight.shape[1]
         pooled: dict[tuple[int, tuple[int, ...]], Tensor] = {}
-        outs, row_counts = [], []
+        outs, row_counts, stat_sums = [], [], []
+        # The output layer of a tensor: the shared one plus the NF-layer's
+        # pointwise weight of its role, then the rows that read the channels
+        # the NF-layer pools (one pass over h; on the torch path the trunk
+        # itself is pooled unless projected); each row scaled by the
+        # tensor's out_scale (1 for the read rows). Built once per role.
+        read = proj if proj is not None else torch.eye(h_width, device=self.out.weight.device)
+        scales2 = torch.stack([x.out_scale for x in inputs]).unsqueeze(-1)
+        ones = scales2.new_ones(len(inputs), read.shape[0], 1)
+        scales_read = torch.cat([scales2, ones], 1).unbind()
+        scales2 = scales2.unbind()
+        layers: dict[tuple[str | None, bool], tuple[Tensor, Tensor]] = {}
         for i, x in enumerate(inputs):
             t = x.t
-            pw = self.nf.pointwise_weight(spec, i)
-            w_out = self.out.weight
-            if pw is not None:
-                pw = self._as_outputs(pw.t() if proj is None else pw.t() @ proj, 0)
-                w_out = w_out + self.nf_scale * pw
-            w_out = w_out * x.out_scale[:, None]
-            b_out = (self.out.bias * x.out_scale)[:, None]
             pools = needed.get(i, set())
-            # The channels the NF-layer pools come out as extra output rows
-            # (one pass over h), except the trunk itself on the torch path.
             extra_rows = bool(pools) and (proj is not None or fused)
-            if extra_rows:
-                read = proj if proj is not None else torch.eye(h_width, device=w_out.device)
-                w_out = torch.cat([w_out, read])
-                b_out = torch.cat([b_out, b_out.new_zeros(read.shape[0], 1)])
+            key = (self.nf.pointwise_key(spec, i), extra_rows)
+            if key not in layers:
+                w_out, b_out = self.out.weight, self.out.bias[:, None]
+                if key[0] is not None:
+                    pw = self.nf.weights[key[0]]
+                    pw = self._as_outputs(pw.t() if proj is None else pw.t() @ proj, 0)
+                    w_out = w_out + self.nf_scale * pw
+                if extra_rows:
+                    w_out = torch.cat([w_out, read])
+                    b_out = torch.cat([b_out, b_out.new_zeros(read.shape[0], 1)])
+                layers[key] = (w_out, b_out)
+            w_out, b_out = layers[key]
+            row_scale = scales_read[i] if extra_rows else scales2[i]
+            w_out, b_out = w_out * row_scale, b_out * row_scale
             blocks, rows_list = [], []
             totals: dict[tuple[int, ...], Tensor] = {}  # pools over the sliced axis
             parts: dict[tuple[int, ...], list[Tensor]] = {p: [] for p in pools if 0 not in p}
@@ -1006,11 +1261,19 @@ class NFNNet(OptimizerNet):
             pool_cols = (
                 t.view[1]
                 if fused and len(t.view) == 2 and pools and pools <= MATRIX_POOLS
-                and fused_kernel.accepts(x.param, x.grad, x.momenta, x.second_moment)
+                and fused_kernel.accepts_state(x.param, x.grad, x.momenta, x.second_moment)
                 else 0
             )  # fmt: skip
-            slices = self.trunk_outputs(x, bias, c2, w_out, b_out, fused, pool_cols)
+            stat_cols = (
+                stat_matrix(t)[1]
+                if fused and self.neuron_stats
+                and fused_kernel.accepts_state(x.param, x.grad, x.momenta, x.second_moment)
+                else 0
+            )  # fmt: skip
+            slices = self.trunk_outputs(x, bias, c2, w_out, b_out, fused, pool_cols, stat_cols)
+            sums = None
             for sl in slices:
+                sums = sl.stat_sums
                 o, rows = sl.out, sl.rows
                 # Keep two rows, not the pooled ones: a copy costs less than
                 # the fresh pages held storage needs at every step. The fused
@@ -1041,15 +1304,34 @@ class NFNNet(OptimizerNet):
                 pooled[(i, p)] = val.movedim(0, -1)  # channels last, as NF-layers take
             outs.append(blocks)
             row_counts.append(rows_list)
-        results = []
-        for x, blocks, rows_list, terms in zip(
-            inputs, outs, row_counts, self.nf.broadcast_terms(spec, pooled)
-        ):
-            t = x.t
-            terms = [self._as_outputs(term, -1) for term in terms] + [
-                torch.cat([torch.zeros_like(term), term], -1) for term in self.stat_terms(x, c2)
+            stat_sums.append(sums)
+        # The NF-layer's and the statistics' terms, (2, *broadcast shape),
+        # scaled by nf_scale and the tensor's out_scale; on the fused path
+        # each kind for all tensors at once.
+        scale_nf = self.nf_scale * torch.stack([x.out_scale for x in inputs])  # (T, 2)
+        flat = self.nf.flat_plan(spec) if fused else None
+        if flat is not None:
+            buf = flat_terms.buffer(flat, pooled, self.nf.weights, self.nf.biases)
+            buf = (self._as_outputs(buf, -1) * scale_nf[flat.row_tensor]).t().contiguous()
+            nf_terms = [[buf[:, r0:r1].reshape(2, *shape) for r0, r1, shape in mine]
+                        for mine in flat.blocks]  # fmt: skip
+        else:
+            nf_terms = [
+                [(self._as_outputs(term, -1) * scale_nf[i]).movedim(-1, 0) for term in terms]
+                for i, terms in enumerate(self.nf.broadcast_terms(spec, pooled))
             ]
-            terms = [(term * (self.nf_scale * x.out_scale)).movedim(-1, 0) for term in terms]
+        fused_stats = self._stat_terms_from_sums(spec, inputs, stat_sums, scale_nf)
+        results = []
+        for i, (x, blocks, rows_list) in enumerate(zip(inputs, outs, row_counts)):
+            t = x.t
+            if fused_stats[i] is not None:
+                stats = fused_stats[i]
+            else:
+                stats = [
+                    (torch.cat([torch.zeros_like(term), term], -1) * scale_nf[i]).movedim(-1, 0)
+                    for term in self.stat_terms(x, c2)
+                ]
+            terms = nf_terms[i] + stats
             if fused and len(blocks) == 1 and fused_kernel.accepts(*blocks[0]):
                 results.append([(*blocks[0], terms)])  # the whole tensor: the kernel adds them
                 continue

@@ -221,7 +221,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             spec = self._spec(index, group, active)
             state = self._gather_state(params)
             grads = [p.grad for p in params]
-            if not torch.isfinite(torch.stack([g.float().sum() for g in grads]).sum()):
+            if not functional.all_finite(grads):
                 # A NaN / inf gradient: params and state stay as they are.
                 for p in params:
                     self.state[p]["skipped"] = self.state[p]["skipped"] + 1
@@ -245,10 +245,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
             # update from the net is never written to the parameters.
             skipped = bool(new["skipped"] > state["skipped"])
             self._count_skip(index, skipped)
+            # One step count for the group, never written in place: shared.
             for i, p in enumerate(params):
                 st = self.state[p]
-                st["skipped"] = new["skipped"].clone()
-                st["step"] = new["step"].clone()
+                st["skipped"] = new["skipped"]
+                st["step"] = new["step"]
                 if not skipped:
                     p.add_(updates[i], alpha=group["lr"])
         return loss
@@ -323,10 +324,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 )
         first = self.state[params[0]]
         return {
-            "momenta": [self.state[p]["momenta"].float() for p in params],
-            "second_moment": [self.state[p]["second_moment"].float() for p in params],
-            "step": first["step"].float(),
-            "skipped": first["skipped"].float(),
+            "momenta": [_float32(self.state[p]["momenta"]) for p in params],
+            "second_moment": [_float32(self.state[p]["second_moment"]) for p in params],
+            "step": _float32(first["step"]),
+            "skipped": _float32(first["skipped"]),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -339,6 +340,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
             for k in _STATE_KEYS + ("step", "skipped"):
                 if k in st:
                     self.state[p][k] = st[k].to(device=p.device, dtype=torch.float32)
+
+
+def _float32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float32 else x.float()  # no call for what is float32 already
 
 
 def check_model_holds(model: nn.Module, groups: list[dict[str, Any]]) -> None:

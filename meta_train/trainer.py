@@ -399,6 +399,7 @@ class MetaTrainer:
         sd["meta_opt"] = meta_opt
         if sd.get("est_state"):
             sd["est_state"] = {k: move(v) for k, v in sd["est_state"].items()}
+
         def few(names: list[str]) -> str:
             return ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
 

@@ -206,6 +206,18 @@ def test_overhead_quick_writes_every_output(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_overhead_pages_without_an_mlp_have_no_figure(tmp_path):
+    # The figure is step time against MLP size: a run of other models writes
+    # its tables and no figure (matplotlib refused empty log axes).
+    row = {"model": "resnet-bn", "params": 10, **{
+        f"{k}_{m}": 1.0 for k in overhead.OPTIMIZERS
+        for m in ("step_ms", "train_ms", "launches", "state_mb")
+    }}  # fmt: skip
+    table = overhead.write_outputs([row], tmp_path, {"device": "cpu"})
+    assert "| resnet-bn | 10 | nfn |" in table and (tmp_path / "overhead.md").exists()
+    assert not (tmp_path / "overhead.png").exists()
+
+
 @pytest.mark.slow
 def test_overhead_times_the_torch_path_with_any_slicing(tmp_path):
     from lopt import nets

@@ -234,6 +234,62 @@ def test_kernel_pools_rows_and_columns_like_the_naive_loop(shape, threads, monke
     torch.testing.assert_close(cols, pooled.sum(1), rtol=1e-5, atol=1e-4)
 
 
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (5, 24), (40, 3)])
+@pytest.mark.parametrize("pool", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_sums_the_neuron_statistics_by_row_and_column(shape, pool, threads, monkeypatch):
+    monkeypatch.setattr(fused, "MIN_ENTRIES_PER_THREAD", 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    n = shape[0] * shape[1]
+    p, grad, m, v, layers, w_out, b_out = kernel_inputs(n, 1, 5, n)
+    with torch.no_grad():
+        out, _, rows, cols = fused.entry_outputs(
+            p, grad, m, v, 1, 1.7, EPS, layers, w_out, b_out, -0.3,
+            pool_from=2 if pool else 5, pool_cols=shape[1], stats=True,
+        )  # fmt: skip
+    assert out.shape == ((2, n) if pool else (5, n))
+    assert rows.shape == ((3 if pool else 0) + 3, shape[0])
+    adam = m[1] / (v.sqrt() * 1.7 + EPS)
+    squares = torch.stack([p, adam, grad]).square().reshape(3, *shape)
+    torch.testing.assert_close(rows[-3:], squares.sum(2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cols[-3:], squares.sum(1), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), pytest.raises(ValueError, match="give pool_from and pool_cols"):
+        fused.entry_outputs(p, grad, m, v, 1, 1.7, EPS, layers, w_out, b_out, -0.3, stats=True)
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv", "bias", "scalar", "attention"])
+def test_neuron_stats_from_sums_equal_the_torch_ones(name):
+    from torch import nn
+
+    from lopt.nets import neuron_stats, neuron_stats_from_sums, stat_matrix
+    from tasks.models import TransformerLM
+
+    torch.manual_seed(0)
+    model = {
+        "mlp": lambda: nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)),
+        "conv": lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3)),
+        "bias": lambda: nn.Sequential(nn.Linear(5, 7)),
+        "scalar": lambda: nn.Sequential(nn.Linear(5, 7)),
+        "attention": lambda: TransformerLM(7, 4, 8, 2, 1),
+    }[name]()
+    spec = WeightSpaceSpec.from_module(model)
+    if name == "scalar":
+        spec = WeightSpaceSpec.from_shapes([(), (7,)])
+    for t in spec.tensors:
+        p, g, a = (torch.randn(t.shape) for _ in range(3))
+        if p.dim():
+            p[..., 0] = 0.0  # a row under the floor
+        scale = torch.tensor(1.3)
+        rows, cols = stat_matrix(t)
+        sq = torch.stack([p, a, g]).square().reshape(3, rows, cols)
+        got = neuron_stats_from_sums(t, sq.sum(2), sq.sum(1), scale, width_free=True)
+        want = neuron_stats(t, p, g, a * scale, width_free=True)
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_pooling_rejects_a_shape_that_is_no_matrix():
     inputs = kernel_inputs(10, 1, 4, 0)
     with torch.no_grad(), pytest.raises(ValueError, match="rows of 3"):

@@ -106,9 +106,10 @@ def apart(spec: WeightSpaceSpec) -> WeightSpaceSpec:
     return WeightSpaceSpec(tensors, spec.group_kinds, spec.mode)
 
 
-def strong_net():
+def strong_net(attention_roles=True):
     torch.manual_seed(3)
-    net = NFNNet(depth=1, out_scale=1.0, step_mult=1e-2, lr=1e-4, neuron_stats=True)
+    net = NFNNet(depth=1, out_scale=1.0, step_mult=1e-2, lr=1e-4, neuron_stats=True,
+                 attention_roles=attention_roles)  # fmt: skip
     with torch.no_grad():
         net.stat_weight.normal_(std=0.3)
     return net
@@ -155,10 +156,11 @@ def test_a_packed_parameter_updates_as_its_pieces_would_apart(name):
 
 @pytest.mark.skipif(not fused.available(), reason="no fused kernel")
 @pytest.mark.parametrize("name", ["hand-written", "torch-encoder"])
-def test_the_fused_in_place_step_equals_the_torch_path_on_pieces(name):
+@pytest.mark.parametrize("attention_roles", [True, False])
+def test_the_fused_in_place_step_equals_the_torch_path_on_pieces(name, attention_roles):
     model = packed_models()[name]
     spec = WeightSpaceSpec.from_module(model)
-    net = strong_net()
+    net = strong_net(attention_roles)
     params = [p.detach().clone() for p in model.parameters()]
     grads = [torch.randn_like(p) for p in params]
     state = state_of(params, 2)

@@ -13,8 +13,11 @@
  * n_out) are not stored but summed along each matrix row into row_sums
  * (n_out - n_store, n / pool_cols) and along each column into col_sums
  * (n_out - n_store, pool_cols): the NF-layer's pooled channels, without
- * writing them to memory. The per-tensor channel scales are folded into
- * W_in by the caller, as in the torch path.
+ * writing them to memory. With stats, three more rows are summed the same
+ * way after them: p^2, (m_A / d)^2 and g^2 (the per-neuron statistics of
+ * lopt.nets.neuron_stats), for any tensor seen as such a matrix. The
+ * per-tensor channel scales are folded into W_in by the caller, as in the
+ * torch path.
  *
  * Sixteen entries at a time, two SIMD vectors of eight, so features and
  * activations live in registers and L1, memory is read once, and every
@@ -55,7 +58,7 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 #endif
 #define BLOCK (8 * NV)  /* entries per block */
 
-int lopt_entry_outputs_abi(void) { return 3; }
+int lopt_entry_outputs_abi(void) { return 4; }
 
 static inline v8 splat(float a) { return (v8){a, a, a, a, a, a, a, a}; }
 static inline v8 load(const float *p)
@@ -101,7 +104,7 @@ static inline __attribute__((always_inline)) int out_rows(const int g, const flo
 }
 
 struct net {
-    int k_momenta, adam_momentum, width, depth, n_out, n_store;
+    int k_momenta, adam_momentum, width, depth, n_out, n_store, n_pool; /* pooled: [n_store, n_pool) */
     float rsqrt_c2, eps, base_scale;
     const float *w_in, *b_in, *w_hidden, *b_hidden, *w_out, *b_out;
 };
@@ -112,13 +115,13 @@ struct tensor {
     float *out, *base;
 };
 
-/* Rows [n_store, n_out) of one block of entries into the running sums. */
+/* Rows [n_store, n_pool) of one block of entries into the running sums. */
 static void pool_block(const struct net *net, const struct tensor *t, int64_t i0, int nb,
                        v8 y[][NV], float *rows, float *cols)
 {
     const int64_t n_rows = t->n / t->cols;
     const int64_t row = i0 / t->cols, col0 = i0 - row * t->cols;
-    for (int r = net->n_store; r < net->n_out; r++) {
+    for (int r = net->n_store; r < net->n_pool; r++) {
         float *rs = rows + (r - net->n_store) * n_rows;
         float *cs = cols + (r - net->n_store) * t->cols;
         if (nb == BLOCK && col0 + BLOCK <= t->cols) { /* one matrix row */
@@ -247,6 +250,12 @@ static void run_blocks(const struct net *net, const struct tensor *t, int64_t bl
                 for (int b = 0; b < nb; b++)
                     o[b] = y[r][b / 8][b % 8];
         }
+        if (net->n_pool > net->n_out) /* the statistics, after the outputs */
+            for (int u = 0; u < NV; u++) {
+                y[net->n_out][u] = x[0][u] * x[0][u];
+                y[net->n_out + 1][u] = x[4 + k][u] * x[4 + k][u];
+                y[net->n_out + 2][u] = x[1][u] * x[1][u];
+            }
         if (t->cols > 0)
             pool_block(net, t, i0, nb, y, rows, cols);
         for (int u = 0; u < NV; u++) {
@@ -300,20 +309,21 @@ int lopt_entry_outputs(
     int adam_momentum, const float *v, float rsqrt_c2, float eps, int width, int depth,
     const float *w_in, const float *b_in, const float *w_hidden, const float *b_hidden, int n_out,
     const float *w_out, const float *b_out, float base_scale, int n_store, float *out, float *base,
-    int64_t pool_cols, float *row_sums, float *col_sums, int threads)
+    int64_t pool_cols, float *row_sums, float *col_sums, int stats, int threads)
 {
-    if (width > MAX_WIDTH || n_out > MAX_OUT || k_momenta + 5 > MAX_FEATURES || width < 1 ||
+    const int n_pool = n_out + (stats ? 3 : 0);
+    if (width > MAX_WIDTH || n_pool > MAX_OUT || k_momenta + 5 > MAX_FEATURES || width < 1 ||
         depth < 1 || adam_momentum < 0 || adam_momentum >= k_momenta || n_store < 0 ||
-        n_store > n_out || pool_cols < 0 || (pool_cols == 0 && n_store != n_out) ||
+        n_store > n_out || pool_cols < 0 || (pool_cols == 0 && n_store != n_pool) ||
         (pool_cols > 0 && n % pool_cols != 0))
         return 1;
-    const struct net net = {k_momenta, adam_momentum, width, depth, n_out, n_store,
+    const struct net net = {k_momenta, adam_momentum, width, depth, n_out, n_store, n_pool,
                             rsqrt_c2, eps, base_scale, w_in, b_in, w_hidden, b_hidden,
                             w_out, b_out};
     const struct tensor t = {n, m_stride, pool_cols, p, g, m, v, out, base};
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
     const int nt = thread_count(threads);
-    const int pooled = n_out - n_store;
+    const int pooled = n_pool - n_store;
     const int64_t per_thread = pool_cols > 0 ? pooled * (n / pool_cols + pool_cols) : 0;
     float *scratch = NULL;
     if (per_thread > 0) {
@@ -455,7 +465,7 @@ static inline v8 vmin(v8 a, float hi)
 /* Entries [e0, e1) of the update; returns their sum. */
 static double finish_range(int64_t e0, int64_t e1, const float *dir, const float *mag,
                            float *base, int64_t cols, const float *row_terms,
-                           const float *col_terms, float max_mag)
+                           const float *col_terms, int64_t col_stride, float max_mag)
 {
     double total = 0.0;
     int64_t e = e0;
@@ -467,7 +477,7 @@ static double finish_range(int64_t e0, int64_t e1, const float *dir, const float
             rd = row_terms[2 * row];
             rm = row_terms[2 * row + 1];
         }
-        const float *cd = col_terms, *cm = col_terms ? col_terms + cols : NULL;
+        const float *cd = col_terms, *cm = col_terms ? col_terms + col_stride : NULL;
         const int64_t off = row * cols;
         v8 acc = splat(0.0f);
         int64_t c = c0;
@@ -497,11 +507,12 @@ static double finish_range(int64_t e0, int64_t e1, const float *dir, const float
 }
 
 double lopt_finish(int64_t n, const float *dir, const float *mag, float *base, int64_t cols,
-                   const float *row_terms, const float *col_terms, float max_mag, int threads)
+                   const float *row_terms, const float *col_terms, int64_t col_stride,
+                   float max_mag, int threads)
 {
     /* Entries are a (n / cols, cols) matrix; row_terms is (n / cols, 2) and
-     * col_terms (2, cols), each may be NULL. */
-    if (cols < 1 || n % cols != 0)
+     * col_terms (2, cols) with its rows col_stride apart, each may be NULL. */
+    if (cols < 1 || n % cols != 0 || (col_terms && col_stride < cols))
         return NAN;
     const int nt = thread_count(threads);
     double partial[MAX_THREADS] = {0};
@@ -509,7 +520,8 @@ double lopt_finish(int64_t n, const float *dir, const float *mag, float *base, i
     {
         int64_t e0, e1;
         const int id = thread_range(n, &e0, &e1);
-        partial[id] = finish_range(e0, e1, dir, mag, base, cols, row_terms, col_terms, max_mag);
+        partial[id] = finish_range(e0, e1, dir, mag, base, cols, row_terms, col_terms, col_stride,
+                                   max_mag);
     }
     double total = 0.0;
     for (int id = 0; id < nt; id++)

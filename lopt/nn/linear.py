@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from lopt.nn import flat_terms
 from lopt.nn.terms import (
     BiasFilter,
     OutputPlan,
@@ -58,6 +59,8 @@ class NFLinear(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.tie, self.use_bias, self.strict = tie, bias, strict
         self._plans: dict[WeightSpaceSpec, tuple[OutputPlan, ...]] = {}
+        self._flat: dict[WeightSpaceSpec, flat_terms.FlatPlan | None] = {}
+        self._pointwise: dict[WeightSpaceSpec, list[str | None]] = {}
         self.weights = nn.ParameterDict()
         self.biases = nn.ParameterDict()
         specs = [spec] if isinstance(spec, WeightSpaceSpec) else list(spec)
@@ -144,8 +147,14 @@ class NFLinear(nn.Module):
     def pointwise_weight(self, spec: WeightSpaceSpec, u_index: int) -> Tensor | None:
         """The weight of the term that reads U's own entry (``x_U @ w``); the
         rest of the layer is :meth:`broadcast_terms`."""
-        key = self._pointwise_key(spec, self._plan(spec)[u_index])
+        key = self.pointwise_key(spec, u_index)
         return None if key is None else self.weights[key]
+
+    def pointwise_key(self, spec: WeightSpaceSpec, u_index: int) -> str | None:
+        """The key of :meth:`pointwise_weight` (None: no such term)."""
+        if spec not in self._pointwise:
+            self._pointwise[spec] = [self._pointwise_key(spec, o) for o in self._plan(spec)]
+        return self._pointwise[spec][u_index]
 
     def pools_needed(self, spec: WeightSpaceSpec) -> dict[int, set[tuple[int, ...]]]:
         """For each tensor, the axis sets :meth:`broadcast_terms` averages it
@@ -161,13 +170,22 @@ class NFLinear(nn.Module):
         return need
 
     def broadcast_terms(
-        self, spec: WeightSpaceSpec, pooled: Mapping[tuple[int, tuple[int, ...]], Tensor]
+        self,
+        spec: WeightSpaceSpec,
+        pooled: Mapping[tuple[int, tuple[int, ...]], Tensor],
+        flat: bool = False,
     ) -> list[list[Tensor]]:
         """Every term but the pointwise one, per output tensor, as a few small
         broadcastable tensors (terms that broadcast into one another are
         summed; a row term and a column term are kept apart, so nothing
         output-sized is made), from the means ``pooled[(t_index, axes)]`` of
-        unbatched inputs. With :meth:`pointwise_weight` this is the whole layer."""
+        unbatched inputs. With :meth:`pointwise_weight` this is the whole layer.
+        ``flat=True`` computes them in a fixed number of operations
+        (:mod:`lopt.nn.flat_terms`; not under ``vmap``), one term per
+        broadcast shape, where the spec has no fixed axes."""
+        plan = self.flat_plan(spec) if flat else None
+        if plan is not None:
+            return flat_terms.terms(plan, pooled, self.weights, self.biases)
         out_terms = []
         for out in self._plan(spec):
             u = spec.tensors[out.u_index]
@@ -182,6 +200,14 @@ class NFLinear(nn.Module):
                 partial.append(((), self._bias_term(u, out)))
             out_terms.append(_merge_small([t for _, t in partial]))
         return out_terms
+
+    def flat_plan(self, spec: WeightSpaceSpec) -> flat_terms.FlatPlan | None:
+        """The index tensors of :mod:`lopt.nn.flat_terms` for ``spec`` (None
+        where it has fixed axes), built once."""
+        if spec not in self._flat:
+            skip = [self.pointwise_key(spec, i) for i in range(len(spec.tensors))]
+            self._flat[spec] = flat_terms.build(spec, self._plan(spec), skip)
+        return self._flat[spec]
 
     def _pointwise_key(self, spec: WeightSpaceSpec, out: OutputPlan) -> str | None:
         if out.fixed:
