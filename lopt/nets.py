@@ -1240,6 +1240,9 @@ class NFNNet(OptimizerNet):
             t = x.t
             pools = needed.get(i, set())
             extra_rows = bool(pools) and (proj is not None or fused)
+            kernel = fused and fused_kernel.accepts_state(
+                x.param, x.grad, x.momenta, x.second_moment
+            )
             key = (self.nf.pointwise_key(spec, i), extra_rows)
             if key not in layers:
                 w_out, b_out = self.out.weight, self.out.bias[:, None]
@@ -1260,14 +1263,12 @@ class NFNNet(OptimizerNet):
             # A matrix's pools the fused kernel sums as it goes.
             pool_cols = (
                 t.view[1]
-                if fused and len(t.view) == 2 and pools and pools <= MATRIX_POOLS
-                and fused_kernel.accepts_state(x.param, x.grad, x.momenta, x.second_moment)
+                if kernel and len(t.view) == 2 and pools and pools <= MATRIX_POOLS
                 else 0
             )  # fmt: skip
             stat_cols = (
                 stat_matrix(t)[1]
-                if fused and self.neuron_stats
-                and fused_kernel.accepts_state(x.param, x.grad, x.momenta, x.second_moment)
+                if kernel and self.neuron_stats
                 else 0
             )  # fmt: skip
             slices = self.trunk_outputs(x, bias, c2, w_out, b_out, fused, pool_cols, stat_cols)

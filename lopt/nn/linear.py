@@ -61,6 +61,7 @@ class NFLinear(nn.Module):
         self._plans: dict[WeightSpaceSpec, tuple[OutputPlan, ...]] = {}
         self._flat: dict[WeightSpaceSpec, flat_terms.FlatPlan | None] = {}
         self._pointwise: dict[WeightSpaceSpec, list[str | None]] = {}
+        self._pools: dict[WeightSpaceSpec, dict[int, set[tuple[int, ...]]]] = {}
         self.weights = nn.ParameterDict()
         self.biases = nn.ParameterDict()
         specs = [spec] if isinstance(spec, WeightSpaceSpec) else list(spec)
@@ -158,7 +159,12 @@ class NFLinear(nn.Module):
 
     def pools_needed(self, spec: WeightSpaceSpec) -> dict[int, set[tuple[int, ...]]]:
         """For each tensor, the axis sets :meth:`broadcast_terms` averages it
-        over (``()``: the tensor itself)."""
+        over (``()``: the tensor itself). Built once per spec: do not modify."""
+        if spec not in self._pools:
+            self._pools[spec] = self._pools_needed(spec)
+        return self._pools[spec]
+
+    def _pools_needed(self, spec: WeightSpaceSpec) -> dict[int, set[tuple[int, ...]]]:
         need: dict[int, set[tuple[int, ...]]] = {}
         for out in self._plan(spec):
             skip = self._pointwise_key(spec, out)
