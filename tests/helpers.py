@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from hypothesis import strategies as st
 from torch import nn
@@ -91,3 +93,37 @@ def local_axes(spec):
         for a, ax in enumerate(t.axes)
         if ax.kind == LOCAL
     ]
+
+
+def random_state(params, seed, step=7.0):
+    """An optimizer state a few steps in: random momenta and second moments."""
+    from lopt import functional
+
+    g = torch.Generator().manual_seed(seed)
+    state = functional.init(params)
+    state["momenta"] = [torch.randn(m.shape, generator=g) * 0.1 for m in state["momenta"]]
+    state["second_moment"] = [
+        torch.rand(v.shape, generator=g) * 0.01 for v in state["second_moment"]
+    ]
+    state["step"] = torch.tensor(step)
+    return state
+
+
+def assert_fused_in_place_matches(net, spec, params, grads, state):
+    """The optimizer classes' call (state updated in place by the fused
+    state pass) gives the torch path's updates and state, in the state's own
+    tensors."""
+    from lopt import functional
+
+    mine = copy.deepcopy(state)
+    with torch.no_grad():
+        ref, ref_state = functional.update(net, spec, None, grads, state, params)
+        out, out_state = functional.update(
+            net, spec, None, grads, mine, params, guard=False, inplace=True, fused=True
+        )
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for key in ("momenta", "second_moment"):
+        for a, b, held in zip(out_state[key], ref_state[key], mine[key]):
+            torch.testing.assert_close(a, b)
+            assert a.data_ptr() == held.data_ptr()  # written in place

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import architectures, make_mlp
+from helpers import architectures, assert_fused_in_place_matches, make_mlp, random_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,18 +17,6 @@ from lopt.nets import NFNNet, PerParamMLP
 needs_kernel = pytest.mark.skipif(
     not fused.available(), reason=f"no fused kernel: {fused.unavailable_reason()}"
 )
-
-
-def random_state(params, seed):
-    """An optimizer state a few steps in: momenta, second moments, step 7."""
-    g = torch.Generator().manual_seed(seed)
-    state = functional.init(params)
-    state["momenta"] = [torch.randn(m.shape, generator=g) * 0.1 for m in state["momenta"]]
-    state["second_moment"] = [
-        torch.rand(v.shape, generator=g) * 0.01 for v in state["second_moment"]
-    ]
-    state["step"] = torch.tensor(7.0)
-    return state
 
 
 def strong(cls, depth, **kw):
@@ -105,19 +93,7 @@ def test_fused_in_place_update_equals_the_torch_path(arch, kind, seed):
     spec = WeightSpaceSpec.from_module(module)
     params = [p.detach().clone() for p in module.parameters()]
     grads = [torch.randn_like(p) for p in params]
-    state = random_state(params, seed)
-    mine = copy.deepcopy(state)
-    with torch.no_grad():
-        ref, ref_state = functional.update(net, spec, None, grads, state, params)
-        out, out_state = functional.update(
-            net, spec, None, grads, mine, params, guard=False, inplace=True, fused=True
-        )
-    for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-    for key in ("momenta", "second_moment"):
-        for a, b, held in zip(out_state[key], ref_state[key], mine[key]):
-            torch.testing.assert_close(a, b)
-            assert a.data_ptr() == held.data_ptr()  # written in place
+    assert_fused_in_place_matches(net, spec, params, grads, random_state(params, seed))
 
 
 @needs_kernel

@@ -1,11 +1,11 @@
 """Packed parameters read in pieces: a packed attention projection's
 query-key rows and value rows, each with its own axes."""
 
-import copy
 import warnings
 
 import pytest
 import torch
+from helpers import assert_fused_in_place_matches, random_state
 from torch import nn
 
 import lopt
@@ -115,17 +115,6 @@ def strong_net(attention_roles=True):
     return net
 
 
-def state_of(params, seed):
-    g = torch.Generator().manual_seed(seed)
-    state = functional.init(params)
-    state["momenta"] = [torch.randn(m.shape, generator=g) * 0.1 for m in state["momenta"]]
-    state["second_moment"] = [
-        torch.rand(v.shape, generator=g) * 0.01 for v in state["second_moment"]
-    ]
-    state["step"] = torch.tensor(5.0)
-    return state
-
-
 @pytest.mark.parametrize("name", ["hand-written", "torch-encoder"])
 def test_a_packed_parameter_updates_as_its_pieces_would_apart(name):
     model = packed_models()[name]
@@ -134,7 +123,7 @@ def test_a_packed_parameter_updates_as_its_pieces_would_apart(name):
     net = strong_net()
     params = [p.detach().clone() for p in model.parameters()]
     grads = [torch.randn_like(p) for p in params]
-    state = state_of(params, 1)
+    state = random_state(params, 1, step=5.0)
     ref_state = {
         **state,
         "momenta": spec.split(state["momenta"], dim=1),
@@ -163,19 +152,7 @@ def test_the_fused_in_place_step_equals_the_torch_path_on_pieces(name, attention
     net = strong_net(attention_roles)
     params = [p.detach().clone() for p in model.parameters()]
     grads = [torch.randn_like(p) for p in params]
-    state = state_of(params, 2)
-    mine = copy.deepcopy(state)
-    with torch.no_grad():
-        ref, ref_state = functional.update(net, spec, None, grads, state, params)
-        out, out_state = functional.update(
-            net, spec, None, grads, mine, params, guard=False, inplace=True, fused=True
-        )
-    for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-    for key in ("momenta", "second_moment"):
-        for a, b, held in zip(out_state[key], ref_state[key], mine[key]):
-            torch.testing.assert_close(a, b)
-            assert a.data_ptr() == held.data_ptr()  # the parameter's own state, written in place
+    assert_fused_in_place_matches(net, spec, params, grads, random_state(params, 2, step=5.0))
 
 
 def test_a_version_4_attention_net_loads_with_zeros_for_the_new_roles(tmp_path):
