@@ -1307,10 +1307,10 @@ class NFNNet(OptimizerNet):
             row_counts.append(rows_list)
             stat_sums.append(sums)
         # The NF-layer's and the statistics' terms, (2, *broadcast shape),
-        # scaled by nf_scale and the tensor's out_scale; on the fused path
-        # each kind for all tensors at once.
+        # scaled by nf_scale and the tensor's out_scale: the NF-layer's for
+        # all tensors at once, the statistics' too on the fused path.
         scale_nf = self.nf_scale * torch.stack([x.out_scale for x in inputs])  # (T, 2)
-        flat = self.nf.flat_plan(spec) if fused else None
+        flat = self.nf.flat_plan(spec, inputs[0].param.device) if inputs else None
         if flat is not None:
             buf = flat_terms.buffer(flat, pooled, self.nf.weights, self.nf.biases)
             buf = (self._as_outputs(buf, -1) * scale_nf[flat.row_tensor]).t().contiguous()

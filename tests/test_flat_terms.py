@@ -37,7 +37,7 @@ def check(spec, layer, seed=0, flat_expected=True):
     pooled = random_pooled(layer, spec, layer.in_channels, seed)
     plain = layer.broadcast_terms(spec, pooled)
     flat = layer.broadcast_terms(spec, pooled, flat=True)
-    assert (layer._flat[spec] is not None) == flat_expected
+    assert (layer.flat_plan(spec) is not None) == flat_expected
     c = layer.out_channels
     for a, b, t in zip(plain, flat, spec.tensors):
         torch.testing.assert_close(summed(b, t.view, c), summed(a, t.view, c), atol=1e-5, rtol=1e-5)

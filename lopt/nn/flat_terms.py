@@ -8,24 +8,25 @@ so the whole layer is one gather and one matmul per entry of its output:
 
 1. all pooled means, flattened, are the rows of one matrix ``P``;
 2. each entry of each term's output (a *bag*) averages the rows of ``P`` its
-   contributions read (``embedding_bag``, mode ``mean``);
+   contributions read: bags of one size at a time, a gather and a mean;
 3. each bag is multiplied by its key's weight (one batched matmul) and added
-   into its row of one output buffer (``index_add_``), biases likewise.
+   into its row of one output buffer (``index_add``), biases likewise.
 
 The rows of the buffer are, per output tensor, a block per broadcast shape;
 the terms come back as views of it. The index tensors are built once per
-spec (:func:`build`). Layers with fixed axes (HNP) keep the per-term path.
+spec (:func:`build`). Every operation has a ``vmap`` batching rule and a
+derivative, so meta-training runs it too. Layers with fixed axes (HNP) keep
+the per-term path.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F  # noqa: N812
 
 from lopt.nn.terms import OutputPlan
 from lopt.weightspace import WeightSpaceSpec
@@ -36,10 +37,10 @@ class FlatPlan:
     """Index tensors of one spec's broadcast terms (see the module docstring)."""
 
     pools: tuple[tuple[int, tuple[int, ...]], ...]  # the pooled means, in P's row order
-    members: Tensor  # rows of P, bag after bag
-    offsets: Tensor  # where each bag starts in ``members``
-    bag_key: Tensor  # the weight each bag is multiplied by (an index into ``keys``)
-    bag_row: Tensor  # the output row each bag is added into
+    # Per bag size m: the rows of P of its bags, (bags, m), bags ordered by size.
+    members: tuple[Tensor, ...]
+    bag_key: Tensor  # per bag, in that order: its weight (an index into ``keys``)
+    bag_row: Tensor  # the output row it is added into
     keys: tuple[str, ...]
     bias_keys: tuple[str, ...]
     bias_row: Tensor  # the output row of each output tensor's bias
@@ -94,7 +95,7 @@ def build(
                         x = x.permute(*c.perm)
                     idx.append(x.reshape(n))
                 members.append(torch.stack(idx, 1).reshape(-1))
-                lengths.append(torch.full((n,), len(idx)))
+                lengths.append((len(idx), n))
                 bag_key.append(torch.full((n,), keys.setdefault(k.key, len(keys))))
                 bag_row.append(torch.arange(row, row + n))
             mine.append((row, row + n, shape))
@@ -105,15 +106,21 @@ def build(
             mine.append((row, row + 1, (1,) * len(u.view)))
             row += 1
         blocks.append(tuple(mine))
-    lengths_t = torch.cat(lengths) if lengths else torch.zeros(0, dtype=torch.long)
-    offsets = torch.cumsum(lengths_t, 0) - lengths_t
     empty = torch.zeros(0, dtype=torch.long)
+    # Bags of one size together, so that each size is one gather and one mean.
+    by_size: dict[int, list[int]] = {}
+    for j, (m, _) in enumerate(lengths):
+        by_size.setdefault(m, []).append(j)
+    order = [j for m in sorted(by_size) for j in by_size[m]]
+    groups = tuple(
+        torch.cat([members[j].reshape(lengths[j][1], m) for j in by_size[m]])
+        for m in sorted(by_size)
+    )
     return FlatPlan(
         pools=tuple(pools),
-        members=torch.cat(members) if members else empty,
-        offsets=offsets,
-        bag_key=torch.cat(bag_key) if bag_key else empty,
-        bag_row=torch.cat(bag_row) if bag_row else empty,
+        members=groups,
+        bag_key=torch.cat([bag_key[j] for j in order]) if order else empty,
+        bag_row=torch.cat([bag_row[j] for j in order]) if order else empty,
         keys=tuple(keys),
         bias_keys=tuple(bias_keys),
         bias_row=torch.tensor(bias_row, dtype=torch.long),
@@ -152,12 +159,23 @@ def buffer(
     first = next(iter(weights.values()))
     c_out = first.shape[1]
     out = first.new_zeros(flat.rows, c_out)
-    if flat.members.numel():
+    if flat.members:
         p = torch.cat([pooled[k].reshape(-1, pooled[k].shape[-1]) for k in flat.pools])
-        x = F.embedding_bag(flat.members, p, flat.offsets, mode="mean")
+        x = torch.cat(
+            [p.index_select(0, m.reshape(-1)).reshape(*m.shape, -1).mean(1) for m in flat.members]
+        )
         w = torch.stack([weights[k] for k in flat.keys])[flat.bag_key]
-        out.index_add_(0, flat.bag_row, torch.bmm(x.unsqueeze(1), w).squeeze(1))
+        out = out.index_add(0, flat.bag_row, torch.bmm(x.unsqueeze(1), w).squeeze(1))
     if flat.bias_keys:
         b = torch.stack([biases[k] for k in flat.bias_keys])[flat.bias_index]
-        out.index_add_(0, flat.bias_row, b)
+        out = out.index_add(0, flat.bias_row, b)
     return out
+
+
+def to(flat: FlatPlan, device: torch.device) -> FlatPlan:
+    """The plan with its index tensors on ``device``."""
+    move = {
+        name: getattr(flat, name).to(device)
+        for name in ("bag_key", "bag_row", "bias_row", "bias_index", "row_tensor")
+    }
+    return replace(flat, members=tuple(m.to(device) for m in flat.members), **move)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -19,6 +20,8 @@ from lopt.nn.terms import (
     term_key,
 )
 from lopt.weightspace import TensorSpec, WeightSpace, WeightSpaceSpec
+
+FLAT_PLANS = 16  # flat plans kept (the most recently used specs and devices)
 
 
 class NFLinear(nn.Module):
@@ -59,7 +62,7 @@ class NFLinear(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.tie, self.use_bias, self.strict = tie, bias, strict
         self._plans: dict[WeightSpaceSpec, tuple[OutputPlan, ...]] = {}
-        self._flat: dict[WeightSpaceSpec, flat_terms.FlatPlan | None] = {}
+        self._flat: OrderedDict[tuple, flat_terms.FlatPlan | None] = OrderedDict()
         self._pointwise: dict[WeightSpaceSpec, list[str | None]] = {}
         self._pools: dict[WeightSpaceSpec, dict[int, set[tuple[int, ...]]]] = {}
         self.weights = nn.ParameterDict()
@@ -187,9 +190,10 @@ class NFLinear(nn.Module):
         output-sized is made), from the means ``pooled[(t_index, axes)]`` of
         unbatched inputs. With :meth:`pointwise_weight` this is the whole layer.
         ``flat=True`` computes them in a fixed number of operations
-        (:mod:`lopt.nn.flat_terms`; not under ``vmap``), one term per
-        broadcast shape, where the spec has no fixed axes."""
-        plan = self.flat_plan(spec) if flat else None
+        (:mod:`lopt.nn.flat_terms`), one term per broadcast shape, where the
+        spec has no fixed axes."""
+        device = next(iter(pooled.values())).device if pooled else torch.device("cpu")
+        plan = self.flat_plan(spec, device) if flat else None
         if plan is not None:
             return flat_terms.terms(plan, pooled, self.weights, self.biases)
         out_terms = []
@@ -207,13 +211,25 @@ class NFLinear(nn.Module):
             out_terms.append(_merge_small([t for _, t in partial]))
         return out_terms
 
-    def flat_plan(self, spec: WeightSpaceSpec) -> flat_terms.FlatPlan | None:
-        """The index tensors of :mod:`lopt.nn.flat_terms` for ``spec`` (None
-        where it has fixed axes), built once."""
-        if spec not in self._flat:
+    def flat_plan(
+        self, spec: WeightSpaceSpec, device: torch.device | None = None
+    ) -> flat_terms.FlatPlan | None:
+        """The index tensors of :mod:`lopt.nn.flat_terms` for ``spec`` on
+        ``device`` (None where it has fixed axes), built once."""
+        key = (spec, torch.device(device or "cpu"))
+        if key in self._flat:
+            self._flat.move_to_end(key)
+            return self._flat[key]
+        if key[1].type == "cpu":
             skip = [self.pointwise_key(spec, i) for i in range(len(spec.tensors))]
-            self._flat[spec] = flat_terms.build(spec, self._plan(spec), skip)
-        return self._flat[spec]
+            plan = flat_terms.build(spec, self._plan(spec), skip)
+        else:
+            cpu = self.flat_plan(spec)
+            plan = None if cpu is None else flat_terms.to(cpu, key[1])
+        self._flat[key] = plan
+        if len(self._flat) > FLAT_PLANS:  # meta-training meets many specs
+            self._flat.popitem(last=False)
+        return plan
 
     def _pointwise_key(self, spec: WeightSpaceSpec, out: OutputPlan) -> str | None:
         if out.fixed:
