@@ -839,7 +839,9 @@ def pooled_sums(hv: Tensor, pools: set[tuple[int, ...]]) -> dict[tuple[int, ...]
     largest subset already summed, so a tensor is read once per pooled axis
     rather than once per set."""
     kept: dict[tuple[int, ...], Tensor] = {(): hv}
-    for p in sorted(pools, key=len):
+    # A fixed order (a set's is not): the sums, to the last bit, do not
+    # depend on how the set was built.
+    for p in sorted(pools, key=lambda p: (len(p), p)):
         q = max((q for q in kept if set(q) <= set(p)), key=len)
         rest = [1 + a for a in p if a not in q]
         kept[p] = kept[q].sum(dim=rest, keepdim=True) if rest else kept[q]
@@ -1295,7 +1297,7 @@ class NFNNet(OptimizerNet):
                         totals[p] = s if p not in totals else totals[p] + s
                     else:
                         parts[p].append(s)
-            for p in pools:
+            for p in sorted(pools):
                 if 0 in p:
                     val = totals[p]
                 else:
