@@ -3,10 +3,10 @@ and with Adam, side by side, in an ordinary PyTorch loop.
 
     python examples/quickstart.py [--steps 300] [--weights NAME_OR_PATH] [--plot out.png]
 
-By default the optimizer is the shipped, meta-trained ``nfn-stats`` (the
-README's default net, see Shipped nets); ``--weights`` takes another shipped
-name (``mlp-broad-cont``, ``nfn-broad``, ...) or a
-checkpoint from ``python -m meta_train``.
+By default the optimizer is the recommended shipped, meta-trained NFN (the
+README's default net, see Shipped nets), told the run's length
+(``total_steps``); ``--weights`` takes another shipped name (``mlp-real``,
+``nfn-stats``, ...) or a checkpoint from ``python -m meta_train``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def main() -> None:
         formatter_class=argparse.RawTextHelpFormatter,
     )
     p.add_argument("--steps", type=int, default=300)
-    shipped = "nfn-stats" if "nfn-stats" in lopt.pretrained_names() else None
+    default = lopt.checkpoint.RECOMMENDED["NFNNet"]
+    shipped = default if default in lopt.pretrained_names() else None
     p.add_argument(
         "--weights",
         default=shipped,
@@ -56,7 +57,9 @@ def main() -> None:
         # LearnedOptimizer takes any shipped net (NFN or MLP); a fresh one is an NFN.
         args.weights or "nfn (fresh)": (
             model,
-            lopt.LearnedOptimizer(model.parameters(), model=model, weights=args.weights)
+            lopt.LearnedOptimizer(
+                model.parameters(), model=model, weights=args.weights, total_steps=args.steps
+            )
             if args.weights
             else lopt.NFNOptimizer(model.parameters(), model=model, weights=None),
         ),

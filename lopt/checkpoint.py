@@ -29,7 +29,7 @@ VERSION = 5
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT = "default"  # weights= of the optimizer classes: the recommended shipped net
 # The recommended shipped net of each net class (OptimizerNet: any class).
-RECOMMENDED = {"NFNNet": "nfn-stats", "PerParamMLP": "mlp-broad-cont", "OptimizerNet": "nfn-stats"}
+RECOMMENDED = {"NFNNet": "nfn-real", "PerParamMLP": "mlp-real", "OptimizerNet": "nfn-real"}
 
 
 def recommended(net_class: type[OptimizerNet]) -> str:

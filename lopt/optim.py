@@ -54,8 +54,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         net: an :class:`~lopt.nets.OptimizerNet` to drive the steps (instead
             of ``weights``).
         weights: ``"default"`` (the default): the recommended shipped net
-            of the class (``lopt.checkpoint.RECOMMENDED``: ``nfn-stats`` for
-            the NFN, ``mlp-broad-cont`` for the MLP); a shipped name (see
+            of the class (``lopt.checkpoint.RECOMMENDED``: ``nfn-real`` for
+            the NFN, ``mlp-real`` for the MLP); a shipped name (see
             :func:`lopt.pretrained_names`) or the path of a checkpoint
             written by :func:`lopt.save` / ``python -m meta_train``; or
             ``None`` for a fresh net built from ``net_kwargs`` (a sane, slow

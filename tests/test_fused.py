@@ -403,3 +403,26 @@ def test_disabled_or_unbuildable_kernel_is_reported(monkeypatch, tmp_path):
     with pytest.warns(RuntimeWarning, match="no-such-compiler-xyz"):
         assert not fused.available()
     assert "no-such-compiler-xyz" in fused.unavailable_reason()
+
+
+@pytest.mark.parametrize("use_fused", [False, True])
+def test_a_net_and_its_copy_take_the_same_step_to_the_last_bit(use_fused):
+    # Cached plans (sets of pooled axes among them) are copied with the net;
+    # nothing may depend on the order a copy gives them.
+    if use_fused and not fused.available():
+        pytest.skip("no fused kernel")
+    torch.manual_seed(5)
+    from helpers import make_cnn
+
+    module = make_cnn([1, 3, 4], [3, 3], 2, "flatten", 3, True, 6)
+    spec = WeightSpaceSpec.from_module(module)
+    net = strong(NFNNet, 1, neuron_stats=True)
+    params = [p.detach().clone() for p in module.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    with torch.no_grad():
+        first = functional.update(net, spec, None, grads, random_state(params, 1), params,
+                                  fused=use_fused)[0]  # fmt: skip
+        again = functional.update(copy.deepcopy(net), spec, None, grads, random_state(params, 1),
+                                  params, fused=use_fused)[0]  # fmt: skip
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)

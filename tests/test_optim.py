@@ -984,7 +984,7 @@ def test_the_default_is_the_recommended_shipped_net():
     """No weights= loads the recommended shipped net of the class (its file's
     numbers); weights=None builds a fresh one; net options need weights=None."""
     model = make_mlp([6, 8, 3])
-    for cls, name in ((lopt.NFNOptimizer, "nfn-stats"), (lopt.MLPOptimizer, "mlp-broad-cont")):
+    for cls, name in ((lopt.NFNOptimizer, "nfn-real"), (lopt.MLPOptimizer, "mlp-real")):
         assert lopt.checkpoint.recommended(cls.net_class) == name
         shipped, _ = lopt.load(name)
         opt = cls(model.parameters(), model=model)

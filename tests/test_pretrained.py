@@ -81,7 +81,8 @@ def test_quickstart_trains_with_the_shipped_nfn_and_plots(tmp_path):
         timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    assert "nfn-stats: final train loss" in run.stdout and plot.stat().st_size > 0
+    default = lopt.checkpoint.RECOMMENDED["NFNNet"]
+    assert f"{default}: final train loss" in run.stdout and plot.stat().st_size > 0
 
 
 def test_cards_command_writes_a_page_per_shipped_net(tmp_path):
@@ -90,7 +91,8 @@ def test_cards_command_writes_a_page_per_shipped_net(tmp_path):
     assert main(["--out", str(tmp_path / "cards")]) == 0
     pages = sorted(p.stem for p in (tmp_path / "cards").glob("*.md") if p.stem != "README")
     assert pages == lopt.pretrained_names()
-    card = (tmp_path / "cards" / "nfn-stats.md").read_text()
+    default = lopt.checkpoint.RECOMMENDED["NFNNet"]
+    card = (tmp_path / "cards" / f"{default}.md").read_text()
     assert "python -m meta_train --config configs/" in card and "Learned scalars" in card
     index = (tmp_path / "cards" / "README.md").read_text()
-    assert "[`nfn-stats`](nfn-stats.md) (the default)" in index
+    assert f"[`{default}`]({default}.md) (the default)" in index
