@@ -512,9 +512,8 @@ class OptimizerNet(nn.Module):
     def base_kinds(self, spec: WeightSpaceSpec) -> list[bool]:
         """Per tensor: True where the base direction is the orthogonalised
         momentum, False where it is Adam's."""
-        return _per_tensor(spec, self.input_width_factor, self.ortho, torch.device("cpu"))[
-            1
-        ].tolist()
+        _, kinds = _per_tensor(spec, self.input_width_factor, self.ortho, torch.device("cpu"))
+        return kinds.tolist()
 
     @property
     def config(self) -> dict[str, Any]:
