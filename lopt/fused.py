@@ -167,16 +167,13 @@ def accepts_state(param: Tensor, grad: Tensor, momenta: Tensor, second_moment: T
     be a view whose momenta lie apart (a packed parameter's piece), each
     contiguous."""
     m = momenta
-    if not accepts(param, grad, second_moment) or m.dim() != param.dim() + 1:
+    if not accepts(param, grad, second_moment) or m.shape[1:] != param.shape:
         return False
-    if m.device.type != "cpu" or m.dtype != torch.float32 or m.shape[1:] != param.shape:
+    if m.device.type != "cpu" or m.dtype != torch.float32:
         return False
-    expected, step = [], 1
-    for n in reversed(m.shape[1:]):
-        expected.append(step)
-        step *= n
-    inner = all(s == e for s, e, n in zip(m.stride()[1:], reversed(expected), m.shape[1:]) if n > 1)
-    return inner and (m.shape[0] == 1 or m.stride(0) >= param.numel())
+    # Each momentum laid out as the (contiguous) parameter is, the next one
+    # at least a parameter further on.
+    return m.stride()[1:] == param.stride() and (m.shape[0] == 1 or m.stride(0) >= param.numel())
 
 
 def _threads(n: int) -> int:
