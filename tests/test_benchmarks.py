@@ -206,6 +206,14 @@ def test_overhead_quick_writes_every_output(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_overhead_times_with_denormals_flushed_and_restores_the_setting():
+    tiny = torch.tensor([1e-40])  # a denormal float32
+    assert (tiny * 1.0).item() != 0
+    row = overhead.time_steps("mlp-tiny", torch.device("cpu"), 1, 4)
+    assert row["nfn_step_ms"] > 0
+    assert (tiny * 1.0).item() != 0  # flushing is off again afterwards
+
+
 def test_overhead_pages_without_an_mlp_have_no_figure(tmp_path):
     # The figure is step time against MLP size: a run of other models writes
     # its tables and no figure (matplotlib refused empty log axes).
