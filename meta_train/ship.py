@@ -96,6 +96,14 @@ def warmup_text(net: lopt.OptimizerNet) -> str:
     return f"every update multiplied by step / {net.warmup:g} before step {net.warmup:g}"
 
 
+def _snapshot(meta: dict[str, Any]) -> str:
+    """Where a net taken before its recipe's end stands in it."""
+    planned, at = meta.get("config", {}).get("outer_steps"), meta.get("outer_steps")
+    if not planned or not at or at >= planned:
+        return ""
+    return f" (the net at outer step {at:,} of the recipe's {planned:,}, kept by --snapshot-every)"
+
+
 def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: int) -> str:
     """A markdown model card from a shipped net's metadata."""
     cfg = meta.get("config", {})
@@ -128,7 +136,8 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         f"{cfg.get('estimator', '?').upper()} with {cfg.get('population')} antithetic pairs, "
         f"truncation {cfg.get('truncation')}, `{cfg.get('meta_loss')}` meta-loss{_ramp(cfg)}, "
         f"meta lr {cfg.get('meta_lr')}.",
-        f"* Outer steps: {meta.get('outer_steps'):,}; inner steps: {meta.get('inner_steps', 0):,}; "
+        f"* Outer steps: {meta.get('outer_steps'):,}{_snapshot(meta)}; "
+        f"inner steps: {meta.get('inner_steps', 0):,}; "
         f"training time {wall / 60:.0f} min on {meta.get('machine', '?')} "
         f"({meta.get('device', '?')}, torch {meta.get('torch', '?')}).",
         "* Commands:",

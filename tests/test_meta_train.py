@@ -451,7 +451,13 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     assert ship([str(out), "my-mlp", "--dest", str(dest)]) == 0
     card = capsys.readouterr().out
     assert "**`my-mlp`** (PerParamMLP" in card and "--outer-steps 2" in card
-    assert "input layers keep width factor 1" not in card
+    assert "input layers keep width factor 1" not in card and "kept by --snapshot-every" not in card
+    snap = tmp_path / "snap"
+    run = [*args.split(), "--population", "1", "--snapshot-every", "1", "--out", str(snap)]
+    assert main([*run, "--no-progress"]) == 0
+    first = snap / "snapshots" / "optimizer-000001.pt"
+    assert ship([str(first), "my-snap", "--dest", str(dest)]) == 0
+    assert "Outer steps: 1 (the net at outer step 1 of the recipe's 2" in capsys.readouterr().out
     off = tmp_path / "off"
     assert main([*args.split(), "--no-input-width-factor", "--out", str(off), "--no-progress"]) == 0
     assert ship([str(off), "my-mlp-off", "--dest", str(dest)]) == 0
