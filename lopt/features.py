@@ -75,17 +75,19 @@ def channel_scales(
                 second_moment.sum().reshape(1),  # the sum of rms**2
             ]
         )
-    scales = torch.rsqrt(squares / n + 1e-30)
-    return torch.cat([scales, scales.new_ones(1), (1 / c1).reshape(1)])
+    return channel_scales_all(squares, n, c1)
 
 
-def channel_scales_all(squares: Tensor, numels: Tensor, c1: Tensor) -> Tensor:
-    """:func:`channel_scales` of many tensors at once, from their sums
-    ``squares`` ``(T, K + 3)`` and entry counts ``numels`` ``(T,)``: ``(T,
-    NUM_FEATURES)``."""
-    scales = torch.rsqrt(squares / numels[:, None] + 1e-30).to(c1.dtype)
-    ones = scales.new_ones(scales.shape[0], 1)
-    return torch.cat([scales, ones, (1 / c1).expand(scales.shape[0], 1)], 1)
+def channel_scales_all(squares: Tensor, numels: Tensor | float, c1: Tensor) -> Tensor:
+    """:func:`channel_scales` from the sums ``squares`` ``(..., K + 3)``
+    (:func:`channel_scales`' order) of tensors of ``numels`` entries
+    (broadcastable to ``(..., 1)``): ``(..., NUM_FEATURES)``, for many
+    tensors at once."""
+    scales = torch.rsqrt(squares / numels + 1e-30)
+    if scales.dtype != c1.dtype:
+        scales = scales.to(c1.dtype)
+    lead = scales.shape[:-1]
+    return torch.cat([scales, scales.new_ones(*lead, 1), (1 / c1).expand(*lead, 1)], -1)
 
 
 def rms_and_denominator(second_moment: Tensor, c2: Tensor) -> tuple[Tensor, Tensor]:

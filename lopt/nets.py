@@ -125,6 +125,8 @@ def schedule_prior() -> tuple[Tensor, Tensor]:
 def _per_tensor(
     spec: WeightSpaceSpec, input_width_factor: bool, ortho_on: bool, device: torch.device
 ) -> tuple[Tensor, Tensor]:
+    """Per tensor of ``spec``: :func:`step_width_log_ratio` and whether its
+    base is the orthogonalised momentum, as tensors."""
     ratios = [step_width_log_ratio(spec, t, input_width_factor) for t in spec.tensors]
     kinds = [ortho_on and ortho.applies(spec, t) for t in spec.tensors]
     return (
@@ -135,7 +137,7 @@ def _per_tensor(
 
 @functools.lru_cache(maxsize=64)
 def _numels(spec: WeightSpaceSpec) -> Tensor:
-    return torch.tensor([max(1, t.numel) for t in spec.tensors], dtype=torch.float64)
+    return torch.tensor([[max(1, t.numel)] for t in spec.tensors], dtype=torch.float64)
 
 
 def slice_entries(device: torch.device) -> int:
@@ -489,15 +491,6 @@ class OptimizerNet(nn.Module):
         else:
             self._config.pop(name, None)
 
-    def _per_tensor(self, spec: WeightSpaceSpec, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Per tensor of ``spec``: :meth:`width_log_ratio` and whether its base
-        is the orthogonalised momentum, as tensors (cached per spec)."""
-        return _per_tensor(spec, self.input_width_factor, self.ortho, device)
-
-    @staticmethod
-    def _numels(spec: WeightSpaceSpec) -> Tensor:
-        return _numels(spec)
-
     def width_log_ratio(self, spec: WeightSpaceSpec, t: TensorSpec) -> float:
         """:func:`step_width_log_ratio` with this net's ``input_width_factor``."""
         return step_width_log_ratio(spec, t, self.input_width_factor)
@@ -561,7 +554,7 @@ class OptimizerNet(nn.Module):
         vectorised = fused and all(sq is not None for sq in squares)
         if vectorised:
             # Every tensor's sums at hand (the fused state pass): all at once.
-            scales_all = channel_scales_all(torch.stack(squares), self._numels(spec), c1)
+            scales_all = channel_scales_all(torch.stack(squares), _numels(spec), c1)
             scales = scales_all.unbind()
         else:
             scales = [
@@ -572,7 +565,9 @@ class OptimizerNet(nn.Module):
         # entry: update = -lr * adam + o[0] * exp(min(o[1], MAX_LOG_MAGNITUDE)).
         # The width factor is folded in too, per tensor; per-tensor scalars
         # are computed for all tensors at once (a step pays per operation).
-        ratios, ortho_mask = self._per_tensor(spec, self.log_lr.device)
+        ratios, ortho_mask = _per_tensor(
+            spec, self.input_width_factor, self.ortho, self.log_lr.device
+        )
         factors_all = torch.exp(self.fan_in_exp * ratios)
         mag = self.log_step_mult.new_tensor(self.mag_mult)
         out_scales = torch.stack(
@@ -919,40 +914,6 @@ def stat_matrix(t: TensorSpec) -> tuple[int, int]:
     return view[0], math.prod(view[1:])
 
 
-def neuron_stats_from_sums(
-    t: TensorSpec, row_sums: Tensor, col_sums: Tensor, adam_scale: Tensor, width_free: bool = False
-) -> dict[str, Tensor]:
-    """:func:`neuron_stats` from the sums of ``p**2``, of Adam's direction
-    squared (before ``adam_scale``, the bias correction) and of ``g**2`` over
-    each row ``(3, rows)`` and column ``(3, cols)`` of the tensor seen as its
-    :func:`stat_matrix` (the fused kernel's ``stat_sums``)."""
-    nested = any(ax.parent is not None for ax in t.axes)
-    view = (t.shape if nested else t.view) or (1,)
-    rows, cols = stat_matrix(t)
-    unit = torch.ones(3, dtype=row_sums.dtype, device=row_sums.device)
-    mult = torch.stack([unit[0], adam_scale.to(row_sums.dtype).square(), unit[2]])
-    total = (row_sums.sum(1) * mult / (rows * cols)).reshape(*[1] * len(view), 3)
-    g_all = total[..., 2:]
-    f2 = total.new_full((*total.shape[:-1], 2), STAT_FLOOR**2)
-    floor = torch.cat([f2, STAT_FLOOR**2 * g_all + 1e-30], -1)
-    log_g_all = 0.5 * torch.log(g_all + floor[..., 2:])
-    shift = -0.5 * width_log_ratio(t) if width_free else 0.0
-    offset = torch.cat([torch.full_like(g_all, shift), torch.zeros_like(g_all), -log_g_all], -1)
-    if len(view) >= 2:
-        row = (row_sums.t() * mult / cols).reshape(view[0], *[1] * (len(view) - 1), 3)
-        per_col = col_sums.reshape(3, view[1], -1).sum(-1) * mult[:, None]
-        per_col = per_col / (cols // view[1] * rows)
-        col = per_col.t().reshape(1, view[1], *[1] * (len(view) - 2), 3)
-        means = {"row": row, "column": col, "tensor": total}
-    else:
-        means = {"vector": total}
-    out = {name: 0.5 * torch.log(mean + floor) + offset for name, mean in means.items()}
-    if nested:
-        out = {k: v.reshape(*_spread(v.shape[:-1], t.shape, t.view), v.shape[-1])
-               for k, v in out.items()}  # fmt: skip
-    return out
-
-
 class StatLayout(NamedTuple):
     """Where each tensor's neuron statistics lie when all are computed at
     once from the fused kernel's sums (:meth:`NFNNet._stat_terms_from_sums`)."""
@@ -1136,21 +1097,16 @@ class NFNNet(OptimizerNet):
         """Whether the weights' statistic is read relative to a width-scaled init."""
         return self._config.get("width_free_stats", False)
 
-    def stat_terms(
-        self, x: TensorInputs, c2: Tensor, sums: tuple[Tensor, Tensor] | None = None
-    ) -> list[Tensor]:
+    def stat_terms(self, x: TensorInputs, c2: Tensor) -> list[Tensor]:
         """The log-magnitude terms of :func:`neuron_stats`, one per pool,
-        channels last, each broadcastable to ``(*x.t.view, 1)``; from the
-        fused kernel's ``sums`` (:attr:`TrunkSlice.stat_sums`) when given."""
+        channels last, each broadcastable to ``(*x.t.view, 1)`` (the fused
+        path computes them for all tensors at once from the kernel's sums:
+        :meth:`_stat_terms_from_sums`)."""
         if not self.neuron_stats:
             return []
-        if sums is not None:
-            adam_scale = x.scales[ADAM_CHANNEL]
-            stats = neuron_stats_from_sums(x.t, *sums, adam_scale, self.width_free_stats)
-        else:
-            _, denom = rms_and_denominator(x.second_moment, c2)
-            adam = x.momenta[ADAM_MOMENTUM] / denom * x.scales[ADAM_CHANNEL]
-            stats = neuron_stats(x.t, x.param, x.grad, adam, self.width_free_stats)
+        _, denom = rms_and_denominator(x.second_moment, c2)
+        adam = x.momenta[ADAM_MOMENTUM] / denom * x.scales[ADAM_CHANNEL]
+        stats = neuron_stats(x.t, x.param, x.grad, adam, self.width_free_stats)
         terms = []
         for name, st in stats.items():
             # In the exponent's units (mag_mult is on every log-magnitude

@@ -234,36 +234,45 @@ def test_kernel_sums_the_neuron_statistics_by_row_and_column(shape, pool, thread
         fused.entry_outputs(p, grad, m, v, 1, 1.7, EPS, layers, w_out, b_out, -0.3, stats=True)
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv", "bias", "scalar", "attention"])
-def test_neuron_stats_from_sums_equal_the_torch_ones(name):
+@needs_kernel
+@pytest.mark.parametrize("name", ["mlp", "conv", "scalar", "attention"])
+def test_neuron_statistics_from_the_kernel_sums_equal_the_torch_ones(name):
+    # The fused path computes every tensor's statistics at once from the
+    # kernel's sums (NFNNet._stat_terms_from_sums); the torch path per
+    # tensor (neuron_stats). Weights, biases, 0-d and nested tensors.
     from torch import nn
 
-    from lopt.nets import neuron_stats, neuron_stats_from_sums, stat_matrix
     from tasks.models import TransformerLM
 
     torch.manual_seed(0)
-    model = {
-        "mlp": lambda: nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)),
-        "conv": lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3)),
-        "bias": lambda: nn.Sequential(nn.Linear(5, 7)),
-        "scalar": lambda: nn.Sequential(nn.Linear(5, 7)),
-        "attention": lambda: TransformerLM(7, 4, 8, 2, 1),
-    }[name]()
-    spec = WeightSpaceSpec.from_module(model)
     if name == "scalar":
-        spec = WeightSpaceSpec.from_shapes([(), (7,)])
-    for t in spec.tensors:
-        p, g, a = (torch.randn(t.shape) for _ in range(3))
+        spec, shapes = WeightSpaceSpec.from_shapes([(), (7,), (5, 7)]), [(), (7,), (5, 7)]
+    else:
+        model = {
+            "mlp": lambda: nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)),
+            "conv": lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3)),
+            "attention": lambda: TransformerLM(7, 4, 8, 2, 1),
+        }[name]()
+        spec, shapes = WeightSpaceSpec.from_module(model), None
+    net = strong(NFNNet, 1, neuron_stats=True, width_free_stats=True)
+    with torch.no_grad():
+        net.stat_weight.normal_(std=0.5)
+    params = (
+        [torch.randn(s) for s in shapes]
+        if shapes
+        else [p.detach().clone() for p in model.parameters()]
+    )
+    for p in params:
         if p.dim():
             p[..., 0] = 0.0  # a row under the floor
-        scale = torch.tensor(1.3)
-        rows, cols = stat_matrix(t)
-        sq = torch.stack([p, a, g]).square().reshape(3, rows, cols)
-        got = neuron_stats_from_sums(t, sq.sum(2), sq.sum(1), scale, width_free=True)
-        want = neuron_stats(t, p, g, a * scale, width_free=True)
-        assert got.keys() == want.keys()
-        for k in want:
-            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
+    grads = [torch.randn_like(p) for p in params]
+    state = random_state(params, 3)
+    with torch.no_grad():
+        ref, _ = functional.update(net, spec, None, grads, state, params)
+        out, _ = functional.update(net, spec, None, grads, state, params, fused=True)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        assert a.abs().sum() > 0
 
 
 def test_kernel_pooling_rejects_a_shape_that_is_no_matrix():
