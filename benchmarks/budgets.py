@@ -5,7 +5,7 @@ optimizer told each one as ``total_steps``, or not told with
 run. A run *diverges* when any reading is not finite or not below the
 starting loss.
 
-    python -m benchmarks.budgets --weights nfn-stats --budgets 100 1000 10000 \\
+    python -m benchmarks.budgets --weights nfn-real --budgets 100 1000 10000 \\
         --out docs/results/budgets-shipped
 
 Writes ``budgets.csv`` (every reading) and ``results.md`` (final loss over

@@ -1,7 +1,7 @@
 """Learned optimizers against per-task tuned Adam (and tuned SGD with momentum).
 
     python -m benchmarks.compare --suite heldout --steps 200 --seeds 3 \\
-        --weights nfn-small mlp-small --out runs/compare
+        --weights nfn-real mlp-real --out runs/compare
     python -m benchmarks.compare --quick --out /tmp/compare        # < 1 minute
 
 For every task of the suite: Adam and SGD with momentum 0.9 have their
@@ -71,31 +71,22 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
     """A label and an optimizer factory for ``[LABEL=]WEIGHTS`` (a shipped
     name or a checkpoint path). The default label is the file's stem, or its
     folder's name for meta_train's ``DIR/optimizer.pt``. ``overrides`` set
-    scalar meta-parameters (``fan_in_exp``, ``log_lr``, ``log_step_mult``,
-    ``log_ortho_lr``; ``-inf`` switches the orthogonal base off) to other
-    values, an ablation of one learned number, or switch an option of the
-    net on or off (``input_width_factor=0``, ``radial_correction=0``), set
-    one of its constants (``step_cap``, ``adam_cap``, ``decay_after``, ``decay_power``,
-    ``warmup``),
-    or scale an NFN net's NF-layer output (``nf_scale=0``: the per-entry path
-    alone, an ablation of what the NF-layer adds)."""
+    scalar meta-parameters (``fan_in_exp``, ``log_lr``, ``log_step_mult``) to
+    other values, an ablation of one learned number, or scale an NFN net's
+    NF-layer output (``nf_scale=0``: the per-entry path alone, an ablation of
+    what the NF-layer adds)."""
     label, path = weights_label(weights)
     net, _ = cli.load_weights("--weights", path)
     cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
     scalars = {n: t for n, t in net.named_parameters() if t.numel() == 1}
     for name, value in (overrides or {}).items():
-        if name in net.SWITCHES:
-            if value not in (0, 1):
-                raise SystemExit(f"--set {name}={value:g}: a switch is 0 or 1")
-            setattr(net, name, bool(value))
-            continue
-        if name in net.CONSTANTS:
-            setattr(net, name, value)
+        if name == "nf_scale" and isinstance(net, lopt.NFNNet):
+            net.nf_scale = value
             continue
         if name not in scalars:
-            settable = sorted(scalars) + list(net.SWITCHES) + list(net.CONSTANTS)
+            settable = sorted(scalars) + (["nf_scale"] if isinstance(net, lopt.NFNNet) else [])
             raise SystemExit(
-                f"--set {name}: {label} has no scalar meta-parameter or switch {name!r} "
+                f"--set {name}: {label} has no scalar meta-parameter {name!r} "
                 f"(it has {', '.join(settable)})"
             )
         with torch.no_grad():
@@ -509,9 +500,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         metavar="NAME=VALUE",
         help="ablation: set a scalar meta-parameter of every learned net "
-        "(fan_in_exp, log_lr, log_step_mult, log_ortho_lr), switch an option "
-        "(input_width_factor=0, radial_correction=0), set a constant (step_cap, "
-        "adam_cap, decay_after, decay_power, warmup) or scale an NFN net's NF-layer "
+        "(fan_in_exp, log_lr, log_step_mult) or scale an NFN net's NF-layer "
         "output (nf_scale=0: its per-entry path alone) before running",
     )
     p.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))

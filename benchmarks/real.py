@@ -1,7 +1,7 @@
 """Learned optimizers against tuned Adam on the real suite: each task at its
 own step budget.
 
-    python -m benchmarks.real --weights nfn-stats --seeds 2 --out runs/real
+    python -m benchmarks.real --weights nfn-real --seeds 2 --out runs/real
     python -m benchmarks.real --suite validation-real --weights nfn=runs/x/optimizer.pt
     python -m benchmarks.real --suite validation-real --weights s900=runs/x/snapshots/... \
         --baselines-from runs/val-base --out runs/val-s900   # reuse tuned Adam, AdamW

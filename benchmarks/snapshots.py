@@ -15,16 +15,16 @@ ranks by that task alone. Pick on a suite of tasks the family samples
 (``validation``), never on the held-out suite the pick is then judged on:
 
     python -m benchmarks.compare --suite validation --steps 200 --seeds 3 --factors 1 \\
-        --weights nfn-small --out runs/val-base            # tuned Adam, once
-    python -m benchmarks.snapshots runs/nfn-broad --baselines-from runs/val-base \\
-        --out runs/val-nfn-broad
+        --out runs/val-base                                  # tuned Adam, once
+    python -m benchmarks.snapshots runs/my-nfn --baselines-from runs/val-base \\
+        --out runs/val-my-nfn
 
 Writes the comparison's files to ``--out`` and ``ranking.md`` (the table it
 prints); the best snapshot's path is its last line. Several runs (one per
 seed, say) are ranked together, to pick the one net to ship among them;
 ``--set`` applies to every net as in :mod:`benchmarks.compare`:
 
-    python -m benchmarks.snapshots runs/a-s46 runs/a-s47 --every 1500 --set step_cap=0.03 \
+    python -m benchmarks.snapshots runs/a-s46 runs/a-s47 --every 1500 --set nf_scale=0 \
         --baselines-from runs/val-base --out runs/val-a
 
 On a suite whose tasks have step budgets (``validation-real``), the nets run
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> Path:
         nargs="+",
         default=[],
         metavar="NAME=VALUE",
-        help="as in benchmarks.compare, on every net (e.g. step_cap=0.03)",
+        help="as in benchmarks.compare, on every net (e.g. nf_scale=0)",
     )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)

@@ -5,8 +5,8 @@ and with Adam, side by side, in an ordinary PyTorch loop.
 
 By default the optimizer is the recommended shipped, meta-trained NFN (the
 README's default net, see Shipped nets), told the run's length
-(``total_steps``); ``--weights`` takes another shipped name (``mlp-real``,
-``nfn-stats``, ...) or a checkpoint from ``python -m meta_train``.
+(``total_steps``); ``--weights`` takes another shipped name (``mlp-real``, the
+per-parameter baseline) or a checkpoint from ``python -m meta_train``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Public API:
 
 * :class:`NFNOptimizer`, :class:`MLPOptimizer`, :class:`LearnedOptimizer`:
   ``torch.optim.Optimizer`` classes driven by an optimizer net.
-* :class:`NFNNet`, :class:`PerParamMLP`: the optimizer nets.
+* :class:`NFNNet`, :class:`PerParamMLP`: the optimizer nets, and
+  :class:`UpdateRule`, what of their update is not learned.
 * :mod:`lopt.functional`: the pure ``init`` / ``update`` core they share with
   meta-training.
 * :mod:`lopt.fused`: the fused CPU kernels the optimizer classes run a
@@ -18,6 +19,7 @@ from lopt import functional, fused
 from lopt.checkpoint import load, pretrained_names, save
 from lopt.nets import NFNNet, OptimizerNet, PerParamMLP
 from lopt.optim import LearnedOptimizer, MLPOptimizer, NFNOptimizer
+from lopt.update_rule import UpdateRule
 from lopt.weightspace import Axis, TensorSpec, WeightSpace, WeightSpaceSpec
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "OptimizerNet",
     "PerParamMLP",
     "TensorSpec",
+    "UpdateRule",
     "WeightSpace",
     "WeightSpaceSpec",
     "functional",

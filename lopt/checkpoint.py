@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,14 @@ FORMAT = "lopt-optimizer-net"
 # 5: a packed attention projection is read in pieces (query-key rows, value
 #    rows), so the NF-layer's attention roles changed: a version-4 net gets
 #    zeros for the new ones (no such term, as before) and drops the old.
-VERSION = 5
+# 6: what of the update is not learned is one object, the net's UpdateRule
+#    (config "rule"); older files had input_width_factor and
+#    radial_correction (inverted), and hand-set guards (step_cap, adam_cap,
+#    decay_after, decay_power, warmup) and an orthogonalised base
+#    (ortho_lr), which this version does not apply.
+VERSION = 6
+# What a version-5-or-older config held, off (each one's "no effect" value).
+RETIRED_GUARDS = {"step_cap": 0.0, "adam_cap": 0.0, "decay_after": 0.0, "warmup": 0.0}
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT = "default"  # weights= of the optimizer classes: the recommended shipped net
 # The recommended shipped net of each net class (OptimizerNet: any class).
@@ -138,6 +146,8 @@ def load(
     config = dict(payload["config"])
     if payload.get("version", 0) < 4 and name == "NFNNet":
         config["attention_roles"] = False
+    if payload.get("version", 0) < 6:
+        config = upgrade_config_v6(config, path)
     net = NETS[name](**config)
     state = dict(payload["state_dict"])
     if payload.get("version", 0) == 4 and config.get("attention_roles"):
@@ -149,6 +159,35 @@ def load(
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit a {name} with this config: {e}") from e
     return net, payload.get("metadata", {})
+
+
+def upgrade_config_v6(config: dict[str, Any], where: str | os.PathLike) -> dict[str, Any]:
+    """A version-5-or-older net config in this version's terms: its switches
+    as an UpdateRule (``rule``), its hand-set guards dropped with a warning
+    when they were on; a net on the orthogonalised base is refused."""
+    config = dict(config)
+    if config.pop("ortho_lr", None) is not None:
+        raise ValueError(
+            f"{where}: the net steps some weights along their orthogonalised momentum "
+            "(ortho_lr), which this version of lopt no longer has"
+        )
+    config["rule"] = {
+        # Both were on when absent (files older than the switches).
+        "learned_term_tangent": not config.pop("radial_correction", True),
+        "width_factor_on_input_layers": bool(config.pop("input_width_factor", True)),
+    }
+    config.pop("decay_power", None)  # only with decay_after
+    on = {k: config.pop(k) for k in RETIRED_GUARDS if k in config}
+    on = {k: v for k, v in on.items() if v != RETIRED_GUARDS[k]}
+    if on:
+        settings = ", ".join(f"{k}={v:g}" for k, v in on.items())
+        warnings.warn(
+            f"{where}: the net was set to {settings}, hand-set guards that this version "
+            "of lopt does not apply; it runs without them",
+            UserWarning,
+            stacklevel=3,
+        )
+    return config
 
 
 def _attention_roles_v5(net: OptimizerNet, state: dict[str, torch.Tensor]) -> dict:

@@ -11,43 +11,24 @@ of a tensor with fan-in ``n`` (the product of all but its first axis, as in
 ``torch.nn.init``; 1-D tensors are not scaled) is multiplied by
 ``(FAN_IN_REF / n) ** fan_in_exp``, a meta-learned exponent. That factor is
 what lets one step size serve a width-8 and a width-1024 layer (a hidden
-layer's output moves with fan-in times the per-entry step). With
-``input_width_factor=False`` a layer that reads the network's input keeps
-factor 1 (muP's rule: its fan-in is the data's, not a width). With
-``radial_correction=False`` the learned term (the update minus Adam's part)
-of every weight of 2+ axes loses its component along the weight, row by row
-(per output neuron or channel), so only Adam's part changes the rows' norms
-to first order: short unrolls reward nets that inflate weights (larger logits
-lower the loss fast), which later destabilises deep networks. With
-``step_cap`` above 0 the learned term of a weight's update is scaled down
-to at most ``step_cap`` times the weight's norm (a guard against isolated
-huge learned steps on networks unlike the family's; Adam's part is left as
-it is). With ``adam_cap`` above 0 the learned term of every tensor on Adam's
-base is scaled down to at most ``adam_cap`` times the norm of Adam's part of
-its update, so the learned term anneals as Adam's step does (Adam's second
-moment remembers larger gradients, so its step shrinks as a run converges;
-the net's scale-free inputs do not see that). With ``decay_after`` above 0
-the whole update at step ``t`` past it is multiplied by ``(decay_after /
-t) ** decay_power`` (default power 1): a net meta-trained on unrolls of
-``decay_after`` steps has never seen a longer run, and a constant rate near
-zero loss sets off loss spikes there. Power 1, not the 1/2 of Adam's
-convergence theorem, because Adam's own step grows as a run converges: its
-bias-corrected second moment averages the squared gradients of the whole run
-so far (for ``t`` well under ``1 / (1 - beta2)`` = 1000 steps), so once the
-gradients fade it falls as ``1 / t`` and Adam's step rises as ``sqrt(t)``;
-``1 / t`` makes the step fall as ``1 / sqrt(t)``. With ``warmup`` above 0
-the whole update at step ``t`` before it is multiplied by ``t / warmup``
-(Adam's second moment rests on a few gradients in the first steps, and a
-rate tuned for the family overshoots there on deeper, wider networks). A net
+layer's output moves with fan-in times the per-entry step). The net's
+:class:`~lopt.update_rule.UpdateRule` fixes what is not learned: whether a
+layer that reads the network's input gets the width factor (by default it
+keeps factor 1, muP's rule: its fan-in is the data's, not a width), and
+whether the learned term (the update minus Adam's part) of every weight of
+2+ axes loses its component along the weight, row by row (per output neuron
+or channel; by default it does), so only Adam's part changes the rows' norms
+to first order: short unrolls reward nets that inflate weights (larger
+logits lower the loss fast), which later destabilises deep networks. A net
 built with ``budget=True`` also reads where the step lies in the run
 (``total_steps``, :func:`~lopt.features.budget_features`) beside the step
 count, and multiplies the whole update by a learned schedule, ``exp(w .
-[step features, budget features] + b)``: what the hand-set decay and warm-up
-do, learned, starting from a short warm-up and a decay over the end of the
-run (:func:`schedule_prior`). The net learns a
-correction on top of Adam (as the UNF paper's net does on top of SGD with
-momentum), and its output layer starts near zero, so a fresh net is a sane,
-slow optimizer. Every input is loss-scale invariant, so the update is too.
+[step features, budget features] + b)``: a warm-up and a decay, learned,
+starting from a short warm-up and a decay over the end of the run
+(:func:`schedule_prior`). The net learns a correction on top of Adam (as
+the UNF paper's net does on top of SGD with momentum), and its output layer
+starts near zero, so a fresh net is a sane, slow optimizer. Every input is
+loss-scale invariant, so the update is too.
 """
 
 from __future__ import annotations
@@ -61,7 +42,6 @@ import torch
 from torch import Tensor, nn
 
 from lopt import fused as fused_kernel
-from lopt import ortho
 from lopt.features import (
     ADAM_CHANNEL,
     ADAM_MOMENTUM,
@@ -80,6 +60,7 @@ from lopt.features import (
     step_features,
 )
 from lopt.nn import NFLinear, flat_terms
+from lopt.update_rule import UpdateRule
 from lopt.weightspace import INPUT, TensorSpec, WeightSpaceSpec
 
 MAX_LOG_MAGNITUDE = 10.0  # exp() of more than this is clipped: no overflow to inf
@@ -122,17 +103,10 @@ def schedule_prior() -> tuple[Tensor, Tensor]:
 
 
 @functools.lru_cache(maxsize=64)  # a meta-training run meets many specs: bounded
-def _per_tensor(
-    spec: WeightSpaceSpec, input_width_factor: bool, ortho_on: bool, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Per tensor of ``spec``: :func:`step_width_log_ratio` and whether its
-    base is the orthogonalised momentum, as tensors."""
-    ratios = [step_width_log_ratio(spec, t, input_width_factor) for t in spec.tensors]
-    kinds = [ortho_on and ortho.applies(spec, t) for t in spec.tensors]
-    return (
-        torch.tensor(ratios, dtype=torch.float32, device=device),
-        torch.tensor(kinds, dtype=torch.bool, device=device),
-    )
+def _width_ratios(spec: WeightSpaceSpec, on_input_layers: bool, device: torch.device) -> Tensor:
+    """:func:`step_width_log_ratio` of every tensor of ``spec``, as a tensor."""
+    ratios = [step_width_log_ratio(spec, t, on_input_layers) for t in spec.tensors]
+    return torch.tensor(ratios, dtype=torch.float32, device=device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -151,11 +125,11 @@ def width_log_ratio(t: TensorSpec) -> float:
     return math.log(FAN_IN_REF / math.prod(t.shape[1:])) if len(t.shape) >= 2 else 0.0
 
 
-def step_width_log_ratio(spec: WeightSpaceSpec, t: TensorSpec, input_width_factor: bool) -> float:
+def step_width_log_ratio(spec: WeightSpaceSpec, t: TensorSpec, on_input_layers: bool) -> float:
     """:func:`width_log_ratio`, or 0 for a layer reading the network's input
-    when ``input_width_factor`` is off (muP's rule: only fan-ins that are
-    widths scale the step)."""
-    if not input_width_factor and reads_network_input(spec, t):
+    unless ``on_input_layers`` (muP's rule: only fan-ins that are widths
+    scale the step)."""
+    if not on_input_layers and reads_network_input(spec, t):
         return 0.0
     return width_log_ratio(t)
 
@@ -246,55 +220,8 @@ def tangent_correction(u: Tensor, base: Tensor, param: Tensor) -> Tensor:
     return u - (along * w).reshape(u.shape)
 
 
-# The unlearned constants of every optimizer net and their defaults (a
-# constant at its default is left out of a net's config, so files saved before
-# it existed load unchanged).
-CONSTANT_DEFAULTS: dict[str, float] = {
-    "step_cap": 0.0,
-    "adam_cap": 0.0,
-    "decay_after": 0.0,
-    "decay_power": 1.0,
-    "warmup": 0.0,
-}
-
-
-def check_constant(name: str, value: float) -> float:
-    """``value`` as a float if it is a valid setting of constant ``name``: a
-    cap, ``decay_after`` or ``warmup`` is finite and >= 0 (0 is off), ``decay_power``
-    finite and > 0; else ``ValueError`` naming ``name``."""
-    value = float(value)
-    if name == "decay_power":
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"decay_power must be a finite number > 0, got {value}")
-    elif not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {value}")
-    return value
-
-
-def cap_learned_term(
-    u: Tensor, base: Tensor, param: Tensor, cap: float, adam_cap: float = 0.0
-) -> Tensor:
-    """``u`` with its learned term (``u`` minus the base optimizer's part
-    ``base``) scaled down, if needed, to a norm of at most ``cap * |param|``
-    and at most ``adam_cap * |base|`` (each bound off at 0)."""
-    learned = u - base
-    norm = learned.norm() + 1e-30  # no division by a zero term
-    # Smooth in u away from the bound.
-    scale = torch.ones_like(norm)
-    if cap:
-        scale = torch.minimum(scale, cap * param.norm() / norm)
-    if adam_cap:
-        scale = torch.minimum(scale, adam_cap * base.norm() / norm)
-    return base + learned * scale
-
-
 class OptimizerNet(nn.Module):
     """Base class: the update formula; subclasses define :meth:`body`."""
-
-    SWITCHES = ("input_width_factor", "radial_correction")  # may change after training
-    # Unlearned numbers that may change after training; meta_train and ship
-    # have a flag of each name (--step-cap, ...).
-    CONSTANTS: tuple[str, ...] = tuple(CONSTANT_DEFAULTS)
 
     def __init__(
         self,
@@ -305,14 +232,7 @@ class OptimizerNet(nn.Module):
         mag_mult: float = 0.1,
         out_scale: float = 0.01,
         fan_in_exp: float = 0.0,
-        input_width_factor: bool = True,
-        radial_correction: bool = True,
-        ortho_lr: float | None = None,
-        step_cap: float = 0.0,
-        adam_cap: float = 0.0,
-        decay_after: float = 0.0,
-        decay_power: float = 1.0,
-        warmup: float = 0.0,
+        rule: UpdateRule | dict[str, Any] | None = None,
         budget: bool = False,
     ) -> None:
         super().__init__()
@@ -320,8 +240,7 @@ class OptimizerNet(nn.Module):
             raise ValueError(f"width and depth must be positive, got width={width}, depth={depth}")
         if lr <= 0 or step_mult <= 0:
             raise ValueError(f"lr and step_mult must be positive, got {lr}, {step_mult}")
-        if ortho_lr is not None and not ortho_lr > 0:
-            raise ValueError(f"ortho_lr must be positive (or None: off), got {ortho_lr}")
+        self._rule = UpdateRule.coerce(rule)
         self._config = dict(
             width=width,
             depth=depth,
@@ -330,21 +249,11 @@ class OptimizerNet(nn.Module):
             mag_mult=mag_mult,
             out_scale=out_scale,
             fan_in_exp=fan_in_exp,
-            input_width_factor=bool(input_width_factor),
-            radial_correction=bool(radial_correction),
-            ortho_lr=None if ortho_lr is None else float(ortho_lr),
+            rule=self._rule.to_dict(),
         )
         if budget:  # absent from older configs: those nets never read the budget
             self._config["budget"] = True
-        # Validated, and absent from the config while 0 (older files).
-        self.step_cap = step_cap
-        self.adam_cap = adam_cap
-        self.decay_after = decay_after
-        self.decay_power = decay_power
-        self.warmup = warmup
         self.mag_mult = mag_mult
-        if ortho_lr is not None:
-            self.log_ortho_lr = nn.Parameter(torch.tensor(math.log(ortho_lr)))
         self.fan_in_exp = nn.Parameter(torch.tensor(float(fan_in_exp)))
         self.log_lr = nn.Parameter(torch.tensor(math.log(lr)))
         self.log_step_mult = nn.Parameter(torch.tensor(math.log(step_mult)))
@@ -378,140 +287,19 @@ class OptimizerNet(nn.Module):
         return self._config.get("budget", False)
 
     @property
-    def input_width_factor(self) -> bool:
-        """Whether layers that read the network's input get the width factor."""
-        return self._config["input_width_factor"]
-
-    @input_width_factor.setter
-    def input_width_factor(self, on: bool) -> None:
-        self._config["input_width_factor"] = bool(on)
-
-    @property
-    def radial_correction(self) -> bool:
-        """Whether the learned term may move a weight row along itself (grow
-        or shrink its norm); off projects it onto the row's tangent."""
-        return self._config["radial_correction"]
-
-    @radial_correction.setter
-    def radial_correction(self, on: bool) -> None:
-        self._config["radial_correction"] = bool(on)
-
-    @property
-    def step_cap(self) -> float:
-        """The most the learned term (the update minus the base optimizer's
-        part: Adam's, or the orthogonalised momentum's) may move a weight (a
-        tensor of 2+ axes) in one step, relative to its norm: a longer one
-        is scaled down to ``step_cap * |W|``, direction kept (a LAMB-style
-        bound on its trust ratio); the base part is untouched. 0: off (the
-        default). A guard for networks unlike those of meta-training, where
-        a net meta-trained on small ones can take isolated learned steps
-        many times a layer's norm. A weight that is all zeros gets no
-        learned term until the base part has moved it."""
-        return self._constant("step_cap")
-
-    @step_cap.setter
-    def step_cap(self, value: float) -> None:
-        self._set_constant("step_cap", value)
-
-    @property
-    def adam_cap(self) -> float:
-        """The most the learned term of a tensor's update may be, relative
-        to the norm of Adam's part of that update: a longer one is scaled
-        down to ``adam_cap * |Adam's part|``, direction kept. Applies to
-        every tensor on Adam's base (weights and biases; not those on the
-        orthogonalised base). 0: off (the default). Adam's step shrinks as
-        a run converges (its second moment remembers larger gradients); the
-        net's inputs are scale-free and do not, so without this bound its
-        learned term can keep a converging network moving at a fixed
-        relative rate, and climb back up the loss over long runs."""
-        return self._constant("adam_cap")
-
-    @adam_cap.setter
-    def adam_cap(self, value: float) -> None:
-        self._set_constant("adam_cap", value)
-
-    @property
-    def decay_after(self) -> float:
-        """The step past which the whole update (base part and learned term)
-        decays: at step ``t > decay_after`` it is multiplied by
-        ``(decay_after / t) ** decay_power``; before it nothing changes. 0:
-        off (the default). Set it to the meta-training horizon: a net
-        meta-trained on runs of that length keeps its meta-learned rate for
-        as long as it has seen it work, and anneals after it, where a
-        constant rate near zero loss sets off loss spikes (Adam's own
-        instability at a large rate)."""
-        return self._constant("decay_after")
-
-    @decay_after.setter
-    def decay_after(self, value: float) -> None:
-        self._set_constant("decay_after", value)
-
-    @property
-    def decay_power(self) -> float:
-        """The power of the decay past ``decay_after``: the update at step
-        ``t`` is multiplied by ``(decay_after / t) ** decay_power``. 1 (the
-        default): Adam's bias-corrected second moment falls as ``1 / t``
-        once the gradients fade (it averages the whole run's squared
-        gradients for ``t`` well under 1000 steps), so Adam's step rises as
-        ``sqrt(t)`` and the decayed step falls as ``1 / sqrt(t)``, the rate
-        of Adam's convergence theorem; 0.5 decays the rate itself as
-        ``1 / sqrt(t)`` and leaves Adam's step about constant there."""
-        return self._constant("decay_power")
-
-    @decay_power.setter
-    def decay_power(self, value: float) -> None:
-        self._set_constant("decay_power", value)
-
-    @property
-    def warmup(self) -> float:
-        """The steps over which the whole update (base part and learned
-        term) warms up: at step ``t < warmup`` it is multiplied by ``t /
-        warmup``; from then on nothing changes. 0: off (the default). Adam's
-        second moment rests on a handful of gradients in the first steps
-        (RAdam's argument), and a rate meta-tuned for the family's networks
-        overshoots there on deeper and wider ones (the loss jumps to several
-        times its start at steps 3-10 before it trains)."""
-        return self._constant("warmup")
-
-    @warmup.setter
-    def warmup(self, value: float) -> None:
-        self._set_constant("warmup", value)
-
-    def _constant(self, name: str) -> float:
-        """A constant's value: the config's, or its default when left out."""
-        return self._config.get(name, CONSTANT_DEFAULTS[name])
-
-    def _set_constant(self, name: str, value: float) -> None:
-        """Validate a constant and store it; one at its default (0, off, for
-        the caps, ``decay_after`` and ``warmup``) is left out of the config, as in files
-        saved before the setting existed."""
-        value = check_constant(name, value)
-        if value != CONSTANT_DEFAULTS[name]:
-            self._config[name] = value
-        else:
-            self._config.pop(name, None)
+    def rule(self) -> UpdateRule:
+        """What of the update is not learned (:class:`~lopt.update_rule.UpdateRule`),
+        fixed when the net is built: a net runs as it was meta-trained."""
+        return self._rule
 
     def width_log_ratio(self, spec: WeightSpaceSpec, t: TensorSpec) -> float:
-        """:func:`step_width_log_ratio` with this net's ``input_width_factor``."""
-        return step_width_log_ratio(spec, t, self.input_width_factor)
-
-    @property
-    def ortho(self) -> bool:
-        """Whether weights between hidden neuron groups step along their
-        orthogonalised momentum (:mod:`lopt.ortho`, learned rate
-        ``log_ortho_lr``) instead of Adam's direction."""
-        return self._config["ortho_lr"] is not None
-
-    def base_kinds(self, spec: WeightSpaceSpec) -> list[bool]:
-        """Per tensor: True where the base direction is the orthogonalised
-        momentum, False where it is Adam's."""
-        _, kinds = _per_tensor(spec, self.input_width_factor, self.ortho, torch.device("cpu"))
-        return kinds.tolist()
+        """:func:`step_width_log_ratio` under this net's rule."""
+        return step_width_log_ratio(spec, t, self._rule.width_factor_on_input_layers)
 
     @property
     def config(self) -> dict[str, Any]:
         """The constructor arguments: enough to rebuild the net."""
-        return dict(self._config)
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self._config.items()}
 
     def forward(
         self,
@@ -565,18 +353,13 @@ class OptimizerNet(nn.Module):
         # entry: update = -lr * adam + o[0] * exp(min(o[1], MAX_LOG_MAGNITUDE)).
         # The width factor is folded in too, per tensor; per-tensor scalars
         # are computed for all tensors at once (a step pays per operation).
-        ratios, ortho_mask = _per_tensor(
-            spec, self.input_width_factor, self.ortho, self.log_lr.device
-        )
+        ratios = _width_ratios(spec, self._rule.width_factor_on_input_layers, self.log_lr.device)
         factors_all = torch.exp(self.fan_in_exp * ratios)
         mag = self.log_step_mult.new_tensor(self.mag_mult)
         out_scales = torch.stack(
             [-self.log_step_mult.exp() * factors_all, mag.expand_as(factors_all)], -1
         ).unbind(-2)
-        # Tensors on the orthogonalised base get no Adam term (neg_lr 0); their
-        # base is added after the learned term, outside the tangent projection.
-        on_ortho = self.base_kinds(spec)
-        neg_lrs = torch.where(ortho_mask, 0.0, -self.log_lr.exp() * factors_all).unbind(-1)
+        neg_lrs = (-self.log_lr.exp() * factors_all).unbind(-1)
         inputs = [
             TensorInputs(*a)
             for a in zip(
@@ -591,40 +374,19 @@ class OptimizerNet(nn.Module):
                       for x, w, b in zip(inputs, first, base)]  # fmt: skip
         outs = self.entry_outputs(spec, inputs, bias, c2, fused)
         updates = []
-        for x, chunks, ortho_base in zip(inputs, outs, on_ortho):
-            tangent = not self.radial_correction and x.t.kind == "weight" and x.param.dim() >= 2
-            step_cap = self.step_cap if x.param.dim() >= 2 else 0.0
-            adam_cap = 0.0 if ortho_base else self.adam_cap
-            capped = bool(step_cap or adam_cap)
+        tangent_rule = self._rule.learned_term_tangent
+        for x, chunks in zip(inputs, outs):
+            tangent = tangent_rule and x.t.kind == "weight" and x.param.dim() >= 2
             # _finish adds the learned term into Adam's part in place (fused).
-            bases = [base.clone() for _, base, _ in chunks] if tangent or capped else []
+            bases = [base.clone() for _, base, _ in chunks] if tangent else []
             ups = [self._finish(x.t, o, base, terms, fused) for o, base, terms in chunks]
             u = (ups[0] if len(ups) == 1 else torch.cat(ups)).reshape(x.param.shape)
-            if bases:
-                base = torch.cat(bases).reshape(u.shape)
             if tangent:
-                u = tangent_correction(u, base, x.param)
-            if capped:
-                u = cap_learned_term(u, base, x.param, step_cap, adam_cap)
+                u = tangent_correction(u, torch.cat(bases).reshape(u.shape), x.param)
             updates.append(u)
-        for i, o in enumerate(on_ortho):
-            if o:
-                m = momenta[i][ADAM_MOMENTUM]
-                updates[i] = updates[i] - self.log_ortho_lr.exp() * ortho.direction(grads[i], m)
-        # The learned schedule, the decay past decay_after and the ramp
-        # before warmup: one scalar, one pass over the updates.
-        scale = None
-        if self.reads_budget:
+        if self.reads_budget:  # the learned schedule: one scalar, one pass
             log_scale = self.schedule(torch.cat([steps_in, budget_in]))[0]
-            scale = log_scale.clamp(max=MAX_LOG_SCHEDULE).exp()
-        if self.decay_after:
-            decay = (self.decay_after / step).clamp(max=1.0).pow(self.decay_power)
-            scale = decay if scale is None else scale * decay
-        if self.warmup:
-            ramp = (step / self.warmup).clamp(max=1.0)
-            scale = ramp if scale is None else scale * ramp
-        if scale is not None:
-            scale = scale.to(updates[0].dtype)
+            scale = log_scale.clamp(max=MAX_LOG_SCHEDULE).exp().to(updates[0].dtype)
             updates = [u.mul_(scale) if fused else u * scale for u in updates]
         return updates
 
@@ -1030,7 +792,6 @@ class NFNNet(OptimizerNet):
             tensors get the per-entry path and the neuron statistics only.
     """
 
-    CONSTANTS = (*OptimizerNet.CONSTANTS, "nf_scale")
     NF_OUTPUTS = ("both", "magnitude")
 
     def __init__(

@@ -43,11 +43,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
             adam = (m_0.9 / (1 - 0.9^t)) / (sqrt(v / (1 - 0.999^t)) + 1e-8)
             x = [theta, g, m_k, sqrt(v)] / RMS over the tensor, g / sqrt(v_hat), adam
             d, m = net_phi(x, t, t / N)   (the NFN adds per-neuron pooled terms)
-            u = -s(t, N) (64 / fan_in)^e (lr_net adam + c d exp(0.1 m))
+            a = -(64 / fan_in)^e lr_net adam;  l = -(64 / fan_in)^e c d exp(0.1 m)
+            if theta is a weight of 2+ axes: l = l - <l, w_r> w_r / |w_r|^2, row by row
+            u = s(t, N) (a + l)
             theta = theta + gamma u
 
-    The net's constants (``step_cap``, ``adam_cap``, ``decay_after``,
-    ``warmup``) bound or scale ``u`` further when set (:mod:`lopt.nets`).
+    The row projection keeps the learned term ``l`` from growing or
+    shrinking a weight's rows, and a layer that reads the network's input
+    takes fan_in = 64 (no width factor): the defaults of the net's
+    :class:`~lopt.update_rule.UpdateRule`, which every shipped net uses.
 
     Args:
         params: parameters or parameter groups, as for any torch optimizer.
@@ -256,12 +260,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def base_updates(self) -> list[Tensor | None]:
-        """The base optimizer's part (Adam's, or the orthogonalised
-        momentum's) of the update that :meth:`step` would now take, per
+        """Adam's part of the update that :meth:`step` would now take, per
         parameter of every group in order (``None`` for a parameter without
         a gradient), changing nothing. The update minus this is the learned
-        term: a diagnostic of how much of a step the net adds (the bounds
-        ``step_cap`` and ``adam_cap`` are on its norm)."""
+        term: a diagnostic of how much of a step the net adds."""
         out: list[Tensor | None] = []
         for index, group in enumerate(self.param_groups):
             active = [j for j, p in enumerate(group["params"]) if p.grad is not None]

@@ -8,7 +8,9 @@
 Writes, in --out: config.json, TensorBoard logs (tb/), checkpoint.pt (every
 --checkpoint-every steps, atomically, and on Ctrl-C or SIGTERM) and optimizer.pt, the
 trained optimizer net, loadable with ``NFNOptimizer(params, weights=PATH)``.
-Options may also come from a JSON file (--config); flags override it.
+Options may also come from a JSON file (--config); flags override it. A
+--config file of several stages (``{"stages": [...]}``, see
+``meta_train.recipes``) runs them in order, each in its own folder under --out.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import torch.distributed as dist
 import lopt
 from lopt import cli
 from lopt.checkpoint import resolve as resolve_weights
-from lopt.nets import CONSTANT_DEFAULTS, NFNNet, PerParamMLP, check_constant
-from meta_train import options
+from lopt.nets import NFNNet, PerParamMLP
+from meta_train import options, recipes
 from meta_train.estimators import ESTIMATORS, make_estimator
 from meta_train.problems import LearnedOptimizerProblem
 from meta_train.stopping import StopRequests
@@ -46,16 +48,15 @@ DEFAULTS: dict[str, Any] = {
     "init_lr": 1e-3,
     "init_step_mult": 1e-3,
     "init_fan_in_exp": 0.0,
-    "input_width_factor": True,
-    "radial_correction": True,
-    "init_ortho_lr": None,
+    # The net's UpdateRule (lopt.update_rule), its defaults.
+    "learned_term_tangent": True,
+    "width_factor_on_input_layers": False,
     "nf_channels": None,
     "nf_scale": 1.0,
     "nf_outputs": "both",
     "neuron_stats": False,
     "width_free_stats": False,
     "budget": False,
-    **CONSTANT_DEFAULTS,  # step_cap, adam_cap, decay_after, decay_power, warmup
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
@@ -91,16 +92,14 @@ RULES: dict[str, Any] = {
     "init_lr": _positive,
     "init_step_mult": _positive,
     "init_fan_in_exp": options.number(),
-    "input_width_factor": options.boolean,
-    "radial_correction": options.boolean,
-    "init_ortho_lr": options.number(0, strict=True, optional=True),
+    "learned_term_tangent": options.boolean,
+    "width_factor_on_input_layers": options.boolean,
     "nf_channels": options.integer(1, optional=True),
     "nf_scale": options.number(),
     "nf_outputs": options.choice(list(NFNNet.NF_OUTPUTS)),
     "neuron_stats": options.boolean,
     "width_free_stats": options.boolean,
     "budget": options.boolean,
-    **{name: options.number() for name in CONSTANT_DEFAULTS},  # ranges: check_constant
     "family": options.choice(lambda: list(FAMILIES) + list(TASKS), TASK_LIST),
     "estimator": options.choice(sorted(ESTIMATORS)),
     "population": options.integer(1),
@@ -161,24 +160,18 @@ def parser() -> argparse.ArgumentParser:
         help="the net's initial width exponent: updates scale as (64 / fan-in) ** it (0)",
     )
     a(
-        "--input-width-factor",
+        "--learned-term-tangent",
         action=argparse.BooleanOptionalAction,
-        help="apply the width factor to layers that read the network's input, whose fan-in "
-        "is the data's (default); --no-input-width-factor leaves them at 1, as muP does",
+        help="the learned term of each weight's update moves its rows only tangent to "
+        "themselves, so only Adam's part grows or shrinks them (default); "
+        "--no-learned-term-tangent lets it change their norms too",
     )
     a(
-        "--radial-correction",
+        "--width-factor-on-input-layers",
         action=argparse.BooleanOptionalAction,
-        help="let the learned term of the update grow or shrink weight rows (default); "
-        "--no-radial-correction removes its component along each row, so only Adam's part "
-        "changes the rows' norms",
-    )
-    a(
-        "--init-ortho-lr",
-        type=float,
-        help="step the weights between hidden neuron groups along their orthogonalised "
-        "momentum instead of Adam's direction, at this initial (learned) rate, e.g. 0.05 "
-        "(default: off); with --init-from, every other tensor is copied",
+        help="the width factor (64 / fan-in) ** fan_in_exp also scales layers that read "
+        "the network's input, whose fan-in is the data's; default off: they keep 1, as "
+        "muP does",
     )
     a("--nf-channels", type=int, help="nfn: channels the NF-layer reads (default: the width)")
     a("--nf-scale", type=float, help="nfn: constant on the NF-layer's output (1.0)")
@@ -206,39 +199,6 @@ def parser() -> argparse.ArgumentParser:
         help="the net reads where each step lies in the run (step / total_steps, as "
         "NFNOptimizer(..., total_steps=N) tells it; each inner run's horizon in "
         "meta-training) and learns a schedule from it; default off",
-    )
-    a(
-        "--step-cap",
-        type=float,
-        help="scale down the learned term of any weight's update where it is longer than "
-        "this fraction of the weight's norm (default 0: off; Adam's part is kept); the "
-        "optimizer nets' step_cap, also settable after training",
-    )
-    a(
-        "--adam-cap",
-        type=float,
-        help="scale down the learned term of any tensor's update where it is longer than "
-        "this multiple of Adam's part (default 0: off), so it anneals as Adam's step does; "
-        "the optimizer nets' adam_cap, also settable after training",
-    )
-    a(
-        "--decay-after",
-        type=float,
-        help="past this inner step, multiply every update by (DECAY_AFTER / step) ** "
-        "DECAY_POWER (default 0: off; unrolls longer than it meta-train the net with the "
-        "decay); the optimizer nets' decay_after, also settable after training",
-    )
-    a(
-        "--decay-power",
-        type=float,
-        help="the power of that decay (default 1: Adam's step, which rises as sqrt(step) once "
-        "its gradients fade, then falls as 1 / sqrt(step)); the optimizer nets' decay_power",
-    )
-    a(
-        "--warmup",
-        type=float,
-        help="before this inner step, multiply every update by step / WARMUP (default 0: "
-        "off); the optimizer nets' warmup, also settable after training",
     )
     a(
         "--init-from",
@@ -314,8 +274,9 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
                 f"--resume: no config.json in {args.resume} (not a meta_train folder?)"
             )
         try:
-            cfg.update(json.loads(saved.read_text()))
-        except (OSError, ValueError, TypeError) as e:
+            saved_cfg = json.loads(saved.read_text())
+            cfg.update(options.upgrade(saved_cfg, f"--resume: {saved}", saved_run=True))
+        except (OSError, ValueError, TypeError, AttributeError) as e:
             raise SystemExit(f"--resume: {saved} is not a JSON object of options ({e})") from None
         cfg["out"] = str(args.resume)
     if args.config is not None:
@@ -325,7 +286,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"--config {args.config}: {e}") from None
         if not isinstance(given, dict):
             raise SystemExit(f"--config {args.config}: must hold a JSON object of options")
-        cfg.update(given)
+        cfg.update(options.upgrade(given, f"--config {args.config}"))
     for key, value in vars(args).items():
         if key in ("config", "resume", "loop", "no_progress", "overwrite") or value is None:
             continue
@@ -353,11 +314,6 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--budget-hidden hides the budget from a net that reads it: give --budget")
     if cfg.get("width_free_stats") and not cfg.get("neuron_stats"):
         raise SystemExit("--width-free-stats changes what --neuron-stats read; give both")
-    for name in lopt.OptimizerNet.CONSTANTS:
-        try:
-            check_constant(name, cfg.get(name, CONSTANT_DEFAULTS[name]))
-        except ValueError as e:
-            raise SystemExit(f"--{name.replace('_', '-')}: {e}") from e
     return cfg
 
 
@@ -414,13 +370,11 @@ def build(
             lr=cfg["init_lr"],
             step_mult=cfg["init_step_mult"],
             fan_in_exp=cfg.get("init_fan_in_exp", 0.0),
-            input_width_factor=cfg.get("input_width_factor", True),
-            radial_correction=cfg.get("radial_correction", True),
-            ortho_lr=cfg["init_ortho_lr"],
+            rule=lopt.UpdateRule(
+                learned_term_tangent=cfg["learned_term_tangent"],
+                width_factor_on_input_layers=cfg["width_factor_on_input_layers"],
+            ),
             budget=cfg.get("budget", False),
-            **{
-                name: cfg.get(name, CONSTANT_DEFAULTS[name]) for name in lopt.OptimizerNet.CONSTANTS
-            },
             **extra,
         )
     if warm and cfg.get("init_from"):
@@ -547,8 +501,50 @@ def type_of(net: lopt.OptimizerNet):
     return lopt.NFNOptimizer if isinstance(net, NFNNet) else lopt.MLPOptimizer
 
 
+def recipe_run(args: argparse.Namespace) -> tuple[dict[str, Any], Path] | None:
+    """The recipe and folder when ``--config`` is a recipe of stages or
+    ``--resume`` names a recipe's folder (None otherwise); refuses flags that
+    would change what a recipe's stages train."""
+    if args.resume is not None and (args.resume / recipes.RECIPE).is_file():
+        data, out = json.loads((args.resume / recipes.RECIPE).read_text()), args.resume
+        if args.overwrite:
+            raise SystemExit("--resume carries a run on, --overwrite starts afresh: give one")
+    elif args.config is not None and args.config.is_file():
+        try:
+            data = json.loads(args.config.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--config {args.config}: {e}") from None
+        if not recipes.is_recipe(data):
+            return None
+        if args.out is None:
+            raise SystemExit("--out DIR is required (or --resume DIR)")
+        out = args.out
+        check_new_out(out, args.overwrite)
+    else:
+        return None
+    allowed = {"config", "out", "resume", "overwrite", *recipes.RUN_FLAGS}
+    given = [k for k, v in vars(args).items() if k not in allowed and v not in (None, False)]
+    if given:
+        raise SystemExit(
+            f"{options.flag(given[0])}: a recipe's stages hold their options; of the "
+            f"flags, only {', '.join(options.flag(k) for k in recipes.RUN_FLAGS)} apply to it"
+        )
+    recipes.check(data, str(args.config or args.resume / recipes.RECIPE))
+    if args.overwrite and occupied(out):
+        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        print(f"--overwrite: moved the earlier {out} to {aside}", file=sys.stderr)
+    return data, out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    recipe = recipe_run(args)
+    if recipe is not None:
+        flags = (["--device", args.device] if args.device else []) + (
+            ["--no-progress"] if args.no_progress else []
+        )
+        return recipes.run(*recipe, main, flags, DEFAULTS["outer_steps"])
     command = "python -m meta_train " + " ".join(sys.argv[1:] if argv is None else argv)
     cfg = resolve_config(args)
     # A run killed before its first checkpoint resumes from step 0.
@@ -628,7 +624,7 @@ def save_net(
     snapshot: bool = False,
 ) -> None:
     """Write ``optimizer.pt`` with its model-card metadata and append this
-    session to ``history.jsonl``; ``snapshot=True`` writes the net of the
+    process's line to ``history.jsonl``; ``snapshot=True`` writes the net of the
     current step under ``snapshots/`` instead, the history left as it is."""
     if rank != 0:
         return
@@ -636,25 +632,25 @@ def save_net(
         "config": cfg,
         "outer_steps": trainer.step,
         "inner_steps": trainer.inner_steps,
-        "wall_time_s_this_session": round(wall, 1),
+        "wall_time_s": round(wall, 1),
         "train_seconds_total": round(trainer.train_seconds, 3),
         "machine": f"{platform.node()} {platform.machine()} {platform.processor()}".strip(),
         "device": cfg["device"],
         "torch": str(torch.__version__),
         "command": command,
     }
-    # One line per session (first run, each --resume): the model card's recipe.
+    # One line per process (first run, each --resume): the model card's recipe.
     history_path = out / "history.jsonl"
-    session = {k: meta[k] for k in ("command", "outer_steps", "wall_time_s_this_session")}
+    this_run = {k: meta[k] for k in ("command", "outer_steps", "wall_time_s")}
     past = history_path.read_text().splitlines() if history_path.exists() else []
-    meta["history"] = [json.loads(line) for line in past] + [session]
+    meta["history"] = [json.loads(line) for line in past] + [this_run]
     if snapshot:
         path = snapshot_path(out, trainer.step)
         path.parent.mkdir(exist_ok=True)
         lopt.save(net, path, meta)
         return
     with history_path.open("a") as f:
-        f.write(json.dumps(session) + "\n")
+        f.write(json.dumps(this_run) + "\n")
     lopt.save(net, out / "optimizer.pt", meta)
     print(f"wrote {out / 'optimizer.pt'} after {trainer.step} outer steps")
 

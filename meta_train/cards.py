@@ -24,14 +24,16 @@ def write_cards(out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     stamp = f"Written by `python -m meta_train.cards` on {time.strftime('%Y-%m-%d')}."
     written, index = [], ["# Shipped nets", "", stamp, ""]
-    default = set(RECOMMENDED.values())
+    # The class whose default each recommended net is (OptimizerNet: any).
+    default = {v: k for k, v in RECOMMENDED.items() if k != "OptimizerNet"}
+    optimizer = {"NFNNet": "NFNOptimizer", "PerParamMLP": "MLPOptimizer"}
     for name in lopt.pretrained_names():
         net, meta = lopt.load(name)
         size = (PRETRAINED_DIR / f"{name}.pt").stat().st_size
         path = out / f"{name}.md"
         path.write_text(f"# {name}\n\n{stamp}\n\n{model_card(name, meta, net, size)}\n")
         written.append(path)
-        role = " (the default)" if name in default else ""
+        role = f" (the default of `lopt.{optimizer[default[name]]}`)" if name in default else ""
         index.append(f"* [`{name}`]({name}.md){role}: {type(net).__name__}")
     (out / "README.md").write_text("\n".join(index) + "\n")
     return written

@@ -107,3 +107,36 @@ def check(cfg: dict[str, Any], rules: dict[str, Callable[[str, Any], None]]) -> 
     for key, rule in rules.items():
         if key in cfg:
             rule(key, cfg[key])
+
+
+# Options of older runs and recipes, in this version's terms: the net's
+# update-rule switches were inverted flags, and hand-set guards and an
+# orthogonalised base were options (a value that turned them on is refused).
+_RETIRED = {"step_cap": 0, "adam_cap": 0, "decay_after": 0, "decay_power": 1, "warmup": 0,
+            "init_ortho_lr": None}  # fmt: skip
+
+
+def upgrade(cfg: dict[str, Any], where: str, saved_run: bool = False) -> dict[str, Any]:
+    """``cfg`` (a saved run's config.json or a --config file) in this
+    version's option names: ``radial_correction`` becomes ``learned_term_tangent``
+    (negated), ``input_width_factor`` becomes ``width_factor_on_input_layers``;
+    retired options at their off value are dropped, and one that is on is
+    refused with ``SystemExit``. A ``saved_run`` config written before either
+    switch existed (it holds every option of its day) gets the update rule
+    of that day: no tangent projection, the width factor on input layers."""
+    cfg = dict(cfg)
+    if saved_run and "learned_term_tangent" not in cfg:
+        cfg.setdefault("radial_correction", True)
+    if saved_run and "width_factor_on_input_layers" not in cfg:
+        cfg.setdefault("input_width_factor", True)
+    if "radial_correction" in cfg:
+        cfg.setdefault("learned_term_tangent", not cfg.pop("radial_correction"))
+    if "input_width_factor" in cfg:
+        cfg.setdefault("width_factor_on_input_layers", cfg.pop("input_width_factor"))
+    for key, off in _RETIRED.items():
+        if key in cfg and cfg.pop(key) != off:
+            raise SystemExit(
+                f"{where}: {flag(key)} is set, and this version of lopt no longer has it "
+                "(a net's update rule is lopt.UpdateRule)"
+            )
+    return cfg

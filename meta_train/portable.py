@@ -31,7 +31,9 @@ def portable(run: Path, dest: Path) -> Path:
         raise SystemExit(f"{run}: no {CHECKPOINT} (not a meta_train folder, or no checkpoint yet)")
     missing = [f for f in FILES if not (run / f).is_file()]
     if missing:
-        raise SystemExit(f"{run}: no {', '.join(missing)} (not a finished meta_train session)")
+        raise SystemExit(
+            f"{run}: no {', '.join(missing)} (not a meta_train run that has written its net)"
+        )
     if dest.exists() and any(dest.iterdir()):
         raise SystemExit(f"{dest} holds files: pick another folder or remove it first")
     try:

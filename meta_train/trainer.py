@@ -110,7 +110,8 @@ class MetaTrainer:
         self.est_state: dict = {}
         self.skipped = 0
         self.inner_steps = 0  # inner steps run, all trajectories, all ranks
-        self.train_seconds = 0.0  # wall time in outer steps, over every resumed session
+        # Wall time in outer steps, over the first process and every resume.
+        self.train_seconds = 0.0
         self._writer = None
 
     # ------------------------------------------------------------ one step

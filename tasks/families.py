@@ -353,7 +353,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     # 4x wider and one layer deeper than mlp-family-deeper.
     "mlp-mnist1d-256x7": _task("mlp-mnist1d-256x7", lambda d: mlp(40, [256] * 7, 10), "mnist1d"),
     # 4x wider and one layer deeper than mixed-family-broad's MLPs and CNNs, like
-    # stress-deep, but on data and activations the step_cap choice never saw.
+    # stress-deep, but on other data and activations.
     "mlp-digits-256x5": _task("mlp-digits-256x5", lambda d: mlp(64, [256] * 5, 10), "digits"),
     "mlp-gmm32-256x5-tanh": _task(
         "mlp-gmm32-256x5-tanh", lambda d: mlp(_flat(d), [256] * 5, d.output_size, "tanh"), "gmm-32"
@@ -362,8 +362,7 @@ TASKS: dict[str, Callable[..., Task]] = {
         "cnn-mnist1d-64x4", lambda d: cnn((1, 40), [64] * 4, [3] * 4, 10), "mnist1d-conv"
     ),
     # stress-deep's sizes again, each differing from every stress-deep and
-    # stress-unseen network in data or activation: fixed before any net ran
-    # on them, to check the adam_cap choice out of sample.
+    # stress-unseen network in data or activation.
     "mlp-digits-256x5-gelu": _task(
         "mlp-digits-256x5-gelu", lambda d: mlp(64, [256] * 5, 10, "gelu"), "digits"
     ),
@@ -450,8 +449,14 @@ TASK_STEPS: dict[str, int] = {
     # The held-out suite of the small families, at 5x their 200-step unrolls
     # (``python -m benchmarks.real --suite heldout``: budget nets told it).
     **dict.fromkeys(
-        ["mlp-mnist1d-wide", "mlp-mnist1d-deep", "mlp-digits-wide", "cnn-digits-wide",
-         "mlp-gmm-hard", "cnn-mnist1d-deep"],
+        [
+            "mlp-mnist1d-wide",
+            "mlp-mnist1d-deep",
+            "mlp-digits-wide",
+            "cnn-digits-wide",
+            "mlp-gmm-hard",
+            "cnn-mnist1d-deep",
+        ],
         1000,
     ),  # fmt: skip
 }

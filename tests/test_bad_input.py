@@ -279,8 +279,9 @@ SKIP = {
 @given(
     config=st.dictionaries(st.sampled_from(sorted(set(RULES) - SKIP)), VALUES, max_size=3),
     flags=st.lists(
-        st.sampled_from(["--outer-steps", "--population", "--horizon", "--sigma", "--bogus"])
-        .flatmap(lambda f: st.tuples(st.just(f), st.sampled_from(["-1", "0", "1", "2", "x"]))),
+        st.sampled_from(
+            ["--outer-steps", "--population", "--horizon", "--sigma", "--bogus"]
+        ).flatmap(lambda f: st.tuples(st.just(f), st.sampled_from(["-1", "0", "1", "2", "x"]))),
         max_size=2,
     ),
 )

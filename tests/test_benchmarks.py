@@ -1,6 +1,5 @@
 """Benchmarks: tuning, the summary computed from curves, and --quick runs."""
 
-import copy
 import csv
 import json
 import math
@@ -8,7 +7,6 @@ import statistics
 
 import pytest
 import torch
-from torch import nn
 
 import lopt
 from benchmarks import compare, overhead
@@ -196,10 +194,10 @@ def test_overhead_quick_writes_every_output(tmp_path):
     assert all(0 < r["adam_launches"] < r["mlp_launches"] < r["nfn_launches"] for r in rows)
     # Other shipped nets by name, recorded in the metadata; an unknown name
     # is refused before anything runs.
-    out = tmp_path / "ortho"
-    overhead.main(["--quick", "--out", str(out), "--no-nfn", "--nfn", "nfn-ortho"])
+    out = tmp_path / "by-name"
+    overhead.main(["--quick", "--out", str(out), "--no-nfn", "--nfn", "nfn-real"])
     nets = json.loads((out / "overhead.json").read_text())["meta"]["nets"]
-    assert "shipped nfn-ortho" in nets["nfn"] and "'ortho_lr': None" not in nets["nfn"]
+    assert "shipped nfn-real" in nets["nfn"] and "'budget': True" in nets["nfn"]
     assert f"shipped {lopt.checkpoint.RECOMMENDED['PerParamMLP']}" in nets["mlp"]
     with pytest.raises(SystemExit, match="--nfn nope: not a shipped net"):
         overhead.main(["--quick", "--out", str(tmp_path / "bad"), "--nfn", "nope"])
@@ -230,7 +228,7 @@ def test_overhead_pages_without_an_mlp_have_no_figure(tmp_path):
 def test_overhead_times_the_torch_path_with_any_slicing(tmp_path):
     from lopt import nets
 
-    base = ["--quick", "--no-nfn", "--no-memory", "--nfn", "nfn-broad", "--mlp", "mlp-broad"]
+    base = ["--quick", "--no-nfn", "--no-memory", "--nfn", "nfn-real", "--mlp", "mlp-real"]
     fused = overhead.main(base + ["--out", str(tmp_path / "a")])
     torch_path = overhead.main(base + ["--torch-path", "--out", str(tmp_path / "b")])
     sliced = ["--torch-path", "--slice-entries", "8", "--out", str(tmp_path / "c")]
@@ -338,39 +336,14 @@ def test_set_overrides_a_learned_scalar_for_an_ablation(tmp_path):
     assert label == "x"
     assert opt.net.fan_in_exp.item() == 0.25 and opt.net.log_lr.item() == -3.0
     assert lopt.load(tmp_path / "n.pt")[0].fan_in_exp.item() == net.fan_in_exp.item()
-    with pytest.raises(SystemExit, match="no scalar meta-parameter or switch 'inp.weight'"):
+    with pytest.raises(SystemExit, match="no scalar meta-parameter 'inp.weight'"):
         compare.learned(str(tmp_path / "n.pt"), {"inp.weight": 1.0})
-    ((_, make),) = compare.learned_all([str(tmp_path / "n.pt")], {"input_width_factor": 0})
-    assert make(mlp(4, [8], 2)).net.input_width_factor is False
-    ((_, make),) = compare.learned_all([str(tmp_path / "n.pt")], {"radial_correction": 0})
-    assert make(mlp(4, [8], 2)).net.radial_correction is False
-    with pytest.raises(SystemExit, match="a switch is 0 or 1"):
-        compare.learned(str(tmp_path / "n.pt"), {"input_width_factor": 0.5})
     for bad in ("fan_in_exp", "fan_in_exp=x", "=1"):
         with pytest.raises(SystemExit, match="expected NAME=NUMBER"):
             compare.parse_overrides([bad])
     with pytest.raises(SystemExit, match="give them with --weights"):
         compare.main(["--set", "fan_in_exp=1", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
-    # -inf switches the orthogonal base of a net that has one off: the hidden
-    # weight then moves by the learned term alone, the others as before.
-    lopt.save(lopt.NFNNet(ortho_lr=0.05), tmp_path / "o.pt")
-    moved = {}
-    for value in (math.log(0.05), -math.inf):
-        ((_, make),) = compare.learned_all([str(tmp_path / "o.pt")], {"log_ortho_lr": value})
-        torch.manual_seed(0)
-        model = mlp(4, [8, 8], 2)
-        before = [p.detach().clone() for p in model.parameters()]
-        opt = make(model)
-        model(torch.randn(16, 4)).square().mean().backward()
-        opt.step()
-        moved[value] = [(p.detach() - b).norm().item() for p, b in zip(model.parameters(), before)]
-    on, off = moved[math.log(0.05)], moved[-math.inf]
-    hidden = [n for n, _ in model.named_parameters()].index("3.weight")
-    assert 0 < off[hidden] < 0.1 * on[hidden]
-    assert [x for i, x in enumerate(on) if i != hidden] == pytest.approx(
-        [x for i, x in enumerate(off) if i != hidden]
-    )
 
 
 def test_nf_scale_0_runs_the_nfn_as_its_per_entry_net(tmp_path):
@@ -396,25 +369,8 @@ def test_nf_scale_0_runs_the_nfn_as_its_per_entry_net(tmp_path):
     losses = {k: run(task, m, 10, 0, 10).train for k, m in makes.items()}
     assert losses["nfn0"] == pytest.approx(losses["mlp"], rel=1e-5)
     assert abs(losses["nfn"][-1] - losses["mlp"][-1]) > 1e-3
-    with pytest.raises(SystemExit, match=r"no scalar meta-parameter or switch 'nf_scale'"):
+    with pytest.raises(SystemExit, match=r"no scalar meta-parameter 'nf_scale'"):
         compare.learned(str(tmp_path / "mlp.pt"), {"nf_scale": 0})
-
-
-def test_set_step_cap_caps_a_learned_optimizers_steps(tmp_path):
-    """--set step_cap=C runs a saved net with its weights' steps capped at
-    C times their norm (a net of either kind), without touching the file."""
-    import lopt
-    from tasks import get_task
-
-    torch.manual_seed(0)
-    lopt.save(lopt.PerParamMLP(out_scale=1.0, step_mult=0.3), tmp_path / "mlp.pt")
-    task = get_task("mlp-gmm")
-    make = compare.learned(str(tmp_path / "mlp.pt"), {"step_cap": 1e-3})[1]
-    free = run(task, compare.learned(str(tmp_path / "mlp.pt"))[1], 10, 0, 10).train
-    capped = run(task, make, 10, 0, 10)
-    assert abs(capped.train[-1] - free[-1]) > 1e-3
-    assert make(task.module_with(task.init(torch.Generator()))).net.step_cap == 1e-3
-    assert lopt.load(tmp_path / "mlp.pt")[0].step_cap == 0.0
 
 
 def test_ratio_interval_matches_the_stratified_normal_interval():
@@ -653,12 +609,12 @@ def test_snapshots_ranks_a_runs_nets_on_a_suite(tmp_path):
     slow = lopt.PerParamMLP(lr=1e-7, step_mult=1e-7)
     lopt.save(slow, other / "snapshots" / "optimizer-000020.pt")
     both = tmp_path / "both"
-    args = [str(other), str(run), *args[1:-1], str(both), "--every", "20", "--set", "step_cap=0.5"]
+    args = [str(other), str(run), *args[1:-1], str(both), "--every", "20", "--set", "fan_in_exp=0"]
     assert snapshots.main(args) == run / "snapshots" / "optimizer-000020.pt"
     text = (both / "ranking.md").read_text()
     assert text.index("| run-step20 |") < text.index("| other-step20 |")
     assert "step10" not in text
-    assert json.loads((both / "meta.json").read_text())["set"] == {"step_cap": 0.5}
+    assert json.loads((both / "meta.json").read_text())["set"] == {"fan_in_exp": 0.0}
     with pytest.raises(SystemExit, match="distinct folder names"):
         snapshots.main([str(run), str(run), "--out", str(both)])
 
@@ -692,91 +648,6 @@ def test_snapshots_ranks_a_runs_nets_on_a_suite(tmp_path):
         snapshots.main([str(tmp_path / "empty"), "--out", str(out)])
 
 
-class _Grow(torch.optim.Optimizer):
-    """Multiplies every parameter by 1.01: each step is along the weight."""
-
-    def __init__(self, params):
-        super().__init__(params, {})
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.mul_(1.01)
-
-
-def test_weight_norms_trace_against_a_naive_run():
-    from benchmarks import weight_norms
-    from tasks import get_task
-
-    task = get_task("mlp-gmm")
-    rows = weight_norms.trace(task, lambda m: _Grow(m.parameters()), steps=20, every=10)
-    assert [r["step"] for r in rows] == [0, 10, 20]
-    for r in rows[1:]:
-        assert r["radial"] == pytest.approx([1.0, 1.0], abs=1e-5)
-        assert r["rel_step"] == pytest.approx([0.01, 0.01], rel=1e-3)
-        assert r["max_rel_step"] == pytest.approx(0.01, rel=1e-3)
-        assert r["norms"] == pytest.approx(
-            [n * 1.01 ** r["step"] for n in rows[0]["norms"]], rel=1e-5
-        )
-    # Adam: the same numbers as a plain loop from the same initialisation and batches.
-    make = lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)  # noqa: E731
-    rows = weight_norms.trace(task, make, steps=20, every=20)
-    model = task.module_with(task.init(torch.Generator().manual_seed(0)))
-    opt, batches = make(model), torch.Generator().manual_seed(10_000)
-    cos, rel = [], []
-    for _ in range(20):
-        before = [p.detach().clone() for p in model.parameters() if p.dim() == 2]
-        opt.zero_grad()
-        task.loss(dict(model.named_parameters()), task.sample_batch(batches)).backward()
-        opt.step()
-        after = [p.detach() for p in model.parameters() if p.dim() == 2]
-        cos.append(
-            [
-                float((a - b).flatten() @ b.flatten() / ((a - b).norm() * b.norm()))
-                for a, b in zip(after, before)
-            ]
-        )
-        rel.append([float((a - b).norm() / b.norm()) for a, b in zip(after, before)])
-    assert rows[-1]["norms"] == pytest.approx([p.norm().item() for p in after], rel=1e-6)
-    assert rows[-1]["radial"] == pytest.approx(
-        [sum(c[i] for c in cos) / 20 for i in range(2)], abs=1e-5
-    )
-    assert rows[-1]["rel_step"] == pytest.approx(
-        [sum(r[i] for r in rel) / 20 for i in range(2)], rel=1e-5
-    )
-    assert rows[-1]["max_rel_step"] == pytest.approx(max(max(r) for r in rel), rel=1e-5)
-    assert rows[-1]["max_rel_step"] > rows[-1]["rel_step"][0]
-    with pytest.raises(SystemExit, match="nothing to run"):
-        weight_norms.main(["--task", "mlp-gmm", "--adam-lr", "0"])
-
-
-def test_weight_norms_learned_share_is_the_learned_term_over_adams_part():
-    """learned_share: about 0 (rounding) for a net whose learned term vanishes; for a net
-    of large learned steps, above 1 without adam_cap and at most adam_cap
-    with it; empty for Adam."""
-    import lopt
-    from benchmarks import weight_norms
-    from tasks import get_task
-
-    task = get_task("mlp-gmm")
-    torch.manual_seed(0)
-    big = lopt.PerParamMLP(out_scale=1.0, step_mult=0.3, lr=1e-3)
-    silent = lopt.PerParamMLP(step_mult=1e-30)
-    capped = lopt.PerParamMLP(out_scale=1.0, step_mult=0.3, lr=1e-3, adam_cap=0.5)
-    capped.load_state_dict(big.state_dict())
-
-    def share(net):
-        make = lambda m: lopt.MLPOptimizer(m.parameters(), net=net, model=m)  # noqa: E731
-        return weight_norms.trace(task, make, steps=10, every=10)[-1]["learned_share"]
-
-    assert max(share(silent)) < 1e-4  # float32 rounding of w_after - w_before
-    assert min(share(big)) > 1.0
-    assert all(0.1 < r <= 0.5 * (1 + 1e-4) for r in share(capped))
-    adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)  # noqa: E731
-    assert weight_norms.trace(task, adam, steps=2, every=2)[-1]["learned_share"] == []
-
-
 @pytest.mark.slow
 def test_compare_first_seed_runs_fresh_seeds(tmp_path):
     import lopt
@@ -802,191 +673,6 @@ def test_compare_first_seed_runs_fresh_seeds(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_ortho_hidden_steps_hidden_weights_orthogonally_and_the_rest_by_adam():
-    from benchmarks.hand_variants import OrthoHidden
-    from lopt import ortho
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 3))
-    twin = copy.deepcopy(model)
-    opt = OrthoHidden(model, lr=0.01, ortho_lr=0.05)
-    hidden = model[2].weight
-    others = [p for p in model.parameters() if p is not hidden]
-    adam = torch.optim.Adam([p for p in twin.parameters() if p is not twin[2].weight], lr=0.01)
-    w, m = twin[2].weight.detach().clone(), torch.zeros_like(hidden)
-    for _ in range(3):
-        grads = [torch.randn_like(p) for p in model.parameters()]
-        for p, q, g in zip(model.parameters(), twin.parameters(), grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        adam.step()
-        m = 0.9 * m + 0.1 * grads[2]  # the hidden weight is the third tensor
-        w = w - 0.05 * ortho.direction(grads[2], m)
-    torch.testing.assert_close(hidden.detach(), w)
-    twins = [q for q in twin.parameters() if q is not twin[2].weight]
-    for p, q in zip(others, twins):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
-
-
-def test_hand_variants_quick_writes_every_variant(tmp_path):
-    from benchmarks import hand_variants
-
-    out = tmp_path / "hv"
-    args = ["--tasks", "mlp-mnist1d", "--steps", "10", "--seeds", "1", "--tune-seeds", "1"]
-    results = hand_variants.main(args + ["--ortho-lrs", "0.02", "--quick", "--out", str(out)])
-    rows = results["mlp-mnist1d"]["variants"]
-    assert rows["adam"]["normalised"] == 1.0 and rows["adam"]["steps_to_adam"] <= 1.0
-    assert "ortho hidden 0.02, adam elsewhere" in rows and "nadam" in rows and len(rows) == 14
-    assert all(math.isfinite(v["loss"]) for v in rows.values())
-    text = (out / "results.md").read_text()
-    assert "ortho hidden 0.02" in text and (out / "results.json").exists()
-    for bad, message in ((["--tasks", "nope"], "nope"), (["--ortho-lrs", "-1"], "positive")):
-        with pytest.raises((SystemExit, KeyError), match=message):
-            hand_variants.main(bad + ["--out", str(tmp_path / "bad")])
-    assert not (tmp_path / "bad").exists()
-
-
-def test_nf_share_measures_the_nf_layers_part_of_the_update(tmp_path, capsys):
-    """Against a naive reference (two copies of the net, one with the layer
-    off, stepped side by side); 0 with the layer off; linear in nf_scale at
-    small scales; the net is left as it was; bad input is refused."""
-    from benchmarks import nf_share
-    from lopt import functional
-    from tasks import get_task
-
-    torch.manual_seed(0)
-    net = lopt.NFNNet(width=8, nf_channels=2, nf_scale=0.5, ortho_lr=0.01)
-    with torch.no_grad():  # an NF-layer as large as a trained one, not the init's
-        for w in net.nf.parameters():
-            w.mul_(30)
-    before = copy.deepcopy(net.state_dict())
-    r = nf_share.nf_share(net, "mlp-gmm", steps=4)
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    assert net.nf_scale == 0.5
-
-    # The reference: the same steps with three nets.
-    off, base = copy.deepcopy(net), copy.deepcopy(net)
-    off.nf_scale = base.nf_scale = 0.0
-    with torch.no_grad():
-        base.log_step_mult.fill_(-math.inf)
-    task = get_task("mlp-gmm")
-    params = task.init(torch.Generator().manual_seed(0))
-    names, ps = list(params), list(params.values())
-    batches = torch.Generator().manual_seed(10_000)
-    state = functional.init(ps)
-    for step in range(4):
-        leaves = [p.clone().requires_grad_() for p in ps]
-        grads = torch.autograd.grad(
-            task.loss(dict(zip(names, leaves)), task.sample_batch(batches)), leaves
-        )
-        with torch.no_grad():
-            u0, _ = functional.update(off, task.spec, None, grads, state, ps)
-            b, _ = functional.update(base, task.spec, None, grads, state, ps)
-            u, state = functional.update(net, task.spec, None, grads, state, ps)
-        d = torch.cat([(x - y).flatten() for x, y in zip(u, u0)]).norm()
-        learned = torch.cat([(x - y).flatten() for x, y in zip(u0, b)]).norm()
-        assert r["of_update"][step] == pytest.approx(
-            (d / torch.cat([x.flatten() for x in u0]).norm()).item(), rel=1e-5
-        )
-        assert r["of_learned"][step] == pytest.approx((d / learned).item(), rel=1e-5)
-        ps = [p + x for p, x in zip(ps, u)]
-    assert 0.01 < r["of_update"][0] < r["of_learned"][0]
-    assert math.isfinite(r["final_loss"])
-
-    net.nf_scale = 0.0
-    assert nf_share.nf_share(net, "mlp-gmm", steps=2)["of_update"] == [0.0, 0.0]
-    net.nf_scale = 1e-3
-    small = nf_share.nf_share(net, "mlp-gmm", steps=1)["of_update"][0]
-    net.nf_scale = 2e-3
-    assert nf_share.nf_share(net, "mlp-gmm", steps=1)["of_update"][0] == pytest.approx(
-        2 * small, rel=0.02
-    )
-    with pytest.raises(TypeError, match="PerParamMLP has no NF-layer"):
-        nf_share.nf_share(lopt.PerParamMLP(), "mlp-gmm", steps=1)
-    with pytest.raises(ValueError, match="steps must be positive"):
-        nf_share.nf_share(net, "mlp-gmm", steps=0)
-
-    # The command line: a shipped net, a table and its numbers.
-    out = tmp_path / "share"
-    res = nf_share.main(
-        ["--weights", "v2=nfn-ortho-v2", "--tasks", "mlp-gmm", "--steps", "3", "--every", "2",
-         "--out", str(out), "--no-progress"]
-    )  # fmt: skip
-    assert list(res) == [("v2", "mlp-gmm")]
-    text = (out / "nf_share.md").read_text()
-    assert "| net | task | step 1 | step 2 | step 3 |" in text and "| v2 | mlp-gmm |" in text
-    payload = json.loads((out / "nf_share.json").read_text())
-    assert payload["results"][0]["of_update"] == pytest.approx(res[("v2", "mlp-gmm")]["of_update"])
-    assert payload["command"].startswith("python -m benchmarks.nf_share --weights v2=nfn-ortho-v2")
-    capsys.readouterr()
-    bad = tmp_path / "bad"
-    with pytest.raises(SystemExit, match="a PerParamMLP, which has no NF-layer"):
-        nf_share.main(["--weights", "mlp-ortho", "--out", str(bad)])
-    with pytest.raises(SystemExit, match="--weights nope: no optimizer checkpoint 'nope'"):
-        nf_share.main(["--weights", "nope", "--out", str(bad)])
-    with pytest.raises(SystemExit, match="--steps and --every must be positive"):
-        nf_share.main(["--weights", "nfn-ortho-v2", "--steps", "0", "--out", str(bad)])
-    assert not bad.exists()
-
-
-def test_per_step_report_against_a_hand_made_curve():
-    from benchmarks.per_step import run_report
-    from tasks.runs import Curve
-
-    c = Curve(
-        train=[2.1, 1.9, 2.6, 1.0, 0.5],
-        eval_steps=[0, 1, 2, 3, 4, 5],
-        train_eval=[2.0, 2.0, 1.5, 2.4, 0.9, 0.4],
-    )
-    r = run_report(c)
-    assert r["start"] == 2.0 and r["batch_max_step"] == 3 and r["batch_max"] == pytest.approx(1.3)
-    assert r["above"] == [(1, 1.0), (3, pytest.approx(1.2))]  # at the start counts
-    assert r["spike"] and r["final"] == 0.4
-    c.train[2] = 2.5  # exactly at the margin: not a spike
-    assert not run_report(c)["spike"]
-    c.train[1] = math.inf  # the runner stores a non-finite loss as inf
-    assert run_report(c)["spike"] and run_report(c)["batch_max_step"] == 2
-
-
-def test_per_step_reruns_runs_with_the_whole_split_every_step(capsys):
-    """per_step with --every-step prints, per seed, what a naive rerun of the
-    same (task, seed) with the whole split evaluated every step shows; a
-    learned net with --set runs too; bad inputs are refused with a message."""
-    from benchmarks import per_step
-    from tasks import get_task
-    from tasks.runs import run
-
-    assert (
-        per_step.main(["mlp-gmm", "adam:1", "--seeds", "3", "4", "--steps", "12", "--every-step"])
-        == 0
-    )
-    out = capsys.readouterr().out
-    spikes = 0
-    for seed in (3, 4):
-        c = run(get_task("mlp-gmm"), adam(1.0), 12, seed, eval_every=1)
-        spikes += compare.batch_spike(c.train, c.initial_train)
-        start = c.initial_train
-        above = [(s, v / start) for s, v in zip(c.eval_steps[1:], c.train_eval[1:]) if v >= start]
-        top = max(range(12), key=c.train.__getitem__)
-        cells = ", ".join(f"{s}: {x:.3f}x" for s, x in above) or "none"
-        peak = f"{c.train[top] / start:.3f}x ({top + 1})"
-        assert above  # Adam at rate 1 overshoots: the check has steps to find
-        row = f"| {seed} | {start:.4f} | {peak} | {cells} | {c.final_train:.4g} |"
-        assert row in out
-    assert f"runs with a batch-loss spike (above 1.25x the start or not finite): {spikes}/2" in out
-    assert per_step.main(["mlp-gmm", "nfn-stats", "--steps", "3", "--set", "nf_scale=0"]) == 0
-    assert "nfn-stats on mlp-gmm, 3 steps" in capsys.readouterr().out
-    for argv, message in [
-        (["mlp-gmm", "adam:fast"], "the rate after adam: must be a number"),
-        (["mlp-gmm", "sgdm:-1"], "the rate must be positive"),
-        (["mlp-gmm", "adam:0.1", "--set", "step_cap=0.1"], "--set is for learned optimizers"),
-        (["mlp-gmz", "adam:0.1"], "unknown task 'mlp-gmz'"),
-        (["mlp-gmm", "adam:0.1", "--steps", "0"], "--steps must be positive"),
-    ]:
-        with pytest.raises(SystemExit, match=message):
-            per_step.main(argv)
-
-
 def test_meta_throughput_reports_vmap_loop_and_the_tasks_share(capsys):
     from benchmarks.meta_throughput import main
 
@@ -1004,24 +690,24 @@ def test_budget_sweep_reads_every_run_and_flags_divergence(tmp_path):
 
     out = tmp_path / "sweep"
     summary = budgets.main(
-        ["--weights", "nfn-stats", "--suite", "mlp-gmm", "--budgets", "12", "4", "--out", str(out)]
+        ["--weights", "nfn-real", "--suite", "mlp-gmm", "--budgets", "12", "4", "--out", str(out)]
     )
     assert set(summary) == {("mlp-gmm", 4), ("mlp-gmm", 12)}
     rows = list(csv.DictReader(open(out / "budgets.csv")))
     assert {int(r["step"]) for r in rows if r["budget"] == "4"} == {0, 1, 2, 3, 4}
     text = (out / "results.md").read_text()
-    assert "python -m benchmarks.budgets --weights nfn-stats" in text and "| mlp-gmm |" in text
+    assert "python -m benchmarks.budgets --weights nfn-real" in text and "| mlp-gmm |" in text
     # A reading at or above the start, or not finite, is a divergence.
     fake = [("t", 5, 0, 1.0), ("t", 5, 1, 0.5), ("t", 5, 2, 1.2), ("u", 5, 0, 1.0),
             ("u", 5, 5, float("nan")), ("v", 5, 0, 1.0), ("v", 5, 5, 0.1)]  # fmt: skip
     s = budgets.summarise(fake)
     assert s[("t", 5)]["diverged"] and s[("u", 5)]["diverged"] and not s[("v", 5)]["diverged"]
     with pytest.raises(SystemExit, match="holds a sweep already"):
-        budgets.main(["--weights", "nfn-stats", "--suite", "mlp-gmm", "--out", str(out)])
+        budgets.main(["--weights", "nfn-real", "--suite", "mlp-gmm", "--out", str(out)])
     with pytest.raises(SystemExit, match="--weights nope"):
         budgets.main(["--weights", "nope", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="--budgets must be >= 1"):
-        budgets.main(["--weights", "nfn-stats", "--budgets", "0", "--out", str(tmp_path / "y")])
+        budgets.main(["--weights", "nfn-real", "--budgets", "0", "--out", str(tmp_path / "y")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -1049,6 +735,6 @@ def test_snapshots_rank_on_a_suite_of_step_budgets(tmp_path, monkeypatch):
     assert text.index("| step20 |") < text.index("| step10 |")
     assert "python -m benchmarks.real --suite budgeted" in (out / "results.md").read_text()
     with pytest.raises(SystemExit, match="--set does not apply to budgeted"):
-        snapshots.main([str(run), "--suite", "budgeted", "--set", "step_cap=0.5",
+        snapshots.main([str(run), "--suite", "budgeted", "--set", "fan_in_exp=0",
                         "--out", str(tmp_path / "x")])  # fmt: skip
     assert not (tmp_path / "x").exists()

@@ -1,6 +1,7 @@
 """Meta-training: estimators on a problem with a known answer, unrolls,
 resume, atomic checkpoints, distributed equivalence and the command line."""
 
+import json
 import math
 import os
 import signal
@@ -451,23 +452,22 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     assert ship([str(out), "my-mlp", "--dest", str(dest)]) == 0
     card = capsys.readouterr().out
     assert "**`my-mlp`** (PerParamMLP" in card and "--outer-steps 2" in card
-    assert "input layers keep width factor 1" not in card and "kept by --snapshot-every" not in card
+    assert "kept by --snapshot-every" not in card
     snap = tmp_path / "snap"
     run = [*args.split(), "--population", "1", "--snapshot-every", "1", "--out", str(snap)]
     assert main([*run, "--no-progress"]) == 0
     first = snap / "snapshots" / "optimizer-000001.pt"
     assert ship([str(first), "my-snap", "--dest", str(dest)]) == 0
     assert "Outer steps: 1 (the net at outer step 1 of the recipe's 2" in capsys.readouterr().out
-    off = tmp_path / "off"
-    assert main([*args.split(), "--no-input-width-factor", "--out", str(off), "--no-progress"]) == 0
-    assert ship([str(off), "my-mlp-off", "--dest", str(dest)]) == 0
-    assert "input layers keep width factor 1" in capsys.readouterr().out
-    tangent = tmp_path / "tangent"
-    assert (
-        main([*args.split(), "--no-radial-correction", "--out", str(tangent), "--no-progress"]) == 0
-    )
-    assert ship([str(tangent), "my-mlp-tangent", "--dest", str(dest)]) == 0
-    assert "learned term tangent to weight rows" in capsys.readouterr().out
+    assert "input layers keep width factor 1" in card
+    assert "learned term tangent to weight rows" in card
+    other = tmp_path / "other-rule"
+    flags = ["--width-factor-on-input-layers", "--no-learned-term-tangent"]
+    assert main([*args.split(), *flags, "--out", str(other), "--no-progress"]) == 0
+    assert ship([str(other), "my-mlp-other", "--dest", str(dest)]) == 0
+    other_card = capsys.readouterr().out
+    assert "input layers get the width factor" in other_card
+    assert "learned term free to change weight rows' norms" in other_card
     assert "Neuron statistics" not in card
     stats = tmp_path / "stats"
     nfn = args.replace("--net mlp", "--net nfn --nf-channels 2 --neuron-stats")
@@ -481,68 +481,10 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     assert main([*nfn.split(), "--width-free-stats", "--out", str(free), "--no-progress"]) == 0
     assert ship([str(free), "my-nfn-free", "--dest", str(dest)]) == 0
     assert "the weights' log RMS read relative to a width-scaled init" in capsys.readouterr().out
-    assert "capped" not in card and "Set when shipped" not in card
-    assert ship([str(free), "my-nfn-capped", "--step-cap", "0.03", "--dest", str(dest)]) == 0
-    capped_card = capsys.readouterr().out
-    assert "learned term capped at 0.03 of each weight's norm per step." in capped_card
-    assert "* Set when shipped, after meta-training without it: step_cap 0.03." in capped_card
-    capped, meta = lopt.load(dest / "my-nfn-capped.pt")
-    assert capped.step_cap == 0.03 and meta["set_when_shipped"] == {"step_cap": 0.03}
-    assert lopt.load(free / "optimizer.pt")[0].step_cap == 0.0  # the run's own file untouched
-    with pytest.raises(SystemExit, match="--step-cap: step_cap must be a finite number >= 0"):
-        ship([str(free), "my-nfn-bad", "--step-cap", "-1", "--dest", str(dest)])
-    assert not (dest / "my-nfn-bad.pt").exists()
-    # adam_cap on top of a shipped step_cap: both recorded, in the order set.
-    args2 = [str(dest / "my-nfn-capped.pt"), "my-nfn-both", "--adam-cap", "3", "--dest", str(dest)]
-    assert ship(args2) == 0
-    both_card = capsys.readouterr().out
-    assert "; learned term capped at 3 times Adam's part of each update." in both_card
-    assert "Set when shipped, after meta-training without it: step_cap 0.03, adam_cap 3." in (
-        both_card
-    )
-    both, meta = lopt.load(dest / "my-nfn-both.pt")
-    assert (both.step_cap, both.adam_cap) == (0.03, 3.0)
-    with pytest.raises(SystemExit, match="--adam-cap: adam_cap must be a finite number >= 0"):
-        ship([str(free), "my-nfn-bad", "--adam-cap", "nan", "--dest", str(dest)])
-    assert not (dest / "my-nfn-bad.pt").exists()
-    # decay_after on top of both caps: all three recorded, in the order set.
-    args3 = [str(dest / "my-nfn-both.pt"), "my-nfn-decay", "--decay-after", "200"]
-    assert ship([*args3, "--dest", str(dest)]) == 0
-    decay_card = capsys.readouterr().out
-    assert "; every update multiplied by (200 / step) past step 200." in decay_card
-    assert "without it: step_cap 0.03, adam_cap 3, decay_after 200." in decay_card
-    assert lopt.load(dest / "my-nfn-decay.pt")[0].decay_after == 200.0
-    # decay_power off its default, and warmup after the decay: each recorded,
-    # with the card's words for it; a bad value refused, nothing written.
-    for flag, value, name, card, bad, message in [
-        ("--decay-power", "0.5", "my-nfn-sqrt", "by (200 / step)^0.5 past step 200.", "0", "> 0"),
-        ("--warmup", "25", "my-nfn-warm", "past step 200; every update multiplied by step / 25 "
-         "before step 25.", "inf", ">= 0"),
-    ]:  # fmt: skip
-        assert ship([str(dest / "my-nfn-decay.pt"), name, flag, value, "--dest", str(dest)]) == 0
-        assert card in capsys.readouterr().out
-        constant = flag[2:].replace("-", "_")
-        assert getattr(lopt.load(dest / f"{name}.pt")[0], constant) == float(value)
-        with pytest.raises(
-            SystemExit, match=f"{flag}: {constant} must be a finite number {message}"
-        ):
-            ship([str(free), "my-nfn-bad", flag, bad, "--dest", str(dest)])
-    with pytest.raises(SystemExit, match="--decay-after: decay_after must be a finite number"):
-        ship([str(free), "my-nfn-bad", "--decay-after", "-5", "--dest", str(dest)])
-    assert not (dest / "my-nfn-bad.pt").exists()
     ramp = tmp_path / "ramp"
     assert main([*args.split(), "--meta-loss-ramp", "4", "--out", str(ramp), "--no-progress"]) == 0
     assert ship([str(ramp), "my-mlp-ramp", "--dest", str(dest)]) == 0
     assert "`mean` meta-loss weighted by min(1, t / 4) over inner step t" in capsys.readouterr().out
-    assert "orthogonalised" not in card
-    orth = tmp_path / "ortho"
-    assert (
-        main([*args.split(), "--init-ortho-lr", "0.03", "--out", str(orth), "--no-progress"]) == 0
-    )
-    assert ship([str(orth), "my-mlp-ortho", "--dest", str(dest)]) == 0
-    rate = lopt.load(orth / "optimizer.pt")[0].log_ortho_lr.exp().item()
-    want = f"step along their orthogonalised momentum at {rate:.4g} instead of Adam's"
-    assert want in capsys.readouterr().out
     monkeypatch.setattr(lopt.checkpoint, "PRETRAINED_DIR", dest)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     opt = lopt.MLPOptimizer(model.parameters(), weights="my-mlp")
@@ -722,30 +664,6 @@ def test_init_from_warm_starts_the_shared_tensors(tmp_path):
     torch.testing.assert_close(trained.log_lr, source.log_lr, atol=1e-6, rtol=0)
 
 
-def test_init_ortho_lr_adds_the_learned_orthogonal_base_to_a_warm_start(tmp_path):
-    from meta_train.__main__ import main
-
-    torch.manual_seed(0)
-    source = lopt.NFNNet(width=4, nf_channels=2, lr=0.02)
-    lopt.save(source, tmp_path / "nfn.pt")
-    out = tmp_path / "run"
-    # mlp-mnist1d has a weight between two hidden groups, so the rate matters.
-    args = "--net nfn --width 4 --nf-channels 2 --family mlp-mnist1d --outer-steps 3"
-    args += f" --truncation 2 --horizon 4 --population 2 --init-from {tmp_path / 'nfn.pt'}"
-    args += " --meta-lr 0.05 --init-ortho-lr 0.05 --freeze log_lr --no-progress --out"
-    assert main([*args.split(), str(out)]) == 0
-    trained, meta = lopt.load(out / "optimizer.pt")
-    assert meta["config"]["init_ortho_lr"] == 0.05 and trained.ortho
-    assert torch.equal(trained.log_lr, source.log_lr)  # copied, then frozen
-    assert abs(trained.log_ortho_lr.item() - math.log(0.05)) > 1e-3  # learned
-    assert main(["--resume", str(out), "--outer-steps", "4", "--no-progress"]) == 0
-    assert lopt.load(out / "optimizer.pt")[0].ortho
-    bad = tmp_path / "bad"
-    with pytest.raises(SystemExit, match="--init-ortho-lr must be a finite number > 0"):
-        main([*args.split()[:-1], "--init-ortho-lr", "0", "--out", str(bad)])
-    assert not bad.exists()
-
-
 # A magnitude-only NFN run small enough for a unit test (2 outer steps).
 TINY_MAGNITUDE_NFN = (
     "--net nfn --width 4 --nf-channels 2 --nf-outputs magnitude --family mlp-gmm"
@@ -804,16 +722,13 @@ def test_freeze_holds_meta_parameters_at_their_value(tmp_path):
         with pytest.raises(SystemExit, match=message):
             main(common + ["--outer-steps", "1", "--freeze", bad, "--out", str(tmp_path / "b")])
     assert not (tmp_path / "b").exists()  # nothing written for bad options
-    assert net.input_width_factor is True
-    assert (
-        main(common + ["--outer-steps", "1", "--no-input-width-factor", "--out", str(out) + "2"])
-        == 0
-    )
-    assert lopt.load(str(out) + "2/optimizer.pt")[0].input_width_factor is False
-    assert net.radial_correction is True
-    args = common + ["--outer-steps", "1", "--no-radial-correction", "--out", str(out) + "3"]
+    assert net.rule == lopt.UpdateRule()
+    args = common + ["--outer-steps", "1", "--width-factor-on-input-layers", "--out"]
+    assert main(args + [str(out) + "2"]) == 0
+    assert lopt.load(str(out) + "2/optimizer.pt")[0].rule.width_factor_on_input_layers is True
+    args = common + ["--outer-steps", "1", "--no-learned-term-tangent", "--out", str(out) + "3"]
     assert main(args) == 0
-    assert lopt.load(str(out) + "3/optimizer.pt")[0].radial_correction is False
+    assert lopt.load(str(out) + "3/optimizer.pt")[0].rule.learned_term_tangent is False
 
 
 def test_freeze_glob_holds_a_group_and_trains_the_rest(tmp_path):
@@ -873,7 +788,7 @@ def test_ship_records_every_earlier_phase_of_a_multi_phase_recipe(tmp_path, caps
     args = "--width 16 --family mlp-gmm --outer-steps 1 --truncation 2 --horizon 4 --population 1"
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     # a starts from a shipped net, b from a, c (an NFN) from b's per-entry trunk.
-    assert main([*args.split(), "--net", "mlp", "--init-from", "mlp-small", "--out", str(a),
+    assert main([*args.split(), "--net", "mlp", "--init-from", "mlp-real", "--out", str(a),
                  "--no-progress"]) == 0  # fmt: skip
     assert main([*args.split(), "--net", "mlp", "--init-from", str(a / "optimizer.pt"),
                  "--outer-steps", "2", "--out", str(b), "--no-progress"]) == 0  # fmt: skip
@@ -883,14 +798,24 @@ def test_ship_records_every_earlier_phase_of_a_multi_phase_recipe(tmp_path, caps
     assert ship([str(c), "my-nfn", "--dest", str(dest)]) == 0
     card = capsys.readouterr().out
     phases = lopt.load(dest / "my-nfn.pt")[1]["phases"]
-    assert phases[0] == {"shipped": "mlp-small"}
-    assert [p["from"] for p in phases[1:]] == [str(a / "optimizer.pt"), str(b / "optimizer.pt")]
-    assert [p["outer_steps"] for p in phases[1:]] == [1, 2]
-    assert "Phases 1-3" in card and "Phase 4, this net's run" in card
+    # The shipped net's file carries its own phases: they come first, whole.
+    shipped = lopt.load("mlp-real")[1]
+    n = len(shipped["phases"])
+    assert phases[:n] == shipped["phases"] and "shipped" not in str(phases)
+    assert phases[n]["from"] == "mlp-real" and phases[n]["outer_steps"] == shipped["outer_steps"]
+    later = [str(a / "optimizer.pt"), str(b / "optimizer.pt")]
+    assert [p["from"] for p in phases[n + 1 :]] == later
+    assert [p["outer_steps"] for p in phases[n + 1 :]] == [1, 2]
+    assert f"Phases 1-{n + 3}" in card and f"Phase {n + 4}, this net's run" in card
     assert f"--out {b}" in card and f"--out {c}" in card
     # Shipping a shipped-style net again keeps its phases instead of walking files.
     assert ship([str(dest / "my-nfn.pt"), "again", "--dest", str(dest)]) == 0
     assert lopt.load(dest / "again.pt")[1]["phases"] == phases
+    # Files of older versions point at a shipped net's card: shipping expands it.
+    net, meta = lopt.load(b / "optimizer.pt")
+    lopt.save(net, tmp_path / "old.pt", {**meta, "phases": [{"shipped": "mlp-real"}]})
+    assert ship([str(tmp_path / "old.pt"), "old", "--dest", str(dest)]) == 0
+    assert lopt.load(dest / "old.pt")[1]["phases"] == phases[: n + 1]
     # A phase whose net is gone: the recipe would be incomplete, so nothing ships.
     (a / "optimizer.pt").unlink()
     with pytest.raises(SystemExit, match="no such file, so the recipe's earlier phases"):
@@ -946,31 +871,118 @@ def test_unroll_ramps_the_meta_loss_by_the_inner_steps_taken():
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.json"))
 
 
+def test_configs_are_the_shipped_nets_recipes():
+    assert sorted(c.stem for c in CONFIGS) == lopt.pretrained_names()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_every_recipe_config_builds(config, tmp_path):
-    """The README's recipes name these files: each must still parse, name
-    only known options, and build its net and task family; a shipped
-    ``init_from`` is warm-started and its ``freeze`` names applied (a run
-    folder's is not here, so that config builds cold)."""
-    from meta_train.__main__ import build, parser, resolve_config
+def test_every_recipe_builds_and_matches_its_shipped_net(config, tmp_path):
+    """Each file in configs/ is the recipe of the shipped net of its name:
+    its stages parse, name only known options that differ from the
+    defaults, start from the stage before (the first from scratch) and
+    build their nets and task families; the stages' outer steps are those of
+    the net's phases, and the last stage builds a net of the shipped one's
+    class and config."""
+    from meta_train import recipes
+    from meta_train.__main__ import DEFAULTS, build, parser, resolve_config
 
-    cfg = resolve_config(parser().parse_args(["--config", str(config), "--out", str(tmp_path)]))
-    source = cfg.get("init_from")
-    shipped = source is None or source in lopt.pretrained_names()
-    if not shipped:
-        assert source.startswith("runs/"), f"{config.name}: init_from {source!r}"
-    trainer, net = build(cfg, torch.device("cpu"), warm=shipped)
-    assert isinstance(net, lopt.OptimizerNet) and trainer.problem.net is net
-    assert net.ortho == (cfg.get("init_ortho_lr") is not None)
-    if shipped and source is not None:
-        theirs = lopt.load(source)[0].state_dict()
-        # A name frozen at a VALUE is overwritten; one frozen as it is keeps
-        # the copied value (the NF-layer-alone recipes freeze all they copy).
-        reset = {item.split("=")[0] for item in cfg.get("freeze") or [] if "=" in item}
-        ours = net.state_dict()
-        same = [k for k in ours if k in theirs and k not in reset]
-        assert same and all(torch.equal(ours[k], theirs[k]) for k in same)
+    stages = recipes.check(json.loads(config.read_text()), config.name)
+    shipped, meta = lopt.load(config.stem)
+    steps = [p["outer_steps"] for p in meta["phases"]] + [meta["outer_steps"]]
+    assert [st["options"]["outer_steps"] for st in stages] == steps
+    for i, stage in enumerate(stages):
+        opts = stage["options"]
+        assert all(v != DEFAULTS.get(k) for k, v in opts.items()), stage["name"]
+        assert opts.get("init_from") == (None if i == 0 else f"stage:{stages[i - 1]['name']}")
+        path = tmp_path / f"{stage['name']}.json"
+        path.write_text(json.dumps(recipes.resolved(opts, tmp_path)))
+        cfg = resolve_config(parser().parse_args(["--config", str(path), "--out", str(tmp_path)]))
+        trainer, net = build(cfg, torch.device("cpu"), warm=False)
+        assert trainer.problem.net is net
+    assert type(net) is type(shipped) and net.config == shipped.config
+
+
+def test_a_recipe_runs_its_stages_in_order_and_resumes(tmp_path, capsys):
+    """A recipe of two stages: the second starts from the net the first
+    wrote; --resume keeps a finished stage and carries the next one on; the
+    shipped card lists the first stage as a phase; flags that would change a
+    stage, and bad recipes, are refused with nothing written."""
+    from meta_train.__main__ import main
+    from meta_train.ship import main as ship
+
+    tiny = {"net": "mlp", "width": 4, "family": "mlp-gmm", "truncation": 2, "horizon": 4,
+            "population": 1, "checkpoint_every": 1}  # fmt: skip
+    recipe = {"stages": [
+        {"name": "first", "options": {**tiny, "outer_steps": 2}},
+        {"name": "second", "options": {**tiny, "init_from": "stage:first", "outer_steps": 3,
+                                       "meta_lr": 0.5}},
+    ]}  # fmt: skip
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    out = tmp_path / "run"
+    assert main(["--config", str(path), "--out", str(out), "--no-progress"]) == 0
+    first, _ = lopt.load(out / "first" / "optimizer.pt")
+    second, meta = lopt.load(out / "second" / "optimizer.pt")
+    assert meta["config"]["init_from"] == str(out / "first" / "optimizer.pt")
+    assert meta["outer_steps"] == 3 and not torch.equal(first.out.weight, second.out.weight)
+    # Carry on: the first stage is kept, the second (asked for more) resumes.
+    recipe["stages"][1]["options"]["outer_steps"] = 4
+    (out / "recipe.json").write_text(json.dumps(recipe))
+    before = (out / "first" / "optimizer.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "stage 1/2 'first': finished (2 outer steps), kept" in err
+    assert "stage 2/2 'second': carrying it on" in err
+    assert (out / "first" / "optimizer.pt").read_bytes() == before
+    assert lopt.load(out / "second" / "optimizer.pt")[1]["outer_steps"] == 4
+    assert ship([str(out), "my-two", "--dest", str(tmp_path / "pre")]) == 0
+    card = capsys.readouterr().out
+    assert "Phases 1-1" in card and "Outer steps: 4" in card
+    with pytest.raises(SystemExit, match="--meta-lr: a recipe's stages hold their options"):
+        main(["--config", str(path), "--out", str(tmp_path / "x"), "--meta-lr", "0.1"])
+    with pytest.raises(SystemExit, match="already holds files"):
+        main(["--config", str(path), "--out", str(out)])
+    for bad, message in [
+        ({"stages": []}, "'stages' must be a non-empty list"),
+        ({"stages": [{"name": "a", "options": {}}], "x": 1}, "one key, 'stages'"),
+        ({"stages": [{"name": "a/b", "options": {}}]}, "must be a folder name"),
+        ({"stages": [{"name": "a", "options": {"init_from": "stage:b"}}]},
+         "starts from 'stage:b', which is not an earlier stage"),
+        ({"stages": [{"name": "a", "options": {}}, {"name": "a", "options": {}}]},
+         "two stages are named 'a'"),
+        ({"stages": [{"name": "a", "options": {"out": "x"}}]}, "sets each stage's folder"),
+    ]:  # fmt: skip
+        path.write_text(json.dumps(bad))
+        with pytest.raises(SystemExit, match=message):
+            main(["--config", str(path), "--out", str(tmp_path / "bad")])
+        assert not (tmp_path / "bad").exists()
+
+
+def test_old_run_configs_resume_under_the_update_rule(tmp_path):
+    """A run folder written before the update rule was one object holds its
+    inverted switches and hand-set guards: it resumes with the rule they
+    meant; a --config that turns a retired guard on is refused, naming it."""
+    from meta_train.__main__ import main
+
+    out = tmp_path / "run"
+    assert main(f"{TINY_MAGNITUDE_NFN} --no-progress --out {out}".split()) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    for key in ("learned_term_tangent", "width_factor_on_input_layers"):
+        del cfg[key]
+    cfg.update(radial_correction=False, input_width_factor=False, step_cap=0.0, warmup=0.0,
+               decay_power=1.0, init_ortho_lr=None)  # fmt: skip
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
+    assert lopt.load(out / "optimizer.pt")[0].rule == lopt.UpdateRule()
+    saved = json.loads((out / "config.json").read_text())
+    assert "radial_correction" not in saved and saved["learned_term_tangent"] is True
+    bad_cfg = tmp_path / "bad.json"
+    bad_cfg.write_text(json.dumps({"net": "mlp", "step_cap": 0.02}))
+    with pytest.raises(SystemExit, match="--step-cap is set, and this version of lopt no longer"):
+        main(["--config", str(bad_cfg), "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("net", ["nfn", "mlp"])
@@ -989,38 +1001,6 @@ def test_a_fresh_net_is_drawn_from_the_runs_seed(net, tmp_path):
     first, again, other = fresh(3), fresh(3), fresh(4)
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's generator untouched
-
-
-@pytest.mark.parametrize(
-    "name,value",
-    [
-        ("step_cap", 0.05),
-        ("adam_cap", 2.0),
-        ("decay_after", 2.0),
-        ("decay_power", 0.5),
-        ("warmup", 3.0),
-    ],
-)
-def test_cap_flags_meta_train_a_capped_net(tmp_path, name, value):
-    """--step-cap / --adam-cap / --decay-after / --decay-power / --warmup
-    build the net with that setting (vectorised unrolls run through it:
-    decay_after 2 and warmup 3 act within the horizon of 4), save and resume
-    with it; a negative value is refused before anything is written."""
-    from meta_train.__main__ import main
-
-    flag = "--" + name.replace("_", "-")
-    out = tmp_path / "run"
-    extra = " --decay-after 2" if name == "decay_power" else ""
-    cmd = f"{TINY_MAGNITUDE_NFN} {flag} {value}{extra} --no-progress --out {out}"
-    assert main(cmd.split()) == 0
-    net, meta = lopt.load(out / "optimizer.pt")
-    assert getattr(net, name) == value and meta["config"][name] == value
-    assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
-    assert getattr(lopt.load(out / "optimizer.pt")[0], name) == value
-    bad = tmp_path / "bad"
-    with pytest.raises(SystemExit, match=f"{flag}: {name} must be a finite number"):
-        main([flag, "-1", "--family", "mlp-gmm", "--out", str(bad)])
-    assert not bad.exists()
 
 
 def test_a_portable_copy_resumes_from_its_outer_step(tmp_path):

@@ -7,13 +7,18 @@ import warnings
 import pytest
 import torch
 from helpers import make_cnn, make_mlp
-from torch import Tensor, nn
+from torch import nn
 from torch.nn import functional as F
 
 import lopt
 from lopt import WeightSpace, WeightSpaceSpec, features, functional
 from lopt.features import EPS
 from lopt.nets import NFNNet, PerParamMLP
+from lopt.update_rule import UpdateRule
+
+# The update with nothing but the net's outputs: no row projection, the width
+# factor on every layer (the naive references below are written for it).
+PLAIN = UpdateRule(learned_term_tangent=False, width_factor_on_input_layers=True)
 
 
 def data(in_shape=(6,), n=64, classes=3, seed=0):
@@ -63,11 +68,11 @@ def assert_trains_equivariantly(model, net, x, y, steps=10):
     return a
 
 
-def strong_net(cls=NFNNet, seed=0, ortho_lr=None):
+def strong_net(cls=NFNNet, seed=0, rule=PLAIN):
     """A random net whose learned term dominates the update, so the tests
     exercise it rather than the Adam base."""
     torch.manual_seed(seed)
-    return cls(out_scale=1.0, step_mult=1e-2, lr=1e-4, ortho_lr=ortho_lr)
+    return cls(out_scale=1.0, step_mult=1e-2, lr=1e-4, rule=rule)
 
 
 def test_step_equals_functional_update():
@@ -98,9 +103,9 @@ def test_step_equals_functional_update():
         torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("radial,ortho", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("tangent", [False, True])
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_training_commutes_with_hidden_permutations(arch, radial, ortho):
+def test_training_commutes_with_hidden_permutations(arch, tangent):
     torch.manual_seed(1)
     if arch == "mlp":
         model, x, y = make_mlp([6, 7, 5, 3]), *data()
@@ -115,8 +120,7 @@ def test_training_commutes_with_hidden_permutations(arch, radial, ortho):
     with torch.no_grad():
         for p, q in zip(twin.parameters(), permuted.to_tensors()):
             p.copy_(q)
-    net = strong_net(ortho_lr=0.02 if ortho else None)
-    net.radial_correction = radial
+    net = strong_net(rule=UpdateRule(learned_term_tangent=tangent))
     a = train(model, lopt.NFNOptimizer(model.parameters(), net=net, model=model), x, y, 20)
     b = train(twin, lopt.NFNOptimizer(twin.parameters(), net=net, model=twin), x, y, 20)
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
@@ -139,12 +143,12 @@ def test_training_commutes_with_hidden_permutations(arch, radial, ortho):
 
 
 @pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
-@pytest.mark.parametrize("ortho_lr", [None, 0.02])
-def test_update_is_invariant_to_loss_scale(cls, ortho_lr):
+@pytest.mark.parametrize("rule", [PLAIN, UpdateRule()])
+def test_update_is_invariant_to_loss_scale(cls, rule):
     torch.manual_seed(2)
     model = make_mlp([6, 8, 5, 3])
     twin = copy.deepcopy(model)
-    net = strong_net(cls, ortho_lr=ortho_lr)
+    net = strong_net(cls, rule=rule)
     x, y = data()
     opt_a = lopt.LearnedOptimizer(model.parameters(), net=net)
     opt_b = lopt.LearnedOptimizer(twin.parameters(), net=net)
@@ -391,9 +395,7 @@ def test_slices_are_whole_tensors_off_the_cpu():
     [
         (NFNNet, {}),
         (NFNNet, {"nf_channels": 3, "nf_scale": 0.1}),
-        (NFNNet, {"ortho_lr": 0.03}),
         (PerParamMLP, {}),
-        (PerParamMLP, {"ortho_lr": 0.03}),
     ],
 )
 @pytest.mark.parametrize("chunk", [3, 10_000])
@@ -413,7 +415,7 @@ def test_sliced_net_equals_the_plain_layers(cls, extra, chunk, monkeypatch):
     second = [torch.rand_like(p) for p in params]
     step = torch.tensor(7.0)
     torch.manual_seed(0)
-    net = cls(out_scale=1.0, step_mult=1e-2, lr=1e-4, **extra)
+    net = cls(out_scale=1.0, step_mult=1e-2, lr=1e-4, rule=PLAIN, **extra)
     got = net(spec, params, grads, momenta, second, step)
 
     ws = features.entry_features(spec, params, grads, momenta, second, step)
@@ -426,12 +428,9 @@ def test_sliced_net_equals_the_plain_layers(cls, extra, chunk, monkeypatch):
         hp = h if net.nf_proj is None else h.map(net.nf_proj)
         out = out + net.nf_scale * net.nf(hp)
     c1, c2 = features.bias_corrections(step)
-    for t, u, o, g, m, v in zip(spec.tensors, got, out.tensors, grads, momenta, second):
+    for t, u, o, m, v in zip(spec.tensors, got, out.tensors, momenta, second):
         adam = m[1] / c1 / ((v / c2).sqrt() + features.EPS)
-        if "ortho_lr" in extra and t.name == "2.weight":  # the conv between hidden groups
-            base = net.log_ortho_lr.exp() * naive_ortho_direction(g, m[1])
-        else:
-            base = net.log_lr.exp() * adam
+        base = net.log_lr.exp() * adam
         d, mag = o[..., 0].reshape(t.shape), o[..., 1].reshape(t.shape)
         want = -(base + net.log_step_mult.exp() * d * torch.exp(net.mag_mult * mag))
         torch.testing.assert_close(
@@ -439,25 +438,9 @@ def test_sliced_net_equals_the_plain_layers(cls, extra, chunk, monkeypatch):
         )
 
 
-def naive_ortho_direction(grad, momentum, steps=5):
-    """lopt.ortho.direction written out in float64: Nesterov momentum as
-    (out, in * kernel), Frobenius-normalised, five quintic Newton-Schulz steps
-    on the wide orientation, times sqrt(max(1, rows / cols))."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    g = (0.9 * momentum + 0.1 * grad).double().reshape(grad.shape[0], -1)
-    x = g / (g.norm() + 1e-7)
-    tall = x.shape[0] > x.shape[1]
-    x = x.T if tall else x
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + b * gram @ x + c * gram @ gram @ x
-    x = x.T if tall else x
-    return (x * max(1.0, x.shape[0] / x.shape[1]) ** 0.5).float().reshape(grad.shape)
-
-
-def width_factor_updates(model, net, exponent, input_factor=True):
-    """(params, grads, updates at exponent 0, updates at ``exponent`` with
-    the input-layer switch at ``input_factor``) for one step from fresh state."""
+def width_factor_updates(model, net, exponent):
+    """(params, grads, updates at exponent 0, updates at ``exponent``) of
+    ``net`` for one step from fresh state."""
     params = [p.detach().clone() for p in model.parameters()]
     grads = [torch.randn_like(p) for p in params]
     spec = WeightSpaceSpec.from_module(model)
@@ -465,15 +448,13 @@ def width_factor_updates(model, net, exponent, input_factor=True):
     base, _ = functional.update(net, spec, None, grads, state, params)
     with torch.no_grad():
         net.fan_in_exp.fill_(exponent)
-    net.input_width_factor = input_factor
     scaled, _ = functional.update(net, spec, None, grads, state, params)
     return params, grads, base, scaled
 
 
-def assert_switch_is_kept(model, net, params, grads, want, switch, tmp_path):
-    """With ``switch`` off on ``net``: the optimizer class's (fused) step from
-    ``params`` with ``grads`` adds ``want``; the switch survives a checkpoint;
-    a new net has it on (the default, as every net shipped so far)."""
+def assert_rule_is_kept(model, net, params, grads, want, tmp_path):
+    """The optimizer class's (fused) step with ``net`` from ``params`` with
+    ``grads`` adds ``want``, and the net's rule survives a checkpoint."""
     opt_cls = lopt.NFNOptimizer if isinstance(net, NFNNet) else lopt.MLPOptimizer
     opt = opt_cls(model.parameters(), net=net, model=model)
     for q, g in zip(model.parameters(), grads):
@@ -482,8 +463,7 @@ def assert_switch_is_kept(model, net, params, grads, want, switch, tmp_path):
     for q, p, u in zip(model.parameters(), params, want):
         torch.testing.assert_close(q.detach() - p, u, rtol=1e-3, atol=1e-7)  # float32 params
     lopt.save(net, tmp_path / "n.pt")
-    assert getattr(lopt.load(tmp_path / "n.pt")[0], switch) is False
-    assert getattr(type(net)(), switch) is True
+    assert lopt.load(tmp_path / "n.pt")[0].rule == net.rule
 
 
 @pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
@@ -501,38 +481,42 @@ def test_width_factor_scales_each_tensor_by_its_fan_in(cls):
 
 @pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_input_width_factor_off_leaves_input_layers_unscaled(cls, arch, tmp_path):
+def test_input_layers_keep_width_factor_one_by_default(cls, arch, tmp_path):
     # Naive reference as above, except that the weight reading the network's
     # input (the first layer's) keeps factor 1; the fused optimizer step agrees.
     torch.manual_seed(1)
     model = make_mlp([16, 8, 4, 3]) if arch == "mlp" else make_cnn([1, 4, 8], [3, 3])
-    net = strong_net(cls)
-    params, grads, base, scaled = width_factor_updates(model, net, 0.7, input_factor=False)
+    net = strong_net(cls, rule=UpdateRule(learned_term_tangent=False))
+    assert UpdateRule().width_factor_on_input_layers is False
+    params, grads, base, scaled = width_factor_updates(model, net, 0.7)
     for i, (p, u0, u) in enumerate(zip(params, base, scaled)):
         fan_in = 64 if p.dim() < 2 or i == 0 else p[0].numel()
         torch.testing.assert_close(u, u0 * (64 / fan_in) ** 0.7, rtol=1e-5, atol=1e-9)
-    assert_switch_is_kept(model, net, params, grads, scaled, "input_width_factor", tmp_path)
+    assert_rule_is_kept(model, net, params, grads, scaled, tmp_path)
 
 
 @pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_radial_correction_off_removes_the_learned_term_along_each_row(cls, arch, tmp_path):
-    # Naive reference, a loop over rows: the update with the switch off is the
-    # update with it on, minus the part of its learned term (update minus
-    # -lr * factor * Adam's direction) along that row of the weight.
+def test_learned_term_tangent_removes_the_learned_term_along_each_row(cls, arch, tmp_path):
+    # Naive reference, a loop over rows: the update with the rule's tangent
+    # projection is the update without it, minus the part of its learned term
+    # (update minus -lr * factor * Adam's direction) along that row of the weight.
     torch.manual_seed(2)
     model = make_mlp([5, 7, 4]) if arch == "mlp" else make_cnn([2, 4, 3], [3, 3])
     torch.manual_seed(0)
-    net = cls(out_scale=1.0, step_mult=1e-2, lr=1e-2)
+    net = cls(out_scale=1.0, step_mult=1e-2, lr=1e-2, rule=PLAIN)
     with torch.no_grad():
         net.fan_in_exp.fill_(0.5)
+    rule = UpdateRule(learned_term_tangent=True, width_factor_on_input_layers=True)
+    tangent = cls(out_scale=1.0, step_mult=1e-2, lr=1e-2, rule=rule)
+    tangent.load_state_dict(net.state_dict())
+    assert tangent.rule.learned_term_tangent
     params = [p.detach().clone() for p in model.parameters()]
     grads = [torch.randn_like(p) for p in params]
     spec = WeightSpaceSpec.from_module(model)
     state = functional.init(params)
     on, after = functional.update(net, spec, None, grads, state, params)
-    net.radial_correction = False
-    off, _ = functional.update(net, spec, None, grads, state, params)
+    off, _ = functional.update(tangent, spec, None, grads, state, params)
     c1, c2 = features.bias_corrections(after["step"])
     for p, u_on, u_off, m, v in zip(params, on, off, after["momenta"], after["second_moment"]):
         if p.dim() < 2:
@@ -546,7 +530,7 @@ def test_radial_correction_off_removes_the_learned_term_along_each_row(cls, arch
             torch.testing.assert_close(u_off[r].flatten(), want, rtol=1e-4, atol=1e-8)
             assert abs(float((u_off[r] - base[r]).detach().flatten() @ w)) < 1e-5 * float(w.norm())
         assert not torch.allclose(u_off, u_on)  # the learned term had a radial part
-    assert_switch_is_kept(model, net, params, grads, off, "radial_correction", tmp_path)
+    assert_rule_is_kept(model, tangent, params, grads, off, tmp_path)
 
 
 def test_version_1_checkpoints_load_without_a_width_factor(tmp_path):
@@ -557,21 +541,97 @@ def test_version_1_checkpoints_load_without_a_width_factor(tmp_path):
     payload = torch.load(path, weights_only=True)
     payload["version"] = 1
     del payload["state_dict"]["fan_in_exp"], payload["config"]["fan_in_exp"]
-    del payload["config"]["attention_roles"]
+    del payload["config"]["attention_roles"], payload["config"]["rule"]
     torch.save(payload, path)
     loaded, _ = lopt.load(path)
     assert loaded.fan_in_exp.item() == 0.0
-    assert loaded.input_width_factor is True and loaded.radial_correction is True
+    assert loaded.rule == PLAIN  # what nets did before the rule had a choice
     assert torch.equal(loaded.log_lr, net.log_lr)
+
+
+def _as_version_5(path, **config):
+    """Rewrite the checkpoint at ``path`` as format 5 wrote it: the rule as
+    two switches (one inverted), plus ``config``."""
+    payload = torch.load(path, weights_only=True)
+    rule = payload["config"].pop("rule")
+    payload["version"] = 5
+    payload["config"].update(
+        radial_correction=not rule["learned_term_tangent"],
+        input_width_factor=rule["width_factor_on_input_layers"],
+        **config,
+    )
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize("tangent", [False, True])
+def test_version_5_checkpoints_load_their_switches_as_the_update_rule(tangent, tmp_path):
+    """Format 5 stored the rule as radial_correction (the inverse of the
+    tangent projection) and input_width_factor, and hand-set guards: the
+    switches load as the rule, guards at their off value load silently, and
+    guards that were on are dropped with a warning that names them."""
+    net = strong_net(rule=UpdateRule(learned_term_tangent=tangent))
+    path = tmp_path / "v5.pt"
+    lopt.save(net, path)
+    _as_version_5(path, step_cap=0.0, ortho_lr=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded, _ = lopt.load(path)
+    assert loaded.rule == net.rule
+    assert "radial_correction" not in loaded.config and "step_cap" not in loaded.config
+    for (k, a), b in zip(loaded.state_dict().items(), net.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_version_5_checkpoints_drop_their_guards_with_a_warning(tmp_path):
+    path = tmp_path / "v5.pt"
+    lopt.save(strong_net(), path)
+    _as_version_5(path, step_cap=0.02, adam_cap=3.0, decay_after=200.0, decay_power=1.0)
+    with pytest.warns(UserWarning, match="step_cap=0.02, adam_cap=3, decay_after=200, hand-set"):
+        loaded, _ = lopt.load(path)
+    assert loaded.rule == PLAIN
+    assert not {"step_cap", "adam_cap", "decay_after", "decay_power"} & set(loaded.config)
+
+
+def test_version_5_checkpoints_on_the_orthogonalised_base_are_refused(tmp_path):
+    path = tmp_path / "v5.pt"
+    lopt.save(PerParamMLP(), path)
+    _as_version_5(path, ortho_lr=0.05)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="orthogonalised momentum .ortho_lr., which this version"):
+        lopt.load(path)
+    assert path.read_bytes() == before
+
+
+def test_update_rule_refuses_bad_settings_and_is_fixed_once_built():
+    with pytest.raises(TypeError, match="learned_term_tangent must be True or False, got 1"):
+        UpdateRule(learned_term_tangent=1)
+    with pytest.raises(ValueError, match="unknown UpdateRule setting 'radial_correction'"):
+        UpdateRule.from_dict({"radial_correction": False})
+    with pytest.raises(TypeError, match="rule must be an UpdateRule, a dict or None, got str"):
+        NFNNet(rule="tangent")
+    net = NFNNet(rule={"learned_term_tangent": False})
+    assert net.rule == UpdateRule(learned_term_tangent=False)
+    with pytest.raises(AttributeError):
+        net.rule.learned_term_tangent = True
+    with pytest.raises(AttributeError):
+        net.rule = UpdateRule()
+    want = {"learned_term_tangent": False, "width_factor_on_input_layers": False}
+    assert net.config["rule"] == want
 
 
 def test_version_3_nfn_checkpoints_load_without_attention_roles(tmp_path):
     """Files older than format 4 have no NF-layer weights for attention's
     roles: they load as nets without them, which update attention tensors by
     the per-entry path; a net saved now keeps them."""
-    old, _ = lopt.load("nfn-stats")
-    assert old.config["attention_roles"] is False
     fresh = strong_net()
+    path = tmp_path / "v3.pt"
+    lopt.save(NFNNet(attention_roles=False), path)
+    payload = torch.load(path, weights_only=True)
+    payload["version"] = 3
+    del payload["config"]["attention_roles"]
+    torch.save(payload, path)
+    old, _ = lopt.load(path)
+    assert old.config["attention_roles"] is False
     assert fresh.config["attention_roles"] is True
     assert any(k.startswith("lanh") for k in fresh.nf.weights)
     assert not any(k.startswith("lanh") for k in old.nf.weights)
@@ -589,11 +649,13 @@ def test_magnitude_only_nf_layer_is_a_both_net_with_no_direction_term(arch, tmp_
     torch.manual_seed(3)
     model, x, y = small_model(arch)
     spec = WeightSpaceSpec.from_module(model)
-    mag = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3, nf_outputs="magnitude")
+    mag = NFNNet(
+        out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3, nf_outputs="magnitude", rule=PLAIN
+    )
     with torch.no_grad():
         for w in mag.nf.parameters():
             w.mul_(100)  # as large as the per-entry path's
-    both = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3)
+    both = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3, rule=PLAIN)
     state = {k: v for k, v in mag.state_dict().items() if not k.startswith("nf.")}
     both.load_state_dict(state, strict=False)
     with torch.no_grad():
@@ -686,9 +748,9 @@ def test_neuron_stats_rescale_the_learned_term_by_per_neuron_norms(arch, width_f
     spec = WeightSpaceSpec.from_module(model)
     on = NFNNet(
         out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3, neuron_stats=True,
-        width_free_stats=width_free,
+        width_free_stats=width_free, rule=PLAIN,
     )  # fmt: skip
-    off = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3)
+    off = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3, rule=PLAIN)
     off.load_state_dict({k: v for k, v in on.state_dict().items() if k != "stat_weight"})
     params = [p.detach() for p in model.parameters()]
     loss = loss_of(model, x, y)
@@ -768,165 +830,6 @@ def test_width_free_weight_statistic_reads_the_same_at_init_across_widths():
         NFNNet(width_free_stats=True)
 
 
-def _cap_applies(name: str, p: Tensor, on_ortho: bool) -> bool:
-    """Whether a cap acts on a tensor: step_cap on 2+ axes, adam_cap on Adam's base."""
-    return p.dim() >= 2 if name == "step_cap" else not on_ortho
-
-
-def _cap_ratio(name: str, u: Tensor, b: Tensor, p: Tensor, on_ortho: bool) -> float:
-    """|learned term| over what a cap multiplies: the weight's norm
-    (step_cap) or that of Adam's part of its update (adam_cap)."""
-    ref = p if name == "step_cap" else b
-    return ((u - b).norm() / ref.norm()).item()
-
-
-def _cap_limit(name: str, cap: float, *state) -> float:
-    """What scales the learned term under one cap (1: the cap does not act
-    or does not bind): the naive formula."""
-    if not _cap_applies(name, *state[2:]):
-        return 1.0
-    return min(1.0, cap / _cap_ratio(name, *state))
-
-
-@pytest.mark.parametrize("name", ["step_cap", "adam_cap"])
-@pytest.mark.parametrize(
-    "kind,arch,ortho_lr", [("mlp", "mlp", None), ("mlp", "mlp", 0.05), ("nfn", "cnn", None)]
-)
-def test_caps_bound_each_tensors_learned_term(name, kind, arch, ortho_lr, tmp_path):
-    """step_cap=c: on every tensor of 2+ axes the learned term (the update
-    minus the base part: Adam's, or the orthogonalised momentum's) is scaled
-    by min(1, c |W| / |learned|). adam_cap=c: on every tensor on Adam's base
-    (weights and biases) by min(1, c |Adam's part| / |learned|); tensors on
-    the orthogonalised base are left alone. Checked against those formulas
-    (the cap binding on some tensors and not others), every other tensor and
-    the base part as without it; with both caps the smaller bound wins; the
-    optimizer class (fused per-entry path where it can) takes the same step;
-    the NFN still trains equivariantly; the setting is saved (0: absent
-    from the config, as in older files)."""
-    torch.manual_seed(5)
-    model, x, y = small_model(arch)
-    spec = WeightSpaceSpec.from_module(model)
-    cls = NFNNet if kind == "nfn" else PerParamMLP
-    free = cls(out_scale=1.0, step_mult=0.3, lr=1e-2, ortho_lr=ortho_lr)  # large learned steps
-    params = [p.detach() for p in model.parameters()]
-    grads = torch.autograd.grad(loss_of(model, x, y), list(model.parameters()))
-    on_ortho = free.base_kinds(spec)
-
-    def step(net, **theta):
-        theta = {**dict(net.named_parameters()), **theta}
-        with torch.no_grad():
-            return functional.update(net, spec, theta, grads, functional.init(params), params)[0]
-
-    u_free, base = step(free), step(free, log_step_mult=torch.tensor(-1e9))
-    states = list(zip(u_free, base, params, on_ortho))
-    ratios = [_cap_ratio(name, *st) for st in states if _cap_applies(name, *st[2:])]
-    cap = sorted(ratios)[len(ratios) // 2]  # binds on some tensors, not on others
-    capped = copy.deepcopy(free)
-    setattr(capped, name, cap)
-    u_cap = step(capped)
-    bound = 0
-    for v, st in zip(u_cap, states):
-        u, b, p, o = st
-        if not _cap_applies(name, p, o):
-            torch.testing.assert_close(v, u, rtol=0, atol=0)  # untouched
-            continue
-        scale = _cap_limit(name, cap, *st)
-        torch.testing.assert_close(v, b + (u - b) * scale)
-        bound += scale < 1
-    assert 0 < bound < len(ratios)
-    # With the other cap too, each tensor takes the smaller of the two bounds.
-    other, other_cap = ("adam_cap", 0.5) if name == "step_cap" else ("step_cap", 0.01)
-    both = copy.deepcopy(capped)
-    setattr(both, other, other_cap)
-    for v, st in zip(step(both), states):
-        u, b = st[:2]
-        scale = min(_cap_limit(name, cap, *st), _cap_limit(other, other_cap, *st))
-        torch.testing.assert_close(v, b + (u - b) * scale)
-    twin = copy.deepcopy(model)
-    opt_cls = lopt.NFNOptimizer if kind == "nfn" else lopt.MLPOptimizer
-    opt = opt_cls(twin.parameters(), net=capped, model=twin)
-    loss_of(twin, x, y).backward()
-    opt.step()
-    for p0, p1, v in zip(params, twin.parameters(), u_cap):
-        torch.testing.assert_close(p1.detach() - p0, v, rtol=1e-4, atol=1e-6)
-    if kind == "nfn":
-        assert_trains_equivariantly(model, capped, x, y)
-    lopt.save(capped, tmp_path / "capped.pt")
-    back, _ = lopt.load(tmp_path / "capped.pt")
-    assert getattr(back, name) == cap and back.config[name] == cap
-    assert name not in free.config and getattr(free, name) == 0.0
-
-
-@pytest.mark.parametrize(
-    "kind,arch,ortho_lr,power,warmup",
-    [
-        ("mlp", "mlp", None, 1.0, 0.0),
-        ("mlp", "mlp", 0.05, 0.5, 5.0),
-        ("nfn", "cnn", None, 1.0, 4.0),
-        ("nfn", "mlp", None, 1.0, 0.0),
-    ],
-)
-def test_decay_and_warmup_scale_the_whole_update(kind, arch, ortho_lr, power, warmup, tmp_path):
-    """decay_after=D, warmup=W: at step t the update (base part, learned
-    term, capped or not) is the plain one times (D / t) ** decay_power for t
-    > D and times t / W for t < W, unchanged between (naive formula, from the
-    same state at each t; W > D checks the two together); the optimizer
-    class (fused path) takes the same steps over a run; the NFN still trains
-    equivariantly; the settings are saved (at their defaults: absent from the
-    config)."""
-    torch.manual_seed(6)
-    model, x, y = small_model(arch)
-    spec = WeightSpaceSpec.from_module(model)
-    cls = NFNNet if kind == "nfn" else PerParamMLP
-    free = cls(out_scale=1.0, step_mult=0.3, lr=1e-2, ortho_lr=ortho_lr, adam_cap=2.0)
-    decayed = copy.deepcopy(free)
-    decayed.decay_after = 3
-    decayed.decay_power = power
-    decayed.warmup = warmup
-    params = [p.detach() for p in model.parameters()]
-    grads = torch.autograd.grad(loss_of(model, x, y), list(model.parameters()))
-
-    def step(net, t):
-        state = functional.init(params)
-        state["step"] = torch.tensor(float(t - 1))  # update() counts this step: t
-        theta = dict(net.named_parameters())
-        with torch.no_grad():
-            return functional.update(net, spec, theta, grads, state, params)[0]
-
-    for t in (1, 2, 3, 4, 5, 12, 300):
-        factor = min(1.0, 3 / t) ** power * (min(1.0, t / warmup) if warmup else 1.0)
-        for v, u in zip(step(decayed, t), step(free, t)):
-            torch.testing.assert_close(v, u * factor, rtol=1e-6, atol=0)
-    # Over a run, the optimizer class against the functional core step by step.
-    twin = copy.deepcopy(model)
-    opt_cls = lopt.NFNOptimizer if kind == "nfn" else lopt.MLPOptimizer
-    opt = opt_cls(twin.parameters(), net=decayed, model=twin)
-    state = functional.init(params)
-    theta = dict(decayed.named_parameters())
-    ref = [p.clone() for p in params]
-    for _ in range(6):
-        g = torch.autograd.grad(loss_of(twin, x, y), list(twin.parameters()))
-        for p, gi in zip(twin.parameters(), g):
-            p.grad = gi
-        with torch.no_grad():
-            u, state = functional.update(decayed, spec, theta, list(g), state, ref)
-        ref = [r + ui for r, ui in zip(ref, u)]
-        opt.step()
-        for r, p in zip(ref, twin.parameters()):
-            # float32 rounding of the fused kernel, 6 steps: as the other fused checks
-            torch.testing.assert_close(p.detach(), r, rtol=1e-4, atol=1e-5)
-    if kind == "nfn":
-        assert_trains_equivariantly(model, decayed, x, y)
-    lopt.save(decayed, tmp_path / "decayed.pt")
-    back, _ = lopt.load(tmp_path / "decayed.pt")
-    assert back.decay_after == 3 and back.config["decay_after"] == 3
-    assert back.decay_power == power and ("decay_power" in back.config) == (power != 1.0)
-    assert "decay_after" not in free.config and free.decay_after == 0.0
-    assert "decay_power" not in free.config and free.decay_power == 1.0
-    assert back.warmup == warmup and ("warmup" in back.config) == bool(warmup)
-    assert "warmup" not in free.config and free.warmup == 0.0
-
-
 def test_base_updates_are_adams_step_and_change_nothing():
     """LearnedOptimizer.base_updates: at the first step Adam's part is
     -lr * g / (|g| + eps) per entry (a naive reference); it leaves the
@@ -957,29 +860,6 @@ def test_base_updates_are_adams_step_and_change_nothing():
     assert opt.base_updates()[0] is None and opt.base_updates()[1] is not None
 
 
-@pytest.mark.parametrize("name", ["step_cap", "adam_cap", "decay_after", "warmup"])
-@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
-def test_caps_refuse_negative_or_non_finite_values(name, value):
-    with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
-        PerParamMLP(**{name: value})
-    net = NFNNet(**{name: 0.1})
-    with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
-        setattr(net, name, value)
-    assert getattr(net, name) == 0.1 and net.config[name] == 0.1
-
-
-@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
-def test_decay_power_refuses_non_positive_or_non_finite_values(value):
-    with pytest.raises(ValueError, match="decay_power must be a finite number > 0"):
-        PerParamMLP(decay_power=value)
-    net = NFNNet(decay_power=0.5)
-    with pytest.raises(ValueError, match="decay_power must be a finite number > 0"):
-        net.decay_power = value
-    assert net.decay_power == 0.5 and net.config["decay_power"] == 0.5
-    net.decay_power = 1.0  # the default: left out of the config again
-    assert "decay_power" not in net.config
-
-
 def test_the_default_is_the_recommended_shipped_net():
     """No weights= loads the recommended shipped net of the class (its file's
     numbers); weights=None builds a fresh one; net options need weights=None."""
@@ -996,4 +876,4 @@ def test_the_default_is_the_recommended_shipped_net():
     with pytest.raises(ValueError, match="build a fresh net: pass weights=None"):
         lopt.NFNOptimizer(model.parameters(), width=8)
     with pytest.raises(ValueError, match="either net= or weights="):
-        lopt.NFNOptimizer(model.parameters(), net=NFNNet(), weights="nfn-stats")
+        lopt.NFNOptimizer(model.parameters(), net=NFNNet(), weights="nfn-real")

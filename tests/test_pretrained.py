@@ -19,8 +19,9 @@ SHIPPED = lopt.pretrained_names()
 CLASSES = {"NFNNet": lopt.NFNOptimizer, "PerParamMLP": lopt.MLPOptimizer}
 
 
-def test_the_nfn_and_mlp_nets_are_shipped():
-    assert {"nfn-small", "mlp-small", "nfn-broad", "mlp-broad"} <= set(SHIPPED)
+def test_the_default_nfn_and_its_mlp_baseline_are_all_that_ship():
+    assert SHIPPED == ["mlp-real", "nfn-real"]
+    assert set(lopt.checkpoint.RECOMMENDED.values()) == set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -37,15 +38,18 @@ def test_shipped_net_loads_by_name_with_its_recipe(name):
     assert torch.equal(opt.net.log_lr, net.log_lr)
 
 
-@pytest.mark.parametrize("name", ["nfn-broad", "mlp-broad"])
-def test_multi_phase_nets_carry_every_phase_of_their_recipe(name):
-    # Six phases: the shipped mlp-small, two CPU phases, three GPU phases.
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_nets_carry_every_phase_of_their_recipe(name):
+    # Seven phases before the net's own run: a per-entry net from scratch on
+    # small MLPs and CNNs, five more on the broad family (two of them on a
+    # GPU), then a per-entry or NFN stage on it; each written out in full.
     phases = lopt.load(name)[1]["phases"]
-    assert phases[0] == {"shipped": "mlp-small"} and len(phases) == 5
-    for ph in phases[1:]:
-        assert ph["command"].startswith("python -m meta_train --config configs/")
-        assert ph["outer_steps"] > 0 and ph["config"]["family"] == "mixed-family-broad"
-    assert [ph["device"] for ph in phases[1:]] == ["cpu", "cpu", "cuda", "cuda"]
+    assert len(phases) == 7 and "shipped" not in str(phases)
+    assert phases[0]["config"].get("init_from") is None
+    for ph in phases:
+        assert ph["command"].startswith("python -m meta_train")
+        assert ph["outer_steps"] > 0 and ph["config"]["family"].startswith("mixed-family")
+    assert [ph["device"] for ph in phases] == ["cpu", "cpu", "cpu", "cuda", "cuda", "cuda", "cpu"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -94,5 +98,6 @@ def test_cards_command_writes_a_page_per_shipped_net(tmp_path):
     default = lopt.checkpoint.RECOMMENDED["NFNNet"]
     card = (tmp_path / "cards" / f"{default}.md").read_text()
     assert "python -m meta_train --config configs/" in card and "Learned scalars" in card
+    assert f"* Recipe: `python -m meta_train --config configs/{default}.json" in card
     index = (tmp_path / "cards" / "README.md").read_text()
-    assert f"[`{default}`]({default}.md) (the default)" in index
+    assert f"[`{default}`]({default}.md) (the default of `lopt.NFNOptimizer`)" in index

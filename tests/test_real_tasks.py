@@ -220,9 +220,9 @@ def test_real_benchmark_runs_and_writes_its_page(tmp_path, monkeypatch):
     monkeypatch.setitem(TASK_STEPS, "mlp-gmm", 12)
     monkeypatch.setattr(real, "ADAM_GRID", (1e-3, 1e-2))
     out = tmp_path / "real"
-    args = ["--suite", "mlp-gmm", "--weights", "nfn-stats", "--seeds", "1", "--out", str(out)]
+    args = ["--suite", "mlp-gmm", "--weights", "nfn-real", "--seeds", "1", "--out", str(out)]
     s = real.main(args)
-    assert s["counts"]["nfn-stats"]["tasks"] == 1
+    assert s["counts"]["nfn-real"]["tasks"] == 1
     page = (out / "results.md").read_text()
     assert "python -m benchmarks.real --suite mlp-gmm" in page and "adam-cosine" in page
     assert (out / "curves.csv").exists() and (out / "curves.png").exists()
@@ -237,7 +237,7 @@ def test_real_benchmark_runs_and_writes_its_page(tmp_path, monkeypatch):
     reuse = tmp_path / "reuse"
     calls = []
     monkeypatch.setattr(real, "tune", lambda *a, **k: calls.append(a) or (1e-3, {}))
-    s2 = real.main([*args[:2], "--weights", "b=nfn-stats", "--seeds", "1",
+    s2 = real.main([*args[:2], "--weights", "b=nfn-real", "--seeds", "1",
                     "--baselines-from", str(out), "--out", str(reuse)])  # fmt: skip
     assert not calls and s2["per_task"]["mlp-gmm"]["tuned"] == s["per_task"]["mlp-gmm"]["tuned"]
     base = [r for r in csv.reader(open(out / "curves.csv")) if r[1] in real.BASELINES]
