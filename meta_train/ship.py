@@ -80,13 +80,14 @@ def expand(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _phase_line(i: int, ph: dict[str, Any]) -> str:
     cfg = ph.get("config", {})
     commands = [h["command"] for h in ph.get("history") or [{"command": ph.get("command", "?")}]]
-    wall = ph.get("train_seconds_total") or 0
+    wall = _wall(ph)
+    timed = f"{wall / 60:.0f} min" if wall else "time not recorded"
     horizon = f"{cfg.get('horizon')}" + (f"-{cfg['horizon_max']}" if cfg.get("horizon_max") else "")
     return (
         f"  {i}. `{ph['from']}`: `{cfg.get('family', '?')}`, {cfg.get('estimator', '?').upper()}, "
         f"population {cfg.get('population')}, horizon {horizon}, meta lr {cfg.get('meta_lr')}, "
         f"{ph.get('outer_steps', 0):,} outer steps, "
-        f"{wall / 60:.0f} min on {ph.get('machine', '?')} ({ph.get('device', '?')}, "
+        f"{timed} on {ph.get('machine', '?')} ({ph.get('device', '?')}, "
         f"torch {ph.get('torch', '?')}): " + "; ".join(f"`{c}`" for c in commands)
     )
 
@@ -95,6 +96,37 @@ def _ramp(cfg: dict) -> str:
     """The meta-loss ramp of a config, in words (empty when there is none)."""
     ramp = cfg.get("meta_loss_ramp") or 0
     return f" weighted by min(1, t / {ramp}) over inner step t" if ramp else ""
+
+
+def _wall(run: dict[str, Any]) -> float:
+    """A run's training seconds: summed over every process (killed ones
+    included) when it recorded them, else its processes' wall times."""
+    history = run.get("history") or []
+    return run.get("train_seconds_total") or sum(
+        h.get("wall_time_s", h.get("wall_time_s_this_session")) or 0 for h in history
+    )
+
+
+def recipe_cost(meta: dict[str, Any]) -> str:
+    """What the whole recipe of a net took as it was run, every phase and
+    the net's own run: outer and inner steps, and training time by device."""
+    runs = [*(meta.get("phases") or []), meta]
+    outer = sum(r.get("outer_steps") or 0 for r in runs)
+    inner = sum(r.get("inner_steps") or 0 for r in runs)
+    minutes: dict[str, float] = {}
+    untimed = 0
+    for r in runs:
+        seconds = _wall(r)
+        untimed += not seconds
+        device = str(r.get("device") or "?").split(":")[0]
+        minutes[device] = minutes.get(device, 0.0) + seconds / 60
+    times = " + ".join(f"{m:.0f} min on {d}" for d, m in sorted(minutes.items()))
+    return (
+        f"{len(runs)} runs, {outer:,} outer steps, {inner:,} inner steps"
+        + (" (not counted where unrecorded)" if any("inner_steps" not in r for r in runs) else "")
+        + f", training time {times or 'not recorded'}"
+        + (f" ({untimed} run{'s' if untimed > 1 else ''} not timed)" if untimed else "")
+    )
 
 
 def _snapshot(meta: dict[str, Any]) -> str:
@@ -111,11 +143,7 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
     history = meta.get("history") or [
         {"command": meta.get("command", "?"), "outer_steps": meta.get("outer_steps")}
     ]
-    # Training time summed over every process (killed ones included) when the
-    # run recorded it; else the finished processes' wall times.
-    wall = meta.get("train_seconds_total") or sum(
-        h.get("wall_time_s", h.get("wall_time_s_this_session")) or 0 for h in history
-    )
+    wall = _wall({**meta, "history": history})
     n_params = sum(p.numel() for p in net.parameters())
     horizon = f"horizon {cfg.get('horizon')} steps"
     if cfg.get("horizon_max"):
@@ -152,6 +180,7 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
                 f"* Recipe: `python -m meta_train --config configs/{name}.json --out runs/{name}` "
                 "runs every phase above in order, one stage each, from the net the stage "
                 "before wrote; the commands above are the runs as they were first made.",
+                f"* The whole recipe as run: {recipe_cost(meta)}.",
             ]
             if (CONFIGS / f"{name}.json").is_file()
             else []

@@ -99,5 +99,10 @@ def test_cards_command_writes_a_page_per_shipped_net(tmp_path):
     card = (tmp_path / "cards" / f"{default}.md").read_text()
     assert "python -m meta_train --config configs/" in card and "Learned scalars" in card
     assert f"* Recipe: `python -m meta_train --config configs/{default}.json" in card
+    meta = lopt.load(default)[1]
+    runs = [*meta["phases"], meta]
+    outer = sum(r["outer_steps"] for r in runs)
+    assert f"* The whole recipe as run: {len(runs)} runs, {outer:,} outer steps" in card
+    assert "min on cpu + " in card and "not timed" not in card
     index = (tmp_path / "cards" / "README.md").read_text()
     assert f"[`{default}`]({default}.md) (the default of `lopt.NFNOptimizer`)" in index
