@@ -55,27 +55,34 @@ CLIP = 2.0  # a task's loss ratio counts within [1 / CLIP, CLIP]
 NEVER = 2.0  # steps to Adam's loss (fractions of the horizon) of a run that never gets there
 
 
-def snapshots(run: Path, every: int = 0, max_step: int | None = None) -> list[tuple[str, Path]]:
+def snapshots(
+    run: Path, every: int = 0, max_step: int | None = None, min_step: int = 0
+) -> list[tuple[str, Path]]:
     """``(label, path)`` of a run's snapshots in step order, then its final
     ``optimizer.pt`` (labelled ``final``) when it exists; a snapshot of the
     final's own step is left out (the same net twice). ``every``: only the
     snapshots whose step is a multiple of it (0: all), for a long run with
     many of them. ``max_step``: only the snapshots up to that outer step (the
     final net too, if it is no later), to pick from two runs at the same
-    meta-training budget when one ran further."""
+    meta-training budget when one ran further. ``min_step``: only the
+    snapshots (and final net) from that outer step on."""
     if every < 0:
         raise SystemExit(f"--every must be >= 0, got {every}")
     if max_step is not None and max_step < 0:
         raise SystemExit(f"--max-step must be >= 0, got {max_step}")
+    if min_step < 0 or (max_step is not None and min_step > max_step):
+        raise SystemExit(f"--min-step must be >= 0 and at most --max-step, got {min_step}")
     found = []
     for p in (run / "snapshots").glob("optimizer-*.pt"):
         m = SNAPSHOT.search(p.name)
         step = int(m.group(1)) if m else None
-        if m and (not every or step % every == 0) and (max_step is None or step <= max_step):
+        in_range = min_step <= step <= (max_step if max_step is not None else step) if m else False
+        if in_range and (not every or step % every == 0):
             found.append((step, p))
     final = run / "optimizer.pt"
     last = lopt.load(final)[1].get("outer_steps") if final.exists() else None
     keep_final = final.exists() and (max_step is None or (last is not None and last <= max_step))
+    keep_final = keep_final and (last is None or last >= min_step)
     out = [(f"step{step}", p) for step, p in sorted(found) if not (keep_final and step == last)]
     if keep_final:
         out.append(("final", final))
@@ -187,6 +194,13 @@ def main(argv: list[str] | None = None) -> Path:
         "later): two runs picked at the same meta-training budget",
     )
     p.add_argument(
+        "--min-step",
+        type=int,
+        default=0,
+        metavar="N",
+        help="rank only the snapshots (and final net) from outer step N on",
+    )
+    p.add_argument(
         "--set",
         nargs="+",
         default=[],
@@ -199,7 +213,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"runs must have distinct folder names, got {[str(r) for r in args.run]}")
     found = []
     for run in args.run:
-        nets = snapshots(run, args.every, args.max_step)
+        nets = snapshots(run, args.every, args.max_step, args.min_step)
         if not nets:
             raise SystemExit(
                 f"{run}: no snapshots/optimizer-*.pt and no optimizer.pt "

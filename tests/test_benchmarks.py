@@ -594,6 +594,12 @@ def test_snapshots_ranks_a_runs_nets_on_a_suite(tmp_path):
     assert [lab for lab, _ in snapshots.snapshots(run, max_step=30)][-1] == "final"
     with pytest.raises(SystemExit, match="--max-step must be >= 0"):
         snapshots.snapshots(run, max_step=-1)
+    # From step 20: step 10 left out; the final net (step 30) kept unless past --max-step.
+    assert [lab for lab, _ in snapshots.snapshots(run, min_step=20)] == ["step20", "final"]
+    assert [lab for lab, _ in snapshots.snapshots(run, max_step=20, min_step=20)] == ["step20"]
+    assert [lab for lab, _ in snapshots.snapshots(run, min_step=31)] == []
+    with pytest.raises(SystemExit, match="--min-step must be >= 0 and at most --max-step"):
+        snapshots.snapshots(run, max_step=10, min_step=20)
     (run / "optimizer.pt").unlink()
     (run / "snapshots" / "optimizer-000030.pt").unlink()
     out = tmp_path / "rank"
