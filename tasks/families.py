@@ -435,6 +435,16 @@ TASKS.update(
 )
 # The run length each task of the real and held-out suites is judged at (its
 # step budget).
+# The small families' held-out suite: wider, deeper or on other data than
+# mixed-family-broad samples.
+HELDOUT = (
+    "mlp-mnist1d-wide",
+    "mlp-mnist1d-deep",
+    "mlp-digits-wide",
+    "cnn-digits-wide",
+    "mlp-gmm-hard",
+    "cnn-mnist1d-deep",
+)
 TASK_STEPS: dict[str, int] = {
     "resnet-digits-16x2": 500,
     "lm-docs-d32h2l2": 1000,
@@ -448,17 +458,7 @@ TASK_STEPS: dict[str, int] = {
     "mlp-diabetes-128x2": 3000,
     # The held-out suite of the small families, at 5x their 200-step unrolls
     # (``python -m benchmarks.real --suite heldout``: budget nets told it).
-    **dict.fromkeys(
-        [
-            "mlp-mnist1d-wide",
-            "mlp-mnist1d-deep",
-            "mlp-digits-wide",
-            "cnn-digits-wide",
-            "mlp-gmm-hard",
-            "cnn-mnist1d-deep",
-        ],
-        1000,
-    ),  # fmt: skip
+    **dict.fromkeys(HELDOUT, 1000),
 }
 FILE_TASKS = {"mlp-fashion-8", "cnn-fashion-16", "cnn-cifar10-16"}
 
@@ -574,14 +574,7 @@ VALIDATION = [
 ]
 SUITES: dict[str, list[str]] = {
     "builtin": ["mlp-mnist1d", "cnn-mnist1d", "mlp-digits", "cnn-digits", "mlp-teacher", "mlp-gmm"],
-    "heldout": [
-        "mlp-mnist1d-wide",
-        "mlp-mnist1d-deep",
-        "mlp-digits-wide",
-        "cnn-digits-wide",
-        "mlp-gmm-hard",
-        "cnn-mnist1d-deep",
-    ],
+    "heldout": list(HELDOUT),
     # Tasks mixed-family-broad samples, to pick a checkpoint on (not held-out).
     "validation": VALIDATION,
     # validation and two tasks at mixed-family-wide's widths, for nets trained on it.
