@@ -77,9 +77,16 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
     what the NF-layer adds)."""
     label, path = weights_label(weights)
     net, _ = cli.load_weights("--weights", path)
+    apply_overrides(net, overrides or {}, label)
     cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
+    return label, lambda model: cls(model.parameters(), net=net, model=model)
+
+
+def apply_overrides(net: lopt.OptimizerNet, overrides: dict[str, float], label: str) -> None:
+    """Set ``net``'s scalar meta-parameters (or an NFN's ``nf_scale``) as
+    ``--set`` asks; ``SystemExit`` naming what ``label``'s net has instead."""
     scalars = {n: t for n, t in net.named_parameters() if t.numel() == 1}
-    for name, value in (overrides or {}).items():
+    for name, value in overrides.items():
         if name == "nf_scale" and isinstance(net, lopt.NFNNet):
             net.nf_scale = value
             continue
@@ -91,7 +98,6 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
             )
         with torch.no_grad():
             scalars[name].fill_(value)
-    return label, lambda model: cls(model.parameters(), net=net, model=model)
 
 
 def learned_all(

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 import lopt
-from benchmarks.compare import weights_label
+from benchmarks.compare import apply_overrides, parse_overrides, weights_label
 from benchmarks.figures import loss_curves
 from lopt import cli
 from tasks import TASK_STEPS, get_suite, get_task
@@ -53,11 +53,12 @@ def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters())
 
 
-def learned(weights: str, total_steps: int | None):
+def learned(weights: str, total_steps: int | None, overrides: dict[str, float] | None = None):
     """A label and an optimizer factory for ``[LABEL=]WEIGHTS``, told
-    ``total_steps``."""
+    ``total_steps``, with ``overrides`` (``--set``) applied to its net."""
     label, path = weights_label(weights)
     net, _ = cli.load_weights("--weights", path)
+    apply_overrides(net, overrides or {}, label)
     cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
     return label, lambda model: cls(
         model.parameters(), net=net, model=model, total_steps=total_steps
@@ -75,6 +76,7 @@ def run_task(
     hide_budget: bool,
     device: str,
     baselines: tuple[list, dict] | None = None,
+    overrides: dict[str, float] | None = None,
 ):
     """Tune Adam's two schedules, run everything; returns (csv rows, meta).
     ``baselines`` (rows and meta of this task from an earlier run with the
@@ -102,7 +104,7 @@ def run_task(
             runs[label] = (adam(best), schedule)
         runs["adamw"] = (adamw, None)
     for w in weights:
-        label, make = learned(w, None if hide_budget else steps)
+        label, make = learned(w, None if hide_budget else steps, overrides)
         runs[label] = (make, None)
     for label, (make, schedule) in runs.items():
         for seed in seeds:
@@ -252,12 +254,24 @@ def main(argv: list[str] | None = None) -> dict:
         help="copy tuned Adam and AdamW from an earlier run of the same tasks and seeds "
         "(most of a run's time) instead of running them again",
     )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="ablation, as in benchmarks.compare: set a scalar meta-parameter of every "
+        "learned net (fan_in_exp, log_lr, log_step_mult) or scale an NFN net's NF-layer "
+        "and neuron-statistics output (nf_scale=0: its per-entry path alone)",
+    )
     args = p.parse_args(argv)
     if args.from_csv:
         return write_page(*read_out(args.out, "--from-csv"), args.out)
     cli.check_device("--device", args.device)
+    overrides = parse_overrides(args.set)
+    if overrides and not args.weights:
+        p.error("--set is for learned optimizers: give them with --weights")
     for w in args.weights:
-        learned(w, None)  # a bad name or file is reported before anything runs
+        learned(w, None, overrides)  # a bad name, file or --set is reported before anything runs
     if not 1 <= args.seeds <= 100:
         p.error(f"--seeds must be in 1..100, got {args.seeds}")
     if args.tune_seeds < 1:
@@ -277,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         "hide_budget": args.hide_budget,
         "device": args.device,
         "baselines_from": None if args.baselines_from is None else str(args.baselines_from),
+        "set": overrides,
     }
     base_rows, base_meta = ([], {})
     if args.baselines_from is not None:
@@ -305,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.resume:
         rows, meta = read_out(args.out, "--resume")
-        if {"baselines_from": None, **meta.get("settings", {})} != settings:
+        if {"baselines_from": None, "set": {}, **meta.get("settings", {})} != settings:
             p.error(f"--resume: {args.out} was run with other settings: {meta.get('settings')}")
     elif (args.out / "curves.csv").exists():
         p.error(f"--out {args.out} holds a run already: --resume carries it on, or pick another")
@@ -318,7 +333,14 @@ def main(argv: list[str] | None = None) -> dict:
             task_base = [r for r in base_rows if r[0] == name]
             baselines = (task_base, base_meta["tasks"][name])
         task_rows, meta["tasks"][name] = run_task(
-            name, args.weights, seeds, tune_seeds, args.hide_budget, args.device, baselines
+            name,
+            args.weights,
+            seeds,
+            tune_seeds,
+            args.hide_budget,
+            args.device,
+            baselines,
+            overrides,
         )
         rows += task_rows
         write_out(rows, meta, args.out)  # each finished task is kept

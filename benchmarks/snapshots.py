@@ -29,7 +29,7 @@ seed, say) are ranked together, to pick the one net to ship among them;
 
 On a suite whose tasks have step budgets (``validation-real``), the nets run
 through :mod:`benchmarks.real` instead, each task at its budget and told it
-(``--steps`` and ``--set`` do not apply), and rank the same way on the final
+(``--steps`` does not apply), and rank the same way on the final
 loss over tuned Adam's (the better of constant and cosine) and the steps to
 reach it (fractions of the budget):
 
@@ -221,14 +221,13 @@ def main(argv: list[str] | None = None) -> Path:
             )
         found += [(f"{run.name}-{lab}" if len(args.run) > 1 else lab, p) for lab, p in nets]
     budgets = with_budgets(args.suite)
-    if budgets and args.set:
-        raise SystemExit(f"--set does not apply to {args.suite}, a suite of step budgets")
     weights = [f"{label}={path}" for label, path in found]
     base = [] if args.baselines_from is None else ["--baselines-from", str(args.baselines_from)]
     labels = [label for label, _ in found]
     if budgets:
         cmd = ["--suite", args.suite, "--seeds", str(args.seeds), "--out", str(args.out)]
-        summary = real.main([*cmd, *base, "--weights", *weights])
+        extra = ["--set", *args.set] if args.set else []
+        summary = real.main([*cmd, *base, *extra, "--weights", *weights])
         ranked = budget_ranking(summary, labels)
         where = "each task at its step budget"
     else:

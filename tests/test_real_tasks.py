@@ -2,6 +2,7 @@
 budgets on them, and the real benchmark suite."""
 
 import csv
+import json
 import math
 
 import pytest
@@ -243,6 +244,16 @@ def test_real_benchmark_runs_and_writes_its_page(tmp_path, monkeypatch):
     base = [r for r in csv.reader(open(out / "curves.csv")) if r[1] in real.BASELINES]
     copied = [r for r in csv.reader(open(reuse / "curves.csv")) if r[1] in real.BASELINES]
     assert base == copied and {r[1] for r in csv.reader(open(reuse / "curves.csv"))} >= {"b"}
+    # --set: the NFN without its NF-layer and statistics (nf_scale=0) runs
+    # differently, and the setting is recorded; it needs learned optimizers.
+    ablate = tmp_path / "ablate"
+    s3 = real.main([*args[:2], "--weights", "c=nfn-real", "--set", "nf_scale=0", "--seeds", "1",
+                    "--baselines-from", str(out), "--out", str(ablate)])  # fmt: skip
+    assert json.loads((ablate / "meta.json").read_text())["settings"]["set"] == {"nf_scale": 0.0}
+    assert s3["per_task"]["mlp-gmm"]["final"]["c"] != s["per_task"]["mlp-gmm"]["final"]["nfn-real"]
+    with pytest.raises(SystemExit):
+        real.main([*args[:2], "--set", "nf_scale=0", "--out", str(tmp_path / "z")])
+    assert not (tmp_path / "z").exists()
     with pytest.raises(SystemExit, match="--baselines-from .*: ran with seeds 1, this run 2"):
         real.main([*args[:2], "--seeds", "2", "--baselines-from", str(out),
                    "--out", str(tmp_path / "y")])  # fmt: skip
