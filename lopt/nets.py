@@ -84,6 +84,10 @@ CHUNK = 65536  # entries per slice in the per-entry layers on the CPU (a few MB 
 # tensors up to 4M entries (about 0.5 GB of activations at width 16).
 GPU_CHUNK = 1 << 22
 FAN_IN_REF = 64.0  # fan-in at which the width factor is 1
+# An NFN net's per-role log-rates are this times their meta-parameters: under
+# a meta-optimizer that normalises its steps (Adam), a few hundred outer
+# steps move a role's rate by a factor of e, not a few thousand.
+ROLE_RATE_MULT = 10.0
 
 
 def schedule_prior() -> tuple[Tensor, Tensor]:
@@ -296,6 +300,11 @@ class OptimizerNet(nn.Module):
         """:func:`step_width_log_ratio` under this net's rule."""
         return step_width_log_ratio(spec, t, self._rule.width_factor_on_input_layers)
 
+    def role_log_rates(self, spec: WeightSpaceSpec) -> Tensor | None:
+        """Per tensor of ``spec``, a learned log-factor on its whole update
+        (None: the net has none; :class:`NFNNet` with ``role_rates``)."""
+        return None
+
     @property
     def config(self) -> dict[str, Any]:
         """The constructor arguments: enough to rebuild the net."""
@@ -354,7 +363,11 @@ class OptimizerNet(nn.Module):
         # The width factor is folded in too, per tensor; per-tensor scalars
         # are computed for all tensors at once (a step pays per operation).
         ratios = _width_ratios(spec, self._rule.width_factor_on_input_layers, self.log_lr.device)
-        factors_all = torch.exp(self.fan_in_exp * ratios)
+        log_factors = self.fan_in_exp * ratios
+        role_rates = self.role_log_rates(spec)
+        if role_rates is not None:
+            log_factors = log_factors + role_rates
+        factors_all = torch.exp(log_factors)
         mag = self.log_step_mult.new_tensor(self.mag_mult)
         out_scales = torch.stack(
             [-self.log_step_mult.exp() * factors_all, mag.expand_as(factors_all)], -1
@@ -790,6 +803,14 @@ class NFNNet(OptimizerNet):
         attention_roles: the NF-layer has weights for the roles of attention's
             tensors (heads and their dimensions); without them those
             tensors get the per-entry path and the neuron statistics only.
+        role_rates: a learned log-rate per output role of the NF-layer
+            (a tensor's axis kinds: a hidden matrix, a convolution's kernel,
+            an attention projection's query-key rows, ...; ``role_log_rate``,
+            times ``ROLE_RATE_MULT``), added to every tensor's log width
+            factor: the whole update of a role's tensors, Adam's part too,
+            is scaled by it. The one global rate otherwise serves MLPs and
+            attention alike; attention wants a smaller one. Starts at 0 (no
+            change).
     """
 
     NF_OUTPUTS = ("both", "magnitude")
@@ -804,6 +825,7 @@ class NFNNet(OptimizerNet):
         neuron_stats: bool = False,
         width_free_stats: bool = False,
         attention_roles: bool = True,
+        role_rates: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(width, depth, **kwargs)
@@ -832,6 +854,30 @@ class NFNNet(OptimizerNet):
         with torch.no_grad():
             for w in list(self.nf.weights.values()) + list(self.nf.biases.values()):
                 w.mul_(kwargs.get("out_scale", 0.01))
+        self._role_index: dict[WeightSpaceSpec, Tensor] = {}
+        if role_rates:  # absent from older configs: those nets have none
+            self._config["role_rates"] = True
+            self.role_log_rate = nn.ParameterDict(
+                {key.removeprefix("bias:"): nn.Parameter(torch.zeros(())) for key in self.nf.biases}
+            )
+
+    def role_log_rates(self, spec: WeightSpaceSpec) -> Tensor | None:
+        """Per tensor: its role's log-rate times ``ROLE_RATE_MULT`` (0 for a
+        tensor whose role the NF-layer does not know)."""
+        if not self._config.get("role_rates"):
+            return None
+        if spec not in self._role_index:
+            if len(self._role_index) >= 64:  # a meta-training run meets many specs
+                self._role_index.clear()
+            names = list(self.role_log_rate)
+            keys = self.nf.output_roles(spec)
+            index = [
+                names.index(k.removeprefix("bias:")) if k is not None else len(names) for k in keys
+            ]
+            self._role_index[spec] = torch.tensor(index, device=self.log_lr.device)
+        index = self._role_index[spec].to(self.log_lr.device)
+        rates = torch.stack([*self.role_log_rate.values(), self.log_lr.new_zeros(())])
+        return ROLE_RATE_MULT * rates[index]
 
     @property
     def nf_scale(self) -> float:

@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "nf_outputs": "both",
     "neuron_stats": False,
     "width_free_stats": False,
+    "role_rates": False,
     "budget": False,
     "family": "mlp-family-small",
     "estimator": "pes",
@@ -99,6 +100,7 @@ RULES: dict[str, Any] = {
     "nf_outputs": options.choice(list(NFNNet.NF_OUTPUTS)),
     "neuron_stats": options.boolean,
     "width_free_stats": options.boolean,
+    "role_rates": options.boolean,
     "budget": options.boolean,
     "family": options.choice(lambda: list(FAMILIES) + list(TASKS), TASK_LIST),
     "estimator": options.choice(sorted(ESTIMATORS)),
@@ -192,6 +194,13 @@ def parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="nfn, with --neuron-stats: read the weights' log norm relative to a width-scaled "
         "init, so that a wider layer than any meta-trained on reads the same (default off)",
+    )
+    a(
+        "--role-rates",
+        action=argparse.BooleanOptionalAction,
+        help="nfn: a learned log-rate per role of tensor (its axis kinds: a hidden "
+        "matrix, an attention projection's query-key rows, ...) on the whole update of "
+        "its tensors, starting at 0 (default off)",
     )
     a(
         "--budget",
@@ -312,6 +321,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--neuron-stats is for --net nfn (a per-entry net cannot pool a neuron)")
     if cfg.get("budget_hidden") and not cfg.get("budget"):
         raise SystemExit("--budget-hidden hides the budget from a net that reads it: give --budget")
+    if cfg.get("role_rates") and cfg["net"] != "nfn":
+        raise SystemExit("--role-rates is for --net nfn (roles come from its NF-layer)")
     if cfg.get("width_free_stats") and not cfg.get("neuron_stats"):
         raise SystemExit("--width-free-stats changes what --neuron-stats read; give both")
     return cfg
@@ -358,6 +369,7 @@ def build(
             "nf_outputs": cfg["nf_outputs"],
             "neuron_stats": cfg.get("neuron_stats", False),
             "width_free_stats": cfg.get("width_free_stats", False),
+            "role_rates": cfg.get("role_rates", False),
         }
     # The fresh net is drawn from the run's seed: PyTorch seeds its global
     # generator at random in each process, so a rerun, or each torchrun rank,

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import lopt
 from lopt import cli
 from lopt.checkpoint import PRETRAINED_DIR
-from lopt.nets import NEURON_STATS, STAT_POOLS
+from lopt.nets import NEURON_STATS, ROLE_RATE_MULT, STAT_POOLS
 from meta_train.recipes import recipe_output
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the repository's recipes
@@ -206,6 +207,14 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         )
         + ".",
     ]
+    if hasattr(net, "role_log_rate"):
+        rates = {k: ROLE_RATE_MULT * v.item() for k, v in net.role_log_rate.items()}
+        moved = sorted((k for k in rates if abs(rates[k]) >= 0.01), key=lambda k: rates[k])
+        lines.append(
+            "* Learned factor on the update, per role of tensor (axis kinds; 1 for the rest): "
+            + (", ".join(f"{k} {math.exp(rates[k]):.3g}" for k in moved) or "all still 1")
+            + "."
+        )
     if getattr(net, "neuron_stats", False):
         rows = [
             f"{pool} ({', '.join(f'{w:+.3f}' for w in ws.tolist())})"

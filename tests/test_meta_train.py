@@ -1029,3 +1029,21 @@ def test_a_portable_copy_resumes_from_its_outer_step(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint.pt"):
         portable_main([str(tmp_path), str(tmp_path / "other")])
     assert not (tmp_path / "other").exists()
+
+
+def test_role_rates_flag_meta_trains_the_roles_rates_and_resumes(tmp_path):
+    """--role-rates builds an NFN with a log-rate per role that meta-training
+    moves; a resumed run keeps them; a per-entry net is refused."""
+    from meta_train.__main__ import main
+
+    out = tmp_path / "run"
+    assert main(f"{TINY_MAGNITUDE_NFN} --role-rates --no-progress --out {out}".split()) == 0
+    net, meta = lopt.load(out / "optimizer.pt")
+    assert meta["config"]["role_rates"] is True and net.config["role_rates"] is True
+    assert any(v.item() != 0 for v in net.role_log_rate.values())  # trained
+    assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
+    assert hasattr(lopt.load(out / "optimizer.pt")[0], "role_log_rate")
+    bad = tmp_path / "bad"
+    with pytest.raises(SystemExit, match="--role-rates is for --net nfn"):
+        main(["--net", "mlp", "--role-rates", "--family", "mlp-gmm", "--out", str(bad)])
+    assert not bad.exists()

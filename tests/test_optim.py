@@ -877,3 +877,58 @@ def test_the_default_is_the_recommended_shipped_net():
         lopt.NFNOptimizer(model.parameters(), width=8)
     with pytest.raises(ValueError, match="either net= or weights="):
         lopt.NFNOptimizer(model.parameters(), net=NFNNet(), weights="nfn-real")
+
+
+def test_role_rates_scale_each_roles_whole_update(tmp_path):
+    """role_rates: a role's log-rate r multiplies the whole update of every
+    tensor of that role (Adam's part, the learned term, the row projection)
+    by exp(ROLE_RATE_MULT * r), and no other tensor's; the fused step agrees;
+    the rates survive a checkpoint; a net without them has none."""
+    from lopt.nets import ROLE_RATE_MULT
+    from tasks.models import TransformerLM
+
+    torch.manual_seed(4)
+    model = TransformerLM(11, 6, 8, 2, 1)
+    spec = WeightSpaceSpec.from_module(model)
+    plain = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-3, nf_channels=2, role_rates=True)
+    rated = NFNNet(out_scale=1.0, step_mult=1e-2, lr=1e-3, nf_channels=2, role_rates=True)
+    rated.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        rated.role_log_rate["lanh"].fill_(-0.05)  # an attention projection's query-key rows
+        rated.role_log_rate["hh"].fill_(0.03)
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    state = functional.init(params)
+    base, _ = functional.update(plain, spec, None, grads, state, params)
+    got, _ = functional.update(rated, spec, None, grads, state, params)
+    role_of = dict(zip(spec.tensors, plain.nf.output_roles(spec)))
+    roles = list(role_of.values())
+    seen = set()
+    for name, pieces, u0, u in zip(spec.names, spec.by_parameter(), base, got):
+        kinds = {role_of[t] for t in pieces}
+        factor = 1.0
+        if kinds == {"bias:hh"}:
+            factor = math.exp(ROLE_RATE_MULT * 0.03)
+            seen.add("hh")
+        if factor != 1.0 or not kinds & {"bias:lanh", "bias:hh"}:
+            torch.testing.assert_close(u, u0 * factor, rtol=1e-5, atol=1e-9, msg=name)
+    assert seen == {"hh"}
+    # The packed query-key-value weight: its query-key rows scaled, its value rows not.
+    qkv = spec.names.index("blocks.0.attn.qkv.weight")
+    rows = [t.part for i, t in enumerate(spec.tensors) if roles[i] == "bias:lanh"][0]
+    f = math.exp(-ROLE_RATE_MULT * 0.05)
+    torch.testing.assert_close(got[qkv][rows[0] : rows[1]], base[qkv][rows[0] : rows[1]] * f,
+                               rtol=1e-5, atol=1e-9)  # fmt: skip
+    torch.testing.assert_close(got[qkv][rows[1] :], base[qkv][rows[1] :], rtol=1e-5, atol=1e-9)
+    # The optimizer class's (fused) step takes the same update.
+    opt = lopt.NFNOptimizer(model.parameters(), net=rated, model=model)
+    for q, g in zip(model.parameters(), grads):
+        q.grad = g.clone()
+    opt.step()
+    for q, p, u in zip(model.parameters(), params, got):
+        torch.testing.assert_close(q.detach() - p, u, rtol=1e-3, atol=1e-7)
+    lopt.save(rated, tmp_path / "r.pt")
+    back, _ = lopt.load(tmp_path / "r.pt")
+    assert back.config["role_rates"] is True
+    assert back.role_log_rate["lanh"].item() == pytest.approx(-0.05)
+    assert NFNNet().role_log_rates(spec) is None and "role_rates" not in NFNNet().config

@@ -160,6 +160,12 @@ class NFLinear(nn.Module):
             self._pointwise[spec] = [self._pointwise_key(spec, o) for o in self._plan(spec)]
         return self._pointwise[spec][u_index]
 
+    def output_roles(self, spec: WeightSpaceSpec) -> list[str | None]:
+        """Per tensor of ``spec``: the key of its output role's bias (its
+        axis kinds, e.g. ``"bias:hh"`` for a hidden matrix), or None where
+        the layer has no bias for it."""
+        return [o.bias_key for o in self._plan(spec)]
+
     def pools_needed(self, spec: WeightSpaceSpec) -> dict[int, set[tuple[int, ...]]]:
         """For each tensor, the axis sets :meth:`broadcast_terms` averages it
         over (``()``: the tensor itself). Built once per spec: do not modify."""
