@@ -139,3 +139,52 @@ def run(
             return status
     print(f"the recipe's net: {recipe_output(out)}", file=sys.stderr)
     return 0
+
+
+def stage_name(source: str) -> str:
+    """A stage's folder name for the net a phase started from: a run's
+    folder (``runs/X/optimizer.pt``, ``runs/X/snapshots/...``) or a name."""
+    path = Path(source)
+    if path.suffix != ".pt":
+        return source
+    parts = path.parts[:-1]
+    if parts and parts[-1] == "snapshots":
+        parts = parts[:-1]
+    return parts[-1] if parts else path.stem
+
+
+def from_phases(
+    name: str,
+    meta: dict[str, Any],
+    defaults: dict[str, Any],
+    upgrade: Callable[[dict[str, Any]], dict[str, Any]],
+) -> dict[str, Any]:
+    """The recipe that remakes a shipped net from its metadata: one stage
+    per phase and one for the net's own run (named ``name``), each holding
+    the options of its run that differ from ``defaults`` (``upgrade`` turns
+    a saved config into this version's options), starting from the stage
+    before, for the outer steps the run took. Raises ``ValueError`` where a
+    run's options are unknown or its first run did not start from scratch:
+    such a recipe would not run."""
+    runs = [*(meta.get("phases") or []), meta]
+    stages: list[dict[str, Any]] = []
+    for i, run_meta in enumerate(runs):
+        stage = name if i == len(runs) - 1 else stage_name(str(run_meta.get("from", "")))
+        taken = {s["name"] for s in stages} | {name}
+        if stage in taken and i < len(runs) - 1:
+            stage = next(
+                f"{stage}-{k}" for k in range(2, len(runs) + 2) if f"{stage}-{k}" not in taken
+            )
+        cfg = upgrade(dict(run_meta.get("config") or {}))
+        unknown = sorted(k for k in cfg if k not in defaults and k != "out")
+        if unknown:
+            raise ValueError(f"{stage}: options {unknown} are not this version's")
+        if i == 0 and cfg.get("init_from"):
+            raise ValueError(f"{stage}: starts from {cfg['init_from']!r}, not from scratch")
+        skip = ("out", "device", "init_from", "outer_steps")
+        options = {k: v for k, v in cfg.items() if k not in skip and defaults.get(k) != v}
+        if stages:
+            options["init_from"] = STAGE_REF + stages[-1]["name"]
+        options["outer_steps"] = int(run_meta["outer_steps"])
+        stages.append({"name": stage, "options": options})
+    return {"stages": stages}

@@ -4,17 +4,17 @@ model card.
 
     python -m meta_train.ship runs/my-nfn my-nfn
 
-The file is checked first (it loads, it is under ``--max-mb``), and its
-metadata gains the run's recipe: the config, every command of the run from
-``history.jsonl`` (the first run and each ``--resume``), outer and inner
-steps, wall time and machine. A net that started from another's weights
-(``--init-from``) also gets the recipe of every earlier phase, followed
-through each phase's ``init_from`` back to a net trained from scratch
-(``phases``, oldest first; a shipped net's file carries its own phases, and
-other files must still be where the runs read them), so a card holds the
-whole recipe. The card printed is what the README's model card section
-holds.
-"""
+The file is checked first (it loads, it is under ``--max-mb``), the recipe
+that remakes it goes to ``configs/NAME.json`` (stages, see
+:mod:`meta_train.recipes`), and its metadata gains the run's recipe: the
+config, every command of the run from ``history.jsonl`` (the first run and
+each ``--resume``), outer and inner steps, wall time and machine. A net that
+started from another's weights (``--init-from``) also gets the recipe of
+every earlier phase, followed through each phase's ``init_from`` back to a
+net trained from scratch (``phases``, oldest first; a shipped net's file
+carries its own phases, and other files must still be where the runs read
+them), so a card holds the whole recipe. The card printed is the
+one ``python -m meta_train.cards`` writes to ``docs/cards``."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ import lopt
 from lopt import cli
 from lopt.checkpoint import PRETRAINED_DIR
 from lopt.nets import NEURON_STATS, ROLE_RATE_MULT, STAT_POOLS
-from meta_train.recipes import recipe_output
+from meta_train import options
+from meta_train.recipes import check as check_recipe
+from meta_train.recipes import from_phases, recipe_output
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the repository's recipes
 # What a phase of a multi-phase recipe keeps of its net's metadata.
@@ -244,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", help="the shipped name: lopt/pretrained/NAME.pt")
     p.add_argument("--max-mb", type=float, default=5.0, help="refuse larger files (5)")
     p.add_argument("--dest", type=Path, default=PRETRAINED_DIR, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--recipes",
+        type=Path,
+        default=None,
+        help="where the net's recipe goes, NAME.json (configs/ when shipping into lopt/pretrained)",
+    )
     args = p.parse_args(argv)
     src = recipe_output(args.run) if args.run.is_dir() else args.run
     if not src.is_file():
@@ -259,6 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     for h in (x for m in runs for x in m.get("history", [])):
         if "wall_time_s_this_session" in h:  # the key's name in older files
             h["wall_time_s"] = h.pop("wall_time_s_this_session")
+    from meta_train.__main__ import DEFAULTS  # the command line's defaults (a late import)
+
+    try:
+        recipe = from_phases(
+            args.name, meta, DEFAULTS, lambda c: options.upgrade(c, args.name, saved_run=True)
+        )
+    except ValueError as e:
+        raise SystemExit(f"{src}: its recipe cannot be written: {e}") from None
+    check_recipe(recipe, args.name)
     args.dest.mkdir(parents=True, exist_ok=True)
     dest = args.dest / f"{args.name}.pt"
     lopt.save(net, dest, meta)
@@ -267,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         dest.unlink()
         raise SystemExit(f"{src}: {size / 2**20:.1f} MB is over --max-mb {args.max_mb}")
     lopt.load(dest)  # what users will load
-    print(f"wrote {dest}\n")
+    recipes = args.recipes or (CONFIGS if args.dest == PRETRAINED_DIR else args.dest)
+    recipes.mkdir(parents=True, exist_ok=True)
+    (recipes / f"{args.name}.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    print(f"wrote {dest} and its recipe, {recipes / f'{args.name}.json'}\n")
     print(model_card(args.name, meta, net, size))
     return 0
 

@@ -798,6 +798,13 @@ def test_ship_records_every_earlier_phase_of_a_multi_phase_recipe(tmp_path, caps
     assert ship([str(c), "my-nfn", "--dest", str(dest)]) == 0
     card = capsys.readouterr().out
     phases = lopt.load(dest / "my-nfn.pt")[1]["phases"]
+    # Its recipe, beside it: every phase a stage, each from the one before.
+    stages = json.loads((dest / "my-nfn.json").read_text())["stages"]
+    assert [st["name"] for st in stages[-3:]] == ["a", "b", "my-nfn"]
+    assert stages[-1]["options"]["init_from"] == "stage:b"
+    assert (
+        stages[-2]["options"]["outer_steps"] == 2 and stages[0]["options"].get("init_from") is None
+    )
     # The shipped net's file carries its own phases: they come first, whole.
     shipped = lopt.load("mlp-real")[1]
     n = len(shipped["phases"])
@@ -872,7 +879,17 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.json"))
 
 
 def test_configs_are_the_shipped_nets_recipes():
+    """configs/ holds one recipe per shipped net, the one meta_train.ship
+    writes from the net's phases (so the file and the card never disagree)."""
+    from meta_train import options
+    from meta_train.__main__ import DEFAULTS
+    from meta_train.recipes import from_phases
+
     assert sorted(c.stem for c in CONFIGS) == lopt.pretrained_names()
+    for config in CONFIGS:
+        meta = lopt.load(config.stem)[1]
+        upgrade = lambda c, n=config.stem: options.upgrade(c, n, saved_run=True)  # noqa: E731
+        assert from_phases(config.stem, meta, DEFAULTS, upgrade) == json.loads(config.read_text())
 
 
 @pytest.mark.slow
