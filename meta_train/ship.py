@@ -247,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-mb", type=float, default=5.0, help="refuse larger files (5)")
     p.add_argument("--dest", type=Path, default=PRETRAINED_DIR, help=argparse.SUPPRESS)
     p.add_argument(
+        "--phases-from",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="take the phases before the run from FILE, a net of the same run shipped "
+        "before (when the files the run started from are gone)",
+    )
+    p.add_argument(
         "--recipes",
         type=Path,
         default=None,
@@ -262,6 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     history_file = src.parent / "history.jsonl"
     if "history" not in meta and history_file.is_file():
         meta["history"] = [json.loads(x) for x in history_file.read_text().splitlines() if x]
+    if args.phases_from is not None:
+        theirs = lopt.load(args.phases_from)[1]
+        start = meta.get("config", {}).get("init_from")
+        if theirs.get("config", {}).get("init_from") != start:
+            raise SystemExit(
+                f"--phases-from {args.phases_from}: its run started from "
+                f"{theirs.get('config', {}).get('init_from')!r}, this one from {start!r}"
+            )
+        meta["phases"] = expand(theirs.get("phases") or [])
     meta["phases"] = expand(meta["phases"]) if "phases" in meta else lineage(meta)
     runs = [meta, *meta["phases"]]
     for h in (x for m in runs for x in m.get("history", [])):

@@ -828,6 +828,14 @@ def test_ship_records_every_earlier_phase_of_a_multi_phase_recipe(tmp_path, caps
     with pytest.raises(SystemExit, match="no such file, so the recipe's earlier phases"):
         ship([str(c), "broken", "--dest", str(dest)])
     assert not (dest / "broken.pt").exists()
+    # ... unless a net of the same run, shipped before, gives them.
+    assert (
+        ship([str(c), "later", "--phases-from", str(dest / "my-nfn.pt"), "--dest", str(dest)]) == 0
+    )
+    assert lopt.load(dest / "later.pt")[1]["phases"] == phases
+    with pytest.raises(SystemExit, match="its run started from"):
+        ship([str(c), "wrong", "--phases-from", str(b / "optimizer.pt"), "--dest", str(dest)])
+    assert not (dest / "wrong.pt").exists()
 
 
 def test_ramped_meta_loss_weighs_each_step_by_its_place_in_the_run():
