@@ -84,10 +84,6 @@ CHUNK = 65536  # entries per slice in the per-entry layers on the CPU (a few MB 
 # tensors up to 4M entries (about 0.5 GB of activations at width 16).
 GPU_CHUNK = 1 << 22
 FAN_IN_REF = 64.0  # fan-in at which the width factor is 1
-# An NFN net's per-role log-rates are this times their meta-parameters: under
-# a meta-optimizer that normalises its steps (Adam), a few hundred outer
-# steps move a role's rate by a factor of e, not a few thousand.
-ROLE_RATE_MULT = 10.0
 
 
 def schedule_prior() -> tuple[Tensor, Tensor]:
@@ -805,8 +801,8 @@ class NFNNet(OptimizerNet):
             tensors get the per-entry path and the neuron statistics only.
         role_rates: a learned log-rate per output role of the NF-layer
             (a tensor's axis kinds: a hidden matrix, a convolution's kernel,
-            an attention projection's query-key rows, ...; ``role_log_rate``,
-            times ``ROLE_RATE_MULT``), added to every tensor's log width
+            an attention projection's query-key rows, ...; ``role_log_rate``),
+            added to every tensor's log width
             factor: the whole update of a role's tensors, Adam's part too,
             is scaled by it. The one global rate otherwise serves MLPs and
             attention alike; attention wants a smaller one. Starts at 0 (no
@@ -862,8 +858,8 @@ class NFNNet(OptimizerNet):
             )
 
     def role_log_rates(self, spec: WeightSpaceSpec) -> Tensor | None:
-        """Per tensor: its role's log-rate times ``ROLE_RATE_MULT`` (0 for a
-        tensor whose role the NF-layer does not know)."""
+        """Per tensor: its role's log-rate (0 for a tensor whose role the
+        NF-layer does not know)."""
         if not self._config.get("role_rates"):
             return None
         if spec not in self._role_index:
@@ -877,7 +873,7 @@ class NFNNet(OptimizerNet):
             self._role_index[spec] = torch.tensor(index, device=self.log_lr.device)
         index = self._role_index[spec].to(self.log_lr.device)
         rates = torch.stack([*self.role_log_rate.values(), self.log_lr.new_zeros(())])
-        return ROLE_RATE_MULT * rates[index]
+        return rates[index]
 
     @property
     def nf_scale(self) -> float:

@@ -27,7 +27,7 @@ from typing import Any
 import lopt
 from lopt import cli
 from lopt.checkpoint import PRETRAINED_DIR
-from lopt.nets import NEURON_STATS, ROLE_RATE_MULT, STAT_POOLS
+from lopt.nets import NEURON_STATS, STAT_POOLS
 from meta_train import options
 from meta_train.recipes import check as check_recipe
 from meta_train.recipes import from_phases, recipe_output
@@ -210,7 +210,7 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         + ".",
     ]
     if hasattr(net, "role_log_rate"):
-        rates = {k: ROLE_RATE_MULT * v.item() for k, v in net.role_log_rate.items()}
+        rates = {k: v.item() for k, v in net.role_log_rate.items()}
         moved = sorted((k for k in rates if abs(rates[k]) >= 0.01), key=lambda k: rates[k])
         lines.append(
             "* Learned factor on the update, per role of tensor (axis kinds; 1 for the rest): "
