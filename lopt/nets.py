@@ -292,10 +292,6 @@ class OptimizerNet(nn.Module):
         fixed when the net is built: a net runs as it was meta-trained."""
         return self._rule
 
-    def width_log_ratio(self, spec: WeightSpaceSpec, t: TensorSpec) -> float:
-        """:func:`step_width_log_ratio` under this net's rule."""
-        return step_width_log_ratio(spec, t, self._rule.width_factor_on_input_layers)
-
     def role_log_rates(self, spec: WeightSpaceSpec) -> Tensor | None:
         """Per tensor of ``spec``, a learned log-factor on its whole update
         (None: the net has none; :class:`NFNNet` with ``role_rates``)."""

@@ -344,6 +344,14 @@ def occupied(out: Path) -> bool:
     return out.exists() and (not out.is_dir() or any(out.iterdir()))
 
 
+def move_aside(out: Path) -> None:
+    """``--overwrite``: rename ``out`` to ``OUT.replaced-DATE-TIME`` (nothing
+    is deleted)."""
+    aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.rename(aside)
+    print(f"--overwrite: moved the earlier {out} to {aside}", file=sys.stderr)
+
+
 def check_new_out(out: Path, overwrite: bool) -> None:
     """A new run's --out must be new or an empty folder, unless --overwrite
     (which moves the old one aside)."""
@@ -543,9 +551,7 @@ def recipe_run(args: argparse.Namespace) -> tuple[dict[str, Any], Path] | None:
         )
     recipes.check(data, str(args.config or args.resume / recipes.RECIPE))
     if args.overwrite and occupied(out):
-        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(aside)
-        print(f"--overwrite: moved the earlier {out} to {aside}", file=sys.stderr)
+        move_aside(out)
     return data, out
 
 
@@ -582,9 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--resume: {e}") from None
     if rank == 0 and args.resume is None and args.overwrite and occupied(out):
-        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(aside)
-        print(f"--overwrite: moved the earlier {out} to {aside}", file=sys.stderr)
+        move_aside(out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from lopt.checkpoint import RETIRED_GUARDS
 from lopt.cli import did_you_mean
 
 
@@ -112,8 +113,7 @@ def check(cfg: dict[str, Any], rules: dict[str, Callable[[str, Any], None]]) -> 
 # Options of older runs and recipes, in this version's terms: the net's
 # update-rule switches were inverted flags, and hand-set guards and an
 # orthogonalised base were options (a value that turned them on is refused).
-_RETIRED = {"step_cap": 0, "adam_cap": 0, "decay_after": 0, "decay_power": 1, "warmup": 0,
-            "init_ortho_lr": None}  # fmt: skip
+_RETIRED = {**RETIRED_GUARDS, "decay_power": 1.0, "init_ortho_lr": None}
 
 
 def upgrade(cfg: dict[str, Any], where: str, saved_run: bool = False) -> dict[str, Any]:

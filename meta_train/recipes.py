@@ -133,7 +133,7 @@ def run(
         try:
             status = run_stage(argv + run_flags)
         finally:
-            if not argv[0] == "--resume":
+            if argv[0] != "--resume":
                 options_file.unlink(missing_ok=True)  # the stage's config.json holds them
         if status:
             return status

@@ -105,9 +105,7 @@ def _wall(run: dict[str, Any]) -> float:
     """A run's training seconds: summed over every process (killed ones
     included) when it recorded them, else its processes' wall times."""
     history = run.get("history") or []
-    return run.get("train_seconds_total") or sum(
-        h.get("wall_time_s", h.get("wall_time_s_this_session")) or 0 for h in history
-    )
+    return run.get("train_seconds_total") or sum(h.get("wall_time_s") or 0 for h in history)
 
 
 def recipe_cost(meta: dict[str, Any]) -> str:

@@ -127,3 +127,20 @@ def assert_fused_in_place_matches(net, spec, params, grads, state):
         for a, b, held in zip(out_state[key], ref_state[key], mine[key]):
             torch.testing.assert_close(a, b)
             assert a.data_ptr() == held.data_ptr()  # written in place
+
+
+def assert_fused_update_equals_torch(net, spec, params, seed):
+    """One update of ``params`` (random gradients, then a random state from
+    ``seed``) by the torch path and by the fused one: the updates agree and
+    none is zero. Returns the fused and the torch path's new states."""
+    from lopt import functional
+
+    grads = [torch.randn_like(p) for p in params]
+    state = random_state(params, seed)
+    with torch.no_grad():
+        ref, ref_state = functional.update(net, spec, None, grads, state, params)
+        out, out_state = functional.update(net, spec, None, grads, state, params, fused=True)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        assert a.abs().sum() > 0
+    return out_state, ref_state

@@ -5,7 +5,13 @@ import math
 
 import pytest
 import torch
-from helpers import architectures, assert_fused_in_place_matches, make_mlp, random_state
+from helpers import (
+    architectures,
+    assert_fused_in_place_matches,
+    assert_fused_update_equals_torch,
+    make_mlp,
+    random_state,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,14 +56,7 @@ def test_fused_update_equals_the_torch_path(arch, kind, depth, seed):
                 net.stat_weight.normal_(std=0.3)
     spec = WeightSpaceSpec.from_module(module)
     params = [p.detach().clone() for p in module.parameters()]
-    grads = [torch.randn_like(p) for p in params]
-    state = random_state(params, seed)
-    with torch.no_grad():
-        ref, ref_state = functional.update(net, spec, None, grads, state, params)
-        out, out_state = functional.update(net, spec, None, grads, state, params, fused=True)
-    for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-        assert a.abs().sum() > 0
+    out_state, ref_state = assert_fused_update_equals_torch(net, spec, params, seed)
     for a, b in zip(out_state["momenta"], ref_state["momenta"]):
         torch.testing.assert_close(a, b)
 
@@ -265,14 +264,7 @@ def test_neuron_statistics_from_the_kernel_sums_equal_the_torch_ones(name):
     for p in params:
         if p.dim():
             p[..., 0] = 0.0  # a row under the floor
-    grads = [torch.randn_like(p) for p in params]
-    state = random_state(params, 3)
-    with torch.no_grad():
-        ref, _ = functional.update(net, spec, None, grads, state, params)
-        out, _ = functional.update(net, spec, None, grads, state, params, fused=True)
-    for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-        assert a.abs().sum() > 0
+    assert_fused_update_equals_torch(net, spec, params, 3)
 
 
 def test_kernel_pooling_rejects_a_shape_that_is_no_matrix():
