@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from lopt import fused as fused_kernel
+from lopt import fused_plan
 from lopt.features import MOMENTUM_DECAYS, SECOND_MOMENT_DECAY
 from lopt.nets import OptimizerNet
 from lopt.weightspace import WeightSpaceSpec
@@ -68,7 +69,10 @@ def update(
     optimizer-state-sized memory each step (the optimizer classes use it, after
     checking the gradients are finite). ``fused=True`` (no autograd, no vmap)
     runs the net's per-entry part through the fused CPU kernel where it can
-    (:mod:`lopt.fused`): the same formula, in one pass over memory.
+    (:mod:`lopt.fused`): the same formula, in one pass over memory. With
+    both (and ``net_params=None``), a group whose tensors the kernel reads
+    runs as one multi-tensor step (:mod:`lopt.fused_plan`), whose updates
+    are views of a buffer the next such step overwrites.
     ``total_steps`` is the run's step budget (None, or a value <= 0: not
     known), which nets built with ``budget=True`` read.
 
@@ -78,6 +82,10 @@ def update(
     """
     if inplace and guard:
         raise ValueError("inplace=True needs guard=False: an in-place state cannot be rolled back")
+    if inplace and fused and net_params is None:  # the fast path, chosen here alone
+        plan = fused_plan.plan_for(net, spec, params, grads, state)
+        if plan is not None:
+            return fused_plan.step(net, plan, grads, state, total_steps)
     if not spec.has_pieces:
         return _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
                        total_steps)  # fmt: skip

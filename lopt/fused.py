@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "entry_outputs.c"
-ABI = 4  # lopt_entry_outputs_abi() of the C file this wrapper matches
+ABI = 5  # lopt_entry_outputs_abi() of the C file this wrapper matches
 MIN_ENTRIES_PER_THREAD = 32768  # below this, splitting costs more than it saves
 
 _lock = threading.Lock()
@@ -119,6 +119,20 @@ def _load(target: Path) -> ctypes.CDLL:
     fin = lib.lopt_finish
     fin.restype = ctypes.c_double
     fin.argtypes = [i64, ptr, ptr, ptr, i64, ptr, ptr, i64, f32, i32]
+    many = lib.lopt_state_update_many
+    many.restype = i32
+    many.argtypes = [i32, ptr, i32, ptr, f32, ptr, i32]
+    many = lib.lopt_entry_outputs_many
+    many.restype = i32
+    many.argtypes = [i32, ptr, ptr, ptr, ptr, i32, i32, f32, f32, i32, i32, ptr, ptr, ptr, ptr]
+    many.argtypes += [i32, ptr, ptr, ptr, i64, ptr, i32]
+    many = lib.lopt_finish_many
+    many.restype = ctypes.c_double
+    many.argtypes = [i32, ptr, ptr, ptr, i64, ptr, f32, f32, ptr, i32]
+    flat = lib.lopt_flat_terms
+    flat.restype = None
+    flat.argtypes = [i64, ptr, ptr, i64, ptr, ptr, ptr, i32, ptr, ptr, i32, ptr, ptr, i64, ptr]
+    flat.argtypes += [i64, i32]
     return lib
 
 
@@ -377,3 +391,163 @@ def state_update(
 @functools.cache
 def _weights(weights: tuple[float, ...]) -> Tensor:
     return torch.tensor(weights, dtype=torch.float32)  # read by the kernel, never written
+
+
+# The multi-tensor kernels (lopt.fused_plan builds their tables). Each takes
+# a contiguous int64 table, one row a tensor, whose columns hold sizes and
+# the addresses of the tensors' memory.
+STATE_FIELDS = ("n", "p", "g", "m", "m_stride", "v")
+ENTRY_FIELDS = ("n", "p", "g", "m", "m_stride", "v", "offset", "n_out", "stats",
+                "d0", "d1", "d2", "d3", "pool_begin", "pool_end", "scratch")  # fmt: skip
+POOL_FIELDS = ("src", "c0", "nc", "rows", "dst", "soff", "s0", "s1", "s2", "s3",
+               "sd0", "sd1", "sd2", "sd3")  # fmt: skip
+FINISH_FIELDS = ("n", "offset", "d0", "d1", "d2", "d3", "term_begin", "term_end", "rows", "p")
+TERM_FIELDS = ("dir", "mag", "s0", "s1", "s2", "s3")
+MAX_TERMS = 64  # terms of one tensor lopt_finish_many adds
+
+
+def _table(table: Tensor, fields: Sequence[str]) -> int:
+    if table.dtype != torch.int64 or table.dim() != 2 or table.shape[1] != len(fields):
+        raise ValueError(f"a table must be int64 of shape (rows, {len(fields)})")
+    if not table.is_contiguous():
+        raise ValueError("a table must be contiguous")
+    return table.data_ptr()
+
+
+def state_update_many(
+    table: Tensor, weights: Sequence[float], second_moment_decay: float, sums: Tensor
+) -> Tensor:
+    """:func:`state_update` for every tensor of ``table`` (rows of
+    :data:`STATE_FIELDS`) at once, the sums into ``sums`` (float64 ``(rows,
+    k + 3)``)."""
+    lib = _kernel()
+    k = len(weights)
+    if sums.dtype != torch.float64 or tuple(sums.shape) != (table.shape[0], k + 3):
+        raise ValueError(f"sums must be float64 of shape ({table.shape[0]}, {k + 3})")
+    w = _weights(tuple(float(x) for x in weights))
+    code = lib.lopt_state_update_many(
+        table.shape[0], _table(table, STATE_FIELDS), k, w.data_ptr(), second_moment_decay,
+        sums.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if code:
+        raise ValueError(f"the fused kernel takes 1 to 13 momenta, got {k}")
+    return sums
+
+
+def entry_outputs_many(
+    table: Tensor,
+    base_scales: Tensor,
+    pools: Tensor,
+    pool_scales: Tensor,
+    adam_momentum: int,
+    k_momenta: int,
+    rsqrt_c2: float,
+    eps: float,
+    w_in: Tensor,
+    b_in: Tensor,
+    hidden: tuple[Tensor, Tensor] | None,
+    w_out: Tensor,
+    b_out: Tensor,
+    out: Tensor,
+    base: Tensor,
+) -> None:
+    """:func:`entry_outputs` for every tensor of ``table`` (rows of
+    :data:`ENTRY_FIELDS`) at once: tensor i reads ``w_in[i]`` ``(width,
+    features)``, ``w_out[i]`` ``(n_out_max, width)`` (its first ``n_out``
+    rows) and ``b_out[i]``, writes its first two outputs to ``out[:, offset:
+    offset + n]`` and Adam's part times ``base_scales[i]`` to ``base``, and
+    sums its other outputs (and with ``stats`` the three statistics) into
+    the pools of rows ``pool_begin`` to ``pool_end`` of ``pools`` (rows of
+    :data:`POOL_FIELDS`: each writes its sums times its ``pool_scales``
+    entry, channels last, at its ``dst`` address)."""
+    lib = _kernel()
+    count = table.shape[0]
+    width = w_in.shape[1]
+    for x in (base_scales, pool_scales, w_in, b_in, w_out, b_out, out, base):
+        if not accepts(x):
+            raise ValueError("entry_outputs_many reads contiguous float32 CPU tensors")
+    if w_in.shape[0] != count or w_out.shape[0] != count or base_scales.shape != (count,):
+        raise ValueError(f"w_in, w_out and base_scales need one entry per tensor ({count})")
+    if pool_scales.shape != (pools.shape[0],):
+        raise ValueError("pool_scales needs one entry per pool")
+    depth = 1
+    hidden_ptrs = (None, None)
+    if hidden is not None:  # (depth - 1, width, width) and (depth - 1, width)
+        if not accepts(*hidden) or hidden[0].shape[1:] != (width, width):
+            raise ValueError(f"hidden layers must be contiguous float32 ({width}, {width})")
+        depth += hidden[0].shape[0]
+        hidden_ptrs = (hidden[0].data_ptr(), hidden[1].data_ptr())
+    code = lib.lopt_entry_outputs_many(
+        count, _table(table, ENTRY_FIELDS), base_scales.data_ptr(), _table(pools, POOL_FIELDS),
+        pool_scales.data_ptr(), k_momenta, adam_momentum, rsqrt_c2, eps, width, depth,
+        w_in.data_ptr(), b_in.data_ptr(), *hidden_ptrs, w_out.shape[1], w_out.data_ptr(),
+        b_out.data_ptr(), out.data_ptr(), out.stride(0), base.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if code == 2:
+        raise MemoryError("the fused kernel could not allocate its pooling buffers")
+    if code:
+        raise ValueError("the fused kernel rejected the net's shape or a tensor's view")
+
+
+def finish_many(
+    table: Tensor, terms: Tensor, out: Tensor, base: Tensor, max_magnitude: float,
+    scale: float, sums: Tensor,
+) -> float:  # fmt: skip
+    """:func:`finish` for every tensor of ``table`` (rows of
+    :data:`FINISH_FIELDS`) at once, over ``base``: each adds its terms
+    (rows ``term_begin`` to ``term_end`` of ``terms``, rows of
+    :data:`TERM_FIELDS`: an entry reads ``dir[r]`` and ``mag[r]``, ``r`` the
+    sum of its view index times the strides); with ``rows`` > 0 the learned
+    term loses its part along each of the parameter's rows (at address
+    ``p``); then the whole update is multiplied by ``scale``. Each tensor's
+    sum goes to ``sums`` (float64); returns their total (not finite when an
+    update is not)."""
+    lib = _kernel()
+    if not accepts(out, base) or sums.dtype != torch.float64 or sums.shape != (table.shape[0],):
+        raise ValueError("finish_many reads contiguous float32 CPU buffers and float64 sums")
+    return lib.lopt_finish_many(
+        table.shape[0], _table(table, FINISH_FIELDS), _table(terms, TERM_FIELDS), out.data_ptr(),
+        out.stride(0), base.data_ptr(), max_magnitude, scale, sums.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def flat_terms(
+    bags: Tensor,
+    members: Tensor,
+    bias_row: Tensor,
+    bias_index: Tensor,
+    means: Tensor,
+    weights: Tensor,
+    biases: Tensor,
+    row_tensor: Tensor,
+    scales: Tensor,
+    out: Tensor,
+) -> Tensor:
+    """:func:`lopt.nn.flat_terms.buffer_from_means` in one pass, each row
+    then times its tensor's ``scales`` ``(T, 2)``, written to ``out`` ``(2,
+    rows)`` (its rows may lie apart) as direction and log-magnitude (a zero
+    direction when the layer writes the magnitude alone). ``bags`` ``(bags,
+    4)``, sorted by output row, holds each bag's output row, key, number of
+    members and first member in ``members`` (rows of ``means``);
+    ``weights`` is ``(keys, c_in, c_out)``, ``biases`` ``(bias keys,
+    c_out)``."""
+    lib = _kernel()
+    longs = (bags, members, bias_row, bias_index, row_tensor)
+    if any(x.dtype != torch.int64 or not x.is_contiguous() for x in longs) or bags.dim() != 2:
+        raise ValueError("flat_terms reads contiguous int64 index tensors, bags (bags, 4)")
+    if not accepts(means, weights, biases, scales) or weights.dim() != 3:
+        raise ValueError("flat_terms reads contiguous float32 CPU tensors")
+    c_in, c_out = weights.shape[1:]
+    rows = row_tensor.shape[0]
+    if means.shape[1] != c_in or c_in > 256 or c_out not in (1, 2) or out.shape != (2, rows):
+        raise ValueError(f"flat_terms: means ({c_in} channels), c_out 1 or 2, out (2, {rows})")
+    if out.stride(1) != 1 or out.dtype != torch.float32:
+        raise ValueError("flat_terms writes float32 rows")
+    lib.lopt_flat_terms(
+        bags.shape[0], bags.data_ptr(), members.data_ptr(), bias_row.shape[0],
+        bias_row.data_ptr(), bias_index.data_ptr(), means.data_ptr(), c_in, weights.data_ptr(),
+        biases.data_ptr(), c_out, row_tensor.data_ptr(), scales.data_ptr(), rows, out.data_ptr(),
+        out.stride(0), torch.get_num_threads(),
+    )  # fmt: skip
+    return out

@@ -332,12 +332,7 @@ class OptimizerNet(nn.Module):
         float rounding."""
         if fused and torch.is_grad_enabled():
             raise RuntimeError("fused=True is for steps without autograd (torch.no_grad())")
-        c1, c2 = bias_corrections(step)
-        steps_in = step_features(step)
-        bias = self.inp.bias + self.step_inp(steps_in)
-        if self.reads_budget:
-            budget_in = budget_features(step, total_steps)
-            bias = bias + self.budget_inp(budget_in)
+        c1, c2, steps_in, budget_in, bias = self.step_inputs(step, total_steps)
         if squares is None:
             squares = [None] * len(params)
         vectorised = fused and all(sq is not None for sq in squares)
@@ -350,21 +345,8 @@ class OptimizerNet(nn.Module):
                 channel_scales(*state, c1, squares=sq)
                 for *state, sq in zip(params, grads, momenta, second_moments, squares)
             ]
-        # -step_mult and mag_mult are folded into the output layer, so per
-        # entry: update = -lr * adam + o[0] * exp(min(o[1], MAX_LOG_MAGNITUDE)).
-        # The width factor is folded in too, per tensor; per-tensor scalars
-        # are computed for all tensors at once (a step pays per operation).
-        ratios = _width_ratios(spec, self._rule.width_factor_on_input_layers, self.log_lr.device)
-        log_factors = self.fan_in_exp * ratios
-        role_rates = self.role_log_rates(spec)
-        if role_rates is not None:
-            log_factors = log_factors + role_rates
-        factors_all = torch.exp(log_factors)
-        mag = self.log_step_mult.new_tensor(self.mag_mult)
-        out_scales = torch.stack(
-            [-self.log_step_mult.exp() * factors_all, mag.expand_as(factors_all)], -1
-        ).unbind(-2)
-        neg_lrs = (-self.log_lr.exp() * factors_all).unbind(-1)
+        neg_lrs_all, out_scales_all = self.tensor_factors(spec)
+        out_scales, neg_lrs = out_scales_all.unbind(), neg_lrs_all.unbind()
         inputs = [
             TensorInputs(*a)
             for a in zip(
@@ -373,7 +355,7 @@ class OptimizerNet(nn.Module):
         ]
         if vectorised:  # what the fused kernel reads of each tensor, for all at once
             first = (self.inp.weight * scales_all[:, None, :]).unbind()
-            base = (torch.stack(neg_lrs) * scales_all[:, ADAM_CHANNEL]).tolist()
+            base = (neg_lrs_all * scales_all[:, ADAM_CHANNEL]).tolist()
             r = float(c2.rsqrt())
             inputs = [x._replace(first_weight=w, base_scale=b, rsqrt_c2=r)
                       for x, w, b in zip(inputs, first, base)]  # fmt: skip
@@ -389,11 +371,52 @@ class OptimizerNet(nn.Module):
             if tangent:
                 u = tangent_correction(u, torch.cat(bases).reshape(u.shape), x.param)
             updates.append(u)
-        if self.reads_budget:  # the learned schedule: one scalar, one pass
-            log_scale = self.schedule(torch.cat([steps_in, budget_in]))[0]
-            scale = log_scale.clamp(max=MAX_LOG_SCHEDULE).exp().to(updates[0].dtype)
+        scale = self.schedule_scale(steps_in, budget_in)
+        if scale is not None:  # the learned schedule: one scalar, one pass
+            scale = scale.to(updates[0].dtype)
             updates = [u.mul_(scale) if fused else u * scale for u in updates]
         return updates
+
+    def step_inputs(
+        self, step: Tensor, total_steps: Tensor | float | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+        """What every tensor's per-entry part reads of the step: Adam's bias
+        corrections ``c1``, ``c2``, the step features, the budget features
+        (None for a net that does not read the budget) and the trunk's
+        first-layer bias with both folded in."""
+        c1, c2 = bias_corrections(step)
+        steps_in = step_features(step)
+        bias = self.inp.bias + self.step_inp(steps_in)
+        budget_in = None
+        if self.reads_budget:
+            budget_in = budget_features(step, total_steps)
+            bias = bias + self.budget_inp(budget_in)
+        return c1, c2, steps_in, budget_in, bias
+
+    def tensor_factors(self, spec: WeightSpaceSpec) -> tuple[Tensor, Tensor]:
+        """Per tensor of ``spec``: ``-lr`` times its factor (width factor
+        and role rate) ``(T,)``, and what multiplies the output layer's two
+        channels ``(T, 2)``: ``-step_mult`` times the factor, and
+        ``mag_mult``. Folded into the output layer, so per entry ``update =
+        -lr * adam + o[0] * exp(min(o[1], MAX_LOG_MAGNITUDE))``; computed for
+        all tensors at once (a step pays per operation)."""
+        ratios = _width_ratios(spec, self._rule.width_factor_on_input_layers, self.log_lr.device)
+        log_factors = self.fan_in_exp * ratios
+        role_rates = self.role_log_rates(spec)
+        if role_rates is not None:
+            log_factors = log_factors + role_rates
+        factors = torch.exp(log_factors)
+        mag = self.log_step_mult.new_tensor(self.mag_mult)
+        out_scales = torch.stack([-self.log_step_mult.exp() * factors, mag.expand_as(factors)], -1)
+        return -self.log_lr.exp() * factors, out_scales
+
+    def schedule_scale(self, steps_in: Tensor, budget_in: Tensor | None) -> Tensor | None:
+        """The learned schedule's factor on the whole update (a 0-d
+        tensor), or None for a net without one."""
+        if not self.reads_budget:
+            return None
+        log_scale = self.schedule(torch.cat([steps_in, budget_in]))[0]
+        return log_scale.clamp(max=MAX_LOG_SCHEDULE).exp()
 
     @staticmethod
     def _finish(t: TensorSpec, o: Tensor, base: Tensor, terms: list[Tensor], fused: bool) -> Tensor:
@@ -930,12 +953,43 @@ class NFNNet(OptimizerNet):
         if not self.neuron_stats or not have:
             return out
         lay = _stat_layout(spec, have, self.width_free_stats)
-        mult = torch.stack([x.scales for x in inputs])[list(have), ADAM_CHANNEL].square()
-        ones = torch.ones_like(mult)
-        mult = torch.stack([ones, mult, ones], 1)  # (T, 3): Adam's squares get 1 / c1**2
+        adam_scales = torch.stack([x.scales for x in inputs])[list(have), ADAM_CHANNEL]
         rows = torch.cat([sums[i][0] for i in have], 1).t()  # (rows, 3)
         cols = torch.cat([sums[i][1] for i in have], 1).t()
         total = rows.new_zeros(len(have), 3).index_add_(0, lay.row_tensor, rows)
+        per_col = cols.new_zeros(lay.col_slots, 3).index_add_(0, lay.col_slot, cols)
+        row, col, whole = self.stat_term_buffers(
+            lay, adam_scales, rows, per_col, total, scale_nf[list(have), 1]
+        )
+        for j, i in enumerate(have):
+            r0, r1, c0, c1, shapes = lay.pieces[j]
+            terms = [whole[:, j].reshape(2, *shapes[-1])]
+            if len(shapes) == 3:
+                terms = [row[:, r0:r1].reshape(2, *shapes[0]),
+                         col[:, c0:c1].reshape(2, *shapes[1])] + terms  # fmt: skip
+            out[i] = terms
+        return out
+
+    def stat_term_buffers(
+        self,
+        lay: StatLayout,
+        adam_scales: Tensor,
+        rows: Tensor,
+        per_col: Tensor,
+        total: Tensor,
+        scale: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`stat_terms` of the tensors of ``lay`` from their sums of
+        ``p**2``, Adam's direction squared before ``1 / c1`` and ``g**2``: per
+        row of every tensor ``rows`` ``(rows, 3)``, per input-neuron slot
+        ``per_col`` ``(col_slots, 3)`` and per tensor ``total`` ``(T, 3)``.
+        ``adam_scales`` ``(T,)`` is each tensor's Adam channel scale and
+        ``scale`` ``(T,)`` what multiplies its log-magnitude terms. Returns
+        the row, slot and whole-tensor terms as ``(2, rows)``, ``(2,
+        col_slots)`` and ``(2, T)`` buffers (a zero direction row first)."""
+        mult = adam_scales.square()
+        ones = torch.ones_like(mult)
+        mult = torch.stack([ones, mult, ones], 1)  # (T, 3): Adam's squares get 1 / c1**2
         total = total * mult / lay.numel[:, None]
         g_all = total[:, 2:]
         floor = torch.cat([torch.full_like(total[:, :2], STAT_FLOOR**2),
@@ -948,22 +1002,41 @@ class NFNNet(OptimizerNet):
 
         w = self.stat_weight / self.mag_mult
         row = stat(rows * mult[lay.row_tensor] / lay.row_count[:, None], lay.row_tensor)
-        row = (row @ w[STAT_POOLS.index("row")]) * scale_nf[list(have), 1][lay.row_tensor]
-        per_col = cols.new_zeros(lay.col_slots, 3).index_add_(0, lay.col_slot, cols)
+        row = (row @ w[STAT_POOLS.index("row")]) * scale[lay.row_tensor]
         col = stat(per_col * mult[lay.col_tensor] / lay.col_count[:, None], lay.col_tensor)
-        col = (col @ w[STAT_POOLS.index("column")]) * scale_nf[list(have), 1][lay.col_tensor]
+        col = (col @ w[STAT_POOLS.index("column")]) * scale[lay.col_tensor]
         whole = (stat(total, lay.all_tensors) * w[lay.whole_pool]).sum(1)
-        whole = whole * scale_nf[list(have), 1]
+        whole = whole * scale
         zeros = torch.zeros_like
-        row, col, whole = (torch.stack([zeros(v), v]) for v in (row, col, whole))
-        for j, i in enumerate(have):
-            r0, r1, c0, c1, shapes = lay.pieces[j]
-            terms = [whole[:, j].reshape(2, *shapes[-1])]
-            if len(shapes) == 3:
-                terms = [row[:, r0:r1].reshape(2, *shapes[0]),
-                         col[:, c0:c1].reshape(2, *shapes[1])] + terms  # fmt: skip
-            out[i] = terms
-        return out
+        return tuple(torch.stack([zeros(v), v]) for v in (row, col, whole))
+
+    def nf_read(self) -> Tensor:
+        """``(channels, width)``: the rows that give, from the trunk, the
+        channels the NF-layer pools (its projection, or the identity)."""
+        if self.nf_proj is not None:
+            return self.nf_proj.weight
+        width = self.out.weight.shape[1]
+        return torch.eye(width, device=self.out.weight.device)
+
+    def output_layer(
+        self, pointwise_key: str | None, extra_rows: bool, read: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The output layer ``(outputs, width)`` and its bias ``(outputs,
+        1)`` of a tensor whose role has the NF-layer's pointwise weight
+        ``pointwise_key`` (None: none): the shared layer plus that term, and
+        with ``extra_rows`` the rows of :meth:`nf_read` (``read``) after
+        it, with zero biases."""
+        proj = None if self.nf_proj is None else self.nf_proj.weight
+        w_out, b_out = self.out.weight, self.out.bias[:, None]
+        if pointwise_key is not None:
+            pw = self.nf.weights[pointwise_key]
+            pw = self._as_outputs(pw.t() if proj is None else pw.t() @ proj, 0)
+            w_out = w_out + self.nf_scale * pw
+        if extra_rows:
+            read = self.nf_read() if read is None else read
+            w_out = torch.cat([w_out, read])
+            b_out = torch.cat([b_out, b_out.new_zeros(read.shape[0], 1)])
+        return w_out, b_out
 
     def _as_outputs(self, x: Tensor, dim: int) -> Tensor:
         """The NF-layer's output channels (along ``dim``) as the net's two,
@@ -978,7 +1051,6 @@ class NFNNet(OptimizerNet):
         # the trunk's activations.
         needed = self.nf.pools_needed(spec)
         proj = None if self.nf_proj is None else self.nf_proj.weight
-        h_width = self.out.weight.shape[1]
         pooled: dict[tuple[int, tuple[int, ...]], Tensor] = {}
         outs, row_counts, stat_sums = [], [], []
         # The output layer of a tensor: the shared one plus the NF-layer's
@@ -986,7 +1058,7 @@ class NFNNet(OptimizerNet):
         # the NF-layer pools (one pass over h; on the torch path the trunk
         # itself is pooled unless projected); each row scaled by the
         # tensor's out_scale (1 for the read rows). Built once per role.
-        read = proj if proj is not None else torch.eye(h_width, device=self.out.weight.device)
+        read = self.nf_read()
         scales2 = torch.stack([x.out_scale for x in inputs]).unsqueeze(-1)
         ones = scales2.new_ones(len(inputs), read.shape[0], 1)
         scales_read = torch.cat([scales2, ones], 1).unbind()
@@ -1001,15 +1073,7 @@ class NFNNet(OptimizerNet):
             )
             key = (self.nf.pointwise_key(spec, i), extra_rows)
             if key not in layers:
-                w_out, b_out = self.out.weight, self.out.bias[:, None]
-                if key[0] is not None:
-                    pw = self.nf.weights[key[0]]
-                    pw = self._as_outputs(pw.t() if proj is None else pw.t() @ proj, 0)
-                    w_out = w_out + self.nf_scale * pw
-                if extra_rows:
-                    w_out = torch.cat([w_out, read])
-                    b_out = torch.cat([b_out, b_out.new_zeros(read.shape[0], 1)])
-                layers[key] = (w_out, b_out)
+                layers[key] = self.output_layer(*key, read)
             w_out, b_out = layers[key]
             row_scale = scales_read[i] if extra_rows else scales2[i]
             w_out, b_out = w_out * row_scale, b_out * row_scale

@@ -250,12 +250,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
             skipped = bool(new["skipped"] > state["skipped"])
             self._count_skip(index, skipped)
             # One step count for the group, never written in place: shared.
-            for i, p in enumerate(params):
+            for p in params:
                 st = self.state[p]
                 st["skipped"] = new["skipped"]
                 st["step"] = new["step"]
-                if not skipped:
-                    p.add_(updates[i], alpha=group["lr"])
+            if not skipped:  # one operator for all of them
+                torch._foreach_add_(params, updates, alpha=group["lr"])
         return loss
 
     @torch.no_grad()

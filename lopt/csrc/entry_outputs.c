@@ -58,7 +58,7 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 #endif
 #define BLOCK (8 * NV)  /* entries per block */
 
-int lopt_entry_outputs_abi(void) { return 4; }
+int lopt_entry_outputs_abi(void) { return 5; }
 
 static inline v8 splat(float a) { return (v8){a, a, a, a, a, a, a, a}; }
 static inline v8 load(const float *p)
@@ -109,10 +109,27 @@ struct net {
     const float *w_in, *b_in, *w_hidden, *b_hidden, *w_out, *b_out;
 };
 
+/* A pooled sum of the multi-tensor step (see lopt_entry_outputs_many): all
+ * fields int64, so Python passes a table of them as one int64 array. */
+struct pool {
+    int64_t src;     /* -1: summed from the entries; else the index (among its
+                        tensor's pools) of the pool it is summed from */
+    int64_t c0, nc;  /* its channels: rows [c0, c0 + nc) of the outputs */
+    int64_t rows;    /* its rows (each of nc channels) */
+    int64_t dst;     /* address of its result, (rows, nc), channels last */
+    int64_t soff;    /* offset of its sums in its tensor's scratch, (nc, rows) */
+    int64_t s[4];    /* row of an entry (or of a source row): sum of index * s */
+    int64_t sd[4];   /* a derived pool's source dims */
+};
+#define POOL_FIELDS 14
+
 struct tensor {
-    int64_t n, m_stride, cols;
+    int64_t n, m_stride, cols, out_stride;
     const float *p, *g, *m, *v;
     float *out, *base;
+    const int64_t *dims;       /* the multi-tensor step: its view, 4 axes */
+    const struct pool *pools;  /* and its pools (NULL: none, or the matrix ones) */
+    int n_pools;
 };
 
 /* Rows [n_store, n_pool) of one block of entries into the running sums. */
@@ -139,6 +156,73 @@ static void pool_block(const struct net *net, const struct tensor *t, int64_t i0
                 rs[ri] += val;
                 cs[i - ri * t->cols] += val;
             }
+        }
+    }
+}
+
+/* The index of entry e along each of the 4 axes of dims. */
+static inline void unravel(int64_t e, const int64_t *d, int64_t *j)
+{
+    j[3] = e % d[3];
+    e /= d[3];
+    j[2] = e % d[2];
+    e /= d[2];
+    j[1] = e % d[1];
+    j[0] = e / d[1];
+}
+
+static inline void next_index(int64_t *j, const int64_t *d)
+{
+    if (++j[3] == d[3]) {
+        j[3] = 0;
+        if (++j[2] == d[2]) {
+            j[2] = 0;
+            if (++j[1] == d[1]) {
+                j[1] = 0;
+                j[0]++;
+            }
+        }
+    }
+}
+
+/* The block's outputs into the running sums of the pools summed from the
+ * entries (channel-first in acc). A block inside one run of the last axis
+ * adds whole vectors (a pool that keeps that axis) or one sum per channel
+ * (a pool over it). */
+static void pool_generic(const struct tensor *t, int64_t i0, int nb, v8 y[][NV], float *acc)
+{
+    int64_t j[4];
+    unravel(i0, t->dims, j);
+    const int run = nb == BLOCK && j[3] + BLOCK <= t->dims[3];
+    for (int q = 0; q < t->n_pools; q++) {
+        const struct pool *pl = t->pools + q;
+        if (pl->src >= 0)
+            continue;
+        float *a = acc + pl->soff;
+        const int64_t rows = pl->rows, c0 = pl->c0;
+        const int64_t *s = pl->s;
+        if (run && (s[3] == 0 || s[3] == 1)) {
+            const int64_t r0 = j[0] * s[0] + j[1] * s[1] + j[2] * s[2] + j[3] * s[3];
+            for (int64_t c = 0; c < pl->nc; c++) {
+                if (s[3] == 0) {
+                    v8 sum = y[c0 + c][0];
+                    for (int u = 1; u < NV; u++)
+                        sum += y[c0 + c][u];
+                    a[c * rows + r0] += hsum(sum);
+                } else
+                    for (int u = 0; u < NV; u++) {
+                        float *dst = a + c * rows + r0 + 8 * u;
+                        store(dst, load(dst) + y[c0 + c][u]);
+                    }
+            }
+            continue;
+        }
+        int64_t k[4] = {j[0], j[1], j[2], j[3]};
+        for (int b = 0; b < nb; b++) {
+            const int64_t r = k[0] * s[0] + k[1] * s[1] + k[2] * s[2] + k[3] * s[3];
+            for (int64_t c = 0; c < pl->nc; c++)
+                a[c * rows + r] += y[c0 + c][b / 8][b % 8];
+            next_index(k, t->dims);
         }
     }
 }
@@ -242,7 +326,7 @@ static void run_blocks(const struct net *net, const struct tensor *t, int64_t bl
                 r += out_rows(1, net->w_out + r * width, net->b_out + r, width, h, y + r);
         }
         for (int r = 0; r < net->n_store; r++) {
-            float *o = t->out + r * t->n + i0;
+            float *o = t->out + r * t->out_stride + i0;
             if (nb == BLOCK)
                 for (int u = 0; u < NV; u++)
                     store(o + 8 * u, y[r][u]);
@@ -256,7 +340,9 @@ static void run_blocks(const struct net *net, const struct tensor *t, int64_t bl
                 y[net->n_out + 1][u] = x[4 + k][u] * x[4 + k][u];
                 y[net->n_out + 2][u] = x[1][u] * x[1][u];
             }
-        if (t->cols > 0)
+        if (t->pools != NULL)
+            pool_generic(t, i0, nb, y, rows);
+        else if (t->cols > 0)
             pool_block(net, t, i0, nb, y, rows, cols);
         for (int u = 0; u < NV; u++) {
             const v8 scaled = splat(net->base_scale) * x[4 + k][u];
@@ -320,7 +406,7 @@ int lopt_entry_outputs(
     const struct net net = {k_momenta, adam_momentum, width, depth, n_out, n_store, n_pool,
                             rsqrt_c2, eps, base_scale, w_in, b_in, w_hidden, b_hidden,
                             w_out, b_out};
-    const struct tensor t = {n, m_stride, pool_cols, p, g, m, v, out, base};
+    const struct tensor t = {n, m_stride, pool_cols, n, p, g, m, v, out, base, NULL, NULL, 0};
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
     const int nt = thread_count(threads);
     const int pooled = n_pool - n_store;
@@ -527,4 +613,406 @@ double lopt_finish(int64_t n, const float *dir, const float *mag, float *base, i
     for (int id = 0; id < nt; id++)
         total += partial[id];
     return total;
+}
+
+/* ------------------------------------------------------------------------
+ * The multi-tensor step: every tensor of a parameter group in one call per
+ * pass, described by tables the caller builds once per weight space
+ * (lopt.fused_plan). Tensors too small to split between threads are shared
+ * out whole, one thread each; larger ones are split as above. Every sum is
+ * reduced in a fixed order, so results depend only on the thread count.
+ * ------------------------------------------------------------------------ */
+
+#define MIN_ENTRIES_PER_THREAD 32768
+
+static int threads_for(int64_t n, int nt)
+{
+    const int64_t most = n / MIN_ENTRIES_PER_THREAD;
+    return most < 1 ? 1 : most < nt ? (int)most : nt;
+}
+
+/* A state tensor's descriptor (int64): n, p, g, m, m_stride, v. */
+#define STATE_FIELDS 6
+
+int lopt_state_update_many(int count, const int64_t *desc, int k_momenta, const float *weights,
+                           float b2, double *sums, int threads)
+{
+    if (k_momenta < 1 || k_momenta + 3 > MAX_FEATURES)
+        return 1;
+    const int nt = thread_count(threads);
+    for (int pass = 0; pass < 2; pass++) { /* small tensors shared out, then large ones split */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && pass == 0)
+        for (int i = 0; i < count; i++) {
+            const int64_t *d = desc + (int64_t)i * STATE_FIELDS;
+            const int ti = threads_for(d[0], nt);
+            if ((pass == 0) != (ti == 1))
+                continue;
+            lopt_state_update(d[0], (const float *)d[1], (const float *)d[2], (float *)d[3], d[4],
+                              k_momenta, weights, (float *)d[5], b2, sums + i * (k_momenta + 3), ti);
+        }
+    }
+    return 0;
+}
+
+/* A tensor's descriptor (int64) for lopt_entry_outputs_many. */
+enum {
+    E_N, E_P, E_G, E_M, E_M_STRIDE, E_V, E_OFFSET, E_N_OUT, E_STATS, E_D0, E_D1, E_D2, E_D3,
+    E_POOL_BEGIN, E_POOL_END, E_SCRATCH, ENTRY_FIELDS
+};
+
+/* Sum the derived pools from their sources, then write every pool's sums
+ * times its scale to its destination, channels last. */
+static void finish_pools(const struct tensor *t, const float *scale, float *acc)
+{
+    for (int q = 0; q < t->n_pools; q++) {
+        const struct pool *pl = t->pools + q;
+        if (pl->src < 0)
+            continue;
+        const struct pool *sp = t->pools + pl->src;
+        float *a = acc + pl->soff;
+        const float *sa = acc + sp->soff;
+        int64_t k[4] = {0, 0, 0, 0};
+        for (int64_t r = 0; r < sp->rows; r++) {
+            const int64_t dr = k[0] * pl->s[0] + k[1] * pl->s[1] + k[2] * pl->s[2] + k[3] * pl->s[3];
+            for (int64_t c = 0; c < pl->nc; c++)
+                a[c * pl->rows + dr] += sa[c * sp->rows + r];
+            next_index(k, pl->sd);
+        }
+    }
+    for (int q = 0; q < t->n_pools; q++) {
+        const struct pool *pl = t->pools + q;
+        float *dst = (float *)pl->dst;
+        const float *a = acc + pl->soff;
+        for (int64_t r = 0; r < pl->rows; r++)
+            for (int64_t c = 0; c < pl->nc; c++)
+                dst[r * pl->nc + c] = a[c * pl->rows + r] * scale[q];
+    }
+}
+
+/* One tensor's pass on nt threads; returns 2 when scratch cannot be had. */
+static int entry_pass(const struct net *net, const struct tensor *t, int64_t scratch_size,
+                      const float *scale, int nt)
+{
+    const int64_t blocks = (t->n + BLOCK - 1) / BLOCK;
+    float *scratch = NULL;
+    if (scratch_size > 0) {
+        scratch = calloc((size_t)(nt * scratch_size), sizeof(float));
+        if (scratch == NULL)
+            return 2;
+    }
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int64_t b0, b1;
+        const int id = thread_share(blocks, &b0, &b1);
+        run_blocks(net, t, b0, b1, scratch ? scratch + id * scratch_size : NULL, NULL);
+    }
+    if (scratch != NULL) {
+        for (int id = 1; id < nt; id++)
+            for (int64_t i = 0; i < scratch_size; i++)
+                scratch[i] += scratch[id * scratch_size + i];
+        finish_pools(t, scale, scratch);
+        free(scratch);
+    }
+    return 0;
+}
+
+/* lopt_entry_outputs for every tensor of a group: tensor i reads its own
+ * first layer w_in + i * width * nf, output layer w_out + i * n_out_max *
+ * width (its first n_out rows) and bias b_out + i * n_out_max, and the
+ * shared hidden layers; rows 0 and 1 of its outputs go to out + offset and
+ * out + out_stride + offset, Adam's part times base_scale[i] to base +
+ * offset; its pools (rows [pool_begin, pool_end) of the pool table, their
+ * scales alike) sum the other rows, and with stats the three statistics
+ * after them, as struct pool says. */
+int lopt_entry_outputs_many(int count, const int64_t *desc, const float *base_scale,
+                            const int64_t *pool_table, const float *pool_scale, int k_momenta,
+                            int adam_momentum, float rsqrt_c2, float eps, int width, int depth,
+                            const float *w_in, const float *b_in, const float *w_hidden,
+                            const float *b_hidden, int n_out_max, const float *w_out,
+                            const float *b_out, float *out, int64_t out_stride, float *base,
+                            int threads)
+{
+    const int nf = k_momenta + 5;
+    if (width > MAX_WIDTH || width < 1 || depth < 1 || k_momenta + 5 > MAX_FEATURES ||
+        adam_momentum < 0 || adam_momentum >= k_momenta || n_out_max < 2)
+        return 1;
+    for (int i = 0; i < count; i++) {
+        const int64_t *d = desc + (int64_t)i * ENTRY_FIELDS;
+        if (d[E_N_OUT] < 2 || d[E_N_OUT] > n_out_max || d[E_N_OUT] + 3 * d[E_STATS] > MAX_OUT ||
+            d[E_D0] * d[E_D1] * d[E_D2] * d[E_D3] != d[E_N])
+            return 1;
+    }
+    const int nt = thread_count(threads);
+    int status = 0;
+    for (int pass = 0; pass < 2; pass++) { /* small tensors shared out, then large ones split */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && pass == 0) \
+    reduction(| : status)
+        for (int i = 0; i < count; i++) {
+            const int64_t *d = desc + (int64_t)i * ENTRY_FIELDS;
+            const int ti = threads_for(d[E_N], nt);
+            if ((pass == 0) != (ti == 1))
+                continue;
+            const int n_out = (int)d[E_N_OUT];
+            const struct net net = {k_momenta, adam_momentum, width, depth, n_out, 2,
+                                    n_out + (d[E_STATS] ? 3 : 0), rsqrt_c2, eps, base_scale[i],
+                                    w_in + (int64_t)i * width * nf, b_in, w_hidden, b_hidden,
+                                    w_out + (int64_t)i * n_out_max * width,
+                                    b_out + (int64_t)i * n_out_max};
+            const int64_t p0 = d[E_POOL_BEGIN];
+            const struct tensor t = {d[E_N], d[E_M_STRIDE], 0, out_stride,
+                                     (const float *)d[E_P], (const float *)d[E_G],
+                                     (const float *)d[E_M], (const float *)d[E_V],
+                                     out + d[E_OFFSET], base + d[E_OFFSET], d + E_D0,
+                                     (const struct pool *)(pool_table + p0 * POOL_FIELDS),
+                                     (int)(d[E_POOL_END] - p0)};
+            status |= entry_pass(&net, &t, d[E_SCRATCH], pool_scale + p0, ti);
+        }
+    }
+    return status;
+}
+
+/* A tensor's descriptor (int64) for lopt_finish_many, and a term's. */
+enum { F_N, F_OFFSET, F_D0, F_D1, F_D2, F_D3, F_TERM_BEGIN, F_TERM_END, F_ROWS, F_P, FINISH_FIELDS };
+#define TERM_FIELDS 6 /* dir address, mag address, s[4] */
+#define MAX_TERMS 64
+
+struct finish_tensor {
+    const float *dir, *mag;
+    float *base;
+    const int64_t *dims, *terms;
+    int n_terms;
+};
+
+/* Entries [e0, e1) of one tensor: l = (dir + terms) * exp(min(mag + terms,
+ * max_mag)). Without w: base = (base + l) * scale, returning the sum; with
+ * w (the row's weights): base = base + l, adding l . w and w . w to dots. */
+static double finish_entries(const struct finish_tensor *f, int64_t e0, int64_t e1,
+                             float max_mag, float scale, const float *w, float *dots)
+{
+    const int64_t *d = f->dims;
+    double total = 0.0;
+    v8 lw = splat(0.0f), ww = splat(0.0f);
+    float lw_tail = 0.0f, ww_tail = 0.0f;
+    int64_t e = e0;
+    while (e < e1) {
+        int64_t j[4];
+        unravel(e, d, j);
+        const int64_t end = e + (d[3] - j[3]) < e1 ? e + (d[3] - j[3]) : e1;
+        /* Each term at the run's first entry, and whether it moves along it. */
+        const float *td[MAX_TERMS], *tm[MAX_TERMS];
+        int moves[MAX_TERMS];
+        for (int q = 0; q < f->n_terms; q++) {
+            const int64_t *tq = f->terms + q * TERM_FIELDS;
+            const int64_t r = j[0] * tq[2] + j[1] * tq[3] + j[2] * tq[4] + j[3] * tq[5];
+            td[q] = (const float *)tq[0] + r;
+            tm[q] = (const float *)tq[1] + r;
+            moves[q] = tq[5] != 0;
+        }
+        v8 acc = splat(0.0f);
+        int64_t c = e;
+        for (; c + 8 <= end; c += 8) {
+            const int64_t o = c - e;
+            v8 dv = load(f->dir + c), mv = load(f->mag + c);
+            for (int q = 0; q < f->n_terms; q++) {
+                if (moves[q]) {
+                    dv += load(td[q] + o);
+                    mv += load(tm[q] + o);
+                } else {
+                    dv += splat(*td[q]);
+                    mv += splat(*tm[q]);
+                }
+            }
+            const v8 l = dv * vexp(vmin(mv, max_mag));
+            if (w) {
+                const v8 wv = load(w + c - e0);
+                lw += l * wv;
+                ww += wv * wv;
+                store(f->base + c, load(f->base + c) + l);
+            } else {
+                const v8 u = (load(f->base + c) + l) * splat(scale);
+                store(f->base + c, u);
+                acc += u;
+            }
+        }
+        float tail = 0.0f;
+        for (; c < end; c++) {
+            const int64_t o = c - e;
+            float dv = f->dir[c], mv = f->mag[c];
+            for (int q = 0; q < f->n_terms; q++) {
+                dv += moves[q] ? td[q][o] : *td[q];
+                mv += moves[q] ? tm[q][o] : *tm[q];
+            }
+            mv = mv > max_mag ? max_mag : mv;
+            const float l = dv * expf(mv);
+            if (w) {
+                lw_tail += l * w[c - e0];
+                ww_tail += w[c - e0] * w[c - e0];
+                f->base[c] += l;
+            } else {
+                const float u = (f->base[c] + l) * scale;
+                f->base[c] = u;
+                tail += u;
+            }
+        }
+        total += (double)(hsum(acc) + tail);
+        e = end;
+    }
+    if (w) {
+        dots[0] += hsum(lw) + lw_tail;
+        dots[1] += hsum(ww) + ww_tail;
+    }
+    return total;
+}
+
+/* Rows [r0, r1) of a weight (row length len) with the tangent rule: the
+ * learned term's part along each row removed, then the scale. */
+static double finish_rows(const struct finish_tensor *f, const float *p, int64_t len, int64_t r0,
+                          int64_t r1, float max_mag, float scale)
+{
+    double total = 0.0;
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t e0 = r * len;
+        float dots[2] = {0.0f, 0.0f};
+        finish_entries(f, e0, e0 + len, max_mag, scale, p + e0, dots);
+        const float along = dots[0] / (dots[1] + 1e-30f);
+        float *u = f->base + e0;
+        const float *w = p + e0;
+        v8 acc = splat(0.0f);
+        int64_t c = 0;
+        for (; c + 8 <= len; c += 8) {
+            const v8 x = (load(u + c) - splat(along) * load(w + c)) * splat(scale);
+            store(u + c, x);
+            acc += x;
+        }
+        float tail = 0.0f;
+        for (; c < len; c++) {
+            u[c] = (u[c] - along * w[c]) * scale;
+            tail += u[c];
+        }
+        total += (double)(hsum(acc) + tail);
+    }
+    return total;
+}
+
+static double finish_pass(const struct finish_tensor *f, int64_t n, int64_t rows, const float *p,
+                          float max_mag, float scale, int nt)
+{
+    double partial[MAX_THREADS] = {0};
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int64_t a, b;
+        int id;
+        if (rows > 0) {
+            id = thread_share(rows, &a, &b);
+            partial[id] = finish_rows(f, p, n / rows, a, b, max_mag, scale);
+        } else {
+            id = thread_range(n, &a, &b);
+            partial[id] = finish_entries(f, a, b, max_mag, scale, NULL, NULL);
+        }
+    }
+    double total = 0.0;
+    for (int id = 0; id < nt; id++)
+        total += partial[id];
+    return total;
+}
+
+/* The updates of every tensor of a group, over base (see finish_entries and
+ * finish_rows; rows > 0: the tangent rule with the parameter at p); writes
+ * each tensor's sum to sums[i] and returns their total (not finite when an
+ * update is not), or NaN for a bad table. */
+double lopt_finish_many(int count, const int64_t *desc, const int64_t *terms, const float *out,
+                        int64_t out_stride, float *base, float max_mag, float scale,
+                        double *sums, int threads)
+{
+    for (int i = 0; i < count; i++) {
+        const int64_t *d = desc + (int64_t)i * FINISH_FIELDS;
+        if (d[F_TERM_END] - d[F_TERM_BEGIN] > MAX_TERMS || (d[F_ROWS] > 0 && d[F_N] % d[F_ROWS]) ||
+            d[F_D0] * d[F_D1] * d[F_D2] * d[F_D3] != d[F_N])
+            return NAN;
+    }
+    const int nt = thread_count(threads);
+    for (int pass = 0; pass < 2; pass++) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && pass == 0)
+        for (int i = 0; i < count; i++) {
+            const int64_t *d = desc + (int64_t)i * FINISH_FIELDS;
+            const int ti = threads_for(d[F_N], nt);
+            if ((pass == 0) != (ti == 1))
+                continue;
+            const struct finish_tensor f = {out + d[F_OFFSET], out + out_stride + d[F_OFFSET],
+                                            base + d[F_OFFSET], d + F_D0,
+                                            terms + d[F_TERM_BEGIN] * TERM_FIELDS,
+                                            (int)(d[F_TERM_END] - d[F_TERM_BEGIN])};
+            sums[i] = finish_pass(&f, d[F_N], d[F_ROWS], (const float *)d[F_P], max_mag, scale, ti);
+        }
+    }
+    double total = 0.0;
+    for (int i = 0; i < count; i++)
+        total += sums[i];
+    return total;
+}
+
+/* The NF-layer's broadcast terms (lopt.nn.flat_terms) from its pooled means
+ * (rows_p, c_in), channels last: each bag (a row of bags: output row, key,
+ * members, first member in `members`; sorted by output row) adds its key's
+ * weight (c_in, c_out) times the mean of its members' rows of means to its
+ * output row, and each bias row its bias; then every output row is
+ * multiplied by its tensor's two scales (scale[row_tensor[r] * 2 + channel])
+ * and written to dst (2, rows; row stride dst_stride): with c_out == 1 the
+ * direction is 0 and the value is the log-magnitude's. Threads take bag
+ * ranges that end where an output row does, so no row has two writers. */
+static void flat_bags(const int64_t *bags, int64_t b0, int64_t b1, const int64_t *members,
+                      const float *means, int c_in, const float *w, int c_out, float *out[2],
+                      int first)
+{
+    for (int64_t k = b0; k < b1; k++) {
+        const int64_t *bag = bags + 4 * k;
+        const int64_t m = bag[2], *mem = members + bag[3];
+        const float *wk = w + bag[1] * c_in * c_out;
+        float mean[MAX_WIDTH];
+        const float *row = means + mem[0] * c_in;
+        for (int c = 0; c < c_in; c++)
+            mean[c] = row[c];
+        for (int64_t j = 1; j < m; j++) {
+            row = means + mem[j] * c_in;
+            for (int c = 0; c < c_in; c++)
+                mean[c] += row[c];
+        }
+        const float inv = 1.0f / (float)m;
+        for (int o = 0; o < c_out; o++) {
+            float s = 0.0f;
+            for (int c = 0; c < c_in; c++)
+                s += mean[c] * inv * wk[c * c_out + o];
+            out[first + o][bag[0]] += s;
+        }
+    }
+}
+
+void lopt_flat_terms(int64_t n_bags, const int64_t *bags, const int64_t *members, int64_t n_bias,
+                     const int64_t *bias_row, const int64_t *bias_index, const float *means,
+                     int c_in, const float *w, const float *b, int c_out,
+                     const int64_t *row_tensor, const float *scale, int64_t rows, float *dst,
+                     int64_t dst_stride, int threads)
+{
+    float *out[2] = {dst, dst + dst_stride};
+    const int first = c_out == 1 ? 1 : 0; /* the output row of channel 0 */
+    memset(dst, 0, rows * sizeof(float));
+    memset(dst + dst_stride, 0, rows * sizeof(float));
+    const int nt = thread_count(n_bags < 4 * MIN_ENTRIES_PER_THREAD / 16 ? 1 : threads);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int64_t b0, b1;
+        thread_share(n_bags, &b0, &b1);
+        /* Whole rows: start after, and end with, the row a range cuts. */
+        while (b0 > 0 && b0 < n_bags && bags[4 * b0] == bags[4 * (b0 - 1)])
+            b0++;
+        while (b1 > 0 && b1 < n_bags && bags[4 * b1] == bags[4 * (b1 - 1)])
+            b1++;
+        flat_bags(bags, b0, b1, members, means, c_in, w, c_out, out, first);
+    }
+    for (int64_t k = 0; k < n_bias; k++)
+        for (int o = 0; o < c_out; o++)
+            out[first + o][bias_row[k]] += b[bias_index[k] * c_out + o];
+    for (int o = first; o < 2; o++)
+        for (int64_t r = 0; r < rows; r++)
+            out[o][r] *= scale[row_tensor[r] * 2 + o];
 }

@@ -1,0 +1,458 @@
+"""The multi-tensor fused step: every tensor of a parameter group at once.
+
+The per-tensor fused path (:meth:`lopt.nets.OptimizerNet.forward` with
+``fused=True``) pays Python work and dozens of torch operators per tensor;
+on a network of many small tensors (a transformer, a ResNet) that, not the
+arithmetic, is the step's cost. :func:`lopt.functional.update` with
+``inplace=True`` and ``fused=True`` (what the ``torch.optim`` classes run on
+CPU) takes this path instead whenever the fused kernel reads every tensor.
+
+A :class:`FusedPlan` is built once per net structure, weight space and
+memory of the parameters and state: tables that describe every tensor
+(where its parameter, gradient and state lie, its view, the NF-layer's
+pools of it and the terms it adds) and the buffers the kernels write. A step
+is then three kernel calls (:func:`lopt.fused.state_update_many`,
+:func:`~lopt.fused.entry_outputs_many` with every pooled sum,
+:func:`~lopt.fused.finish_many` with every term, the tangent rule and the
+learned schedule) around a fixed number of torch operators for what is per
+tensor or per neuron (channel scales, output layers, the NF-layer's
+broadcast terms, the neuron statistics): neither grows with the number of
+tensors. The formula is :meth:`~lopt.nets.OptimizerNet.forward`'s, and the
+tests hold the two paths to each other.
+
+The updates it returns are views of one buffer the plan owns, which the
+next step overwrites: the optimizer classes add them at once.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lopt import fused as fused_kernel
+from lopt.features import (
+    ADAM_CHANNEL,
+    ADAM_MOMENTUM,
+    EPS,
+    MOMENTUM_DECAYS,
+    SECOND_MOMENT_DECAY,
+    channel_scales_all,
+)
+from lopt.nets import (
+    MAX_LOG_MAGNITUDE,
+    NFNNet,
+    OptimizerNet,
+    StatLayout,
+    _stat_layout,
+)
+from lopt.nn import flat_terms
+from lopt.weightspace import WeightSpaceSpec
+
+AXES = 4  # the kernels see every view as 4 axes (leading ones added)
+PLANS_PER_NET = 4  # plans kept per net (a few models or parameter groups)
+
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class FusedPlan:
+    """The tables and buffers of one weight space's multi-tensor step."""
+
+    spec: WeightSpaceSpec
+    parts: list[tuple[int, int]]  # per tensor: its parameter, its first entry in it
+    state_table: Tensor  # (T, STATE_FIELDS), the gradients' addresses set per step
+    entry_table: Tensor  # (T, ENTRY_FIELDS), likewise
+    pool_table: Tensor  # (pools, POOL_FIELDS)
+    pool_scales: Tensor  # (pools,)
+    finish_table: Tensor  # (T, FINISH_FIELDS)
+    term_table: Tensor  # (terms, TERM_FIELDS)
+    numels: Tensor  # (T, 1) float64
+    layer_keys: list[tuple[str | None, bool]]  # the distinct output layers
+    layer_index: Tensor  # (T,): each tensor's
+    n_out_max: int
+    sums: Tensor  # (T, K + 3) float64: the state pass's sums
+    tensor_sums: Tensor  # (T,) float64: the finish pass's sums
+    out: Tensor  # (2, N): every tensor's two outputs
+    base: Tensor  # (N,): the updates
+    updates: list[Tensor]  # views of base, one per parameter
+    means: Tensor | None  # (rows, channels): the NF-layer's pooled means
+    flat: flat_terms.FlatPlan | None
+    flat_bags: Tensor | None  # (bags, 4): output row, key, members, first member; by row
+    flat_members: Tensor | None  # every bag's members, bag after bag
+    stats: tuple[Tensor, Tensor, Tensor] | None  # row, slot and whole-tensor sums, (., 3)
+    layout: StatLayout | None
+    terms: Tensor  # (2, rows): every term the finish pass adds
+    constants: tuple | None = None  # the last step's NetConstants, with its key
+    net_params: list[Tensor] | None = None  # the net's parameters, whose versions key them
+
+
+def _kept_strides(kept: Sequence[int]) -> list[int]:
+    """Row-major strides, over the 4 axes, of a result that keeps the axes
+    of ``kept`` (sizes over a view; 1 where summed) that are not 1."""
+    k = [1] * (AXES - len(kept)) + list(kept)
+    strides, acc = [0] * AXES, 1
+    for a in reversed(range(AXES)):
+        if k[a] != 1:
+            strides[a] = acc
+            acc *= k[a]
+    return strides
+
+
+def _dims(view: Sequence[int]) -> list[int]:
+    return [1] * (AXES - len(view)) + list(view)
+
+
+def readable(params: Sequence[Tensor], grads: Sequence[Tensor], state: dict) -> bool:
+    """Whether the kernels read every tensor as they are: float32,
+    contiguous, on the CPU, without autograd."""
+    if torch.is_grad_enabled():
+        return False
+    tensors = [*params, *grads, *state["momenta"], *state["second_moment"]]
+    return all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
+    )
+
+
+def plan_for(
+    net: OptimizerNet,
+    spec: WeightSpaceSpec,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: dict,
+) -> FusedPlan | None:
+    """The plan of this step (built on first use), or None when the
+    multi-tensor step cannot run it (the per-tensor path then does)."""
+    if not params or not readable(params, grads, state) or not fused_kernel.available():
+        return None
+    key = (
+        spec,
+        tuple(p.data_ptr() for p in params),
+        tuple(m.data_ptr() for m in state["momenta"]),
+        tuple(v.data_ptr() for v in state["second_moment"]),
+    )
+    plans = _plans.setdefault(net, OrderedDict())
+    if key in plans:
+        plans.move_to_end(key)
+        return plans[key]
+    plan = build(net, spec, params, state["momenta"], state["second_moment"])
+    plans[key] = plan
+    if len(plans) > PLANS_PER_NET:
+        plans.popitem(last=False)
+    return plan
+
+
+def build(
+    net: OptimizerNet,
+    spec: WeightSpaceSpec,
+    params: Sequence[Tensor],
+    momenta: Sequence[Tensor],
+    second_moments: Sequence[Tensor],
+) -> FusedPlan | None:
+    """The plan of ``net`` on ``spec``'s tensors in this memory, or None when
+    a tensor's view has more than 4 axes or the NF-layer's terms are not
+    flat (fixed axes)."""
+    tensors = spec.tensors
+    if any(len(t.view) > AXES for t in tensors):
+        return None
+    nfn = isinstance(net, NFNNet)
+    needed = net.nf.pools_needed(spec) if nfn else {}
+    flat = net.nf.flat_plan(spec) if nfn else None
+    if needed and flat is None:
+        return None
+    channels = net.nf_read().shape[0] if nfn else 0
+    stats = nfn and net.neuron_stats
+    width = net.out.weight.shape[1]
+    n_out_max = 2 + (channels if needed else 0)
+    if n_out_max + 3 * stats > 64 or width > 256:
+        return None
+
+    # Each tensor's parameter, and where its entries start there.
+    parts = []
+    for j, group in enumerate(spec.by_parameter()):
+        for t in group:
+            row = math.prod(t.shape[1:]) if t.shape else 1
+            parts.append((j, 0 if t.part is None else t.part[0] * row))
+    numel = [math.prod(t.shape) for t in tensors]
+    offsets = [0]
+    for n in numel:
+        offsets.append(offsets[-1] + n)
+    total = offsets[-1]
+
+    # The NF-layer's pooled means, in the flat plan's row order.
+    mean_rows: dict[tuple[int, tuple[int, ...]], int] = {}
+    rows = 0
+    for i, pool in flat.pools if flat is not None else ():
+        mean_rows[(i, pool)] = rows
+        rows += math.prod(n for a, n in enumerate(tensors[i].view) if a not in pool)
+    means = torch.zeros(rows, channels) if flat is not None else None
+    layout = _stat_layout(spec, tuple(range(len(tensors))), net.width_free_stats) if stats else None
+    if layout is not None:
+        stat_bufs = (
+            torch.zeros(len(layout.row_tensor), 3),
+            torch.zeros(layout.col_slots, 3),
+            torch.zeros(len(tensors), 3),
+        )
+    else:
+        stat_bufs = None
+    nf_rows = flat.rows if flat is not None else 0
+    stat_rows = [0, 0, 0] if layout is None else [b.shape[0] for b in stat_bufs]
+    term_buf = torch.zeros(2, nf_rows + sum(stat_rows))
+    term_starts = [nf_rows, nf_rows + stat_rows[0], nf_rows + stat_rows[0] + stat_rows[1]]
+
+    def term(start: int, kept: Sequence[int]) -> list[int]:
+        base = term_buf.data_ptr() + 4 * start
+        return [base, base + 4 * term_buf.stride(0), *_kept_strides(kept)]
+
+    layer_keys: list[tuple[str | None, bool]] = []
+    layer_index, pools, pool_scales, entry, finish, terms = [], [], [], [], [], []
+    for i, t in enumerate(tensors):
+        view = list(t.view)
+        dims = _dims(view)
+        mine: list[list[int]] = []  # this tensor's pools, fields but dst and soff
+        scales: list[float] = []
+        dests: list[int] = []
+        n_out = 2
+        tensor_pools = needed.get(i, set())
+        if tensor_pools:
+            n_out = 2 + channels
+            done: dict[tuple[int, ...], int] = {}
+            # Each pool from the largest one summed already (as pooled_sums).
+            for pool in sorted(tensor_pools, key=lambda p: (len(p), p)):
+                kept = [1 if a in pool else n for a, n in enumerate(view)]
+                src = max((q for q in done if q and set(q) <= set(pool)), key=len, default=None)
+                sd = [1] * AXES
+                if src is not None:
+                    sd = _dims([1 if a in src else n for a, n in enumerate(view)])
+                mine.append([-1 if src is None else done[src], 2, channels, math.prod(kept),
+                             *_kept_strides(kept), *sd])  # fmt: skip
+                scales.append(1.0 / math.prod(view[a] for a in pool))
+                dests.append(means.data_ptr() + 4 * channels * mean_rows[(i, pool)])
+                done[pool] = len(mine) - 1
+        if layout is not None:
+            r0, r1, c0, c1, shapes = layout.pieces[i]
+            row_kept = shapes[0] if len(shapes) == 3 else (
+                [view[0]] + [1] * (len(view) - 1) if len(view) >= 2 else [1] * len(view)
+            )  # fmt: skip
+            row_pool = len(mine)
+            mine.append([-1, n_out, 3, r1 - r0, *_kept_strides(row_kept), *[1] * AXES])
+            dests.append(stat_bufs[0].data_ptr() + 4 * 3 * r0)
+            if len(shapes) == 3:
+                mine.append([-1, n_out, 3, c1 - c0, *_kept_strides(shapes[1]), *[1] * AXES])
+                dests.append(stat_bufs[1].data_ptr() + 4 * 3 * c0)
+            mine.append([row_pool, n_out, 3, 1, *[0] * AXES, *_dims(row_kept)])
+            dests.append(stat_bufs[2].data_ptr() + 4 * 3 * i)
+            scales += [1.0] * (len(mine) - len(scales))
+        soff, scratch = [], 0
+        for fields in mine:
+            soff.append(scratch)
+            scratch += fields[2] * fields[3]
+        first_pool = len(pools)
+        for fields, dst, so in zip(mine, dests, soff):
+            pools.append([*fields[:4], dst, so, *fields[4:]])
+        pool_scales += scales
+        key = (net.nf.pointwise_key(spec, i) if nfn else None, bool(tensor_pools))
+        if key not in layer_keys:
+            layer_keys.append(key)
+        layer_index.append(layer_keys.index(key))
+        j, start = parts[i]
+        p_addr = params[j].data_ptr() + 4 * start
+        m = momenta[j]
+        m_addr, m_stride = m.data_ptr() + 4 * start, m.stride(0) if m.shape[0] > 1 else numel[i]
+        v_addr = second_moments[j].data_ptr() + 4 * start
+        entry.append([numel[i], p_addr, 0, m_addr, m_stride, v_addr, offsets[i], n_out,
+                      int(layout is not None), *dims, first_pool, len(pools), scratch])  # fmt: skip
+        # The terms, in the per-tensor path's order: the NF-layer's, then
+        # the statistics' (row, input neuron, whole tensor).
+        first_term = len(terms)
+        for b0, _, shape in flat.blocks[i] if flat is not None else ():
+            terms.append(term(b0, shape))
+        if layout is not None:
+            if len(shapes) == 3:
+                terms.append(term(term_starts[0] + r0, shapes[0]))
+                terms.append(term(term_starts[1] + c0, shapes[1]))
+            terms.append(term(term_starts[2] + i, [1] * len(view)))
+        if len(terms) - first_term > fused_kernel.MAX_TERMS:
+            return None
+        tangent = net.rule.learned_term_tangent and t.kind == "weight" and len(t.shape) >= 2
+        finish.append([numel[i], offsets[i], *dims, first_term, len(terms),
+                       t.shape[0] if tangent else 0, p_addr])  # fmt: skip
+
+    long = torch.int64
+    members = None
+    if flat is not None:
+        members = torch.cat([m.reshape(-1) for m in flat.members] or [torch.zeros(0, dtype=long)])
+    out = torch.empty(2, total)
+    base = torch.empty(total)
+    firsts = {}
+    for i, (j, _) in enumerate(parts):
+        firsts.setdefault(j, offsets[i])
+    updates = [base[firsts[j] : firsts[j] + p.numel()].view(p.shape) for j, p in enumerate(params)]
+    state_table = torch.tensor([row[:6] for row in entry], dtype=long)
+    return FusedPlan(
+        spec=spec,
+        parts=parts,
+        state_table=state_table,
+        entry_table=torch.tensor(entry, dtype=long),
+        pool_table=torch.tensor(pools, dtype=long).reshape(-1, len(fused_kernel.POOL_FIELDS)),
+        pool_scales=torch.tensor(pool_scales, dtype=torch.float32),
+        finish_table=torch.tensor(finish, dtype=long),
+        term_table=torch.tensor(terms, dtype=long).reshape(-1, len(fused_kernel.TERM_FIELDS)),
+        numels=torch.tensor([[max(1, n)] for n in numel], dtype=torch.float64),
+        layer_keys=layer_keys,
+        layer_index=torch.tensor(layer_index, dtype=long),
+        n_out_max=n_out_max,
+        sums=torch.zeros(len(tensors), len(MOMENTUM_DECAYS) + 3, dtype=torch.float64),
+        tensor_sums=torch.zeros(len(tensors), dtype=torch.float64),
+        out=out,
+        base=base,
+        updates=updates,
+        means=means,
+        flat=flat,
+        flat_bags=None if flat is None else _bags_by_row(flat),
+        flat_members=members,
+        stats=stat_bufs,
+        layout=layout,
+        terms=term_buf,
+    )
+
+
+@dataclass
+class NetConstants:
+    """What a step reads of the net that only changes with its parameters."""
+
+    layers: Tensor  # (distinct output layers, n_out_max, width)
+    layer_biases: Tensor  # (distinct output layers, n_out_max)
+    hidden: tuple[Tensor, Tensor] | None  # the hidden layers' weights and biases, stacked
+    key_weights: Tensor | None  # the NF-layer's weights in the flat plan's key order
+    key_biases: Tensor | None
+    neg_lrs: Tensor  # (T,): OptimizerNet.tensor_factors
+    out_scales: Tensor  # (T, 2)
+
+
+def _net_constants(net: OptimizerNet, plan: FusedPlan) -> NetConstants:
+    """The net's constants for ``plan``, rebuilt only when a parameter of
+    the net (its version counter, or the tensor itself) or ``nf_scale``
+    changed since the last step: an optimizer's net rarely changes."""
+    if plan.net_params is None:  # listing a net's parameters costs more than reading them
+        plan.net_params = list(net.parameters())
+    key = (tuple(p._version for p in plan.net_params), getattr(net, "nf_scale", None))
+    if plan.constants is not None and plan.constants[0] == key:
+        return plan.constants[1]
+    if isinstance(net, NFNNet):
+        read = net.nf_read()
+        built = [net.output_layer(k, extra, read) for k, extra in plan.layer_keys]
+    else:
+        built = [(net.out.weight, net.out.bias[:, None])]
+    pad = plan.n_out_max
+    pad_rows = torch.nn.functional.pad
+    layers = torch.stack([pad_rows(w, (0, 0, 0, pad - w.shape[0])) for w, _ in built])
+    biases = torch.stack([pad_rows(b[:, 0], (0, pad - b.shape[0])) for _, b in built])
+    hidden = None
+    if len(net.hidden):
+        hidden = (
+            torch.stack([lay.weight for lay in net.hidden]).contiguous(),
+            torch.stack([lay.bias for lay in net.hidden]).contiguous(),
+        )
+    key_weights = key_biases = None
+    if plan.flat is not None:
+        c_out = 2 if net.nf_outputs == "both" else 1
+        keys, bias_keys = plan.flat.keys, plan.flat.bias_keys
+        key_weights = torch.zeros(0, 1, c_out)
+        key_biases = torch.zeros(0, c_out)
+        if keys:
+            key_weights = torch.stack([net.nf.weights[k] for k in keys])
+        if bias_keys:
+            key_biases = torch.stack([net.nf.biases[k] for k in bias_keys])
+    neg_lrs, out_scales = net.tensor_factors(plan.spec)
+    constants = NetConstants(layers, biases, hidden, key_weights, key_biases, neg_lrs, out_scales)
+    plan.constants = (key, constants)
+    return constants
+
+
+def _bags_by_row(flat: flat_terms.FlatPlan) -> Tensor:
+    """The flat plan's bags as rows (output row, key, members, first
+    member), sorted by output row (stable)."""
+    sizes = [torch.full((m.shape[0],), m.shape[1], dtype=torch.int64) for m in flat.members]
+    size = torch.cat(sizes) if sizes else torch.zeros(0, dtype=torch.int64)
+    first = torch.cumsum(size, 0) - size
+    bags = torch.stack([flat.bag_row, flat.bag_key, size, first], 1)
+    order = torch.sort(flat.bag_row, stable=True).indices
+    return bags[order].contiguous()
+
+
+def _output_layers(
+    plan: FusedPlan, constants: NetConstants, out_scales: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Every tensor's output layer ``(T, n_out_max, width)`` and bias ``(T,
+    n_out_max)``, its two rows times the tensor's ``out_scales``."""
+    weights, biases, pad = constants.layers, constants.layer_biases, plan.n_out_max
+    row_scales = torch.cat([out_scales, out_scales.new_ones(len(out_scales), pad - 2)], 1)
+    w_all = weights[plan.layer_index] * row_scales[:, :, None]
+    b_all = biases[plan.layer_index] * row_scales
+    return w_all.contiguous(), b_all.contiguous()
+
+
+def step(
+    net: OptimizerNet,
+    plan: FusedPlan,
+    grads: Sequence[Tensor],
+    state: dict,
+    total_steps: Tensor | float | None,
+) -> tuple[list[Tensor], dict]:
+    """One in-place step of every tensor of ``plan``: the updates (views of
+    the plan's buffer) and the state (its momenta and second moments
+    updated in place), as :func:`lopt.functional.update` with
+    ``guard=False`` returns them."""
+    addresses = [g.data_ptr() for g in grads]
+    g_addr = torch.tensor([addresses[j] + 4 * start for j, start in plan.parts], dtype=torch.int64)
+    plan.state_table[:, 2] = g_addr
+    plan.entry_table[:, 2] = g_addr
+    step_t = state["step"] + 1
+    weights = [1 - d for d in MOMENTUM_DECAYS]
+    sums = fused_kernel.state_update_many(plan.state_table, weights, SECOND_MOMENT_DECAY, plan.sums)
+    c1, c2, steps_in, budget_in, bias = net.step_inputs(step_t, total_steps)
+    scales = channel_scales_all(sums, plan.numels, c1)
+    constants = _net_constants(net, plan)
+    neg_lrs, out_scales = constants.neg_lrs, constants.out_scales
+    w_in = (net.inp.weight * scales[:, None, :]).contiguous()
+    adam_scales = scales[:, ADAM_CHANNEL]
+    base_scales = (neg_lrs * adam_scales).contiguous()
+    w_out, b_out = _output_layers(plan, constants, out_scales)
+    fused_kernel.entry_outputs_many(
+        plan.entry_table, base_scales, plan.pool_table, plan.pool_scales, ADAM_MOMENTUM,
+        len(MOMENTUM_DECAYS), float(c2.rsqrt()), EPS, w_in, bias.contiguous(),
+        constants.hidden, w_out, b_out, plan.out, plan.base,
+    )  # fmt: skip
+    if isinstance(net, NFNNet):
+        scale_nf = net.nf_scale * out_scales
+        flat = plan.flat
+        if flat is not None and flat.rows:
+            fused_kernel.flat_terms(
+                plan.flat_bags, plan.flat_members, flat.bias_row, flat.bias_index, plan.means,
+                constants.key_weights, constants.key_biases, flat.row_tensor,
+                scale_nf.contiguous(), plan.terms[:, : flat.rows],
+            )  # fmt: skip
+        if plan.layout is not None:
+            stats = net.stat_term_buffers(plan.layout, adam_scales, *plan.stats, scale_nf[:, 1])
+            torch.cat(stats, 1, out=plan.terms[:, flat.rows if flat is not None else 0 :])
+    schedule = net.schedule_scale(steps_in, budget_in)
+    total = fused_kernel.finish_many(
+        plan.finish_table, plan.term_table, plan.out, plan.base, MAX_LOG_MAGNITUDE,
+        1.0 if schedule is None else float(schedule), plan.tensor_sums,
+    )  # fmt: skip
+    # Finite gradients (their squares' sum) and finite updates, as all_finite reads them.
+    ok = math.isfinite(total) and math.isfinite(float(sums[:, 1].sum()))
+    skipped = state["skipped"] + (0.0 if ok else 1.0)
+    new_state = {
+        "momenta": state["momenta"],
+        "second_moment": state["second_moment"],
+        "step": step_t,
+        "skipped": skipped,
+    }
+    return plan.updates, new_state

@@ -1,0 +1,230 @@
+"""The multi-tensor fused step (lopt.fused_plan) against the torch path."""
+
+import copy
+
+import pytest
+import torch
+from helpers import architectures, make_mlp, random_state
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lopt
+from lopt import WeightSpaceSpec, functional, fused, fused_plan
+from lopt.nets import NFNNet, PerParamMLP
+from tasks.models import ResNet, TransformerLM
+
+pytestmark = pytest.mark.skipif(
+    not fused.available(), reason=f"no fused kernel: {fused.unavailable_reason()}"
+)
+
+
+def strong(kind, depth=1):
+    """A random net of ``kind`` whose learned term dominates the update."""
+    kw = dict(depth=depth, out_scale=1.0, step_mult=1e-2, lr=1e-4)
+    if kind == "mlp":
+        return PerParamMLP(**kw)
+    if kind == "mlp-budget":
+        return PerParamMLP(budget=True, **kw)
+    net = NFNNet(
+        nf_channels=3 if kind in ("nfn-proj", "nfn-real-like") else None,
+        nf_outputs="magnitude" if kind in ("nfn-magnitude", "nfn-real-like") else "both",
+        neuron_stats=kind in ("nfn-stats", "nfn-real-like"),
+        width_free_stats=kind == "nfn-real-like",
+        budget=kind == "nfn-real-like",
+        role_rates=kind == "nfn-real-like",
+        **kw,
+    )
+    with torch.no_grad():
+        if net.neuron_stats:
+            net.stat_weight.normal_(std=0.3)
+        if kind == "nfn-real-like":
+            for rate in net.role_log_rate.values():
+                rate.normal_(std=0.3)
+    return net
+
+
+def step_both(net, spec, params, grads, state, total_steps=None):
+    """The torch path's update and state, and the multi-tensor step's (which
+    must be the path taken)."""
+    mine = copy.deepcopy(state)
+    with torch.no_grad():
+        assert fused_plan.plan_for(net, spec, params, grads, mine) is not None
+        ref = functional.update(net, spec, None, grads, state, params, total_steps=total_steps)
+        out = functional.update(net, spec, None, grads, mine, params, guard=False, inplace=True,
+                                fused=True, total_steps=total_steps)  # fmt: skip
+    return ref, out, mine
+
+
+def assert_same_step(ref, out, held):
+    (ref_u, ref_state), (out_u, out_state) = ref, out
+    for a, b in zip(out_u, ref_u):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(a.abs().sum() > 0 for a in out_u)
+    for key in ("momenta", "second_moment"):
+        for a, b, mine in zip(out_state[key], ref_state[key], held[key]):
+            torch.testing.assert_close(a, b)
+            assert a.data_ptr() == mine.data_ptr()  # in place
+    assert torch.equal(out_state["step"], ref_state["step"])
+    assert torch.equal(out_state["skipped"], ref_state["skipped"])
+
+
+KINDS = ["mlp", "mlp-budget", "nfn", "nfn-proj", "nfn-magnitude", "nfn-stats", "nfn-real-like"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    arch=architectures(),
+    kind=st.sampled_from(KINDS),
+    depth=st.integers(1, 2),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_multi_tensor_step_equals_the_torch_path(arch, kind, depth, threads, seed):
+    module, _ = arch
+    torch.manual_seed(seed)
+    net = strong(kind, depth)
+    spec = WeightSpaceSpec.from_module(module)
+    params = [p.detach().clone() for p in module.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref, out, mine = step_both(net, spec, params, grads, random_state(params, seed), 50)
+    finally:
+        torch.set_num_threads(old)
+    assert_same_step(ref, out, mine)
+
+
+def real_models():
+    torch.manual_seed(0)
+    return {
+        "transformer": TransformerLM(13, 8, 16, 4, 2),
+        "resnet-bn": ResNet((3, 8, 8), 8, 2, 5),
+        "wide-mlp": make_mlp([40, 300, 10]),  # split between threads
+    }
+
+
+@pytest.mark.parametrize("name", ["transformer", "resnet-bn", "wide-mlp"])
+@pytest.mark.parametrize("kind", ["nfn-real-like", "mlp-budget"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_multi_tensor_step_equals_the_torch_path_on_real_models(name, kind, threads):
+    # Packed attention projections (pieces), 4-axis views, norms,
+    # embeddings, convolutions; tensors shared out whole and split.
+    model = real_models()[name]
+    net = strong(kind)
+    spec = WeightSpaceSpec.from_module(model)
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref, out, mine = step_both(net, spec, params, grads, random_state(params, 4), 300)
+    finally:
+        torch.set_num_threads(old)
+    assert_same_step(ref, out, mine)
+
+
+def test_a_tensor_the_kernel_cannot_read_takes_the_per_tensor_path():
+    torch.manual_seed(1)
+    model = make_mlp([5, 7, 3])
+    net = strong("nfn-stats")
+    spec = WeightSpaceSpec.from_module(model)
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    grads[0] = torch.randn(params[0].shape[::-1]).t()  # not contiguous
+    state = random_state(params, 3)
+    with torch.no_grad():
+        assert fused_plan.plan_for(net, spec, params, grads, state) is None
+        ref = functional.update(net, spec, None, grads, copy.deepcopy(state), params)
+        out = functional.update(net, spec, None, grads, state, params, guard=False, inplace=True,
+                                fused=True)  # fmt: skip
+    for a, b in zip(out[0], ref[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_a_non_finite_update_counts_a_skipped_step():
+    model = make_mlp([4, 6, 2])
+    net = strong("nfn")
+    spec = WeightSpaceSpec.from_module(model)
+    params = [p.detach().clone() for p in model.parameters()]
+    params[0][0, 0] = float("inf")  # a finite gradient, an update that is not
+    grads = [torch.randn_like(p) for p in params]
+    state = random_state(params, 5)
+    with torch.no_grad():
+        assert fused_plan.plan_for(net, spec, params, grads, state) is not None
+        _, new = functional.update(net, spec, None, grads, state, params, guard=False,
+                                   inplace=True, fused=True)  # fmt: skip
+    assert new["skipped"].item() == 1.0 and new["step"].item() == 8.0
+
+
+@pytest.mark.parametrize("cls", [lopt.NFNOptimizer, lopt.MLPOptimizer])
+def test_the_optimizer_steps_a_transformer_as_the_torch_path_does(cls):
+    # Step after step from the same parameters and state (a run of either
+    # drifts apart from float rounding alone: training amplifies it), the
+    # multi-tensor step with its plan cached over steps.
+    torch.manual_seed(0)
+    model = TransformerLM(13, 8, 16, 4, 1)
+    twin = copy.deepcopy(model)
+    net = lopt.load("nfn-real" if cls is lopt.NFNOptimizer else "mlp-real")[0]
+    a = cls(model.parameters(), model=model, net=net, fused=True, total_steps=20)
+    b = cls(twin.parameters(), model=twin, net=copy.deepcopy(net), fused=False, total_steps=20)
+    tokens = torch.randint(0, 13, (4, 9))
+    for _ in range(6):
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), twin.parameters()):
+                q.copy_(p)
+        b.load_state_dict(copy.deepcopy(a.state_dict()))
+        before = [p.detach().clone() for p in model.parameters()]
+        for m, opt in ((model, a), (twin, b)):
+            opt.zero_grad()
+            logits = m(tokens[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+        for p, q, p0 in zip(model.parameters(), twin.parameters(), before):
+            torch.testing.assert_close(p - p0, q - p0, rtol=1e-4, atol=1e-6)
+
+
+def test_a_state_dict_round_trip_continues_the_run_to_the_last_bit():
+    torch.manual_seed(2)
+    model = ResNet((3, 8, 8), 8, 1, 5)
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
+
+    def train(m, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+
+    net = strong("nfn-real-like")
+    opt = lopt.NFNOptimizer(model.parameters(), model=model, net=net, fused=True)
+    train(model, opt, 3)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, 3)
+    twin = ResNet((3, 8, 8), 8, 1, 5)
+    twin.load_state_dict(saved_model)
+    again = lopt.NFNOptimizer(twin.parameters(), model=twin, net=copy.deepcopy(net), fused=True)
+    again.load_state_dict(saved_opt)
+    train(twin, again, 3)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_the_kernels_reject_bad_tables_and_write_nothing():
+    base = torch.ones(8)
+    out = torch.zeros(2, 8)
+    sums = torch.zeros(1, dtype=torch.float64)
+    terms = torch.zeros(fused.MAX_TERMS + 1, len(fused.TERM_FIELDS), dtype=torch.int64)
+    table = torch.tensor([[8, 0, 1, 1, 1, 8, 0, fused.MAX_TERMS + 1, 0, 0]])
+    with torch.no_grad():
+        total = fused.finish_many(table, terms, out, base, 10.0, 1.0, sums)
+        assert total != total  # NaN: too many terms for one tensor
+        assert torch.equal(base, torch.ones(8))
+        with pytest.raises(ValueError, match="int64 of shape"):
+            fused.finish_many(table[:, :5], terms, out, base, 10.0, 1.0, sums)
+        with pytest.raises(ValueError, match="float64 of shape"):
+            fused.state_update_many(
+                torch.zeros(1, 6, dtype=torch.int64), [0.1], 0.9, torch.zeros(1, 3)
+            )
+    assert torch.equal(base, torch.ones(8))
