@@ -133,6 +133,10 @@ def _load(target: Path) -> ctypes.CDLL:
     flat.restype = None
     flat.argtypes = [i64, ptr, ptr, i64, ptr, ptr, ptr, i32, ptr, ptr, i32, ptr, ptr, i64, ptr]
     flat.argtypes += [i64, i32]
+    stat = lib.lopt_stat_terms
+    stat.restype = None
+    stat.argtypes = [i64, i64, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    stat.argtypes += [ptr, i32, i32, f32, ptr, i64]
     return lib
 
 
@@ -549,5 +553,49 @@ def flat_terms(
         bias_row.data_ptr(), bias_index.data_ptr(), means.data_ptr(), c_in, weights.data_ptr(),
         biases.data_ptr(), c_out, row_tensor.data_ptr(), scales.data_ptr(), rows, out.data_ptr(),
         out.stride(0), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def stat_terms(
+    sums: tuple[Tensor, Tensor, Tensor],
+    row_tensor: Tensor,
+    row_count: Tensor,
+    slot_tensor: Tensor,
+    slot_count: Tensor,
+    numel: Tensor,
+    shift: Tensor,
+    whole_pool: Tensor,
+    adam_scales: Tensor,
+    scales: Tensor,
+    weights: Tensor,
+    row_pool: int,
+    column_pool: int,
+    stat_floor: float,
+    out: Tensor,
+) -> Tensor:
+    """:meth:`lopt.nets.NFNNet.stat_term_buffers` in one pass: from the sums
+    ``(rows, 3)``, ``(slots, 3)`` and ``(T, 3)`` and the layout (per row and
+    slot its tensor and entry count; per tensor its entries, the shift of
+    its parameter statistic and the pool of its whole-tensor term), with
+    ``weights`` ``(pools, 3)`` (the statistics' coefficients over
+    ``mag_mult``), writes the row, slot and tensor terms to ``out`` ``(2,
+    rows + slots + T)`` (its rows may lie apart), a zero direction row
+    first."""
+    lib = _kernel()
+    rows, slots, count = (x.shape[0] for x in sums)
+    longs = (row_tensor, slot_tensor, whole_pool)
+    floats = (*sums, row_count, slot_count, numel, shift, adam_scales, scales, weights)
+    if any(x.dtype != torch.int64 or not x.is_contiguous() for x in longs):
+        raise ValueError("stat_terms reads contiguous int64 index tensors")
+    if not accepts(*floats) or any(x.shape[1:] != (3,) for x in sums):
+        raise ValueError("stat_terms reads contiguous float32 CPU tensors, sums (., 3)")
+    if out.shape != (2, rows + slots + count) or out.stride(1) != 1 or out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 rows of shape (2, {rows + slots + count})")
+    lib.lopt_stat_terms(
+        rows, slots, count, *(x.data_ptr() for x in sums), row_tensor.data_ptr(),
+        row_count.data_ptr(), slot_tensor.data_ptr(), slot_count.data_ptr(), numel.data_ptr(),
+        shift.data_ptr(), whole_pool.data_ptr(), adam_scales.data_ptr(), scales.data_ptr(),
+        weights.data_ptr(), row_pool, column_pool, stat_floor, out.data_ptr(), out.stride(0),
     )  # fmt: skip
     return out

@@ -46,6 +46,8 @@ from lopt.features import (
 )
 from lopt.nets import (
     MAX_LOG_MAGNITUDE,
+    STAT_FLOOR,
+    STAT_POOLS,
     NFNNet,
     OptimizerNet,
     StatLayout,
@@ -333,6 +335,7 @@ class NetConstants:
     key_biases: Tensor | None
     neg_lrs: Tensor  # (T,): OptimizerNet.tensor_factors
     out_scales: Tensor  # (T, 2)
+    stat_weights: Tensor | None  # (pools, 3): the statistics' coefficients over mag_mult
 
 
 def _net_constants(net: OptimizerNet, plan: FusedPlan) -> NetConstants:
@@ -370,7 +373,12 @@ def _net_constants(net: OptimizerNet, plan: FusedPlan) -> NetConstants:
         if bias_keys:
             key_biases = torch.stack([net.nf.biases[k] for k in bias_keys])
     neg_lrs, out_scales = net.tensor_factors(plan.spec)
-    constants = NetConstants(layers, biases, hidden, key_weights, key_biases, neg_lrs, out_scales)
+    stat_weights = None
+    if getattr(net, "neuron_stats", False):
+        stat_weights = (net.stat_weight / net.mag_mult).contiguous()
+    constants = NetConstants(
+        layers, biases, hidden, key_weights, key_biases, neg_lrs, out_scales, stat_weights
+    )
     plan.constants = (key, constants)
     return constants
 
@@ -439,8 +447,14 @@ def step(
                 scale_nf.contiguous(), plan.terms[:, : flat.rows],
             )  # fmt: skip
         if plan.layout is not None:
-            stats = net.stat_term_buffers(plan.layout, adam_scales, *plan.stats, scale_nf[:, 1])
-            torch.cat(stats, 1, out=plan.terms[:, flat.rows if flat is not None else 0 :])
+            lay = plan.layout
+            fused_kernel.stat_terms(
+                plan.stats, lay.row_tensor, lay.row_count, lay.col_tensor, lay.col_count,
+                lay.numel, lay.shift, lay.whole_pool, adam_scales.contiguous(),
+                scale_nf[:, 1].contiguous(), constants.stat_weights, STAT_POOLS.index("row"),
+                STAT_POOLS.index("column"), STAT_FLOOR,
+                plan.terms[:, flat.rows if flat is not None else 0 :],
+            )  # fmt: skip
     schedule = net.schedule_scale(steps_in, budget_in)
     total = fused_kernel.finish_many(
         plan.finish_table, plan.term_table, plan.out, plan.base, MAX_LOG_MAGNITUDE,

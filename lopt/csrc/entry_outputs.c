@@ -1016,3 +1016,58 @@ void lopt_flat_terms(int64_t n_bags, const int64_t *bags, const int64_t *members
         for (int64_t r = 0; r < rows; r++)
             out[o][r] *= scale[row_tensor[r] * 2 + o];
 }
+
+/* The neuron statistics' log-magnitude terms (lopt.nets.NFNNet.stat_term_buffers)
+ * from the sums of p^2, Adam's direction squared before 1 / c1 and g^2 per
+ * row (rows, 3), per input-neuron slot (slots, 3) and per tensor (count, 3):
+ * with mult = (1, adam_scale^2, 1) and mean = sum * mult / entries, each
+ * statistic is 0.5 log(mean + floor) + offset, where floor = (f^2, f^2, f^2
+ * g_all + 1e-30) and offset = (shift, 0, -0.5 log(g_all + floor_g)) from
+ * the tensor's mean g^2 g_all; a row's term is its statistics times
+ * w[ROW], a slot's times w[COLUMN], a tensor's times w[its pool], each times
+ * the tensor's scale. Written to dst (2, rows + slots + count; row stride
+ * dst_stride), direction rows zero. */
+void lopt_stat_terms(int64_t rows, int64_t slots, int count, const float *row_sums,
+                     const float *slot_sums, const float *tensor_sums, const int64_t *row_tensor,
+                     const float *row_count, const int64_t *slot_tensor, const float *slot_count,
+                     const float *numel, const float *shift, const int64_t *whole_pool,
+                     const float *adam_scale, const float *scale, const float *w, int row_pool,
+                     int column_pool, float stat_floor, float *dst, int64_t dst_stride)
+{
+    const int64_t n = rows + slots + count;
+    float *dir = dst, *mag = dst + dst_stride;
+    memset(dir, 0, n * sizeof(float));
+    const float f2 = stat_floor * stat_floor;
+    for (int64_t k = 0; k < n; k++) {
+        int64_t i;
+        const float *sums;
+        float entries;
+        const float *wk;
+        if (k < rows) {
+            i = row_tensor[k];
+            sums = row_sums + 3 * k;
+            entries = row_count[k];
+            wk = w + 3 * row_pool;
+        } else if (k < rows + slots) {
+            i = slot_tensor[k - rows];
+            sums = slot_sums + 3 * (k - rows);
+            entries = slot_count[k - rows];
+            wk = w + 3 * column_pool;
+        } else {
+            i = k - rows - slots;
+            sums = tensor_sums + 3 * i;
+            entries = numel[i];
+            wk = w + 3 * whole_pool[i];
+        }
+        const float *t = tensor_sums + 3 * i;
+        const float g_all = t[2] / numel[i];
+        const float floor_g = f2 * g_all + 1e-30f;
+        const float mult[3] = {1.0f, adam_scale[i] * adam_scale[i], 1.0f};
+        const float floors[3] = {f2, f2, floor_g};
+        const float offsets[3] = {shift[i], 0.0f, -0.5f * logf(g_all + floor_g)};
+        float s = 0.0f;
+        for (int q = 0; q < 3; q++)
+            s += (0.5f * logf(sums[q] * mult[q] / entries + floors[q]) + offsets[q]) * wk[q];
+        mag[k] = s * scale[i];
+    }
+}
