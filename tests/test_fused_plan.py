@@ -26,7 +26,7 @@ def strong(kind, depth=1):
     if kind == "mlp-budget":
         return PerParamMLP(budget=True, **kw)
     net = NFNNet(
-        nf_channels=3 if kind in ("nfn-proj", "nfn-real-like") else None,
+        nf_channels={"nfn-proj": 3, "nfn-real-like": 4}.get(kind),  # 4: the unrolled kernel
         nf_outputs="magnitude" if kind in ("nfn-magnitude", "nfn-real-like") else "both",
         neuron_stats=kind in ("nfn-stats", "nfn-real-like"),
         width_free_stats=kind == "nfn-real-like",

@@ -217,11 +217,24 @@ static void pool_generic(const struct tensor *t, int64_t i0, int nb, v8 y[][NV],
             }
             continue;
         }
+        /* Run by run of the last axis: a pool over it adds one sum per run. */
         int64_t k[4] = {j[0], j[1], j[2], j[3]};
-        for (int b = 0; b < nb; b++) {
+        for (int b = 0; b < nb;) {
+            const int64_t left = t->dims[3] - k[3];
+            const int run = left < nb - b ? (int)left : nb - b;
             const int64_t r = k[0] * s[0] + k[1] * s[1] + k[2] * s[2] + k[3] * s[3];
-            for (int64_t c = 0; c < pl->nc; c++)
-                a[c * rows + r] += y[c0 + c][b / 8][b % 8];
+            for (int64_t c = 0; c < pl->nc; c++) {
+                if (s[3] == 0) {
+                    float sum = 0.0f;
+                    for (int x = b; x < b + run; x++)
+                        sum += y[c0 + c][x / 8][x % 8];
+                    a[c * rows + r] += sum;
+                } else
+                    for (int x = b; x < b + run; x++)
+                        a[c * rows + r + (x - b) * s[3]] += y[c0 + c][x / 8][x % 8];
+            }
+            b += run;
+            k[3] = t->dims[3] - 1;
             next_index(k, t->dims);
         }
     }
@@ -793,34 +806,40 @@ static double finish_entries(const struct finish_tensor *f, int64_t e0, int64_t 
     double total = 0.0;
     v8 lw = splat(0.0f), ww = splat(0.0f);
     float lw_tail = 0.0f, ww_tail = 0.0f;
+    /* Terms that move along the last axis are added per entry; the others
+     * are constant over a run of it and are summed once per run. */
+    int moving[MAX_TERMS], fixed[MAX_TERMS], n_moving = 0, n_fixed = 0;
+    for (int q = 0; q < f->n_terms; q++) {
+        if (f->terms[q * TERM_FIELDS + 5] != 0)
+            moving[n_moving++] = q;
+        else
+            fixed[n_fixed++] = q;
+    }
+    int64_t j[4];
+    unravel(e0, d, j);
     int64_t e = e0;
     while (e < e1) {
-        int64_t j[4];
-        unravel(e, d, j);
         const int64_t end = e + (d[3] - j[3]) < e1 ? e + (d[3] - j[3]) : e1;
-        /* Each term at the run's first entry, and whether it moves along it. */
         const float *td[MAX_TERMS], *tm[MAX_TERMS];
-        int moves[MAX_TERMS];
         for (int q = 0; q < f->n_terms; q++) {
             const int64_t *tq = f->terms + q * TERM_FIELDS;
             const int64_t r = j[0] * tq[2] + j[1] * tq[3] + j[2] * tq[4] + j[3] * tq[5];
             td[q] = (const float *)tq[0] + r;
             tm[q] = (const float *)tq[1] + r;
-            moves[q] = tq[5] != 0;
+        }
+        float cd = 0.0f, cm = 0.0f;
+        for (int k = 0; k < n_fixed; k++) {
+            cd += *td[fixed[k]];
+            cm += *tm[fixed[k]];
         }
         v8 acc = splat(0.0f);
         int64_t c = e;
         for (; c + 8 <= end; c += 8) {
             const int64_t o = c - e;
-            v8 dv = load(f->dir + c), mv = load(f->mag + c);
-            for (int q = 0; q < f->n_terms; q++) {
-                if (moves[q]) {
-                    dv += load(td[q] + o);
-                    mv += load(tm[q] + o);
-                } else {
-                    dv += splat(*td[q]);
-                    mv += splat(*tm[q]);
-                }
+            v8 dv = load(f->dir + c) + splat(cd), mv = load(f->mag + c) + splat(cm);
+            for (int k = 0; k < n_moving; k++) {
+                dv += load(td[moving[k]] + o);
+                mv += load(tm[moving[k]] + o);
             }
             const v8 l = dv * vexp(vmin(mv, max_mag));
             if (w) {
@@ -837,10 +856,10 @@ static double finish_entries(const struct finish_tensor *f, int64_t e0, int64_t 
         float tail = 0.0f;
         for (; c < end; c++) {
             const int64_t o = c - e;
-            float dv = f->dir[c], mv = f->mag[c];
-            for (int q = 0; q < f->n_terms; q++) {
-                dv += moves[q] ? td[q][o] : *td[q];
-                mv += moves[q] ? tm[q][o] : *tm[q];
+            float dv = f->dir[c] + cd, mv = f->mag[c] + cm;
+            for (int k = 0; k < n_moving; k++) {
+                dv += td[moving[k]][o];
+                mv += tm[moving[k]][o];
             }
             mv = mv > max_mag ? max_mag : mv;
             const float l = dv * expf(mv);
@@ -856,6 +875,8 @@ static double finish_entries(const struct finish_tensor *f, int64_t e0, int64_t 
         }
         total += (double)(hsum(acc) + tail);
         e = end;
+        j[3] = d[3] - 1; /* the run's last entry: the next one starts a run */
+        next_index(j, d);
     }
     if (w) {
         dots[0] += hsum(lw) + lw_tail;
@@ -960,10 +981,36 @@ double lopt_finish_many(int count, const int64_t *desc, const int64_t *terms, co
  * and written to dst (2, rows; row stride dst_stride): with c_out == 1 the
  * direction is 0 and the value is the log-magnitude's. Threads take bag
  * ranges that end where an output row does, so no row has two writers. */
+/* flat_bags for 4 channels in and 1 out (the shipped nets'), unrolled. */
+static void flat_bags_4_1(const int64_t *bags, int64_t b0, int64_t b1, const int64_t *members,
+                          const float *means, const float *w, float *out)
+{
+    for (int64_t k = b0; k < b1; k++) {
+        const int64_t *bag = bags + 4 * k;
+        const int64_t m = bag[2], *mem = members + bag[3];
+        const float *wk = w + bag[1] * 4;
+        const float *row = means + mem[0] * 4;
+        float a0 = row[0], a1 = row[1], a2 = row[2], a3 = row[3];
+        for (int64_t j = 1; j < m; j++) {
+            row = means + mem[j] * 4;
+            a0 += row[0];
+            a1 += row[1];
+            a2 += row[2];
+            a3 += row[3];
+        }
+        const float inv = 1.0f / (float)m;
+        out[bag[0]] += a0 * inv * wk[0] + a1 * inv * wk[1] + a2 * inv * wk[2] + a3 * inv * wk[3];
+    }
+}
+
 static void flat_bags(const int64_t *bags, int64_t b0, int64_t b1, const int64_t *members,
                       const float *means, int c_in, const float *w, int c_out, float *out[2],
                       int first)
 {
+    if (c_in == 4 && c_out == 1) {
+        flat_bags_4_1(bags, b0, b1, members, means, w, out[1]);
+        return;
+    }
     for (int64_t k = b0; k < b1; k++) {
         const int64_t *bag = bags + 4 * k;
         const int64_t m = bag[2], *mem = members + bag[3];
