@@ -12,6 +12,14 @@ a step in three passes per tensor, in blocks that stay in L1:
 - :func:`finish`: the NF-layer's row / column terms, the clamped exp and
   Adam's part: the update.
 
+The ``*_many`` kernels run each pass once over every tensor of a parameter
+group, from tables :mod:`lopt.fused_plan` builds once per weight space:
+tensors too small to split are shared out whole between threads, larger
+ones split; the pooled sums of the NF-layer are summed in the same pass
+for any view of up to 4 axes, and :func:`flat_terms` and
+:func:`stat_terms` compute the NF-layer's broadcast terms and the neuron
+statistics' terms that :func:`finish_many` adds.
+
 It is the same formula, checked against the torch path by the tests, and
 serves only where no autograd or vmap is involved: the ``torch.optim``
 classes on CPU, float32 state (``fused=`` on
