@@ -647,22 +647,31 @@ static int threads_for(int64_t n, int nt)
 /* A state tensor's descriptor (int64): n, p, g, m, m_stride, v. */
 #define STATE_FIELDS 6
 
+static void state_one(const int64_t *d, int k_momenta, const float *weights, float b2,
+                      double *sums, int threads)
+{
+    lopt_state_update(d[0], (const float *)d[1], (const float *)d[2], (float *)d[3], d[4],
+                      k_momenta, weights, (float *)d[5], b2, sums, threads);
+}
+
 int lopt_state_update_many(int count, const int64_t *desc, int k_momenta, const float *weights,
                            float b2, double *sums, int threads)
 {
     if (k_momenta < 1 || k_momenta + 3 > MAX_FEATURES)
         return 1;
     const int nt = thread_count(threads);
-    for (int pass = 0; pass < 2; pass++) { /* small tensors shared out, then large ones split */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && pass == 0)
-        for (int i = 0; i < count; i++) {
-            const int64_t *d = desc + (int64_t)i * STATE_FIELDS;
-            const int ti = threads_for(d[0], nt);
-            if ((pass == 0) != (ti == 1))
-                continue;
-            lopt_state_update(d[0], (const float *)d[1], (const float *)d[2], (float *)d[3], d[4],
-                              k_momenta, weights, (float *)d[5], b2, sums + i * (k_momenta + 3), ti);
-        }
+    /* Small tensors shared out whole; then large ones, each split (a
+     * parallel region of its own, not nested in another). */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+    for (int i = 0; i < count; i++)
+        if (threads_for(desc[(int64_t)i * STATE_FIELDS], nt) == 1)
+            state_one(desc + (int64_t)i * STATE_FIELDS, k_momenta, weights, b2,
+                      sums + i * (k_momenta + 3), 1);
+    for (int i = 0; i < count; i++) {
+        const int ti = threads_for(desc[(int64_t)i * STATE_FIELDS], nt);
+        if (ti > 1)
+            state_one(desc + (int64_t)i * STATE_FIELDS, k_momenta, weights, b2,
+                      sums + i * (k_momenta + 3), ti);
     }
     return 0;
 }
@@ -729,6 +738,42 @@ static int entry_pass(const struct net *net, const struct tensor *t, int64_t scr
     return 0;
 }
 
+struct entry_shared {
+    const int64_t *desc;
+    const float *base_scale;
+    const int64_t *pool_table;
+    const float *pool_scale;
+    int k_momenta, adam_momentum;
+    float rsqrt_c2, eps;
+    int width, depth;
+    const float *w_in, *b_in, *w_hidden, *b_hidden;
+    int n_out_max;
+    const float *w_out, *b_out;
+    float *out;
+    int64_t out_stride;
+    float *base;
+};
+
+/* Tensor i of lopt_entry_outputs_many on nt threads. */
+static int entry_one(const struct entry_shared *s, int i, int nt)
+{
+    const int64_t *d = s->desc + (int64_t)i * ENTRY_FIELDS;
+    const int nf = s->k_momenta + 5, width = s->width, n_out = (int)d[E_N_OUT];
+    const struct net net = {s->k_momenta, s->adam_momentum, width, s->depth, n_out, 2,
+                            n_out + (d[E_STATS] ? 3 : 0), s->rsqrt_c2, s->eps, s->base_scale[i],
+                            s->w_in + (int64_t)i * width * nf, s->b_in, s->w_hidden, s->b_hidden,
+                            s->w_out + (int64_t)i * s->n_out_max * width,
+                            s->b_out + (int64_t)i * s->n_out_max};
+    const int64_t p0 = d[E_POOL_BEGIN];
+    const struct tensor t = {d[E_N], d[E_M_STRIDE], 0, s->out_stride,
+                             (const float *)d[E_P], (const float *)d[E_G],
+                             (const float *)d[E_M], (const float *)d[E_V],
+                             s->out + d[E_OFFSET], s->base + d[E_OFFSET], d + E_D0,
+                             (const struct pool *)(s->pool_table + p0 * POOL_FIELDS),
+                             (int)(d[E_POOL_END] - p0)};
+    return entry_pass(&net, &t, d[E_SCRATCH], s->pool_scale + p0, nt);
+}
+
 /* lopt_entry_outputs for every tensor of a group: tensor i reads its own
  * first layer w_in + i * width * nf, output layer w_out + i * n_out_max *
  * width (its first n_out rows) and bias b_out + i * n_out_max, and the
@@ -745,7 +790,6 @@ int lopt_entry_outputs_many(int count, const int64_t *desc, const float *base_sc
                             const float *b_out, float *out, int64_t out_stride, float *base,
                             int threads)
 {
-    const int nf = k_momenta + 5;
     if (width > MAX_WIDTH || width < 1 || depth < 1 || k_momenta + 5 > MAX_FEATURES ||
         adam_momentum < 0 || adam_momentum >= k_momenta || n_out_max < 2)
         return 1;
@@ -756,30 +800,20 @@ int lopt_entry_outputs_many(int count, const int64_t *desc, const float *base_sc
             return 1;
     }
     const int nt = thread_count(threads);
+    const struct entry_shared shared = {desc, base_scale, pool_table, pool_scale, k_momenta,
+                                        adam_momentum, rsqrt_c2, eps, width, depth, w_in, b_in,
+                                        w_hidden, b_hidden, n_out_max, w_out, b_out, out,
+                                        out_stride, base};
     int status = 0;
-    for (int pass = 0; pass < 2; pass++) { /* small tensors shared out, then large ones split */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && pass == 0) \
-    reduction(| : status)
-        for (int i = 0; i < count; i++) {
-            const int64_t *d = desc + (int64_t)i * ENTRY_FIELDS;
-            const int ti = threads_for(d[E_N], nt);
-            if ((pass == 0) != (ti == 1))
-                continue;
-            const int n_out = (int)d[E_N_OUT];
-            const struct net net = {k_momenta, adam_momentum, width, depth, n_out, 2,
-                                    n_out + (d[E_STATS] ? 3 : 0), rsqrt_c2, eps, base_scale[i],
-                                    w_in + (int64_t)i * width * nf, b_in, w_hidden, b_hidden,
-                                    w_out + (int64_t)i * n_out_max * width,
-                                    b_out + (int64_t)i * n_out_max};
-            const int64_t p0 = d[E_POOL_BEGIN];
-            const struct tensor t = {d[E_N], d[E_M_STRIDE], 0, out_stride,
-                                     (const float *)d[E_P], (const float *)d[E_G],
-                                     (const float *)d[E_M], (const float *)d[E_V],
-                                     out + d[E_OFFSET], base + d[E_OFFSET], d + E_D0,
-                                     (const struct pool *)(pool_table + p0 * POOL_FIELDS),
-                                     (int)(d[E_POOL_END] - p0)};
-            status |= entry_pass(&net, &t, d[E_SCRATCH], pool_scale + p0, ti);
-        }
+    /* Small tensors shared out whole; then large ones, each split. */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1) reduction(| : status)
+    for (int i = 0; i < count; i++)
+        if (threads_for(desc[(int64_t)i * ENTRY_FIELDS + E_N], nt) == 1)
+            status |= entry_one(&shared, i, 1);
+    for (int i = 0; i < count; i++) {
+        const int ti = threads_for(desc[(int64_t)i * ENTRY_FIELDS + E_N], nt);
+        if (ti > 1)
+            status |= entry_one(&shared, i, ti);
     }
     return status;
 }
@@ -937,6 +971,16 @@ static double finish_pass(const struct finish_tensor *f, int64_t n, int64_t rows
     return total;
 }
 
+static double finish_one(const int64_t *d, const int64_t *terms, const float *out,
+                         int64_t out_stride, float *base, float max_mag, float scale, int nt)
+{
+    const struct finish_tensor f = {out + d[F_OFFSET], out + out_stride + d[F_OFFSET],
+                                    base + d[F_OFFSET], d + F_D0,
+                                    terms + d[F_TERM_BEGIN] * TERM_FIELDS,
+                                    (int)(d[F_TERM_END] - d[F_TERM_BEGIN])};
+    return finish_pass(&f, d[F_N], d[F_ROWS], (const float *)d[F_P], max_mag, scale, nt);
+}
+
 /* The updates of every tensor of a group, over base (see finish_entries and
  * finish_rows; rows > 0: the tangent rule with the parameter at p); writes
  * each tensor's sum to sums[i] and returns their total (not finite when an
@@ -952,19 +996,17 @@ double lopt_finish_many(int count, const int64_t *desc, const int64_t *terms, co
             return NAN;
     }
     const int nt = thread_count(threads);
-    for (int pass = 0; pass < 2; pass++) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && pass == 0)
-        for (int i = 0; i < count; i++) {
-            const int64_t *d = desc + (int64_t)i * FINISH_FIELDS;
-            const int ti = threads_for(d[F_N], nt);
-            if ((pass == 0) != (ti == 1))
-                continue;
-            const struct finish_tensor f = {out + d[F_OFFSET], out + out_stride + d[F_OFFSET],
-                                            base + d[F_OFFSET], d + F_D0,
-                                            terms + d[F_TERM_BEGIN] * TERM_FIELDS,
-                                            (int)(d[F_TERM_END] - d[F_TERM_BEGIN])};
-            sums[i] = finish_pass(&f, d[F_N], d[F_ROWS], (const float *)d[F_P], max_mag, scale, ti);
-        }
+    /* Small tensors shared out whole; then large ones, each split. */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+    for (int i = 0; i < count; i++)
+        if (threads_for(desc[(int64_t)i * FINISH_FIELDS + F_N], nt) == 1)
+            sums[i] = finish_one(desc + (int64_t)i * FINISH_FIELDS, terms, out, out_stride, base,
+                                 max_mag, scale, 1);
+    for (int i = 0; i < count; i++) {
+        const int ti = threads_for(desc[(int64_t)i * FINISH_FIELDS + F_N], nt);
+        if (ti > 1)
+            sums[i] = finish_one(desc + (int64_t)i * FINISH_FIELDS, terms, out, out_stride, base,
+                                 max_mag, scale, ti);
     }
     double total = 0.0;
     for (int i = 0; i < count; i++)
