@@ -27,6 +27,7 @@ next step overwrites: the optimizer classes add them at once.
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -56,6 +57,7 @@ from lopt.nets import (
 from lopt.nn import flat_terms
 from lopt.weightspace import WeightSpaceSpec
 
+_version = operator.attrgetter("_version")
 AXES = 4  # the kernels see every view as 4 axes (leading ones added)
 PLANS_PER_NET = 4  # plans kept per net (a few models or parameter groups)
 
@@ -116,9 +118,8 @@ def readable(params: Sequence[Tensor], grads: Sequence[Tensor], state: dict) -> 
     if torch.is_grad_enabled():
         return False
     tensors = [*params, *grads, *state["momenta"], *state["second_moment"]]
-    return all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
-    )
+    f32 = torch.float32
+    return all(t.is_cpu and t.dtype is f32 and t.is_contiguous() for t in tensors)
 
 
 def plan_for(
@@ -134,9 +135,9 @@ def plan_for(
         return None
     key = (
         spec,
-        tuple(p.data_ptr() for p in params),
-        tuple(m.data_ptr() for m in state["momenta"]),
-        tuple(v.data_ptr() for v in state["second_moment"]),
+        tuple(map(Tensor.data_ptr, params)),
+        tuple(map(Tensor.data_ptr, state["momenta"])),
+        tuple(map(Tensor.data_ptr, state["second_moment"])),
     )
     plans = _plans.setdefault(net, OrderedDict())
     if key in plans:
@@ -344,7 +345,7 @@ def _net_constants(net: OptimizerNet, plan: FusedPlan) -> NetConstants:
     changed since the last step: an optimizer's net rarely changes."""
     if plan.net_params is None:  # listing a net's parameters costs more than reading them
         plan.net_params = list(net.parameters())
-    key = (tuple(p._version for p in plan.net_params), getattr(net, "nf_scale", None))
+    key = (tuple(map(_version, plan.net_params)), getattr(net, "nf_scale", None))
     if plan.constants is not None and plan.constants[0] == key:
         return plan.constants[1]
     if isinstance(net, NFNNet):
@@ -417,7 +418,7 @@ def step(
     the plan's buffer) and the state (its momenta and second moments
     updated in place), as :func:`lopt.functional.update` with
     ``guard=False`` returns them."""
-    addresses = [g.data_ptr() for g in grads]
+    addresses = list(map(Tensor.data_ptr, grads))
     g_addr = torch.tensor([addresses[j] + 4 * start for j, start in plan.parts], dtype=torch.int64)
     plan.state_table[:, 2] = g_addr
     plan.entry_table[:, 2] = g_addr
