@@ -133,7 +133,7 @@ def _load(target: Path) -> ctypes.CDLL:
     many = lib.lopt_entry_outputs_many
     many.restype = i32
     many.argtypes = [i32, ptr, ptr, ptr, ptr, i32, i32, f32, f32, i32, i32, ptr, ptr, ptr, ptr]
-    many.argtypes += [i32, ptr, ptr, ptr, i64, ptr, i32]
+    many.argtypes += [i32, ptr, ptr, ptr, i64, ptr, ptr, i64, i32]
     many = lib.lopt_finish_many
     many.restype = ctypes.c_double
     many.argtypes = [i32, ptr, ptr, ptr, i64, ptr, f32, f32, ptr, i32]
@@ -409,10 +409,11 @@ def _weights(weights: tuple[float, ...]) -> Tensor:
 # a contiguous int64 table, one row a tensor, whose columns hold sizes and
 # the addresses of the tensors' memory.
 STATE_FIELDS = ("n", "p", "g", "m", "m_stride", "v")
-ENTRY_FIELDS = ("n", "p", "g", "m", "m_stride", "v", "offset", "n_out", "stats",
-                "d0", "d1", "d2", "d3", "pool_begin", "pool_end", "scratch")  # fmt: skip
+ENTRY_FIELDS = ("n", "p", "g", "m", "m_stride", "v", "offset", "n_out", "stats", "d0", "d1",
+                "d2", "d3", "pool_begin", "pool_end", "scratch", "scratch_at")  # fmt: skip
 POOL_FIELDS = ("src", "c0", "nc", "rows", "dst", "soff", "s0", "s1", "s2", "s3",
-               "sd0", "sd1", "sd2", "sd3")  # fmt: skip
+               "sd0", "sd1", "sd2", "sd3", "kind", "axis")  # fmt: skip
+POOL_GENERIC, POOL_ENTRIES, POOL_AXIS = 0, 1, 2  # a pool's kind (csrc: struct pool)
 FINISH_FIELDS = ("n", "offset", "d0", "d1", "d2", "d3", "term_begin", "term_end", "rows", "p")
 TERM_FIELDS = ("dir", "mag", "s0", "s1", "s2", "s3")
 MAX_TERMS = 64  # terms of one tensor lopt_finish_many adds
@@ -462,6 +463,7 @@ def entry_outputs_many(
     b_out: Tensor,
     out: Tensor,
     base: Tensor,
+    scratch: Tensor | None = None,
 ) -> None:
     """:func:`entry_outputs` for every tensor of ``table`` (rows of
     :data:`ENTRY_FIELDS`) at once: tensor i reads ``w_in[i]`` ``(width,
@@ -471,13 +473,18 @@ def entry_outputs_many(
     sums its other outputs (and with ``stats`` the three statistics) into
     the pools of rows ``pool_begin`` to ``pool_end`` of ``pools`` (rows of
     :data:`POOL_FIELDS`: each writes its sums times its ``pool_scales``
-    entry, channels last, at its ``dst`` address)."""
+    entry, channels last, at its ``dst`` address, none where that is 0).
+    ``scratch`` (float32, at least the largest ``scratch_at + scratch``)
+    holds the sums of tensors that run on one thread, so a step touches no
+    fresh memory for them; without it they are allocated."""
     lib = _kernel()
     count = table.shape[0]
     width = w_in.shape[1]
     for x in (base_scales, pool_scales, w_in, b_in, w_out, b_out, out, base):
         if not accepts(x):
             raise ValueError("entry_outputs_many reads contiguous float32 CPU tensors")
+    if scratch is not None and not accepts(scratch):
+        raise ValueError("scratch must be contiguous float32")
     if w_in.shape[0] != count or w_out.shape[0] != count or base_scales.shape != (count,):
         raise ValueError(f"w_in, w_out and base_scales need one entry per tensor ({count})")
     if pool_scales.shape != (pools.shape[0],):
@@ -493,12 +500,16 @@ def entry_outputs_many(
         count, _table(table, ENTRY_FIELDS), base_scales.data_ptr(), _table(pools, POOL_FIELDS),
         pool_scales.data_ptr(), k_momenta, adam_momentum, rsqrt_c2, eps, width, depth,
         w_in.data_ptr(), b_in.data_ptr(), *hidden_ptrs, w_out.shape[1], w_out.data_ptr(),
-        b_out.data_ptr(), out.data_ptr(), out.stride(0), base.data_ptr(), torch.get_num_threads(),
+        b_out.data_ptr(), out.data_ptr(), out.stride(0), base.data_ptr(),
+        None if scratch is None else scratch.data_ptr(),
+        0 if scratch is None else scratch.numel(), torch.get_num_threads(),
     )  # fmt: skip
     if code == 2:
         raise MemoryError("the fused kernel could not allocate its pooling buffers")
     if code:
-        raise ValueError("the fused kernel rejected the net's shape or a tensor's view")
+        raise ValueError(
+            "the fused kernel rejected the net's shape, a tensor's view or the scratch's length"
+        )
 
 
 def finish_many(

@@ -58,6 +58,8 @@ from lopt.nn import flat_terms
 from lopt.weightspace import WeightSpaceSpec
 
 _version = operator.attrgetter("_version")
+KERNEL_BLOCK = 16  # entries per block of the per-entry kernel (csrc: BLOCK)
+DENSE_ENTRIES = 65536  # below this (one thread's tensor), short last axes pool densely
 AXES = 4  # the kernels see every view as 4 axes (leading ones added)
 PLANS_PER_NET = 4  # plans kept per net (a few models or parameter groups)
 
@@ -83,6 +85,7 @@ class FusedPlan:
     sums: Tensor  # (T, K + 3) float64: the state pass's sums
     tensor_sums: Tensor  # (T,) float64: the finish pass's sums
     out: Tensor  # (2, N): every tensor's two outputs
+    scratch: Tensor  # every tensor's pool sums (those on one thread)
     base: Tensor  # (N,): the updates
     updates: list[Tensor]  # views of base, one per parameter
     means: Tensor | None  # (rows, channels): the NF-layer's pooled means
@@ -110,6 +113,65 @@ def _kept_strides(kept: Sequence[int]) -> list[int]:
 
 def _dims(view: Sequence[int]) -> list[int]:
     return [1] * (AXES - len(view)) + list(view)
+
+
+def _stat_kept(view: Sequence[int], shapes: tuple) -> tuple[list[int], list[int] | None]:
+    """The kept shapes (over the view) of a tensor's neuron-statistics row
+    pool and input-neuron pool (None for a tensor read as a vector), from
+    its :class:`~lopt.nets.StatLayout` piece's shapes."""
+    if len(shapes) == 3:
+        return list(shapes[0]), list(shapes[1])
+    if len(view) >= 2:  # its matrix view's rows: the first axis
+        return [view[0]] + [1] * (len(view) - 1), None
+    return [1] * len(view), None
+
+
+def _dense_pools(
+    view: Sequence[int],
+    c0: int,
+    nc: int,
+    requests: Sequence[tuple[tuple[int, ...], int, float]],
+    mine: list[list[int]],
+    dests: list[int],
+    scales: list[float],
+) -> None:
+    """Append to ``mine`` (and ``dests``, ``scales``) the pools of channels
+    ``[c0, c0 + nc)`` that give each request ``(summed view axes, dst
+    address, scale)``: the channels of every entry, summed whole, then one
+    axis at a time, each intermediate sum once."""
+    dims = _dims(view)
+    lead = AXES - len(view)
+    nodes: dict[tuple[int, ...], int] = {}
+
+    def node(summed: tuple[int, ...]) -> int:
+        if summed in nodes:
+            return nodes[summed]
+        kept = [1 if a in summed else dims[a] for a in range(AXES)]
+        if not summed:
+            fields = [-1, c0, nc, math.prod(dims), *_kept_strides(dims), *[1] * AXES,
+                      fused_kernel.POOL_ENTRIES, -1]  # fmt: skip
+        else:
+            parent = node(summed[:-1])
+            sd = [1 if a in summed[:-1] else dims[a] for a in range(AXES)]
+            fields = [parent, c0, nc, math.prod(kept), *_kept_strides(kept), *sd,
+                      fused_kernel.POOL_AXIS, summed[-1]]  # fmt: skip
+        mine.append(fields)
+        dests.append(0)
+        scales.append(1.0)
+        nodes[summed] = len(mine) - 1
+        return nodes[summed]
+
+    for summed_view, dst, scale in requests:
+        summed = tuple(sorted(a + lead for a in summed_view if view[a] > 1))
+        q = node(summed)
+        if dests[q]:  # the same sums to a second place: a copy
+            kept = [1 if a in summed else dims[a] for a in range(AXES)]
+            mine.append([q, c0, nc, mine[q][3], *_kept_strides(kept), *kept,
+                         fused_kernel.POOL_GENERIC, -1])  # fmt: skip
+            dests.append(0)
+            scales.append(1.0)
+            q = len(mine) - 1
+        dests[q], scales[q] = dst, scale
 
 
 def readable(params: Sequence[Tensor], grads: Sequence[Tensor], state: dict) -> bool:
@@ -214,6 +276,7 @@ def build(
 
     layer_keys: list[tuple[str | None, bool]] = []
     layer_index, pools, pool_scales, entry, finish, terms = [], [], [], [], [], []
+    scratch_total = 0
     for i, t in enumerate(tensors):
         view = list(t.view)
         dims = _dims(view)
@@ -224,6 +287,27 @@ def build(
         tensor_pools = needed.get(i, set())
         if tensor_pools:
             n_out = 2 + channels
+        dense = numel[i] < DENSE_ENTRIES and dims[-1] % KERNEL_BLOCK != 0
+        if dense and (tensor_pools or layout is not None):
+            # Short last axes: the pooled channels are summed whole, then
+            # reduced one axis at a time in contiguous loops.
+            if tensor_pools:
+                at = means.data_ptr()
+                order = sorted(tensor_pools, key=lambda p: (len(p), p))
+                requests = [(pool, at + 4 * channels * mean_rows[(i, pool)],
+                             1.0 / math.prod(view[a] for a in pool)) for pool in order]  # fmt: skip
+                _dense_pools(view, 2, channels, requests, mine, dests, scales)
+            if layout is not None:
+                r0, r1, c0, c1, shapes = layout.pieces[i]
+                kept = _stat_kept(view, shapes)
+                requests = [(tuple(a for a, k in enumerate(kept[0]) if k == 1),
+                             stat_bufs[0].data_ptr() + 4 * 3 * r0, 1.0)]  # fmt: skip
+                if len(shapes) == 3:
+                    requests.append((tuple(a for a, k in enumerate(kept[1]) if k == 1),
+                                     stat_bufs[1].data_ptr() + 4 * 3 * c0, 1.0))  # fmt: skip
+                requests.append((tuple(range(len(view))), stat_bufs[2].data_ptr() + 12 * i, 1.0))
+                _dense_pools(view, n_out, 3, requests, mine, dests, scales)
+        elif tensor_pools:
             done: dict[tuple[int, ...], int] = {}
             # Each pool from the largest one summed already (as pooled_sums).
             for pool in sorted(tensor_pools, key=lambda p: (len(p), p)):
@@ -233,22 +317,22 @@ def build(
                 if src is not None:
                     sd = _dims([1 if a in src else n for a, n in enumerate(view)])
                 mine.append([-1 if src is None else done[src], 2, channels, math.prod(kept),
-                             *_kept_strides(kept), *sd])  # fmt: skip
+                             *_kept_strides(kept), *sd, fused_kernel.POOL_GENERIC, -1])  # fmt: skip
                 scales.append(1.0 / math.prod(view[a] for a in pool))
                 dests.append(means.data_ptr() + 4 * channels * mean_rows[(i, pool)])
                 done[pool] = len(mine) - 1
-        if layout is not None:
+        if layout is not None and not dense:
             r0, r1, c0, c1, shapes = layout.pieces[i]
-            row_kept = shapes[0] if len(shapes) == 3 else (
-                [view[0]] + [1] * (len(view) - 1) if len(view) >= 2 else [1] * len(view)
-            )  # fmt: skip
+            row_kept, col_kept = _stat_kept(view, shapes)
+            generic = [fused_kernel.POOL_GENERIC, -1]
             row_pool = len(mine)
-            mine.append([-1, n_out, 3, r1 - r0, *_kept_strides(row_kept), *[1] * AXES])
+            mine.append([-1, n_out, 3, r1 - r0, *_kept_strides(row_kept), *[1] * AXES, *generic])
             dests.append(stat_bufs[0].data_ptr() + 4 * 3 * r0)
             if len(shapes) == 3:
-                mine.append([-1, n_out, 3, c1 - c0, *_kept_strides(shapes[1]), *[1] * AXES])
+                col_strides = _kept_strides(col_kept)
+                mine.append([-1, n_out, 3, c1 - c0, *col_strides, *[1] * AXES, *generic])
                 dests.append(stat_bufs[1].data_ptr() + 4 * 3 * c0)
-            mine.append([row_pool, n_out, 3, 1, *[0] * AXES, *_dims(row_kept)])
+            mine.append([row_pool, n_out, 3, 1, *[0] * AXES, *_dims(row_kept), *generic])
             dests.append(stat_bufs[2].data_ptr() + 4 * 3 * i)
             scales += [1.0] * (len(mine) - len(scales))
         soff, scratch = [], 0
@@ -269,13 +353,16 @@ def build(
         m_addr, m_stride = m.data_ptr() + 4 * start, m.stride(0) if m.shape[0] > 1 else numel[i]
         v_addr = second_moments[j].data_ptr() + 4 * start
         entry.append([numel[i], p_addr, 0, m_addr, m_stride, v_addr, offsets[i], n_out,
-                      int(layout is not None), *dims, first_pool, len(pools), scratch])  # fmt: skip
+                      int(layout is not None), *dims, first_pool, len(pools), scratch,
+                      scratch_total])  # fmt: skip
+        scratch_total += scratch
         # The terms, in the per-tensor path's order: the NF-layer's, then
         # the statistics' (row, input neuron, whole tensor).
         first_term = len(terms)
         for b0, _, shape in flat.blocks[i] if flat is not None else ():
             terms.append(term(b0, shape))
         if layout is not None:
+            r0, r1, c0, c1, shapes = layout.pieces[i]
             if len(shapes) == 3:
                 terms.append(term(term_starts[0] + r0, shapes[0]))
                 terms.append(term(term_starts[1] + c0, shapes[1]))
@@ -314,6 +401,7 @@ def build(
         tensor_sums=torch.zeros(len(tensors), dtype=torch.float64),
         out=out,
         base=base,
+        scratch=torch.zeros(scratch_total),
         updates=updates,
         means=means,
         flat=flat,
@@ -436,7 +524,7 @@ def step(
     fused_kernel.entry_outputs_many(
         plan.entry_table, base_scales, plan.pool_table, plan.pool_scales, ADAM_MOMENTUM,
         len(MOMENTUM_DECAYS), float(c2.rsqrt()), EPS, w_in, bias.contiguous(),
-        constants.hidden, w_out, b_out, plan.out, plan.base,
+        constants.hidden, w_out, b_out, plan.out, plan.base, plan.scratch,
     )  # fmt: skip
     if isinstance(net, NFNNet):
         scale_nf = net.nf_scale * out_scales

@@ -120,8 +120,13 @@ struct pool {
     int64_t soff;    /* offset of its sums in its tensor's scratch, (nc, rows) */
     int64_t s[4];    /* row of an entry (or of a source row): sum of index * s */
     int64_t sd[4];   /* a derived pool's source dims */
+    int64_t kind;    /* POOL_GENERIC, POOL_ENTRIES (every entry its own row, in
+                        order: whole vectors) or POOL_AXIS (its source summed
+                        over axis `axis` of sd: contiguous loops) */
+    int64_t axis;
 };
-#define POOL_FIELDS 14
+#define POOL_FIELDS 16
+enum { POOL_GENERIC, POOL_ENTRIES, POOL_AXIS };
 
 struct tensor {
     int64_t n, m_stride, cols, out_stride;
@@ -201,6 +206,18 @@ static void pool_generic(const struct tensor *t, int64_t i0, int nb, v8 y[][NV],
         float *a = acc + pl->soff;
         const int64_t rows = pl->rows, c0 = pl->c0;
         const int64_t *s = pl->s;
+        if (pl->kind == POOL_ENTRIES) { /* written once: stored, never zeroed first */
+            for (int64_t c = 0; c < pl->nc; c++) {
+                float *dst = a + c * rows + i0;
+                if (nb == BLOCK)
+                    for (int u = 0; u < NV; u++)
+                        store(dst + 8 * u, y[c0 + c][u]);
+                else
+                    for (int b = 0; b < nb; b++)
+                        dst[b] = y[c0 + c][b / 8][b % 8];
+            }
+            continue;
+        }
         if (run && (s[3] == 0 || s[3] == 1)) {
             const int64_t r0 = j[0] * s[0] + j[1] * s[1] + j[2] * s[2] + j[3] * s[3];
             for (int64_t c = 0; c < pl->nc; c++) {
@@ -679,7 +696,7 @@ int lopt_state_update_many(int count, const int64_t *desc, int k_momenta, const 
 /* A tensor's descriptor (int64) for lopt_entry_outputs_many. */
 enum {
     E_N, E_P, E_G, E_M, E_M_STRIDE, E_V, E_OFFSET, E_N_OUT, E_STATS, E_D0, E_D1, E_D2, E_D3,
-    E_POOL_BEGIN, E_POOL_END, E_SCRATCH, ENTRY_FIELDS
+    E_POOL_BEGIN, E_POOL_END, E_SCRATCH, E_SCRATCH_AT, ENTRY_FIELDS
 };
 
 /* Sum the derived pools from their sources, then write every pool's sums
@@ -693,6 +710,26 @@ static void finish_pools(const struct tensor *t, const float *scale, float *acc)
         const struct pool *sp = t->pools + pl->src;
         float *a = acc + pl->soff;
         const float *sa = acc + sp->soff;
+        if (pl->kind == POOL_AXIS) {
+            int64_t outer = 1, inner = 1;
+            for (int64_t x = 0; x < pl->axis; x++)
+                outer *= pl->sd[x];
+            for (int64_t x = pl->axis + 1; x < 4; x++)
+                inner *= pl->sd[x];
+            const int64_t mid = pl->sd[pl->axis];
+            for (int64_t c = 0; c < pl->nc; c++) {
+                const float *src = sa + c * sp->rows;
+                float *dst = a + c * pl->rows;
+                for (int64_t o = 0; o < outer; o++)
+                    for (int64_t k = 0; k < mid; k++) {
+                        const float *row = src + (o * mid + k) * inner;
+                        float *out_row = dst + o * inner;
+                        for (int64_t x = 0; x < inner; x++)
+                            out_row[x] += row[x];
+                    }
+            }
+            continue;
+        }
         int64_t k[4] = {0, 0, 0, 0};
         for (int64_t r = 0; r < sp->rows; r++) {
             const int64_t dr = k[0] * pl->s[0] + k[1] * pl->s[1] + k[2] * pl->s[2] + k[3] * pl->s[3];
@@ -704,6 +741,8 @@ static void finish_pools(const struct tensor *t, const float *scale, float *acc)
     for (int q = 0; q < t->n_pools; q++) {
         const struct pool *pl = t->pools + q;
         float *dst = (float *)pl->dst;
+        if (dst == NULL) /* an intermediate sum alone */
+            continue;
         const float *a = acc + pl->soff;
         for (int64_t r = 0; r < pl->rows; r++)
             for (int64_t c = 0; c < pl->nc; c++)
@@ -713,11 +752,17 @@ static void finish_pools(const struct tensor *t, const float *scale, float *acc)
 
 /* One tensor's pass on nt threads; returns 2 when scratch cannot be had. */
 static int entry_pass(const struct net *net, const struct tensor *t, int64_t scratch_size,
-                      const float *scale, int nt)
+                      float *own, const float *scale, int nt)
 {
     const int64_t blocks = (t->n + BLOCK - 1) / BLOCK;
     float *scratch = NULL;
-    if (scratch_size > 0) {
+    if (scratch_size > 0 && nt == 1 && own != NULL) { /* the caller's: no fresh pages */
+        scratch = own;
+        for (int q = 0; q < t->n_pools; q++) /* sums start at 0; stored entries need not */
+            if (t->pools[q].kind != POOL_ENTRIES)
+                memset(scratch + t->pools[q].soff, 0,
+                       t->pools[q].rows * t->pools[q].nc * sizeof(float));
+    } else if (scratch_size > 0) {
         scratch = calloc((size_t)(nt * scratch_size), sizeof(float));
         if (scratch == NULL)
             return 2;
@@ -733,7 +778,8 @@ static int entry_pass(const struct net *net, const struct tensor *t, int64_t scr
             for (int64_t i = 0; i < scratch_size; i++)
                 scratch[i] += scratch[id * scratch_size + i];
         finish_pools(t, scale, scratch);
-        free(scratch);
+        if (scratch != own)
+            free(scratch);
     }
     return 0;
 }
@@ -752,6 +798,7 @@ struct entry_shared {
     float *out;
     int64_t out_stride;
     float *base;
+    float *scratch; /* each tensor's pool sums at its scratch_at, or NULL */
 };
 
 /* Tensor i of lopt_entry_outputs_many on nt threads. */
@@ -771,7 +818,8 @@ static int entry_one(const struct entry_shared *s, int i, int nt)
                              s->out + d[E_OFFSET], s->base + d[E_OFFSET], d + E_D0,
                              (const struct pool *)(s->pool_table + p0 * POOL_FIELDS),
                              (int)(d[E_POOL_END] - p0)};
-    return entry_pass(&net, &t, d[E_SCRATCH], s->pool_scale + p0, nt);
+    float *own = s->scratch ? s->scratch + d[E_SCRATCH_AT] : NULL;
+    return entry_pass(&net, &t, d[E_SCRATCH], own, s->pool_scale + p0, nt);
 }
 
 /* lopt_entry_outputs for every tensor of a group: tensor i reads its own
@@ -788,7 +836,7 @@ int lopt_entry_outputs_many(int count, const int64_t *desc, const float *base_sc
                             const float *w_in, const float *b_in, const float *w_hidden,
                             const float *b_hidden, int n_out_max, const float *w_out,
                             const float *b_out, float *out, int64_t out_stride, float *base,
-                            int threads)
+                            float *scratch, int64_t scratch_len, int threads)
 {
     if (width > MAX_WIDTH || width < 1 || depth < 1 || k_momenta + 5 > MAX_FEATURES ||
         adam_momentum < 0 || adam_momentum >= k_momenta || n_out_max < 2)
@@ -796,14 +844,15 @@ int lopt_entry_outputs_many(int count, const int64_t *desc, const float *base_sc
     for (int i = 0; i < count; i++) {
         const int64_t *d = desc + (int64_t)i * ENTRY_FIELDS;
         if (d[E_N_OUT] < 2 || d[E_N_OUT] > n_out_max || d[E_N_OUT] + 3 * d[E_STATS] > MAX_OUT ||
-            d[E_D0] * d[E_D1] * d[E_D2] * d[E_D3] != d[E_N])
+            d[E_D0] * d[E_D1] * d[E_D2] * d[E_D3] != d[E_N] ||
+            (scratch && d[E_SCRATCH_AT] + d[E_SCRATCH] > scratch_len))
             return 1;
     }
     const int nt = thread_count(threads);
     const struct entry_shared shared = {desc, base_scale, pool_table, pool_scale, k_momenta,
                                         adam_momentum, rsqrt_c2, eps, width, depth, w_in, b_in,
                                         w_hidden, b_hidden, n_out_max, w_out, b_out, out,
-                                        out_stride, base};
+                                        out_stride, base, scratch};
     int status = 0;
     /* Small tensors shared out whole; then large ones, each split. */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1) reduction(| : status)
