@@ -136,7 +136,7 @@ def _load(target: Path) -> ctypes.CDLL:
     many.argtypes += [i32, ptr, ptr, ptr, i64, ptr, ptr, i64, i32]
     many = lib.lopt_finish_many
     many.restype = ctypes.c_double
-    many.argtypes = [i32, ptr, ptr, ptr, i64, ptr, f32, f32, ptr, i32]
+    many.argtypes = [i32, ptr, ptr, ptr, ptr, i64, ptr, f32, f32, ptr, i32]
     flat = lib.lopt_flat_terms
     flat.restype = None
     flat.argtypes = [i64, ptr, ptr, i64, ptr, ptr, ptr, i32, ptr, ptr, i32, ptr, ptr, i64, ptr]
@@ -414,7 +414,11 @@ ENTRY_FIELDS = ("n", "p", "g", "m", "m_stride", "v", "offset", "n_out", "stats",
 POOL_FIELDS = ("src", "c0", "nc", "rows", "dst", "soff", "s0", "s1", "s2", "s3",
                "sd0", "sd1", "sd2", "sd3", "kind", "axis")  # fmt: skip
 POOL_GENERIC, POOL_ENTRIES, POOL_AXIS = 0, 1, 2  # a pool's kind (csrc: struct pool)
-FINISH_FIELDS = ("n", "offset", "d0", "d1", "d2", "d3", "term_begin", "term_end", "rows", "p")
+FINISH_FIELDS = ("n", "offset", "d0", "d1", "d2", "d3", "term_begin", "term_end", "rows", "p",
+                 "ops_begin", "ops_end")  # fmt: skip
+OP_FIELDS = ("kind", "dst", "src", "src2", "count", "outer", "mid", "inner", "dst_stride",
+             "src_stride")  # fmt: skip
+OP_ZERO, OP_ADD, OP_EXPAND = 0, 1, 2  # a dense-terms op's kind (csrc: dense_ops)
 TERM_FIELDS = ("dir", "mag", "s0", "s1", "s2", "s3")
 MAX_TERMS = 64  # terms of one tensor lopt_finish_many adds
 
@@ -514,7 +518,7 @@ def entry_outputs_many(
 
 def finish_many(
     table: Tensor, terms: Tensor, out: Tensor, base: Tensor, max_magnitude: float,
-    scale: float, sums: Tensor,
+    scale: float, sums: Tensor, ops: Tensor | None = None,
 ) -> float:  # fmt: skip
     """:func:`finish` for every tensor of ``table`` (rows of
     :data:`FINISH_FIELDS`) at once, over ``base``: each adds its terms
@@ -524,12 +528,17 @@ def finish_many(
     term loses its part along each of the parameter's rows (at address
     ``p``); then the whole update is multiplied by ``scale``. Each tensor's
     sum goes to ``sums`` (float64); returns their total (not finite when an
-    update is not)."""
+    update is not). A tensor's rows ``ops_begin`` to ``ops_end`` of ``ops``
+    (rows of :data:`OP_FIELDS`) run first: they sum terms densely into
+    buffers its terms then read."""
     lib = _kernel()
+    if ops is None:
+        ops = torch.zeros(0, len(OP_FIELDS), dtype=torch.int64)
     if not accepts(out, base) or sums.dtype != torch.float64 or sums.shape != (table.shape[0],):
         raise ValueError("finish_many reads contiguous float32 CPU buffers and float64 sums")
     return lib.lopt_finish_many(
-        table.shape[0], _table(table, FINISH_FIELDS), _table(terms, TERM_FIELDS), out.data_ptr(),
+        table.shape[0], _table(table, FINISH_FIELDS), _table(terms, TERM_FIELDS),
+        _table(ops, OP_FIELDS), out.data_ptr(),
         out.stride(0), base.data_ptr(), max_magnitude, scale, sums.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip

@@ -78,6 +78,8 @@ class FusedPlan:
     pool_scales: Tensor  # (pools,)
     finish_table: Tensor  # (T, FINISH_FIELDS)
     term_table: Tensor  # (terms, TERM_FIELDS)
+    op_table: Tensor  # (ops, OP_FIELDS): dense term sums
+    dense_buffers: list[Tensor]  # where those ops sum
     numels: Tensor  # (T, 1) float64
     layer_keys: list[tuple[str | None, bool]]  # the distinct output layers
     layer_index: Tensor  # (T,): each tensor's
@@ -172,6 +174,58 @@ def _dense_pools(
             scales.append(1.0)
             q = len(mine) - 1
         dests[q], scales[q] = dst, scale
+
+
+def _dense_terms(
+    view: Sequence[int],
+    mine_terms: Sequence[tuple[int, list[int]]],
+    term_buf: Tensor,
+    ops: list[list[int]],
+    buffers: list[Tensor],
+) -> Tensor:
+    """Append to ``ops`` what sums a tensor's terms ``(column of term_buf,
+    kept shape over the view)`` into one dense ``(2, entries)`` buffer,
+    which it returns (kept in ``buffers``): terms broadcast over the same
+    axes are added into one node, and each node is broadcast into its
+    parent (the same axes but the last) one axis at a time, in contiguous
+    loops, down to the dense root."""
+    dims = _dims(view)
+    lead = AXES - len(view)
+    by_set: dict[tuple[int, ...], list[int]] = {}
+    for start, kept in mine_terms:
+        k = [1] * lead + kept
+        summed = tuple(a for a in range(AXES) if k[a] == 1 and dims[a] > 1)
+        by_set.setdefault(summed, []).append(start)
+    nodes = set()
+    for summed in by_set:
+        for j in range(len(summed) + 1):
+            nodes.add(summed[:j])
+    order = sorted(nodes, key=lambda x: (-len(x), x))  # children before parents
+    rows = {x: math.prod(1 if a in x else dims[a] for a in range(AXES)) for x in order}
+    at, total = {}, 0
+    for x in order:
+        at[x] = total
+        total += 2 * rows[x]
+    buf = torch.zeros(total)
+    buffers.append(buf)
+    base = buf.data_ptr()
+    col = term_buf.data_ptr()
+    col_stride = 4 * term_buf.stride(0)
+    for x in order:
+        dst = base + 4 * at[x]
+        ops.append([fused_kernel.OP_ZERO, dst, 0, 0, 2 * rows[x], 0, 0, 0, 0, 0])
+        for start in by_set.get(x, []):
+            ops.append([fused_kernel.OP_ADD, dst, col + 4 * start, col + 4 * start + col_stride,
+                        rows[x], 0, 0, 0, rows[x], 0])  # fmt: skip
+        for a in range(max(x, default=-1) + 1, AXES):
+            child = (*x, a)
+            if child not in nodes:
+                continue
+            sd = [1 if b in x else dims[b] for b in range(AXES)]
+            outer, inner = math.prod(sd[:a]), math.prod(sd[a + 1 :])
+            ops.append([fused_kernel.OP_EXPAND, dst, base + 4 * at[child], 0, 0, outer, sd[a],
+                        inner, rows[x], rows[child]])  # fmt: skip
+    return buf[at[()] : at[()] + 2 * rows[()]]
 
 
 def readable(params: Sequence[Tensor], grads: Sequence[Tensor], state: dict) -> bool:
@@ -277,6 +331,8 @@ def build(
     layer_keys: list[tuple[str | None, bool]] = []
     layer_index, pools, pool_scales, entry, finish, terms = [], [], [], [], [], []
     scratch_total = 0
+    ops: list[list[int]] = []  # the dense term sums of tensors with a short last axis
+    dense_buffers: list[Tensor] = []
     for i, t in enumerate(tensors):
         view = list(t.view)
         dims = _dims(view)
@@ -358,20 +414,27 @@ def build(
         scratch_total += scratch
         # The terms, in the per-tensor path's order: the NF-layer's, then
         # the statistics' (row, input neuron, whole tensor).
-        first_term = len(terms)
-        for b0, _, shape in flat.blocks[i] if flat is not None else ():
-            terms.append(term(b0, shape))
+        mine_terms = [(b0, shape) for b0, _, shape in flat.blocks[i]] if flat is not None else []
         if layout is not None:
             r0, r1, c0, c1, shapes = layout.pieces[i]
             if len(shapes) == 3:
-                terms.append(term(term_starts[0] + r0, shapes[0]))
-                terms.append(term(term_starts[1] + c0, shapes[1]))
-            terms.append(term(term_starts[2] + i, [1] * len(view)))
+                mine_terms.append((term_starts[0] + r0, shapes[0]))
+                mine_terms.append((term_starts[1] + c0, shapes[1]))
+            mine_terms.append((term_starts[2] + i, [1] * len(view)))
+        first_term, first_op, finish_dims = len(terms), len(ops), dims
+        if dense and mine_terms:
+            # Summed densely first: the finish then reads one term, all entries one run.
+            root = _dense_terms(view, [(start, list(kept)) for start, kept in mine_terms],
+                                term_buf, ops, dense_buffers)  # fmt: skip
+            terms.append([root.data_ptr(), root.data_ptr() + 4 * numel[i], 0, 0, 0, 1])
+            finish_dims = [1, 1, 1, numel[i]]
+        else:
+            terms += [term(start, kept) for start, kept in mine_terms]
         if len(terms) - first_term > fused_kernel.MAX_TERMS:
             return None
         tangent = net.rule.learned_term_tangent and t.kind == "weight" and len(t.shape) >= 2
-        finish.append([numel[i], offsets[i], *dims, first_term, len(terms),
-                       t.shape[0] if tangent else 0, p_addr])  # fmt: skip
+        finish.append([numel[i], offsets[i], *finish_dims, first_term, len(terms),
+                       t.shape[0] if tangent else 0, p_addr, first_op, len(ops)])  # fmt: skip
 
     long = torch.int64
     members = None
@@ -393,6 +456,8 @@ def build(
         pool_scales=torch.tensor(pool_scales, dtype=torch.float32),
         finish_table=torch.tensor(finish, dtype=long),
         term_table=torch.tensor(terms, dtype=long).reshape(-1, len(fused_kernel.TERM_FIELDS)),
+        op_table=torch.tensor(ops, dtype=long).reshape(-1, len(fused_kernel.OP_FIELDS)),
+        dense_buffers=dense_buffers,
         numels=torch.tensor([[max(1, n)] for n in numel], dtype=torch.float64),
         layer_keys=layer_keys,
         layer_index=torch.tensor(layer_index, dtype=long),
@@ -547,7 +612,7 @@ def step(
     schedule = net.schedule_scale(steps_in, budget_in)
     total = fused_kernel.finish_many(
         plan.finish_table, plan.term_table, plan.out, plan.base, MAX_LOG_MAGNITUDE,
-        1.0 if schedule is None else float(schedule), plan.tensor_sums,
+        1.0 if schedule is None else float(schedule), plan.tensor_sums, plan.op_table,
     )  # fmt: skip
     # Finite gradients (their squares' sum) and finite updates, as all_finite reads them.
     ok = math.isfinite(total) and math.isfinite(float(sums[:, 1].sum()))

@@ -216,7 +216,7 @@ def test_the_kernels_reject_bad_tables_and_write_nothing():
     out = torch.zeros(2, 8)
     sums = torch.zeros(1, dtype=torch.float64)
     terms = torch.zeros(fused.MAX_TERMS + 1, len(fused.TERM_FIELDS), dtype=torch.int64)
-    table = torch.tensor([[8, 0, 1, 1, 1, 8, 0, fused.MAX_TERMS + 1, 0, 0]])
+    table = torch.tensor([[8, 0, 1, 1, 1, 8, 0, fused.MAX_TERMS + 1, 0, 0, 0, 0]])
     with torch.no_grad():
         total = fused.finish_many(table, terms, out, base, 10.0, 1.0, sums)
         assert total != total  # NaN: too many terms for one tensor

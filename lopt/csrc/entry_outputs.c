@@ -868,7 +868,47 @@ int lopt_entry_outputs_many(int count, const int64_t *desc, const float *base_sc
 }
 
 /* A tensor's descriptor (int64) for lopt_finish_many, and a term's. */
-enum { F_N, F_OFFSET, F_D0, F_D1, F_D2, F_D3, F_TERM_BEGIN, F_TERM_END, F_ROWS, F_P, FINISH_FIELDS };
+enum {
+    F_N, F_OFFSET, F_D0, F_D1, F_D2, F_D3, F_TERM_BEGIN, F_TERM_END, F_ROWS, F_P, F_OPS_BEGIN,
+    F_OPS_END, FINISH_FIELDS
+};
+/* An op that sums a tensor's terms densely before its finish (a short last
+ * axis, where adding each term per entry would be scalar work): int64
+ * fields kind, dst, src (direction), src2 (log-magnitude), count, outer,
+ * mid, inner, dst_stride, src_stride; each node holds (direction,
+ * log-magnitude) rows dst_stride apart. */
+enum { OP_ZERO, OP_ADD, OP_EXPAND };
+#define OP_FIELDS 10
+
+static void dense_ops(const int64_t *ops, int64_t n_ops)
+{
+    for (int64_t q = 0; q < n_ops; q++) {
+        const int64_t *op = ops + q * OP_FIELDS;
+        float *dst = (float *)op[1];
+        const int64_t count = op[4], outer = op[5], mid = op[6], inner = op[7];
+        const int64_t dst_stride = op[8], src_stride = op[9];
+        if (op[0] == OP_ZERO) {
+            memset(dst, 0, count * sizeof(float));
+        } else if (op[0] == OP_ADD) { /* a term, laid out as the node */
+            const float *src[2] = {(const float *)op[2], (const float *)op[3]};
+            for (int c = 0; c < 2; c++)
+                for (int64_t r = 0; r < count; r++)
+                    dst[c * dst_stride + r] += src[c][r];
+        } else { /* OP_EXPAND: a node over one more axis, broadcast along it */
+            for (int c = 0; c < 2; c++) {
+                const float *src = (const float *)op[2] + c * src_stride;
+                float *d = dst + c * dst_stride;
+                for (int64_t o = 0; o < outer; o++)
+                    for (int64_t k = 0; k < mid; k++) {
+                        float *row = d + (o * mid + k) * inner;
+                        const float *from = src + o * inner;
+                        for (int64_t x = 0; x < inner; x++)
+                            row[x] += from[x];
+                    }
+            }
+        }
+    }
+}
 #define TERM_FIELDS 6 /* dir address, mag address, s[4] */
 #define MAX_TERMS 64
 
@@ -1020,9 +1060,12 @@ static double finish_pass(const struct finish_tensor *f, int64_t n, int64_t rows
     return total;
 }
 
-static double finish_one(const int64_t *d, const int64_t *terms, const float *out,
-                         int64_t out_stride, float *base, float max_mag, float scale, int nt)
+static double finish_one(const int64_t *d, const int64_t *terms, const int64_t *ops,
+                         const float *out, int64_t out_stride, float *base, float max_mag,
+                         float scale, int nt)
 {
+    if (d[F_OPS_END] > d[F_OPS_BEGIN])
+        dense_ops(ops + d[F_OPS_BEGIN] * OP_FIELDS, d[F_OPS_END] - d[F_OPS_BEGIN]);
     const struct finish_tensor f = {out + d[F_OFFSET], out + out_stride + d[F_OFFSET],
                                     base + d[F_OFFSET], d + F_D0,
                                     terms + d[F_TERM_BEGIN] * TERM_FIELDS,
@@ -1034,9 +1077,9 @@ static double finish_one(const int64_t *d, const int64_t *terms, const float *ou
  * finish_rows; rows > 0: the tangent rule with the parameter at p); writes
  * each tensor's sum to sums[i] and returns their total (not finite when an
  * update is not), or NaN for a bad table. */
-double lopt_finish_many(int count, const int64_t *desc, const int64_t *terms, const float *out,
-                        int64_t out_stride, float *base, float max_mag, float scale,
-                        double *sums, int threads)
+double lopt_finish_many(int count, const int64_t *desc, const int64_t *terms, const int64_t *ops,
+                        const float *out, int64_t out_stride, float *base, float max_mag,
+                        float scale, double *sums, int threads)
 {
     for (int i = 0; i < count; i++) {
         const int64_t *d = desc + (int64_t)i * FINISH_FIELDS;
@@ -1049,13 +1092,13 @@ double lopt_finish_many(int count, const int64_t *desc, const int64_t *terms, co
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
     for (int i = 0; i < count; i++)
         if (threads_for(desc[(int64_t)i * FINISH_FIELDS + F_N], nt) == 1)
-            sums[i] = finish_one(desc + (int64_t)i * FINISH_FIELDS, terms, out, out_stride, base,
-                                 max_mag, scale, 1);
+            sums[i] = finish_one(desc + (int64_t)i * FINISH_FIELDS, terms, ops, out, out_stride,
+                                 base, max_mag, scale, 1);
     for (int i = 0; i < count; i++) {
         const int ti = threads_for(desc[(int64_t)i * FINISH_FIELDS + F_N], nt);
         if (ti > 1)
-            sums[i] = finish_one(desc + (int64_t)i * FINISH_FIELDS, terms, out, out_stride, base,
-                                 max_mag, scale, ti);
+            sums[i] = finish_one(desc + (int64_t)i * FINISH_FIELDS, terms, ops, out, out_stride,
+                                 base, max_mag, scale, ti);
     }
     double total = 0.0;
     for (int i = 0; i < count; i++)
