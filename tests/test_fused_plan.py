@@ -228,3 +228,27 @@ def test_the_kernels_reject_bad_tables_and_write_nothing():
                 torch.zeros(1, 6, dtype=torch.int64), [0.1], 0.9, torch.zeros(1, 3)
             )
     assert torch.equal(base, torch.ones(8))
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [[(5, 4), (5,), (), (3, 5)], [(7,), (1, 7), (1,)], [(3, 2, 3, 1), (2, 6)]],
+    ids=["a-scalar", "size-1-axes", "a-4-axis-tensor"],
+)
+@pytest.mark.parametrize("kind", ["nfn-real-like", "nfn", "mlp"])
+def test_views_of_any_rank_up_to_4_take_the_multi_tensor_step(shapes, kind):
+    spec = WeightSpaceSpec.from_shapes(shapes)
+    params = [torch.randn(s) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    ref, out, mine = step_both(strong(kind), spec, params, grads, random_state(params, 1), 10)
+    assert_same_step(ref, out, mine)
+
+
+def test_a_view_of_5_axes_takes_the_per_tensor_path():
+    shapes = [(2, 3, 4, 5, 2), (6, 2)]
+    spec = WeightSpaceSpec.from_shapes(shapes)
+    params = [torch.randn(s) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    with torch.no_grad():
+        assert fused_plan.plan_for(strong("nfn"), spec, params, grads,
+                                   random_state(params, 1)) is None  # fmt: skip
