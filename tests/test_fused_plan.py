@@ -69,6 +69,22 @@ def assert_same_step(ref, out, held):
     assert torch.equal(out_state["skipped"], ref_state["skipped"])
 
 
+def assert_same_step_on(module, net, threads, seed, total_steps):
+    """One step of ``module``'s parameters (random gradients and state) on
+    ``threads`` threads: the torch path and the multi-tensor step agree."""
+    spec = WeightSpaceSpec.from_module(module)
+    params = [p.detach().clone() for p in module.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        state = random_state(params, seed)
+        ref, out, mine = step_both(net, spec, params, grads, state, total_steps)
+    finally:
+        torch.set_num_threads(old)
+    assert_same_step(ref, out, mine)
+
+
 KINDS = ["mlp", "mlp-budget", "nfn", "nfn-proj", "nfn-magnitude", "nfn-stats", "nfn-real-like"]
 
 
@@ -83,17 +99,7 @@ KINDS = ["mlp", "mlp-budget", "nfn", "nfn-proj", "nfn-magnitude", "nfn-stats", "
 def test_the_multi_tensor_step_equals_the_torch_path(arch, kind, depth, threads, seed):
     module, _ = arch
     torch.manual_seed(seed)
-    net = strong(kind, depth)
-    spec = WeightSpaceSpec.from_module(module)
-    params = [p.detach().clone() for p in module.parameters()]
-    grads = [torch.randn_like(p) for p in params]
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        ref, out, mine = step_both(net, spec, params, grads, random_state(params, seed), 50)
-    finally:
-        torch.set_num_threads(old)
-    assert_same_step(ref, out, mine)
+    assert_same_step_on(module, strong(kind, depth), threads, seed, 50)
 
 
 def real_models():
@@ -111,18 +117,7 @@ def real_models():
 def test_the_multi_tensor_step_equals_the_torch_path_on_real_models(name, kind, threads):
     # Packed attention projections (pieces), 4-axis views, norms,
     # embeddings, convolutions; tensors shared out whole and split.
-    model = real_models()[name]
-    net = strong(kind)
-    spec = WeightSpaceSpec.from_module(model)
-    params = [p.detach().clone() for p in model.parameters()]
-    grads = [torch.randn_like(p) for p in params]
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        ref, out, mine = step_both(net, spec, params, grads, random_state(params, 4), 300)
-    finally:
-        torch.set_num_threads(old)
-    assert_same_step(ref, out, mine)
+    assert_same_step_on(real_models()[name], strong(kind), threads, 4, 300)
 
 
 def test_a_tensor_the_kernel_cannot_read_takes_the_per_tensor_path():
