@@ -46,6 +46,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -74,6 +77,18 @@ static inline v8 relu(v8 a)
     v8i negative = a < splat(0.0f);
     return (v8)((v8i)a & ~negative);
 }
+/* sqrt of each lane, correctly rounded as sqrtf is. */
+static inline v8 vsqrt(v8 a)
+{
+#ifdef __AVX__
+    return (v8)_mm256_sqrt_ps((__m256)a);
+#else
+    for (int b = 0; b < 8; b++)
+        a[b] = sqrtf(a[b]);
+    return a;
+#endif
+}
+
 static inline float hsum(v8 a)
 {
     float s = 0.0f;
@@ -289,8 +304,7 @@ static void run_blocks(const struct net *net, const struct tensor *t, int64_t bl
                     x[f][u] = load(tmp[f] + 8 * u);
         }
         for (int u = 0; u < NV; u++) {
-            for (int b = 0; b < 8; b++)
-                x[2 + k][u][b] = sqrtf(x[2 + k][u][b]);
+            x[2 + k][u] = vsqrt(x[2 + k][u]);
             const v8 d = x[2 + k][u] * splat(net->rsqrt_c2) + splat(net->eps);
             x[3 + k][u] = x[1][u] / d;
             x[4 + k][u] = x[2 + net->adam_momentum][u] / d;
