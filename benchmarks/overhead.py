@@ -1,8 +1,11 @@
-"""Cost of a learned optimizer step against torch.optim.Adam.
+"""Cost of a learned optimizer step against torch.optim.Adam (on a GPU,
+fused AdamW).
 
 For MLPs of ~10k, ~50k, ~300k and ~1.8M parameters, a CNN, a BatchNorm
-ResNet and a character transformer LM (2 layers, width 64), measures in one
-run:
+ResNet and a character transformer LM (2 layers, width 64), and on a GPU
+also MLPs of ~10M, ~100M and ~300M parameters and a GPT-2-small-shaped LM
+(12 layers, width 768, 1,024 tokens, batch 8, an untied output layer),
+measures in one run:
 the time of one ``optimizer.step()`` and of a whole train step (forward,
 backward, step) at batch 128, as ratios to Adam measured interleaved in the
 same process; the launches one step makes (CUDA kernels on a GPU, where a
@@ -16,6 +19,7 @@ weight space as the peer for the NF-layer cost.
     python -m benchmarks.overhead --out runs/overhead
     python -m benchmarks.overhead --quick --out /tmp/overhead   # CI-sized
     python -m benchmarks.overhead --torch-path --slice-entries 4194304  # a GPU's path, on the CPU
+    python -m benchmarks.overhead --device cuda --models mlp-10m mlp-100m mlp-300m gpt2-small
 """
 
 from __future__ import annotations
@@ -42,16 +46,24 @@ OPTIMIZERS = ("adam", "mlp", "nfn")
 
 
 MODELS = ("mlp-10k", "mlp-50k", "mlp-300k", "mlp-1.8m", "cnn-57k", "resnet-bn", "transformer-char")
-LM_VOCAB, LM_CONTEXT = 96, 64
+# Sized for a GPU (refused on the CPU): MLPs of about 10M, 100M and 300M
+# parameters and a GPT-2-small-shaped LM (163M: its output layer is not tied
+# to the token embedding), against fused AdamW there.
+GPU_MODELS = ("mlp-10m", "mlp-100m", "mlp-300m", "gpt2-small")
+LM_SHAPES = {"transformer-char": (96, 64), "gpt2-small": (50257, 1024)}  # vocabulary, context
+LM_VOCAB, LM_CONTEXT = LM_SHAPES["transformer-char"]
+MAX_BATCH = {"gpt2-small": 8}  # sequences of 1,024 tokens per training step
 
 
 def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     """A named benchmark model and its input shape (without batch); the
     character LM reads token indices (:func:`batch_for`)."""
-    if name == "transformer-char":
+    if name in LM_SHAPES:
         from tasks.models import TransformerLM
 
-        return TransformerLM(LM_VOCAB, LM_CONTEXT, 64, 4, 2), (LM_CONTEXT,)
+        vocab, context = LM_SHAPES[name]
+        d, heads, layers = (64, 4, 2) if name == "transformer-char" else (768, 12, 12)
+        return TransformerLM(vocab, context, d, heads, layers), (context,)
     if name == "resnet-bn":
         from tasks.models import ResNet
 
@@ -62,6 +74,9 @@ def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
             "mlp-50k": [784, 64, 10],
             "mlp-300k": [784, 384, 10],
             "mlp-1.8m": [784, 1024, 1024, 10],
+            "mlp-10m": [1024, 3072, 3072, 10],
+            "mlp-100m": [4096, 6144, 6144, 6144, 10],
+            "mlp-300m": [8192, 12288, 16384, 10],
             "mlp-tiny": [32, 16, 10],
         }[name]
         layers: list[nn.Module] = [nn.Flatten()]
@@ -121,7 +136,9 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """Adam, or the learned optimizer ``kind`` with the shipped net
     ``names[kind]`` (default: ``SHIPPED``'s; a default net when not shipped)."""
-    if kind == "adam":
+    if kind == "adam":  # on a GPU the fastest torch has: fused AdamW
+        if next(model.parameters()).device.type == "cuda":
+            return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         return torch.optim.Adam(model.parameters(), lr=1e-3)
     if kind not in SHIPPED:
         raise ValueError(f"unknown optimizer {kind!r}")
@@ -177,8 +194,10 @@ def batch_for(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random inputs and class targets (the LM: tokens, the next at every position)."""
     g = torch.Generator().manual_seed(0)
-    if model_name == "transformer-char":
-        tokens = torch.randint(0, LM_VOCAB, (batch, LM_CONTEXT + 1), generator=g)
+    batch = min(batch, MAX_BATCH.get(model_name, batch))
+    if model_name in LM_SHAPES:
+        vocab, context = LM_SHAPES[model_name]
+        tokens = torch.randint(0, vocab, (batch, context + 1), generator=g)
         return tokens[:, :-1].to(device), tokens[:, 1:].to(device)
     x = torch.randn(batch, *in_shape, generator=g)
     return x.to(device), torch.randint(0, 10, (batch,), generator=g).to(device)
@@ -355,7 +374,8 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> str:
         f"Command: `{meta.get('command', 'python -m benchmarks.overhead')}`\n"
         f"Machine: {where}, torch {meta.get('torch', torch.__version__)}. "
         f"Date: {meta.get('date', time.strftime('%Y-%m-%d'))}.\n\n"
-        "Median over steps after warm-up, Adam timed interleaved in the same process: "
+        "Median over steps after warm-up, Adam (on a GPU: `AdamW(fused=True)`) timed "
+        "interleaved in the same process: "
         "`optimizer.step()` and a whole training step (forward, backward, step); "
         "launches: top-level torch operators of one step on the CPU (work inside the "
         "fused kernels is none), CUDA kernels on a GPU.\n\n"
@@ -419,7 +439,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         description=__doc__,
         formatter_class=argparse.RawTextHelpFormatter,
     )
-    p.add_argument("--models", nargs="+", default=list(MODELS), help=", ".join(MODELS))
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        help=", ".join(MODELS) + "; on a GPU also " + ", ".join(GPU_MODELS),
+    )
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -454,6 +479,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.quick:
         args.models, args.repeats = ["mlp-tiny", "cnn-tiny"], 2
     device = torch.device(args.device)
+    known = MODELS + GPU_MODELS
+    unknown = [m for m in args.models if m not in known + ("mlp-tiny", "cnn-tiny")]
+    if unknown:
+        raise SystemExit(f"--models {' '.join(unknown)}: unknown ({', '.join(known)})")
+    too_big = [m for m in args.models if m in GPU_MODELS and device.type != "cuda"]
+    if too_big:
+        raise SystemExit(
+            f"--models {' '.join(too_big)}: sized for a GPU; run them with --device cuda"
+        )
     rows = []
     old = use_path(args.torch_path, args.slice_entries)
     try:

@@ -750,3 +750,19 @@ def test_snapshots_rank_on_a_suite_of_step_budgets(tmp_path, monkeypatch):
         snapshots.main([str(run), "--suite", "budgeted", "--set", "nf_scale=0",
                         "--out", str(tmp_path / "y")])  # fmt: skip
     assert not (tmp_path / "y").exists()
+
+
+def test_overhead_gpu_models_have_their_sizes_and_are_refused_on_the_cpu(tmp_path):
+    sizes = {"mlp-10m": 10e6, "mlp-100m": 100e6, "mlp-300m": 300e6, "gpt2-small": 163e6}
+    for name, size in sizes.items():
+        with torch.device("meta"):  # no memory, no init cost
+            model, _ = overhead.build_model(name)
+        n = sum(p.numel() for p in model.parameters())
+        assert 0.8 * size < n < 1.3 * size, (name, n)
+    x, y = overhead.batch_for("gpt2-small", (1024,), 128, torch.device("cpu"))
+    assert x.shape == y.shape == (8, 1024) and int(x.max()) < 50257
+    with pytest.raises(SystemExit, match="gpt2-small: sized for a GPU; run them with --device"):
+        overhead.main(["--models", "mlp-10k", "gpt2-small", "--out", str(tmp_path / "gpu")])
+    with pytest.raises(SystemExit, match="--models nope: unknown"):
+        overhead.main(["--models", "nope", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "gpu").exists() and not (tmp_path / "bad").exists()
