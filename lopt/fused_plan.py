@@ -61,7 +61,7 @@ _version = operator.attrgetter("_version")
 KERNEL_BLOCK = 16  # entries per block of the per-entry kernel (csrc: BLOCK)
 DENSE_ENTRIES = 65536  # below this (one thread's tensor), short last axes pool densely
 AXES = 4  # the kernels see every view as 4 axes (leading ones added)
-PLANS_PER_NET = 4  # plans kept per net (a few models or parameter groups)
+PLANS_PER_NET = 16  # plans kept per net: one per parameter group, and a few models
 
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

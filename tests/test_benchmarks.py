@@ -195,7 +195,7 @@ def test_overhead_quick_writes_every_output(tmp_path):
     # Other shipped nets by name, recorded in the metadata; an unknown name
     # is refused before anything runs.
     out = tmp_path / "by-name"
-    overhead.main(["--quick", "--out", str(out), "--no-nfn", "--nfn", "nfn-real"])
+    overhead.main(["--quick", "--out", str(out), "--no-nfn", "--no-memory", "--nfn", "nfn-real"])
     nets = json.loads((out / "overhead.json").read_text())["meta"]["nets"]
     assert "shipped nfn-real" in nets["nfn"] and "'budget': True" in nets["nfn"]
     assert f"shipped {lopt.checkpoint.RECOMMENDED['PerParamMLP']}" in nets["mlp"]

@@ -247,3 +247,19 @@ def test_a_view_of_5_axes_takes_the_per_tensor_path():
     with torch.no_grad():
         assert fused_plan.plan_for(strong("nfn"), spec, params, grads,
                                    random_state(params, 1)) is None  # fmt: skip
+
+
+def test_each_parameter_group_builds_its_plan_once(monkeypatch):
+    torch.manual_seed(0)
+    model = make_mlp([6, 8, 8, 8, 8, 8, 3])
+    params = list(model.parameters())
+    groups = [{"params": params[i::6]} for i in range(6)]
+    opt = lopt.NFNOptimizer(groups, model=model, net=strong("nfn"), fused=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    builds = []
+    build = fused_plan.build
+    monkeypatch.setattr(fused_plan, "build", lambda *a, **k: builds.append(1) or build(*a, **k))
+    for _ in range(3):
+        opt.step()
+    assert len(builds) == 6
