@@ -11,14 +11,15 @@ A :class:`FusedPlan` is built once per net structure, weight space and
 memory of the parameters and state: tables that describe every tensor
 (where its parameter, gradient and state lie, its view, the NF-layer's
 pools of it and the terms it adds) and the buffers the kernels write. A step
-is then three kernel calls (:func:`lopt.fused.state_update_many`,
+is then five kernel calls (:func:`lopt.fused.state_update_many`,
 :func:`~lopt.fused.entry_outputs_many` with every pooled sum,
-:func:`~lopt.fused.finish_many` with every term, the tangent rule and the
-learned schedule) around a fixed number of torch operators for what is per
-tensor or per neuron (channel scales, output layers, the NF-layer's
-broadcast terms, the neuron statistics): neither grows with the number of
-tensors. The formula is :meth:`~lopt.nets.OptimizerNet.forward`'s, and the
-tests hold the two paths to each other.
+:func:`~lopt.fused.flat_terms` and :func:`~lopt.fused.stat_terms` for the
+NF-layer's and the neuron statistics' terms, :func:`~lopt.fused.finish_many`
+with every term, the tangent rule and the learned schedule) around a fixed
+number of torch operators for what is per tensor (channel scales, output
+layers, the learned schedule): neither grows with the number of tensors.
+The formula is :meth:`~lopt.nets.OptimizerNet.forward`'s, and the tests
+hold the two paths to each other.
 
 The updates it returns are views of one buffer the plan owns, which the
 next step overwrites: the optimizer classes add them at once.
