@@ -59,6 +59,8 @@ from lopt.nn import flat_terms
 from lopt.weightspace import WeightSpaceSpec
 
 _version = operator.attrgetter("_version")
+_dtype = operator.attrgetter("dtype")
+_is_cpu = operator.attrgetter("is_cpu")
 KERNEL_BLOCK = 16  # entries per block of the per-entry kernel (csrc: BLOCK)
 DENSE_ENTRIES = 65536  # below this (one thread's tensor), short last axes pool densely
 AXES = 4  # the kernels see every view as 4 axes (leading ones added)
@@ -235,8 +237,12 @@ def readable(params: Sequence[Tensor], grads: Sequence[Tensor], state: dict) -> 
     if torch.is_grad_enabled():
         return False
     tensors = [*params, *grads, *state["momenta"], *state["second_moment"]]
-    f32 = torch.float32
-    return all(t.is_cpu and t.dtype is f32 and t.is_contiguous() for t in tensors)
+    # map() over C-level getters: this runs every step, over every tensor.
+    return (
+        set(map(_dtype, tensors)) == {torch.float32}
+        and all(map(_is_cpu, tensors))
+        and all(map(Tensor.is_contiguous, tensors))
+    )
 
 
 def plan_for(

@@ -223,7 +223,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 )
             device = devices.pop()
             spec = self._spec(index, group, active)
-            state = self._gather_state(params)
+            state, states = self._gather_state(params)
             grads = [p.grad for p in params]
             if not functional.all_finite(grads):
                 # A NaN / inf gradient: params and state stay as they are.
@@ -250,8 +250,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             skipped = bool(new["skipped"] > state["skipped"])
             self._count_skip(index, skipped)
             # One step count for the group, never written in place: shared.
-            for p in params:
-                st = self.state[p]
+            for st in states:
                 st["skipped"] = new["skipped"]
                 st["step"] = new["step"]
             if not skipped:  # one operator for all of them
@@ -271,7 +270,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if active:
                 params = [group["params"][j] for j in active]
                 fresh = [p for p in params if not self.state[p]]
-                state = self._gather_state(params)
+                state, _ = self._gather_state(params)
                 theta = dict(self.net.named_parameters())
                 # A vanishing learned term leaves the base part alone.
                 theta["log_step_mult"] = torch.full_like(theta["log_step_mult"], -1e9)
@@ -314,23 +313,26 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self._fused = fused_kernel.available()
         return self._fused
 
-    def _gather_state(self, params: list[Tensor]) -> functional.State:
-        for p in params:
-            if not self.state[p]:
+    def _gather_state(self, params: list[Tensor]) -> tuple[functional.State, list[dict]]:
+        """The group's state for :func:`lopt.functional.update` (made where a
+        parameter has none) and each parameter's own state dict."""
+        states = [self.state[p] for p in params]  # one lookup each: a tensor's hash is Python
+        for p, st in zip(params, states):
+            if not st:
                 fresh = functional.init([p])
-                self.state[p].update(
+                st.update(
                     momenta=fresh["momenta"][0],
                     second_moment=fresh["second_moment"][0],
                     step=fresh["step"],
                     skipped=fresh["skipped"],
                 )
-        first = self.state[params[0]]
-        return {
-            "momenta": [_float32(self.state[p]["momenta"]) for p in params],
-            "second_moment": [_float32(self.state[p]["second_moment"]) for p in params],
-            "step": _float32(first["step"]),
-            "skipped": _float32(first["skipped"]),
+        state = {
+            "momenta": [_float32(st["momenta"]) for st in states],
+            "second_moment": [_float32(st["second_moment"]) for st in states],
+            "step": _float32(states[0]["step"]),
+            "skipped": _float32(states[0]["skipped"]),
         }
+        return state, states
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but the float32 state of low-precision parameters stays float32."""
