@@ -78,11 +78,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
             may set its own); None: not known, and the net falls back on
             what it learned for runs of unknown length. Nets without the
             budget input ignore it.
-        fused: run the net's per-entry part on CPU through the fused kernel
-            (:mod:`lopt.fused`, compiled on first use): ``None`` (default)
-            when it is available, ``True`` to require it (raises if there is
-            no C compiler), ``False`` for the plain torch ops. Same numbers
-            up to float rounding; CUDA parameters always use torch ops.
+        fused: run the step on CPU through the fused kernels
+            (:mod:`lopt.fused`, compiled on first use; each pass once over
+            all tensors of a group, :mod:`lopt.fused_plan`): ``None``
+            (default) when they are available, ``True`` to require them
+            (raises if there is no C compiler), ``False`` for the plain torch
+            ops. Same numbers up to float rounding; CUDA parameters always
+            use torch ops.
 
     To build a fresh net with other settings, pass ``net=NFNNet(...)``
     (``net_kwargs`` are its constructor's arguments, e.g. ``width``).
