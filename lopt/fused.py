@@ -556,8 +556,11 @@ def flat_terms(
     scales: Tensor,
     out: Tensor,
 ) -> Tensor:
-    """:func:`lopt.nn.flat_terms.buffer_from_means` in one pass, each row
-    then times its tensor's ``scales`` ``(T, 2)``, written to ``out`` ``(2,
+    """:func:`lopt.nn.flat_terms.buffer` in one pass, from the pooled means as
+    the rows of one matrix ``means`` (the pools in
+    :attr:`~lopt.nn.flat_terms.FlatPlan.pools`' order, each one's entries in
+    row-major order of the axes it keeps), each row then times its tensor's
+    ``scales`` ``(T, 2)``, written to ``out`` ``(2,
     rows)`` (its rows may lie apart) as direction and log-magnitude (a zero
     direction when the layer writes the magnitude alone). ``bags`` ``(bags,
     4)``, sorted by output row, holds each bag's output row, key, number of

@@ -156,27 +156,11 @@ def buffer(
 ) -> Tensor:
     """The terms' buffer ``(rows, channels)``: :attr:`FlatPlan.blocks` says
     which rows hold which term."""
-    means = None
-    if flat.members:
-        means = torch.cat([pooled[k].reshape(-1, pooled[k].shape[-1]) for k in flat.pools])
-    return buffer_from_means(flat, means, weights, biases)
-
-
-def buffer_from_means(
-    flat: FlatPlan,
-    means: Tensor | None,
-    weights: Mapping[str, Tensor],
-    biases: Mapping[str, Tensor],
-) -> Tensor:
-    """:func:`buffer` from every pooled mean as the rows of one matrix
-    ``means`` ``(rows, channels)``: the pools in :attr:`FlatPlan.pools`'
-    order, each one's entries in row-major order of the axes it keeps (None
-    when no term reads a mean)."""
     first = next(iter(weights.values()))
     c_out = first.shape[1]
     out = first.new_zeros(flat.rows, c_out)
     if flat.members:
-        p = means
+        p = torch.cat([pooled[k].reshape(-1, pooled[k].shape[-1]) for k in flat.pools])
         x = torch.cat(
             [p.index_select(0, m.reshape(-1)).reshape(*m.shape, -1).mean(1) for m in flat.members]
         )
