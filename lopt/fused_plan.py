@@ -489,14 +489,15 @@ def build(
 class NetConstants:
     """What a step reads of the net that only changes with its parameters."""
 
-    layers: Tensor  # (distinct output layers, n_out_max, width)
-    layer_biases: Tensor  # (distinct output layers, n_out_max)
+    w_out: Tensor  # (T, n_out_max, width): every tensor's output layer, its two rows scaled
+    b_out: Tensor  # (T, n_out_max)
     hidden: tuple[Tensor, Tensor] | None  # the hidden layers' weights and biases, stacked
     key_weights: Tensor | None  # the NF-layer's weights in the flat plan's key order
     key_biases: Tensor | None
     neg_lrs: Tensor  # (T,): OptimizerNet.tensor_factors
-    out_scales: Tensor  # (T, 2)
+    nf_scales: Tensor | None  # (T, 2): what multiplies each tensor's NF-layer terms
     stat_weights: Tensor | None  # (pools, 3): the statistics' coefficients over mag_mult
+    stat_scales: Tensor | None  # (T,): what multiplies each tensor's statistics' terms
 
 
 def _net_constants(net: OptimizerNet, plan: FusedPlan) -> NetConstants:
@@ -513,10 +514,15 @@ def _net_constants(net: OptimizerNet, plan: FusedPlan) -> NetConstants:
         built = [net.output_layer(k, extra, read) for k, extra in plan.layer_keys]
     else:
         built = [(net.out.weight, net.out.bias[:, None])]
+    neg_lrs, out_scales = net.tensor_factors(plan.spec)
+    # Each tensor's layer, padded to n_out_max rows, its two rows scaled.
     pad = plan.n_out_max
     pad_rows = torch.nn.functional.pad
     layers = torch.stack([pad_rows(w, (0, 0, 0, pad - w.shape[0])) for w, _ in built])
     biases = torch.stack([pad_rows(b[:, 0], (0, pad - b.shape[0])) for _, b in built])
+    row_scales = torch.cat([out_scales, out_scales.new_ones(len(out_scales), pad - 2)], 1)
+    w_out = (layers[plan.layer_index] * row_scales[:, :, None]).contiguous()
+    b_out = (biases[plan.layer_index] * row_scales).contiguous()
     hidden = None
     if len(net.hidden):
         hidden = (
@@ -533,13 +539,16 @@ def _net_constants(net: OptimizerNet, plan: FusedPlan) -> NetConstants:
             key_weights = torch.stack([net.nf.weights[k] for k in keys])
         if bias_keys:
             key_biases = torch.stack([net.nf.biases[k] for k in bias_keys])
-    neg_lrs, out_scales = net.tensor_factors(plan.spec)
-    stat_weights = None
-    if getattr(net, "neuron_stats", False):
-        stat_weights = (net.stat_weight / net.mag_mult).contiguous()
+    nf_scales = stat_weights = stat_scales = None
+    if isinstance(net, NFNNet):
+        nf_scales = (net.nf_scale * out_scales).contiguous()
+        if net.neuron_stats:
+            stat_weights = (net.stat_weight / net.mag_mult).contiguous()
+            stat_scales = nf_scales[:, 1].contiguous()
     constants = NetConstants(
-        layers, biases, hidden, key_weights, key_biases, neg_lrs, out_scales, stat_weights
-    )
+        w_out, b_out, hidden, key_weights, key_biases, neg_lrs, nf_scales, stat_weights,
+        stat_scales,
+    )  # fmt: skip
     plan.constants = (key, constants)
     return constants
 
@@ -553,18 +562,6 @@ def _bags_by_row(flat: flat_terms.FlatPlan) -> Tensor:
     bags = torch.stack([flat.bag_row, flat.bag_key, size, first], 1)
     order = torch.sort(flat.bag_row, stable=True).indices
     return bags[order].contiguous()
-
-
-def _output_layers(
-    plan: FusedPlan, constants: NetConstants, out_scales: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Every tensor's output layer ``(T, n_out_max, width)`` and bias ``(T,
-    n_out_max)``, its two rows times the tensor's ``out_scales``."""
-    weights, biases, pad = constants.layers, constants.layer_biases, plan.n_out_max
-    row_scales = torch.cat([out_scales, out_scales.new_ones(len(out_scales), pad - 2)], 1)
-    w_all = weights[plan.layer_index] * row_scales[:, :, None]
-    b_all = biases[plan.layer_index] * row_scales
-    return w_all.contiguous(), b_all.contiguous()
 
 
 def step(
@@ -588,31 +585,29 @@ def step(
     c1, c2, steps_in, budget_in, bias = net.step_inputs(step_t, total_steps)
     scales = channel_scales_all(sums, plan.numels, c1)
     constants = _net_constants(net, plan)
-    neg_lrs, out_scales = constants.neg_lrs, constants.out_scales
     w_in = (net.inp.weight * scales[:, None, :]).contiguous()
     adam_scales = scales[:, ADAM_CHANNEL]
-    base_scales = (neg_lrs * adam_scales).contiguous()
-    w_out, b_out = _output_layers(plan, constants, out_scales)
+    base_scales = (constants.neg_lrs * adam_scales).contiguous()
     fused_kernel.entry_outputs_many(
         plan.entry_table, base_scales, plan.pool_table, plan.pool_scales, ADAM_MOMENTUM,
         len(MOMENTUM_DECAYS), float(c2.rsqrt()), EPS, w_in, bias.contiguous(),
-        constants.hidden, w_out, b_out, plan.out, plan.base, plan.scratch,
+        constants.hidden, constants.w_out, constants.b_out, plan.out, plan.base, plan.scratch,
     )  # fmt: skip
     if isinstance(net, NFNNet):
-        scale_nf = net.nf_scale * out_scales
         flat = plan.flat
         if flat is not None and flat.rows:
             fused_kernel.flat_terms(
                 plan.flat_bags, plan.flat_members, flat.bias_row, flat.bias_index, plan.means,
                 constants.key_weights, constants.key_biases, flat.row_tensor,
-                scale_nf.contiguous(), plan.terms[:, : flat.rows],
+                constants.nf_scales, plan.terms[:, : flat.rows],
             )  # fmt: skip
         if plan.layout is not None:
             lay = plan.layout
             fused_kernel.stat_terms(
                 plan.stats, lay.row_tensor, lay.row_count, lay.col_tensor, lay.col_count,
                 lay.numel, lay.shift, lay.whole_pool, adam_scales.contiguous(),
-                scale_nf[:, 1].contiguous(), constants.stat_weights, STAT_POOLS.index("row"),
+                constants.stat_scales, constants.stat_weights,
+                STAT_POOLS.index("row"),
                 STAT_POOLS.index("column"), STAT_FLOOR,
                 plan.terms[:, flat.rows if flat is not None else 0 :],
             )  # fmt: skip

@@ -263,3 +263,32 @@ def test_each_parameter_group_builds_its_plan_once(monkeypatch):
     for _ in range(3):
         opt.step()
     assert len(builds) == 6
+
+
+def test_a_net_changed_in_place_between_steps_is_read_afresh():
+    # The plan keeps what it reads of the net (output layers, factors) while
+    # the net's parameters keep their versions; an in-place change shows.
+    torch.manual_seed(3)
+    model = make_mlp([5, 7, 3])
+    twin = copy.deepcopy(model)
+    net = strong("nfn-real-like")
+    a = lopt.NFNOptimizer(model.parameters(), model=model, net=net, fused=True)
+    b = lopt.NFNOptimizer(twin.parameters(), model=twin, net=copy.deepcopy(net), fused=False)
+    x = torch.randn(8, 5)
+    for change in (False, True):
+        if change:
+            for opt in (a, b):
+                with torch.no_grad():
+                    opt.net.log_step_mult.add_(0.5)
+                    next(iter(opt.net.nf.weights.values())).mul_(2.0)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), twin.parameters()):
+                q.copy_(p)
+        b.load_state_dict(copy.deepcopy(a.state_dict()))
+        before = [p.detach().clone() for p in model.parameters()]
+        for m, opt in ((model, a), (twin, b)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+        for p, q, p0 in zip(model.parameters(), twin.parameters(), before):
+            torch.testing.assert_close(p - p0, q - p0, rtol=1e-4, atol=1e-6)
