@@ -129,7 +129,7 @@ def _load(target: Path) -> ctypes.CDLL:
     fin.argtypes = [i64, ptr, ptr, ptr, i64, ptr, ptr, i64, f32, i32]
     many = lib.lopt_state_update_many
     many.restype = i32
-    many.argtypes = [i32, ptr, i32, ptr, f32, ptr, i32]
+    many.argtypes = [i32, ptr, i64, i32, ptr, f32, ptr, i32]
     many = lib.lopt_entry_outputs_many
     many.restype = i32
     many.argtypes = [i32, ptr, ptr, ptr, ptr, i32, i32, f32, f32, i32, i32, ptr, ptr, ptr, ptr]
@@ -408,9 +408,9 @@ def _weights(weights: tuple[float, ...]) -> Tensor:
 # The multi-tensor kernels (lopt.fused_plan builds their tables). Each takes
 # a contiguous int64 table, one row a tensor, whose columns hold sizes and
 # the addresses of the tensors' memory.
-STATE_FIELDS = ("n", "p", "g", "m", "m_stride", "v")
-ENTRY_FIELDS = ("n", "p", "g", "m", "m_stride", "v", "offset", "n_out", "stats", "d0", "d1",
-                "d2", "d3", "pool_begin", "pool_end", "scratch", "scratch_at")  # fmt: skip
+STATE_FIELDS = ("n", "p", "g", "m", "m_stride", "v")  # what the state pass reads of a row
+ENTRY_FIELDS = STATE_FIELDS + ("offset", "n_out", "stats", "d0", "d1", "d2", "d3", "pool_begin",
+                               "pool_end", "scratch", "scratch_at")  # fmt: skip
 POOL_FIELDS = ("src", "c0", "nc", "rows", "dst", "soff", "s0", "s1", "s2", "s3",
                "sd0", "sd1", "sd2", "sd3", "kind", "axis")  # fmt: skip
 POOL_GENERIC, POOL_ENTRIES, POOL_AXIS = 0, 1, 2  # a pool's kind (csrc: struct pool)
@@ -434,7 +434,8 @@ def _table(table: Tensor, fields: Sequence[str]) -> int:
 def state_update_many(
     table: Tensor, weights: Sequence[float], second_moment_decay: float, sums: Tensor
 ) -> Tensor:
-    """:func:`state_update` for every tensor of ``table`` (rows of
+    """:func:`state_update` for every tensor of ``table`` (the rows of
+    :func:`entry_outputs_many`'s table, whose first fields are
     :data:`STATE_FIELDS`) at once, the sums into ``sums`` (float64 ``(rows,
     k + 3)``)."""
     lib = _kernel()
@@ -443,7 +444,8 @@ def state_update_many(
         raise ValueError(f"sums must be float64 of shape ({table.shape[0]}, {k + 3})")
     w = _weights(tuple(float(x) for x in weights))
     code = lib.lopt_state_update_many(
-        table.shape[0], _table(table, STATE_FIELDS), k, w.data_ptr(), second_moment_decay,
+        table.shape[0], _table(table, ENTRY_FIELDS), len(ENTRY_FIELDS), k, w.data_ptr(),
+        second_moment_decay,
         sums.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if code:

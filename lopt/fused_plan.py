@@ -75,8 +75,7 @@ class FusedPlan:
 
     spec: WeightSpaceSpec
     parts: list[tuple[int, int]]  # per tensor: its parameter, its first entry in it
-    state_table: Tensor  # (T, STATE_FIELDS), the gradients' addresses set per step
-    entry_table: Tensor  # (T, ENTRY_FIELDS), likewise
+    entry_table: Tensor  # (T, ENTRY_FIELDS), the gradients' addresses set per step
     pool_table: Tensor  # (pools, POOL_FIELDS)
     pool_scales: Tensor  # (pools,)
     finish_table: Tensor  # (T, FINISH_FIELDS)
@@ -453,11 +452,9 @@ def build(
     for i, (j, _) in enumerate(parts):
         firsts.setdefault(j, offsets[i])
     updates = [base[firsts[j] : firsts[j] + p.numel()].view(p.shape) for j, p in enumerate(params)]
-    state_table = torch.tensor([row[:6] for row in entry], dtype=long)
     return FusedPlan(
         spec=spec,
         parts=parts,
-        state_table=state_table,
         entry_table=torch.tensor(entry, dtype=long),
         pool_table=torch.tensor(pools, dtype=long).reshape(-1, len(fused_kernel.POOL_FIELDS)),
         pool_scales=torch.tensor(pool_scales, dtype=torch.float32),
@@ -577,11 +574,10 @@ def step(
     ``guard=False`` returns them."""
     addresses = list(map(Tensor.data_ptr, grads))
     g_addr = torch.tensor([addresses[j] + 4 * start for j, start in plan.parts], dtype=torch.int64)
-    plan.state_table[:, 2] = g_addr
-    plan.entry_table[:, 2] = g_addr
+    plan.entry_table[:, 2] = g_addr  # the state pass reads the same table
     step_t = state["step"] + 1
     weights = [1 - d for d in MOMENTUM_DECAYS]
-    sums = fused_kernel.state_update_many(plan.state_table, weights, SECOND_MOMENT_DECAY, plan.sums)
+    sums = fused_kernel.state_update_many(plan.entry_table, weights, SECOND_MOMENT_DECAY, plan.sums)
     c1, c2, steps_in, budget_in, bias = net.step_inputs(step_t, total_steps)
     scales = channel_scales_all(sums, plan.numels, c1)
     constants = _net_constants(net, plan)

@@ -675,7 +675,8 @@ static int threads_for(int64_t n, int nt)
     return most < 1 ? 1 : most < nt ? (int)most : nt;
 }
 
-/* A state tensor's descriptor (int64): n, p, g, m, m_stride, v. */
+/* A state tensor's descriptor (int64) starts n, p, g, m, m_stride, v; rows
+ * are `stride` apart (a longer descriptor, lopt_entry_outputs_many's, serves). */
 #define STATE_FIELDS 6
 
 static void state_one(const int64_t *d, int k_momenta, const float *weights, float b2,
@@ -685,23 +686,23 @@ static void state_one(const int64_t *d, int k_momenta, const float *weights, flo
                       k_momenta, weights, (float *)d[5], b2, sums, threads);
 }
 
-int lopt_state_update_many(int count, const int64_t *desc, int k_momenta, const float *weights,
-                           float b2, double *sums, int threads)
+int lopt_state_update_many(int count, const int64_t *desc, int64_t stride, int k_momenta,
+                           const float *weights, float b2, double *sums, int threads)
 {
-    if (k_momenta < 1 || k_momenta + 3 > MAX_FEATURES)
+    if (k_momenta < 1 || k_momenta + 3 > MAX_FEATURES || stride < STATE_FIELDS)
         return 1;
     const int nt = thread_count(threads);
     /* Small tensors shared out whole; then large ones, each split (a
      * parallel region of its own, not nested in another). */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
     for (int i = 0; i < count; i++)
-        if (threads_for(desc[(int64_t)i * STATE_FIELDS], nt) == 1)
-            state_one(desc + (int64_t)i * STATE_FIELDS, k_momenta, weights, b2,
+        if (threads_for(desc[(int64_t)i * stride], nt) == 1)
+            state_one(desc + (int64_t)i * stride, k_momenta, weights, b2,
                       sums + i * (k_momenta + 3), 1);
     for (int i = 0; i < count; i++) {
-        const int ti = threads_for(desc[(int64_t)i * STATE_FIELDS], nt);
+        const int ti = threads_for(desc[(int64_t)i * stride], nt);
         if (ti > 1)
-            state_one(desc + (int64_t)i * STATE_FIELDS, k_momenta, weights, b2,
+            state_one(desc + (int64_t)i * stride, k_momenta, weights, b2,
                       sums + i * (k_momenta + 3), ti);
     }
     return 0;
