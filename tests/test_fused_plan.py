@@ -220,7 +220,9 @@ def test_the_kernels_reject_bad_tables_and_write_nothing():
             fused.finish_many(table[:, :5], terms, out, base, 10.0, 1.0, sums)
         with pytest.raises(ValueError, match="float64 of shape"):
             fused.state_update_many(
-                torch.zeros(1, len(fused.ENTRY_FIELDS), dtype=torch.int64), [0.1], 0.9,
+                torch.zeros(1, len(fused.ENTRY_FIELDS), dtype=torch.int64),
+                [0.1],
+                0.9,
                 torch.zeros(1, 3),
             )
     assert torch.equal(base, torch.ones(8))
