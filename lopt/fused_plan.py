@@ -345,58 +345,57 @@ def build(
         mine: list[list[int]] = []  # this tensor's pools, fields but dst and soff
         scales: list[float] = []
         dests: list[int] = []
-        n_out = 2
         tensor_pools = needed.get(i, set())
-        if tensor_pools:
-            n_out = 2 + channels
+        n_out = 2 + channels if tensor_pools else 2
         dense = numel[i] < DENSE_ENTRIES and dims[-1] % KERNEL_BLOCK != 0
-        if dense and (tensor_pools or layout is not None):
+        # The NF-layer's pools of this tensor: (pooled axes, where its means
+        # go, 1 / entries pooled), smallest first.
+        nf_pools = [(pool, means.data_ptr() + 4 * channels * mean_rows[(i, pool)],
+                     1.0 / math.prod(view[a] for a in pool))
+                    for pool in sorted(tensor_pools, key=lambda p: (len(p), p))]  # fmt: skip
+        if layout is not None:
+            r0, r1, c0, c1, shapes = layout.pieces[i]
+            row_kept, col_kept = _stat_kept(view, shapes)
+            stat_dests = [stat_bufs[0].data_ptr() + 12 * r0, stat_bufs[1].data_ptr() + 12 * c0,
+                          stat_bufs[2].data_ptr() + 12 * i]  # fmt: skip
+        if dense:
             # Short last axes: the pooled channels are summed whole, then
             # reduced one axis at a time in contiguous loops.
-            if tensor_pools:
-                at = means.data_ptr()
-                order = sorted(tensor_pools, key=lambda p: (len(p), p))
-                requests = [(pool, at + 4 * channels * mean_rows[(i, pool)],
-                             1.0 / math.prod(view[a] for a in pool)) for pool in order]  # fmt: skip
-                _dense_pools(view, 2, channels, requests, mine, dests, scales)
+            if nf_pools:
+                _dense_pools(view, 2, channels, nf_pools, mine, dests, scales)
             if layout is not None:
-                r0, r1, c0, c1, shapes = layout.pieces[i]
-                kept = _stat_kept(view, shapes)
-                requests = [(tuple(a for a, k in enumerate(kept[0]) if k == 1),
-                             stat_bufs[0].data_ptr() + 4 * 3 * r0, 1.0)]  # fmt: skip
-                if len(shapes) == 3:
-                    requests.append((tuple(a for a, k in enumerate(kept[1]) if k == 1),
-                                     stat_bufs[1].data_ptr() + 4 * 3 * c0, 1.0))  # fmt: skip
-                requests.append((tuple(range(len(view))), stat_bufs[2].data_ptr() + 12 * i, 1.0))
-                _dense_pools(view, n_out, 3, requests, mine, dests, scales)
-        elif tensor_pools:
+                requests = [(tuple(a for a, k in enumerate(row_kept) if k == 1), stat_dests[0])]
+                if col_kept is not None:
+                    requests.append((tuple(a for a, k in enumerate(col_kept) if k == 1),
+                                     stat_dests[1]))  # fmt: skip
+                requests.append((tuple(range(len(view))), stat_dests[2]))
+                _dense_pools(view, n_out, 3, [(*r, 1.0) for r in requests], mine, dests, scales)
+        else:
             done: dict[tuple[int, ...], int] = {}
+            generic = [fused_kernel.POOL_GENERIC, -1]
             # Each pool from the largest one summed already (as pooled_sums).
-            for pool in sorted(tensor_pools, key=lambda p: (len(p), p)):
+            for pool, dst, scale in nf_pools:
                 kept = [1 if a in pool else n for a, n in enumerate(view)]
                 src = max((q for q in done if q and set(q) <= set(pool)), key=len, default=None)
                 sd = [1] * AXES
                 if src is not None:
                     sd = _dims([1 if a in src else n for a, n in enumerate(view)])
                 mine.append([-1 if src is None else done[src], 2, channels, math.prod(kept),
-                             *_kept_strides(kept), *sd, fused_kernel.POOL_GENERIC, -1])  # fmt: skip
-                scales.append(1.0 / math.prod(view[a] for a in pool))
-                dests.append(means.data_ptr() + 4 * channels * mean_rows[(i, pool)])
+                             *_kept_strides(kept), *sd, *generic])  # fmt: skip
+                scales.append(scale)
+                dests.append(dst)
                 done[pool] = len(mine) - 1
-        if layout is not None and not dense:
-            r0, r1, c0, c1, shapes = layout.pieces[i]
-            row_kept, col_kept = _stat_kept(view, shapes)
-            generic = [fused_kernel.POOL_GENERIC, -1]
-            row_pool = len(mine)
-            mine.append([-1, n_out, 3, r1 - r0, *_kept_strides(row_kept), *[1] * AXES, *generic])
-            dests.append(stat_bufs[0].data_ptr() + 4 * 3 * r0)
-            if len(shapes) == 3:
-                col_strides = _kept_strides(col_kept)
-                mine.append([-1, n_out, 3, c1 - c0, *col_strides, *[1] * AXES, *generic])
-                dests.append(stat_bufs[1].data_ptr() + 4 * 3 * c0)
-            mine.append([row_pool, n_out, 3, 1, *[0] * AXES, *_dims(row_kept), *generic])
-            dests.append(stat_bufs[2].data_ptr() + 4 * 3 * i)
-            scales += [1.0] * (len(mine) - len(scales))
+            if layout is not None:
+                row_pool = len(mine)
+                mine.append([-1, n_out, 3, r1 - r0, *_kept_strides(row_kept), *[1] * AXES,
+                             *generic])  # fmt: skip
+                if col_kept is not None:
+                    mine.append([-1, n_out, 3, c1 - c0, *_kept_strides(col_kept), *[1] * AXES,
+                                 *generic])  # fmt: skip
+                mine.append([row_pool, n_out, 3, 1, *[0] * AXES, *_dims(row_kept), *generic])
+                dests += [stat_dests[0]] + ([stat_dests[1]] if col_kept is not None else [])
+                dests.append(stat_dests[2])
+                scales += [1.0] * (len(mine) - len(scales))
         soff, scratch = [], 0
         for fields in mine:
             soff.append(scratch)
@@ -422,10 +421,9 @@ def build(
         # the statistics' (row, input neuron, whole tensor).
         mine_terms = [(b0, shape) for b0, _, shape in flat.blocks[i]] if flat is not None else []
         if layout is not None:
-            r0, r1, c0, c1, shapes = layout.pieces[i]
-            if len(shapes) == 3:
-                mine_terms.append((term_starts[0] + r0, shapes[0]))
-                mine_terms.append((term_starts[1] + c0, shapes[1]))
+            if col_kept is not None:
+                mine_terms.append((term_starts[0] + r0, row_kept))
+                mine_terms.append((term_starts[1] + c0, col_kept))
             mine_terms.append((term_starts[2] + i, [1] * len(view)))
         first_term, first_op, finish_dims = len(terms), len(ops), dims
         if dense and mine_terms:
