@@ -607,7 +607,8 @@ def stat_terms(
     stat_floor: float,
     out: Tensor,
 ) -> Tensor:
-    """:meth:`lopt.nets.NFNNet.stat_term_buffers` in one pass: from the sums
+    """The neuron statistics' terms of :meth:`lopt.nets.NFNNet.stat_terms`
+    for every tensor, in one pass: from the sums
     ``(rows, 3)``, ``(slots, 3)`` and ``(T, 3)`` and the layout (per row and
     slot its tensor and entry count; per tensor its entries, the shift of
     its parameter statistic and the pool of its whole-tensor term), with

@@ -953,43 +953,12 @@ class NFNNet(OptimizerNet):
         if not self.neuron_stats or not have:
             return out
         lay = _stat_layout(spec, have, self.width_free_stats)
-        adam_scales = torch.stack([x.scales for x in inputs])[list(have), ADAM_CHANNEL]
+        mult = torch.stack([x.scales for x in inputs])[list(have), ADAM_CHANNEL].square()
+        ones = torch.ones_like(mult)
+        mult = torch.stack([ones, mult, ones], 1)  # (T, 3): Adam's squares get 1 / c1**2
         rows = torch.cat([sums[i][0] for i in have], 1).t()  # (rows, 3)
         cols = torch.cat([sums[i][1] for i in have], 1).t()
         total = rows.new_zeros(len(have), 3).index_add_(0, lay.row_tensor, rows)
-        per_col = cols.new_zeros(lay.col_slots, 3).index_add_(0, lay.col_slot, cols)
-        row, col, whole = self.stat_term_buffers(
-            lay, adam_scales, rows, per_col, total, scale_nf[list(have), 1]
-        )
-        for j, i in enumerate(have):
-            r0, r1, c0, c1, shapes = lay.pieces[j]
-            terms = [whole[:, j].reshape(2, *shapes[-1])]
-            if len(shapes) == 3:
-                terms = [row[:, r0:r1].reshape(2, *shapes[0]),
-                         col[:, c0:c1].reshape(2, *shapes[1])] + terms  # fmt: skip
-            out[i] = terms
-        return out
-
-    def stat_term_buffers(
-        self,
-        lay: StatLayout,
-        adam_scales: Tensor,
-        rows: Tensor,
-        per_col: Tensor,
-        total: Tensor,
-        scale: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`stat_terms` of the tensors of ``lay`` from their sums of
-        ``p**2``, Adam's direction squared before ``1 / c1`` and ``g**2``: per
-        row of every tensor ``rows`` ``(rows, 3)``, per input-neuron slot
-        ``per_col`` ``(col_slots, 3)`` and per tensor ``total`` ``(T, 3)``.
-        ``adam_scales`` ``(T,)`` is each tensor's Adam channel scale and
-        ``scale`` ``(T,)`` what multiplies its log-magnitude terms. Returns
-        the row, slot and whole-tensor terms as ``(2, rows)``, ``(2,
-        col_slots)`` and ``(2, T)`` buffers (a zero direction row first)."""
-        mult = adam_scales.square()
-        ones = torch.ones_like(mult)
-        mult = torch.stack([ones, mult, ones], 1)  # (T, 3): Adam's squares get 1 / c1**2
         total = total * mult / lay.numel[:, None]
         g_all = total[:, 2:]
         floor = torch.cat([torch.full_like(total[:, :2], STAT_FLOOR**2),
@@ -1002,13 +971,22 @@ class NFNNet(OptimizerNet):
 
         w = self.stat_weight / self.mag_mult
         row = stat(rows * mult[lay.row_tensor] / lay.row_count[:, None], lay.row_tensor)
-        row = (row @ w[STAT_POOLS.index("row")]) * scale[lay.row_tensor]
+        row = (row @ w[STAT_POOLS.index("row")]) * scale_nf[list(have), 1][lay.row_tensor]
+        per_col = cols.new_zeros(lay.col_slots, 3).index_add_(0, lay.col_slot, cols)
         col = stat(per_col * mult[lay.col_tensor] / lay.col_count[:, None], lay.col_tensor)
-        col = (col @ w[STAT_POOLS.index("column")]) * scale[lay.col_tensor]
+        col = (col @ w[STAT_POOLS.index("column")]) * scale_nf[list(have), 1][lay.col_tensor]
         whole = (stat(total, lay.all_tensors) * w[lay.whole_pool]).sum(1)
-        whole = whole * scale
+        whole = whole * scale_nf[list(have), 1]
         zeros = torch.zeros_like
-        return tuple(torch.stack([zeros(v), v]) for v in (row, col, whole))
+        row, col, whole = (torch.stack([zeros(v), v]) for v in (row, col, whole))
+        for j, i in enumerate(have):
+            r0, r1, c0, c1, shapes = lay.pieces[j]
+            terms = [whole[:, j].reshape(2, *shapes[-1])]
+            if len(shapes) == 3:
+                terms = [row[:, r0:r1].reshape(2, *shapes[0]),
+                         col[:, c0:c1].reshape(2, *shapes[1])] + terms  # fmt: skip
+            out[i] = terms
+        return out
 
     def nf_read(self) -> Tensor:
         """``(channels, width)``: the rows that give, from the trunk, the

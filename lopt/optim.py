@@ -229,8 +229,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             if not functional.all_finite(grads):
                 # A NaN / inf gradient: params and state stay as they are.
-                for p in params:
-                    self.state[p]["skipped"] = self.state[p]["skipped"] + 1
+                for st in states:
+                    st["skipped"] = st["skipped"] + 1
                 self._count_skip(index, True)
                 continue
             if self.net.log_lr.device != device:
