@@ -38,6 +38,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import operator
 import os
 import platform
 import shutil
@@ -183,9 +184,18 @@ def unavailable_reason() -> str:
 def accepts(*tensors: Tensor) -> bool:
     """Whether the kernel can read these tensors directly: CPU, float32,
     contiguous, no autograd recording."""
-    return not torch.is_grad_enabled() and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
+    # map() over C-level getters: the multi-tensor step asks this of every
+    # tensor of a group at every step.
+    return (
+        not torch.is_grad_enabled()
+        and all(map(_is_cpu, tensors))
+        and all(dtype is torch.float32 for dtype in map(_dtype, tensors))
+        and all(map(Tensor.is_contiguous, tensors))
     )
+
+
+_is_cpu = operator.attrgetter("is_cpu")
+_dtype = operator.attrgetter("dtype")
 
 
 def accepts_state(param: Tensor, grad: Tensor, momenta: Tensor, second_moment: Tensor) -> bool:

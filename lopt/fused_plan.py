@@ -59,8 +59,6 @@ from lopt.nn import flat_terms
 from lopt.weightspace import WeightSpaceSpec
 
 _version = operator.attrgetter("_version")
-_dtype = operator.attrgetter("dtype")
-_is_cpu = operator.attrgetter("is_cpu")
 KERNEL_BLOCK = 16  # entries per block of the per-entry kernel (csrc: BLOCK)
 DENSE_ENTRIES = 65536  # below this (one thread's tensor), short last axes pool densely
 AXES = 4  # the kernels see every view as 4 axes (leading ones added)
@@ -230,20 +228,6 @@ def _dense_terms(
     return buf[at[()] : at[()] + 2 * rows[()]]
 
 
-def readable(params: Sequence[Tensor], grads: Sequence[Tensor], state: dict) -> bool:
-    """Whether the kernels read every tensor as they are: float32,
-    contiguous, on the CPU, without autograd."""
-    if torch.is_grad_enabled():
-        return False
-    tensors = [*params, *grads, *state["momenta"], *state["second_moment"]]
-    # map() over C-level getters: this runs every step, over every tensor.
-    return (
-        set(map(_dtype, tensors)) == {torch.float32}
-        and all(map(_is_cpu, tensors))
-        and all(map(Tensor.is_contiguous, tensors))
-    )
-
-
 def plan_for(
     net: OptimizerNet,
     spec: WeightSpaceSpec,
@@ -253,7 +237,8 @@ def plan_for(
 ) -> FusedPlan | None:
     """The plan of this step (built on first use), or None when the
     multi-tensor step cannot run it (the per-tensor path then does)."""
-    if not params or not readable(params, grads, state) or not fused_kernel.available():
+    tensors = [*params, *grads, *state["momenta"], *state["second_moment"]]
+    if not params or not fused_kernel.accepts(*tensors) or not fused_kernel.available():
         return None
     key = (
         spec,
