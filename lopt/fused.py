@@ -53,8 +53,10 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "entry_outputs.c"
-ABI = 5  # lopt_entry_outputs_abi() of the C file this wrapper matches
-MIN_ENTRIES_PER_THREAD = 32768  # below this, splitting costs more than it saves
+ABI = 6  # lopt_entry_outputs_abi() of the C file this wrapper matches
+# Below this, splitting a tensor between threads costs more than it saves
+# (every kernel reads it at its call: tests lower it to split tiny tensors).
+MIN_ENTRIES_PER_THREAD = 32768
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -130,18 +132,18 @@ def _load(target: Path) -> ctypes.CDLL:
     fin.argtypes = [i64, ptr, ptr, ptr, i64, ptr, ptr, i64, f32, i32]
     many = lib.lopt_state_update_many
     many.restype = i32
-    many.argtypes = [i32, ptr, i64, i32, ptr, f32, ptr, i32]
+    many.argtypes = [i32, ptr, i64, i32, ptr, f32, ptr, i64, i32]
     many = lib.lopt_entry_outputs_many
     many.restype = i32
     many.argtypes = [i32, ptr, ptr, ptr, ptr, i32, i32, f32, f32, i32, i32, ptr, ptr, ptr, ptr]
-    many.argtypes += [i32, ptr, ptr, ptr, i64, ptr, ptr, i64, i32]
+    many.argtypes += [i32, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i32]
     many = lib.lopt_finish_many
     many.restype = ctypes.c_double
-    many.argtypes = [i32, ptr, ptr, ptr, ptr, i64, ptr, f32, f32, ptr, i32]
+    many.argtypes = [i32, ptr, ptr, ptr, ptr, i64, ptr, f32, f32, ptr, i64, i32]
     flat = lib.lopt_flat_terms
     flat.restype = None
     flat.argtypes = [i64, ptr, ptr, i64, ptr, ptr, ptr, i32, ptr, ptr, i32, ptr, ptr, i64, ptr]
-    flat.argtypes += [i64, i32]
+    flat.argtypes += [i64, i64, i32]
     stat = lib.lopt_stat_terms
     stat.restype = None
     stat.argtypes = [i64, i64, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
@@ -456,7 +458,7 @@ def state_update_many(
     code = lib.lopt_state_update_many(
         table.shape[0], _table(table, ENTRY_FIELDS), len(ENTRY_FIELDS), k, w.data_ptr(),
         second_moment_decay,
-        sums.data_ptr(), torch.get_num_threads(),
+        sums.data_ptr(), MIN_ENTRIES_PER_THREAD, torch.get_num_threads(),
     )  # fmt: skip
     if code:
         raise ValueError(f"the fused kernel takes 1 to 13 momenta, got {k}")
@@ -518,7 +520,7 @@ def entry_outputs_many(
         w_in.data_ptr(), b_in.data_ptr(), *hidden_ptrs, w_out.shape[1], w_out.data_ptr(),
         b_out.data_ptr(), out.data_ptr(), out.stride(0), base.data_ptr(),
         None if scratch is None else scratch.data_ptr(),
-        0 if scratch is None else scratch.numel(), torch.get_num_threads(),
+        0 if scratch is None else scratch.numel(), MIN_ENTRIES_PER_THREAD, torch.get_num_threads(),
     )  # fmt: skip
     if code == 2:
         raise MemoryError("the fused kernel could not allocate its pooling buffers")
@@ -552,7 +554,7 @@ def finish_many(
         table.shape[0], _table(table, FINISH_FIELDS), _table(terms, TERM_FIELDS),
         _table(ops, OP_FIELDS), out.data_ptr(),
         out.stride(0), base.data_ptr(), max_magnitude, scale, sums.data_ptr(),
-        torch.get_num_threads(),
+        MIN_ENTRIES_PER_THREAD, torch.get_num_threads(),
     )  # fmt: skip
 
 
@@ -595,7 +597,7 @@ def flat_terms(
         bags.shape[0], bags.data_ptr(), members.data_ptr(), bias_row.shape[0],
         bias_row.data_ptr(), bias_index.data_ptr(), means.data_ptr(), c_in, weights.data_ptr(),
         biases.data_ptr(), c_out, row_tensor.data_ptr(), scales.data_ptr(), rows, out.data_ptr(),
-        out.stride(0), torch.get_num_threads(),
+        out.stride(0), MIN_ENTRIES_PER_THREAD, torch.get_num_threads(),
     )  # fmt: skip
     return out
 

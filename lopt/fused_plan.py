@@ -60,7 +60,6 @@ from lopt.weightspace import WeightSpaceSpec
 
 _version = operator.attrgetter("_version")
 KERNEL_BLOCK = 16  # entries per block of the per-entry kernel (csrc: BLOCK)
-DENSE_ENTRIES = 65536  # below this (one thread's tensor), short last axes pool densely
 AXES = 4  # the kernels see every view as 4 axes (leading ones added)
 PLANS_PER_NET = 16  # plans kept per net: one per parameter group, and a few models
 
@@ -332,7 +331,10 @@ def build(
         dests: list[int] = []
         tensor_pools = needed.get(i, set())
         n_out = 2 + channels if tensor_pools else 2
-        dense = numel[i] < DENSE_ENTRIES and dims[-1] % KERNEL_BLOCK != 0
+        # A tensor one thread takes whole (its pools' scratch is not copied
+        # per thread) with a short last axis pools and sums its terms densely.
+        one_thread = numel[i] < 2 * fused_kernel.MIN_ENTRIES_PER_THREAD
+        dense = one_thread and dims[-1] % KERNEL_BLOCK != 0
         # The NF-layer's pools of this tensor: (pooled axes, where its means
         # go, 1 / entries pooled), smallest first.
         nf_pools = [(pool, means.data_ptr() + 4 * channels * mean_rows[(i, pool)],

@@ -107,16 +107,21 @@ def real_models():
     return {
         "transformer": TransformerLM(13, 8, 16, 4, 2),
         "resnet-bn": ResNet((3, 8, 8), 8, 2, 5),
-        "wide-mlp": make_mlp([40, 300, 10]),  # split between threads
+        "wide-mlp": make_mlp([40, 300, 10]),
     }
 
 
 @pytest.mark.parametrize("name", ["transformer", "resnet-bn", "wide-mlp"])
 @pytest.mark.parametrize("kind", ["nfn-real-like", "mlp-budget"])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_multi_tensor_step_equals_the_torch_path_on_real_models(name, kind, threads):
+@pytest.mark.parametrize("threads, split", [(1, False), (2, False), (2, True)])
+def test_the_multi_tensor_step_equals_the_torch_path_on_real_models(
+    name, kind, threads, split, monkeypatch
+):
     # Packed attention projections (pieces), 4-axis views, norms,
-    # embeddings, convolutions; tensors shared out whole and split.
+    # embeddings, convolutions; tensors shared out whole between threads,
+    # and (split) every tensor of 16+ entries split between them.
+    if split:
+        monkeypatch.setattr(fused, "MIN_ENTRIES_PER_THREAD", 8)
     assert_same_step_on(real_models()[name], strong(kind), threads, 4, 300)
 
 

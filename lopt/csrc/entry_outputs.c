@@ -61,7 +61,7 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 #endif
 #define BLOCK (8 * NV)  /* entries per block */
 
-int lopt_entry_outputs_abi(void) { return 5; }
+int lopt_entry_outputs_abi(void) { return 6; }
 
 static inline v8 splat(float a) { return (v8){a, a, a, a, a, a, a, a}; }
 static inline v8 load(const float *p)
@@ -667,11 +667,11 @@ double lopt_finish(int64_t n, const float *dir, const float *mag, float *base, i
  * reduced in a fixed order, so results depend only on the thread count.
  * ------------------------------------------------------------------------ */
 
-#define MIN_ENTRIES_PER_THREAD 32768
-
-static int threads_for(int64_t n, int nt)
+/* Threads for a tensor of n entries: one per min_entries (the caller's
+ * lopt.fused.MIN_ENTRIES_PER_THREAD), at most nt. */
+static int threads_for(int64_t n, int nt, int64_t min_entries)
 {
-    const int64_t most = n / MIN_ENTRIES_PER_THREAD;
+    const int64_t most = min_entries > 0 ? n / min_entries : nt;
     return most < 1 ? 1 : most < nt ? (int)most : nt;
 }
 
@@ -687,7 +687,8 @@ static void state_one(const int64_t *d, int k_momenta, const float *weights, flo
 }
 
 int lopt_state_update_many(int count, const int64_t *desc, int64_t stride, int k_momenta,
-                           const float *weights, float b2, double *sums, int threads)
+                           const float *weights, float b2, double *sums, int64_t min_entries,
+                           int threads)
 {
     if (k_momenta < 1 || k_momenta + 3 > MAX_FEATURES || stride < STATE_FIELDS)
         return 1;
@@ -696,11 +697,11 @@ int lopt_state_update_many(int count, const int64_t *desc, int64_t stride, int k
      * parallel region of its own, not nested in another). */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
     for (int i = 0; i < count; i++)
-        if (threads_for(desc[(int64_t)i * stride], nt) == 1)
+        if (threads_for(desc[(int64_t)i * stride], nt, min_entries) == 1)
             state_one(desc + (int64_t)i * stride, k_momenta, weights, b2,
                       sums + i * (k_momenta + 3), 1);
     for (int i = 0; i < count; i++) {
-        const int ti = threads_for(desc[(int64_t)i * stride], nt);
+        const int ti = threads_for(desc[(int64_t)i * stride], nt, min_entries);
         if (ti > 1)
             state_one(desc + (int64_t)i * stride, k_momenta, weights, b2,
                       sums + i * (k_momenta + 3), ti);
@@ -851,7 +852,8 @@ int lopt_entry_outputs_many(int count, const int64_t *desc, const float *base_sc
                             const float *w_in, const float *b_in, const float *w_hidden,
                             const float *b_hidden, int n_out_max, const float *w_out,
                             const float *b_out, float *out, int64_t out_stride, float *base,
-                            float *scratch, int64_t scratch_len, int threads)
+                            float *scratch, int64_t scratch_len, int64_t min_entries,
+                            int threads)
 {
     if (width > MAX_WIDTH || width < 1 || depth < 1 || k_momenta + 5 > MAX_FEATURES ||
         adam_momentum < 0 || adam_momentum >= k_momenta || n_out_max < 2)
@@ -872,10 +874,10 @@ int lopt_entry_outputs_many(int count, const int64_t *desc, const float *base_sc
     /* Small tensors shared out whole; then large ones, each split. */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1) reduction(| : status)
     for (int i = 0; i < count; i++)
-        if (threads_for(desc[(int64_t)i * ENTRY_FIELDS + E_N], nt) == 1)
+        if (threads_for(desc[(int64_t)i * ENTRY_FIELDS + E_N], nt, min_entries) == 1)
             status |= entry_one(&shared, i, 1);
     for (int i = 0; i < count; i++) {
-        const int ti = threads_for(desc[(int64_t)i * ENTRY_FIELDS + E_N], nt);
+        const int ti = threads_for(desc[(int64_t)i * ENTRY_FIELDS + E_N], nt, min_entries);
         if (ti > 1)
             status |= entry_one(&shared, i, ti);
     }
@@ -1094,7 +1096,7 @@ static double finish_one(const int64_t *d, const int64_t *terms, const int64_t *
  * update is not), or NaN for a bad table. */
 double lopt_finish_many(int count, const int64_t *desc, const int64_t *terms, const int64_t *ops,
                         const float *out, int64_t out_stride, float *base, float max_mag,
-                        float scale, double *sums, int threads)
+                        float scale, double *sums, int64_t min_entries, int threads)
 {
     for (int i = 0; i < count; i++) {
         const int64_t *d = desc + (int64_t)i * FINISH_FIELDS;
@@ -1106,11 +1108,11 @@ double lopt_finish_many(int count, const int64_t *desc, const int64_t *terms, co
     /* Small tensors shared out whole; then large ones, each split. */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
     for (int i = 0; i < count; i++)
-        if (threads_for(desc[(int64_t)i * FINISH_FIELDS + F_N], nt) == 1)
+        if (threads_for(desc[(int64_t)i * FINISH_FIELDS + F_N], nt, min_entries) == 1)
             sums[i] = finish_one(desc + (int64_t)i * FINISH_FIELDS, terms, ops, out, out_stride,
                                  base, max_mag, scale, 1);
     for (int i = 0; i < count; i++) {
-        const int ti = threads_for(desc[(int64_t)i * FINISH_FIELDS + F_N], nt);
+        const int ti = threads_for(desc[(int64_t)i * FINISH_FIELDS + F_N], nt, min_entries);
         if (ti > 1)
             sums[i] = finish_one(desc + (int64_t)i * FINISH_FIELDS, terms, ops, out, out_stride,
                                  base, max_mag, scale, ti);
@@ -1187,13 +1189,13 @@ void lopt_flat_terms(int64_t n_bags, const int64_t *bags, const int64_t *members
                      const int64_t *bias_row, const int64_t *bias_index, const float *means,
                      int c_in, const float *w, const float *b, int c_out,
                      const int64_t *row_tensor, const float *scale, int64_t rows, float *dst,
-                     int64_t dst_stride, int threads)
+                     int64_t dst_stride, int64_t min_entries, int threads)
 {
     float *out[2] = {dst, dst + dst_stride};
     const int first = c_out == 1 ? 1 : 0; /* the output row of channel 0 */
     memset(dst, 0, rows * sizeof(float));
     memset(dst + dst_stride, 0, rows * sizeof(float));
-    const int nt = thread_count(n_bags < 4 * MIN_ENTRIES_PER_THREAD / 16 ? 1 : threads);
+    const int nt = thread_count(n_bags < min_entries / 4 ? 1 : threads);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int64_t b0, b1;
