@@ -170,20 +170,30 @@ def test_the_optimizer_steps_a_transformer_as_the_torch_path_does(cls):
     a = cls(model.parameters(), model=model, net=net, fused=True, total_steps=20)
     b = cls(twin.parameters(), model=twin, net=copy.deepcopy(net), fused=False, total_steps=20)
     tokens = torch.randint(0, 13, (4, 9))
+
+    def loss(m):
+        logits = m(tokens[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
     for _ in range(6):
-        with torch.no_grad():
-            for p, q in zip(model.parameters(), twin.parameters()):
-                q.copy_(p)
-        b.load_state_dict(copy.deepcopy(a.state_dict()))
-        before = [p.detach().clone() for p in model.parameters()]
-        for m, opt in ((model, a), (twin, b)):
-            opt.zero_grad()
-            logits = m(tokens[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-            loss.backward()
-            opt.step()
-        for p, q, p0 in zip(model.parameters(), twin.parameters(), before):
-            torch.testing.assert_close(p - p0, q - p0, rtol=1e-4, atol=1e-6)
+        assert_same_step_from_the_same_point(model, a, twin, b, loss)
+
+
+def assert_same_step_from_the_same_point(model, a, twin, b, loss):
+    """Give ``twin`` and its optimizer ``b`` the parameters and state of
+    ``model`` and ``a``, take one step with each on ``loss(module)``: the
+    two steps agree."""
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), twin.parameters()):
+            q.copy_(p)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    before = [p.detach().clone() for p in model.parameters()]
+    for m, opt in ((model, a), (twin, b)):
+        opt.zero_grad()
+        loss(m).backward()
+        opt.step()
+    for p, q, p0 in zip(model.parameters(), twin.parameters(), before):
+        torch.testing.assert_close(p - p0, q - p0, rtol=1e-4, atol=1e-6)
 
 
 def test_a_state_dict_round_trip_continues_the_run_to_the_last_bit():
@@ -289,14 +299,4 @@ def test_a_net_changed_in_place_between_steps_is_read_afresh():
                 with torch.no_grad():
                     opt.net.log_step_mult.add_(0.5)
                     next(iter(opt.net.nf.weights.values())).mul_(2.0)
-        with torch.no_grad():
-            for p, q in zip(model.parameters(), twin.parameters()):
-                q.copy_(p)
-        b.load_state_dict(copy.deepcopy(a.state_dict()))
-        before = [p.detach().clone() for p in model.parameters()]
-        for m, opt in ((model, a), (twin, b)):
-            opt.zero_grad()
-            m(x).square().mean().backward()
-            opt.step()
-        for p, q, p0 in zip(model.parameters(), twin.parameters(), before):
-            torch.testing.assert_close(p - p0, q - p0, rtol=1e-4, atol=1e-6)
+        assert_same_step_from_the_same_point(model, a, twin, b, lambda m: m(x).square().mean())
