@@ -19,13 +19,14 @@ weight space as the peer for the NF-layer cost.
 
     python -m benchmarks.overhead --out runs/overhead
     python -m benchmarks.overhead --quick --out /tmp/overhead   # CI-sized
-    python -m benchmarks.overhead --torch-path --slice-entries 4194304  # a GPU's path, on the CPU
+    python -m benchmarks.overhead --torch-path   # the path a GPU runs, on the CPU
     python -m benchmarks.overhead --device cuda --models mlp-10m mlp-100m mlp-300m gpt2-small
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -113,22 +114,29 @@ SLICE_ENTRIES: int | None = None  # set by use_path, for the peak-memory subproc
 
 
 def use_path(torch_path: bool = False, slice_entries: int | None = None) -> tuple:
-    """Time the learned optimizers on the torch path (``fused=False``, what a
-    GPU runs) instead of the default, and/or with the per-entry layers cut
-    into slices of ``slice_entries`` entries on every device (default: the
-    device's, :func:`lopt.nets.slice_entries`). Returns what it replaced, for
+    """Time the learned optimizers on the path a GPU runs (``fused=False``
+    and the multi-tensor torch operators, :mod:`lopt.multi_tensor`, with
+    the guard on the device) instead of the default, and/or with the
+    per-entry work cut into slices of ``slice_entries`` entries on every
+    device (default: the device's, :func:`lopt.nets.slice_entries`, and
+    :data:`lopt.multi_tensor.CHUNK_ENTRIES`). Returns what it replaced, for
     ``restore_path``."""
     global FUSED, SLICE_ENTRIES
-    old = (FUSED, SLICE_ENTRIES, lopt.nets.CHUNK, lopt.nets.GPU_CHUNK)
+    old = (FUSED, SLICE_ENTRIES, lopt.nets.CHUNK, lopt.nets.GPU_CHUNK,
+           lopt.multi_tensor.CHUNK_ENTRIES, lopt.functional.multi_tensor_default)  # fmt: skip
     FUSED, SLICE_ENTRIES = (False if torch_path else None), slice_entries
     if slice_entries is not None:
         lopt.nets.CHUNK = lopt.nets.GPU_CHUNK = slice_entries
+        lopt.multi_tensor.CHUNK_ENTRIES = slice_entries
+    if torch_path:  # the choice update() makes on a GPU, made on every device
+        lopt.functional.multi_tensor_default = lambda params, fused: not fused
     return old
 
 
 def restore_path(old: tuple) -> None:
     global FUSED, SLICE_ENTRIES
-    FUSED, SLICE_ENTRIES, lopt.nets.CHUNK, lopt.nets.GPU_CHUNK = old
+    (FUSED, SLICE_ENTRIES, lopt.nets.CHUNK, lopt.nets.GPU_CHUNK, lopt.multi_tensor.CHUNK_ENTRIES,
+     lopt.functional.multi_tensor_default) = old  # fmt: skip
 
 
 def net_name(kind: str, names: dict[str, str] | None = None) -> str:
@@ -171,7 +179,9 @@ def _sync(device: torch.device) -> None:
 
 def launches_per_step(opt: torch.optim.Optimizer, device: torch.device) -> int:
     """CUDA kernels one ``opt.step()`` launches on a GPU; on the CPU, the torch
-    operators it calls at top level (work in the fused C kernels is not one)."""
+    operators it calls that would launch one (views and allocations are
+    not; a multi-tensor ``_foreach`` operator is one, as on a GPU, though the
+    CPU runs it tensor by tensor; work in the fused C kernels is none)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -183,15 +193,36 @@ def launches_per_step(opt: torch.optim.Optimizer, device: torch.device) -> int:
     if cuda:
         return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
 
-    def top_level(e) -> bool:  # no torch operator above it (Optimizer.step's own range is none)
+    def computes(e) -> bool:  # a torch operator that is not a view or an allocation
+        return e.name.startswith("aten::") and not _no_kernel(e.name)
+
+    def top_level(e) -> bool:  # none above it (Optimizer.step's own range is none)
         parent = e.cpu_parent
         while parent is not None:
-            if parent.name.startswith("aten::"):
+            if computes(parent):
                 return False
             parent = parent.cpu_parent
         return True
 
-    return sum(1 for e in events if e.name.startswith("aten::") and top_level(e))
+    return sum(1 for e in events if computes(e) and top_level(e))
+
+
+@functools.cache
+def _no_kernel(name: str) -> bool:
+    """Whether the torch operator ``name`` launches no kernel on a GPU: a
+    view (its schema returns an alias of an input; a copy it makes, as
+    ``reshape`` can, is an operator below it) or an allocation."""
+    short = name.removeprefix("aten::")
+    if short.startswith("empty"):
+        return True
+    op = getattr(torch.ops.aten, short, None)
+    if op is None:
+        return False
+    for overload in op.overloads():
+        ret = getattr(op, overload)._schema.returns
+        if ret and ret[0].alias_info is not None and not ret[0].alias_info.is_write:
+            return True
+    return False
 
 
 def batch_for(
@@ -382,8 +413,9 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> str:
         "Median over steps after warm-up, Adam (on a GPU: `AdamW(fused=True)`) timed "
         "interleaved in the same process: "
         "`optimizer.step()` and a whole training step (forward, backward, step); "
-        "launches: top-level torch operators of one step on the CPU (work inside the "
-        "fused kernels is none), CUDA kernels on a GPU.\n\n"
+        "launches: on the CPU, the torch operators of one step that would launch a "
+        "kernel on a GPU (views and allocations excluded, a multi-tensor operator counted "
+        "once, work inside the fused kernels none), CUDA kernels on a GPU.\n\n"
     )
     head = title + (
         "| model | params | optimizer | step (ms) | step / Adam | launches | train step (ms) | "
@@ -462,7 +494,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument(
         "--torch-path",
         action="store_true",
-        help="learned optimizers on the torch path (fused=False), as on a GPU",
+        help="learned optimizers on the path a GPU runs (multi-tensor torch operators, "
+        "the guard on the device), on any device",
     )
     p.add_argument(
         "--slice-entries",

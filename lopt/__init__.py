@@ -10,12 +10,14 @@ Public API:
   meta-training.
 * :mod:`lopt.fused`: the fused CPU kernels the optimizer classes run a
   step's per-entry work through (``fused.available()``).
+* :mod:`lopt.multi_tensor`: the step on every tensor at once in torch
+  operators, which the optimizer classes run on a GPU.
 * :class:`WeightSpaceSpec`, :class:`WeightSpace`: weight spaces, and
   :mod:`lopt.nn` for the NF-layers built on them.
 * :func:`save`, :func:`load`, :func:`pretrained_names`: checkpoints.
 """
 
-from lopt import functional, fused
+from lopt import functional, fused, multi_tensor
 from lopt.checkpoint import load, pretrained_names, save
 from lopt.nets import NFNNet, OptimizerNet, PerParamMLP
 from lopt.optim import LearnedOptimizer, MLPOptimizer, NFNOptimizer
@@ -36,6 +38,7 @@ __all__ = [
     "WeightSpaceSpec",
     "functional",
     "fused",
+    "multi_tensor",
     "load",
     "pretrained_names",
     "save",

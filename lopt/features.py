@@ -143,9 +143,22 @@ def entry_features(
     return WeightSpace(spec, out)
 
 
+_CONSTANTS: dict[tuple[tuple[float, ...], torch.device], Tensor] = {}
+
+
+def constant(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """``values`` as a float32 tensor on ``device``, made once: a fresh one
+    per step is a host-to-device copy on a GPU, which a captured CUDA graph
+    cannot hold. Do not modify it."""
+    key = (values, torch.device(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return _CONSTANTS[key]
+
+
 def step_features(step: Tensor) -> Tensor:
     """``tanh(t / timescale)`` for each timescale: shape ``(NUM_STEP_FEATURES,)``."""
-    scales = torch.tensor(STEP_TIMESCALES, dtype=torch.float32, device=step.device)
+    scales = constant(STEP_TIMESCALES, step.device)
     return torch.tanh(step.float() / scales)
 
 
@@ -158,9 +171,12 @@ def budget_features(step: Tensor, total_steps: Tensor | float | None) -> Tensor:
     hides the budget from) gives all zeros. Shape ``(NUM_BUDGET_FEATURES,)``."""
     if total_steps is None:
         return torch.zeros(NUM_BUDGET_FEATURES, dtype=torch.float32, device=step.device)
-    total = torch.as_tensor(total_steps, dtype=torch.float32, device=step.device)
+    if isinstance(total_steps, Tensor):
+        total = total_steps.to(dtype=torch.float32, device=step.device)
+    else:  # a number: made once per value, not copied to the device each step
+        total = constant((float(total_steps),), step.device)[0]
     known = total > 0
     f = (step.float() / torch.where(known, total, 1.0)).clamp(0.0, 1.0)
-    scales = torch.tensor(BUDGET_SCALES, dtype=torch.float32, device=step.device)
+    scales = constant(BUDGET_SCALES, step.device)
     feats = torch.cat([torch.tanh(f / scales), torch.tanh((1 - f) / scales), f.new_ones(1)])
     return torch.where(known, feats, torch.zeros_like(feats))

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lopt import fused as fused_kernel
 from lopt import fused_plan
-from lopt.features import MOMENTUM_DECAYS, SECOND_MOMENT_DECAY
+from lopt.features import MOMENTUM_DECAYS, SECOND_MOMENT_DECAY, constant
 from lopt.nets import OptimizerNet
 from lopt.weightspace import WeightSpaceSpec
 
@@ -54,6 +54,7 @@ def update(
     inplace: bool = False,
     fused: bool = False,
     total_steps: Tensor | float | None = None,
+    multi_tensor: bool | None = None,
 ) -> tuple[list[Tensor], State]:
     """One step: the updates to add to ``params`` and the next state.
 
@@ -75,6 +76,16 @@ def update(
     are views of a buffer the next such step overwrites.
     ``total_steps`` is the run's step budget (None, or a value <= 0: not
     known), which nets built with ``budget=True`` read.
+    ``multi_tensor`` runs the net on every tensor at once in a fixed number
+    of torch operators (:mod:`lopt.multi_tensor`): what a GPU needs, where a
+    step pays per kernel launch. ``None`` (the default) takes it where
+    :func:`multi_tensor_default` says. With ``inplace`` (and
+    ``net_params=None``) the whole step is then a fixed number of operators
+    that never read a value back to the host: the state update is
+    ``torch._foreach`` operators, and the guard runs on the device (a step
+    whose gradients are not finite leaves the state as it was, and the
+    updates of a skipped step come back as zeros), so the step can be
+    captured in a CUDA graph.
 
     Lists are per parameter. A spec with pieces (packed attention
     projections) is run on its pieces (views of the parameters and of the
@@ -86,16 +97,20 @@ def update(
         plan = fused_plan.plan_for(net, spec, params, grads, state)
         if plan is not None:
             return fused_plan.step(net, plan, grads, state, total_steps)
+    if multi_tensor is None:
+        multi_tensor = multi_tensor_default(params, fused)
+    if inplace and multi_tensor and net_params is None:
+        return _step_on_device(net, spec, grads, state, params, total_steps)
     if not spec.has_pieces:
         return _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
-                       total_steps)  # fmt: skip
+                       total_steps, multi_tensor)  # fmt: skip
     cut = {
         **state,
         "momenta": spec.split(state["momenta"], dim=1),
         "second_moment": spec.split(state["second_moment"]),
     }
     updates, new = _update(net, spec, net_params, spec.split(grads), cut, spec.split(params),
-                           guard, inplace, fused, total_steps)  # fmt: skip
+                           guard, inplace, fused, total_steps, multi_tensor)  # fmt: skip
     if inplace:  # the pieces are views: the state's own tensors hold the new values
         momenta, second = state["momenta"], state["second_moment"]
     else:
@@ -104,17 +119,65 @@ def update(
     return spec.join(updates), {**new, "momenta": momenta, "second_moment": second}
 
 
+def multi_tensor_default(params: Sequence[Tensor], fused: bool) -> bool:
+    """Whether :func:`update` runs the multi-tensor path by default: where
+    the parameters are not on the CPU (a GPU pays per kernel launch) and the
+    fused CPU kernels are not asked for. On the CPU the per-tensor path,
+    which works slice by slice in cache, costs less."""
+    return not fused and bool(params) and params[0].device.type != "cpu"
+
+
+def _step_on_device(net, spec, grads, state, params, total_steps) -> tuple[list[Tensor], State]:
+    """:func:`update`'s in-place multi-tensor step: a fixed number of
+    operators, none reading a value back to the host (the guard is a
+    selection on the device)."""
+    grads, params32 = spec.split(grads), spec.split(params)
+    params32 = [p if p.dtype == torch.float32 else p.float() for p in params32]
+    momenta, second = spec.split(state["momenta"], dim=1), spec.split(state["second_moment"])
+    numels = [g.numel() for g in grads]
+    ok_grads = all_finite(grads)
+    # The gradients, zero where they are not all finite: the state then
+    # stays as it was (its change is multiplied by 0, which a NaN defeats).
+    flat = torch.cat([g.reshape(-1) for g in grads]).float()
+    flat = torch.where(ok_grads, flat, 0.0)
+    grads = [x.view(g.shape) for x, g in zip(flat.split(numels), grads)]
+    gate = ok_grads.float()
+    for k, d in enumerate(MOMENTUM_DECAYS):
+        mk = [m[k] for m in momenta]
+        change = torch._foreach_sub(grads, mk)
+        torch._foreach_mul_(change, gate * (1 - d))
+        torch._foreach_add_(mk, change)
+    change = torch._foreach_mul(grads, grads)
+    torch._foreach_sub_(change, second)
+    torch._foreach_mul_(change, gate * (1 - SECOND_MOMENT_DECAY))
+    torch._foreach_add_(second, change)
+    step = state["step"] + gate
+    updates = net(spec, params32, grads, momenta, second, step, total_steps=total_steps,
+                  multi_tensor=True)  # fmt: skip
+    flat = torch.cat([u.reshape(-1) for u in updates])
+    ok = ok_grads & all_finite([flat])
+    flat = torch.where(ok, flat, 0.0)
+    updates = [x.view(u.shape) for x, u in zip(flat.split(numels), updates)]
+    updates = [u.to(p.dtype) for u, p in zip(spec.join(updates), params)]
+    new_state = {
+        "momenta": state["momenta"],
+        "second_moment": state["second_moment"],
+        "step": step,
+        "skipped": state["skipped"] + (1 - ok.float()),
+    }
+    return updates, new_state
+
+
 def _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
-            total_steps) -> tuple[list[Tensor], State]:  # fmt: skip
+            total_steps, multi_tensor) -> tuple[list[Tensor], State]:  # fmt: skip
     """:func:`update` on the spec's tensors (a packed parameter's pieces apart)."""
     grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
     params32 = [p if p.dtype == torch.float32 else p.float() for p in params]
-    decays = torch.tensor(MOMENTUM_DECAYS, dtype=torch.float32, device=grads[0].device)
     step = state["step"] + 1
     b2 = SECOND_MOMENT_DECAY
 
     def weights(g: Tensor) -> Tensor:  # the momenta's lerp weights, shaped for g
-        return (1 - decays).reshape(-1, *[1] * g.dim())
+        return (1 - momentum_decays(g.device)).reshape(-1, *[1] * g.dim())
 
     squares = None
     if inplace and fused:
@@ -142,7 +205,8 @@ def _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
         momenta = [torch.lerp(m, g[None], weights(g)) for m, g in zip(state["momenta"], grads)]
         second = [torch.lerp(v, g * g, 1 - b2) for v, g in zip(state["second_moment"], grads)]
     args = (spec, params32, grads, momenta, second, step)
-    kwargs = {"fused": fused, "squares": squares, "total_steps": total_steps}
+    kwargs = {"fused": fused, "squares": squares, "total_steps": total_steps,
+              "multi_tensor": multi_tensor}  # fmt: skip
     if net_params is None:
         updates = net(*args, **kwargs)
     else:
@@ -163,6 +227,11 @@ def _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
         "skipped": skipped,
     }
     return updates, new_state
+
+
+def momentum_decays(device: torch.device) -> Tensor:
+    """:data:`MOMENTUM_DECAYS` as a tensor on ``device`` (made once per device)."""
+    return constant(MOMENTUM_DECAYS, device)
 
 
 def all_finite(tensors: Sequence[Tensor]) -> Tensor:

@@ -313,6 +313,7 @@ class OptimizerNet(nn.Module):
         fused: bool = False,
         squares: Sequence[Tensor] | None = None,
         total_steps: Tensor | float | None = None,
+        multi_tensor: bool = False,
     ) -> list[Tensor]:
         """The update of every parameter, from the optimizer state after this
         step's gradient (``step`` counts it; ``momenta[i]`` is ``(K, *shape)``).
@@ -329,7 +330,18 @@ class OptimizerNet(nn.Module):
         array is stored. ``fused=True`` (no autograd: the optimizer classes)
         runs the per-entry part through the fused CPU kernel wherever it can
         read the tensors (:mod:`lopt.fused`); the numbers are the same up to
-        float rounding."""
+        float rounding. ``multi_tensor=True`` runs every tensor at once in a
+        fixed number of torch operators instead (:mod:`lopt.multi_tensor`,
+        what a GPU runs; not with ``fused``), the same numbers up to float
+        rounding."""
+        if multi_tensor and not fused:
+            from lopt import multi_tensor as multi  # it builds on this module
+
+            plan = multi.plan_for(self, spec, step.device)
+            if plan is not None:
+                return multi.forward(
+                    self, plan, params, grads, momenta, second_moments, step, total_steps
+                )
         if fused and torch.is_grad_enabled():
             raise RuntimeError("fused=True is for steps without autograd (torch.no_grad())")
         c1, c2, steps_in, budget_in, bias = self.step_inputs(step, total_steps)
@@ -406,8 +418,8 @@ class OptimizerNet(nn.Module):
         if role_rates is not None:
             log_factors = log_factors + role_rates
         factors = torch.exp(log_factors)
-        mag = self.log_step_mult.new_tensor(self.mag_mult)
-        out_scales = torch.stack([-self.log_step_mult.exp() * factors, mag.expand_as(factors)], -1)
+        mag = torch.full_like(factors, self.mag_mult)  # a fill, not a host-to-device copy
+        out_scales = torch.stack([-self.log_step_mult.exp() * factors, mag], -1)
         return -self.log_lr.exp() * factors, out_scales
 
     def schedule_scale(self, steps_in: Tensor, budget_in: Tensor | None) -> Tensor | None:
@@ -953,12 +965,37 @@ class NFNNet(OptimizerNet):
         if not self.neuron_stats or not have:
             return out
         lay = _stat_layout(spec, have, self.width_free_stats)
-        mult = torch.stack([x.scales for x in inputs])[list(have), ADAM_CHANNEL].square()
-        ones = torch.ones_like(mult)
-        mult = torch.stack([ones, mult, ones], 1)  # (T, 3): Adam's squares get 1 / c1**2
+        adam_scales = torch.stack([x.scales for x in inputs])[list(have), ADAM_CHANNEL]
         rows = torch.cat([sums[i][0] for i in have], 1).t()  # (rows, 3)
         cols = torch.cat([sums[i][1] for i in have], 1).t()
-        total = rows.new_zeros(len(have), 3).index_add_(0, lay.row_tensor, rows)
+        per_col = cols.new_zeros(lay.col_slots, 3).index_add_(0, lay.col_slot, cols)
+        row, col, whole = self.stat_term_rows(lay, rows, per_col, adam_scales,
+                                              scale_nf[list(have), 1])  # fmt: skip
+        zeros = torch.zeros_like
+        row, col, whole = (torch.stack([zeros(v), v]) for v in (row, col, whole))
+        for j, i in enumerate(have):
+            r0, r1, c0, c1, shapes = lay.pieces[j]
+            terms = [whole[:, j].reshape(2, *shapes[-1])]
+            if len(shapes) == 3:
+                terms = [row[:, r0:r1].reshape(2, *shapes[0]),
+                         col[:, c0:c1].reshape(2, *shapes[1])] + terms  # fmt: skip
+            out[i] = terms
+        return out
+
+    def stat_term_rows(
+        self, lay: StatLayout, rows: Tensor, per_col: Tensor, adam_scales: Tensor, scales: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The statistics' log-magnitude terms from sums of squares of the
+        parameter, Adam's direction (before its channel scale) and the
+        gradient, ``(., 3)`` each: per row of ``lay`` (``rows``) and per
+        input-neuron slot (``per_col``). ``adam_scales`` ``(T,)`` is Adam's
+        channel scale per tensor, ``scales`` ``(T,)`` what multiplies each
+        tensor's terms. Returns the row ``(rows,)``, slot ``(slots,)`` and
+        whole-tensor ``(T,)`` terms."""
+        mult = adam_scales.square()
+        ones = torch.ones_like(mult)
+        mult = torch.stack([ones, mult, ones], 1)  # (T, 3): Adam's squares get 1 / c1**2
+        total = rows.new_zeros(len(lay.numel), 3).index_add_(0, lay.row_tensor, rows)
         total = total * mult / lay.numel[:, None]
         g_all = total[:, 2:]
         floor = torch.cat([torch.full_like(total[:, :2], STAT_FLOOR**2),
@@ -971,22 +1008,11 @@ class NFNNet(OptimizerNet):
 
         w = self.stat_weight / self.mag_mult
         row = stat(rows * mult[lay.row_tensor] / lay.row_count[:, None], lay.row_tensor)
-        row = (row @ w[STAT_POOLS.index("row")]) * scale_nf[list(have), 1][lay.row_tensor]
-        per_col = cols.new_zeros(lay.col_slots, 3).index_add_(0, lay.col_slot, cols)
+        row = (row @ w[STAT_POOLS.index("row")]) * scales[lay.row_tensor]
         col = stat(per_col * mult[lay.col_tensor] / lay.col_count[:, None], lay.col_tensor)
-        col = (col @ w[STAT_POOLS.index("column")]) * scale_nf[list(have), 1][lay.col_tensor]
-        whole = (stat(total, lay.all_tensors) * w[lay.whole_pool]).sum(1)
-        whole = whole * scale_nf[list(have), 1]
-        zeros = torch.zeros_like
-        row, col, whole = (torch.stack([zeros(v), v]) for v in (row, col, whole))
-        for j, i in enumerate(have):
-            r0, r1, c0, c1, shapes = lay.pieces[j]
-            terms = [whole[:, j].reshape(2, *shapes[-1])]
-            if len(shapes) == 3:
-                terms = [row[:, r0:r1].reshape(2, *shapes[0]),
-                         col[:, c0:c1].reshape(2, *shapes[1])] + terms  # fmt: skip
-            out[i] = terms
-        return out
+        col = (col @ w[STAT_POOLS.index("column")]) * scales[lay.col_tensor]
+        whole = (stat(total, lay.all_tensors) * w[lay.whole_pool]).sum(1) * scales
+        return row, col, whole
 
     def nf_read(self) -> Tensor:
         """``(channels, width)``: the rows that give, from the trunk, the

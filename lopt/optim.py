@@ -83,8 +83,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
             all tensors of a group, :mod:`lopt.fused_plan`): ``None``
             (default) when they are available, ``True`` to require them
             (raises if there is no C compiler), ``False`` for the plain torch
-            ops. Same numbers up to float rounding; CUDA parameters always
-            use torch ops.
+            ops. Same numbers up to float rounding. Parameters on a GPU
+            (any device but the CPU) take the multi-tensor torch operators
+            (:mod:`lopt.multi_tensor`): a number of kernels per step that
+            does not grow with the number of tensors, the guard against
+            non-finite steps run on the device, nothing read back to the
+            host but the skipped-step count every ``SKIPS_BEFORE_WARNING``
+            steps (not while a CUDA graph is captured), so the step can be
+            captured in a CUDA graph.
 
     To build a fresh net with other settings, pass ``net=NFNNet(...)``
     (``net_kwargs`` are its constructor's arguments, e.g. ``width``).
@@ -147,6 +153,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if model is not None:
             check_model_holds(model, self.param_groups)
         self._skips_in_a_row = [0] * len(self.param_groups)
+        self._device_skips: dict[int, tuple[int, float]] = {}  # group: (steps, skipped seen)
         self._warned_skips = False
         if isinstance(spec, WeightSpaceSpec):
             spec = [spec]
@@ -227,14 +234,28 @@ class LearnedOptimizer(torch.optim.Optimizer):
             spec = self._spec(index, group, active)
             state, states = self._gather_state(params)
             grads = [p.grad for p in params]
+            fused = self._use_fused(device)
+            if self.net.log_lr.device != device:
+                self.net.to(device)
+            if functional.multi_tensor_default(params, fused):
+                # The whole step on the device, its guard too: nothing is
+                # read back to the host, so a CUDA graph can capture it.
+                updates, new = functional.update(
+                    self.net, spec, None, grads, state, params, guard=False, inplace=True,
+                    fused=False, total_steps=group["total_steps"],
+                )  # fmt: skip
+                for st in states:
+                    st["skipped"] = new["skipped"]
+                    st["step"] = new["step"]
+                torch._foreach_add_(params, updates, alpha=group["lr"])
+                self._watch_skips(index, new["skipped"], device)
+                continue
             if not functional.all_finite(grads):
                 # A NaN / inf gradient: params and state stay as they are.
                 for st in states:
                     st["skipped"] = st["skipped"] + 1
                 self._count_skip(index, True)
                 continue
-            if self.net.log_lr.device != device:
-                self.net.to(device)
             updates, new = functional.update(
                 self.net,
                 spec,
@@ -244,7 +265,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 params,
                 guard=False,
                 inplace=True,
-                fused=self._use_fused(device),
+                fused=fused,
                 total_steps=group["total_steps"],
             )
             # The state now holds this step's (finite) gradient; a non-finite
@@ -307,6 +328,22 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    def _watch_skips(self, index: int, skipped: Tensor, device: torch.device) -> None:
+        """:meth:`_count_skip` for a step whose guard ran on the device: its
+        count is read back every ``SKIPS_BEFORE_WARNING`` steps (never while
+        a CUDA graph is being captured), and a rise by that many means every
+        one of those steps was skipped."""
+        every = self.SKIPS_BEFORE_WARNING
+        steps, seen = self._device_skips.get(index, (0, 0.0))
+        steps += 1
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if steps % every == 0 and not capturing:
+            now = float(skipped)  # the one host read, every `every` steps
+            for _ in range(every if now - seen >= every else 1):
+                self._count_skip(index, now - seen >= every)
+            seen = now
+        self._device_skips[index] = (steps, seen)
 
     def _use_fused(self, device: torch.device) -> bool:
         if device.type != "cpu" or self._fused is False:

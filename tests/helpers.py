@@ -144,3 +144,50 @@ def assert_fused_update_equals_torch(net, spec, params, seed):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
         assert a.abs().sum() > 0
     return out_state, ref_state
+
+
+KINDS = ["mlp", "mlp-budget", "nfn", "nfn-proj", "nfn-magnitude", "nfn-stats", "nfn-real-like"]
+
+
+def strong(kind, depth=1):
+    """A random net of ``kind`` whose learned term dominates the update."""
+    from lopt.nets import NFNNet, PerParamMLP
+
+    kw = dict(depth=depth, out_scale=1.0, step_mult=1e-2, lr=1e-4)
+    if kind == "mlp":
+        return PerParamMLP(**kw)
+    if kind == "mlp-budget":
+        return PerParamMLP(budget=True, **kw)
+    net = NFNNet(
+        nf_channels={"nfn-proj": 3, "nfn-real-like": 4}.get(kind),  # 4: the unrolled kernel
+        nf_outputs="magnitude" if kind in ("nfn-magnitude", "nfn-real-like") else "both",
+        neuron_stats=kind in ("nfn-stats", "nfn-real-like"),
+        width_free_stats=kind == "nfn-real-like",
+        budget=kind == "nfn-real-like",
+        role_rates=kind == "nfn-real-like",
+        **kw,
+    )
+    with torch.no_grad():
+        if net.neuron_stats:
+            net.stat_weight.normal_(std=0.3)
+        if kind == "nfn-real-like":
+            for rate in net.role_log_rate.values():
+                rate.normal_(std=0.3)
+    return net
+
+
+def assert_same_step_from_the_same_point(model, a, twin, b, loss):
+    """Give ``twin`` and its optimizer ``b`` the parameters and state of
+    ``model`` and ``a``, take one step with each on ``loss(module)``: the
+    two steps agree."""
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), twin.parameters()):
+            q.copy_(p)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    before = [p.detach().clone() for p in model.parameters()]
+    for m, opt in ((model, a), (twin, b)):
+        opt.zero_grad()
+        loss(m).backward()
+        opt.step()
+    for p, q, p0 in zip(model.parameters(), twin.parameters(), before):
+        torch.testing.assert_close(p - p0, q - p0, rtol=1e-4, atol=1e-6)

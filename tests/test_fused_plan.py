@@ -4,43 +4,24 @@ import copy
 
 import pytest
 import torch
-from helpers import architectures, make_mlp, random_state
+from helpers import (
+    KINDS,
+    architectures,
+    assert_same_step_from_the_same_point,
+    make_mlp,
+    random_state,
+    strong,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lopt
 from lopt import WeightSpaceSpec, functional, fused, fused_plan
-from lopt.nets import NFNNet, PerParamMLP
 from tasks.models import ResNet, TransformerLM
 
 pytestmark = pytest.mark.skipif(
     not fused.available(), reason=f"no fused kernel: {fused.unavailable_reason()}"
 )
-
-
-def strong(kind, depth=1):
-    """A random net of ``kind`` whose learned term dominates the update."""
-    kw = dict(depth=depth, out_scale=1.0, step_mult=1e-2, lr=1e-4)
-    if kind == "mlp":
-        return PerParamMLP(**kw)
-    if kind == "mlp-budget":
-        return PerParamMLP(budget=True, **kw)
-    net = NFNNet(
-        nf_channels={"nfn-proj": 3, "nfn-real-like": 4}.get(kind),  # 4: the unrolled kernel
-        nf_outputs="magnitude" if kind in ("nfn-magnitude", "nfn-real-like") else "both",
-        neuron_stats=kind in ("nfn-stats", "nfn-real-like"),
-        width_free_stats=kind == "nfn-real-like",
-        budget=kind == "nfn-real-like",
-        role_rates=kind == "nfn-real-like",
-        **kw,
-    )
-    with torch.no_grad():
-        if net.neuron_stats:
-            net.stat_weight.normal_(std=0.3)
-        if kind == "nfn-real-like":
-            for rate in net.role_log_rate.values():
-                rate.normal_(std=0.3)
-    return net
 
 
 def step_both(net, spec, params, grads, state, total_steps=None):
@@ -83,9 +64,6 @@ def assert_same_step_on(module, net, threads, seed, total_steps):
     finally:
         torch.set_num_threads(old)
     assert_same_step(ref, out, mine)
-
-
-KINDS = ["mlp", "mlp-budget", "nfn", "nfn-proj", "nfn-magnitude", "nfn-stats", "nfn-real-like"]
 
 
 @settings(max_examples=30, deadline=None)
@@ -177,23 +155,6 @@ def test_the_optimizer_steps_a_transformer_as_the_torch_path_does(cls):
 
     for _ in range(6):
         assert_same_step_from_the_same_point(model, a, twin, b, loss)
-
-
-def assert_same_step_from_the_same_point(model, a, twin, b, loss):
-    """Give ``twin`` and its optimizer ``b`` the parameters and state of
-    ``model`` and ``a``, take one step with each on ``loss(module)``: the
-    two steps agree."""
-    with torch.no_grad():
-        for p, q in zip(model.parameters(), twin.parameters()):
-            q.copy_(p)
-    b.load_state_dict(copy.deepcopy(a.state_dict()))
-    before = [p.detach().clone() for p in model.parameters()]
-    for m, opt in ((model, a), (twin, b)):
-        opt.zero_grad()
-        loss(m).backward()
-        opt.step()
-    for p, q, p0 in zip(model.parameters(), twin.parameters(), before):
-        torch.testing.assert_close(p - p0, q - p0, rtol=1e-4, atol=1e-6)
 
 
 def test_a_state_dict_round_trip_continues_the_run_to_the_last_bit():

@@ -156,11 +156,24 @@ def buffer(
 ) -> Tensor:
     """The terms' buffer ``(rows, channels)``: :attr:`FlatPlan.blocks` says
     which rows hold which term."""
+    p = None
+    if flat.members:
+        p = torch.cat([pooled[k].reshape(-1, pooled[k].shape[-1]) for k in flat.pools])
+    return buffer_from_means(flat, p, weights, biases)
+
+
+def buffer_from_means(
+    flat: FlatPlan,
+    p: Tensor | None,
+    weights: Mapping[str, Tensor],
+    biases: Mapping[str, Tensor],
+) -> Tensor:
+    """:func:`buffer` from the pooled means already stacked as ``P``
+    ``(rows, channels)``, in :attr:`FlatPlan.pools`' order."""
     first = next(iter(weights.values()))
     c_out = first.shape[1]
     out = first.new_zeros(flat.rows, c_out)
     if flat.members:
-        p = torch.cat([pooled[k].reshape(-1, pooled[k].shape[-1]) for k in flat.pools])
         x = torch.cat(
             [p.index_select(0, m.reshape(-1)).reshape(*m.shape, -1).mean(1) for m in flat.members]
         )
