@@ -417,6 +417,12 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> str:
         "kernel on a GPU (views and allocations excluded, a multi-tensor operator counted "
         "once, work inside the fused kernels none), CUDA kernels on a GPU.\n\n"
     )
+    if meta.get("path", {}).get("torch_path"):
+        title += (
+            "The learned optimizers run the path a GPU runs (`--torch-path`: multi-tensor torch "
+            "operators, the guard on the device): on the CPU their times are the CPU's, their "
+            "launches what a GPU launches.\n\n"
+        )
     head = title + (
         "| model | params | optimizer | step (ms) | step / Adam | launches | train step (ms) | "
         "train / Adam | state (MB) | peak extra (MB) |\n|---|---|---|---|---|---|---|---|---|---|\n"
