@@ -244,9 +244,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     self.net, spec, None, grads, state, params, guard=False, inplace=True,
                     fused=False, total_steps=group["total_steps"],
                 )  # fmt: skip
-                for st in states:
-                    st["skipped"] = new["skipped"]
-                    st["step"] = new["step"]
+                self._write_counts(states, new)
                 torch._foreach_add_(params, updates, alpha=group["lr"])
                 self._watch_skips(index, new["skipped"], device)
                 continue
@@ -328,6 +326,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    @staticmethod
+    def _write_counts(states: list[dict], new: functional.State) -> None:
+        """Give a group's states the step's counts. Once every state holds
+        the same count tensors they are written in place, as a step captured
+        in a CUDA graph needs (a replay writes where the capture wrote)."""
+        first = states[0]
+        shared = all(st["step"] is first["step"] and st["skipped"] is first["skipped"]
+                     for st in states)  # fmt: skip
+        if shared and first["step"].dtype == torch.float32:
+            first["step"].copy_(new["step"])
+            first["skipped"].copy_(new["skipped"])
+            return
+        for st in states:  # one pair of tensors for the group from now on
+            st["step"], st["skipped"] = new["step"], new["skipped"]
 
     def _watch_skips(self, index: int, skipped: Tensor, device: torch.device) -> None:
         """:meth:`_count_skip` for a step whose guard ran on the device: its

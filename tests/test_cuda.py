@@ -7,6 +7,8 @@ matrix products and convolutions to ~1e-3, far above float32's differences.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -152,3 +154,63 @@ def test_whole_tensor_slices_on_cuda_match_the_chunked_cpu(weights):
         params[device] = [p.detach().cpu() for p in model.parameters()]
     for cpu, cuda in zip(params["cpu"], params["cuda"]):
         torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-6)
+
+
+def _transformer_and_grads(seed: int):
+    from tasks.models import TransformerLM
+
+    torch.manual_seed(seed)
+    model = TransformerLM(13, 8, 16, 4, 2).cuda()
+    g = torch.Generator().manual_seed(seed)
+    grads = [[torch.randn(p.shape, generator=g).cuda() * 1e-2 for p in model.parameters()]
+             for _ in range(6)]  # fmt: skip
+    return model, grads
+
+
+@pytest.mark.parametrize("cls", [lopt.NFNOptimizer, lopt.MLPOptimizer])
+def test_a_step_on_cuda_never_synchronises_with_the_host(cls):
+    model, grads = _transformer_and_grads(0)
+    opt = cls(model.parameters(), model=model, total_steps=100)
+    for p, g in zip(model.parameters(), grads[0]):
+        p.grad = g
+    opt.step()  # the first step builds the plan and the state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):  # the skip count is read on every 5th step only
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("cls", [lopt.NFNOptimizer, lopt.MLPOptimizer])
+def test_a_step_captured_in_a_cuda_graph_replays_as_eager_steps_do(cls):
+    model, grads = _transformer_and_grads(1)
+    twin = copy.deepcopy(model)
+    eager = cls(twin.parameters(), model=twin, total_steps=100)
+    opt = cls(model.parameters(), model=model, total_steps=100)
+    static = [torch.zeros_like(p) for p in model.parameters()]
+    for p, s in zip(model.parameters(), static):
+        p.grad = s
+    for step in range(6):
+        for s, g in zip(static, grads[step]):
+            s.copy_(g)
+        for p, g in zip(twin.parameters(), grads[step]):
+            p.grad = g.clone()
+        eager.step()
+        if step < 2:  # warm-up on a side stream, as torch.cuda.graphs asks
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                opt.step()
+            torch.cuda.current_stream().wait_stream(side)
+        elif step == 2:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                opt.step()
+            graph.replay()
+        else:
+            graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
