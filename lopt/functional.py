@@ -13,6 +13,7 @@ scalars: the step count and the number of skipped (non-finite) steps. That is
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -123,7 +124,10 @@ def multi_tensor_default(params: Sequence[Tensor], fused: bool) -> bool:
     """Whether :func:`update` runs the multi-tensor path by default: where
     the parameters are not on the CPU (a GPU pays per kernel launch) and the
     fused CPU kernels are not asked for. On the CPU the per-tensor path,
-    which works slice by slice in cache, costs less."""
+    which works slice by slice in cache, costs less. ``LOPT_MULTI_TENSOR=0``
+    in the environment turns it off everywhere."""
+    if os.environ.get("LOPT_MULTI_TENSOR", "1") == "0":
+        return False
     return not fused and bool(params) and params[0].device.type != "cpu"
 
 

@@ -276,3 +276,11 @@ def test_skipped_steps_on_the_device_path_warn(monkeypatch):
             opt.step()
     assert [str(w.message) for w in caught if "were skipped" in str(w.message)]
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_the_multi_tensor_path_is_taken_off_the_cpu_unless_switched_off(monkeypatch):
+    meta = [torch.empty(3, device="meta")]
+    assert functional.multi_tensor_default(meta, fused=False)
+    assert not functional.multi_tensor_default([torch.empty(3)], fused=False)
+    monkeypatch.setenv("LOPT_MULTI_TENSOR", "0")
+    assert not functional.multi_tensor_default(meta, fused=False)
