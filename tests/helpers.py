@@ -191,3 +191,19 @@ def assert_same_step_from_the_same_point(model, a, twin, b, loss):
         opt.step()
     for p, q, p0 in zip(model.parameters(), twin.parameters(), before):
         torch.testing.assert_close(p - p0, q - p0, rtol=1e-4, atol=1e-6)
+
+
+def optimizer_twins(cls, fused):
+    """A small transformer LM and ``cls`` on it (shipped net, ``fused``),
+    a copy of both with the torch path (``fused=False``), and a batch of
+    tokens: ``(model, opt, twin, twin_opt, tokens)``."""
+    import lopt
+    from tasks.models import TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(13, 8, 16, 4, 1)
+    twin = copy.deepcopy(model)
+    net = lopt.load("nfn-real" if cls is lopt.NFNOptimizer else "mlp-real")[0]
+    a = cls(model.parameters(), model=model, net=net, fused=fused, total_steps=20)
+    b = cls(twin.parameters(), model=twin, net=copy.deepcopy(net), fused=False, total_steps=20)
+    return model, a, twin, b, torch.randint(0, 13, (4, 9))

@@ -9,6 +9,7 @@ from helpers import (
     architectures,
     assert_same_step_from_the_same_point,
     make_mlp,
+    optimizer_twins,
     random_state,
     strong,
 )
@@ -141,13 +142,7 @@ def test_the_optimizer_steps_a_transformer_as_the_torch_path_does(cls):
     # Step after step from the same parameters and state (a run of either
     # drifts apart from float rounding alone: training amplifies it), the
     # multi-tensor step with its plan cached over steps.
-    torch.manual_seed(0)
-    model = TransformerLM(13, 8, 16, 4, 1)
-    twin = copy.deepcopy(model)
-    net = lopt.load("nfn-real" if cls is lopt.NFNOptimizer else "mlp-real")[0]
-    a = cls(model.parameters(), model=model, net=net, fused=True, total_steps=20)
-    b = cls(twin.parameters(), model=twin, net=copy.deepcopy(net), fused=False, total_steps=20)
-    tokens = torch.randint(0, 13, (4, 9))
+    model, a, twin, b, tokens = optimizer_twins(cls, fused=True)
 
     def loss(m):
         logits = m(tokens[:, :-1])

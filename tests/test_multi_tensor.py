@@ -16,6 +16,7 @@ from helpers import (
     architectures,
     assert_same_step_from_the_same_point,
     make_mlp,
+    optimizer_twins,
     random_state,
     strong,
 )
@@ -238,13 +239,7 @@ def test_the_device_step_s_operators_do_not_grow_with_the_number_of_tensors(cls,
 def test_the_optimizer_on_the_device_path_steps_as_on_the_cpu_path(cls, monkeypatch):
     # Step after step from the same parameters and state; a NaN gradient
     # in the middle is skipped by both.
-    torch.manual_seed(0)
-    model = TransformerLM(13, 8, 16, 4, 1)
-    twin = copy.deepcopy(model)
-    net = lopt.load("nfn-real" if cls is lopt.NFNOptimizer else "mlp-real")[0]
-    device = cls(model.parameters(), model=model, net=net, fused=False, total_steps=20)
-    cpu = cls(twin.parameters(), model=twin, net=copy.deepcopy(net), fused=False, total_steps=20)
-    tokens = torch.randint(0, 13, (4, 9))
+    model, device, twin, cpu, tokens = optimizer_twins(cls, fused=False)
     real_default = functional.multi_tensor_default
 
     nan_steps = iter((False, False, True, True, False, False, False, False))  # the second step
