@@ -20,6 +20,7 @@ weight space as the peer for the NF-layer cost.
     python -m benchmarks.overhead --out runs/overhead
     python -m benchmarks.overhead --quick --out /tmp/overhead   # CI-sized
     python -m benchmarks.overhead --torch-path   # the path a GPU runs, on the CPU
+    LOPT_MULTI_TENSOR=0 python -m benchmarks.overhead --torch-path   # its per-tensor path
     python -m benchmarks.overhead --device cuda --models mlp-10m mlp-100m mlp-300m gpt2-small
 """
 
@@ -129,7 +130,9 @@ def use_path(torch_path: bool = False, slice_entries: int | None = None) -> tupl
         lopt.nets.CHUNK = lopt.nets.GPU_CHUNK = slice_entries
         lopt.multi_tensor.CHUNK_ENTRIES = slice_entries
     if torch_path:  # the choice update() makes on a GPU, made on every device
-        lopt.functional.multi_tensor_default = lambda params, fused: not fused
+        lopt.functional.multi_tensor_default = lambda params, fused: (
+            lopt.functional.multi_tensor_allowed() and not fused
+        )
     return old
 
 

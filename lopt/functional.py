@@ -126,9 +126,12 @@ def multi_tensor_default(params: Sequence[Tensor], fused: bool) -> bool:
     fused CPU kernels are not asked for. On the CPU the per-tensor path,
     which works slice by slice in cache, costs less. ``LOPT_MULTI_TENSOR=0``
     in the environment turns it off everywhere."""
-    if os.environ.get("LOPT_MULTI_TENSOR", "1") == "0":
-        return False
-    return not fused and bool(params) and params[0].device.type != "cpu"
+    return multi_tensor_allowed() and not fused and bool(params) and params[0].device.type != "cpu"
+
+
+def multi_tensor_allowed() -> bool:
+    """False when ``LOPT_MULTI_TENSOR=0`` is set in the environment."""
+    return os.environ.get("LOPT_MULTI_TENSOR", "1") != "0"
 
 
 def _step_on_device(net, spec, grads, state, params, total_steps) -> tuple[list[Tensor], State]:
