@@ -150,14 +150,8 @@ def _step_on_device(net, spec, grads, state, params, total_steps) -> tuple[list[
     grads = [x.view(g.shape) for x, g in zip(flat.split(numels), grads)]
     gate = ok_grads.float()
     for k, d in enumerate(MOMENTUM_DECAYS):
-        mk = [m[k] for m in momenta]
-        change = torch._foreach_sub(grads, mk)
-        torch._foreach_mul_(change, gate * (1 - d))
-        torch._foreach_add_(mk, change)
-    change = torch._foreach_mul(grads, grads)
-    torch._foreach_sub_(change, second)
-    torch._foreach_mul_(change, gate * (1 - SECOND_MOMENT_DECAY))
-    torch._foreach_add_(second, change)
+        _foreach_lerp_([m[k] for m in momenta], grads, gate * (1 - d))
+    _foreach_lerp_(second, torch._foreach_mul(grads, grads), gate * (1 - SECOND_MOMENT_DECAY))
     step = state["step"] + gate
     updates = net(spec, params32, grads, momenta, second, step, total_steps=total_steps,
                   multi_tensor=True)  # fmt: skip
@@ -175,6 +169,14 @@ def _step_on_device(net, spec, grads, state, params, total_steps) -> tuple[list[
     return updates, new_state
 
 
+def _foreach_lerp_(xs: list[Tensor], ys: list[Tensor], weight: Tensor) -> None:
+    """``x += weight * (y - x)`` for each pair, in place, with a 0-d tensor
+    ``weight`` (``torch._foreach_lerp_`` takes a number only)."""
+    change = torch._foreach_sub(ys, xs)
+    torch._foreach_mul_(change, weight)
+    torch._foreach_add_(xs, change)
+
+
 def _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
             total_steps, multi_tensor) -> tuple[list[Tensor], State]:  # fmt: skip
     """:func:`update` on the spec's tensors (a packed parameter's pieces apart)."""
@@ -184,7 +186,7 @@ def _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
     b2 = SECOND_MOMENT_DECAY
 
     def weights(g: Tensor) -> Tensor:  # the momenta's lerp weights, shaped for g
-        return (1 - momentum_decays(g.device)).reshape(-1, *[1] * g.dim())
+        return (1 - constant(MOMENTUM_DECAYS, g.device)).reshape(-1, *[1] * g.dim())
 
     squares = None
     if inplace and fused:
@@ -234,11 +236,6 @@ def _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
         "skipped": skipped,
     }
     return updates, new_state
-
-
-def momentum_decays(device: torch.device) -> Tensor:
-    """:data:`MOMENTUM_DECAYS` as a tensor on ``device`` (made once per device)."""
-    return constant(MOMENTUM_DECAYS, device)
 
 
 def all_finite(tensors: Sequence[Tensor]) -> Tensor:

@@ -207,3 +207,16 @@ def optimizer_twins(cls, fused):
     a = cls(model.parameters(), model=model, net=net, fused=fused, total_steps=20)
     b = cls(twin.parameters(), model=twin, net=copy.deepcopy(net), fused=False, total_steps=20)
     return model, a, twin, b, torch.randint(0, 13, (4, 9))
+
+
+def real_models():
+    """A transformer LM (packed attention pieces, embeddings), a BatchNorm
+    ResNet (4-axis convolutions) and a wide MLP, seeded."""
+    from tasks.models import ResNet, TransformerLM
+
+    torch.manual_seed(0)
+    return {
+        "transformer": TransformerLM(13, 8, 16, 4, 2),
+        "resnet-bn": ResNet((3, 8, 8), 8, 2, 5),
+        "wide-mlp": make_mlp([40, 300, 10]),
+    }

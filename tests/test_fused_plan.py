@@ -11,6 +11,7 @@ from helpers import (
     make_mlp,
     optimizer_twins,
     random_state,
+    real_models,
     strong,
 )
 from hypothesis import given, settings
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 import lopt
 from lopt import WeightSpaceSpec, functional, fused, fused_plan
-from tasks.models import ResNet, TransformerLM
+from tasks.models import ResNet
 
 pytestmark = pytest.mark.skipif(
     not fused.available(), reason=f"no fused kernel: {fused.unavailable_reason()}"
@@ -79,15 +80,6 @@ def test_the_multi_tensor_step_equals_the_torch_path(arch, kind, depth, threads,
     module, _ = arch
     torch.manual_seed(seed)
     assert_same_step_on(module, strong(kind, depth), threads, seed, 50)
-
-
-def real_models():
-    torch.manual_seed(0)
-    return {
-        "transformer": TransformerLM(13, 8, 16, 4, 2),
-        "resnet-bn": ResNet((3, 8, 8), 8, 2, 5),
-        "wide-mlp": make_mlp([40, 300, 10]),
-    }
 
 
 @pytest.mark.parametrize("name", ["transformer", "resnet-bn", "wide-mlp"])
