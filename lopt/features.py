@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lopt.transforms import outside_transforms
 from lopt.weightspace import WeightSpace, WeightSpaceSpec
 
 MOMENTUM_DECAYS: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999)
@@ -152,7 +153,8 @@ def constant(values: tuple[float, ...], device: torch.device) -> Tensor:
     cannot hold. Do not modify it."""
     key = (values, torch.device(device))
     if key not in _CONSTANTS:
-        _CONSTANTS[key] = torch.tensor(values, dtype=torch.float32, device=device)
+        with outside_transforms():  # kept: not wrapped for a transform it was made in
+            _CONSTANTS[key] = torch.tensor(values, dtype=torch.float32, device=device)
     return _CONSTANTS[key]
 
 

@@ -51,6 +51,7 @@ from lopt.features import (
 )
 from lopt.nets import MAX_LOG_MAGNITUDE, NFNNet, OptimizerNet, StatLayout, _stat_layout, stat_matrix
 from lopt.nn import flat_terms
+from lopt.transforms import outside_transforms
 from lopt.weightspace import WeightSpaceSpec
 
 CHUNK_ENTRIES = 1 << 22  # entries per chunk: ~50 floats of activations each
@@ -124,7 +125,8 @@ def plan_for(net: OptimizerNet, spec: WeightSpaceSpec, device: torch.device) -> 
     if key in plans:
         plans.move_to_end(key)
         return plans[key]
-    plan = build(net, spec, device)
+    with outside_transforms():  # kept: not wrapped for a transform it was made in
+        plan = build(net, spec, device)
     plans[key] = plan
     if len(plans) > PLANS_PER_NET:
         plans.popitem(last=False)

@@ -60,6 +60,7 @@ from lopt.features import (
     step_features,
 )
 from lopt.nn import NFLinear, flat_terms
+from lopt.transforms import outside_transforms
 from lopt.update_rule import UpdateRule
 from lopt.weightspace import INPUT, TensorSpec, WeightSpaceSpec
 
@@ -106,7 +107,8 @@ def schedule_prior() -> tuple[Tensor, Tensor]:
 def _width_ratios(spec: WeightSpaceSpec, on_input_layers: bool, device: torch.device) -> Tensor:
     """:func:`step_width_log_ratio` of every tensor of ``spec``, as a tensor."""
     ratios = [step_width_log_ratio(spec, t, on_input_layers) for t in spec.tensors]
-    return torch.tensor(ratios, dtype=torch.float32, device=device)
+    with outside_transforms():  # cached: not wrapped for a transform it was made in
+        return torch.tensor(ratios, dtype=torch.float32, device=device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -901,7 +903,8 @@ class NFNNet(OptimizerNet):
             index = [
                 names.index(k.removeprefix("bias:")) if k is not None else len(names) for k in keys
             ]
-            self._role_index[spec] = torch.tensor(index, device=self.log_lr.device)
+            with outside_transforms():  # cached: not wrapped for a transform
+                self._role_index[spec] = torch.tensor(index, device=self.log_lr.device)
         index = self._role_index[spec].to(self.log_lr.device)
         rates = torch.stack([*self.role_log_rate.values(), self.log_lr.new_zeros(())])
         return rates[index]

@@ -18,6 +18,7 @@ from helpers import (
     make_mlp,
     optimizer_twins,
     random_state,
+    real_models,
     strong,
 )
 from hypothesis import given, settings
@@ -26,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lopt
 from lopt import WeightSpaceSpec, functional, multi_tensor
-from tasks.models import ResNet, TransformerLM
+from tasks.models import TransformerLM
 
 
 def per_tensor_and_multi(net, module, seed, total_steps=50):
@@ -72,14 +73,6 @@ def test_the_multi_tensor_forward_equals_the_per_tensor_one(arch, kind, depth, c
     assert_updates_close(out, ref)
 
 
-def real_models():
-    torch.manual_seed(0)
-    return {
-        "transformer": TransformerLM(13, 8, 16, 4, 2),
-        "resnet-bn": ResNet((3, 8, 8), 8, 2, 5),
-    }
-
-
 @pytest.mark.parametrize("name", ["transformer", "resnet-bn"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_multi_tensor_forward_equals_the_per_tensor_one_on_real_models(name, kind):
@@ -116,6 +109,39 @@ def test_meta_gradients_through_the_multi_tensor_forward_equal_the_per_tensor_on
     for name in g_ref:
         torch.testing.assert_close(g_out[name], g_ref[name], rtol=1e-3, atol=1e-9)
     assert g_out["stat_weight"].abs().sum() > 0 and g_out["nf_proj.weight"].abs().sum() > 0
+
+
+def test_what_a_transform_builds_and_keeps_is_plain():
+    # Plans, layouts, width ratios and constants first made under grad and
+    # vmap are kept; a tensor made from data under grad would be wrapped
+    # for it, and a fused step outside would then fail on it.
+    from lopt.features import constant
+
+    torch.manual_seed(5)
+    module = make_mlp([5, 11, 7, 3])  # a weight space no other test builds
+    spec = WeightSpaceSpec.from_module(module)
+    params = [p.detach().clone() for p in module.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    net = strong("nfn-real-like")
+    theta = {k: v.detach()[None] for k, v in net.named_parameters()}
+    values = (0.25, 12345.0)  # constants no other test makes
+    state = random_state(params, 1)
+
+    def loss(th):
+        updates, _ = functional.update(net, spec, th, grads, state, params, total_steps=50,
+                                       multi_tensor=True)  # fmt: skip
+        return sum(u.sum() for u in updates) + constant(values, "cpu").sum()
+
+    torch.func.vmap(torch.func.grad(loss))(theta)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    plan = multi_tensor.plan_for(net, spec, torch.device("cpu"))
+    kept = [v for v in vars(plan).values() if isinstance(v, torch.Tensor)]
+    kept += [v for v in plan.layout if isinstance(v, torch.Tensor)] + [constant(values, "cpu")]
+    assert len(kept) > 10 and not any(wrapped(t) for t in kept)
+    opt = lopt.NFNOptimizer(module.parameters(), net=net, model=module, fused=True)
+    for p, g in zip(module.parameters(), grads):
+        p.grad = g
+    opt.step()  # the fused step reads the same layouts
 
 
 def device_step(net, spec, grads, state, params):

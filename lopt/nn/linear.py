@@ -19,6 +19,7 @@ from lopt.nn.terms import (
     build_plan,
     term_key,
 )
+from lopt.transforms import outside_transforms
 from lopt.weightspace import TensorSpec, WeightSpace, WeightSpaceSpec
 
 FLAT_PLANS = 16  # flat plans kept (the most recently used specs and devices)
@@ -226,12 +227,13 @@ class NFLinear(nn.Module):
         if key in self._flat:
             self._flat.move_to_end(key)
             return self._flat[key]
-        if key[1].type == "cpu":
-            skip = [self.pointwise_key(spec, i) for i in range(len(spec.tensors))]
-            plan = flat_terms.build(spec, self._plan(spec), skip)
-        else:
-            cpu = self.flat_plan(spec)
-            plan = None if cpu is None else flat_terms.to(cpu, key[1])
+        with outside_transforms():  # cached: not wrapped for a transform it was made in
+            if key[1].type == "cpu":
+                skip = [self.pointwise_key(spec, i) for i in range(len(spec.tensors))]
+                plan = flat_terms.build(spec, self._plan(spec), skip)
+            else:
+                cpu = self.flat_plan(spec)
+                plan = None if cpu is None else flat_terms.to(cpu, key[1])
         self._flat[key] = plan
         if len(self._flat) > FLAT_PLANS:  # meta-training meets many specs
             self._flat.popitem(last=False)
