@@ -205,15 +205,75 @@ static inline void next_index(int64_t *j, const int64_t *d)
     }
 }
 
-/* The block's outputs into the running sums of the pools summed from the
- * entries (channel-first in acc). A block inside one run of the last axis
- * adds whole vectors (a pool that keeps that axis) or one sum per channel
- * (a pool over it). */
-static void pool_generic(const struct tensor *t, int64_t i0, int nb, v8 y[][NV], float *acc)
-{
+/* The running sums, per channel, of the blocks seen so far of one line of
+ * the last axis (the entries whose first three indices are j[0..2]): the
+ * pools over that axis get them when the line ends (line_flush), so such a
+ * pool costs a vector add per block, not a horizontal sum and a scattered
+ * add. Channels [c_lo, c_hi) are the ones those pools read. */
+struct line_sums {
+    int active;
     int64_t j[4];
-    unravel(i0, t->dims, j);
+    int c_lo, c_hi;
+    v8 sum[MAX_OUT];
+};
+
+static void line_init(const struct tensor *t, struct line_sums *ls)
+{
+    ls->active = 0;
+    ls->c_lo = MAX_OUT;
+    ls->c_hi = 0;
+    for (int q = 0; q < t->n_pools; q++) {
+        const struct pool *pl = t->pools + q;
+        if (pl->src >= 0 || pl->kind == POOL_ENTRIES || pl->s[3] != 0)
+            continue;
+        if (pl->c0 < ls->c_lo)
+            ls->c_lo = (int)pl->c0;
+        if (pl->c0 + pl->nc > ls->c_hi)
+            ls->c_hi = (int)(pl->c0 + pl->nc);
+    }
+}
+
+static void line_flush(const struct tensor *t, struct line_sums *ls, float *acc)
+{
+    if (!ls->active)
+        return;
+    ls->active = 0;
+    float hs[MAX_OUT];
+    for (int c = ls->c_lo; c < ls->c_hi; c++)
+        hs[c] = hsum(ls->sum[c]);
+    for (int q = 0; q < t->n_pools; q++) {
+        const struct pool *pl = t->pools + q;
+        if (pl->src >= 0 || pl->kind == POOL_ENTRIES || pl->s[3] != 0)
+            continue;
+        const int64_t *s = pl->s;
+        const int64_t r0 = ls->j[0] * s[0] + ls->j[1] * s[1] + ls->j[2] * s[2];
+        float *a = acc + pl->soff;
+        for (int64_t c = 0; c < pl->nc; c++)
+            a[c * pl->rows + r0] += hs[pl->c0 + c];
+    }
+}
+
+/* The block's outputs into the running sums of the pools summed from the
+ * entries (channel-first in acc); j is the index of its first entry i0. A
+ * block inside one run of the last axis adds whole vectors (a pool that
+ * keeps that axis) or adds to the line's sums (a pool over it). */
+static void pool_generic(const struct tensor *t, int64_t i0, const int64_t *j, int nb,
+                         v8 y[][NV], float *acc, struct line_sums *ls)
+{
     const int run = nb == BLOCK && j[3] + BLOCK <= t->dims[3];
+    if (run && ls->c_lo < ls->c_hi) {
+        if (ls->active && (ls->j[0] != j[0] || ls->j[1] != j[1] || ls->j[2] != j[2]))
+            line_flush(t, ls, acc);
+        for (int c = ls->c_lo; c < ls->c_hi; c++) {
+            v8 sum = y[c][0];
+            for (int u = 1; u < NV; u++)
+                sum += y[c][u];
+            ls->sum[c] = ls->active ? ls->sum[c] + sum : sum;
+        }
+        if (!ls->active)
+            memcpy(ls->j, j, sizeof ls->j);
+        ls->active = 1;
+    }
     for (int q = 0; q < t->n_pools; q++) {
         const struct pool *pl = t->pools + q;
         if (pl->src >= 0)
@@ -233,20 +293,15 @@ static void pool_generic(const struct tensor *t, int64_t i0, int nb, v8 y[][NV],
             }
             continue;
         }
-        if (run && (s[3] == 0 || s[3] == 1)) {
-            const int64_t r0 = j[0] * s[0] + j[1] * s[1] + j[2] * s[2] + j[3] * s[3];
-            for (int64_t c = 0; c < pl->nc; c++) {
-                if (s[3] == 0) {
-                    v8 sum = y[c0 + c][0];
-                    for (int u = 1; u < NV; u++)
-                        sum += y[c0 + c][u];
-                    a[c * rows + r0] += hsum(sum);
-                } else
-                    for (int u = 0; u < NV; u++) {
-                        float *dst = a + c * rows + r0 + 8 * u;
-                        store(dst, load(dst) + y[c0 + c][u]);
-                    }
-            }
+        if (run && s[3] == 0) /* in the line's sums */
+            continue;
+        if (run && s[3] == 1) {
+            const int64_t r0 = j[0] * s[0] + j[1] * s[1] + j[2] * s[2] + j[3];
+            for (int64_t c = 0; c < pl->nc; c++)
+                for (int u = 0; u < NV; u++) {
+                    float *dst = a + c * rows + r0 + 8 * u;
+                    store(dst, load(dst) + y[c0 + c][u]);
+                }
             continue;
         }
         /* Run by run of the last axis: a pool over it adds one sum per run. */
@@ -276,6 +331,12 @@ static void run_blocks(const struct net *net, const struct tensor *t, int64_t bl
                        float *rows, float *cols)
 {
     const int k = net->k_momenta, nf = k + 5, width = net->width;
+    struct line_sums ls;
+    int64_t ix[4] = {0, 0, 0, 0}; /* the index of entry i0 in the view (pools != NULL) */
+    if (t->pools != NULL) {
+        line_init(t, &ls);
+        unravel(blk0 * BLOCK, t->dims, ix);
+    }
     for (int64_t blk = blk0; blk < blk1; blk++) {
         const int64_t i0 = blk * BLOCK;
         const int nb = (t->n - i0) < BLOCK ? (int)(t->n - i0) : BLOCK;
@@ -384,9 +445,13 @@ static void run_blocks(const struct net *net, const struct tensor *t, int64_t bl
                 y[net->n_out + 1][u] = x[4 + k][u] * x[4 + k][u];
                 y[net->n_out + 2][u] = x[1][u] * x[1][u];
             }
-        if (t->pools != NULL)
-            pool_generic(t, i0, nb, y, rows);
-        else if (t->cols > 0)
+        if (t->pools != NULL) {
+            pool_generic(t, i0, ix, nb, y, rows, &ls);
+            if (ix[3] + BLOCK < t->dims[3]) /* the next block: no divisions inside a line */
+                ix[3] += BLOCK;
+            else
+                unravel(i0 + BLOCK, t->dims, ix);
+        } else if (t->cols > 0)
             pool_block(net, t, i0, nb, y, rows, cols);
         for (int u = 0; u < NV; u++) {
             const v8 scaled = splat(net->base_scale) * x[4 + k][u];
@@ -397,6 +462,8 @@ static void run_blocks(const struct net *net, const struct tensor *t, int64_t bl
                     t->base[i0 + b] = scaled[b - 8 * u];
         }
     }
+    if (t->pools != NULL)
+        line_flush(t, &ls, rows);
 }
 
 #define MAX_THREADS 256 /* slots for per-thread partial sums */
