@@ -496,22 +496,27 @@ def warm_start(net: lopt.OptimizerNet, weights: str) -> list[str]:
 
 def make_eval(cfg: dict[str, Any], device: torch.device):
     """Every few steps: the current net against Adam (its learning rate tuned
-    once on the grid) on a fixed task, same initialisation and batches."""
+    once on the grid, at the first evaluation) on a fixed task, same
+    initialisation and batches."""
     from tasks import get_task
     from tasks.runs import adam, run, tune
 
     task = get_task(cfg["eval_task"], device)
     steps = cfg["eval_steps"]
-    best_lr, _ = tune(task, adam, steps, [0])
-    adam_final = run(task, adam(best_lr), steps, 0).final_train
+    adam_final: list[float] = []
 
     def evaluate(trainer: MetaTrainer) -> dict[str, float]:
+        # Tuned when first needed, so building a trainer stays cheap; tuning
+        # draws from its own generators, so when it runs changes no run.
+        if not adam_final:
+            best_lr, _ = tune(task, adam, steps, [0])
+            adam_final.append(run(task, adam(best_lr), steps, 0).final_train)
         net = trainer.problem.net
         curve = run(task, lambda m: type_of(net)(m.parameters(), net=net, model=m), steps, 0)
         return {
             "learned_final_loss": curve.final_train,
-            "adam_final_loss": adam_final,
-            "learned_over_adam": curve.final_train / adam_final,
+            "adam_final_loss": adam_final[0],
+            "learned_over_adam": curve.final_train / adam_final[0],
         }
 
     return evaluate

@@ -415,6 +415,34 @@ def test_cli_smoke_writes_events_and_a_loadable_optimizer(tmp_path):
     assert meta["history"][1]["command"].startswith("python -m meta_train --resume")
 
 
+def test_the_periodic_evaluation_tunes_adam_at_its_first_run_only(monkeypatch):
+    """Building the evaluation tunes nothing (a trainer built to check a
+    recipe or resume a run stays cheap); the first evaluation tunes Adam,
+    later ones reuse it, and tuning draws nothing from the global generator
+    (a resumed run evaluates first at another step than the run it resumes)."""
+    from types import SimpleNamespace
+
+    from meta_train.__main__ import make_eval
+    from tasks import runs
+
+    calls = []
+    real_tune = runs.tune
+    monkeypatch.setattr(runs, "tune", lambda *a, **k: calls.append(a[2]) or real_tune(*a, **k))
+    evaluate = make_eval({"eval_task": "mlp-gmm", "eval_steps": 5}, torch.device("cpu"))
+    assert calls == []
+    trainer = SimpleNamespace(problem=SimpleNamespace(net=PerParamMLP(width=4)))
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        results = evaluate(trainer)
+        states.append(torch.get_rng_state())
+        assert calls == [5]
+    assert torch.equal(*states)  # the first call (it tuned) drew as the second did
+    assert all(math.isfinite(v) and v > 0 for v in results.values())
+    ratio = results["learned_final_loss"] / results["adam_final_loss"]
+    assert results["learned_over_adam"] == ratio
+
+
 def test_cli_snapshots_keep_the_net_of_each_step(tmp_path):
     from meta_train.__main__ import main, snapshot_path
 

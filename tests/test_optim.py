@@ -367,10 +367,13 @@ def test_functional_update_vmaps_over_a_population_of_nets():
 
 @pytest.mark.slow
 def test_torch_compiled_model():
-    """A compiled model's graph is read from the model it wraps."""
+    """A compiled model's graph is read from the model it wraps. The backend
+    does not matter to the optimizer (it sees the wrapper, its parameters and
+    their gradients): aot_eager traces as inductor does without its code
+    generation, the slow part."""
     torch.manual_seed(8)
     model = make_mlp([6, 8, 3])
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend="aot_eager")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert WeightSpaceSpec.from_module(compiled) == WeightSpaceSpec.from_module(model)
