@@ -803,13 +803,23 @@ static void finish_pools(const struct tensor *t, const float *scale, float *acc)
             for (int64_t c = 0; c < pl->nc; c++) {
                 const float *src = sa + c * sp->rows;
                 float *dst = a + c * pl->rows;
-                for (int64_t o = 0; o < outer; o++)
-                    for (int64_t k = 0; k < mid; k++) {
-                        const float *row = src + (o * mid + k) * inner;
-                        float *out_row = dst + o * inner;
-                        for (int64_t x = 0; x < inner; x++)
-                            out_row[x] += row[x];
-                    }
+                if (inner < 8) /* short rows: each sum in a register, not in memory */
+                    for (int64_t o = 0; o < outer; o++)
+                        for (int64_t x = 0; x < inner; x++) {
+                            const float *col = src + o * mid * inner + x;
+                            float sum = 0.0f;
+                            for (int64_t k = 0; k < mid; k++)
+                                sum += col[k * inner];
+                            dst[o * inner + x] += sum;
+                        }
+                else /* whole rows at a time: vectors */
+                    for (int64_t o = 0; o < outer; o++)
+                        for (int64_t k = 0; k < mid; k++) {
+                            const float *row = src + (o * mid + k) * inner;
+                            float *out_row = dst + o * inner;
+                            for (int64_t x = 0; x < inner; x++)
+                                out_row[x] += row[x];
+                        }
             }
             continue;
         }
