@@ -97,7 +97,7 @@ def update(
     if inplace and fused and net_params is None:  # the fast path, chosen here alone
         plan = fused_plan.plan_for(net, spec, params, grads, state)
         if plan is not None:
-            return fused_plan.step(net, plan, grads, state, total_steps)
+            return fused_plan.step(net, plan, params, grads, state, total_steps)
     if multi_tensor is None:
         multi_tensor = multi_tensor_default(params, fused)
     if inplace and multi_tensor and net_params is None:

@@ -8,7 +8,10 @@ arithmetic, is the step's cost. :func:`lopt.functional.update` with
 CPU) takes this path instead whenever the fused kernel reads every tensor.
 
 A :class:`FusedPlan` is built once per net structure, weight space and
-memory of the parameters and state: tables that describe every tensor
+memory of the parameters and state (a parameter or gradient that is not
+contiguous, a channels_last convolution's, is copied to a contiguous buffer
+of the plan at each step, two copies against the per-tensor path's torch
+operators): tables that describe every tensor
 (where its parameter, gradient and state lie, its view, the NF-layer's
 pools of it and the terms it adds) and the buffers the kernels write. A step
 is then five kernel calls (:func:`lopt.fused.state_update_many`,
@@ -32,7 +35,7 @@ import operator
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -98,6 +101,10 @@ class FusedPlan:
     terms: Tensor  # (2, rows): every term the finish pass adds
     constants: tuple | None = None  # the last step's NetConstants, with its key
     net_params: list[Tensor] | None = None  # the net's parameters, whose versions key them
+    # Parameters laid out otherwise than contiguous (channels_last, a
+    # transposed view): (index, contiguous copy of the parameter, of its
+    # gradient), refreshed at each step; the kernels read the copies.
+    staged: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
 
 
 def _kept_strides(kept: Sequence[int]) -> list[int]:
@@ -235,13 +242,26 @@ def plan_for(
     state: dict,
 ) -> FusedPlan | None:
     """The plan of this step (built on first use), or None when the
-    multi-tensor step cannot run it (the per-tensor path then does)."""
-    tensors = [*params, *grads, *state["momenta"], *state["second_moment"]]
-    if not params or not fused_kernel.accepts(*tensors) or not fused_kernel.available():
+    multi-tensor step cannot run it (the per-tensor path then does).
+    Parameters and gradients that are float32 on the CPU but not contiguous
+    (a channels_last convolution) are read through contiguous copies."""
+    if not params or not fused_kernel.accepts(*state["momenta"], *state["second_moment"]):
+        return None
+    # Per parameter: whether the kernels read it and its gradient where they lie.
+    layout = tuple(p.is_contiguous() and g.is_contiguous() for p, g in zip(params, grads))
+    if all(layout):
+        if not fused_kernel.accepts(*params, *grads):
+            return None
+    elif torch.is_grad_enabled() or not all(
+        x.is_cpu and x.dtype is torch.float32 for x in (*params, *grads)
+    ):
+        return None
+    if not fused_kernel.available():
         return None
     key = (
         spec,
         tuple(map(Tensor.data_ptr, params)),
+        layout,
         tuple(map(Tensor.data_ptr, state["momenta"])),
         tuple(map(Tensor.data_ptr, state["second_moment"])),
     )
@@ -249,7 +269,14 @@ def plan_for(
     if key in plans:
         plans.move_to_end(key)
         return plans[key]
-    plan = build(net, spec, params, state["momenta"], state["second_moment"])
+    staged = [(j, torch.empty(p.shape), torch.empty(p.shape))
+              for j, p in enumerate(params) if not layout[j]]  # fmt: skip
+    read = list(params)
+    for j, p_copy, _ in staged:
+        read[j] = p_copy
+    plan = build(net, spec, read, state["momenta"], state["second_moment"])
+    if plan is not None:
+        plan.staged = staged
     plans[key] = plan
     if len(plans) > PLANS_PER_NET:
         plans.popitem(last=False)
@@ -549,6 +576,7 @@ def _bags_by_row(flat: flat_terms.FlatPlan) -> Tensor:
 def step(
     net: OptimizerNet,
     plan: FusedPlan,
+    params: Sequence[Tensor],
     grads: Sequence[Tensor],
     state: dict,
     total_steps: Tensor | float | None,
@@ -557,6 +585,11 @@ def step(
     the plan's buffer) and the state (its momenta and second moments
     updated in place), as :func:`lopt.functional.update` with
     ``guard=False`` returns them."""
+    if plan.staged:
+        grads = list(grads)
+        for j, p_copy, g_copy in plan.staged:
+            p_copy.copy_(params[j])
+            grads[j] = g_copy.copy_(grads[j])
     addresses = list(map(Tensor.data_ptr, grads))
     g_addr = torch.tensor([addresses[j] + 4 * start for j, start in plan.parts], dtype=torch.int64)
     plan.entry_table[:, 2] = g_addr  # the state pass reads the same table

@@ -8,6 +8,7 @@ from helpers import (
     KINDS,
     architectures,
     assert_same_step_from_the_same_point,
+    make_cnn,
     make_mlp,
     optimizer_twins,
     random_state,
@@ -96,6 +97,56 @@ def test_the_multi_tensor_step_equals_the_torch_path_on_real_models(
     assert_same_step_on(real_models()[name], strong(kind), threads, 4, 300)
 
 
+def test_parameters_laid_out_otherwise_are_read_through_contiguous_copies():
+    """Transposed gradients (a transformer's packed projections too) and
+    channels_last convolutions: the multi-tensor step reads
+    contiguous copies of them, with the torch path's numbers, and leaves
+    the parameters and gradients as they were."""
+    torch.manual_seed(1)
+    for model in (make_mlp([5, 7, 3]), make_cnn([3, 4, 5], [3, 3]),
+                  real_models()["transformer"]):  # fmt: skip
+        spec = WeightSpaceSpec.from_module(model)
+        params = [p.detach().clone() for p in model.parameters()]
+        grads = [torch.randn_like(p) for p in params]
+        for j, p in enumerate(params):
+            if p.dim() == 2:  # a transposed gradient (a packed one's too)
+                grads[j] = torch.randn(p.shape[::-1]).t()
+            if p.dim() == 4:  # channels_last: parameter and gradient
+                params[j] = p.contiguous(memory_format=torch.channels_last)
+                grads[j] = grads[j].contiguous(memory_format=torch.channels_last)
+        assert not all(x.is_contiguous() for x in (*params, *grads))
+        before = [x.clone() for x in (*params, *grads)]
+        state = random_state(params, 3)
+        net = strong("nfn-stats")
+        ref, out, mine = step_both(net, spec, params, grads, state)
+        assert_same_step(ref, out, mine)
+        with torch.no_grad():
+            plan = fused_plan.plan_for(net, spec, params, grads, mine)
+        staged = {j for j, _, _ in plan.staged}
+        assert staged == {j for j, (p, g) in enumerate(zip(params, grads))
+                          if not (p.is_contiguous() and g.is_contiguous())}  # fmt: skip
+        for x, x0 in zip((*params, *grads), before):
+            assert torch.equal(x, x0) and x.stride() == x0.stride()
+
+
+def test_the_optimizer_steps_a_channels_last_network_as_a_contiguous_one():
+    torch.manual_seed(2)
+    model = make_cnn([3, 4, 5], [3, 3])
+    twin = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x = torch.randn(6, 3, 4, 4)
+    opts = [lopt.NFNOptimizer(m.parameters(), weights="nfn-real", model=m, total_steps=10)
+            for m in (model, twin)]  # fmt: skip
+    for _ in range(3):
+        for m, opt in zip((model, twin), opts):
+            opt.zero_grad()
+            m(x.contiguous(memory_format=torch.channels_last)).square().mean().backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+        if q.dim() == 4:
+            assert q.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_a_tensor_the_kernel_cannot_read_takes_the_per_tensor_path():
     torch.manual_seed(1)
     model = make_mlp([5, 7, 3])
@@ -103,7 +154,7 @@ def test_a_tensor_the_kernel_cannot_read_takes_the_per_tensor_path():
     spec = WeightSpaceSpec.from_module(model)
     params = [p.detach().clone() for p in model.parameters()]
     grads = [torch.randn_like(p) for p in params]
-    grads[0] = torch.randn(params[0].shape[::-1]).t()  # not contiguous
+    grads[0] = grads[0].double()  # not float32
     state = random_state(params, 3)
     with torch.no_grad():
         assert fused_plan.plan_for(net, spec, params, grads, state) is None
