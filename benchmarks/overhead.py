@@ -50,7 +50,7 @@ OPTIMIZERS = ("adam", "mlp", "nfn")
 
 MODELS = (
     "mlp-10k", "mlp-50k", "mlp-300k", "mlp-1.8m", "mlp-deep", "cnn-57k", "resnet-bn",
-    "transformer-char",
+    "resnet-bn-cl", "transformer-char",
 )  # fmt: skip
 # Sized for a GPU (refused on the CPU): MLPs of about 10M, 100M and 300M
 # parameters and a GPT-2-small-shaped LM (163M: its output layer is not tied
@@ -70,10 +70,13 @@ def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
         vocab, context = LM_SHAPES[name]
         d, heads, layers = (64, 4, 2) if name == "transformer-char" else (768, 12, 12)
         return TransformerLM(vocab, context, d, heads, layers), (context,)
-    if name == "resnet-bn":
+    if name in ("resnet-bn", "resnet-bn-cl"):
         from tasks.models import ResNet
 
-        return ResNet((3, 16, 16), 32, 3, 10), (3, 16, 16)
+        model = ResNet((3, 16, 16), 32, 3, 10)
+        if name == "resnet-bn-cl":  # channels_last weights (and so gradients)
+            model = model.to(memory_format=torch.channels_last)
+        return model, (3, 16, 16)
     if name.startswith("mlp-"):
         widths = {
             "mlp-10k": [64, 96, 32, 10],
