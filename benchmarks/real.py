@@ -66,6 +66,10 @@ def learned(weights: str, total_steps: int | None, overrides: dict[str, float] |
 
 
 BASELINES = (*ADAM_KINDS, "adamw")
+# Where in a run the per-task table reads each learned optimizer's loss: one
+# that reaches tuned Adam's final loss in this fraction of the steps is
+# below 1 there.
+PART = 0.7
 
 
 def run_task(
@@ -120,7 +124,9 @@ def summarise(rows) -> dict:
     """Per task: each optimizer's mean final loss over seeds, the tuned Adam
     (the better schedule), each learned optimizer's ratio to it, the steps it
     needs to reach tuned Adam's final loss (fraction of the budget, from the
-    evaluated points of the seed-mean curve) and whether any seed diverged
+    evaluated points of the seed-mean curve), its loss at ``PART`` of the
+    run over tuned Adam's final loss (where it stands when it would need to
+    have reached it to make the ``PART`` mark) and whether any seed diverged
     (an evaluated loss not finite or not below its start). Then, per learned
     optimizer, over tasks: beats, worst and geometric-mean ratio, median
     steps fraction, divergences."""
@@ -142,13 +148,17 @@ def summarise(rows) -> dict:
         finals = {o: mean[(task, o)][max(mean[(task, o)])] for t, o in mean if t == task}
         tuned = min(ADAM_KINDS, key=lambda k: finals.get(k, math.inf))
         target, steps = finals[tuned], max(mean[(task, tuned)])
-        entry = {"tuned": tuned, "final": finals, "ratio": {}, "steps_to_adam": {}}
+        entry = {"tuned": tuned, "final": finals, "ratio": {}, "steps_to_adam": {}, "at_part": {}}
+        curve = mean[(task, tuned)]
+        entry["adam_at_part"] = curve[max(s for s in curve if s <= PART * steps)] / target
         for opt in others:
             if opt not in finals:
                 continue
             entry["ratio"][opt] = finals[opt] / target if target > 0 else math.nan
             reach = [s for s, v in mean[(task, opt)].items() if s > 0 and v <= target]
             entry["steps_to_adam"][opt] = min(reach) / steps if reach else math.inf
+            at = max(s for s in mean[(task, opt)] if s <= PART * steps)
+            entry["at_part"][opt] = mean[(task, opt)][at] / target if target > 0 else math.nan
             entry.setdefault("diverged", {})[opt] = diverged[(task, opt)]
         per_task[task] = entry
     counts = {}
@@ -220,6 +230,22 @@ def markdown(summary: dict, meta: dict) -> str:
             f"| {o} | {c['beats']}/{c['tasks']} | {c['worst_ratio']:.2f} | "
             f"{c['geomean_ratio']:.2f} | {_steps(c['median_steps_to_adam'])} | {c['diverged']} |"
         )
+    lines += [
+        "",
+        "Per task: the steps each learned optimizer needs to reach tuned Adam's final loss "
+        f"(fraction of the run), and its loss at {PART:g} of the run over tuned Adam's final "
+        "loss (seed means).",
+        "",
+        f"| task | tuned Adam: loss at {PART:g} | "
+        + " | ".join(f"{o}: steps | {o}: loss at {PART:g}" for o in opts)
+        + " |",
+        "|---|---|" + "---|---|" * len(opts),
+    ]
+    for task in summary["tasks"]:
+        e = summary["per_task"][task]
+        cells = [f"{e['adam_at_part']:.3g}"]
+        cells += [f"{_steps(e['steps_to_adam'][o])} | {e['at_part'][o]:.3g}" for o in opts]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

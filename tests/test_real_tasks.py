@@ -215,6 +215,17 @@ def test_real_summary_against_hand_made_curves():
     assert e["steps_to_adam"]["bad"] == math.inf
     assert e["diverged"] == {"adamw": False, "bad": True, "net": False}
     assert s["counts"]["net"]["beats"] == 1 and s["counts"]["bad"]["beats"] == 0
+    # At 0.7 of the run the last evaluation is step 50: each loss there over
+    # tuned Adam's final 0.5.
+    assert real.PART == 0.7
+    assert e["at_part"]["net"] == pytest.approx(1.0)
+    assert e["at_part"]["bad"] == pytest.approx(10.0)
+    assert e["adam_at_part"] == pytest.approx(3.0)
+    page = real.markdown(s, {"command": "c", "machine": "m", "torch": "t", "date": "d",
+                             "seeds": 2, "hide_budget": False,
+                             "tasks": {"t": {"steps": 100, "adam-constant_lr": 1e-3,
+                                             "adam-cosine_lr": 1e-2}}})  # fmt: skip
+    assert "| t | 3 | never | 4 | never | 10 | 0.50x | 1 |" in page
 
 
 def test_real_benchmark_runs_and_writes_its_page(tmp_path, monkeypatch):
