@@ -150,7 +150,8 @@ def summarise(rows) -> dict:
         target, steps = finals[tuned], max(mean[(task, tuned)])
         entry = {"tuned": tuned, "final": finals, "ratio": {}, "steps_to_adam": {}, "at_part": {}}
         curve = mean[(task, tuned)]
-        entry["adam_at_part"] = curve[max(s for s in curve if s <= PART * steps)] / target
+        at_part = curve[max(s for s in curve if s <= PART * steps)]
+        entry["adam_at_part"] = at_part / target if target > 0 else math.nan
         for opt in others:
             if opt not in finals:
                 continue
