@@ -36,6 +36,9 @@ reach it (fractions of the budget):
     python -m benchmarks.real --suite validation-real --seeds 2 --out runs/val-real-base
     python -m benchmarks.snapshots runs/nfn-real --suite validation-real --seeds 2 \
         --baselines-from runs/val-real-base --out runs/val-real-nfn
+
+``--hide-budget`` runs them there without ``total_steps``, to rank how a
+net does when a user does not give it the run's length.
 """
 
 from __future__ import annotations
@@ -207,8 +210,15 @@ def main(argv: list[str] | None = None) -> Path:
         metavar="NAME=VALUE",
         help="as in benchmarks.compare, on every net (e.g. nf_scale=0)",
     )
+    p.add_argument(
+        "--hide-budget",
+        action="store_true",
+        help="on a suite with step budgets, run the nets without total_steps",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.hide_budget and not with_budgets(args.suite):
+        p.error(f"--hide-budget needs a suite whose tasks have step budgets, not {args.suite}")
     if len({r.name for r in args.run}) != len(args.run):
         raise SystemExit(f"runs must have distinct folder names, got {[str(r) for r in args.run]}")
     found = []
@@ -227,9 +237,10 @@ def main(argv: list[str] | None = None) -> Path:
     if budgets:
         cmd = ["--suite", args.suite, "--seeds", str(args.seeds), "--out", str(args.out)]
         extra = ["--set", *args.set] if args.set else []
+        extra += ["--hide-budget"] if args.hide_budget else []
         summary = real.main([*cmd, *base, *extra, "--weights", *weights])
         ranked = budget_ranking(summary, labels)
-        where = "each task at its step budget"
+        where = "each task at its step budget" + (", not told it" if args.hide_budget else "")
     else:
         cmd = ["--suite", args.suite, "--steps", str(args.steps), "--seeds", str(args.seeds)]
         cmd += ["--factors", "1", "--out", str(args.out), "--weights", *weights, *base]

@@ -271,6 +271,33 @@ def test_real_benchmark_runs_and_writes_its_page(tmp_path, monkeypatch):
     assert not (tmp_path / "y").exists()
 
 
+def test_snapshots_rank_on_a_budget_suite_with_the_budget_told_or_hidden(tmp_path, monkeypatch):
+    from benchmarks import snapshots
+
+    monkeypatch.setitem(TASK_STEPS, "mlp-gmm", 12)
+    monkeypatch.setattr(real, "ADAM_GRID", (1e-3, 1e-2))
+    run = tmp_path / "run"
+    (run / "snapshots").mkdir(parents=True)
+    net, meta = lopt.load("nfn-real")
+    lopt.save(net, run / "snapshots" / "optimizer-000010.pt", meta)
+    finals = {}
+    for hide in (False, True):
+        out = tmp_path / f"rank-{hide}"
+        args = [str(run), "--suite", "mlp-gmm", "--seeds", "1", "--out", str(out)]
+        assert snapshots.main(args + ["--hide-budget"] * hide) == run / "snapshots" / (
+            "optimizer-000010.pt"
+        )
+        assert json.loads((out / "meta.json").read_text())["settings"]["hide_budget"] is hide
+        assert ("not told it" in (out / "ranking.md").read_text()) is hide
+        rows = [r for r in csv.reader(open(out / "curves.csv")) if r[1] == "step10"]
+        finals[hide] = rows[-1][-1]
+    assert finals[False] != finals[True]  # the net reads the budget it is told
+    with pytest.raises(SystemExit):
+        snapshots.main([str(run), "--suite", "mlp-digits", "--hide-budget", "--out",
+                        str(tmp_path / "x")])  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
 def test_cosine_schedule_reaches_zero_at_the_end():
     from tasks.runs import cosine
 
