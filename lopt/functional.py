@@ -72,8 +72,9 @@ def update(
     checking the gradients are finite). ``fused=True`` (no autograd, no vmap)
     runs the net's per-entry part through the fused CPU kernel where it can
     (:mod:`lopt.fused`): the same formula, in one pass over memory. With
-    both (and ``net_params=None``), a group whose tensors the kernel reads
-    runs as one multi-tensor step (:mod:`lopt.fused_plan`), whose updates
+    both (and ``net_params=None``), a group of float32 CPU tensors runs as
+    one multi-tensor step (:mod:`lopt.fused_plan`; a parameter or gradient
+    that is not contiguous is read through a contiguous copy), whose updates
     are views of a buffer the next such step overwrites.
     ``total_steps`` is the run's step budget (None, or a value <= 0: not
     known), which nets built with ``budget=True`` read.
