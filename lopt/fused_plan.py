@@ -5,13 +5,12 @@ The per-tensor fused path (:meth:`lopt.nets.OptimizerNet.forward` with
 on a network of many small tensors (a transformer, a ResNet) that, not the
 arithmetic, is the step's cost. :func:`lopt.functional.update` with
 ``inplace=True`` and ``fused=True`` (what the ``torch.optim`` classes run on
-CPU) takes this path instead whenever the fused kernel reads every tensor.
+CPU) takes this path instead whenever every tensor is float32 on the CPU
+(a parameter or gradient that is not contiguous, a channels_last
+convolution's, is copied to a contiguous buffer of the plan at each step).
 
 A :class:`FusedPlan` is built once per net structure, weight space and
-memory of the parameters and state (a parameter or gradient that is not
-contiguous, a channels_last convolution's, is copied to a contiguous buffer
-of the plan at each step, two copies against the per-tensor path's torch
-operators): tables that describe every tensor
+memory of the parameters and state: tables that describe every tensor
 (where its parameter, gradient and state lie, its view, the NF-layer's
 pools of it and the terms it adds) and the buffers the kernels write. A step
 is then five kernel calls (:func:`lopt.fused.state_update_many`,
