@@ -186,13 +186,18 @@ def unavailable_reason() -> str:
 def accepts(*tensors: Tensor) -> bool:
     """Whether the kernel can read these tensors directly: CPU, float32,
     contiguous, no autograd recording."""
+    return readable(*tensors) and all(map(Tensor.is_contiguous, tensors))
+
+
+def readable(*tensors: Tensor) -> bool:
+    """:func:`accepts` but for contiguity: what the kernel reads once the
+    tensors are copied to contiguous buffers."""
     # map() over C-level getters: the multi-tensor step asks this of every
     # tensor of a group at every step.
     return (
         not torch.is_grad_enabled()
         and all(map(_is_cpu, tensors))
         and all(dtype is torch.float32 for dtype in map(_dtype, tensors))
-        and all(map(Tensor.is_contiguous, tensors))
     )
 
 

@@ -246,17 +246,10 @@ def plan_for(
     (a channels_last convolution) are read through contiguous copies."""
     if not params or not fused_kernel.accepts(*state["momenta"], *state["second_moment"]):
         return None
+    if not fused_kernel.readable(*params, *grads) or not fused_kernel.available():
+        return None
     # Per parameter: whether the kernels read it and its gradient where they lie.
     layout = tuple(p.is_contiguous() and g.is_contiguous() for p, g in zip(params, grads))
-    if all(layout):
-        if not fused_kernel.accepts(*params, *grads):
-            return None
-    elif torch.is_grad_enabled() or not all(
-        x.is_cpu and x.dtype is torch.float32 for x in (*params, *grads)
-    ):
-        return None
-    if not fused_kernel.available():
-        return None
     key = (
         spec,
         tuple(map(Tensor.data_ptr, params)),

@@ -379,8 +379,11 @@ def test_tensors_the_kernel_cannot_read_fall_back():
     with torch.no_grad():
         assert fused.accepts(torch.zeros(4, 4))
         assert not fused.accepts(torch.zeros(4, 4).t())  # not contiguous
+        assert fused.readable(torch.zeros(4, 4).t())  # once copied
         assert not fused.accepts(torch.zeros(4, dtype=torch.bfloat16))
+        assert not fused.readable(torch.zeros(4, dtype=torch.bfloat16))
     assert not fused.accepts(torch.zeros(4))  # autograd is on
+    assert not fused.readable(torch.zeros(4))
 
 
 def test_disabled_or_unbuildable_kernel_is_reported(monkeypatch, tmp_path):
