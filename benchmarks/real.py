@@ -149,17 +149,14 @@ def summarise(rows) -> dict:
         tuned = min(ADAM_KINDS, key=lambda k: finals.get(k, math.inf))
         target, steps = finals[tuned], max(mean[(task, tuned)])
         entry = {"tuned": tuned, "final": finals, "ratio": {}, "steps_to_adam": {}, "at_part": {}}
-        curve = mean[(task, tuned)]
-        at_part = curve[max(s for s in curve if s <= PART * steps)]
-        entry["adam_at_part"] = at_part / target if target > 0 else math.nan
+        entry["adam_at_part"] = _at_part(mean[(task, tuned)], steps, target)
         for opt in others:
             if opt not in finals:
                 continue
             entry["ratio"][opt] = finals[opt] / target if target > 0 else math.nan
             reach = [s for s, v in mean[(task, opt)].items() if s > 0 and v <= target]
             entry["steps_to_adam"][opt] = min(reach) / steps if reach else math.inf
-            at = max(s for s in mean[(task, opt)] if s <= PART * steps)
-            entry["at_part"][opt] = mean[(task, opt)][at] / target if target > 0 else math.nan
+            entry["at_part"][opt] = _at_part(mean[(task, opt)], steps, target)
             entry.setdefault("diverged", {})[opt] = diverged[(task, opt)]
         per_task[task] = entry
     counts = {}
@@ -179,6 +176,13 @@ def summarise(rows) -> dict:
             ),
         }
     return {"tasks": tasks, "optimizers": others, "per_task": per_task, "counts": counts}
+
+
+def _at_part(curve: dict, steps: int, target: float) -> float:
+    """A seed-mean curve's loss at its last evaluation within ``PART`` of
+    ``steps``, over ``target`` (NaN when that is 0)."""
+    loss = curve[max(s for s in curve if s <= PART * steps)]
+    return loss / target if target > 0 else math.nan
 
 
 def figure(rows, summary: dict, path: Path) -> None:

@@ -217,6 +217,12 @@ struct line_sums {
     v8 sum[MAX_OUT];
 };
 
+/* A pool summed from the entries over the last axis: in the line's sums. */
+static inline int over_lines(const struct pool *pl)
+{
+    return pl->src < 0 && pl->kind != POOL_ENTRIES && pl->s[3] == 0;
+}
+
 static void line_init(const struct tensor *t, struct line_sums *ls)
 {
     ls->active = 0;
@@ -224,7 +230,7 @@ static void line_init(const struct tensor *t, struct line_sums *ls)
     ls->c_hi = 0;
     for (int q = 0; q < t->n_pools; q++) {
         const struct pool *pl = t->pools + q;
-        if (pl->src >= 0 || pl->kind == POOL_ENTRIES || pl->s[3] != 0)
+        if (!over_lines(pl))
             continue;
         if (pl->c0 < ls->c_lo)
             ls->c_lo = (int)pl->c0;
@@ -243,7 +249,7 @@ static void line_flush(const struct tensor *t, struct line_sums *ls, float *acc)
         hs[c] = hsum(ls->sum[c]);
     for (int q = 0; q < t->n_pools; q++) {
         const struct pool *pl = t->pools + q;
-        if (pl->src >= 0 || pl->kind == POOL_ENTRIES || pl->s[3] != 0)
+        if (!over_lines(pl))
             continue;
         const int64_t *s = pl->s;
         const int64_t r0 = ls->j[0] * s[0] + ls->j[1] * s[1] + ls->j[2] * s[2];
