@@ -74,8 +74,13 @@ static inline void store(float *p, v8 a) { memcpy(p, &a, sizeof a); }
 /* max(a, 0) that keeps NaN, as torch's relu does. */
 static inline v8 relu(v8 a)
 {
+#ifdef __AVX__
+    /* maxps returns its second operand when either is NaN: one instruction. */
+    return (v8)_mm256_max_ps(_mm256_setzero_ps(), (__m256)a);
+#else
     v8i negative = a < splat(0.0f);
     return (v8)((v8i)a & ~negative);
+#endif
 }
 /* sqrt of each lane, correctly rounded as sqrtf is. */
 static inline v8 vsqrt(v8 a)
