@@ -408,6 +408,11 @@ TASKS.update(
         "mlp-mnist1d-128x2": _task(
             "mlp-mnist1d-128x2", lambda d: mlp(40, [128, 128], 10, "gelu"), "mnist1d", 64
         ),
+        # A long run, past the family's horizons, trained until it fits its
+        # split: what the held-out 3,000-step regression asks of a pick.
+        "mlp-digits-128x3": _task(
+            "mlp-digits-128x3", lambda d: mlp(64, [128] * 3, 10), "digits", 64
+        ),
         # Held out from real-family, each by architecture or data: the tasks
         # every claim about real models is made on.
         "resnet-mnist1d-32x3": _task(
@@ -450,6 +455,7 @@ TASK_STEPS: dict[str, int] = {
     "lm-docs-d32h2l2": 1000,
     "ae-digits-64x8": 500,
     "mlp-mnist1d-128x2": 1000,
+    "mlp-digits-128x3": 3000,
     "resnet-mnist1d-32x3": 1000,
     "resnet-digits-32x3-gelu": 500,
     "lm-code-d64h4l2": 2000,
@@ -594,6 +600,7 @@ SUITES: dict[str, list[str]] = {
         "lm-docs-d32h2l2",
         "ae-digits-64x8",
         "mlp-mnist1d-128x2",
+        "mlp-digits-128x3",
     ],
     # Held out from real-family by architecture or data; every run has the
     # length TASK_STEPS gives it.
