@@ -76,8 +76,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         total_steps: the number of steps the run will take (as a cosine
             schedule is told), read by nets that know the budget (a group
             may set its own); None: not known, and the net falls back on
-            what it learned for runs of unknown length. Nets without the
-            budget input ignore it.
+            what it learned for runs of unknown length (the shipped nets:
+            runs of 100 to 2,000 steps). Nets without the budget input
+            ignore it.
         fused: run the step on CPU through the fused kernels
             (:mod:`lopt.fused`, compiled on first use; each pass once over
             all tensors of a group, :mod:`lopt.fused_plan`): ``None``
