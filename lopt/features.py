@@ -91,6 +91,21 @@ def channel_scales_all(squares: Tensor, numels: Tensor | float, c1: Tensor) -> T
     return torch.cat([scales, scales.new_ones(*lead, 1), (1 / c1).expand(*lead, 1)], -1)
 
 
+def log_signal_to_noise(scales: Tensor, c1: Tensor, c2: Tensor) -> Tensor:
+    """Per tensor, from its :func:`channel_scales` ``(..., NUM_FEATURES)``:
+    the log of the mean square of Adam's bias-corrected 0.9-momentum over the
+    mean of its bias-corrected second moment, clamped to ``[-8, 2]``. About 0
+    while the gradient keeps its sign from step to step, about ``log(1/19)``
+    once it is noise around a minimum (a 0.9-average of noise keeps 1/19 of
+    its variance): unlike the normalised features, it falls as a run fits its
+    data. Loss-scale invariant; shape ``(...,)``."""
+    momentum = 2 + ADAM_MOMENTUM  # after the parameter and the gradient
+    rms = FEATURE_NAMES.index("rms")
+    # scales are 1 / RMS, so mean(m**2) / mean(v) = (scale_v / scale_m)**2.
+    log_ratio = 2 * (torch.log(scales[..., rms]) - torch.log(scales[..., momentum]))
+    return (log_ratio + torch.log(c2) - 2 * torch.log(c1)).clamp(-8.0, 2.0)
+
+
 def rms_and_denominator(second_moment: Tensor, c2: Tensor) -> tuple[Tensor, Tensor]:
     """``sqrt(v)`` and Adam's denominator ``sqrt(v_hat) + eps`` (``v_hat = v /
     c2``), so Adam's direction is ``m / denom / c1``."""

@@ -554,6 +554,23 @@ def _net_constants(net: OptimizerNet, plan: FusedPlan) -> NetConstants:
     return constants
 
 
+def _with_term_factor(
+    constants: NetConstants, factor: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The output layers and NF-layer scales of ``constants`` with each
+    tensor's direction channel (row 0: the learned term) times its
+    ``factor`` ``(T,)``, as :meth:`OptimizerNet.tensor_factors` folds it."""
+    w_out = constants.w_out.clone()
+    w_out[:, 0].mul_(factor[:, None])
+    b_out = constants.b_out.clone()
+    b_out[:, 0].mul_(factor)
+    nf_scales = None
+    if constants.nf_scales is not None:
+        nf_scales = constants.nf_scales.clone()
+        nf_scales[:, 0].mul_(factor)
+    return w_out, b_out, nf_scales
+
+
 def _bags_by_row(flat: flat_terms.FlatPlan) -> Tensor:
     """The flat plan's bags as rows (output row, key, members, first
     member), sorted by output row (stable)."""
@@ -591,13 +608,17 @@ def step(
     c1, c2, steps_in, budget_in, bias = net.step_inputs(step_t, total_steps)
     scales = channel_scales_all(sums, plan.numels, c1)
     constants = _net_constants(net, plan)
+    w_out, b_out, nf_scales = constants.w_out, constants.b_out, constants.nf_scales
+    term_log = net.term_log_factors(scales, c1, c2, steps_in, budget_in)
+    if term_log is not None:  # the learned term's own factor: new every step, not cached
+        w_out, b_out, nf_scales = _with_term_factor(constants, term_log.exp())
     w_in = (net.inp.weight * scales[:, None, :]).contiguous()
     adam_scales = scales[:, ADAM_CHANNEL]
     base_scales = (constants.neg_lrs * adam_scales).contiguous()
     fused_kernel.entry_outputs_many(
         plan.entry_table, base_scales, plan.pool_table, plan.pool_scales, ADAM_MOMENTUM,
         len(MOMENTUM_DECAYS), float(c2.rsqrt()), EPS, w_in, bias.contiguous(),
-        constants.hidden, constants.w_out, constants.b_out, plan.out, plan.base, plan.scratch,
+        constants.hidden, w_out, b_out, plan.out, plan.base, plan.scratch,
     )  # fmt: skip
     if isinstance(net, NFNNet):
         flat = plan.flat
@@ -605,7 +626,7 @@ def step(
             fused_kernel.flat_terms(
                 plan.flat_bags, plan.flat_members, flat.bias_row, flat.bias_index, plan.means,
                 constants.key_weights, constants.key_biases, flat.row_tensor,
-                constants.nf_scales, plan.terms[:, : flat.rows],
+                nf_scales, plan.terms[:, : flat.rows],
             )  # fmt: skip
         if plan.layout is not None:
             lay = plan.layout

@@ -25,7 +25,11 @@ built with ``budget=True`` also reads where the step lies in the run
 count, and multiplies the whole update by a learned schedule, ``exp(w .
 [step features, budget features] + b)``: a warm-up and a decay, learned,
 starting from a short warm-up and a decay over the end of the run
-(:func:`schedule_prior`). The net learns a correction on top of Adam (as
+(:func:`schedule_prior`). A net built with ``term_schedule=True`` also
+gives the learned term its own factor per tensor, learned from the step, the
+budget and the tensor's signal-to-noise ratio
+(:meth:`OptimizerNet.term_log_factors`), so the term can shrink relative to
+Adam's part late in a run. The net learns a correction on top of Adam (as
 the UNF paper's net does on top of SGD with momentum), and its output layer
 starts near zero, so a fresh net is a sane, slow optimizer. Every input is
 loss-scale invariant, so the update is too.
@@ -56,6 +60,7 @@ from lopt.features import (
     channel_scales,
     channel_scales_all,
     entry_channels,
+    log_signal_to_noise,
     rms_and_denominator,
     step_features,
 )
@@ -75,6 +80,12 @@ MAX_LOG_SCHEDULE = 3.0  # the learned schedule multiplies an update by at most e
 # practitioners decay a rate. From a flat start, meta-gradients of truncated
 # unrolls move the schedule slowly, and a net that does neither spikes in its
 # first steps or stalls or diverges late in a run.
+# The learned term's schedule (term_schedule=True) is stored divided by
+# this: the outer loop's Adam moves each parameter by about its meta learning
+# rate per step whatever the gradient's size, and a handful of parameters
+# that set the term's size late in long runs must move within hundreds of
+# outer steps, not thousands.
+TERM_SCHEDULE_GAIN = 10.0
 WARMUP_PRIOR = 2.0
 WARMUP_PRIOR_STEPS = 3
 DECAY_PRIOR = 2.5
@@ -236,8 +247,11 @@ class OptimizerNet(nn.Module):
         fan_in_exp: float = 0.0,
         rule: UpdateRule | dict[str, Any] | None = None,
         budget: bool = False,
+        term_schedule: bool = False,
     ) -> None:
         super().__init__()
+        if term_schedule and not budget:
+            raise ValueError("term_schedule=True needs budget=True (it reads the budget features)")
         if width < 1 or depth < 1:
             raise ValueError(f"width and depth must be positive, got width={width}, depth={depth}")
         if lr <= 0 or step_mult <= 0:
@@ -255,6 +269,8 @@ class OptimizerNet(nn.Module):
         )
         if budget:  # absent from older configs: those nets never read the budget
             self._config["budget"] = True
+        if term_schedule:
+            self._config["term_schedule"] = True
         self.mag_mult = mag_mult
         self.fan_in_exp = nn.Parameter(torch.tensor(float(fan_in_exp)))
         self.log_lr = nn.Parameter(torch.tensor(math.log(lr)))
@@ -274,6 +290,15 @@ class OptimizerNet(nn.Module):
                 weight, bias = schedule_prior()
                 self.schedule.weight.copy_(weight)
                 self.schedule.bias.copy_(bias)
+        if term_schedule:
+            # The learned term's own log-factor per tensor, from the step, the
+            # budget and the tensor's signal-to-noise ratio; zero at first, so
+            # a net warm-started from one without it runs as that net did.
+            self.term_schedule = nn.Linear(NUM_STEP_FEATURES + NUM_BUDGET_FEATURES, 1)
+            self.term_snr_exp = nn.Parameter(torch.zeros(()))
+            with torch.no_grad():
+                self.term_schedule.weight.zero_()
+                self.term_schedule.bias.zero_()
         self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
         self.out = nn.Linear(width, 2)
         with torch.no_grad():
@@ -287,6 +312,12 @@ class OptimizerNet(nn.Module):
         (one factor on the whole update, from the step and budget features);
         a net without them ignores ``total_steps``."""
         return self._config.get("budget", False)
+
+    @property
+    def has_term_schedule(self) -> bool:
+        """Whether the learned term (the update minus Adam's part) has a
+        learned factor of its own per tensor (:meth:`term_log_factors`)."""
+        return self._config.get("term_schedule", False)
 
     @property
     def rule(self) -> UpdateRule:
@@ -359,7 +390,11 @@ class OptimizerNet(nn.Module):
                 channel_scales(*state, c1, squares=sq)
                 for *state, sq in zip(params, grads, momenta, second_moments, squares)
             ]
-        neg_lrs_all, out_scales_all = self.tensor_factors(spec)
+        term_log = None
+        if self.has_term_schedule:
+            all_scales = scales_all if vectorised else torch.stack(scales)
+            term_log = self.term_log_factors(all_scales, c1, c2, steps_in, budget_in)
+        neg_lrs_all, out_scales_all = self.tensor_factors(spec, term_log)
         out_scales, neg_lrs = out_scales_all.unbind(), neg_lrs_all.unbind()
         inputs = [
             TensorInputs(*a)
@@ -407,10 +442,13 @@ class OptimizerNet(nn.Module):
             bias = bias + self.budget_inp(budget_in)
         return c1, c2, steps_in, budget_in, bias
 
-    def tensor_factors(self, spec: WeightSpaceSpec) -> tuple[Tensor, Tensor]:
+    def tensor_factors(
+        self, spec: WeightSpaceSpec, term_log: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Per tensor of ``spec``: ``-lr`` times its factor (width factor
         and role rate) ``(T,)``, and what multiplies the output layer's two
-        channels ``(T, 2)``: ``-step_mult`` times the factor, and
+        channels ``(T, 2)``: ``-step_mult`` times the factor (and times
+        ``exp(term_log)``, the learned term's own factor, when given), and
         ``mag_mult``. Folded into the output layer, so per entry ``update =
         -lr * adam + o[0] * exp(min(o[1], MAX_LOG_MAGNITUDE))``; computed for
         all tensors at once (a step pays per operation)."""
@@ -421,8 +459,28 @@ class OptimizerNet(nn.Module):
             log_factors = log_factors + role_rates
         factors = torch.exp(log_factors)
         mag = torch.full_like(factors, self.mag_mult)  # a fill, not a host-to-device copy
-        out_scales = torch.stack([-self.log_step_mult.exp() * factors, mag], -1)
+        term = factors if term_log is None else factors * term_log.exp()
+        out_scales = torch.stack([-self.log_step_mult.exp() * term, mag], -1)
         return -self.log_lr.exp() * factors, out_scales
+
+    def term_log_factors(
+        self, scales: Tensor, c1: Tensor, c2: Tensor, steps_in: Tensor, budget_in: Tensor | None
+    ) -> Tensor | None:
+        """The log of the learned term's own factor per tensor ``(T,)``, from
+        the tensors' :func:`~lopt.features.channel_scales` ``(T,
+        NUM_FEATURES)`` and the step and budget features: ``TERM_SCHEDULE_GAIN
+        * (w . [step, budget features] + b + a * log_snr)``, at most
+        ``MAX_LOG_SCHEDULE``, where ``log_snr`` is
+        :func:`~lopt.features.log_signal_to_noise`. It lets the net shrink its
+        correction to Adam late in a run and as a tensor's gradient turns to
+        noise, while the normalised features it reads stay the same. None
+        for a net without it (``term_schedule=False``)."""
+        if not self.has_term_schedule:
+            return None
+        log_snr = log_signal_to_noise(scales, c1, c2)
+        shared = self.term_schedule(torch.cat([steps_in, budget_in]))
+        raw = shared + self.term_snr_exp * log_snr
+        return (TERM_SCHEDULE_GAIN * raw).clamp(max=MAX_LOG_SCHEDULE)
 
     def schedule_scale(self, steps_in: Tensor, budget_in: Tensor | None) -> Tensor | None:
         """The learned schedule's factor on the whole update (a 0-d

@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "width_free_stats": False,
     "role_rates": False,
     "budget": False,
+    "term_schedule": False,
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
@@ -102,6 +103,7 @@ RULES: dict[str, Any] = {
     "width_free_stats": options.boolean,
     "role_rates": options.boolean,
     "budget": options.boolean,
+    "term_schedule": options.boolean,
     "family": options.choice(lambda: list(FAMILIES) + list(TASKS), TASK_LIST),
     "estimator": options.choice(sorted(ESTIMATORS)),
     "population": options.integer(1),
@@ -208,6 +210,13 @@ def parser() -> argparse.ArgumentParser:
         help="the net reads where each step lies in the run (step / total_steps, as "
         "NFNOptimizer(..., total_steps=N) tells it; each inner run's horizon in "
         "meta-training) and learns a schedule from it; default off",
+    )
+    a(
+        "--term-schedule",
+        action=argparse.BooleanOptionalAction,
+        help="with --budget: the learned term (the update minus Adam's part) gets a learned "
+        "factor of its own per tensor, from the step, the budget and the tensor's "
+        "signal-to-noise ratio, starting at 1 (default off)",
     )
     a(
         "--init-from",
@@ -321,6 +330,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--neuron-stats is for --net nfn (a per-entry net cannot pool a neuron)")
     if cfg.get("budget_hidden") and not cfg.get("budget"):
         raise SystemExit("--budget-hidden hides the budget from a net that reads it: give --budget")
+    if cfg.get("term_schedule") and not cfg.get("budget"):
+        raise SystemExit("--term-schedule reads the budget features: give --budget")
     if cfg.get("role_rates") and cfg["net"] != "nfn":
         raise SystemExit("--role-rates is for --net nfn (roles come from its NF-layer)")
     if cfg.get("width_free_stats") and not cfg.get("neuron_stats"):
@@ -395,6 +406,7 @@ def build(
                 width_factor_on_input_layers=cfg["width_factor_on_input_layers"],
             ),
             budget=cfg.get("budget", False),
+            term_schedule=cfg.get("term_schedule", False),
             **extra,
         )
     if warm and cfg.get("init_from"):

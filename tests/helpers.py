@@ -165,6 +165,7 @@ def strong(kind, depth=1):
         width_free_stats=kind == "nfn-real-like",
         budget=kind == "nfn-real-like",
         role_rates=kind == "nfn-real-like",
+        term_schedule=kind == "nfn-real-like",
         **kw,
     )
     with torch.no_grad():
@@ -173,6 +174,10 @@ def strong(kind, depth=1):
         if kind == "nfn-real-like":
             for rate in net.role_log_rate.values():
                 rate.normal_(std=0.3)
+            # About e**+-1 on the learned term, differing between tensors.
+            net.term_schedule.weight.normal_(std=0.03)
+            net.term_schedule.bias.normal_(std=0.03)
+            net.term_snr_exp.fill_(0.05)
     return net
 
 

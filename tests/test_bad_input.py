@@ -65,6 +65,7 @@ def assert_usage_error(main, argv, message, prog="prog"):
         (["--estimator", "sgd"], "invalid choice: 'sgd'"),
         (["--width", "four"], "invalid int value: 'four'"),
         (["--init-from", "no-such-net"], "--init-from: no optimizer checkpoint 'no-such-net'"),
+        (["--term-schedule"], "--term-schedule reads the budget features: give --budget"),
     ],
 )
 def test_meta_train_bad_flags(tmp_path, argv, message):

@@ -192,6 +192,71 @@ def test_learned_schedule_scales_the_whole_update(cls):
         torch.testing.assert_close(u, factor * v, rtol=1e-5, atol=1e-9)
 
 
+def term_setup(cls, seed):
+    """A budget net with the learned term's schedule, an MLP, its gradients
+    and a random state a few steps in."""
+    from helpers import random_state
+
+    model, x, y, _ = setup(cls, seed)
+    net = cls(out_scale=1.0, step_mult=1e-2, lr=1e-3, budget=True, term_schedule=True)
+    spec = WeightSpaceSpec.from_module(model)
+    params = [p.detach() for p in model.parameters()]
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    return net, spec, params, grads, random_state(params, seed, step=5.0)
+
+
+def term_update(net, spec, params, grads, state, total=30):
+    with torch.no_grad():
+        return functional.update(net, spec, None, grads, state, params, total_steps=total)
+
+
+def naive_term_factor(net, new_state, total):
+    """Per tensor, the term's factor by its formula, from the new state."""
+    t = new_state["step"]
+    c1, c2 = 1 - 0.9**t, 1 - 0.999**t
+    feats = torch.cat([lopt.features.step_features(t), budget_features(t, total)])
+    shared = net.term_schedule.weight[0] @ feats + net.term_schedule.bias[0]
+    out = []
+    for m, v in zip(new_state["momenta"], new_state["second_moment"]):
+        snr = (m[1].square().mean() / c1**2) / (v.mean() / c2)  # momentum 0.9 is index 1
+        raw = shared + net.term_snr_exp * snr.log().clamp(-8, 2)
+        out.append(torch.exp((lopt.nets.TERM_SCHEDULE_GAIN * raw).clamp(max=3)).item())
+    return out
+
+
+@pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
+def test_the_term_schedule_scales_each_tensor_s_learned_term_by_its_formula(cls):
+    """Fresh, the term's schedule changes nothing (the net without it, same
+    weights); with weights, each tensor's update minus Adam's part is that of
+    the fresh net times exp(10 * (w . features + b + a * log snr)), snr the
+    tensor's mean squared corrected momentum over its mean corrected second
+    moment, computed naively."""
+    net, spec, params, grads, state = term_setup(cls, seed=4)
+    plain = cls(**{k: v for k, v in net.config.items() if k != "term_schedule"})
+    own = ("term_schedule.", "term_snr_exp")
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith(own)})
+    ref, new_state = term_update(net, spec, params, grads, state)
+    for u, v in zip(ref, term_update(plain, spec, params, grads, state)[0]):
+        assert torch.equal(u, v)
+    adam_only = copy.deepcopy(net)
+    with torch.no_grad():
+        adam_only.log_step_mult.fill_(-200.0)  # exp: 0, no learned term
+        net.term_schedule.weight.normal_(0, 0.03)
+        net.term_schedule.bias.fill_(-0.05)
+        net.term_snr_exp.fill_(0.1)
+    adam = term_update(adam_only, spec, params, grads, state)[0]
+    factors = naive_term_factor(net, new_state, 30)
+    assert max(factors) / min(factors) > 1.05  # the tensors' factors differ
+    for u, v, a, k in zip(term_update(net, spec, params, grads, state)[0], ref, adam, factors):
+        assert (v - a).abs().sum() > 0
+        torch.testing.assert_close(u - a, k * (v - a), rtol=1e-4, atol=1e-9)
+
+
+def test_the_term_schedule_needs_the_budget():
+    with pytest.raises(ValueError, match="term_schedule=True needs budget=True"):
+        NFNNet(term_schedule=True)
+
+
 @pytest.mark.parametrize(
     "make_scheduler",
     [

@@ -192,6 +192,16 @@ def test_cli_budget_flags(tmp_path, capsys):
     net, meta = lopt.load(out / "optimizer.pt")
     assert net.reads_budget and meta["config"]["budget_hidden"] == 0.5
     assert net.budget_inp.weight.abs().sum() > 0  # meta-trained away from zero
+    # The learned term's schedule, warm-started from that net: the rest is
+    # copied, the schedule starts at zero and is meta-trained.
+    term = tmp_path / "term"
+    init = ["--init-from", str(out / "optimizer.pt")]
+    argv = [*args, "--out", str(term), "--budget", "--term-schedule", *init]
+    assert meta_train_main(argv) == 0
+    assert "copied" in capsys.readouterr().err
+    warm, meta = lopt.load(term / "optimizer.pt")
+    assert warm.has_term_schedule and meta["config"]["term_schedule"] is True
+    assert warm.term_schedule.weight.abs().sum() > 0 and warm.term_snr_exp != 0
 
 
 def test_real_summary_against_hand_made_curves():
