@@ -96,8 +96,9 @@ def log_signal_to_noise(scales: Tensor, c1: Tensor, c2: Tensor) -> Tensor:
     the log of the mean square of Adam's bias-corrected 0.9-momentum over the
     mean of its bias-corrected second moment, clamped to ``[-8, 2]``. About 0
     while the gradient keeps its sign from step to step, about ``log(1/19)``
-    once it is noise around a minimum (a 0.9-average of noise keeps 1/19 of
-    its variance): unlike the normalised features, it falls as a run fits its
+    once it is noise (a 0.9-average of noise keeps 1/19 of its variance), and
+    lower still as the gradient shrinks below the size the second moment
+    remembers: unlike the normalised features, it falls as a run fits its
     data. Loss-scale invariant; shape ``(...,)``."""
     momentum = 2 + ADAM_MOMENTUM  # after the parameter and the gradient
     rms = FEATURE_NAMES.index("rms")
