@@ -609,7 +609,7 @@ def step(
     scales = channel_scales_all(sums, plan.numels, c1)
     constants = _net_constants(net, plan)
     w_out, b_out, nf_scales = constants.w_out, constants.b_out, constants.nf_scales
-    term_log = net.term_log_factors(scales, c1, c2, steps_in, budget_in)
+    term_log = net.term_log_factors(scales, c1, c2, budget_in)
     if term_log is not None:  # the learned term's own factor: new every step, not cached
         w_out, b_out, nf_scales = _with_term_factor(constants, term_log.exp())
     w_in = (net.inp.weight * scales[:, None, :]).contiguous()

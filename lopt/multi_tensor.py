@@ -276,7 +276,7 @@ def forward(
     squares = torch.cat([sq[:n_t, None], sq[n_t : 2 * n_t, None], sq[2 * n_t :].reshape(n_t, k),
                          _norms(flat_v, 1)[:, None]], 1)  # fmt: skip
     scales = channel_scales_all(squares, plan.numel, c1)  # (T, features)
-    term_log = net.term_log_factors(scales, c1, c2, steps_in, budget_in)
+    term_log = net.term_log_factors(scales, c1, c2, budget_in)
     neg_lrs, out_scales = net.tensor_factors(plan.spec, term_log)
     scales_t, out_t = scales.t(), out_scales.t()
     base_scales = neg_lrs * scales[:, ADAM_CHANNEL]

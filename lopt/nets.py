@@ -26,8 +26,8 @@ count, and multiplies the whole update by a learned schedule, ``exp(w .
 [step features, budget features] + b)``: a warm-up and a decay, learned,
 starting from a short warm-up and a decay over the end of the run
 (:func:`schedule_prior`). A net built with ``term_schedule=True`` also
-gives the learned term its own factor per tensor, learned from the step, the
-budget and the tensor's signal-to-noise ratio
+gives the learned term its own factor per tensor, learned from the budget
+and the tensor's signal-to-noise ratio
 (:meth:`OptimizerNet.term_log_factors`), so the term can shrink relative to
 Adam's part late in a run. The net learns a correction on top of Adam (as
 the UNF paper's net does on top of SGD with momentum), and its output layer
@@ -291,10 +291,12 @@ class OptimizerNet(nn.Module):
                 self.schedule.weight.copy_(weight)
                 self.schedule.bias.copy_(bias)
         if term_schedule:
-            # The learned term's own log-factor per tensor, from the step, the
-            # budget and the tensor's signal-to-noise ratio; zero at first, so
-            # a net warm-started from one without it runs as that net did.
-            self.term_schedule = nn.Linear(NUM_STEP_FEATURES + NUM_BUDGET_FEATURES, 1)
+            # The learned term's own log-factor per tensor, from the budget
+            # and the tensor's signal-to-noise ratio; zero at first, so a net
+            # warm-started from one without it runs as that net did. Not from
+            # the step count: with the budget hidden, a factor of t alone
+            # would learn the lengths of the meta-training runs.
+            self.term_schedule = nn.Linear(NUM_BUDGET_FEATURES, 1)
             self.term_snr_exp = nn.Parameter(torch.zeros(()))
             with torch.no_grad():
                 self.term_schedule.weight.zero_()
@@ -393,7 +395,7 @@ class OptimizerNet(nn.Module):
         term_log = None
         if self.has_term_schedule:
             all_scales = scales_all if vectorised else torch.stack(scales)
-            term_log = self.term_log_factors(all_scales, c1, c2, steps_in, budget_in)
+            term_log = self.term_log_factors(all_scales, c1, c2, budget_in)
         neg_lrs_all, out_scales_all = self.tensor_factors(spec, term_log)
         out_scales, neg_lrs = out_scales_all.unbind(), neg_lrs_all.unbind()
         inputs = [
@@ -464,12 +466,12 @@ class OptimizerNet(nn.Module):
         return -self.log_lr.exp() * factors, out_scales
 
     def term_log_factors(
-        self, scales: Tensor, c1: Tensor, c2: Tensor, steps_in: Tensor, budget_in: Tensor | None
+        self, scales: Tensor, c1: Tensor, c2: Tensor, budget_in: Tensor | None
     ) -> Tensor | None:
         """The log of the learned term's own factor per tensor ``(T,)``, from
         the tensors' :func:`~lopt.features.channel_scales` ``(T,
-        NUM_FEATURES)`` and the step and budget features: ``TERM_SCHEDULE_GAIN
-        * (w . [step, budget features] + b + a * log_snr)``, at most
+        NUM_FEATURES)`` and the budget features: ``TERM_SCHEDULE_GAIN * (w .
+        budget features + b + a * log_snr)``, at most
         ``MAX_LOG_SCHEDULE``, where ``log_snr`` is
         :func:`~lopt.features.log_signal_to_noise`. It lets the net shrink its
         correction to Adam late in a run and as a tensor's gradient turns to
@@ -478,7 +480,7 @@ class OptimizerNet(nn.Module):
         if not self.has_term_schedule:
             return None
         log_snr = log_signal_to_noise(scales, c1, c2)
-        shared = self.term_schedule(torch.cat([steps_in, budget_in]))
+        shared = self.term_schedule(budget_in)
         raw = shared + self.term_snr_exp * log_snr
         return (TERM_SCHEDULE_GAIN * raw).clamp(max=MAX_LOG_SCHEDULE)
 

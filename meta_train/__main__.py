@@ -215,7 +215,7 @@ def parser() -> argparse.ArgumentParser:
         "--term-schedule",
         action=argparse.BooleanOptionalAction,
         help="with --budget: the learned term (the update minus Adam's part) gets a learned "
-        "factor of its own per tensor, from the step, the budget and the tensor's "
+        "factor of its own per tensor, from the budget and the tensor's "
         "signal-to-noise ratio, starting at 1 (default off)",
     )
     a(

@@ -214,8 +214,7 @@ def naive_term_factor(net, new_state, total):
     """Per tensor, the term's factor by its formula, from the new state."""
     t = new_state["step"]
     c1, c2 = 1 - 0.9**t, 1 - 0.999**t
-    feats = torch.cat([lopt.features.step_features(t), budget_features(t, total)])
-    shared = net.term_schedule.weight[0] @ feats + net.term_schedule.bias[0]
+    shared = net.term_schedule.weight[0] @ budget_features(t, total) + net.term_schedule.bias[0]
     out = []
     for m, v in zip(new_state["momenta"], new_state["second_moment"]):
         snr = (m[1].square().mean() / c1**2) / (v.mean() / c2)  # momentum 0.9 is index 1
@@ -228,7 +227,7 @@ def naive_term_factor(net, new_state, total):
 def test_the_term_schedule_scales_each_tensor_s_learned_term_by_its_formula(cls):
     """Fresh, the term's schedule changes nothing (the net without it, same
     weights); with weights, each tensor's update minus Adam's part is that of
-    the fresh net times exp(10 * (w . features + b + a * log snr)), snr the
+    the fresh net times exp(10 * (w . budget + b + a * log snr)), snr the
     tensor's mean squared corrected momentum over its mean corrected second
     moment, computed naively."""
     net, spec, params, grads, state = term_setup(cls, seed=4)
