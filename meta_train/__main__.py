@@ -597,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer, net = build(cfg, device, warm=not resuming)  # bad options raise here
     if args.resume is None:
         check_new_out(out, args.overwrite)
+        if dist.is_initialized():  # every rank checks before rank 0 writes the run's files
+            dist.barrier()
     elif not resuming:
         print(f"--resume {out}: no checkpoint yet; starting the run from step 0", file=sys.stderr)
     if resuming:

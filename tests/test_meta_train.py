@@ -334,6 +334,35 @@ def _distributed_worker(rank, store, out):
     dist.destroy_process_group()
 
 
+def _cli_worker(rank, port, argv):
+    import time
+
+    import meta_train.__main__ as cli
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    if rank == 1:  # checks late: rank 0 has written the new run's files by then, unless it waits
+        check = cli.check_new_out
+        cli.check_new_out = lambda *a: (time.sleep(2), check(*a))[1]
+    assert cli.main(argv) == 0
+
+
+@pytest.mark.slow
+def test_a_new_run_starts_under_two_processes(tmp_path):
+    """torchrun's ranks all check that --out is new before rank 0 writes
+    into it: no rank finds the run its peer just started."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    argv = [*TINY_MAGNITUDE_NFN.split(), "--no-progress", "--out", str(out)]
+    torch.multiprocessing.spawn(_cli_worker, args=(port, argv), nprocs=2)
+    _, meta = lopt.load(out / "optimizer.pt")
+    assert meta["outer_steps"] == 2
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one(tmp_path):
     one = MetaTrainer(
