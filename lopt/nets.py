@@ -71,6 +71,12 @@ from lopt.weightspace import INPUT, TensorSpec, WeightSpaceSpec
 
 MAX_LOG_MAGNITUDE = 10.0  # exp() of more than this is clipped: no overflow to inf
 MAX_LOG_SCHEDULE = 3.0  # the learned schedule multiplies an update by at most e**3
+# The learned term's schedule (term_schedule=True) is stored divided by
+# this: the outer loop's Adam moves each parameter by about its meta learning
+# rate per step whatever the gradient's size, and a handful of parameters
+# that set the term's size late in long runs must move within hundreds of
+# outer steps, not thousands.
+TERM_SCHEDULE_GAIN = 10.0
 # Where the learned schedule starts. A warm-up: e**-WARMUP_PRIOR times
 # e**(WARMUP_PRIOR * tanh(t / WARMUP_PRIOR_STEPS)), about 0.26 at the first
 # step and 1 by the tenth (the first steps rest on a few gradients, and a
@@ -80,12 +86,6 @@ MAX_LOG_SCHEDULE = 3.0  # the learned schedule multiplies an update by at most e
 # practitioners decay a rate. From a flat start, meta-gradients of truncated
 # unrolls move the schedule slowly, and a net that does neither spikes in its
 # first steps or stalls or diverges late in a run.
-# The learned term's schedule (term_schedule=True) is stored divided by
-# this: the outer loop's Adam moves each parameter by about its meta learning
-# rate per step whatever the gradient's size, and a handful of parameters
-# that set the term's size late in long runs must move within hundreds of
-# outer steps, not thousands.
-TERM_SCHEDULE_GAIN = 10.0
 WARMUP_PRIOR = 2.0
 WARMUP_PRIOR_STEPS = 3
 DECAY_PRIOR = 2.5
