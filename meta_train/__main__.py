@@ -6,8 +6,11 @@
     torchrun --nproc_per_node 2 -m meta_train ... --out runs/nfn  # 2 processes
 
 Writes, in --out: config.json, TensorBoard logs (tb/), checkpoint.pt (every
---checkpoint-every steps, atomically, and on Ctrl-C or SIGTERM) and optimizer.pt, the
-trained optimizer net, loadable with ``NFNOptimizer(params, weights=PATH)``.
+--checkpoint-every steps, atomically, and on Ctrl-C or SIGTERM at the end of
+the outer step it came in) and optimizer.pt, the trained optimizer net,
+loadable with ``NFNOptimizer(params, weights=PATH)``. A second signal stops at
+once (over several processes the last periodic checkpoint then stays);
+under torchrun, signal the torchrun process: it passes SIGTERM on.
 Options may also come from a JSON file (--config); flags override it. A
 --config file of several stages (``{"stages": [...]}``, see
 ``meta_train.recipes``) runs them in order, each in its own folder under --out.
@@ -411,7 +414,7 @@ def build(
         )
     if warm and cfg.get("init_from"):
         copied = warm_start(net, cfg["init_from"])
-        print(f"--init-from {cfg['init_from']}: copied {', '.join(copied)}", file=sys.stderr)
+        print(f"--init-from {cfg['init_from']}: copied {name_groups(copied)}", file=sys.stderr)
     frozen = freeze(net, cfg.get("freeze") or [])
     net = net.to(device)
     family = get_family(cfg["family"], device)
@@ -638,6 +641,18 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def name_groups(names: list[str]) -> str:
+    """``names`` by their module (``nf.* (412 tensors)``): an NF-layer's
+    tensors, one per term, would fill a screen."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.split(".")[0], []).append(name)
+    return ", ".join(
+        group[0] if len(group) == 1 else f"{module}.* ({len(group)} tensors)"
+        for module, group in groups.items()
+    )
 
 
 SNAPSHOTS = "snapshots"

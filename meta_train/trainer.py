@@ -26,7 +26,7 @@ from tqdm import tqdm
 from lopt.checkpoint import atomic_save, unreadable
 from meta_train.estimators import Estimator, inner_size
 from meta_train.problems import TruncatedProblem, rng
-from meta_train.stopping import StopRequests
+from meta_train.stopping import StopAtStepEnd, StopRequests
 from meta_train.unroll import cat_inner, index_inner
 
 CHECKPOINT = "checkpoint.pt"
@@ -203,7 +203,10 @@ class MetaTrainer:
         """Run until ``outer_steps`` outer steps have been taken in all (so a
         resumed run continues to the same total). Ctrl-C, SIGINT or SIGTERM
         stop it at the end of the outer step it is in (a second signal: at
-        once): a checkpoint is saved, then ``KeyboardInterrupt`` raised.
+        once): a checkpoint is saved, then ``KeyboardInterrupt`` raised. Over
+        several processes a stop at once saves none (the last periodic one
+        stays): the ranks may be in different collectives then, and a
+        checkpoint's gather would wait for ever.
         ``stops``: requests the caller collects already (the command line
         opens one before building the run); None: this call opens one."""
         history = []
@@ -218,7 +221,7 @@ class MetaTrainer:
             with StopRequests() if stops is None else nullcontext(stops) as stops:
                 while self.step < outer_steps:
                     if self._stop_requested(stops):
-                        raise KeyboardInterrupt(stops.name or "a signal on another rank")
+                        raise StopAtStepEnd(stops.name or "a signal on another rank")
                     m = self.outer_step()
                     history.append(m)
                     self._log(m)
@@ -242,12 +245,14 @@ class MetaTrainer:
                         and self.rank == 0
                     ):
                         self.snapshot_fn(self)
-        except KeyboardInterrupt:
-            self.save_checkpoint()
+        except KeyboardInterrupt as e:
+            if isinstance(e, StopAtStepEnd) or self.world_size == 1:
+                self.save_checkpoint()
+                said = f"checkpoint saved in {self.out_dir}"
+            else:
+                said = f"stopped at once: {self.out_dir} keeps its last periodic checkpoint"
             if self.rank == 0:
-                print(
-                    f"\ninterrupted at outer step {self.step}; checkpoint saved in {self.out_dir}"
-                )
+                print(f"\ninterrupted at outer step {self.step}; {said}")
             raise
         finally:
             bar.close()

@@ -334,6 +334,48 @@ def _distributed_worker(rank, store, out):
     dist.destroy_process_group()
 
 
+def _stopped_at_once_worker(rank, store, out):
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))  # fmt: skip
+    problem = tiny_problem()
+    if rank == 0:  # a second signal: KeyboardInterrupt in the middle of outer step 2
+        unroll = problem.unroll
+
+        def interrupted(thetas, inner, counter):
+            if counter == 2:
+                raise KeyboardInterrupt("SIGTERM")
+            return unroll(thetas, inner, counter)
+
+        problem.unroll = interrupted
+    t = MetaTrainer(problem, make_estimator("pes", 0.05), pairs=4, meta_lr=1e-2, out_dir=out,
+                    checkpoint_every=1)  # fmt: skip
+    try:
+        t.train(5, progress=False)
+    except KeyboardInterrupt as e:
+        Path(out, f"rank{rank}").write_text(type(e).__name__)
+    except RuntimeError:  # its peer left in the middle of a collective
+        Path(out, f"rank{rank}").write_text("RuntimeError")
+
+
+@pytest.mark.slow
+def test_a_stop_at_once_over_two_processes_leaves_the_last_checkpoint(tmp_path):
+    """Stopped at once (torchrun's second SIGTERM) while its peer is in a
+    collective, a rank must not start a checkpoint's gather (it would wait
+    for a peer that never joins) but raise at once, so that the command line
+    writes optimizer.pt; the last periodic checkpoint stays whole."""
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.multiprocessing.spawn(
+        _stopped_at_once_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2
+    )
+    assert (out / "rank0").read_text() == "KeyboardInterrupt"
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
 def _cli_worker(rank, port, argv):
     import time
 
@@ -597,7 +639,7 @@ def test_a_signal_stops_training_after_the_step_it_came_in(tmp_path, sig):
 
 
 def test_stop_requests_record_one_signal_and_raise_on_a_second():
-    from meta_train.stopping import StopRequests
+    from meta_train.stopping import REPEAT_WINDOW_S, StopRequests
 
     before = signal.getsignal(signal.SIGTERM)
     with StopRequests() as stops:
@@ -608,6 +650,16 @@ def test_stop_requests_record_one_signal_and_raise_on_a_second():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs before this ends
     assert signal.getsignal(signal.SIGTERM) == before
+    # The same signal again at once is the same request (torchrun forwards the
+    # SIGTERM it got; `pkill -f` reached the worker too); later it is a second.
+    with StopRequests() as stops:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stops.name == "SIGTERM"
+        stops._first_at -= REPEAT_WINDOW_S + 0.1  # the first came longer ago
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
     # Off the main thread no handler can be set: it changes nothing.
     import threading
 
@@ -705,6 +757,10 @@ def test_init_from_warm_starts_the_shared_tensors(tmp_path):
     fresh_nf = {k: v.clone() for k, v in nfn.state_dict().items() if k.startswith("nf")}
     copied = warm_start(nfn, str(tmp_path / "mlp.pt"))
     assert set(copied) == set(source.state_dict())
+    from meta_train.__main__ import name_groups
+
+    grouped = name_groups(["log_lr", "nf.a", "inp.weight", "nf.b"])
+    assert grouped == "log_lr, nf.* (2 tensors), inp.weight"
     for k, v in source.state_dict().items():
         assert torch.equal(nfn.state_dict()[k], v)
     for k, v in fresh_nf.items():  # the NF-layer starts fresh
