@@ -15,6 +15,13 @@ Every task of the suite (``tasks.TASK_STEPS`` gives its run length) runs:
 - every learned optimizer of ``--weights``, told the run's length
   (``total_steps``); ``--hide-budget`` runs them without it instead.
 
+``--budget-fraction F`` gives the learned optimizers a shorter run, F of each
+task's steps, told that budget, against tuned Adam over all of them: a
+budget-aware optimizer anneals in the last part of whatever run it is told,
+so the steps it needs to reach Adam's final loss are measured by its final
+loss on the shorter run (``--budget-fraction 0.7``: does it reach tuned
+Adam's loss in 0.7x of Adam's steps).
+
 All runs of a seed start from the same initialisation and see the same
 batches. The loss is the whole training split's, every budget / 20 steps.
 Writes ``curves.csv``, ``meta.json``, ``results.md`` (the tables, with the
@@ -81,15 +88,18 @@ def run_task(
     device: str,
     baselines: tuple[list, dict] | None = None,
     overrides: dict[str, float] | None = None,
+    budget_fraction: float = 1.0,
 ):
     """Tune Adam's two schedules, run everything; returns (csv rows, meta).
     ``baselines`` (rows and meta of this task from an earlier run with the
-    same seeds) replaces the tuning and the baselines' runs."""
+    same seeds) replaces the tuning and the baselines' runs; the learned
+    optimizers run ``budget_fraction`` of the task's steps."""
     task = get_task(name, device)
     steps = TASK_STEPS[name]
+    learned_steps = max(1, round(budget_fraction * steps))
     eval_every = max(1, steps // 20)
     meta: dict = {"params": task.num_params, "steps": steps}
-    runs: dict[str, tuple] = {}  # label -> (make_optimizer, schedule)
+    runs: dict[str, tuple] = {}  # label -> (make_optimizer, schedule, steps)
     total = 0 if baselines else len(ADAM_KINDS) * len(ADAM_GRID) * len(tune_seeds)
     total += (0 if baselines else len(BASELINES) * len(seeds)) + len(weights) * len(seeds)
     bar = tqdm(total=total, desc=f"{name} ({steps} steps)", unit="run", leave=False)
@@ -105,14 +115,14 @@ def run_task(
             )
             meta[f"{label}_lr"] = best
             meta[f"{label}_grid_scores"] = {f"{lr:.0e}": s for lr, s in scores.items()}
-            runs[label] = (adam(best), schedule)
-        runs["adamw"] = (adamw, None)
+            runs[label] = (adam(best), schedule, steps)
+        runs["adamw"] = (adamw, None, steps)
     for w in weights:
-        label, make = learned(w, None if hide_budget else steps, overrides)
-        runs[label] = (make, None)
-    for label, (make, schedule) in runs.items():
+        label, make = learned(w, None if hide_budget else learned_steps, overrides)
+        runs[label] = (make, None, learned_steps)
+    for label, (make, schedule, length) in runs.items():
         for seed in seeds:
-            curve: Curve = run(task, make, steps, seed, eval_every, schedule)
+            curve: Curve = run(task, make, length, seed, eval_every, schedule)
             bar.update()
             for s, tr in zip(curve.eval_steps, curve.train_eval):
                 rows.append((name, label, seed, s, tr))
@@ -198,14 +208,20 @@ def _steps(fraction: float) -> str:
 
 
 def markdown(summary: dict, meta: dict) -> str:
+    fraction = meta.get("budget_fraction", 1.0)
+    told = "not told the budget" if meta["hide_budget"] else "told the budget (total_steps)"
+    if fraction != 1:
+        told = f"run for {fraction:g} of each task's steps, " + (
+            "not told it" if meta["hide_budget"] else "told that budget (total_steps)"
+        )
     lines = [
         f"`{meta['command']}`",
         "",
         f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; "
-        f"seeds {meta['seeds']}; learned optimizers "
-        + ("not told the budget" if meta["hide_budget"] else "told the budget (total_steps)"),
+        f"seeds {meta['seeds']}; learned optimizers {told}",
         "",
-        "Final training loss (whole split, mean over seeds); in brackets, over tuned Adam's.",
+        "Final training loss (whole split, mean over seeds); in brackets, over tuned Adam's "
+        "final loss after all of the task's steps.",
         "",
     ]
     opts = summary["optimizers"]
@@ -238,8 +254,8 @@ def markdown(summary: dict, meta: dict) -> str:
     lines += [
         "",
         "Per task: the steps each learned optimizer needs to reach tuned Adam's final loss "
-        f"(fraction of the run), and its loss at {PART:g} of the run over tuned Adam's final "
-        "loss (seed means).",
+        f"(fraction of the task's steps), and its loss at {PART:g} of them over tuned Adam's "
+        "final loss (seed means).",
         "",
         f"| task | tuned Adam: loss at {PART:g} | "
         + " | ".join(f"{o}: steps | {o}: loss at {PART:g}" for o in opts)
@@ -265,6 +281,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, default=2, help="benchmark seeds, from 0 (2)")
     p.add_argument("--tune-seeds", type=int, default=1, help="seeds that tune Adam's rates (1)")
     p.add_argument("--hide-budget", action="store_true", help="do not tell total_steps")
+    p.add_argument(
+        "--budget-fraction",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="run the learned optimizers for F (in (0, 1]) of each task's steps, told that "
+        "budget, against tuned Adam over all of them (1)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument(
@@ -305,6 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
         learned(w, None, overrides)  # a bad name, file or --set is reported before anything runs
     if not 1 <= args.seeds <= 100:
         p.error(f"--seeds must be in 1..100, got {args.seeds}")
+    if not 0 < args.budget_fraction <= 1:
+        p.error(f"--budget-fraction must be in (0, 1], got {args.budget_fraction}")
     if args.tune_seeds < 1:
         p.error(f"--tune-seeds must be >= 1, got {args.tune_seeds}")
     try:
@@ -320,6 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seeds": args.seeds,
         "tune_seeds": args.tune_seeds,
         "hide_budget": args.hide_budget,
+        "budget_fraction": args.budget_fraction,
         "device": args.device,
         "baselines_from": None if args.baselines_from is None else str(args.baselines_from),
         "set": overrides,
@@ -346,12 +373,14 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": str(torch.__version__),
         "seeds": args.seeds,
         "hide_budget": args.hide_budget,
+        "budget_fraction": args.budget_fraction,
         "settings": settings,
         "tasks": {},
     }
     if args.resume:
         rows, meta = read_out(args.out, "--resume")
-        if {"baselines_from": None, "set": {}, **meta.get("settings", {})} != settings:
+        before = {"baselines_from": None, "set": {}, "budget_fraction": 1.0}
+        if {**before, **meta.get("settings", {})} != settings:
             p.error(f"--resume: {args.out} was run with other settings: {meta.get('settings')}")
     elif (args.out / "curves.csv").exists():
         p.error(f"--out {args.out} holds a run already: --resume carries it on, or pick another")
@@ -372,6 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.device,
             baselines,
             overrides,
+            args.budget_fraction,
         )
         rows += task_rows
         write_out(rows, meta, args.out)  # each finished task is kept

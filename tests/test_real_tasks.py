@@ -277,6 +277,26 @@ def test_real_benchmark_runs_and_writes_its_page(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         real.main([*args[:2], "--set", "nf_scale=0", "--out", str(tmp_path / "z")])
     assert not (tmp_path / "z").exists()
+    # --budget-fraction: the net runs half the steps, told that budget, against
+    # tuned Adam's whole run; its final loss is that run's.
+    half = tmp_path / "half"
+    s4 = real.main([*args[:2], "--weights", "nfn-real", "--seeds", "1", "--budget-fraction",
+                    "0.5", "--baselines-from", str(out), "--out", str(half)])  # fmt: skip
+    from tasks.runs import run as run_task
+
+    _, make = real.learned("nfn-real", 6)
+    direct = run_task(get_task("mlp-gmm"), make, 6, 0, 1)
+    learned_steps = {int(r[3]) for r in csv.reader(open(half / "curves.csv")) if r[1] == "nfn-real"}
+    assert max(learned_steps) == 6
+    e4 = s4["per_task"]["mlp-gmm"]
+    assert e4["final"]["nfn-real"] == pytest.approx(direct.train_eval[-1])
+    assert e4["final"]["adam-cosine"] == s["per_task"]["mlp-gmm"]["final"]["adam-cosine"]
+    assert e4["steps_to_adam"]["nfn-real"] <= 0.5 or e4["steps_to_adam"]["nfn-real"] == math.inf
+    assert "run for 0.5 of each task's steps" in (half / "results.md").read_text()
+    for bad in ("0", "1.5"):
+        with pytest.raises(SystemExit, match="--budget-fraction must be in \\(0, 1\\]"):
+            real.main([*args, "--budget-fraction", bad, "--out", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()
     with pytest.raises(SystemExit, match="--baselines-from .*: ran with seeds 1, this run 2"):
         real.main([*args[:2], "--seeds", "2", "--baselines-from", str(out),
                    "--out", str(tmp_path / "y")])  # fmt: skip
