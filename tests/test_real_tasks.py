@@ -282,10 +282,8 @@ def test_real_benchmark_runs_and_writes_its_page(tmp_path, monkeypatch):
     half = tmp_path / "half"
     s4 = real.main([*args[:2], "--weights", "nfn-real", "--seeds", "1", "--budget-fraction",
                     "0.5", "--baselines-from", str(out), "--out", str(half)])  # fmt: skip
-    from tasks.runs import run as run_task
-
     _, make = real.learned("nfn-real", 6)
-    direct = run_task(get_task("mlp-gmm"), make, 6, 0, 1)
+    direct = real.run(get_task("mlp-gmm"), make, 6, 0, 1)  # the loop the benchmark runs
     learned_steps = {int(r[3]) for r in csv.reader(open(half / "curves.csv")) if r[1] == "nfn-real"}
     assert max(learned_steps) == 6
     e4 = s4["per_task"]["mlp-gmm"]
