@@ -268,8 +268,10 @@ static void line_flush(const struct tensor *t, struct line_sums *ls, float *acc)
  * entries (channel-first in acc); j is the index of its first entry i0. A
  * block inside one run of the last axis adds whole vectors (a pool that
  * keeps that axis) or adds to the line's sums (a pool over it). */
-static void pool_generic(const struct tensor *t, int64_t i0, const int64_t *j, int nb,
-                         v8 y[][NV], float *acc, struct line_sums *ls)
+static inline __attribute__((always_inline)) void pool_generic(const struct tensor *t,
+                                                               int64_t i0, const int64_t *j,
+                                                               int nb, v8 y[][NV], float *acc,
+                                                               struct line_sums *ls)
 {
     const int run = nb == BLOCK && j[3] + BLOCK <= t->dims[3];
     if (run && ls->c_lo < ls->c_hi) {
@@ -307,11 +309,28 @@ static void pool_generic(const struct tensor *t, int64_t i0, const int64_t *j, i
         if (run && s[3] == 0) /* in the line's sums */
             continue;
         if (run && s[3] == 1) {
-            const int64_t r0 = j[0] * s[0] + j[1] * s[1] + j[2] * s[2] + j[3];
-            for (int64_t c = 0; c < pl->nc; c++)
+            float *d = a + j[0] * s[0] + j[1] * s[1] + j[2] * s[2] + j[3];
+            const v8(*yc)[NV] = (const v8(*)[NV])(y + c0);
+            const int nc = (int)pl->nc;
+            int c = 0;
+            /* Four channels at a time, their loads before their stores:
+             * interleaved, a load can be held behind the store before it
+             * when the two addresses share their low bits (a column's sums
+             * and the outputs on the stack do, for some blocks of a row);
+             * this took a tenth off a 1024 x 784 weight's pass. */
+            for (; c + 4 <= nc; c += 4) {
+                v8 sum[4][NV];
+                for (int q = 0; q < 4; q++)
+                    for (int u = 0; u < NV; u++)
+                        sum[q][u] = load(d + (c + q) * rows + 8 * u) + yc[c + q][u];
+                for (int q = 0; q < 4; q++)
+                    for (int u = 0; u < NV; u++)
+                        store(d + (c + q) * rows + 8 * u, sum[q][u]);
+            }
+            for (; c < nc; c++)
                 for (int u = 0; u < NV; u++) {
-                    float *dst = a + c * rows + r0 + 8 * u;
-                    store(dst, load(dst) + y[c0 + c][u]);
+                    float *dst = d + c * rows + 8 * u;
+                    store(dst, load(dst) + yc[c][u]);
                 }
             continue;
         }
