@@ -68,8 +68,10 @@ def update(
     ``skipped`` still incremented on a bad step. ``inplace=True`` (with
     ``guard=False``) writes the new momenta and second moments into the state
     tensors instead of new ones: the same numbers, without allocating
-    optimizer-state-sized memory each step (the optimizer classes use it, after
-    checking the gradients are finite). ``fused=True`` (no autograd, no vmap)
+    optimizer-state-sized memory each step (the optimizer classes use it); a
+    step whose gradients are not all finite then leaves the state as it was
+    (the step count too) and returns zero updates, with ``skipped``
+    incremented. ``fused=True`` (no autograd, no vmap)
     runs the net's per-entry part through the fused CPU kernel where it can
     (:mod:`lopt.fused`): the same formula, in one pass over memory. With
     both (and ``net_params=None``), a group of float32 CPU tensors runs as
@@ -103,6 +105,9 @@ def update(
         multi_tensor = multi_tensor_default(params, fused)
     if inplace and multi_tensor and net_params is None:
         return _step_on_device(net, spec, grads, state, params, total_steps)
+    if inplace and not all_finite(grads):  # before any write: the state cannot be rolled back
+        zeros = [torch.zeros_like(p) for p in params]
+        return zeros, {**state, "skipped": state["skipped"] + 1}
     if not spec.has_pieces:
         return _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
                        total_steps, multi_tensor)  # fmt: skip

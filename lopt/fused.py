@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "entry_outputs.c"
-ABI = 6  # lopt_entry_outputs_abi() of the C file this wrapper matches
+ABI = 7  # lopt_entry_outputs_abi() of the C file this wrapper matches
 # Below this, splitting a tensor between threads costs more than it saves
 # (every kernel reads it at its call: tests lower it to split tiny tensors).
 MIN_ENTRIES_PER_THREAD = 32768
@@ -450,11 +450,12 @@ def _table(table: Tensor, fields: Sequence[str]) -> int:
 
 def state_update_many(
     table: Tensor, weights: Sequence[float], second_moment_decay: float, sums: Tensor
-) -> Tensor:
+) -> Tensor | None:
     """:func:`state_update` for every tensor of ``table`` (the rows of
     :func:`entry_outputs_many`'s table, whose first fields are
     :data:`STATE_FIELDS`) at once, the sums into ``sums`` (float64 ``(rows,
-    k + 3)``)."""
+    k + 3)``). Returns ``sums``, or ``None`` when a gradient is not all
+    finite: then nothing is written (the kernel reads every gradient first)."""
     lib = _kernel()
     k = len(weights)
     if sums.dtype != torch.float64 or tuple(sums.shape) != (table.shape[0], k + 3):
@@ -465,6 +466,8 @@ def state_update_many(
         second_moment_decay,
         sums.data_ptr(), MIN_ENTRIES_PER_THREAD, torch.get_num_threads(),
     )  # fmt: skip
+    if code == 3:
+        return None
     if code:
         raise ValueError(f"the fused kernel takes 1 to 13 momenta, got {k}")
     return sums

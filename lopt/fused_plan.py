@@ -593,7 +593,9 @@ def step(
     """One in-place step of every tensor of ``plan``: the updates (views of
     the plan's buffer) and the state (its momenta and second moments
     updated in place), as :func:`lopt.functional.update` with
-    ``guard=False`` returns them."""
+    ``guard=False`` returns them. A gradient that is not all finite leaves
+    the state as it was (the step count too) and gives zero updates, with
+    ``skipped`` incremented."""
     if plan.staged:
         grads = list(grads)
         for j, p_copy, g_copy in plan.staged:
@@ -605,6 +607,9 @@ def step(
     step_t = state["step"] + 1
     weights = [1 - d for d in MOMENTUM_DECAYS]
     sums = fused_kernel.state_update_many(plan.entry_table, weights, SECOND_MOMENT_DECAY, plan.sums)
+    if sums is None:  # a gradient is not finite: the state is as it was, the updates zero
+        plan.base.zero_()
+        return plan.updates, {**state, "skipped": state["skipped"] + 1.0}
     c1, c2, steps_in, budget_in, bias = net.step_inputs(step_t, total_steps)
     scales = channel_scales_all(sums, plan.numels, c1)
     constants = _net_constants(net, plan)
@@ -643,7 +648,8 @@ def step(
         plan.finish_table, plan.term_table, plan.out, plan.base, MAX_LOG_MAGNITUDE,
         1.0 if schedule is None else float(schedule), plan.tensor_sums, plan.op_table,
     )  # fmt: skip
-    # Finite gradients (their squares' sum) and finite updates, as all_finite reads them.
+    # Finite updates (the gradients are: the state pass checked them), and
+    # no square of a gradient overflowed, as all_finite reads them.
     ok = math.isfinite(total) and math.isfinite(float(sums[:, 1].sum()))
     skipped = state["skipped"] + (0.0 if ok else 1.0)
     new_state = {

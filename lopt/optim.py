@@ -249,12 +249,6 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 torch._foreach_add_(params, updates, alpha=group["lr"])
                 self._watch_skips(index, new["skipped"], device)
                 continue
-            if not functional.all_finite(grads):
-                # A NaN / inf gradient: params and state stay as they are.
-                for st in states:
-                    st["skipped"] = st["skipped"] + 1
-                self._count_skip(index, True)
-                continue
             updates, new = functional.update(
                 self.net,
                 spec,
@@ -267,8 +261,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 fused=fused,
                 total_steps=group["total_steps"],
             )
-            # The state now holds this step's (finite) gradient; a non-finite
-            # update from the net is never written to the parameters.
+            # A gradient that is not finite left the state as it was; a
+            # non-finite update from the net (the state then holds this
+            # step's gradient) is never written to the parameters either.
             skipped = bool(new["skipped"] > state["skipped"])
             self._count_skip(index, skipped)
             # One step count for the group, never written in place: shared.

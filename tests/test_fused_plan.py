@@ -180,6 +180,65 @@ def test_a_non_finite_update_counts_a_skipped_step():
     assert new["skipped"].item() == 1.0 and new["step"].item() == 8.0
 
 
+@pytest.mark.parametrize("threads, split", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_non_finite_gradient_leaves_the_state_and_gives_zero_updates(
+    threads, split, bad, where, monkeypatch
+):
+    # The state pass reads every gradient before it writes: an entry in the
+    # first tensor or in the last one's scalar tail, on one thread or split.
+    if split:
+        monkeypatch.setattr(fused, "MIN_ENTRIES_PER_THREAD", 8)
+    torch.manual_seed(3)
+    model = make_mlp([9, 13, 5])
+    net = strong("nfn")
+    spec = WeightSpaceSpec.from_module(model)
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    state = random_state(params, 5)
+    if where == "first":
+        grads[0][3, 4] = bad
+    else:
+        grads[-1][-1] = bad
+    before = copy.deepcopy(state)
+    threads_were = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            assert fused_plan.plan_for(net, spec, params, grads, state) is not None
+            updates, new = functional.update(net, spec, None, grads, state, params, guard=False,
+                                             inplace=True, fused=True)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads_were)
+    assert all(torch.equal(u, torch.zeros_like(u)) for u in updates)
+    for k in ("momenta", "second_moment"):
+        assert all(torch.equal(a, b) for a, b in zip(state[k], before[k]))
+        assert all(torch.equal(a, b) for a, b in zip(new[k], before[k]))
+    assert torch.equal(new["step"], before["step"])
+    assert new["skipped"].item() == before["skipped"].item() + 1
+
+
+def test_the_torch_path_in_place_also_leaves_the_state_on_a_non_finite_gradient():
+    torch.manual_seed(3)
+    model = make_mlp([4, 6, 2])
+    net = strong("nfn")
+    spec = WeightSpaceSpec.from_module(model)
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    grads[1][0] = float("nan")
+    state = random_state(params, 5)
+    before = copy.deepcopy(state)
+    with torch.no_grad():
+        updates, new = functional.update(net, spec, None, grads, state, params, guard=False,
+                                         inplace=True, fused=False)  # fmt: skip
+    assert all(torch.equal(u, torch.zeros_like(u)) for u in updates)
+    for k in ("momenta", "second_moment"):
+        assert all(torch.equal(a, b) for a, b in zip(state[k], before[k]))
+    assert torch.equal(new["step"], before["step"])
+    assert new["skipped"].item() == before["skipped"].item() + 1
+
+
 @pytest.mark.parametrize("cls", [lopt.NFNOptimizer, lopt.MLPOptimizer])
 def test_the_optimizer_steps_a_transformer_as_the_torch_path_does(cls):
     # Step after step from the same parameters and state (a run of either

@@ -246,10 +246,11 @@ def test_params_without_grad_are_skipped():
     assert opt.state[model[2].weight]["step"].item() == 3
 
 
-def test_nonfinite_gradient_skips_the_step():
+@pytest.mark.parametrize("fused", [True, False])
+def test_nonfinite_gradient_skips_the_step(fused):
     torch.manual_seed(4)
     model = make_mlp([6, 8, 3])
-    opt = lopt.NFNOptimizer(model.parameters())
+    opt = lopt.NFNOptimizer(model.parameters(), fused=fused)
     x, y = data()
     train(model, opt, x, y, 3)
     before = [p.detach().clone() for p in model.parameters()]

@@ -61,7 +61,7 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 #endif
 #define BLOCK (8 * NV)  /* entries per block */
 
-int lopt_entry_outputs_abi(void) { return 6; }
+int lopt_entry_outputs_abi(void) { return 7; }
 
 static inline v8 splat(float a) { return (v8){a, a, a, a, a, a, a, a}; }
 static inline v8 load(const float *p)
@@ -783,6 +783,37 @@ static void state_one(const int64_t *d, int k_momenta, const float *weights, flo
                       k_momenta, weights, (float *)d[5], b2, sums, threads);
 }
 
+/* Whether g[i0, i1) is all finite: x - x is 0 for a finite x, NaN for an
+ * infinite or NaN one, and a NaN stays in the sum. */
+static int finite_range(const float *g, int64_t i0, int64_t i1)
+{
+    v8 acc = splat(0.0f);
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+        const v8 x = load(g + i);
+        acc += x - x;
+    }
+    float tail = 0.0f;
+    for (; i < i1; i++)
+        tail += g[i] - g[i];
+    return hsum(acc) + tail == 0.0f;
+}
+
+static int finite_one(const float *g, int64_t n, int nt)
+{
+    int ok = 1;
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(& : ok)
+    {
+        int64_t a, b;
+        thread_range(n, &a, &b);
+        ok &= finite_range(g, a, b);
+    }
+    return ok;
+}
+
+/* lopt_state_update for every tensor of a group, once every gradient is
+ * known to be finite: returns 3 (nothing written) when one is not, so a
+ * caller that skips such a step needs no pass of its own over them. */
 int lopt_state_update_many(int count, const int64_t *desc, int64_t stride, int k_momenta,
                            const float *weights, float b2, double *sums, int64_t min_entries,
                            int threads)
@@ -790,6 +821,21 @@ int lopt_state_update_many(int count, const int64_t *desc, int64_t stride, int k
     if (k_momenta < 1 || k_momenta + 3 > MAX_FEATURES || stride < STATE_FIELDS)
         return 1;
     const int nt = thread_count(threads);
+    int ok = 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1) reduction(& : ok)
+    for (int i = 0; i < count; i++) {
+        const int64_t *d = desc + (int64_t)i * stride;
+        if (threads_for(d[0], nt, min_entries) == 1)
+            ok &= finite_range((const float *)d[2], 0, d[0]);
+    }
+    for (int i = 0; i < count && ok; i++) {
+        const int64_t *d = desc + (int64_t)i * stride;
+        const int ti = threads_for(d[0], nt, min_entries);
+        if (ti > 1)
+            ok &= finite_one((const float *)d[2], d[0], ti);
+    }
+    if (!ok)
+        return 3;
     /* Small tensors shared out whole; then large ones, each split (a
      * parallel region of its own, not nested in another). */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
