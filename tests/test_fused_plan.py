@@ -181,13 +181,14 @@ def test_a_non_finite_update_counts_a_skipped_step():
 
 
 @pytest.mark.parametrize("threads, split", [(1, False), (2, False), (2, True)])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e20])
 @pytest.mark.parametrize("where", ["first", "last"])
 def test_a_non_finite_gradient_leaves_the_state_and_gives_zero_updates(
     threads, split, bad, where, monkeypatch
 ):
     # The state pass reads every gradient before it writes: an entry in the
-    # first tensor or in the last one's scalar tail, on one thread or split.
+    # first tensor or in the last one's scalar tail, on one thread or split;
+    # 1e20 is finite but its square is not (nor the second moment it makes).
     if split:
         monkeypatch.setattr(fused, "MIN_ENTRIES_PER_THREAD", 8)
     torch.manual_seed(3)
