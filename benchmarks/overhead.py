@@ -494,7 +494,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=list(MODELS),
         help=", ".join(MODELS) + "; on a GPU also " + ", ".join(GPU_MODELS),
     )
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=30,
+        help="timed steps per optimizer, interleaved, after two warm-up steps; the tables "
+        "give their medians (default 30: a shared machine moves a median of 10 by a tenth)",
+    )
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("runs/overhead"))
@@ -518,6 +524,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     args = p.parse_args(argv)
     cli.check_device("--device", args.device)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats {args.repeats}: must be at least 1")
     if args.slice_entries is not None and args.slice_entries < 1:
         raise SystemExit(f"--slice-entries {args.slice_entries}: must be at least 1")
     names = {"nfn": args.nfn, "mlp": args.mlp}

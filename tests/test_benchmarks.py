@@ -250,6 +250,8 @@ def test_overhead_times_the_torch_path_with_any_slicing(tmp_path):
     assert functional.multi_tensor_default is real_default
     with pytest.raises(SystemExit, match="--slice-entries 0: must be at least 1"):
         overhead.main(base + ["--slice-entries", "0", "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="--repeats 0: must be at least 1"):
+        overhead.main(base + ["--repeats", "0", "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
 
 
