@@ -53,6 +53,27 @@ def assert_same_step(ref, out, held):
     assert torch.equal(out_state["skipped"], ref_state["skipped"])
 
 
+def mlp_step_inputs(sizes, state_seed):
+    """An MLP's weight space, its parameters, random gradients and a random
+    state: what one multi-tensor step reads."""
+    model = make_mlp(sizes)
+    spec = WeightSpaceSpec.from_module(model)
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    return spec, params, grads, random_state(params, state_seed)
+
+
+def assert_skipped_without_a_write(updates, new, state, before):
+    """A step that read a non-finite gradient: zero updates, the state's
+    tensors (and what it returns) as they were, one more skip."""
+    assert all(torch.equal(u, torch.zeros_like(u)) for u in updates)
+    for k in ("momenta", "second_moment"):
+        assert all(torch.equal(a, b) for a, b in zip(state[k], before[k]))
+        assert all(torch.equal(a, b) for a, b in zip(new[k], before[k]))
+    assert torch.equal(new["step"], before["step"])
+    assert new["skipped"].item() == before["skipped"].item() + 1
+
+
 def assert_same_step_on(module, net, threads, seed, total_steps):
     """One step of ``module``'s parameters (random gradients and state) on
     ``threads`` threads: the torch path and the multi-tensor step agree."""
@@ -149,13 +170,9 @@ def test_the_optimizer_steps_a_channels_last_network_as_a_contiguous_one():
 
 def test_a_tensor_the_kernel_cannot_read_takes_the_per_tensor_path():
     torch.manual_seed(1)
-    model = make_mlp([5, 7, 3])
     net = strong("nfn-stats")
-    spec = WeightSpaceSpec.from_module(model)
-    params = [p.detach().clone() for p in model.parameters()]
-    grads = [torch.randn_like(p) for p in params]
+    spec, params, grads, state = mlp_step_inputs([5, 7, 3], 3)
     grads[0] = grads[0].double()  # not float32
-    state = random_state(params, 3)
     with torch.no_grad():
         assert fused_plan.plan_for(net, spec, params, grads, state) is None
         ref = functional.update(net, spec, None, grads, copy.deepcopy(state), params)
@@ -192,12 +209,8 @@ def test_a_non_finite_gradient_leaves_the_state_and_gives_zero_updates(
     if split:
         monkeypatch.setattr(fused, "MIN_ENTRIES_PER_THREAD", 8)
     torch.manual_seed(3)
-    model = make_mlp([9, 13, 5])
     net = strong("nfn")
-    spec = WeightSpaceSpec.from_module(model)
-    params = [p.detach().clone() for p in model.parameters()]
-    grads = [torch.randn_like(p) for p in params]
-    state = random_state(params, 5)
+    spec, params, grads, state = mlp_step_inputs([9, 13, 5], 5)
     if where == "first":
         grads[0][3, 4] = bad
     else:
@@ -212,32 +225,19 @@ def test_a_non_finite_gradient_leaves_the_state_and_gives_zero_updates(
                                              inplace=True, fused=True)  # fmt: skip
     finally:
         torch.set_num_threads(threads_were)
-    assert all(torch.equal(u, torch.zeros_like(u)) for u in updates)
-    for k in ("momenta", "second_moment"):
-        assert all(torch.equal(a, b) for a, b in zip(state[k], before[k]))
-        assert all(torch.equal(a, b) for a, b in zip(new[k], before[k]))
-    assert torch.equal(new["step"], before["step"])
-    assert new["skipped"].item() == before["skipped"].item() + 1
+    assert_skipped_without_a_write(updates, new, state, before)
 
 
 def test_the_torch_path_in_place_also_leaves_the_state_on_a_non_finite_gradient():
     torch.manual_seed(3)
-    model = make_mlp([4, 6, 2])
     net = strong("nfn")
-    spec = WeightSpaceSpec.from_module(model)
-    params = [p.detach().clone() for p in model.parameters()]
-    grads = [torch.randn_like(p) for p in params]
+    spec, params, grads, state = mlp_step_inputs([4, 6, 2], 5)
     grads[1][0] = float("nan")
-    state = random_state(params, 5)
     before = copy.deepcopy(state)
     with torch.no_grad():
         updates, new = functional.update(net, spec, None, grads, state, params, guard=False,
                                          inplace=True, fused=False)  # fmt: skip
-    assert all(torch.equal(u, torch.zeros_like(u)) for u in updates)
-    for k in ("momenta", "second_moment"):
-        assert all(torch.equal(a, b) for a, b in zip(state[k], before[k]))
-    assert torch.equal(new["step"], before["step"])
-    assert new["skipped"].item() == before["skipped"].item() + 1
+    assert_skipped_without_a_write(updates, new, state, before)
 
 
 @pytest.mark.parametrize("cls", [lopt.NFNOptimizer, lopt.MLPOptimizer])
