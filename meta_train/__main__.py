@@ -75,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "meta_loss": "mean",
     "loss_cap": 3.0,
     "meta_loss_ramp": 0,
+    "meta_loss_ramp_fraction": 0.0,
     "outer_steps": 100,
     "seed": 0,
     "device": "cpu",
@@ -120,6 +121,7 @@ RULES: dict[str, Any] = {
     "meta_loss": options.choice(list(META_LOSSES)),
     "loss_cap": _positive,
     "meta_loss_ramp": options.integer(0),
+    "meta_loss_ramp_fraction": options.number(0, 1),
     "outer_steps": options.integer(1),
     "seed": options.integer(0),
     "device": options.device,
@@ -264,6 +266,13 @@ def parser() -> argparse.ArgumentParser:
         help="weight the loss after inner step t by min(1, t / STEPS), so the start of "
         "every run counts less (e.g. the horizon); 0 (default) weighs every step alike",
     )
+    a(
+        "--meta-loss-ramp-fraction",
+        type=float,
+        metavar="F",
+        help="the same ramp in each run's own length N: weight step t by min(1, t / (F N)), "
+        "so runs of every length lean on their end alike; 0 (default) is off",
+    )
     a("--outer-steps", type=int, help="total outer steps (100)")
     a("--seed", type=int, help="seed of every random stream (0)")
     a("--device", help="cpu (default) or cuda")
@@ -329,6 +338,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(
             f"--horizon-max ({cfg['horizon_max']}) must be at least --horizon ({cfg['horizon']})"
         )
+    if cfg.get("meta_loss_ramp") and cfg.get("meta_loss_ramp_fraction"):
+        raise SystemExit("give --meta-loss-ramp or --meta-loss-ramp-fraction, not both")
     if cfg.get("neuron_stats") and cfg["net"] != "nfn":
         raise SystemExit("--neuron-stats is for --net nfn (a per-entry net cannot pool a neuron)")
     if cfg.get("budget_hidden") and not cfg.get("budget"):
@@ -424,7 +435,12 @@ def build(
         truncation=cfg["truncation"],
         horizon=cfg["horizon"],
         horizon_max=cfg["horizon_max"],
-        meta_loss=MetaLoss(cfg["meta_loss"], cfg["loss_cap"], cfg["meta_loss_ramp"]),
+        meta_loss=MetaLoss(
+            cfg["meta_loss"],
+            cfg["loss_cap"],
+            cfg["meta_loss_ramp"],
+            cfg.get("meta_loss_ramp_fraction", 0.0),
+        ),
         seed=cfg["seed"],
         vectorise=cfg["vectorise"],
         budget_hidden=cfg.get("budget_hidden", 0.0),

@@ -122,7 +122,7 @@ class LearnedOptimizerProblem(TruncatedProblem):
 
     def reset(self, counter: int, trajectories: int) -> InnerState:
         task = self.family.sample(rng(self.seed, "task", counter))
-        self.unroller = TaskUnroll(self.net, task, self.meta_loss)
+        self.unroller = TaskUnroll(self.net, task, self.meta_loss, self.horizon_of(counter))
         return self.unroller.init_inner(
             trajectories, rng(self.seed, "init", counter), self.budget_of(counter)
         )

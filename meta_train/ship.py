@@ -98,7 +98,12 @@ def _phase_line(i: int, ph: dict[str, Any]) -> str:
 def _ramp(cfg: dict) -> str:
     """The meta-loss ramp of a config, in words (empty when there is none)."""
     ramp = cfg.get("meta_loss_ramp") or 0
-    return f" weighted by min(1, t / {ramp}) over inner step t" if ramp else ""
+    if ramp:
+        return f" weighted by min(1, t / {ramp}) over inner step t"
+    fraction = cfg.get("meta_loss_ramp_fraction") or 0
+    if fraction:
+        return f" weighted by min(1, t / ({fraction:g} N)) over inner step t of a run of N steps"
+    return ""
 
 
 def _wall(run: dict[str, Any]) -> float:

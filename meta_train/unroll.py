@@ -41,11 +41,18 @@ class MetaLoss:
     every run count less, linearly, than the rest. With ``ramp`` equal to the
     horizon the meta-objective leans on the loss late in the run, which is
     what the steps-to-a-target benchmark measures; 0 (the default) weighs
-    every step alike."""
+    every step alike.
+
+    ``ramp_fraction``: the same ramp measured in each run's own length: if
+    positive, step ``t`` of a run of ``N`` steps is weighted by
+    ``min(1, t / (ramp_fraction * N))``. Runs of every length then lean on
+    their own end alike, which an absolute ramp cannot do when lengths are
+    drawn from 200 to 5,000 steps. At most one of the two ramps is set."""
 
     kind: str = "mean"
     cap: float = 3.0
     ramp: int = 0
+    ramp_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in META_LOSSES:
@@ -56,19 +63,33 @@ class MetaLoss:
             raise ValueError(
                 f"meta-loss ramp must be a whole number of steps >= 0, got {self.ramp}"
             )
+        if not 0.0 <= self.ramp_fraction <= 1.0:
+            raise ValueError(f"meta-loss ramp fraction must be in [0, 1], got {self.ramp_fraction}")
+        if self.ramp and self.ramp_fraction:
+            raise ValueError("give the meta-loss ramp in steps or as a run fraction, not both")
 
-    def __call__(self, losses: Tensor, initial: Tensor, start: Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        losses: Tensor,
+        initial: Tensor,
+        start: Tensor | None = None,
+        horizon: int | None = None,
+    ) -> Tensor:
         """``losses``: ``(..., K)`` the losses of a truncation's K steps;
-        ``start``: the inner steps taken before it (needed when ``ramp``)."""
+        ``start``: the inner steps taken before it (needed by either ramp);
+        ``horizon``: the run's length in steps (needed by ``ramp_fraction``)."""
         cap = self.cap * initial.clamp(min=1e-8)
         clipped = torch.where(torch.isfinite(losses), torch.minimum(losses, cap), cap)
         values = clipped.clamp(min=1e-12).log() if self.kind == "log" else clipped
-        if self.ramp:
+        if self.ramp or self.ramp_fraction:
             if start is None:
                 raise ValueError("a ramped meta-loss needs the truncation's start step")
+            if self.ramp_fraction and not (horizon and horizon > 0):
+                raise ValueError("a meta-loss ramped by run fraction needs the run's horizon")
+            ramp = self.ramp or self.ramp_fraction * horizon
             k = torch.arange(1, losses.shape[-1] + 1, device=losses.device, dtype=losses.dtype)
             t = torch.as_tensor(start, dtype=losses.dtype, device=losses.device)[..., None] + k
-            values = values * (t / self.ramp).clamp(max=1.0)
+            values = values * (t / ramp).clamp(max=1.0)
         if self.kind == "final":
             return values[..., -1]
         return values.mean(-1)
@@ -82,12 +103,21 @@ class TaskUnroll:
             by each member's).
         task: the task every member trains (same architecture, so vmap works).
         meta_loss: see :class:`MetaLoss`.
+        horizon: the inner run's length in steps (what a meta-loss ramped by
+            run fraction reads; None when unknown).
     """
 
-    def __init__(self, net: OptimizerNet, task: Task, meta_loss: MetaLoss | None = None) -> None:
+    def __init__(
+        self,
+        net: OptimizerNet,
+        task: Task,
+        meta_loss: MetaLoss | None = None,
+        horizon: int | None = None,
+    ) -> None:
         self.net = net
         self.task = task
         self.meta_loss = meta_loss or MetaLoss()
+        self.horizon = horizon
         self.names = list(task.param_shapes)
         self.net_names = [n for n, _ in net.named_parameters()]
         self.net_shapes = [p.shape for _, p in net.named_parameters()]
@@ -166,7 +196,7 @@ class TaskUnroll:
         new_inner = {"params": params, **state, "initial_loss": inner["initial_loss"]}
         if "total_steps" in inner:
             new_inner["total_steps"] = inner["total_steps"]
-        return self.meta_loss(losses, inner["initial_loss"], start), losses, new_inner
+        return self.meta_loss(losses, inner["initial_loss"], start, self.horizon), losses, new_inner
 
     # ------------------------------------------------------------ population
     def unroll(self, thetas: Tensor, inner: InnerState, batches, heldout=None):

@@ -584,6 +584,13 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     assert main([*args.split(), "--meta-loss-ramp", "4", "--out", str(ramp), "--no-progress"]) == 0
     assert ship([str(ramp), "my-mlp-ramp", "--dest", str(dest)]) == 0
     assert "`mean` meta-loss weighted by min(1, t / 4) over inner step t" in capsys.readouterr().out
+    frac = tmp_path / "frac"
+    run = [*args.split(), "--meta-loss-ramp-fraction", "0.5", "--out", str(frac), "--no-progress"]
+    assert main(run) == 0
+    assert lopt.load(frac / "optimizer.pt")[1]["config"]["meta_loss_ramp_fraction"] == 0.5
+    assert ship([str(frac), "my-mlp-frac", "--dest", str(dest)]) == 0
+    card = capsys.readouterr().out
+    assert "weighted by min(1, t / (0.5 N)) over inner step t of a run of N steps" in card
     monkeypatch.setattr(lopt.checkpoint, "PRETRAINED_DIR", dest)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     opt = lopt.MLPOptimizer(model.parameters(), weights="my-mlp")
@@ -708,6 +715,12 @@ def test_cli_bad_input(tmp_path):
         main(["--family", "mlp-gmm", "--horizon-max", "100", "--out", str(tmp_path / "y")])
     with pytest.raises(SystemExit, match="--meta-loss-ramp must be a whole number >= 0"):
         main(["--family", "mlp-gmm", "--meta-loss-ramp", "-5", "--out", str(tmp_path / "z")])
+    with pytest.raises(SystemExit, match="ramp-fraction must be a number in \\[0, 1\\], got 2"):
+        main(["--family", "mlp-gmm", "--meta-loss-ramp-fraction", "2",
+              "--out", str(tmp_path / "f")])  # fmt: skip
+    with pytest.raises(SystemExit, match="--meta-loss-ramp or --meta-loss-ramp-fraction, not both"):
+        main(["--family", "mlp-gmm", "--meta-loss-ramp", "5", "--meta-loss-ramp-fraction", "0.5",
+              "--out", str(tmp_path / "g")])  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -974,6 +987,57 @@ def test_ramped_meta_loss_weighs_each_step_by_its_place_in_the_run():
         MetaLoss("log", ramp=-1)
     with pytest.raises(ValueError, match="needs the truncation's start step"):
         MetaLoss("log", ramp=8)(losses, initial)
+
+
+def test_meta_loss_ramped_by_run_fraction_is_the_step_ramp_of_that_length():
+    from meta_train import MetaLoss
+
+    losses = torch.tensor([[2.0, 1.0, float("nan"), 0.5], [0.9, 0.8, 0.7, 0.6]])
+    initial = torch.tensor([[2.0], [1.0]])
+    start = torch.tensor([0.0, 10.0])
+    for kind in ("mean", "log", "final"):
+        for fraction, horizon, steps in ((0.5, 16, 8), (1.0, 12, 12), (0.25, 40, 10)):
+            got = MetaLoss(kind, ramp_fraction=fraction)(losses, initial, start, horizon)
+            want = MetaLoss(kind, ramp=steps)(losses, initial, start)
+            torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="ramp fraction must be in \\[0, 1\\], got 1.5"):
+        MetaLoss("log", ramp_fraction=1.5)
+    with pytest.raises(ValueError, match="ramp fraction must be in \\[0, 1\\], got -0.1"):
+        MetaLoss("log", ramp_fraction=-0.1)
+    with pytest.raises(ValueError, match="in steps or as a run fraction, not both"):
+        MetaLoss("log", ramp=8, ramp_fraction=0.5)
+    with pytest.raises(ValueError, match="needs the run's horizon"):
+        MetaLoss("log", ramp_fraction=0.5)(losses, initial, start)
+    with pytest.raises(ValueError, match="needs the truncation's start step"):
+        MetaLoss("log", ramp_fraction=0.5)(losses, initial, horizon=16)
+
+
+def test_each_inner_run_ramps_its_meta_loss_by_its_own_horizon():
+    """Runs of different drawn lengths get the ramp of their own length, and a
+    resumed problem (``reset`` of the same counter) rebuilds the same one."""
+    from meta_train import MetaLoss
+
+    torch.manual_seed(0)
+    net = lopt.NFNNet(width=4, depth=1)
+    problem = LearnedOptimizerProblem(
+        net,
+        get_family("mlp-gmm"),
+        truncation=3,
+        horizon=6,
+        horizon_max=60,
+        meta_loss=MetaLoss("log", ramp_fraction=0.5),
+    )
+    theta = problem.initial_theta().expand(2, -1)
+    horizons = set()
+    for counter in range(6):
+        inner = problem.reset(counter, 2)
+        horizon = problem.horizon_of(counter)
+        horizons.add(horizon)
+        assert problem.unroller.horizon == horizon
+        metas, losses, inner = problem.unroll(theta, inner, counter)
+        w = torch.tensor([1.0, 2.0, 3.0]) / (0.5 * horizon)
+        torch.testing.assert_close(metas, (losses.log() * w.clamp(max=1.0)).mean(-1))
+    assert len(horizons) > 1
 
 
 def test_unroll_ramps_the_meta_loss_by_the_inner_steps_taken():
