@@ -31,7 +31,7 @@ one with the nets fixed (seeds resampled within each net's tasks) and one
 that also resamples the nets, the meta-training seeds (a few nets make
 that interval coarse, but it is the one that speaks for the recipe):
 
-    python -m benchmarks.head_to_head runs/compare-* --a nfn-s43 --a nfn-s44 \
+    python -m benchmarks.head_to_head runs/compare-* --a nfn-s43 --a nfn-s44 \\
         --a nfn-s45 --b mlp-start
 """
 

@@ -3,7 +3,7 @@ own step budget.
 
     python -m benchmarks.real --weights nfn-real --seeds 2 --out runs/real
     python -m benchmarks.real --suite validation-real --weights nfn=runs/x/optimizer.pt
-    python -m benchmarks.real --suite validation-real --weights s900=runs/x/snapshots/... \
+    python -m benchmarks.real --suite validation-real --weights s900=runs/x/snapshots/... \\
         --baselines-from runs/val-base --out runs/val-s900   # reuse tuned Adam, AdamW
 
 Every task of the suite (``tasks.TASK_STEPS`` gives its run length) runs:

@@ -24,7 +24,7 @@ prints); the best snapshot's path is its last line. Several runs (one per
 seed, say) are ranked together, to pick the one net to ship among them;
 ``--set`` applies to every net as in :mod:`benchmarks.compare`:
 
-    python -m benchmarks.snapshots runs/a-s46 runs/a-s47 --every 1500 --set nf_scale=0 \
+    python -m benchmarks.snapshots runs/a-s46 runs/a-s47 --every 1500 --set nf_scale=0 \\
         --baselines-from runs/val-base --out runs/val-a
 
 On a suite whose tasks have step budgets (``validation-real``), the nets run
@@ -34,7 +34,7 @@ loss over tuned Adam's (the better of constant and cosine) and the steps to
 reach it (fractions of the budget):
 
     python -m benchmarks.real --suite validation-real --seeds 2 --out runs/val-real-base
-    python -m benchmarks.snapshots runs/nfn-real --suite validation-real --seeds 2 \
+    python -m benchmarks.snapshots runs/nfn-real --suite validation-real --seeds 2 \\
         --baselines-from runs/val-real-base --out runs/val-real-nfn
 
 ``--hide-budget`` runs them there without ``total_steps``, to rank how a
