@@ -566,6 +566,15 @@ FAMILIES: dict[str, Callable[..., TaskFamily]] = {
         [0.25, 0.15, 0.2, 0.25, 0.15],
         "real-family",
     ),
+    # real-family plus (25%) mixed-family-broad, the family of the recipes'
+    # early stages: a late stage on real architectures alone forgets what
+    # those taught about deeper MLPs and small CNNs. Both held-out suites stay
+    # outside it, as they stay outside each of its parts.
+    "real-broad-family": lambda device="cpu": MixtureFamily(
+        [FAMILIES["real-family"](device), FAMILIES["mixed-family-broad"](device)],
+        [0.75, 0.25],
+        "real-broad-family",
+    ),
 }
 
 VALIDATION = [

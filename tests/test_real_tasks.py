@@ -18,7 +18,13 @@ from meta_train.unroll import TaskUnroll
 from tasks import SUITES, TASK_STEPS, data, get_family, get_suite, get_task
 from tasks.models import ResNet, TransformerLM, autoencoder
 
-NEW_FAMILIES = ["resnet-family", "transformer-family", "autoencoder-family", "real-family"]
+NEW_FAMILIES = [
+    "resnet-family",
+    "transformer-family",
+    "autoencoder-family",
+    "real-family",
+    "real-broad-family",
+]
 
 
 def test_text_data_is_next_character_windows():
@@ -109,12 +115,15 @@ def test_real_suites_have_budgets_and_stay_out_of_the_family():
     assert not set(SUITES["real"]) & set(SUITES["validation-real"])
     # A family of ResNets on 2-D digits of 1-2 blocks: the held-out ResNets
     # are 1-D or 3 blocks deep; the LMs read other text or are 3 layers deep.
-    fam = get_family("real-family")
-    g = torch.Generator().manual_seed(0)
-    names = {fam.sample(g).name for _ in range(200)}
-    assert not any(n.startswith("resnet-mnist1d") or "x3-" in n and "resnet" in n for n in names)
-    assert not any(n.startswith("lm-text-code") or n.endswith("l3") for n in names)
-    assert not any("mnist1d-recon" in n or "diabetes" in n for n in names)
+    for family in ("real-family", "real-broad-family"):
+        fam = get_family(family)
+        g = torch.Generator().manual_seed(0)
+        names = {fam.sample(g).name for _ in range(200)}
+        assert not any(
+            n.startswith("resnet-mnist1d") or "x3-" in n and "resnet" in n for n in names
+        )
+        assert not any(n.startswith("lm-text-code") or n.endswith("l3") for n in names)
+        assert not any("mnist1d-recon" in n or "diabetes" in n for n in names)
 
 
 def budget_net():
