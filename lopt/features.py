@@ -117,9 +117,10 @@ def rms_and_denominator(second_moment: Tensor, c2: Tensor) -> tuple[Tensor, Tens
     zero = second_moment == 0
     rms = torch.where(zero, 0.0, torch.where(zero, 1.0, second_moment).sqrt())
     # In one fused op, as this runs per slice; Adam's 1 / c1 is a per-tensor
-    # scalar, left to the callers (the channel scales).
+    # scalar, left to the callers (the channel scales). eps is a cached 0-d
+    # device tensor: a fresh one per step is a host-to-device copy.
     rsqrt_c2 = c2.rsqrt()
-    return rms, torch.addcmul(rsqrt_c2.new_tensor(EPS), rms, rsqrt_c2)
+    return rms, torch.addcmul(constant((EPS,), c2.device)[0], rms, rsqrt_c2)
 
 
 def entry_channels(
