@@ -450,6 +450,8 @@ HELDOUT = (
     "mlp-gmm-hard",
     "cnn-mnist1d-deep",
 )
+# Tasks mixed-family-broad samples, at run lengths (suite validation-small).
+VALIDATION_SMALL = ("mlp-mnist1d-64x4", "cnn-mnist1d", "mlp-gmm16-gelu")
 TASK_STEPS: dict[str, int] = {
     "resnet-digits-16x2": 500,
     "lm-docs-d32h2l2": 1000,
@@ -465,6 +467,7 @@ TASK_STEPS: dict[str, int] = {
     # The held-out suite of the small families, at 5x their 200-step unrolls
     # (``python -m benchmarks.real --suite heldout``: budget nets told it).
     **dict.fromkeys(HELDOUT, 1000),
+    **dict.fromkeys(VALIDATION_SMALL, 1000),
 }
 FILE_TASKS = {"mlp-fashion-8", "cnn-fashion-16", "cnn-cifar10-16"}
 
@@ -612,6 +615,10 @@ SUITES: dict[str, list[str]] = {
         "mlp-mnist1d-128x2",
         "mlp-digits-128x3",
     ],
+    # Inside mixed-family-broad, the small families' side of real-broad-family,
+    # at 5x their 200-step unrolls: to pick a snapshot of a net trained on it
+    # (with validation-real), the deepest MLP it samples among them.
+    "validation-small": list(VALIDATION_SMALL),
     # Held out from real-family by architecture or data; every run has the
     # length TASK_STEPS gives it.
     "real": [

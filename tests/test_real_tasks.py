@@ -106,13 +106,14 @@ def test_families_sample_trainable_tasks(family):
 
 
 def test_real_suites_have_budgets_and_stay_out_of_the_family():
-    for suite in ("real", "validation-real", "heldout"):
+    for suite in ("real", "validation-real", "heldout", "validation-small"):
         for name in get_suite(suite):
             assert TASK_STEPS[name] >= 100
     # Both suites hold a run of 3,000 steps or more.
     for suite in ("real", "validation-real"):
         assert max(TASK_STEPS[n] for n in SUITES[suite]) >= 3000
     assert not set(SUITES["real"]) & set(SUITES["validation-real"])
+    assert not set(SUITES["heldout"]) & set(SUITES["validation-small"])
     # A family of ResNets on 2-D digits of 1-2 blocks: the held-out ResNets
     # are 1-D or 3 blocks deep; the LMs read other text or are 3 layers deep.
     for family in ("real-family", "real-broad-family"):

@@ -371,7 +371,11 @@ def test_broad_family_varies_the_input_width():
 
 @pytest.mark.parametrize(
     "family, suite",
-    [("mixed-family-broad", "validation"), ("mixed-family-wide", "validation-wide")],
+    [
+        ("mixed-family-broad", "validation"),
+        ("mixed-family-wide", "validation-wide"),
+        ("mixed-family-broad", "validation-small"),
+    ],
 )
 def test_validation_tasks_lie_inside_their_family(family, suite):
     mixture = tasks.get_family(family)
