@@ -38,7 +38,7 @@ from lopt.checkpoint import resolve as resolve_weights
 from lopt.nets import NFNNet, PerParamMLP
 from meta_train import options, recipes
 from meta_train.estimators import ESTIMATORS, make_estimator
-from meta_train.problems import LearnedOptimizerProblem
+from meta_train.problems import HORIZON_WEIGHTINGS, LearnedOptimizerProblem
 from meta_train.stopping import StopRequests
 from meta_train.trainer import CHECKPOINT, MetaTrainer
 from meta_train.unroll import META_LOSSES, MetaLoss
@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "truncation": 20,
     "horizon": 200,
     "horizon_max": None,
+    "horizon_weighting": "runs",
     "budget_hidden": 0.0,
     "sigma": 0.01,
     "meta_lr": 3e-3,
@@ -114,6 +115,7 @@ RULES: dict[str, Any] = {
     "truncation": options.integer(1),
     "horizon": options.integer(1),
     "horizon_max": options.integer(1, optional=True),
+    "horizon_weighting": options.choice(list(HORIZON_WEIGHTINGS)),
     "budget_hidden": options.number(0, 1),
     "sigma": _positive,
     "meta_lr": _positive,
@@ -247,6 +249,13 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         help="draw each inner run's horizon log-uniformly from [--horizon, this] "
         "(default: every run has --horizon steps)",
+    )
+    a(
+        "--horizon-weighting",
+        choices=HORIZON_WEIGHTINGS,
+        help="with --horizon-max: runs (default) draws each run's length log-uniformly, so "
+        "long runs take most inner steps; steps draws it with density 1/L^2, so that every "
+        "range [L, 2L] of lengths gets the same share of inner steps",
     )
     a(
         "--budget-hidden",
@@ -444,6 +453,7 @@ def build(
         seed=cfg["seed"],
         vectorise=cfg["vectorise"],
         budget_hidden=cfg.get("budget_hidden", 0.0),
+        horizon_weighting=cfg.get("horizon_weighting", "runs"),
     )
     trainer = MetaTrainer(
         problem,

@@ -27,27 +27,38 @@ def rng(seed: int, tag: str, counter: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
+HORIZON_WEIGHTINGS = ("runs", "steps")
+
+
 class TruncatedProblem:
     """Interface of a meta-objective made of truncated inner runs."""
 
     truncation: int = 1
     horizon: int = 1
     horizon_max: int | None = None
+    horizon_weighting: str = "runs"
 
     def initial_theta(self) -> Tensor:
         raise NotImplementedError
 
     def horizon_of(self, counter: int) -> int:
         """Inner steps of the ``counter``-th inner run: ``horizon``, or with
-        ``horizon_max`` a draw log-uniform in [horizon, horizon_max], a
-        multiple of the truncation (learned_optimization samples truncation
-        lengths the same way), so the net is judged at many lengths and a
-        fixed one does not bias it toward its end."""
+        ``horizon_max`` a draw from [horizon, horizon_max], a multiple of the
+        truncation, so the net is judged at many lengths and a fixed one does
+        not bias it toward its end. ``horizon_weighting`` "runs" draws it
+        log-uniformly (as learned_optimization samples truncation lengths);
+        a run then takes inner steps in proportion to its length, so runs
+        over half of horizon_max take most of the meta-gradient. "steps"
+        draws it with density 1 / L**2, so that lengths in [a, 2a] get the
+        same share of inner steps for every a."""
         if self.horizon_max is None:
             return self.horizon
         u = torch.rand((), generator=rng(self.seed, "horizon", counter), dtype=torch.float64)
-        lo, hi = math.log(self.horizon), math.log(self.horizon_max + 1)
-        steps = int(math.exp(lo + float(u) * (hi - lo)))
+        lo, hi = self.horizon, self.horizon_max + 1
+        if self.horizon_weighting == "steps":  # the inverse of the 1 / L**2 law's CDF
+            steps = int(1.0 / (1.0 / lo - float(u) * (1.0 / lo - 1.0 / hi)))
+        else:
+            steps = int(math.exp(math.log(lo) + float(u) * (math.log(hi) - math.log(lo))))
         return min(self.horizon_max, max(self.horizon, steps)) // self.truncation * self.truncation
 
     def reset(self, counter: int, trajectories: int) -> InnerState:
@@ -76,6 +87,8 @@ class LearnedOptimizerProblem(TruncatedProblem):
         horizon: inner steps before an inner run is reset.
         horizon_max: if given, each inner run's horizon is drawn from
             [horizon, horizon_max] (:meth:`~TruncatedProblem.horizon_of`).
+        horizon_weighting: how it is drawn: "runs" (log-uniform per run) or
+            "steps" (log-uniform per inner step).
         meta_loss: see :class:`~meta_train.unroll.MetaLoss`.
         seed: all sampling derives from it.
         vectorise: ``torch.func.vmap`` over the population (False: a loop).
@@ -95,6 +108,7 @@ class LearnedOptimizerProblem(TruncatedProblem):
         vectorise: bool = True,
         horizon_max: int | None = None,
         budget_hidden: float = 0.0,
+        horizon_weighting: str = "runs",
     ) -> None:
         if truncation < 1 or horizon < truncation:
             raise ValueError(
@@ -102,6 +116,11 @@ class LearnedOptimizerProblem(TruncatedProblem):
             )
         if horizon_max is not None and horizon_max < horizon:
             raise ValueError(f"need horizon_max >= horizon, got {horizon_max} < {horizon}")
+        if horizon_weighting not in HORIZON_WEIGHTINGS:
+            raise ValueError(
+                f"horizon_weighting must be one of {HORIZON_WEIGHTINGS}, got {horizon_weighting!r}"
+            )
+        self.horizon_weighting = horizon_weighting
         self.net, self.family = net, family
         self.truncation, self.horizon, self.horizon_max = truncation, horizon, horizon_max
         if not 0.0 <= budget_hidden <= 1.0:

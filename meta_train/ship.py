@@ -153,7 +153,8 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
     n_params = sum(p.numel() for p in net.parameters())
     horizon = f"horizon {cfg.get('horizon')} steps"
     if cfg.get("horizon_max"):
-        horizon = f"horizon {cfg['horizon']}-{cfg['horizon_max']} steps (log-uniform per run)"
+        per = "inner step" if cfg.get("horizon_weighting") == "steps" else "run"
+        horizon = f"horizon {cfg['horizon']}-{cfg['horizon_max']} steps (log-uniform per {per})"
     phases = meta.get("phases") or []
     lines = [
         f"**`{name}`** ({type(net).__name__}, {n_params:,} meta-parameters, {size / 1024:.0f} KiB)",

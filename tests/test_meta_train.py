@@ -240,6 +240,27 @@ def test_sampled_horizons_are_log_uniform_multiples_of_the_truncation():
         LearnedOptimizerProblem(problem.net, problem.family, horizon=200, horizon_max=100)
 
 
+def test_horizons_weighted_by_steps_give_each_octave_the_same_share_of_inner_steps():
+    net, family = tiny_problem().net, tiny_problem().family
+
+    def shares(weighting):
+        problem = LearnedOptimizerProblem(
+            net, family, truncation=25, horizon=200, horizon_max=6400, horizon_weighting=weighting
+        )
+        draws = [problem.horizon_of(c) for c in range(8000)]
+        assert all(d % 25 == 0 and 200 <= d <= 6400 for d in draws)
+        total = sum(draws)
+        return [sum(d for d in draws if a <= d < 2 * a) / total for a in (200, 400, 800, 1600)]
+
+    # Log-uniform runs: each octave takes twice the inner steps of the one below.
+    runs = shares("runs")
+    assert all(1.7 < hi / lo < 2.3 for lo, hi in zip(runs, runs[1:]))
+    # Density 1 / L**2: the same share, a fifth for each of the five octaves.
+    assert all(0.17 < share < 0.23 for share in shares("steps"))
+    with pytest.raises(ValueError, match="horizon_weighting must be one of"):
+        LearnedOptimizerProblem(net, family, horizon=200, horizon_max=400, horizon_weighting="x")
+
+
 def test_trainer_restarts_inner_runs_at_their_drawn_horizon(tmp_path):
     def trainer(out=None):
         return MetaTrainer(
