@@ -38,7 +38,9 @@ reach it (fractions of the budget):
         --baselines-from runs/val-real-base --out runs/val-real-nfn
 
 ``--hide-budget`` runs them there without ``total_steps``, to rank how a
-net does when a user does not give it the run's length.
+net does when a user does not give it the run's length. A net trained on
+``real-broad-family`` is picked on ``validation-broad`` (validation-real
+and three small-family tasks), so that a pick cannot trade one side away.
 """
 
 from __future__ import annotations

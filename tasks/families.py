@@ -450,6 +450,14 @@ HELDOUT = (
     "mlp-gmm-hard",
     "cnn-mnist1d-deep",
 )
+# Tasks real-family samples, at run lengths (suite validation-real).
+VALIDATION_REAL = (
+    "resnet-digits-16x2",
+    "lm-docs-d32h2l2",
+    "ae-digits-64x8",
+    "mlp-mnist1d-128x2",
+    "mlp-digits-128x3",
+)
 # Tasks mixed-family-broad samples, at run lengths (suite validation-small).
 VALIDATION_SMALL = ("mlp-mnist1d-64x4", "cnn-mnist1d", "mlp-gmm16-gelu")
 TASK_STEPS: dict[str, int] = {
@@ -608,17 +616,13 @@ SUITES: dict[str, list[str]] = {
     # The same sizes, differing from stress-deep and stress-unseen in data or activation.
     "stress-fresh": ["mlp-digits-256x5-gelu", "mlp-teacher-256x5-gelu", "cnn-digits-64x4-tanh"],
     # Inside real-family, to pick a snapshot on.
-    "validation-real": [
-        "resnet-digits-16x2",
-        "lm-docs-d32h2l2",
-        "ae-digits-64x8",
-        "mlp-mnist1d-128x2",
-        "mlp-digits-128x3",
-    ],
+    "validation-real": list(VALIDATION_REAL),
     # Inside mixed-family-broad, the small families' side of real-broad-family,
     # at 5x their 200-step unrolls: to pick a snapshot of a net trained on it
     # (with validation-real), the deepest MLP it samples among them.
     "validation-small": list(VALIDATION_SMALL),
+    # Both, to pick one snapshot of a net trained on real-broad-family.
+    "validation-broad": [*VALIDATION_REAL, *VALIDATION_SMALL],
     # Held out from real-family by architecture or data; every run has the
     # length TASK_STEPS gives it.
     "real": [

@@ -106,7 +106,7 @@ def test_families_sample_trainable_tasks(family):
 
 
 def test_real_suites_have_budgets_and_stay_out_of_the_family():
-    for suite in ("real", "validation-real", "heldout", "validation-small"):
+    for suite in ("real", "validation-real", "heldout", "validation-small", "validation-broad"):
         for name in get_suite(suite):
             assert TASK_STEPS[name] >= 100
     # Both suites hold a run of 3,000 steps or more.
