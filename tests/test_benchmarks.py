@@ -696,7 +696,9 @@ def test_meta_throughput_reports_vmap_loop_and_the_tasks_share(capsys):
     )
     (row,) = rows
     assert row["population"] == 2 and row["vmap"] > 0 and row["loop"] > 0
-    assert 0 < row["task"] < 1.5  # the task is a part of the outer step (timing noise aside)
+    # A ratio of two timings taken apart: on a loaded machine it can pass 1,
+    # so only its presence is tested (timings are never asserted here).
+    assert math.isfinite(row["task"]) and row["task"] > 0
     assert "task forward + backward share" in capsys.readouterr().out
 
 
