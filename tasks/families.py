@@ -617,9 +617,9 @@ SUITES: dict[str, list[str]] = {
     "stress-fresh": ["mlp-digits-256x5-gelu", "mlp-teacher-256x5-gelu", "cnn-digits-64x4-tanh"],
     # Inside real-family, to pick a snapshot on.
     "validation-real": list(VALIDATION_REAL),
-    # Inside mixed-family-broad, the small families' side of real-broad-family,
-    # at 5x their 200-step unrolls: to pick a snapshot of a net trained on it
-    # (with validation-real), the deepest MLP it samples among them.
+    # Inside mixed-family-broad (the small families' side of real-broad-family),
+    # at 5x their 200-step unrolls, with validation's deepest MLP: to pick a
+    # snapshot of a net trained on real-broad-family, beside validation-real.
     "validation-small": list(VALIDATION_SMALL),
     # Both, to pick one snapshot of a net trained on real-broad-family.
     "validation-broad": [*VALIDATION_REAL, *VALIDATION_SMALL],
