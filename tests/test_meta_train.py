@@ -241,7 +241,8 @@ def test_sampled_horizons_are_log_uniform_multiples_of_the_truncation():
 
 
 def test_horizons_weighted_by_steps_give_each_octave_the_same_share_of_inner_steps():
-    net, family = tiny_problem().net, tiny_problem().family
+    tiny = tiny_problem()
+    net, family = tiny.net, tiny.family
 
     def shares(weighting):
         problem = LearnedOptimizerProblem(
