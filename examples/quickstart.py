@@ -75,7 +75,10 @@ def main() -> None:
             opt.zero_grad()
             loss = F.cross_entropy(net(x), y)
             loss.backward()
-            opt.step()
+            if isinstance(opt, lopt.LearnedOptimizer):
+                opt.step(loss=loss)  # read by nets that take the loss; torch's Adam takes none
+            else:
+                opt.step()
             losses[name].append(loss.item())
         if step % 50 == 0 or step == args.steps - 1:
             print(f"step {step:4d}  " + "  ".join(f"{k} {v[-1]:.4f}" for k, v in losses.items()))

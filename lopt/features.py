@@ -10,7 +10,9 @@ ratios already. So a loss scaled by 1000 (gradients and momenta x1000,
 second moment x1e6) gives the same features. The step count enters as
 ``tanh(t / timescale)`` encodings, a vector shared by every entry (nets add it
 as a bias, so it costs nothing per entry). So does the step budget, when the
-run's length is known (:func:`budget_features`).
+run's length is known (:func:`budget_features`), and, for nets that read it,
+the training loss, as ratios to its own running averages and its best
+(:func:`loss_features`), so a scaled loss gives the same features too.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ NUM_FEATURES = len(FEATURE_NAMES)
 NUM_STEP_FEATURES = len(STEP_TIMESCALES)
 BUDGET_SCALES: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
 NUM_BUDGET_FEATURES = 2 * len(BUDGET_SCALES) + 1
+# The loss's running averages (of its log) that the loss features compare it with.
+LOSS_DECAYS: tuple[float, ...] = (0.9, 0.99)
+# The loss state: [losses seen, best log loss, one running sum per decay].
+NUM_LOSS_STATS = 2 + len(LOSS_DECAYS)
+# log(loss / average) per decay, log(loss / best), then the flag that it is read.
+NUM_LOSS_FEATURES = len(LOSS_DECAYS) + 2
 EPS = 1e-8
 ADAM_MOMENTUM = MOMENTUM_DECAYS.index(0.9)
 ADAM_CHANNEL = FEATURE_NAMES.index("adam_direction")
@@ -199,3 +207,49 @@ def budget_features(step: Tensor, total_steps: Tensor | float | None) -> Tensor:
     scales = constant(BUDGET_SCALES, step.device)
     feats = torch.cat([torch.tanh(f / scales), torch.tanh((1 - f) / scales), f.new_ones(1)])
     return torch.where(known, feats, torch.zeros_like(feats))
+
+
+def loss_state(device: torch.device | None = None) -> Tensor:
+    """The loss state before any loss is seen: ``(NUM_LOSS_STATS,)`` zeros."""
+    return torch.zeros(NUM_LOSS_STATS, dtype=torch.float32, device=device)
+
+
+def loss_features(stats: Tensor, loss: Tensor | float | None) -> tuple[Tensor, Tensor]:
+    """What a net that reads the loss sees of this step's ``loss``, and the
+    loss state after it.
+
+    ``stats`` (:func:`loss_state`) holds the number of losses seen, the
+    lowest log loss and, per decay ``b`` of :data:`LOSS_DECAYS`, the running
+    average ``a_b`` of the log loss (kept without bias correction, which is
+    applied here). The features: ``tanh(log loss - a_b)`` for each decay
+    (below 0 while the loss falls, above it on a spike), ``tanh(log loss -
+    best)`` and 1, the flag that the loss was read; differences of logs, so
+    a loss scaled by any factor gives the same features. The first loss
+    gives zeros but the flag. A loss that is None, not finite or not above 0
+    (a log needs it positive) is not read: all zeros, the state unchanged.
+    Pure tensor operations, no host read: it runs inside vmap and in a
+    captured CUDA graph. Shapes ``(NUM_LOSS_FEATURES,)``, ``(NUM_LOSS_STATS,)``."""
+    if loss is None:
+        return torch.zeros(NUM_LOSS_FEATURES, dtype=stats.dtype, device=stats.device), stats
+    loss = torch.as_tensor(loss, dtype=stats.dtype, device=stats.device)
+    if loss.numel() != 1:
+        raise ValueError(f"the loss must be one number, got a tensor of shape {tuple(loss.shape)}")
+    loss = loss.reshape(())
+    usable = torch.isfinite(loss) & (loss > 0)
+    log_loss = torch.where(usable, loss, 1.0).log()
+    count, best, sums = stats[0], stats[1], stats[2:]
+    seen = count > 0
+    decays = constant(LOSS_DECAYS, stats.device)
+    debias = torch.where(seen, 1 - decays**count, 1.0)
+    rel = torch.cat([log_loss - sums / debias, (log_loss - best).reshape(1)])
+    rel = torch.where(seen, torch.tanh(rel), 0.0)
+    flag = usable.to(stats.dtype).reshape(1)
+    features = torch.cat([rel * flag, flag])
+    new = torch.cat(
+        [
+            (count + 1).reshape(1),
+            torch.where(seen, torch.minimum(best, log_loss), log_loss).reshape(1),
+            torch.lerp(sums, log_loss.expand_as(sums), 1 - decays),
+        ]
+    )
+    return features, torch.where(usable, new, stats)

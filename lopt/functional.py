@@ -7,8 +7,9 @@ nets or a batch of tasks, and differentiate through them. The
 
 State, per parameter: momenta at every decay of ``MOMENTUM_DECAYS`` (one
 tensor of shape ``(4, *param.shape)``) and a second-moment estimate, plus two
-scalars: the step count and the number of skipped (non-finite) steps. That is
-5 parameter-sized float32 copies, against Adam's 2.
+scalars: the step count and the number of skipped (non-finite) steps, and the
+loss state (:func:`lopt.features.loss_state`, a few numbers, read by nets that
+read the loss). That is 5 parameter-sized float32 copies, against Adam's 2.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from torch import Tensor
 
 from lopt import fused as fused_kernel
 from lopt import fused_plan
-from lopt.features import MOMENTUM_DECAYS, SECOND_MOMENT_DECAY, constant
+from lopt.features import (
+    MOMENTUM_DECAYS,
+    SECOND_MOMENT_DECAY,
+    constant,
+    loss_features,
+    loss_state,
+)
 from lopt.nets import OptimizerNet
 from lopt.weightspace import WeightSpaceSpec
 
@@ -29,7 +36,7 @@ State = dict[str, object]
 
 
 def init(params: Sequence[Tensor]) -> State:
-    """Zero momenta and second moments (float32), step 0."""
+    """Zero momenta and second moments (float32), step 0, no loss seen."""
     device = params[0].device if params else None
     return {
         "momenta": [
@@ -41,6 +48,7 @@ def init(params: Sequence[Tensor]) -> State:
         ],
         "step": torch.zeros((), dtype=torch.float32, device=device),
         "skipped": torch.zeros((), dtype=torch.float32, device=device),
+        "loss_stats": loss_state(device),
     }
 
 
@@ -56,6 +64,7 @@ def update(
     fused: bool = False,
     total_steps: Tensor | float | None = None,
     multi_tensor: bool | None = None,
+    loss: Tensor | float | None = None,
 ) -> tuple[list[Tensor], State]:
     """One step: the updates to add to ``params`` and the next state.
 
@@ -80,6 +89,12 @@ def update(
     are views of a buffer the next such step overwrites.
     ``total_steps`` is the run's step budget (None, or a value <= 0: not
     known), which nets built with ``budget=True`` read.
+    ``loss`` is the training loss at ``params`` (the one ``grads`` are the
+    gradients of; None: not known), which nets built with
+    ``loss_features=True`` read (:func:`lopt.features.loss_features`): they
+    keep its running averages in the state's ``loss_stats``, updated on every
+    step with a loss they can read (positive and finite), a skipped one too.
+    Other nets leave ``loss_stats`` as it was.
     ``multi_tensor`` runs the net on every tensor at once in a fixed number
     of torch operators (:mod:`lopt.multi_tensor`): what a GPU needs, where a
     step pays per kernel launch. ``None`` (the default) takes it where
@@ -97,27 +112,47 @@ def update(
     """
     if inplace and guard:
         raise ValueError("inplace=True needs guard=False: an in-place state cannot be rolled back")
+    loss_in = None
+    if net.reads_loss:  # a few scalar operations: the same on every path
+        stats = state.get("loss_stats")
+        if stats is None:  # a state from before the loss state existed
+            stats = loss_state(state["step"].device)
+        loss_in, stats = loss_features(stats, loss)
+        updates, new = _update_paths(net, spec, net_params, grads, state, params, guard, inplace,
+                                     fused, total_steps, multi_tensor, loss_in)  # fmt: skip
+        return updates, {**new, "loss_stats": stats}
+    updates, new = _update_paths(net, spec, net_params, grads, state, params, guard, inplace,
+                                 fused, total_steps, multi_tensor, None)  # fmt: skip
+    if "loss_stats" in state:  # carried as it was
+        new = {**new, "loss_stats": state["loss_stats"]}
+    return updates, new
+
+
+def _update_paths(net, spec, net_params, grads, state, params, guard, inplace, fused,
+                  total_steps, multi_tensor, loss_in) -> tuple[list[Tensor], State]:  # fmt: skip
+    """:func:`update` with the loss features ``loss_in`` computed: the one
+    place a path is chosen."""
     if inplace and fused and net_params is None:  # the fast path, chosen here alone
         plan = fused_plan.plan_for(net, spec, params, grads, state)
         if plan is not None:
-            return fused_plan.step(net, plan, params, grads, state, total_steps)
+            return fused_plan.step(net, plan, params, grads, state, total_steps, loss_in)
     if multi_tensor is None:
         multi_tensor = multi_tensor_default(params, fused)
     if inplace and multi_tensor and net_params is None:
-        return _step_on_device(net, spec, grads, state, params, total_steps)
+        return _step_on_device(net, spec, grads, state, params, total_steps, loss_in)
     if inplace and not all_finite(grads):  # before any write: the state cannot be rolled back
         zeros = [torch.zeros_like(p) for p in params]
         return zeros, {**state, "skipped": state["skipped"] + 1}
     if not spec.has_pieces:
         return _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
-                       total_steps, multi_tensor)  # fmt: skip
+                       total_steps, multi_tensor, loss_in)  # fmt: skip
     cut = {
         **state,
         "momenta": spec.split(state["momenta"], dim=1),
         "second_moment": spec.split(state["second_moment"]),
     }
     updates, new = _update(net, spec, net_params, spec.split(grads), cut, spec.split(params),
-                           guard, inplace, fused, total_steps, multi_tensor)  # fmt: skip
+                           guard, inplace, fused, total_steps, multi_tensor, loss_in)  # fmt: skip
     if inplace:  # the pieces are views: the state's own tensors hold the new values
         momenta, second = state["momenta"], state["second_moment"]
     else:
@@ -140,7 +175,9 @@ def multi_tensor_allowed() -> bool:
     return os.environ.get("LOPT_MULTI_TENSOR", "1") != "0"
 
 
-def _step_on_device(net, spec, grads, state, params, total_steps) -> tuple[list[Tensor], State]:
+def _step_on_device(
+    net, spec, grads, state, params, total_steps, loss_in
+) -> tuple[list[Tensor], State]:
     """:func:`update`'s in-place multi-tensor step: a fixed number of
     operators, none reading a value back to the host (the guard is a
     selection on the device)."""
@@ -160,7 +197,7 @@ def _step_on_device(net, spec, grads, state, params, total_steps) -> tuple[list[
     _foreach_lerp_(second, torch._foreach_mul(grads, grads), gate * (1 - SECOND_MOMENT_DECAY))
     step = state["step"] + gate
     updates = net(spec, params32, grads, momenta, second, step, total_steps=total_steps,
-                  multi_tensor=True)  # fmt: skip
+                  multi_tensor=True, loss_in=loss_in)  # fmt: skip
     flat = torch.cat([u.reshape(-1) for u in updates])
     ok = ok_grads & all_finite([flat])
     flat = torch.where(ok, flat, 0.0)
@@ -184,7 +221,7 @@ def _foreach_lerp_(xs: list[Tensor], ys: list[Tensor], weight: Tensor) -> None:
 
 
 def _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
-            total_steps, multi_tensor) -> tuple[list[Tensor], State]:  # fmt: skip
+            total_steps, multi_tensor, loss_in) -> tuple[list[Tensor], State]:  # fmt: skip
     """:func:`update` on the spec's tensors (a packed parameter's pieces apart)."""
     grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
     params32 = [p if p.dtype == torch.float32 else p.float() for p in params]
@@ -221,7 +258,7 @@ def _update(net, spec, net_params, grads, state, params, guard, inplace, fused,
         second = [torch.lerp(v, g * g, 1 - b2) for v, g in zip(state["second_moment"], grads)]
     args = (spec, params32, grads, momenta, second, step)
     kwargs = {"fused": fused, "squares": squares, "total_steps": total_steps,
-              "multi_tensor": multi_tensor}  # fmt: skip
+              "multi_tensor": multi_tensor, "loss_in": loss_in}  # fmt: skip
     if net_params is None:
         updates = net(*args, **kwargs)
     else:

@@ -589,6 +589,7 @@ def step(
     grads: Sequence[Tensor],
     state: dict,
     total_steps: Tensor | float | None,
+    loss_in: Tensor | None = None,
 ) -> tuple[list[Tensor], dict]:
     """One in-place step of every tensor of ``plan``: the updates (views of
     the plan's buffer) and the state (its momenta and second moments
@@ -610,11 +611,11 @@ def step(
     if sums is None:  # a gradient is not finite: the state is as it was, the updates zero
         plan.base.zero_()
         return plan.updates, {**state, "skipped": state["skipped"] + 1.0}
-    c1, c2, steps_in, budget_in, bias = net.step_inputs(step_t, total_steps)
+    c1, c2, steps_in, budget_in, bias = net.step_inputs(step_t, total_steps, loss_in)
     scales = channel_scales_all(sums, plan.numels, c1)
     constants = _net_constants(net, plan)
     w_out, b_out, nf_scales = constants.w_out, constants.b_out, constants.nf_scales
-    term_log = net.term_log_factors(scales, c1, c2, budget_in)
+    term_log = net.term_log_factors(scales, c1, c2, budget_in, loss_in)
     if term_log is not None:  # the learned term's own factor: new every step, not cached
         w_out, b_out, nf_scales = _with_term_factor(constants, term_log.exp())
     w_in = (net.inp.weight * scales[:, None, :]).contiguous()
@@ -643,7 +644,7 @@ def step(
                 STAT_POOLS.index("column"), STAT_FLOOR,
                 plan.terms[:, flat.rows if flat is not None else 0 :],
             )  # fmt: skip
-    schedule = net.schedule_scale(steps_in, budget_in)
+    schedule = net.schedule_scale(steps_in, budget_in, loss_in)
     total = fused_kernel.finish_many(
         plan.finish_table, plan.term_table, plan.out, plan.base, MAX_LOG_MAGNITUDE,
         1.0 if schedule is None else float(schedule), plan.tensor_sums, plan.op_table,

@@ -259,13 +259,14 @@ def forward(
     second_moments: Sequence[Tensor],
     step: Tensor,
     total_steps: Tensor | float | None = None,
+    loss_in: Tensor | None = None,
 ) -> list[Tensor]:
     """:meth:`OptimizerNet.forward <lopt.nets.OptimizerNet.forward>` (its
     arguments, per tensor of the plan's spec) in a number of operators that
     does not grow with the number of tensors: the updates, views of one
     flat tensor."""
     k = len(MOMENTUM_DECAYS)
-    c1, c2, steps_in, budget_in, bias = net.step_inputs(step, total_steps)
+    c1, c2, steps_in, budget_in, bias = net.step_inputs(step, total_steps, loss_in)
     flat_p = [x.reshape(-1) for x in params]
     flat_g = [x.reshape(-1) for x in grads]
     flat_m = [x.reshape(k, -1) for x in momenta]
@@ -276,7 +277,7 @@ def forward(
     squares = torch.cat([sq[:n_t, None], sq[n_t : 2 * n_t, None], sq[2 * n_t :].reshape(n_t, k),
                          _norms(flat_v, 1)[:, None]], 1)  # fmt: skip
     scales = channel_scales_all(squares, plan.numel, c1)  # (T, features)
-    term_log = net.term_log_factors(scales, c1, c2, budget_in)
+    term_log = net.term_log_factors(scales, c1, c2, budget_in, loss_in)
     neg_lrs, out_scales = net.tensor_factors(plan.spec, term_log)
     scales_t, out_t = scales.t(), out_scales.t()
     base_scales = neg_lrs * scales[:, ADAM_CHANNEL]
@@ -335,7 +336,7 @@ def forward(
         us = [u - along.index_select(0, plan.tangent_rows[a:b]) * p
               for (a, b, _), u, p in zip(plan.chunks, us, ps)]  # fmt: skip
     u = us[0] if len(us) == 1 else torch.cat(us)
-    scale = net.schedule_scale(steps_in, budget_in)
+    scale = net.schedule_scale(steps_in, budget_in, loss_in)
     if scale is not None:
         u = u * scale.to(u.dtype)
     return [y.view(x.shape) for y, x in zip(u.split(plan.numels), params)]

@@ -31,8 +31,11 @@ and the tensor's signal-to-noise ratio
 (:meth:`OptimizerNet.term_log_factors`), so the term can shrink relative to
 Adam's part late in a run. The net learns a correction on top of Adam (as
 the UNF paper's net does on top of SGD with momentum), and its output layer
-starts near zero, so a fresh net is a sane, slow optimizer. Every input is
-loss-scale invariant, so the update is too.
+starts near zero, so a fresh net is a sane, slow optimizer. A net built with
+``loss_features=True`` also reads the training loss, as ratios to its own
+running averages (:func:`~lopt.features.loss_features`), in the trunk's bias,
+the learned schedule and the term's factor, so it can back off when the loss
+spikes. Every input is loss-scale invariant, so the update is too.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from lopt.features import (
     EPS,
     NUM_BUDGET_FEATURES,
     NUM_FEATURES,
+    NUM_LOSS_FEATURES,
     NUM_STEP_FEATURES,
     STEP_TIMESCALES,
     bias_corrections,
@@ -77,6 +81,10 @@ MAX_LOG_SCHEDULE = 3.0  # the learned schedule multiplies an update by at most e
 # that set the term's size late in long runs must move within hundreds of
 # outer steps, not thousands.
 TERM_SCHEDULE_GAIN = 10.0
+# The loss features' weights in the learned schedule are stored divided by
+# this, for the same reason: they start at zero and must matter within
+# hundreds of outer steps.
+LOSS_SCHEDULE_GAIN = 10.0
 # Where the learned schedule starts. A warm-up: e**-WARMUP_PRIOR times
 # e**(WARMUP_PRIOR * tanh(t / WARMUP_PRIOR_STEPS)), about 0.26 at the first
 # step and 1 by the tenth (the first steps rest on a few gradients, and a
@@ -248,10 +256,13 @@ class OptimizerNet(nn.Module):
         rule: UpdateRule | dict[str, Any] | None = None,
         budget: bool = False,
         term_schedule: bool = False,
+        loss_features: bool = False,
     ) -> None:
         super().__init__()
         if term_schedule and not budget:
             raise ValueError("term_schedule=True needs budget=True (it reads the budget features)")
+        if loss_features and not budget:
+            raise ValueError("loss_features=True needs budget=True (they enter its schedule)")
         if width < 1 or depth < 1:
             raise ValueError(f"width and depth must be positive, got width={width}, depth={depth}")
         if lr <= 0 or step_mult <= 0:
@@ -271,6 +282,8 @@ class OptimizerNet(nn.Module):
             self._config["budget"] = True
         if term_schedule:
             self._config["term_schedule"] = True
+        if loss_features:
+            self._config["loss_features"] = True
         self.mag_mult = mag_mult
         self.fan_in_exp = nn.Parameter(torch.tensor(float(fan_in_exp)))
         self.log_lr = nn.Parameter(torch.tensor(math.log(lr)))
@@ -301,6 +314,19 @@ class OptimizerNet(nn.Module):
             with torch.no_grad():
                 self.term_schedule.weight.zero_()
                 self.term_schedule.bias.zero_()
+        if loss_features:
+            # The loss features into the trunk, the schedule and the term's
+            # factor; zero at first, so a net warm-started from one without
+            # them runs as that net did.
+            self.loss_inp = nn.Linear(NUM_LOSS_FEATURES, width, bias=False)
+            self.loss_schedule = nn.Linear(NUM_LOSS_FEATURES, 1, bias=False)
+            modules = [self.loss_inp, self.loss_schedule]
+            if term_schedule:
+                self.loss_term = nn.Linear(NUM_LOSS_FEATURES, 1, bias=False)
+                modules.append(self.loss_term)
+            with torch.no_grad():
+                for m in modules:
+                    m.weight.zero_()
         self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
         self.out = nn.Linear(width, 2)
         with torch.no_grad():
@@ -320,6 +346,12 @@ class OptimizerNet(nn.Module):
         """Whether the learned term (the update minus Adam's part) has a
         learned factor of its own per tensor (:meth:`term_log_factors`)."""
         return self._config.get("term_schedule", False)
+
+    @property
+    def reads_loss(self) -> bool:
+        """Whether the net reads the training loss
+        (:func:`~lopt.features.loss_features`; ``loss_in`` of :meth:`forward`)."""
+        return self._config.get("loss_features", False)
 
     @property
     def rule(self) -> UpdateRule:
@@ -349,11 +381,14 @@ class OptimizerNet(nn.Module):
         squares: Sequence[Tensor] | None = None,
         total_steps: Tensor | float | None = None,
         multi_tensor: bool = False,
+        loss_in: Tensor | None = None,
     ) -> list[Tensor]:
         """The update of every parameter, from the optimizer state after this
         step's gradient (``step`` counts it; ``momenta[i]`` is ``(K, *shape)``).
         ``total_steps`` is the run's step budget (None or <= 0: unknown), read
-        by nets built with ``budget=True``.
+        by nets built with ``budget=True``. ``loss_in`` is the step's
+        :func:`~lopt.features.loss_features` (None: all zeros, the loss not
+        read), read by nets built with ``loss_features=True``.
         ``squares``, per tensor, are the sums :func:`~lopt.features.channel_scales`
         would compute, when the caller has them already (the fused state
         update of :func:`lopt.functional.update`).
@@ -375,11 +410,11 @@ class OptimizerNet(nn.Module):
             plan = multi.plan_for(self, spec, step.device)
             if plan is not None:
                 return multi.forward(
-                    self, plan, params, grads, momenta, second_moments, step, total_steps
+                    self, plan, params, grads, momenta, second_moments, step, total_steps, loss_in
                 )
         if fused and torch.is_grad_enabled():
             raise RuntimeError("fused=True is for steps without autograd (torch.no_grad())")
-        c1, c2, steps_in, budget_in, bias = self.step_inputs(step, total_steps)
+        c1, c2, steps_in, budget_in, bias = self.step_inputs(step, total_steps, loss_in)
         if squares is None:
             squares = [None] * len(params)
         vectorised = fused and all(sq is not None for sq in squares)
@@ -395,7 +430,7 @@ class OptimizerNet(nn.Module):
         term_log = None
         if self.has_term_schedule:
             all_scales = scales_all if vectorised else torch.stack(scales)
-            term_log = self.term_log_factors(all_scales, c1, c2, budget_in)
+            term_log = self.term_log_factors(all_scales, c1, c2, budget_in, loss_in)
         neg_lrs_all, out_scales_all = self.tensor_factors(spec, term_log)
         out_scales, neg_lrs = out_scales_all.unbind(), neg_lrs_all.unbind()
         inputs = [
@@ -422,19 +457,20 @@ class OptimizerNet(nn.Module):
             if tangent:
                 u = tangent_correction(u, torch.cat(bases).reshape(u.shape), x.param)
             updates.append(u)
-        scale = self.schedule_scale(steps_in, budget_in)
+        scale = self.schedule_scale(steps_in, budget_in, loss_in)
         if scale is not None:  # the learned schedule: one scalar, one pass
             scale = scale.to(updates[0].dtype)
             updates = [u.mul_(scale) if fused else u * scale for u in updates]
         return updates
 
     def step_inputs(
-        self, step: Tensor, total_steps: Tensor | float | None
+        self, step: Tensor, total_steps: Tensor | float | None, loss_in: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
         """What every tensor's per-entry part reads of the step: Adam's bias
         corrections ``c1``, ``c2``, the step features, the budget features
         (None for a net that does not read the budget) and the trunk's
-        first-layer bias with both folded in."""
+        first-layer bias with them (and the loss features ``loss_in``, for a
+        net that reads them) folded in."""
         c1, c2 = bias_corrections(step)
         steps_in = step_features(step)
         bias = self.inp.bias + self.step_inp(steps_in)
@@ -442,6 +478,8 @@ class OptimizerNet(nn.Module):
         if self.reads_budget:
             budget_in = budget_features(step, total_steps)
             bias = bias + self.budget_inp(budget_in)
+        if loss_in is not None and self.reads_loss:
+            bias = bias + self.loss_inp(loss_in)
         return c1, c2, steps_in, budget_in, bias
 
     def tensor_factors(
@@ -466,14 +504,20 @@ class OptimizerNet(nn.Module):
         return -self.log_lr.exp() * factors, out_scales
 
     def term_log_factors(
-        self, scales: Tensor, c1: Tensor, c2: Tensor, budget_in: Tensor | None
+        self,
+        scales: Tensor,
+        c1: Tensor,
+        c2: Tensor,
+        budget_in: Tensor | None,
+        loss_in: Tensor | None = None,
     ) -> Tensor | None:
         """The log of the learned term's own factor per tensor ``(T,)``, from
         the tensors' :func:`~lopt.features.channel_scales` ``(T,
         NUM_FEATURES)`` and the budget features: ``TERM_SCHEDULE_GAIN * (w .
         budget features + b + a * log_snr)``, at most
         ``MAX_LOG_SCHEDULE``, where ``log_snr`` is
-        :func:`~lopt.features.log_signal_to_noise`. It lets the net shrink its
+        :func:`~lopt.features.log_signal_to_noise` (plus ``w' . loss_in``
+        for a net that reads the loss). It lets the net shrink its
         correction to Adam late in a run and as a tensor's gradient turns to
         noise, while the normalised features it reads stay the same. None
         for a net without it (``term_schedule=False``)."""
@@ -482,14 +526,22 @@ class OptimizerNet(nn.Module):
         log_snr = log_signal_to_noise(scales, c1, c2)
         shared = self.term_schedule(budget_in)
         raw = shared + self.term_snr_exp * log_snr
+        if loss_in is not None and self.reads_loss:
+            raw = raw + self.loss_term(loss_in)
         return (TERM_SCHEDULE_GAIN * raw).clamp(max=MAX_LOG_SCHEDULE)
 
-    def schedule_scale(self, steps_in: Tensor, budget_in: Tensor | None) -> Tensor | None:
+    def schedule_scale(
+        self, steps_in: Tensor, budget_in: Tensor | None, loss_in: Tensor | None = None
+    ) -> Tensor | None:
         """The learned schedule's factor on the whole update (a 0-d
-        tensor), or None for a net without one."""
+        tensor), or None for a net without one: ``exp(w . [step features,
+        budget features] + b + LOSS_SCHEDULE_GAIN * w' . loss_in)``, at most
+        ``e**MAX_LOG_SCHEDULE`` (``w'`` for a net that reads the loss)."""
         if not self.reads_budget:
             return None
         log_scale = self.schedule(torch.cat([steps_in, budget_in]))[0]
+        if loss_in is not None and self.reads_loss:
+            log_scale = log_scale + LOSS_SCHEDULE_GAIN * self.loss_schedule(loss_in)[0]
         return log_scale.clamp(max=MAX_LOG_SCHEDULE).exp()
 
     @staticmethod

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lopt import functional
 from lopt import fused as fused_kernel
 from lopt.checkpoint import DEFAULT, load, recommended
+from lopt.features import loss_state
 from lopt.nets import NFNNet, OptimizerNet, PerParamMLP
 from lopt.weightspace import LOCAL, Axis, TensorSpec, WeightSpaceSpec
 
@@ -32,20 +33,23 @@ class LearnedOptimizer(torch.optim.Optimizer):
     the schedule ``s`` are meta-learned; ``fan_in`` is a tensor's size over
     all but its first axis, 1-D tensors take no width factor)::
 
-        input: params theta, net phi, lr gamma, total_steps N (or unknown)
+        input: params theta, net phi, lr gamma, total_steps N (or unknown),
+               the loss L_t (optional; read by nets built with loss_features)
         initialise: momenta m_k = 0 (decays b_k = 0.5, 0.9, 0.99, 0.999),
-                    second moment v = 0, t = 0
+                    second moment v = 0, t = 0, loss averages a_b = 0 (b = 0.9, 0.99)
         each step:
             g = grad f(theta)
+            z = [tanh(log L_t - a_b), tanh(log L_t - min_s<t log L_s), 1]  (0 if L_t unknown)
+            a_b = b a_b + (1 - b) log L_t  (bias-corrected where read)
             if g is not finite: skipped += 1, nothing else changes
             t = t + 1
             m_k = b_k m_k + (1 - b_k) g;  v = 0.999 v + 0.001 g^2
             adam = (m_0.9 / (1 - 0.9^t)) / (sqrt(v / (1 - 0.999^t)) + 1e-8)
             x = [theta, g, m_k, sqrt(v)] / RMS over the tensor, g / sqrt(v_hat), adam
-            d, m = net_phi(x, t, t / N)   (the NFN adds per-neuron pooled terms)
+            d, m = net_phi(x, t, t / N, z)   (the NFN adds per-neuron pooled terms)
             a = -(64 / fan_in)^e lr_net adam;  l = -(64 / fan_in)^e c d exp(0.1 m)
             if theta is a weight of 2+ axes: l = l - <l, w_r> w_r / |w_r|^2, row by row
-            u = s(t, N) (a + l)
+            u = s(t, N, z) (a + l)
             theta = theta + gamma u
 
     The row projection keeps the learned term ``l`` from growing or
@@ -92,6 +96,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
             host but the skipped-step count every ``SKIPS_BEFORE_WARNING``
             steps (not while a CUDA graph is captured), so the step can be
             captured in a CUDA graph.
+
+    A net that reads the loss (``net.reads_loss``) takes it from
+    ``step(closure)`` or ``step(loss=loss)``; without one it runs as it
+    learned to for runs whose loss it was not told.
 
     To build a fresh net with other settings, pass ``net=NFNNet(...)``
     (``net_kwargs`` are its constructor's arguments, e.g. ``width``).
@@ -210,11 +218,33 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
+    def step(
+        self,
+        closure: Callable[[], Tensor] | None = None,
+        *,
+        loss: Tensor | float | None = None,
+    ) -> Tensor | None:
+        """One step of every parameter group; returns the closure's loss
+        (or None without a closure).
+
+        Args:
+            closure: reevaluates the model and returns the loss, as for any
+                torch optimizer (optional).
+            loss: this step's training loss (a number or a one-element
+                tensor: the loss the gradients are of), for a net that reads
+                it; the closure's when not given. Nets that do not read the
+                loss ignore it.
+        """
+        if loss is not None:
+            check_loss(loss)
+        returned = None
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
+                returned = closure()
+            if loss is None and returned is not None:
+                loss = check_loss(returned)
+        if isinstance(loss, Tensor):
+            loss = loss.detach()
         for index, group in enumerate(self.param_groups):
             active = [j for j, p in enumerate(group["params"]) if p.grad is not None]
             if not active:
@@ -243,7 +273,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 # read back to the host, so a CUDA graph can capture it.
                 updates, new = functional.update(
                     self.net, spec, None, grads, state, params, guard=False, inplace=True,
-                    fused=False, total_steps=group["total_steps"],
+                    fused=False, total_steps=group["total_steps"], loss=loss,
                 )  # fmt: skip
                 self._write_counts(states, new)
                 torch._foreach_add_(params, updates, alpha=group["lr"])
@@ -260,6 +290,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 inplace=True,
                 fused=fused,
                 total_steps=group["total_steps"],
+                loss=loss,
             )
             # A gradient that is not finite left the state as it was; a
             # non-finite update from the net (the state then holds this
@@ -270,16 +301,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
             for st in states:
                 st["skipped"] = new["skipped"]
                 st["step"] = new["step"]
+                st["loss_stats"] = new["loss_stats"]
             if not skipped:  # one operator for all of them
                 torch._foreach_add_(params, updates, alpha=group["lr"])
-        return loss
+        return returned
 
     @torch.no_grad()
-    def base_updates(self) -> list[Tensor | None]:
-        """Adam's part of the update that :meth:`step` would now take, per
-        parameter of every group in order (``None`` for a parameter without
-        a gradient), changing nothing. The update minus this is the learned
-        term: a diagnostic of how much of a step the net adds."""
+    def base_updates(self, loss: Tensor | float | None = None) -> list[Tensor | None]:
+        """Adam's part of the update that :meth:`step` would now take (given
+        ``loss``, as :meth:`step` is), per parameter of every group in order
+        (``None`` for a parameter without a gradient), changing nothing. The
+        update minus this is the learned term: a diagnostic of how much of a
+        step the net adds."""
+        if loss is not None:
+            loss = check_loss(loss)
         out: list[Tensor | None] = []
         for index, group in enumerate(self.param_groups):
             active = [j for j, p in enumerate(group["params"]) if p.grad is not None]
@@ -299,6 +334,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     state,
                     params,
                     total_steps=group["total_steps"],
+                    loss=loss.detach() if isinstance(loss, Tensor) else loss,
                 )
                 for p in fresh:  # _gather_state made it; step() makes it again
                     del self.state[p]
@@ -329,14 +365,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         the same count tensors they are written in place, as a step captured
         in a CUDA graph needs (a replay writes where the capture wrote)."""
         first = states[0]
-        shared = all(st["step"] is first["step"] and st["skipped"] is first["skipped"]
-                     for st in states)  # fmt: skip
+        keys = ("step", "skipped", "loss_stats")
+        shared = all(st[k] is first[k] for st in states for k in keys)
         if shared and first["step"].dtype == torch.float32:
-            first["step"].copy_(new["step"])
-            first["skipped"].copy_(new["skipped"])
+            for k in keys:
+                first[k].copy_(new[k])
             return
-        for st in states:  # one pair of tensors for the group from now on
-            st["step"], st["skipped"] = new["step"], new["skipped"]
+        for st in states:  # one set of tensors for the group from now on
+            st["step"], st["skipped"], st["loss_stats"] = (new[k] for k in keys)
 
     def _watch_skips(self, index: int, skipped: Tensor, device: torch.device) -> None:
         """:meth:`_count_skip` for a step whose guard ran on the device: its
@@ -373,12 +409,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     second_moment=fresh["second_moment"][0],
                     step=fresh["step"],
                     skipped=fresh["skipped"],
+                    loss_stats=fresh["loss_stats"],
                 )
+            elif "loss_stats" not in st:  # a state saved before the loss state existed
+                st["loss_stats"] = loss_state(p.device)
         state = {
             "momenta": [_float32(st["momenta"]) for st in states],
             "second_moment": [_float32(st["second_moment"]) for st in states],
             "step": _float32(states[0]["step"]),
             "skipped": _float32(states[0]["skipped"]),
+            "loss_stats": _float32(states[0]["loss_stats"]),
         }
         return state, states
 
@@ -389,7 +429,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for index, st in saved.items():
             p = params[index]
-            for k in _STATE_KEYS + ("step", "skipped"):
+            for k in _STATE_KEYS + ("step", "skipped", "loss_stats"):
                 if k in st:
                     self.state[p][k] = st[k].to(device=p.device, dtype=torch.float32)
 
@@ -423,6 +463,22 @@ def check_lr(lr: Any, where: str = "") -> float:
     if not (number and math.isfinite(lr) and lr >= 0):
         raise ValueError(f"{where}lr must be a finite number >= 0, got {lr!r}")
     return float(lr)
+
+
+def check_loss(loss: Any) -> Tensor | float:
+    """``loss`` if it is a real number or a one-element real tensor, else
+    ``ValueError`` (or ``TypeError``) saying what it is."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"loss must be one number (a one-element tensor), got shape {tuple(loss.shape)}"
+            )
+        if loss.is_complex() or loss.dtype == torch.bool:
+            raise TypeError(f"loss must be a real number, got a {loss.dtype} tensor")
+        return loss
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise TypeError(f"loss must be a number or a one-element tensor, got {type(loss).__name__}")
+    return float(loss)
 
 
 def check_total_steps(total_steps: Any, where: str = "") -> int | None:

@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "role_rates": False,
     "budget": False,
     "term_schedule": False,
+    "loss_features": False,
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
@@ -70,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "horizon_max": None,
     "horizon_weighting": "runs",
     "budget_hidden": 0.0,
+    "loss_hidden": 0.0,
     "sigma": 0.01,
     "meta_lr": 3e-3,
     "clip": 1.0,
@@ -109,6 +111,7 @@ RULES: dict[str, Any] = {
     "role_rates": options.boolean,
     "budget": options.boolean,
     "term_schedule": options.boolean,
+    "loss_features": options.boolean,
     "family": options.choice(lambda: list(FAMILIES) + list(TASKS), TASK_LIST),
     "estimator": options.choice(sorted(ESTIMATORS)),
     "population": options.integer(1),
@@ -117,6 +120,7 @@ RULES: dict[str, Any] = {
     "horizon_max": options.integer(1, optional=True),
     "horizon_weighting": options.choice(list(HORIZON_WEIGHTINGS)),
     "budget_hidden": options.number(0, 1),
+    "loss_hidden": options.number(0, 1),
     "sigma": _positive,
     "meta_lr": _positive,
     "clip": _positive,
@@ -226,6 +230,13 @@ def parser() -> argparse.ArgumentParser:
         "signal-to-noise ratio, starting at 1 (default off)",
     )
     a(
+        "--loss-features",
+        action=argparse.BooleanOptionalAction,
+        help="with --budget: the net reads the training loss, as ratios to its own "
+        "running averages and its best (opt.step(loss=...) or a closure tells it), in its "
+        "trunk and its schedule; their weights start at 0 (default off)",
+    )
+    a(
         "--init-from",
         help="start from the weights of a saved optimizer net (a path or shipped name): "
         "every tensor of the same name and shape is copied, e.g. an mlp net's per-entry "
@@ -262,6 +273,12 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         help="with --budget: the fraction of inner runs whose budget the net is not told, "
         "so that it learns to run without total_steps too (default 0)",
+    )
+    a(
+        "--loss-hidden",
+        type=float,
+        help="with --loss-features: the fraction of inner runs whose loss the net is not "
+        "told, so that it learns to run without it too (default 0)",
     )
     a("--sigma", type=float, help="ES / PES perturbation std (0.01)")
     a("--meta-lr", type=float, help="Adam learning rate of the outer loop (3e-3)")
@@ -355,6 +372,12 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--budget-hidden hides the budget from a net that reads it: give --budget")
     if cfg.get("term_schedule") and not cfg.get("budget"):
         raise SystemExit("--term-schedule reads the budget features: give --budget")
+    if cfg.get("loss_features") and not cfg.get("budget"):
+        raise SystemExit("--loss-features enter the learned schedule of --budget: give --budget")
+    if cfg.get("loss_hidden") and not cfg.get("loss_features"):
+        raise SystemExit(
+            "--loss-hidden hides the loss from a net that reads it: give --loss-features"
+        )
     if cfg.get("role_rates") and cfg["net"] != "nfn":
         raise SystemExit("--role-rates is for --net nfn (roles come from its NF-layer)")
     if cfg.get("width_free_stats") and not cfg.get("neuron_stats"):
@@ -430,6 +453,7 @@ def build(
             ),
             budget=cfg.get("budget", False),
             term_schedule=cfg.get("term_schedule", False),
+            loss_features=cfg.get("loss_features", False),
             **extra,
         )
     if warm and cfg.get("init_from"):
@@ -453,6 +477,7 @@ def build(
         seed=cfg["seed"],
         vectorise=cfg["vectorise"],
         budget_hidden=cfg.get("budget_hidden", 0.0),
+        loss_hidden=cfg.get("loss_hidden", 0.0),
         horizon_weighting=cfg.get("horizon_weighting", "runs"),
     )
     trainer = MetaTrainer(

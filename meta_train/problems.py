@@ -18,7 +18,8 @@ from lopt.nets import OptimizerNet
 from meta_train.unroll import InnerState, MetaLoss, TaskUnroll
 from tasks import TaskFamily
 
-_TAGS = {"task": 1, "init": 2, "data": 3, "noise": 4, "heldout": 5, "horizon": 6, "budget": 7}
+_TAGS = {"task": 1, "init": 2, "data": 3, "noise": 4, "heldout": 5, "horizon": 6, "budget": 7,
+         "loss": 8}  # fmt: skip
 
 
 def rng(seed: int, tag: str, counter: int) -> torch.Generator:
@@ -95,6 +96,8 @@ class LearnedOptimizerProblem(TruncatedProblem):
         budget_hidden: the fraction of inner runs whose step budget (their
             horizon) the net is not told, so it also learns to run without
             ``total_steps``; the others are told it.
+        loss_hidden: the fraction of inner runs whose training loss a net
+            that reads it is not told (for runs without ``step(loss=...)``).
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class LearnedOptimizerProblem(TruncatedProblem):
         horizon_max: int | None = None,
         budget_hidden: float = 0.0,
         horizon_weighting: str = "runs",
+        loss_hidden: float = 0.0,
     ) -> None:
         if truncation < 1 or horizon < truncation:
             raise ValueError(
@@ -126,6 +130,9 @@ class LearnedOptimizerProblem(TruncatedProblem):
         if not 0.0 <= budget_hidden <= 1.0:
             raise ValueError(f"budget_hidden must be in [0, 1], got {budget_hidden}")
         self.budget_hidden = budget_hidden
+        if not 0.0 <= loss_hidden <= 1.0:
+            raise ValueError(f"loss_hidden must be in [0, 1], got {loss_hidden}")
+        self.loss_hidden = loss_hidden
         self.meta_loss = meta_loss or MetaLoss()
         self.seed, self.vectorise = seed, vectorise
         self.unroller: TaskUnroll | None = None
@@ -143,8 +150,18 @@ class LearnedOptimizerProblem(TruncatedProblem):
         task = self.family.sample(rng(self.seed, "task", counter))
         self.unroller = TaskUnroll(self.net, task, self.meta_loss, self.horizon_of(counter))
         return self.unroller.init_inner(
-            trajectories, rng(self.seed, "init", counter), self.budget_of(counter)
+            trajectories,
+            rng(self.seed, "init", counter),
+            self.budget_of(counter),
+            self.loss_told(counter),
         )
+
+    def loss_told(self, counter: int) -> bool:
+        """Whether the net is told the training loss in the ``counter``-th
+        inner run (not in a ``loss_hidden`` share of runs)."""
+        if not self.loss_hidden:
+            return True
+        return torch.rand((), generator=rng(self.seed, "loss", counter)).item() >= self.loss_hidden
 
     def budget_of(self, counter: int) -> int | None:
         """The step budget the net is told in the ``counter``-th inner run:

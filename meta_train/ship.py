@@ -211,6 +211,12 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
             if net.reads_budget
             else ""
         )
+        + (
+            "; reads the training loss (step(loss=...) or a closure), as ratios to its "
+            "running averages and its best, in its trunk and schedule"
+            if net.reads_loss
+            else ""
+        )
         + ".",
     ]
     if hasattr(net, "role_log_rate"):

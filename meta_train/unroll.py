@@ -23,6 +23,8 @@ from lopt.nets import OptimizerNet
 from tasks import Task
 
 META_LOSSES = ("mean", "log", "final", "heldout")
+# The optimizer state's entries in an inner state (loss_stats: absent from older ones).
+STATE_KEYS = ("momenta", "second_moment", "step", "skipped", "loss_stats")
 InnerState = dict[str, object]
 
 
@@ -134,12 +136,16 @@ class TaskUnroll:
 
     # --------------------------------------------------------- inner state
     def init_inner(
-        self, population: int, generator: torch.Generator, total_steps: int | None = None
+        self,
+        population: int,
+        generator: torch.Generator,
+        total_steps: int | None = None,
+        loss_told: bool = True,
     ) -> InnerState:
         """Every member starts from the same initial parameters (common random
         numbers: antithetic pairs differ only by their perturbation).
         ``total_steps`` is the run's budget as the net is told it (None: not
-        told)."""
+        told); ``loss_told``, whether a net that reads the loss is told it."""
         params = self.task.init(generator)
         state = functional.init([params[n] for n in self.names])
         batch = self.task.sample_batch(generator)
@@ -154,6 +160,8 @@ class TaskUnroll:
             "second_moment": [rep(v) for v in state["second_moment"]],
             "step": rep(state["step"]),
             "skipped": rep(state["skipped"]),
+            "loss_stats": rep(state["loss_stats"]),
+            "loss_told": rep(torch.tensor(float(loss_told), device=initial.device)),
             "initial_loss": rep(initial),
             "total_steps": rep(torch.tensor(float(total_steps or -1), device=initial.device)),
         }
@@ -173,12 +181,17 @@ class TaskUnroll:
     ):
         net_params = self.unflatten(theta)
         params = dict(inner["params"])
-        state = {k: inner[k] for k in ("momenta", "second_moment", "step", "skipped")}
+        state = {k: inner[k] for k in STATE_KEYS if k in inner}
         start = state["step"] + state["skipped"]  # inner steps taken, good or not
         grad_fn = torch.func.grad_and_value(self.task.loss)
         losses = []
         for k in range(batches[0].shape[0]):
             grads, loss = grad_fn(params, (batches[0][k], batches[1][k]))
+            # The loss as a feature: a value, not a path for the meta-gradient;
+            # NaN (not read) in runs whose loss the net is not told.
+            told = loss.detach()
+            if "loss_told" in inner:
+                told = torch.where(inner["loss_told"] > 0, told, torch.nan)
             updates, state = functional.update(
                 self.net,
                 self.task.spec,
@@ -187,6 +200,7 @@ class TaskUnroll:
                 state,
                 [params[n] for n in self.names],
                 total_steps=inner.get("total_steps"),
+                loss=told,
             )
             params = {n: params[n] + u for n, u in zip(self.names, updates)}
             if heldout is not None:
@@ -194,8 +208,9 @@ class TaskUnroll:
             losses.append(loss)
         losses = torch.stack(losses)
         new_inner = {"params": params, **state, "initial_loss": inner["initial_loss"]}
-        if "total_steps" in inner:
-            new_inner["total_steps"] = inner["total_steps"]
+        for key in ("total_steps", "loss_told"):
+            if key in inner:
+                new_inner[key] = inner[key]
         return self.meta_loss(losses, inner["initial_loss"], start, self.horizon), losses, new_inner
 
     # ------------------------------------------------------------ population

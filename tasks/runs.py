@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lopt import LearnedOptimizer
 from tasks import Task
 
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
@@ -76,6 +77,8 @@ def run(
     scheduler = schedule(opt, steps) if schedule is not None else None
     eval_every = eval_every or max(1, steps // 20)
     curve = Curve()
+    # A learned optimizer is told each step's loss (nets that read it use it).
+    tells_loss = isinstance(opt, LearnedOptimizer)
 
     def evaluate(step: int) -> None:
         params = dict(model.named_parameters())
@@ -90,7 +93,10 @@ def run(
         opt.zero_grad()
         loss = task.loss(dict(model.named_parameters()), (x, y))
         loss.backward()
-        opt.step()
+        if tells_loss:
+            opt.step(loss=loss)
+        else:
+            opt.step()
         if scheduler is not None:
             scheduler.step()
         curve.train.append(_finite(loss.item()))

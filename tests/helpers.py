@@ -106,7 +106,15 @@ def random_state(params, seed, step=7.0):
         torch.rand(v.shape, generator=g) * 0.01 for v in state["second_moment"]
     ]
     state["step"] = torch.tensor(step)
+    # A few losses seen: count, best log loss, running sums of the log loss.
+    n = torch.tensor(5.0)
+    state["loss_stats"] = torch.stack(
+        [n, torch.tensor(-1.5), (1 - 0.9**n) * -1.0, (1 - 0.99**n) * -0.9]
+    )
     return state
+
+
+STEP_LOSS = 0.4  # a loss the step helpers tell the nets that read it (log 0.4 = -0.92)
 
 
 def assert_fused_in_place_matches(net, spec, params, grads, state):
@@ -166,6 +174,7 @@ def strong(kind, depth=1):
         budget=kind == "nfn-real-like",
         role_rates=kind == "nfn-real-like",
         term_schedule=kind == "nfn-real-like",
+        loss_features=kind == "nfn-real-like",
         **kw,
     )
     with torch.no_grad():
@@ -178,6 +187,9 @@ def strong(kind, depth=1):
             net.term_schedule.weight.normal_(std=0.03)
             net.term_schedule.bias.normal_(std=0.03)
             net.term_snr_exp.fill_(0.05)
+            net.loss_inp.weight.normal_(std=0.3)
+            net.loss_schedule.weight.normal_(std=0.03)
+            net.loss_term.weight.normal_(std=0.03)
     return net
 
 

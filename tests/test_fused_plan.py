@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import (
     KINDS,
+    STEP_LOSS,
     architectures,
     assert_same_step_from_the_same_point,
     make_cnn,
@@ -33,9 +34,10 @@ def step_both(net, spec, params, grads, state, total_steps=None):
     mine = copy.deepcopy(state)
     with torch.no_grad():
         assert fused_plan.plan_for(net, spec, params, grads, mine) is not None
-        ref = functional.update(net, spec, None, grads, state, params, total_steps=total_steps)
+        ref = functional.update(net, spec, None, grads, state, params, total_steps=total_steps,
+                                loss=STEP_LOSS)  # fmt: skip
         out = functional.update(net, spec, None, grads, mine, params, guard=False, inplace=True,
-                                fused=True, total_steps=total_steps)  # fmt: skip
+                                fused=True, total_steps=total_steps, loss=STEP_LOSS)  # fmt: skip
     return ref, out, mine
 
 
@@ -51,6 +53,7 @@ def assert_same_step(ref, out, held):
             assert a.data_ptr() == mine.data_ptr()  # in place
     assert torch.equal(out_state["step"], ref_state["step"])
     assert torch.equal(out_state["skipped"], ref_state["skipped"])
+    assert torch.equal(out_state["loss_stats"], ref_state["loss_stats"])
 
 
 def mlp_step_inputs(sizes, state_seed):

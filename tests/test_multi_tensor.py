@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import (
     KINDS,
+    STEP_LOSS,
     architectures,
     assert_same_step_from_the_same_point,
     make_mlp,
@@ -39,9 +40,10 @@ def per_tensor_and_multi(net, module, seed, total_steps=50):
     state = random_state(params, seed)
     args = (spec, spec.split(params), spec.split(grads), spec.split(state["momenta"], dim=1),
             spec.split(state["second_moment"]), state["step"] + 1)  # fmt: skip
+    loss_in = torch.tensor([-0.3, 0.2, 0.5, 1.0])  # loss features (the nets reading them)
     with torch.no_grad():
-        ref = net(*args, total_steps=total_steps)
-        out = net(*args, total_steps=total_steps, multi_tensor=True)
+        ref = net(*args, total_steps=total_steps, loss_in=loss_in)
+        out = net(*args, total_steps=total_steps, multi_tensor=True, loss_in=loss_in)
     return ref, out
 
 
@@ -148,7 +150,8 @@ def device_step(net, spec, grads, state, params):
     """functional.update's in-place multi-tensor step (the one a GPU takes)."""
     with torch.no_grad():
         return functional.update(net, spec, None, grads, state, params, guard=False,
-                                 inplace=True, multi_tensor=True, total_steps=40)  # fmt: skip
+                                 inplace=True, multi_tensor=True, total_steps=40,
+                                 loss=STEP_LOSS)  # fmt: skip
 
 
 def step_setup(seed=0):
@@ -166,7 +169,8 @@ def test_the_device_step_updates_the_state_in_place_as_the_per_tensor_path_does(
     net = strong(kind)
     mine = copy.deepcopy(state)
     with torch.no_grad():
-        ref_u, ref = functional.update(net, spec, None, grads, state, params, total_steps=40)
+        ref_u, ref = functional.update(net, spec, None, grads, state, params, total_steps=40,
+                                       loss=STEP_LOSS)  # fmt: skip
     held = [m.data_ptr() for m in mine["momenta"]]
     out_u, out = device_step(net, spec, grads, mine, params)
     assert_updates_close(out_u, ref_u)
@@ -175,6 +179,7 @@ def test_the_device_step_updates_the_state_in_place_as_the_per_tensor_path_does(
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # lerp rounds otherwise
     assert [m.data_ptr() for m in mine["momenta"]] == held  # in place
     assert out["step"].item() == 8.0 and out["skipped"].item() == 0.0
+    assert torch.equal(out["loss_stats"], ref["loss_stats"])
 
 
 def test_a_non_finite_gradient_leaves_the_device_step_s_state_as_it_was():
