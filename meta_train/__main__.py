@@ -92,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
     "freeze": [],
 }
 NETS = {"nfn": NFNNet, "mlp": PerParamMLP}
+STOPPED = 130  # the exit status of a run stopped by a signal (128 + SIGINT), as a shell's
 _positive = options.number(0, strict=True)
 TASK_LIST = "python -m tasks list shows them all"
 RULES: dict[str, Any] = {
@@ -675,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.train(cfg["outer_steps"], progress=not args.no_progress, stops=stops)
         except KeyboardInterrupt:
             save_net(net, out, cfg, trainer, time.time() - start, rank, command)
-            return 130
+            return STOPPED
         except OSError as e:  # e.g. a full disk: the last checkpoint is whole (atomic writes)
             print(
                 f"python -m meta_train: error: {e}; the last checkpoint written to {out} is "
@@ -756,5 +757,19 @@ def save_net(
     print(f"wrote {out / 'optimizer.pt'} after {trainer.step} outer steps")
 
 
+def main_and_leave() -> int:
+    """:func:`main`, for the command line. A run stopped at once under
+    torchrun (its optimizer.pt written) leaves without running gloo's
+    destructors: after a peer left in the middle of a collective they can
+    abort the process ("terminate called without an active exception"),
+    turning a clean stop into SIGABRT."""
+    code = main()
+    if code == STOPPED and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 if __name__ == "__main__":
-    cli.run(main, "python -m meta_train")
+    cli.run(main_and_leave, "python -m meta_train")
