@@ -34,8 +34,9 @@ the UNF paper's net does on top of SGD with momentum), and its output layer
 starts near zero, so a fresh net is a sane, slow optimizer. A net built with
 ``loss_features=True`` also reads the training loss, as ratios to its own
 running averages (:func:`~lopt.features.loss_features`), in the trunk's bias,
-the learned schedule and the term's factor, so it can back off when the loss
-spikes. Every input is loss-scale invariant, so the update is too.
+the term's factor and, as a brake only, the learned schedule: a loss above its
+averages or its best can slow the whole update, never speed it up. Every
+input is loss-scale invariant, so the update is too.
 """
 
 from __future__ import annotations
@@ -535,13 +536,19 @@ class OptimizerNet(nn.Module):
     ) -> Tensor | None:
         """The learned schedule's factor on the whole update (a 0-d
         tensor), or None for a net without one: ``exp(w . [step features,
-        budget features] + b + LOSS_SCHEDULE_GAIN * w' . loss_in)``, at most
-        ``e**MAX_LOG_SCHEDULE`` (``w'`` for a net that reads the loss)."""
+        budget features] + b - LOSS_SCHEDULE_GAIN * max(w', 0) . max(loss_in,
+        0))``, at most ``e**MAX_LOG_SCHEDULE`` (``w'`` for a net that reads
+        the loss)."""
         if not self.reads_budget:
             return None
         log_scale = self.schedule(torch.cat([steps_in, budget_in]))[0]
         if loss_in is not None and self.reads_loss:
-            log_scale = log_scale + LOSS_SCHEDULE_GAIN * self.loss_schedule(loss_in)[0]
+            # A brake only: the loss above its averages (or its best) slows
+            # the update. Free weights learned to speed it up as the loss
+            # rose (it often rises while a run still improves), a feedback
+            # that diverged 3,000-step runs. The clamp passes gradients at 0.
+            brake = self.loss_schedule.weight[0].clamp(min=0) @ loss_in.clamp(min=0)
+            log_scale = log_scale - LOSS_SCHEDULE_GAIN * brake
         return log_scale.clamp(max=MAX_LOG_SCHEDULE).exp()
 
     @staticmethod

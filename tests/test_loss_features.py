@@ -127,20 +127,28 @@ def test_the_loss_moves_the_update_of_a_net_that_reads_it_and_no_other():
     assert torch.equal(untold[1]["loss_stats"], state["loss_stats"])
 
 
-def test_the_schedule_reads_the_loss_by_its_formula():
-    net = NFNNet(budget=True, loss_features=True)
-    step = torch.tensor(30.0)
+def test_the_loss_only_brakes_the_schedule_by_its_formula():
     from lopt.features import budget_features, step_features
     from lopt.nets import LOSS_SCHEDULE_GAIN
 
+    net = NFNNet(budget=True, loss_features=True)
     with torch.no_grad():
-        net.loss_schedule.weight.normal_(std=0.1)
-    z = torch.tensor([0.5, 0.8, 0.9, 1.0])
+        net.loss_schedule.weight.copy_(torch.tensor([[0.05, -0.2, 0.02, 0.01]]))
+    step = torch.tensor(30.0)
     steps_in, budget_in = step_features(step), budget_features(step, 100)
     base = net.schedule_scale(steps_in, budget_in)
-    scaled = net.schedule_scale(steps_in, budget_in, z)
-    expected = base * torch.exp(LOSS_SCHEDULE_GAIN * net.loss_schedule.weight[0] @ z)
-    torch.testing.assert_close(scaled, expected)
+    for z in ([0.5, 0.8, 0.9, 1.0], [-0.5, 0.8, 0.0, 1.0], [-0.9, -0.9, 0.3, 1.0]):
+        z = torch.tensor(z)
+        scaled = net.schedule_scale(steps_in, budget_in, z)
+        # by hand: positive weights on the positive parts of the features
+        brake = sum(w * f for w, f in zip([0.05, 0.0, 0.02, 0.01], z.clamp(min=0).tolist()))
+        torch.testing.assert_close(scaled, base * math.exp(-LOSS_SCHEDULE_GAIN * brake))
+        assert scaled <= base
+    # The brake's weights learn from 0 (a clamp passes its gradient there).
+    with torch.no_grad():
+        net.loss_schedule.weight.zero_()
+    net.schedule_scale(steps_in, budget_in, torch.ones(NUM_LOSS_FEATURES)).backward()
+    assert (net.loss_schedule.weight.grad < 0).all()
 
 
 def test_loss_features_need_the_budget():
