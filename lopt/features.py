@@ -128,7 +128,7 @@ def rms_and_denominator(second_moment: Tensor, c2: Tensor) -> tuple[Tensor, Tens
     # scalar, left to the callers (the channel scales). eps is a cached 0-d
     # device tensor: a fresh one per step is a host-to-device copy.
     rsqrt_c2 = c2.rsqrt()
-    return rms, torch.addcmul(constant((EPS,), c2.device)[0], rms, rsqrt_c2)
+    return rms, torch.addcmul(scalar_constant(EPS, c2.device), rms, rsqrt_c2)
 
 
 def entry_channels(
@@ -183,6 +183,19 @@ def constant(values: tuple[float, ...], device: torch.device) -> Tensor:
     return _CONSTANTS[key]
 
 
+_SCALARS: dict[tuple[float, torch.device], Tensor] = {}
+
+
+def scalar_constant(value: float, device: torch.device) -> Tensor:
+    """``value`` as a 0-d float32 tensor on ``device``, made once (as
+    :func:`constant`, without a view per call: it runs per slice per step)."""
+    key = (value, torch.device(device))
+    found = _SCALARS.get(key)
+    if found is None:
+        found = _SCALARS[key] = constant((value,), device)[0]
+    return found
+
+
 def step_features(step: Tensor) -> Tensor:
     """``tanh(t / timescale)`` for each timescale: shape ``(NUM_STEP_FEATURES,)``."""
     scales = constant(STEP_TIMESCALES, step.device)
@@ -201,7 +214,7 @@ def budget_features(step: Tensor, total_steps: Tensor | float | None) -> Tensor:
     if isinstance(total_steps, Tensor):
         total = total_steps.to(dtype=torch.float32, device=step.device)
     else:  # a number: made once per value, not copied to the device each step
-        total = constant((float(total_steps),), step.device)[0]
+        total = scalar_constant(float(total_steps), step.device)
     known = total > 0
     f = (step.float() / torch.where(known, total, 1.0)).clamp(0.0, 1.0)
     scales = constant(BUDGET_SCALES, step.device)

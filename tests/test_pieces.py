@@ -179,3 +179,12 @@ def test_a_version_4_attention_net_loads_with_zeros_for_the_new_roles(tmp_path):
     torch.save(payload, path)
     with pytest.raises(ValueError, match="weights do not fit"):
         lopt.checkpoint.load(path)
+
+
+def test_scalar_constants_are_made_once_and_zero_dimensional():
+    from lopt.features import scalar_constant
+
+    a = scalar_constant(1e-8, torch.device("cpu"))
+    assert a.dim() == 0 and a.dtype == torch.float32 and a.item() == pytest.approx(1e-8)
+    assert scalar_constant(1e-8, "cpu") is a  # no new tensor, and no new view, per call
+    assert scalar_constant(2.0, "cpu") is not a
