@@ -544,9 +544,9 @@ class OptimizerNet(nn.Module):
         log_scale = self.schedule(torch.cat([steps_in, budget_in]))[0]
         if loss_in is not None and self.reads_loss:
             # A brake only: the loss above its averages (or its best) slows
-            # the update. Free weights learned to speed it up as the loss
-            # rose (it often rises while a run still improves), a feedback
-            # that diverged 3,000-step runs. The clamp passes gradients at 0.
+            # the update. Free weights were meta-trained to speed it up when
+            # the loss ran above its long average, a feedback that diverged
+            # a 3,000-step run. The clamp passes gradients at 0.
             brake = self.loss_schedule.weight[0].clamp(min=0) @ loss_in.clamp(min=0)
             log_scale = log_scale - LOSS_SCHEDULE_GAIN * brake
         return log_scale.clamp(max=MAX_LOG_SCHEDULE).exp()

@@ -49,7 +49,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             d, m = net_phi(x, t, t / N, z)   (the NFN adds per-neuron pooled terms)
             a = -(64 / fan_in)^e lr_net adam;  l = -(64 / fan_in)^e c d exp(0.1 m)
             if theta is a weight of 2+ axes: l = l - <l, w_r> w_r / |w_r|^2, row by row
-            u = s(t, N, z) (a + l)
+            u = s(t, N, z) (a + l)   (z only lowers s: s(t, N, z) <= s(t, N, 0))
             theta = theta + gamma u
 
     The row projection keeps the learned term ``l`` from growing or
@@ -241,8 +241,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 returned = closure()
-            if loss is None and returned is not None:
-                loss = check_loss(returned)
+            if loss is None and returned is not None and self.net.reads_loss:
+                loss = check_loss(returned)  # what else a closure returns is its own affair
         if isinstance(loss, Tensor):
             loss = loss.detach()
         for index, group in enumerate(self.param_groups):

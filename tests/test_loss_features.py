@@ -309,3 +309,17 @@ def test_the_vmapped_unroll_tells_the_loss_as_the_loop_does():
         runs.append(p.unroll(thetas, p.reset(0, 2), 0))
     torch.testing.assert_close(runs[0][1], runs[1][1])
     torch.testing.assert_close(runs[0][2]["loss_stats"], runs[1][2]["loss_stats"])
+
+
+def test_a_closure_s_other_return_values_are_left_to_it_when_the_net_ignores_the_loss():
+    model = make_mlp([6, 9, 4])
+    opt = lopt.NFNOptimizer(model.parameters(), model=model)  # the shipped net: no loss input
+    assert not opt.net.reads_loss
+
+    def closure():
+        opt.zero_grad()
+        loss = model(torch.randn(4, 6)).square().mean()
+        loss.backward()
+        return loss, "extra"
+
+    assert opt.step(closure)[1] == "extra"
