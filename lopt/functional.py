@@ -112,19 +112,15 @@ def update(
     """
     if inplace and guard:
         raise ValueError("inplace=True needs guard=False: an in-place state cannot be rolled back")
-    loss_in = None
+    loss_in, stats = None, state.get("loss_stats")
     if net.reads_loss:  # a few scalar operations: the same on every path
-        stats = state.get("loss_stats")
         if stats is None:  # a state from before the loss state existed
             stats = loss_state(state["step"].device)
         loss_in, stats = loss_features(stats, loss)
-        updates, new = _update_paths(net, spec, net_params, grads, state, params, guard, inplace,
-                                     fused, total_steps, multi_tensor, loss_in)  # fmt: skip
-        return updates, {**new, "loss_stats": stats}
     updates, new = _update_paths(net, spec, net_params, grads, state, params, guard, inplace,
-                                 fused, total_steps, multi_tensor, None)  # fmt: skip
-    if "loss_stats" in state:  # carried as it was
-        new = {**new, "loss_stats": state["loss_stats"]}
+                                 fused, total_steps, multi_tensor, loss_in)  # fmt: skip
+    if stats is not None:  # a net that does not read the loss carries it as it was
+        new = {**new, "loss_stats": stats}
     return updates, new
 
 

@@ -411,8 +411,6 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     skipped=fresh["skipped"],
                     loss_stats=fresh["loss_stats"],
                 )
-            elif "loss_stats" not in st:  # a state saved before the loss state existed
-                st["loss_stats"] = loss_state(p.device)
         state = {
             "momenta": [_float32(st["momenta"]) for st in states],
             "second_moment": [_float32(st["second_moment"]) for st in states],
@@ -432,6 +430,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             for k in _STATE_KEYS + ("step", "skipped", "loss_stats"):
                 if k in st:
                     self.state[p][k] = st[k].to(device=p.device, dtype=torch.float32)
+            if st and "loss_stats" not in st:  # saved before the loss state existed
+                self.state[p]["loss_stats"] = loss_state(p.device)
 
 
 def _float32(x: Tensor) -> Tensor:

@@ -235,7 +235,7 @@ def parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="with --budget: the net reads the training loss, as ratios to its own "
         "running averages and its best (opt.step(loss=...) or a closure tells it), in its "
-        "trunk and its schedule; their weights start at 0 (default off)",
+        "trunk and as a brake on its schedule; their weights start at 0 (default off)",
     )
     a(
         "--init-from",

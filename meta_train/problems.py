@@ -159,17 +159,18 @@ class LearnedOptimizerProblem(TruncatedProblem):
     def loss_told(self, counter: int) -> bool:
         """Whether the net is told the training loss in the ``counter``-th
         inner run (not in a ``loss_hidden`` share of runs)."""
-        if not self.loss_hidden:
-            return True
-        return torch.rand((), generator=rng(self.seed, "loss", counter)).item() >= self.loss_hidden
+        return not self._hidden(self.loss_hidden, "loss", counter)
+
+    def _hidden(self, share: float, tag: str, counter: int) -> bool:
+        """Whether the ``counter``-th inner run falls in the ``share`` of runs
+        that hide what ``tag`` names from the net (drawn from its own stream)."""
+        return bool(share) and torch.rand((), generator=rng(self.seed, tag, counter)).item() < share
 
     def budget_of(self, counter: int) -> int | None:
         """The step budget the net is told in the ``counter``-th inner run:
         its horizon, or None in a ``budget_hidden`` share of runs."""
-        if self.budget_hidden:
-            u = torch.rand((), generator=rng(self.seed, "budget", counter)).item()
-            if u < self.budget_hidden:
-                return None
+        if self._hidden(self.budget_hidden, "budget", counter):
+            return None
         return self.horizon_of(counter)
 
     @property
