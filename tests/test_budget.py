@@ -192,6 +192,70 @@ def test_learned_schedule_scales_the_whole_update(cls):
         torch.testing.assert_close(u, factor * v, rtol=1e-5, atol=1e-9)
 
 
+def anytime_setup(cls, seed):
+    """A budget net, its twin with the anytime schedule (the same weights,
+    the anytime schedule's random), an MLP and its data."""
+    model, x, y, net = setup(cls, seed)
+    with torch.no_grad():
+        net.schedule.weight.normal_(0, 0.3)
+        net.budget_inp.weight.normal_(0, 0.3)
+    anytime = cls(**net.config, anytime_schedule=True)
+    missing = anytime.load_state_dict(net.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["anytime_schedule.bias", "anytime_schedule.weight"]
+    with torch.no_grad():
+        anytime.anytime_schedule.weight.normal_(0, 0.5)
+        anytime.anytime_schedule.bias.fill_(-0.4)
+    return model, x, y, net, anytime
+
+
+@pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
+def test_the_anytime_schedule_scales_only_runs_of_unknown_budget(cls):
+    """Told the budget, a net with the anytime schedule steps bit for bit as
+    the net without it; not told (None, or the -1 meta-training passes for a
+    hidden budget), its update is that net's times exp(u . step features + c),
+    computed naively."""
+    model, x, y, net, anytime = anytime_setup(cls, seed=5)
+    for total in (8, 30, 1000):
+        for u, v in zip(
+            one_update(anytime, model, x, y, 6, total), one_update(net, model, x, y, 6, total)
+        ):
+            assert torch.equal(u, v)
+    feats = lopt.features.step_features(torch.tensor(6.0))
+    w, c = anytime.anytime_schedule.weight[0], anytime.anytime_schedule.bias[0]
+    factor = torch.exp(w @ feats + c).item()
+    assert abs(math.log(factor)) > 0.1
+    ref = one_update(net, model, x, y, 6, None)
+    for total in (None, -1):
+        for u, v in zip(one_update(anytime, model, x, y, 6, total), ref):
+            torch.testing.assert_close(u, factor * v, rtol=1e-5, atol=1e-9)
+
+
+def test_the_anytime_schedule_vmaps_over_known_and_unknown_budgets():
+    """Meta-training vmaps runs that know their budget and runs that do not:
+    each update is the one the run would take alone."""
+    model, x, y, _, net = anytime_setup(NFNNet, seed=6)
+    spec = WeightSpaceSpec.from_module(model)
+    params = [p.detach() for p in model.parameters()]
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    state = functional.init(params)
+    state["step"] = torch.tensor(5.0)
+    totals = torch.tensor([30.0, -1.0, 12.0])
+
+    def step(total):
+        return functional.update(net, spec, None, grads, state, params, total_steps=total)[0]
+
+    with torch.no_grad():
+        batched = torch.func.vmap(step)(totals)
+        for i, total in enumerate(totals):
+            for b, u in zip(batched, step(total)):
+                torch.testing.assert_close(b[i], u, rtol=1e-5, atol=1e-9)
+
+
+def test_the_anytime_schedule_needs_the_budget():
+    with pytest.raises(ValueError, match="anytime_schedule=True needs budget=True"):
+        PerParamMLP(anytime_schedule=True)
+
+
 def term_setup(cls, seed):
     """A budget net with the learned term's schedule, an MLP, its gradients
     and a random state a few steps in."""

@@ -100,11 +100,12 @@ def assert_same_step_on(module, net, threads, seed, total_steps):
     depth=st.integers(1, 2),
     threads=st.sampled_from([1, 2]),
     seed=st.integers(0, 2**16),
+    total=st.sampled_from([50, None]),
 )
-def test_the_multi_tensor_step_equals_the_torch_path(arch, kind, depth, threads, seed):
+def test_the_multi_tensor_step_equals_the_torch_path(arch, kind, depth, threads, seed, total):
     module, _ = arch
     torch.manual_seed(seed)
-    assert_same_step_on(module, strong(kind, depth), threads, seed, 50)
+    assert_same_step_on(module, strong(kind, depth), threads, seed, total)
 
 
 @pytest.mark.parametrize("name", ["transformer", "resnet-bn", "wide-mlp"])
