@@ -32,9 +32,6 @@ and the tensor's signal-to-noise ratio
 Adam's part late in a run. The net learns a correction on top of Adam (as
 the UNF paper's net does on top of SGD with momentum), and its output layer
 starts near zero, so a fresh net is a sane, slow optimizer. A net built with
-``anytime_schedule=True`` adds a learned log-factor of the step alone to the
-schedule in runs whose budget is unknown (a decay for runs of any length,
-learned from meta-training runs whose budget was hidden). A net built with
 ``loss_features=True`` also reads the training loss, as ratios to its own
 running averages (:func:`~lopt.features.loss_features`), in the trunk's bias,
 the term's factor and, as a brake only, the learned schedule: a loss above its
@@ -261,11 +258,8 @@ class OptimizerNet(nn.Module):
         budget: bool = False,
         term_schedule: bool = False,
         loss_features: bool = False,
-        anytime_schedule: bool = False,
     ) -> None:
         super().__init__()
-        if anytime_schedule and not budget:
-            raise ValueError("anytime_schedule=True needs budget=True (it adds to its schedule)")
         if term_schedule and not budget:
             raise ValueError("term_schedule=True needs budget=True (it reads the budget features)")
         if loss_features and not budget:
@@ -291,8 +285,6 @@ class OptimizerNet(nn.Module):
             self._config["term_schedule"] = True
         if loss_features:
             self._config["loss_features"] = True
-        if anytime_schedule:
-            self._config["anytime_schedule"] = True
         self.mag_mult = mag_mult
         self.fan_in_exp = nn.Parameter(torch.tensor(float(fan_in_exp)))
         self.log_lr = nn.Parameter(torch.tensor(math.log(lr)))
@@ -336,16 +328,6 @@ class OptimizerNet(nn.Module):
             with torch.no_grad():
                 for m in modules:
                     m.weight.zero_()
-        if anytime_schedule:
-            # A log-factor of the step alone, added to the schedule only in
-            # runs whose budget is unknown: there the budget features are 0,
-            # and the schedule's step weights, shared with the runs that know
-            # N, cannot learn a decay for them. Zero at first, so a net
-            # warm-started from one without it runs as that net did.
-            self.anytime_schedule = nn.Linear(NUM_STEP_FEATURES, 1)
-            with torch.no_grad():
-                self.anytime_schedule.weight.zero_()
-                self.anytime_schedule.bias.zero_()
         self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
         self.out = nn.Linear(width, 2)
         with torch.no_grad():
@@ -365,12 +347,6 @@ class OptimizerNet(nn.Module):
         """Whether the learned term (the update minus Adam's part) has a
         learned factor of its own per tensor (:meth:`term_log_factors`)."""
         return self._config.get("term_schedule", False)
-
-    @property
-    def has_anytime_schedule(self) -> bool:
-        """Whether the schedule has a learned part of its own for runs whose
-        budget is unknown (:meth:`schedule_scale`)."""
-        return self._config.get("anytime_schedule", False)
 
     @property
     def reads_loss(self) -> bool:
@@ -560,20 +536,12 @@ class OptimizerNet(nn.Module):
     ) -> Tensor | None:
         """The learned schedule's factor on the whole update (a 0-d
         tensor), or None for a net without one: ``exp(w . [step features,
-        budget features] + b + (1 - k) (u . step features + c) -
-        LOSS_SCHEDULE_GAIN * max(w', 0) . max(loss_in, 0))``, at most
-        ``e**MAX_LOG_SCHEDULE``, where ``k`` is the budget features' flag (1
-        when the budget is known), ``u``, ``c`` the anytime schedule's
-        weights (for a net built with ``anytime_schedule=True``) and ``w'``
-        the loss brake's (for a net that reads the loss)."""
+        budget features] + b - LOSS_SCHEDULE_GAIN * max(w', 0) . max(loss_in,
+        0))``, at most ``e**MAX_LOG_SCHEDULE`` (``w'`` for a net that reads
+        the loss)."""
         if not self.reads_budget:
             return None
         log_scale = self.schedule(torch.cat([steps_in, budget_in]))[0]
-        if self.has_anytime_schedule:
-            # Multiplied, not branched on: a hidden run in a vmapped batch of
-            # runs is a value of the flag, not a Python condition.
-            unknown = 1.0 - budget_in[-1]
-            log_scale = log_scale + unknown * self.anytime_schedule(steps_in)[0]
         if loss_in is not None and self.reads_loss:
             # A brake only: the loss above its averages (or its best) slows
             # the update. Free weights were meta-trained to speed it up when

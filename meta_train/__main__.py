@@ -63,7 +63,6 @@ DEFAULTS: dict[str, Any] = {
     "budget": False,
     "term_schedule": False,
     "loss_features": False,
-    "anytime_schedule": False,
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
@@ -114,7 +113,6 @@ RULES: dict[str, Any] = {
     "budget": options.boolean,
     "term_schedule": options.boolean,
     "loss_features": options.boolean,
-    "anytime_schedule": options.boolean,
     "family": options.choice(lambda: list(FAMILIES) + list(TASKS), TASK_LIST),
     "estimator": options.choice(sorted(ESTIMATORS)),
     "population": options.integer(1),
@@ -238,13 +236,6 @@ def parser() -> argparse.ArgumentParser:
         help="with --budget: the net reads the training loss, as ratios to its own "
         "running averages and its best (opt.step(loss=...) or a closure tells it), in its "
         "trunk and as a brake on its schedule; their weights start at 0 (default off)",
-    )
-    a(
-        "--anytime-schedule",
-        action=argparse.BooleanOptionalAction,
-        help="with --budget: runs whose budget the net is not told (--budget-hidden; "
-        "total_steps not given) get a learned log-factor of the step of their own on the "
-        "schedule, starting at 0 (default off)",
     )
     a(
         "--init-from",
@@ -384,8 +375,6 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--term-schedule reads the budget features: give --budget")
     if cfg.get("loss_features") and not cfg.get("budget"):
         raise SystemExit("--loss-features enter the learned schedule of --budget: give --budget")
-    if cfg.get("anytime_schedule") and not cfg.get("budget"):
-        raise SystemExit("--anytime-schedule adds to the schedule of --budget: give --budget")
     if cfg.get("loss_hidden") and not cfg.get("loss_features"):
         raise SystemExit(
             "--loss-hidden hides the loss from a net that reads it: give --loss-features"
@@ -466,7 +455,6 @@ def build(
             budget=cfg.get("budget", False),
             term_schedule=cfg.get("term_schedule", False),
             loss_features=cfg.get("loss_features", False),
-            anytime_schedule=cfg.get("anytime_schedule", False),
             **extra,
         )
     if warm and cfg.get("init_from"):

@@ -185,7 +185,6 @@ def strong(kind, depth=1):
         role_rates=kind == "nfn-real-like",
         term_schedule=kind == "nfn-real-like",
         loss_features=kind == "nfn-real-like",
-        anytime_schedule=kind == "nfn-real-like",
         **kw,
     )
     with torch.no_grad():
@@ -201,7 +200,6 @@ def strong(kind, depth=1):
             net.loss_inp.weight.normal_(std=0.3)
             net.loss_schedule.weight.normal_(std=0.03)
             net.loss_term.weight.normal_(std=0.03)
-            net.anytime_schedule.weight.normal_(std=0.3)
     return net
 
 

@@ -66,7 +66,6 @@ def assert_usage_error(main, argv, message, prog="prog"):
         (["--width", "four"], "invalid int value: 'four'"),
         (["--init-from", "no-such-net"], "--init-from: no optimizer checkpoint 'no-such-net'"),
         (["--term-schedule"], "--term-schedule reads the budget features: give --budget"),
-        (["--anytime-schedule"], "--anytime-schedule adds to the schedule of --budget"),
     ],
 )
 def test_meta_train_bad_flags(tmp_path, argv, message):

@@ -80,8 +80,7 @@ def test_the_multi_tensor_forward_equals_the_per_tensor_one(arch, kind, depth, c
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_multi_tensor_forward_equals_the_per_tensor_one_on_real_models(name, kind, total):
     # Packed attention projections (pieces, nested axes), embeddings,
-    # 4-axis convolutions, norms; a run not told its budget reads the
-    # anytime schedule.
+    # 4-axis convolutions, norms; told the budget or not.
     ref, out = per_tensor_and_multi(strong(kind), real_models()[name], 3, total_steps=total)
     assert_updates_close(out, ref)
 
