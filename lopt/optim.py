@@ -81,8 +81,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             schedule is told), read by nets that know the budget (a group
             may set its own); None: not known, and the net falls back on
             what it learned for runs of unknown length (the shipped nets:
-            runs of 100 to 2,000 steps). Nets without the budget input
-            ignore it.
+            runs of 100 to 2,000 steps; no decay), and the first step warns
+            once. Nets without the budget input ignore it.
         fused: run the step on CPU through the fused kernels
             (:mod:`lopt.fused`, compiled on first use; each pass once over
             all tensors of a group, :mod:`lopt.fused_plan`): ``None``
@@ -164,6 +164,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._skips_in_a_row = [0] * len(self.param_groups)
         self._device_skips: dict[int, tuple[int, float]] = {}  # group: (steps, skipped seen)
         self._warned_skips = False
+        self._warned_budget = False
         if isinstance(spec, WeightSpaceSpec):
             spec = [spec]
         if spec is not None and len(spec) != len(self.param_groups):
@@ -249,6 +250,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             active = [j for j, p in enumerate(group["params"]) if p.grad is not None]
             if not active:
                 continue
+            self._check_budget_told(index, group)
             params = [group["params"][j] for j in active]
             for j, p in zip(active, params):
                 if p.grad.is_sparse:
@@ -341,6 +343,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 parts = {j: u * group["lr"] for j, u in zip(active, updates)}
             out += [parts.get(j) for j in range(len(group["params"]))]
         return out
+
+    def _check_budget_told(self, index: int, group: dict) -> None:
+        """Warn once when a net that reads the run's length steps a group
+        not told it: the shipped nets then do not decay their update."""
+        if group["total_steps"] is None and self.net.reads_budget and not self._warned_budget:
+            self._warned_budget = True
+            warnings.warn(
+                f"{type(self).__name__}: parameter group {index} has no total_steps, but this "
+                "net reads the run's length to schedule its update (the shipped nets decay "
+                "it only when told the length); pass total_steps=N, the number of optimizer "
+                "steps the run will take",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _count_skip(self, index: int, skipped: bool) -> None:
         """Count group ``index``'s skipped steps in a row; warn once when

@@ -165,7 +165,7 @@ def test_model_that_does_not_hold_the_parameters_is_named():
 
 def test_a_run_of_skipped_steps_warns_once():
     model = nn.Linear(3, 2)
-    opt = lopt.MLPOptimizer(model.parameters())
+    opt = lopt.MLPOptimizer(model.parameters(), total_steps=100)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(opt.SKIPS_BEFORE_WARNING - 1):

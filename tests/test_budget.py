@@ -149,6 +149,32 @@ def test_optimizer_passes_each_groups_total_steps(cls, tmp_path):
     assert "budget" not in cls.net_class().config and not cls.net_class().reads_budget
 
 
+@pytest.mark.parametrize("cls", [lopt.NFNOptimizer, lopt.MLPOptimizer])
+def test_a_budget_net_not_told_total_steps_warns_once(cls):
+    """A group without total_steps, stepped by a net that reads the budget,
+    warns once, naming the group; told groups and nets without the budget
+    input do not warn."""
+    import warnings
+
+    model, x, y, net = setup(cls.net_class, seed=3)
+
+    def steps(opt, n=3):
+        for _ in range(n):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    params = list(model.parameters())
+    opt = cls([{"params": params[:2], "total_steps": 10}, {"params": params[2:]}], net=net)
+    with pytest.warns(UserWarning, match="parameter group 1 has no total_steps") as caught:
+        steps(opt)
+    assert len([w for w in caught if "total_steps" in str(w.message)]) == 1
+    for told in (cls(params, net=net, total_steps=10), cls(params, net=cls.net_class())):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            steps(told, 1)
+
+
 @pytest.mark.parametrize("bad", [0, -5, 2.5, float("nan"), float("inf"), "100", True])
 def test_bad_total_steps_are_refused_by_name(bad):
     model = make_mlp([4, 3])
