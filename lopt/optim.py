@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -355,7 +356,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 "it only when told the length); pass total_steps=N, the number of optimizer "
                 "steps the run will take",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=caller_stacklevel(),
             )
 
     def _count_skip(self, index: int, skipped: bool) -> None:
@@ -372,7 +373,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 "updates) were not finite, so its parameters have stopped changing; check the "
                 "loss for NaN or inf",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=caller_stacklevel(),
             )
 
     @staticmethod
@@ -495,6 +496,18 @@ def check_loss(loss: Any) -> Tensor | float:
     if isinstance(loss, bool) or not isinstance(loss, (int, float)):
         raise TypeError(f"loss must be a number or a one-element tensor, got {type(loss).__name__}")
     return float(loss)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning raised in this module at the
+    caller's line: the first frame outside ``lopt`` and ``torch`` (a step
+    passes through torch's optimizer hooks and ``no_grad`` wrappers, whose
+    depth changes between torch versions)."""
+    skip = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_total_steps(total_steps: Any, where: str = "") -> int | None:

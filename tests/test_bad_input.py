@@ -180,6 +180,7 @@ def test_a_run_of_skipped_steps_warns_once():
             opt.step()
     assert len(caught) == 1 and issubclass(caught[0].category, RuntimeWarning)
     assert "5 steps in a row of parameter group 0 were skipped" in str(caught[0].message)
+    assert caught[0].filename == __file__  # the line that called step()
 
 
 @pytest.mark.parametrize(
