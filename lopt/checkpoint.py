@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from lopt.nets import NETS, OptimizerNet
+from lopt.warning_site import caller_stacklevel
 
 FORMAT = "lopt-optimizer-net"
 # 2: nets have a width exponent (fan_in_exp); version 1 files get 0.
@@ -185,7 +186,7 @@ def upgrade_config_v6(config: dict[str, Any], where: str | os.PathLike) -> dict[
             f"{where}: the net was set to {settings}, hand-set guards that this version "
             "of lopt does not apply; it runs without them",
             UserWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
     return config
 

@@ -52,6 +52,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lopt.warning_site import caller_stacklevel
+
 SOURCE = Path(__file__).with_name("csrc") / "entry_outputs.c"
 ABI = 7  # lopt_entry_outputs_abi() of the C file this wrapper matches
 # Below this, splitting a tensor between threads costs more than it saves
@@ -166,7 +168,7 @@ def library() -> ctypes.CDLL | None:
                 warnings.warn(
                     f"lopt: the fused CPU kernel is unavailable ({e}); using the torch path",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=caller_stacklevel(),
                 )
     return _lib
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -22,6 +21,7 @@ from lopt import fused as fused_kernel
 from lopt.checkpoint import DEFAULT, load, recommended
 from lopt.features import loss_state
 from lopt.nets import NFNNet, OptimizerNet, PerParamMLP
+from lopt.warning_site import caller_stacklevel
 from lopt.weightspace import LOCAL, Axis, TensorSpec, WeightSpaceSpec
 
 _STATE_KEYS = ("momenta", "second_moment")
@@ -496,18 +496,6 @@ def check_loss(loss: Any) -> Tensor | float:
     if isinstance(loss, bool) or not isinstance(loss, (int, float)):
         raise TypeError(f"loss must be a number or a one-element tensor, got {type(loss).__name__}")
     return float(loss)
-
-
-def caller_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning raised in this module at the
-    caller's line: the first frame outside ``lopt`` and ``torch`` (a step
-    passes through torch's optimizer hooks and ``no_grad`` wrappers, whose
-    depth changes between torch versions)."""
-    skip = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def check_total_steps(total_steps: Any, where: str = "") -> int | None:

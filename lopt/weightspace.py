@@ -43,6 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from lopt.warning_site import caller_stacklevel
+
 GROUP, FIXED, LOCAL = "group", "fixed", "local"
 INPUT, HIDDEN, OUTPUT = "input", "hidden", "output"
 NP, HNP = "np", "hnp"
@@ -441,7 +443,7 @@ class WeightSpaceSpec:
             warnings.warn(
                 f"{type(module).__name__} could not be traced ({e}); its weight space "
                 "follows the sequential rule (layers in registration order)",
-                stacklevel=3,
+                stacklevel=caller_stacklevel(),
             )
             return None
         tensors, kinds, notes = graph_spec.spec_tensors(module, axes, groups, views)
@@ -449,7 +451,7 @@ class WeightSpaceSpec:
             warnings.warn(
                 f"{type(module).__name__}: neuron axes through operations the weight-space "
                 "inference does not follow keep local axes (not permuted): " + "; ".join(notes),
-                stacklevel=3,
+                stacklevel=caller_stacklevel(),
             )
         spec = cls(tuple(tensors), tuple(sorted(kinds.items())), NP)
         return spec.with_mode(mode) if mode != NP else spec

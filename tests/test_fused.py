@@ -404,8 +404,9 @@ def test_disabled_or_unbuildable_kernel_is_reported(monkeypatch, tmp_path):
     monkeypatch.setenv("LOPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(fused, "_lib", None)
     monkeypatch.setattr(fused, "_error", None)
-    with pytest.warns(RuntimeWarning, match="no-such-compiler-xyz"):
+    with pytest.warns(RuntimeWarning, match="no-such-compiler-xyz") as w:
         assert not fused.available()
+    assert w[0].filename == __file__
     assert "no-such-compiler-xyz" in fused.unavailable_reason()
 
 

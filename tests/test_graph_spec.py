@@ -371,6 +371,7 @@ def test_heads_meeting_an_operation_not_followed_stay_local_with_a_warning(rotar
     with pytest.warns(UserWarning, match="does not follow") as caught:
         spec = WeightSpaceSpec.from_module(model)
     message = str(caught[0].message)
+    assert caught[0].filename == __file__
     assert "qkv.weight" in message and "o.weight" in message
     by_name = {t.name: t for t in spec.tensors}
     assert all(a.kind == "local" for a in by_name["qkv.weight"].axes[:-1])
@@ -390,9 +391,13 @@ class Branchy(nn.Module):
 
 def test_an_untraceable_module_falls_back_with_a_warning():
     model = Branchy()
-    with pytest.warns(UserWarning, match="Branchy could not be traced .* sequential rule"):
+    with pytest.warns(UserWarning, match="Branchy could not be traced .* sequential rule") as w:
         spec = WeightSpaceSpec.from_module(model)
+    assert w[0].filename == __file__  # the caller's line, not lopt's
     assert spec == WeightSpaceSpec.from_module(model, graph=False)
+    with pytest.warns(UserWarning, match="Branchy could not be traced") as w:
+        lopt.NFNOptimizer(model.parameters(), model=model, total_steps=5)
+    assert w[0].filename == __file__
 
 
 ATTENTION = ["transformer-causal", "mha-pre-ln", "mha-post-ln-causal", "decoder-cross",

@@ -590,8 +590,11 @@ def test_version_5_checkpoints_drop_their_guards_with_a_warning(tmp_path):
     path = tmp_path / "v5.pt"
     lopt.save(strong_net(), path)
     _as_version_5(path, step_cap=0.02, adam_cap=3.0, decay_after=200.0, decay_power=1.0)
-    with pytest.warns(UserWarning, match="step_cap=0.02, adam_cap=3, decay_after=200, hand-set"):
+    with pytest.warns(
+        UserWarning, match="step_cap=0.02, adam_cap=3, decay_after=200, hand-set"
+    ) as w:
         loaded, _ = lopt.load(path)
+    assert w[0].filename == __file__
     assert loaded.rule == PLAIN
     assert not {"step_cap", "adam_cap", "decay_after", "decay_power"} & set(loaded.config)
 
