@@ -544,7 +544,7 @@ def _net_constants(net: OptimizerNet, plan: FusedPlan) -> NetConstants:
     if isinstance(net, NFNNet):
         nf_scales = (net.nf_scale * out_scales).contiguous()
         if net.neuron_stats:
-            stat_weights = (net.stat_weight / net.mag_mult).contiguous()
+            stat_weights = (net.stat_coefficients() / net.mag_mult).contiguous()
             stat_scales = nf_scales[:, 1].contiguous()
     constants = NetConstants(
         w_out, b_out, hidden, key_weights, key_biases, neg_lrs, nf_scales, stat_weights,

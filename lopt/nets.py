@@ -64,6 +64,7 @@ from lopt.features import (
     budget_features,
     channel_scales,
     channel_scales_all,
+    constant,
     entry_channels,
     log_signal_to_noise,
     rms_and_denominator,
@@ -780,6 +781,13 @@ STAT_POOLS: tuple[str, ...] = ("row", "column", "tensor", "vector")
 columns (input neurons) of a tensor of 2+ axes, and the whole of it; the
 whole of a tensor of fewer axes (a bias)."""
 STAT_FLOOR = 1e-3
+# term_in_adam_units' fixed coefficients, flattened: 1 on the log RMS of
+# Adam's direction over the whole of a tensor (pools "tensor" and "vector").
+ADAM_UNITS: tuple[float, ...] = tuple(
+    float(pool in ("tensor", "vector") and stat == "log_rms_adam_direction")
+    for pool in STAT_POOLS
+    for stat in NEURON_STATS
+)
 
 
 def neuron_stats(
@@ -959,6 +967,15 @@ class NFNNet(OptimizerNet):
             is scaled by it. The one global rate otherwise serves MLPs and
             attention alike; attention wants a smaller one. Starts at 0 (no
             change).
+        term_in_adam_units: with ``neuron_stats``, the learned term of every
+            tensor is also multiplied by the RMS of Adam's direction over
+            the tensor (floored at ``STAT_FLOOR``), a fixed coefficient of 1
+            beside the learned ones: the term is measured in units of Adam's
+            step, so it shrinks as Adam's direction does when a run settles
+            into a minimum (its momentum averages out). Learned from short
+            runs, that coefficient stays small, and the term's fixed size then
+            keeps a long run that fits its data bouncing far above Adam's
+            loss.
     """
 
     NF_OUTPUTS = ("both", "magnitude")
@@ -974,9 +991,12 @@ class NFNNet(OptimizerNet):
         width_free_stats: bool = False,
         attention_roles: bool = True,
         role_rates: bool = False,
+        term_in_adam_units: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(width, depth, **kwargs)
+        if term_in_adam_units and not neuron_stats:
+            raise ValueError("term_in_adam_units=True needs neuron_stats=True (it is one of them)")
         if nf_channels is not None and nf_channels < 1:
             raise ValueError(f"nf_channels must be positive, got {nf_channels}")
         if nf_outputs not in self.NF_OUTPUTS:
@@ -991,6 +1011,8 @@ class NFNNet(OptimizerNet):
             self.stat_weight = nn.Parameter(torch.zeros(len(STAT_POOLS), len(NEURON_STATS)))
         if width_free_stats:  # absent from older configs: those read the raw log RMS
             self._config["width_free_stats"] = True
+        if term_in_adam_units:
+            self._config["term_in_adam_units"] = True
         # Older checkpoints (format version < 4) have no weights for attention's
         # roles: they load with attention_roles=False.
         self._config["attention_roles"] = bool(attention_roles)
@@ -1053,6 +1075,24 @@ class NFNNet(OptimizerNet):
         """Whether the weights' statistic is read relative to a width-scaled init."""
         return self._config.get("width_free_stats", False)
 
+    @property
+    def term_in_adam_units(self) -> bool:
+        """Whether the learned term is scaled by the RMS of Adam's direction
+        over each tensor (a fixed coefficient beside :attr:`stat_weight`)."""
+        return self._config.get("term_in_adam_units", False)
+
+    def stat_coefficients(self) -> Tensor:
+        """The coefficients of :func:`neuron_stats` on the log-magnitude, per
+        pool ``(len(STAT_POOLS), len(NEURON_STATS))``: :attr:`stat_weight`,
+        plus 1 on the log RMS of Adam's direction over the whole tensor for a
+        net built with ``term_in_adam_units``."""
+        if not self.term_in_adam_units:
+            return self.stat_weight
+        # A constant made once (not a fill per step): a tensor built from
+        # the meta-parameter would be batched under vmap.
+        fixed = constant(ADAM_UNITS, self.stat_weight.device)
+        return self.stat_weight + fixed.view(len(STAT_POOLS), len(NEURON_STATS))
+
     def stat_terms(self, x: TensorInputs, c2: Tensor) -> list[Tensor]:
         """The log-magnitude terms of :func:`neuron_stats`, one per pool,
         channels last, each broadcastable to ``(*x.t.view, 1)`` (the fused
@@ -1064,11 +1104,12 @@ class NFNNet(OptimizerNet):
         adam = x.momenta[ADAM_MOMENTUM] / denom * x.scales[ADAM_CHANNEL]
         stats = neuron_stats(x.t, x.param, x.grad, adam, self.width_free_stats)
         terms = []
+        coefficients = self.stat_coefficients()
         for name, st in stats.items():
             # In the exponent's units (mag_mult is on every log-magnitude
             # term): a coefficient of 1 on a log RMS makes the learned term
             # proportional to that RMS.
-            term = (st @ self.stat_weight[STAT_POOLS.index(name)]).unsqueeze(-1) / self.mag_mult
+            term = (st @ coefficients[STAT_POOLS.index(name)]).unsqueeze(-1) / self.mag_mult
             terms.append(term if x.t.view else term.reshape(1))
         return terms
 
@@ -1128,7 +1169,7 @@ class NFNNet(OptimizerNet):
         def stat(mean: Tensor, tensor: Tensor) -> Tensor:
             return 0.5 * torch.log(mean + floor[tensor]) + offset[tensor]
 
-        w = self.stat_weight / self.mag_mult
+        w = self.stat_coefficients() / self.mag_mult
         row = stat(rows * mult[lay.row_tensor] / lay.row_count[:, None], lay.row_tensor)
         row = (row @ w[STAT_POOLS.index("row")]) * scales[lay.row_tensor]
         col = stat(per_col * mult[lay.col_tensor] / lay.col_count[:, None], lay.col_tensor)

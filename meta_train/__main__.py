@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "budget": False,
     "term_schedule": False,
     "loss_features": False,
+    "term_in_adam_units": False,
     "family": "mlp-family-small",
     "estimator": "pes",
     "population": 8,
@@ -113,6 +114,7 @@ RULES: dict[str, Any] = {
     "budget": options.boolean,
     "term_schedule": options.boolean,
     "loss_features": options.boolean,
+    "term_in_adam_units": options.boolean,
     "family": options.choice(lambda: list(FAMILIES) + list(TASKS), TASK_LIST),
     "estimator": options.choice(sorted(ESTIMATORS)),
     "population": options.integer(1),
@@ -236,6 +238,13 @@ def parser() -> argparse.ArgumentParser:
         help="with --budget: the net reads the training loss, as ratios to its own "
         "running averages and its best (opt.step(loss=...) or a closure tells it), in its "
         "trunk and as a brake on its schedule; their weights start at 0 (default off)",
+    )
+    a(
+        "--term-in-adam-units",
+        action=argparse.BooleanOptionalAction,
+        help="nfn, with --neuron-stats: the learned term of each tensor is also scaled by the "
+        "RMS of Adam's direction over it (a fixed coefficient), so it shrinks as Adam's step "
+        "does when a run settles (default off)",
     )
     a(
         "--init-from",
@@ -375,6 +384,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--term-schedule reads the budget features: give --budget")
     if cfg.get("loss_features") and not cfg.get("budget"):
         raise SystemExit("--loss-features enter the learned schedule of --budget: give --budget")
+    if cfg.get("term_in_adam_units") and not cfg.get("neuron_stats"):
+        raise SystemExit("--term-in-adam-units is a neuron statistic: give --neuron-stats")
     if cfg.get("loss_hidden") and not cfg.get("loss_features"):
         raise SystemExit(
             "--loss-hidden hides the loss from a net that reads it: give --loss-features"
@@ -436,6 +447,7 @@ def build(
             "neuron_stats": cfg.get("neuron_stats", False),
             "width_free_stats": cfg.get("width_free_stats", False),
             "role_rates": cfg.get("role_rates", False),
+            "term_in_adam_units": cfg.get("term_in_adam_units", False),
         }
     # The fresh net is drawn from the run's seed: PyTorch seeds its global
     # generator at random in each process, so a rerun, or each torchrun rank,

@@ -181,6 +181,7 @@ def strong(kind, depth=1):
         nf_outputs="magnitude" if kind in ("nfn-magnitude", "nfn-real-like") else "both",
         neuron_stats=kind in ("nfn-stats", "nfn-real-like"),
         width_free_stats=kind == "nfn-real-like",
+        term_in_adam_units=kind == "nfn-real-like",
         budget=kind == "nfn-real-like",
         role_rates=kind == "nfn-real-like",
         term_schedule=kind == "nfn-real-like",

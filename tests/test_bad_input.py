@@ -66,6 +66,7 @@ def assert_usage_error(main, argv, message, prog="prog"):
         (["--width", "four"], "invalid int value: 'four'"),
         (["--init-from", "no-such-net"], "--init-from: no optimizer checkpoint 'no-such-net'"),
         (["--term-schedule"], "--term-schedule reads the budget features: give --budget"),
+        (["--term-in-adam-units"], "--term-in-adam-units is a neuron statistic"),
     ],
 )
 def test_meta_train_bad_flags(tmp_path, argv, message):

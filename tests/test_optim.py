@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import make_cnn, make_mlp
+from helpers import make_cnn, make_mlp, random_state
 from torch import nn
 from torch.nn import functional as F
 
@@ -814,6 +814,52 @@ def test_neuron_stats_rescale_the_learned_term_by_per_neuron_norms(arch, width_f
     assert ("width_free_stats" in back.config) is width_free
     assert torch.equal(back.stat_weight, on.stat_weight)
     assert "neuron_stats" not in off.config and not off.neuron_stats
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_term_in_adam_units_scales_each_learned_term_by_adam_s_rms(arch):
+    """term_in_adam_units=True: each tensor's learned term is that of the
+    same net without it times sqrt(mean(adam^2) + floor^2) over the tensor,
+    computed naively, on top of the learned coefficients; it needs the
+    neuron statistics."""
+    from lopt.nets import ADAM_UNITS
+
+    torch.manual_seed(5)
+    model, x, y = small_model(arch)
+    spec = WeightSpaceSpec.from_module(model)
+    kw = dict(out_scale=1.0, step_mult=1e-2, lr=1e-4, nf_channels=3, neuron_stats=True, rule=PLAIN)
+    off = NFNNet(**kw)
+    with torch.no_grad():
+        off.stat_weight.normal_(std=0.3)
+    on = NFNNet(**kw, term_in_adam_units=True)
+    on.load_state_dict(off.state_dict())
+    assert on.config["term_in_adam_units"] is True and "term_in_adam_units" not in off.config
+    params = [p.detach() for p in model.parameters()]
+    grads = torch.autograd.grad(loss_of(model, x, y), list(model.parameters()))
+    state = random_state(params, 5)  # Adam's direction far from unit RMS
+
+    def step(net, **theta):
+        with torch.no_grad():
+            th = {**dict(net.named_parameters()), **theta}
+            return functional.update(net, spec, th, grads, state, params)
+
+    u_on, s2 = step(on)
+    u_off, _ = step(off)
+    base, _ = step(off, log_step_mult=torch.tensor(-1e9))
+    c1, c2 = features.bias_corrections(s2["step"])
+    fixed = torch.tensor(ADAM_UNITS).view(4, 3)
+    factors = []
+    for i, t in enumerate(spec.tensors):
+        m, v = s2["momenta"][i][features.ADAM_MOMENTUM], s2["second_moment"][i]
+        adam = m / c1 / ((v / c2).sqrt() + features.EPS)
+        log_f = naive_stat_log_factor(t, params[i], grads[i], adam, fixed)
+        assert log_f.std() < 1e-6  # one factor per tensor
+        factors.append(log_f.mean().item())
+        want = (u_off[i] - base[i]) * log_f.exp().reshape(t.shape)
+        torch.testing.assert_close(u_on[i] - base[i], want, rtol=1e-4, atol=1e-10)
+    assert max(map(abs, factors)) > 0.5
+    with pytest.raises(ValueError, match="term_in_adam_units=True needs neuron_stats=True"):
+        NFNNet(term_in_adam_units=True)
 
 
 def test_width_free_weight_statistic_reads_the_same_at_init_across_widths():
