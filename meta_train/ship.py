@@ -238,10 +238,17 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
             + "): "
             + "; ".join(rows)
             + (
-                "; the weights' log RMS read relative to a width-scaled init."
+                "; the weights' log RMS read relative to a width-scaled init"
                 if net.width_free_stats
-                else "."
+                else ""
             )
+            + (
+                "; plus a fixed 1 on Adam's direction over the whole tensor (the learned "
+                "term in units of Adam's step)"
+                if net.term_in_adam_units
+                else ""
+            )
+            + "."
         )
     return "\n".join(lines)
 

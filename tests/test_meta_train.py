@@ -608,7 +608,14 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     free = tmp_path / "free"
     assert main([*nfn.split(), "--width-free-stats", "--out", str(free), "--no-progress"]) == 0
     assert ship([str(free), "my-nfn-free", "--dest", str(dest)]) == 0
-    assert "the weights' log RMS read relative to a width-scaled init" in capsys.readouterr().out
+    free_card = capsys.readouterr().out
+    assert "the weights' log RMS read relative to a width-scaled init." in free_card
+    assert "units of Adam's step" not in free_card + stats_card
+    units = tmp_path / "units"
+    argv = [*nfn.split(), "--term-in-adam-units", "--out", str(units), "--no-progress"]
+    assert main(argv) == 0 and lopt.load(units / "optimizer.pt")[0].term_in_adam_units
+    assert ship([str(units), "my-nfn-units", "--dest", str(dest)]) == 0
+    assert "a fixed 1 on Adam's direction over the whole tensor" in capsys.readouterr().out
     ramp = tmp_path / "ramp"
     assert main([*args.split(), "--meta-loss-ramp", "4", "--out", str(ramp), "--no-progress"]) == 0
     assert ship([str(ramp), "my-mlp-ramp", "--dest", str(dest)]) == 0
