@@ -348,7 +348,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _check_budget_told(self, index: int, group: dict) -> None:
         """Warn once when a net that reads the run's length steps a group
         not told it: the shipped nets then do not decay their update."""
-        if group["total_steps"] is None and self.net.reads_budget and not self._warned_budget:
+        if not self._warned_budget and group["total_steps"] is None and self.net.reads_budget:
             self._warned_budget = True
             warnings.warn(
                 f"{type(self).__name__}: parameter group {index} has no total_steps, but this "

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -154,8 +155,6 @@ def test_a_budget_net_not_told_total_steps_warns_once(cls):
     """A group without total_steps, stepped by a net that reads the budget,
     warns once, naming the group, at the line that called step(); told
     groups and nets without the budget input do not warn."""
-    import warnings
-
     model, x, y, net = setup(cls.net_class, seed=3)
 
     def steps(opt, n=3):
