@@ -39,6 +39,7 @@ from lopt.nets import NFNNet, PerParamMLP
 from meta_train import options, recipes
 from meta_train.estimators import ESTIMATORS, make_estimator
 from meta_train.problems import HORIZON_WEIGHTINGS, LearnedOptimizerProblem
+from meta_train.ship import machine_label
 from meta_train.stopping import StopRequests
 from meta_train.trainer import CHECKPOINT, MetaTrainer
 from meta_train.unroll import META_LOSSES, MetaLoss
@@ -748,7 +749,7 @@ def save_net(
         "inner_steps": trainer.inner_steps,
         "wall_time_s": round(wall, 1),
         "train_seconds_total": round(trainer.train_seconds, 3),
-        "machine": f"{platform.node()} {platform.machine()} {platform.processor()}".strip(),
+        "machine": machine_label(platform.node(), platform.machine(), platform.processor()),
         "device": cfg["device"],
         "torch": str(torch.__version__),
         "command": command,

@@ -90,9 +90,20 @@ def _phase_line(i: int, ph: dict[str, Any]) -> str:
         f"  {i}. `{ph['from']}`: `{cfg.get('family', '?')}`, {cfg.get('estimator', '?').upper()}, "
         f"population {cfg.get('population')}, horizon {horizon}, meta lr {cfg.get('meta_lr')}, "
         f"{ph.get('outer_steps', 0):,} outer steps, "
-        f"{timed} on {ph.get('machine', '?')} ({ph.get('device', '?')}, "
+        f"{timed} on {machine_label(ph.get('machine', '?'))} ({ph.get('device', '?')}, "
         f"torch {ph.get('torch', '?')}): " + "; ".join(f"`{c}`" for c in commands)
     )
+
+
+def machine_label(*words: str) -> str:
+    """The words naming a machine (host, architecture, processor), each said
+    once: on some systems ``platform.processor()`` repeats the architecture,
+    and runs recorded there read "vm x86_64 x86_64"."""
+    said: list[str] = []
+    for part in " ".join(words).split():
+        if part not in said:
+            said.append(part)
+    return " ".join(said)
 
 
 def _ramp(cfg: dict) -> str:
@@ -174,7 +185,7 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         f"meta lr {cfg.get('meta_lr')}.",
         f"* Outer steps: {meta.get('outer_steps'):,}{_snapshot(meta)}; "
         f"inner steps: {meta.get('inner_steps', 0):,}; "
-        f"training time {wall / 60:.0f} min on {meta.get('machine', '?')} "
+        f"training time {wall / 60:.0f} min on {machine_label(meta.get('machine', '?'))} "
         f"({meta.get('device', '?')}, torch {meta.get('torch', '?')}).",
         "* Commands:",
         "",

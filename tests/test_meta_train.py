@@ -681,6 +681,15 @@ def test_a_signal_stops_training_after_the_step_it_came_in(tmp_path, sig):
     assert torch.equal(back.theta, ref.theta)
 
 
+def test_a_machine_is_named_with_each_word_once():
+    from meta_train.ship import machine_label
+
+    assert machine_label("vm", "x86_64", "x86_64") == "vm x86_64"
+    assert machine_label("vm x86_64 x86_64") == "vm x86_64"  # a label recorded before
+    assert machine_label("host", "aarch64", "") == "host aarch64"
+    assert machine_label("?") == "?"
+
+
 def test_stop_requests_record_one_signal_and_raise_on_a_second():
     from meta_train.stopping import REPEAT_WINDOW_S, StopRequests
 
