@@ -587,6 +587,25 @@ FAMILIES: dict[str, Callable[..., TaskFamily]] = {
         [0.75, 0.25],
         "real-broad-family",
     ),
+    # MLPs 64-512 wide on small classification sets they can fit: over a run
+    # of a few hundred steps or more the training loss nears 0, where a step
+    # that does not shrink with the gradient makes the loss bounce. In
+    # real-family such runs are a few percent of the draws.
+    "mlp-family-fit": lambda device="cpu": replace(
+        FAMILIES["mlp-family-broad"](device),
+        name="mlp-family-fit",
+        datasets=("digits", "gmm-16", "gmm-32"),
+        depth=(1, 3),
+        width=(64, 512),
+    ),
+    # real-family plus (30%) mlp-family-fit, so that meta-training sees runs
+    # that fit their data as often as it sees each architecture. The real
+    # suite stays outside it (its tabular MLP regresses on held-out data).
+    "real-fit-family": lambda device="cpu": MixtureFamily(
+        [FAMILIES["real-family"](device), FAMILIES["mlp-family-fit"](device)],
+        [0.7, 0.3],
+        "real-fit-family",
+    ),
 }
 
 VALIDATION = [

@@ -24,6 +24,8 @@ NEW_FAMILIES = [
     "autoencoder-family",
     "real-family",
     "real-broad-family",
+    "mlp-family-fit",
+    "real-fit-family",
 ]
 
 
@@ -116,7 +118,7 @@ def test_real_suites_have_budgets_and_stay_out_of_the_family():
     assert not set(SUITES["heldout"]) & set(SUITES["validation-small"])
     # A family of ResNets on 2-D digits of 1-2 blocks: the held-out ResNets
     # are 1-D or 3 blocks deep; the LMs read other text or are 3 layers deep.
-    for family in ("real-family", "real-broad-family"):
+    for family in ("real-family", "real-broad-family", "real-fit-family"):
         fam = get_family(family)
         g = torch.Generator().manual_seed(0)
         names = {fam.sample(g).name for _ in range(200)}
