@@ -282,18 +282,34 @@ def read_csv(path: Path) -> list[tuple]:
 
 
 # ----------------------------------------------------------------- summary
+def steps_to_reach(curve: dict[int, float], target: float) -> float:
+    """The first evaluated step (after the start) from which ``curve`` (step
+    -> loss) stays at or below ``target`` to its end; ``inf`` if its last
+    evaluation is above it. A run that dips below and climbs back (a learned
+    optimizer near loss 0 can swing by orders of magnitude) has not reached
+    the target at the dip: counting the first crossing ranks an oscillating
+    run above a steady one that ends lower."""
+    reached = math.inf
+    for step in sorted(curve, reverse=True):
+        if step <= 0 or not curve[step] <= target:
+            break
+        reached = step
+    return reached
+
+
 def summarise(rows, horizon: int, factors=FACTORS, baseline: str = "adam") -> dict:
     """Per task and optimizer, from the ``train`` rows (whole-split training
     loss, averaged over seeds): the loss at each multiple of the horizon, the
     loss normalised by the baseline's (learned_optimization's convention:
     below 1 beats it), the steps to reach the baseline's loss at the horizon
-    as a fraction of the horizon, whether the run diverged (non-finite, or
-    above its initial loss) and, per seed, its highest loss after the start
-    over its initial loss (``peak``: the worst seed; ``runs_above_start``)
-    and how many seeds end at or above it (``runs_end_above_start``); from
-    the ``batch`` rows (every step), how many seeds have a batch-loss spike
-    (:func:`batch_spike`, ``runs_batch_spike``). Then, per optimizer, on how
-    many tasks it beats the baseline at each multiple."""
+    and stay there (:func:`steps_to_reach`) as a fraction of the horizon,
+    whether the run diverged (non-finite, or above its initial loss) and, per
+    seed, its highest loss after the start over its initial loss (``peak``:
+    the worst seed; ``runs_above_start``) and how many seeds end at or above
+    it (``runs_end_above_start``); from the ``batch`` rows (every step), how
+    many seeds have a batch-loss spike (:func:`batch_spike`,
+    ``runs_batch_spike``). Then, per optimizer, on how many tasks it beats the
+    baseline at each multiple."""
     curves: dict = defaultdict(lambda: defaultdict(list))
     runs: dict = defaultdict(dict)  # (task, opt, seed) -> {step: loss}
     batches: dict = defaultdict(dict)
@@ -344,9 +360,8 @@ def summarise(rows, horizon: int, factors=FACTORS, baseline: str = "adam") -> di
                     entry[f"loss@{f}x"] = c[s]
                     entry[f"beats@{f}x"] = c[s] < base[s]
             target = base.get(horizon, math.nan)
-            reach = [s for s, v in c.items() if s > 0 and v <= target]
             entry["normalised"] = c.get(horizon, math.nan) / target if target else math.nan
-            entry["steps_to_baseline"] = (min(reach) / horizon) if reach else math.inf
+            entry["steps_to_baseline"] = steps_to_reach(c, target) / horizon
             values = list(c.values())
             entry["diverged"] = (not all(math.isfinite(v) for v in values)) or values[-1] >= values[
                 0

@@ -4,8 +4,9 @@
 steps under ``RUN/snapshots/``. This runs every snapshot (and the run's final
 ``optimizer.pt``) through :mod:`benchmarks.compare` at the horizon only and
 ranks them by the bar's speed measure: the mean over tasks of the steps each
-needs to reach tuned Adam's loss at the horizon, as a fraction of it (a task
-where it never does counts as ``NEVER``); ties go to the geometric mean of
+needs to reach tuned Adam's loss at the horizon and stay there, as a
+fraction of it (a task where it never does counts as ``NEVER``; a run that
+dips below and climbs back has not reached it); ties go to the geometric mean of
 their loss over Adam's (learned_optimization's normalised loss), each task's
 ratio clipped to [1/CLIP, CLIP], then to the tasks they win, then to the
 unclipped mean. Both are bounded per task because a task whose loss nears 0

@@ -90,6 +90,9 @@ def test_summary_counts_from_a_hand_made_csv(tmp_path):
         for s, v in ((0, 3.0), (5, 2.0), (10, float("nan")), (20, 4.0))
     ]
     rows += [("A", "div", 0, s, "train", v) for s, v in ((0, 2.0), (5, 2.5), (10, 3.0), (20, 3.5))]
+    # Below the baseline's horizon loss at step 5, above it at 10, below again
+    # from 20: it reaches it at 20, not at the dip.
+    rows += [("A", "dip", 0, s, "train", v) for s, v in ((0, 2.0), (5, 0.1), (10, 5.0), (20, 0.2))]
     path = tmp_path / "curves.csv"
     write_rows(path, rows)
     s = compare.summarise(compare.read_csv(path), horizon=10, factors=(1, 2))
@@ -98,6 +101,7 @@ def test_summary_counts_from_a_hand_made_csv(tmp_path):
     assert s["per_task"][("A", "nfn")]["steps_to_baseline"] == 0.5
     assert s["per_task"][("B", "nfn")]["steps_to_baseline"] == 2.0
     assert nfn["median_steps_to_baseline"] == 1.25
+    assert s["per_task"][("A", "dip")]["steps_to_baseline"] == 2.0
     assert s["per_task"][("A", "nfn")]["normalised"] == pytest.approx(0.31 / 0.61)
     assert s["counts"]["div"]["diverged"] == 2 and nfn["diverged"] == 0
     text = compare.markdown(s, {}, (1, 2))

@@ -226,6 +226,7 @@ def test_real_summary_against_hand_made_curves():
         "adamw": [4.0, 2.0, 0.8],
         "net": [4.0, 0.5, 0.25],
         "bad": [4.0, 5.0, 0.6],
+        "dip": [4.0, 0.4, 0.6],  # below Adam's final at step 50, above it at the end
     }
     for opt, c in curves.items():
         for seed in (0, 1):
@@ -237,7 +238,8 @@ def test_real_summary_against_hand_made_curves():
     assert e["ratio"]["net"] == pytest.approx(0.5) and e["ratio"]["bad"] == pytest.approx(1.2)
     assert e["steps_to_adam"]["net"] == pytest.approx(0.5)
     assert e["steps_to_adam"]["bad"] == math.inf
-    assert e["diverged"] == {"adamw": False, "bad": True, "net": False}
+    assert e["steps_to_adam"]["dip"] == math.inf
+    assert e["diverged"] == {"adamw": False, "bad": True, "dip": False, "net": False}
     assert s["counts"]["net"]["beats"] == 1 and s["counts"]["bad"]["beats"] == 0
     # At 0.7 of the run the last evaluation is step 50: each loss there over
     # tuned Adam's final 0.5.
@@ -249,7 +251,7 @@ def test_real_summary_against_hand_made_curves():
                              "seeds": 2, "hide_budget": False,
                              "tasks": {"t": {"steps": 100, "adam-constant_lr": 1e-3,
                                              "adam-cosine_lr": 1e-2}}})  # fmt: skip
-    assert "| t | 3 | never | 4 | never | 10 | 0.50x | 1 |" in page
+    assert "| t | 3 | never | 4 | never | 10 | never | 0.8 | 0.50x | 1 |" in page
 
 
 def test_real_benchmark_runs_and_writes_its_page(tmp_path, monkeypatch):
