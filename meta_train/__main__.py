@@ -43,7 +43,7 @@ from meta_train.ship import machine_label
 from meta_train.stopping import StopRequests
 from meta_train.trainer import CHECKPOINT, MetaTrainer
 from meta_train.unroll import META_LOSSES, MetaLoss
-from tasks import FAMILIES, TASKS, get_family
+from tasks import FAMILIES, TASKS, get_family, parse_mixture
 
 DEFAULTS: dict[str, Any] = {
     "net": "nfn",
@@ -116,7 +116,7 @@ RULES: dict[str, Any] = {
     "term_schedule": options.boolean,
     "loss_features": options.boolean,
     "term_in_adam_units": options.boolean,
-    "family": options.choice(lambda: list(FAMILIES) + list(TASKS), TASK_LIST),
+    "family": options.family(lambda: list(FAMILIES) + list(TASKS), parse_mixture, TASK_LIST),
     "estimator": options.choice(sorted(ESTIMATORS)),
     "population": options.integer(1),
     "truncation": options.integer(1),
@@ -261,7 +261,11 @@ def parser() -> argparse.ArgumentParser:
         "--init-from), e.g. --freeze fan_in_exp=1.0; names as in net.named_parameters(), "
         "or a glob for a group: 'nf.*=0' (the NF-layer held at zero)",
     )
-    a("--family", help=f"task family or task name ({', '.join(FAMILIES)}, or a task)")
+    a(
+        "--family",
+        help=f"task family or task name ({', '.join(FAMILIES)}, or a task), or a weighted "
+        "mixture of them: real-family=0.7,mlp-family-fit=0.3",
+    )
     a("--estimator", choices=sorted(ESTIMATORS), help="pes (default), es or backprop")
     a("--population", type=int, help="antithetic pairs (ES/PES) or trajectories (backprop): 8")
     a("--truncation", type=int, help="inner steps per truncation (20)")

@@ -79,6 +79,24 @@ def choice(
     return rule
 
 
+def family(
+    names: Callable[[], list[str]], parse_mixture: Callable[[str], Any], listing: str
+) -> Callable[[str, Any], None]:
+    """A name of ``names`` or a weighted mixture of them (``A=0.7,B=0.3``),
+    checked by ``parse_mixture``."""
+    known = choice(names, listing)
+
+    def rule(key: str, value: Any) -> None:
+        if not (isinstance(value, str) and "=" in value):
+            return known(key, value)
+        try:
+            parse_mixture(value)
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"{flag(key)}: {e.args[0]}") from None
+
+    return rule
+
+
 def text(optional: bool = False) -> Callable[[str, Any], None]:
     def rule(key: str, value: Any) -> None:
         if optional and value is None:

@@ -4,7 +4,8 @@
 * :class:`TaskFamily` and :class:`MLPFamily`, :class:`CNNFamily`,
   :class:`MixtureFamily`: distributions over tasks.
 * :func:`get_task`, :func:`get_family`, :func:`get_suite`: the registry of
-  named tasks (``python -m tasks list``).
+  named tasks (``python -m tasks list``); :func:`parse_mixture` reads a
+  weighted mixture of them (``real-family=0.7,mlp-family-fit=0.3``).
 """
 
 from tasks.base import FixedFamily, Task, TaskFamily
@@ -21,6 +22,7 @@ from tasks.families import (
     get_family,
     get_suite,
     get_task,
+    parse_mixture,
 )
 
 __all__ = [
@@ -39,4 +41,5 @@ __all__ = [
     "get_family",
     "get_suite",
     "get_task",
+    "parse_mixture",
 ]

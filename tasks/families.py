@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -668,8 +669,38 @@ def get_task(name: str, device: torch.device | str = "cpu") -> Task:
     return TASKS[name](device)
 
 
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """``"real-family=0.7,mlp-family-fit=0.3"``: the (family or task name,
+    weight) parts of a mixture spec, checked without building anything.
+    Weights are relative (they need not sum to 1). ValueError on a malformed
+    part, KeyError on an unknown name."""
+    parts = []
+    for item in spec.split(","):
+        name, sep, text = (x.strip() for x in item.partition("="))
+        try:
+            weight = float(text)
+        except ValueError:
+            weight = math.nan
+        if not sep or not name or not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(
+                f"family mixture {spec!r}: each part must be NAME=WEIGHT with a finite "
+                f"weight >= 0, got {item.strip()!r}"
+            )
+        if name not in FAMILIES and name not in TASKS:
+            raise KeyError(_unknown("task family", name, list(FAMILIES) + list(TASKS)))
+        parts.append((name, weight))
+    if not sum(w for _, w in parts) > 0:
+        raise ValueError(f"family mixture {spec!r}: the weights are all 0")
+    return parts
+
+
 def get_family(name: str, device: torch.device | str = "cpu") -> TaskFamily:
-    """A named family; a task name gives the family of that one task."""
+    """A named family; a task name gives the family of that one task;
+    ``"NAME=WEIGHT,NAME=WEIGHT,..."`` samples those families (or tasks) with
+    those relative weights (:func:`parse_mixture`)."""
+    if "=" in name:
+        parts = parse_mixture(name)
+        return MixtureFamily([get_family(n, device) for n, _ in parts], [w for _, w in parts], name)
     if name in FAMILIES:
         return FAMILIES[name](str(device))
     if name in TASKS:

@@ -58,6 +58,8 @@ def assert_usage_error(main, argv, message, prog="prog"):
         (["--outer-steps", "0"], "--outer-steps must be a whole number >= 1, got 0"),
         (["--family", "nope"], "--family: unknown 'nope'"),
         (["--family", "mlp-gm"], "did you mean mlp-gmm"),
+        (["--family", "mlp-gmm=1,mlp-gm=1"], "--family: unknown task family 'mlp-gm'"),
+        (["--family", "mlp-gmm=two"], "--family: family mixture 'mlp-gmm=two': each part"),
         (["--population", "0"], "--population must be a whole number >= 1"),
         (["--sigma", "-1"], "--sigma must be a finite number > 0"),
         (["--sigma", "nan"], "--sigma must be a finite number > 0"),

@@ -213,6 +213,43 @@ def test_invalid_ranges_name_the_argument():
         MixtureFamily([MLPFamily(), MLPFamily()], [1.0])
 
 
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("mlp-family-small=x", "each part must be NAME=WEIGHT .* got 'mlp-family-small=x'"),
+        ("mlp-family-small=1,", "each part must be NAME=WEIGHT .* got ''"),
+        ("mlp-family-small=-1", "weight >= 0"),
+        ("mlp-family-small=nan", "weight >= 0"),
+        ("=1", "each part must be NAME=WEIGHT"),
+        ("mlp-family-small=0,mlp-gmm=0", "the weights are all 0"),
+    ],
+)
+def test_family_mixture_rejects_malformed_parts(spec, message):
+    with pytest.raises(ValueError, match=message):
+        tasks.get_family(spec)
+
+
+def test_family_mixture_names_an_unknown_part():
+    with pytest.raises(KeyError, match="unknown task family 'mlp-famly-small'.*mlp-family-small"):
+        tasks.get_family("mlp-gmm=1,mlp-famly-small=1")
+
+
+def test_family_mixture_samples_its_parts_at_their_weights():
+    """``a=3,b=1``: a named family and a task, drawn 3:1 (relative weights)."""
+    assert tasks.parse_mixture(" mlp-family-small = 3, mlp-gmm=1") == [
+        ("mlp-family-small", 3.0),
+        ("mlp-gmm", 1.0),
+    ]
+    fam = tasks.get_family("mlp-family-small=3,mlp-gmm=1")
+    assert isinstance(fam, MixtureFamily) and fam.name == "mlp-family-small=3,mlp-gmm=1"
+    g = gen(0)
+    names = [fam.sample(g).name for _ in range(400)]
+    share = names.count("mlp-gmm") / len(names)
+    # The family's own draws never carry the fixed task's name.
+    assert "mlp-gmm" not in {fam.families[0].sample(gen(i)).name for i in range(50)}
+    assert 0.18 < share < 0.32
+
+
 def test_families_sample_the_ranges():
     fam = MLPFamily(
         datasets=("gmm", "teacher"), depth=(0, 2), width=(4, 8), activations=("sin", "gelu")
