@@ -403,6 +403,11 @@ TASKS.update(
         "lm-docs-d32h2l2": _task(
             "lm-docs-d32h2l2", lambda d: TransformerLM(d.n_classes, 32, 32, 2, 2), "text-docs", 16
         ),
+        # At the held-out LMs' width and heads, 2 layers on the docs text
+        # (transformer-family's widest): validation-lm.
+        "lm-docs-d64h4l2": _task(
+            "lm-docs-d64h4l2", lambda d: TransformerLM(d.n_classes, 32, 64, 4, 2), "text-docs", 16
+        ),
         "ae-digits-64x8": _task(
             "ae-digits-64x8", lambda d: autoencoder(64, [64, 8, 64]), "digits-recon", 64
         ),
@@ -464,6 +469,7 @@ VALIDATION_SMALL = ("mlp-mnist1d-64x4", "cnn-mnist1d", "mlp-gmm16-gelu")
 TASK_STEPS: dict[str, int] = {
     "resnet-digits-16x2": 500,
     "lm-docs-d32h2l2": 1000,
+    "lm-docs-d64h4l2": 1000,
     "ae-digits-64x8": 500,
     "mlp-mnist1d-128x2": 1000,
     "mlp-digits-128x3": 3000,
@@ -643,6 +649,10 @@ SUITES: dict[str, list[str]] = {
     "validation-small": list(VALIDATION_SMALL),
     # Both, to pick one snapshot of a net trained on real-broad-family.
     "validation-broad": [*VALIDATION_REAL, *VALIDATION_SMALL],
+    # The LMs inside real-family, the narrow one and one at the held-out LMs'
+    # width: a pick must not lose them (validation-broad's LM alone moves by
+    # less than the held-out LMs do between snapshots).
+    "validation-lm": ["lm-docs-d32h2l2", "lm-docs-d64h4l2"],
     # Held out from real-family by architecture or data; every run has the
     # length TASK_STEPS gives it.
     "real": [

@@ -108,13 +108,15 @@ def test_families_sample_trainable_tasks(family):
 
 
 def test_real_suites_have_budgets_and_stay_out_of_the_family():
-    for suite in ("real", "validation-real", "heldout", "validation-small", "validation-broad"):
+    suites = ("real", "validation-real", "heldout", "validation-small", "validation-broad")
+    for suite in (*suites, "validation-lm"):
         for name in get_suite(suite):
             assert TASK_STEPS[name] >= 100
     # Both suites hold a run of 3,000 steps or more.
     for suite in ("real", "validation-real"):
         assert max(TASK_STEPS[n] for n in SUITES[suite]) >= 3000
     assert not set(SUITES["real"]) & set(SUITES["validation-real"])
+    assert not set(SUITES["real"]) & set(SUITES["validation-lm"])
     assert not set(SUITES["heldout"]) & set(SUITES["validation-small"])
     # A family of ResNets on 2-D digits of 1-2 blocks: the held-out ResNets
     # are 1-D or 3 blocks deep; the LMs read other text or are 3 layers deep.
@@ -127,6 +129,20 @@ def test_real_suites_have_budgets_and_stay_out_of_the_family():
         )
         assert not any(n.startswith("lm-text-code") or n.endswith("l3") for n in names)
         assert not any("mnist1d-recon" in n or "diabetes" in n for n in names)
+
+
+def test_validation_lms_lie_inside_real_family():
+    fam = next(f for f in get_family("real-family").families if f.name == "transformer-family")
+    for name in SUITES["validation-lm"]:
+        task = get_task(name)
+        model = task.model
+        assert isinstance(model, TransformerLM), name
+        width, layers = model.tok.embedding_dim, len(model.blocks)
+        heads = model.blocks[0].attn.heads
+        assert fam.width[0] <= width <= fam.width[1] and width % heads == 0, name
+        assert heads in fam.heads and fam.layers[0] <= layers <= fam.layers[1], name
+        assert task.dataset.name in fam.datasets, name
+        assert fam.batch_size[0] <= task.batch_size <= fam.batch_size[1], name
 
 
 def budget_net():
