@@ -411,6 +411,17 @@ TASKS.update(
         "ae-digits-64x8": _task(
             "ae-digits-64x8", lambda d: autoencoder(64, [64, 8, 64]), "digits-recon", 64
         ),
+        # lm-docs-d32h2l2 at 1, 3 and 4 layers (suite depth-lm): how an
+        # optimizer's best step moves with a transformer's depth.
+        **{
+            f"lm-docs-d32h2l{n}": _task(
+                f"lm-docs-d32h2l{n}",
+                lambda d, n=n: TransformerLM(d.n_classes, 32, 32, 2, n),
+                "text-docs",
+                16,
+            )
+            for n in (1, 3, 4)
+        },
         "mlp-mnist1d-128x2": _task(
             "mlp-mnist1d-128x2", lambda d: mlp(40, [128, 128], 10, "gelu"), "mnist1d", 64
         ),
@@ -470,6 +481,7 @@ TASK_STEPS: dict[str, int] = {
     "resnet-digits-16x2": 500,
     "lm-docs-d32h2l2": 1000,
     "lm-docs-d64h4l2": 1000,
+    **{f"lm-docs-d32h2l{n}": 1000 for n in (1, 3, 4)},
     "ae-digits-64x8": 500,
     "mlp-mnist1d-128x2": 1000,
     "mlp-digits-128x3": 3000,
@@ -653,6 +665,9 @@ SUITES: dict[str, list[str]] = {
     # width: a pick must not lose them (validation-broad's LM alone moves by
     # less than the held-out LMs do between snapshots).
     "validation-lm": ["lm-docs-d32h2l2", "lm-docs-d64h4l2"],
+    # One width, 1 to 4 layers (transformer-family samples 1 and 2): what
+    # python -m benchmarks.update_scale runs by default.
+    "depth-lm": [f"lm-docs-d32h2l{n}" for n in (1, 2, 3, 4)],
     # Held out from real-family by architecture or data; every run has the
     # length TASK_STEPS gives it.
     "real": [
