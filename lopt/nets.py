@@ -35,8 +35,15 @@ starts near zero, so a fresh net is a sane, slow optimizer. A net built with
 ``loss_features=True`` also reads the training loss, as ratios to its own
 running averages (:func:`~lopt.features.loss_features`), in the trunk's bias,
 the term's factor and, as a brake only, the learned schedule: a loss above its
-averages or its best can slow the whole update, never speed it up. Every
-input is loss-scale invariant, so the update is too.
+averages or its best can slow the whole update, never speed it up. A net
+built with ``depth_factor=True`` multiplies every update of a network with a
+residual stream by ``exp(residual_log_rate) * writers ** -depth_exp``,
+``writers`` the most weight matrices that write one neuron group
+(:func:`stream_writers`: 1 without residual connections, which keep factor 1;
+2L + 2 for an L-layer pre-LN transformer), both learned from 0: the depth
+analogue of the width factor, since one step does not suit a residual stream
+of any depth.
+Every input is loss-scale invariant, so the update is too.
 """
 
 from __future__ import annotations
@@ -135,6 +142,27 @@ def _width_ratios(spec: WeightSpaceSpec, on_input_layers: bool, device: torch.de
 @functools.lru_cache(maxsize=64)
 def _numels(spec: WeightSpaceSpec) -> Tensor:
     return torch.tensor([[max(1, t.numel)] for t in spec.tensors], dtype=torch.float64)
+
+
+def stream_writers(spec: WeightSpaceSpec) -> int:
+    """The most weight tensors (2+ axes) that write one neuron group (its rows):
+    1 in a network without residual connections; in a residual network the
+    stream's group is written by the stem and every block (an L-layer pre-LN
+    transformer: token and position embeddings, and each layer's attention
+    and MLP output projections, 2L + 2). Heads' nested groups are not counted."""
+    counts: dict[str, int] = {}
+    for t in spec.tensors:
+        if t.kind != "weight" or len(t.axes) < 2:
+            continue
+        for a in t.axes:
+            if a.exponent == 1 and a.group is not None and a.parent is None:
+                counts[a.group] = counts.get(a.group, 0) + 1
+    return max(counts.values(), default=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _log_stream_writers(spec: WeightSpaceSpec) -> float:
+    return math.log(stream_writers(spec))
 
 
 def slice_entries(device: torch.device) -> int:
@@ -259,6 +287,7 @@ class OptimizerNet(nn.Module):
         budget: bool = False,
         term_schedule: bool = False,
         loss_features: bool = False,
+        depth_factor: bool = False,
     ) -> None:
         super().__init__()
         if term_schedule and not budget:
@@ -286,10 +315,17 @@ class OptimizerNet(nn.Module):
             self._config["term_schedule"] = True
         if loss_features:
             self._config["loss_features"] = True
+        if depth_factor:  # absent from older configs: those nets have none
+            self._config["depth_factor"] = True
         self.mag_mult = mag_mult
         self.fan_in_exp = nn.Parameter(torch.tensor(float(fan_in_exp)))
         self.log_lr = nn.Parameter(torch.tensor(math.log(lr)))
         self.log_step_mult = nn.Parameter(torch.tensor(math.log(step_mult)))
+        if depth_factor:
+            # Zero at first: a net warm-started from one without them runs as
+            # that net did.
+            self.residual_log_rate = nn.Parameter(torch.zeros(()))
+            self.depth_exp = nn.Parameter(torch.zeros(()))
         self.inp = nn.Linear(NUM_FEATURES, width)
         self.step_inp = nn.Linear(NUM_STEP_FEATURES, width, bias=False)
         if budget:
@@ -354,6 +390,13 @@ class OptimizerNet(nn.Module):
         """Whether the net reads the training loss
         (:func:`~lopt.features.loss_features`; ``loss_in`` of :meth:`forward`)."""
         return self._config.get("loss_features", False)
+
+    @property
+    def reads_depth(self) -> bool:
+        """Whether the update of a network with a residual stream is scaled
+        by its depth: ``exp(residual_log_rate) * stream_writers(spec) **
+        -depth_exp`` (:func:`stream_writers`; 1 without a residual stream)."""
+        return self._config.get("depth_factor", False)
 
     @property
     def rule(self) -> UpdateRule:
@@ -487,8 +530,8 @@ class OptimizerNet(nn.Module):
     def tensor_factors(
         self, spec: WeightSpaceSpec, term_log: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Per tensor of ``spec``: ``-lr`` times its factor (width factor
-        and role rate) ``(T,)``, and what multiplies the output layer's two
+        """Per tensor of ``spec``: ``-lr`` times its factor (width factor,
+        role rate and depth factor) ``(T,)``, and what multiplies the output layer's two
         channels ``(T, 2)``: ``-step_mult`` times the factor (and times
         ``exp(term_log)``, the learned term's own factor, when given), and
         ``mag_mult``. Folded into the output layer, so per entry ``update =
@@ -499,6 +542,10 @@ class OptimizerNet(nn.Module):
         role_rates = self.role_log_rates(spec)
         if role_rates is not None:
             log_factors = log_factors + role_rates
+        if self.reads_depth:
+            log_writers = _log_stream_writers(spec)
+            if log_writers > 0:  # a residual stream: its own rate, and the depth's
+                log_factors = log_factors + (self.residual_log_rate - self.depth_exp * log_writers)
         factors = torch.exp(log_factors)
         mag = torch.full_like(factors, self.mag_mult)  # a fill, not a host-to-device copy
         term = factors if term_log is None else factors * term_log.exp()

@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "budget": False,
     "term_schedule": False,
     "loss_features": False,
+    "depth_factor": False,
     "term_in_adam_units": False,
     "family": "mlp-family-small",
     "estimator": "pes",
@@ -115,6 +116,7 @@ RULES: dict[str, Any] = {
     "budget": options.boolean,
     "term_schedule": options.boolean,
     "loss_features": options.boolean,
+    "depth_factor": options.boolean,
     "term_in_adam_units": options.boolean,
     "family": options.family(lambda: list(FAMILIES) + list(TASKS), parse_mixture, TASK_LIST),
     "estimator": options.choice(sorted(ESTIMATORS)),
@@ -218,6 +220,13 @@ def parser() -> argparse.ArgumentParser:
         help="nfn: a learned log-rate per role of tensor (its axis kinds: a hidden "
         "matrix, an attention projection's query-key rows, ...) on the whole update of "
         "its tensors, starting at 0 (default off)",
+    )
+    a(
+        "--depth-factor",
+        action=argparse.BooleanOptionalAction,
+        help="the update of a network with a residual stream times exp(residual_log_rate) * "
+        "(the most weight matrices writing one neuron group) ** -depth_exp, both learned from "
+        "0: a residual stream's depth, as the width factor is a layer's width (default off)",
     )
     a(
         "--budget",
@@ -472,6 +481,7 @@ def build(
             budget=cfg.get("budget", False),
             term_schedule=cfg.get("term_schedule", False),
             loss_features=cfg.get("loss_features", False),
+            depth_factor=cfg.get("depth_factor", False),
             **extra,
         )
     if warm and cfg.get("init_from"):

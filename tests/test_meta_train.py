@@ -1294,3 +1294,16 @@ def test_role_rates_flag_meta_trains_the_roles_rates_and_resumes(tmp_path):
     with pytest.raises(SystemExit, match="--role-rates is for --net nfn"):
         main(["--net", "mlp", "--role-rates", "--family", "mlp-gmm", "--out", str(bad)])
     assert not bad.exists()
+
+
+def test_depth_factor_flag_builds_the_net_with_it_and_resumes(tmp_path):
+    """--depth-factor builds a net with a learned depth exponent, kept by a
+    resumed run and in the saved net's config."""
+    from meta_train.__main__ import main
+
+    out = tmp_path / "run"
+    assert main(f"{TINY_MAGNITUDE_NFN} --depth-factor --no-progress --out {out}".split()) == 0
+    net, meta = lopt.load(out / "optimizer.pt")
+    assert meta["config"]["depth_factor"] is True and net.config["depth_factor"] is True
+    assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
+    assert lopt.load(out / "optimizer.pt")[0].reads_depth
