@@ -42,8 +42,7 @@ residual stream by ``exp(residual_log_rate) * writers ** -depth_exp``,
 (:func:`stream_writers`: 1 without residual connections, which keep factor 1;
 2L + 2 for an L-layer pre-LN transformer), both learned from 0: the depth
 analogue of the width factor, since one step does not suit a residual stream
-of any depth.
-Every input is loss-scale invariant, so the update is too.
+of any depth. Every input is loss-scale invariant, so the update is too.
 """
 
 from __future__ import annotations
