@@ -78,8 +78,15 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
     label, path = weights_label(weights)
     net, _ = cli.load_weights("--weights", path)
     apply_overrides(net, overrides or {}, label)
+    return label, optimizer_for(net)
+
+
+def optimizer_for(net: lopt.OptimizerNet, total_steps: int | None = None):
+    """An optimizer factory, ``model -> optimizer``, that steps ``model`` with
+    ``net`` (an NFNOptimizer for an NFN net, an MLPOptimizer otherwise),
+    told ``total_steps``."""
     cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
-    return label, lambda model: cls(model.parameters(), net=net, model=model)
+    return lambda model: cls(model.parameters(), net=net, model=model, total_steps=total_steps)
 
 
 def apply_overrides(net: lopt.OptimizerNet, overrides: dict[str, float], label: str) -> None:

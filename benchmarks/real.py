@@ -44,8 +44,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import lopt
-from benchmarks.compare import apply_overrides, parse_overrides, steps_to_reach, weights_label
+from benchmarks.compare import (
+    apply_overrides,
+    optimizer_for,
+    parse_overrides,
+    steps_to_reach,
+    weights_label,
+)
 from benchmarks.figures import loss_curves
 from lopt import cli
 from tasks import TASK_STEPS, get_suite, get_task
@@ -66,10 +71,7 @@ def learned(weights: str, total_steps: int | None, overrides: dict[str, float] |
     label, path = weights_label(weights)
     net, _ = cli.load_weights("--weights", path)
     apply_overrides(net, overrides or {}, label)
-    cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
-    return label, lambda model: cls(
-        model.parameters(), net=net, model=model, total_steps=total_steps
-    )
+    return label, optimizer_for(net, total_steps)
 
 
 BASELINES = (*ADAM_KINDS, "adamw")

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 import lopt
-from benchmarks.compare import weights_label
+from benchmarks.compare import optimizer_for, weights_label
 from lopt import cli
 from tasks import TASK_STEPS, get_suite, get_task
 from tasks.runs import run
@@ -57,20 +57,11 @@ def final_losses(
 ) -> list[tuple[float, int, float]]:
     """``(scale, seed, final training loss)`` of every run on one task."""
     task = get_task(task_name)
-    cls = lopt.NFNOptimizer if isinstance(net, lopt.NFNNet) else lopt.MLPOptimizer
     rows = []
     for s in scales:
-        net_s = scaled(net, s)
+        make = optimizer_for(scaled(net, s), steps)
         for seed in seeds:
-            curve = run(
-                task,
-                lambda model, n=net_s: cls(
-                    model.parameters(), net=n, model=model, total_steps=steps
-                ),
-                steps,
-                seed,
-            )
-            rows.append((s, seed, curve.final_train))
+            rows.append((s, seed, run(task, make, steps, seed).final_train))
     return rows
 
 
