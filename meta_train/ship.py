@@ -154,6 +154,15 @@ def _snapshot(meta: dict[str, Any]) -> str:
     return f" (the net at outer step {at:,} of the recipe's {planned:,}, kept by --snapshot-every)"
 
 
+def depth_factors(net: lopt.OptimizerNet, writers: tuple[int, ...] = (2, 4, 6, 8)) -> str:
+    """``"2: 1.1, 4: 0.9, ..."``: the depth factor of a net built with
+    ``depth_factor=True``, ``exp(residual_log_rate) * n ** -depth_exp``, at
+    ``n`` writers of a residual stream (a 1-block ResNet has 2, a 3-layer
+    transformer 8)."""
+    rate, exp = net.residual_log_rate.item(), net.depth_exp.item()
+    return ", ".join(f"{n}: {math.exp(rate - exp * math.log(n)):.3g}" for n in writers)
+
+
 def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: int) -> str:
     """A markdown model card from a shipped net's metadata."""
     cfg = meta.get("config", {})
@@ -237,6 +246,12 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
             "* Learned factor on the update, per role of tensor (axis kinds; 1 for the rest): "
             + (", ".join(f"{k} {math.exp(rates[k]):.3g}" for k in moved) or "all still 1")
             + "."
+        )
+    if net.reads_depth:
+        lines.append(
+            "* Learned factor on the update of a network with a residual stream, by the "
+            f"number of weight tensors that write it (`stream_writers`): {depth_factors(net)}; "
+            "1 without a residual stream."
         )
     if getattr(net, "neuron_stats", False):
         rows = [

@@ -130,3 +130,14 @@ def test_the_depth_exponent_survives_a_checkpoint(tmp_path):
     assert back.config["depth_factor"] is True
     assert back.depth_exp.item() == pytest.approx(0.35)
     assert back.residual_log_rate.item() == pytest.approx(0.2)
+
+
+def test_the_model_card_states_the_learned_depth_factor():
+    from meta_train.ship import model_card
+
+    card = model_card("x", {"outer_steps": 3}, make_net(NFNNet, 0.5, 0.2), 1000)
+    line = next(x for x in card.splitlines() if "residual stream" in x)
+    # exp(0.2) * n ** -0.5 at 2, 4, 6 and 8 writers.
+    assert "2: 0.864, 4: 0.611, 6: 0.499, 8: 0.432" in line
+    plain = model_card("x", {"outer_steps": 3}, make_net(NFNNet, None), 1000)
+    assert "residual stream" not in plain
