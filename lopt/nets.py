@@ -526,6 +526,13 @@ class OptimizerNet(nn.Module):
             bias = bias + self.loss_inp(loss_in)
         return c1, c2, steps_in, budget_in, bias
 
+    def depth_log_factor(self, log_writers: Tensor | float) -> Tensor:
+        """The log of the depth factor on the update of a network whose
+        residual stream has ``exp(log_writers)`` writers (:func:`stream_writers`):
+        ``residual_log_rate - depth_exp * log_writers``. Only for a net built
+        with ``depth_factor=True`` (:attr:`reads_depth`)."""
+        return self.residual_log_rate - self.depth_exp * log_writers
+
     def tensor_factors(
         self, spec: WeightSpaceSpec, term_log: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -544,7 +551,7 @@ class OptimizerNet(nn.Module):
         if self.reads_depth:
             log_writers = _log_stream_writers(spec)
             if log_writers > 0:  # a residual stream: its own rate, and the depth's
-                log_factors = log_factors + (self.residual_log_rate - self.depth_exp * log_writers)
+                log_factors = log_factors + self.depth_log_factor(log_writers)
         factors = torch.exp(log_factors)
         mag = torch.full_like(factors, self.mag_mult)  # a fill, not a host-to-device copy
         term = factors if term_log is None else factors * term_log.exp()

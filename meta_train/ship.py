@@ -159,8 +159,7 @@ def depth_factors(net: lopt.OptimizerNet, writers: tuple[int, ...] = (2, 4, 6, 8
     ``depth_factor=True``, ``exp(residual_log_rate) * n ** -depth_exp``, at
     ``n`` writers of a residual stream (a 1-block ResNet has 2, a 3-layer
     transformer 8)."""
-    rate, exp = net.residual_log_rate.item(), net.depth_exp.item()
-    return ", ".join(f"{n}: {math.exp(rate - exp * math.log(n)):.3g}" for n in writers)
+    return ", ".join(f"{n}: {net.depth_log_factor(math.log(n)).exp().item():.3g}" for n in writers)
 
 
 def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: int) -> str:
