@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
     "sigma": 0.01,
     "meta_lr": 3e-3,
     "clip": 1.0,
+    "per_task": False,
     "meta_loss": "mean",
     "loss_cap": 3.0,
     "meta_loss_ramp": 0,
@@ -130,6 +131,7 @@ RULES: dict[str, Any] = {
     "sigma": _positive,
     "meta_lr": _positive,
     "clip": _positive,
+    "per_task": options.boolean,
     "meta_loss": options.choice(list(META_LOSSES)),
     "loss_cap": _positive,
     "meta_loss_ramp": options.integer(0),
@@ -307,6 +309,14 @@ def parser() -> argparse.ArgumentParser:
     a("--sigma", type=float, help="ES / PES perturbation std (0.01)")
     a("--meta-lr", type=float, help="Adam learning rate of the outer loop (3e-3)")
     a("--clip", type=float, help="meta-gradient norm clipping (1.0)")
+    a(
+        "--per-task",
+        action=argparse.BooleanOptionalAction,
+        help="ES / PES: divide each outer step's meta-gradient by the root mean square of its "
+        "pairs' loss differences, so that every task drawn counts alike (with the log "
+        "meta-loss, runs that near loss 0 otherwise outweigh language models tenfold or more); "
+        "default off",
+    )
     a("--meta-loss", choices=META_LOSSES, help="mean (default), log, final or heldout")
     a("--loss-cap", type=float, help="cap on per-step losses, times the initial loss (3)")
     a(
@@ -408,6 +418,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--role-rates is for --net nfn (roles come from its NF-layer)")
     if cfg.get("width_free_stats") and not cfg.get("neuron_stats"):
         raise SystemExit("--width-free-stats changes what --neuron-stats read; give both")
+    if cfg.get("per_task") and cfg["estimator"] == "backprop":
+        raise SystemExit("--per-task scales the antithetic pairs of es or pes; backprop has none")
     return cfg
 
 
@@ -522,6 +534,7 @@ def build(
         config=cfg,
         frozen=frozen,
         snapshot_every=cfg.get("snapshot_every", 0),
+        per_task=cfg.get("per_task", False),
     )
     return trainer, net
 

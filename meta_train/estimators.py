@@ -43,6 +43,10 @@ class Estimate:
     count: int  # pairs (ES, PES) or trajectories (backprop) in the slice
     trajectories: int  # trajectories unrolled
     losses: Tensor  # (trajectories, K) per-step losses, for logging
+    # ES, PES: sum over the slice's pairs of the squared loss difference
+    # ((L+ - L-) / 2 sigma)**2, the size of the task's meta-gradient
+    # (NaN for backprop, which has no pairs).
+    diff_sq_sum: Tensor
 
 
 class Estimator:
@@ -100,6 +104,7 @@ class TruncatedES(Estimator):
                 count=n,
                 trajectories=2 * n,
                 losses=losses,
+                diff_sq_sum=diff.square().sum(),
             ),
             new_inner,
             state,
@@ -151,6 +156,7 @@ class TruncatedBackprop(Estimator):
                 count=n,
                 trajectories=n,
                 losses=losses.detach(),
+                diff_sq_sum=grad_sum.new_tensor(float("nan")),
             ),
             new_inner,
             state,

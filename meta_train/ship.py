@@ -117,6 +117,13 @@ def _ramp(cfg: dict) -> str:
     return ""
 
 
+def _per_task(cfg: dict) -> str:
+    """The meta-gradient's scaling per task, in words (empty when off)."""
+    if not cfg.get("per_task"):
+        return ""
+    return ", each outer step's meta-gradient divided by the RMS of its pairs' loss differences"
+
+
 def _wall(run: dict[str, Any]) -> float:
     """A run's training seconds: summed over every process (killed ones
     included) when it recorded them, else its processes' wall times."""
@@ -190,7 +197,7 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         f"* Trained on: `{cfg.get('family', '?')}`, {horizon}, "
         f"{cfg.get('estimator', '?').upper()} with {cfg.get('population')} antithetic pairs, "
         f"truncation {cfg.get('truncation')}, `{cfg.get('meta_loss')}` meta-loss{_ramp(cfg)}, "
-        f"meta lr {cfg.get('meta_lr')}.",
+        f"meta lr {cfg.get('meta_lr')}{_per_task(cfg)}.",
         f"* Outer steps: {meta.get('outer_steps'):,}{_snapshot(meta)}; "
         f"inner steps: {meta.get('inner_steps', 0):,}; "
         f"training time {wall / 60:.0f} min on {machine_label(meta.get('machine', '?'))} "

@@ -67,6 +67,13 @@ class MetaTrainer:
         snapshot_fn, snapshot_every: ``snapshot_fn(trainer)`` every
             ``snapshot_every`` outer steps on rank 0, after the checkpoint
             (the command line keeps the net there, to pick one later).
+        per_task: ES and PES only: divide each outer step's estimate by the
+            root mean square of its pairs' scaled loss differences ``(L+ -
+            L-) / 2 sigma``. Every pair of a step runs the same task, so each
+            task drawn moves the net by a like amount: under the log
+            meta-loss a run that nears loss 0 (an MLP that fits its data, a
+            ResNet) otherwise gives differences ten to a hundred times a
+            language model's, and sets the shared rates alone.
     """
 
     def __init__(
@@ -85,12 +92,18 @@ class MetaTrainer:
         frozen: torch.Tensor | None = None,
         snapshot_fn: Callable[[MetaTrainer], None] | None = None,
         snapshot_every: int = 0,
+        per_task: bool = False,
     ) -> None:
         if pairs < 1:
             raise ValueError(f"population must be >= 1, got {pairs}")
         if not meta_lr > 0 or not clip > 0:
             raise ValueError(f"meta_lr and clip must be > 0, got {meta_lr}, {clip}")
+        if per_task and not estimator.needs_noise:
+            raise ValueError(
+                f"per_task scales the pairs of ES or PES; {estimator.name} has no pairs"
+            )
         self.problem, self.estimator = problem, estimator
+        self.per_task = per_task
         self.pairs, self.clip, self.seed = pairs, clip, seed
         self.rank, self.world_size = world()
         self.lo, self.hi = pair_slice(pairs, self.rank, self.world_size)
@@ -152,6 +165,7 @@ class MetaTrainer:
                         est.grad_sq_sum.to(theta),
                         theta.new_tensor(float(est.count)),
                         theta.new_tensor(float(est.trajectories)),
+                        est.diff_sq_sum.to(theta),
                     ]
                 ),
             ]
@@ -161,8 +175,12 @@ class MetaTrainer:
             dist.all_reduce(sums)
             dist.all_reduce(losses_mean)
             losses_mean /= self.world_size
-        grad_sum, (loss_sum, sq_sum, count, trajs) = sums[:-4], sums[-4:]
+        grad_sum, (loss_sum, sq_sum, count, trajs, diff_sq) = sums[:-5], sums[-5:]
         grad = grad_sum / count
+        if self.per_task:
+            # 0 / floor = 0 when no pair's loss moved, not 0 / 0.
+            scale = (diff_sq / count).sqrt().clamp(min=1e-12)
+            grad, sq_sum = grad / scale, sq_sum / scale.square()
         if self.frozen is not None:  # backprop estimates them; drop them
             grad = grad.masked_fill(self.frozen, 0.0)
         meta_loss = (loss_sum / trajs).item()

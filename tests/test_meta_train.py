@@ -109,6 +109,61 @@ def test_pes_is_unbiased_and_truncated_es_is_not_over_a_long_horizon():
     assert abs(es_mean - truth) > 10 * es_se, (es_mean, truth, es_se)
 
 
+class ScaledQuadratic(Quadratic):
+    """Quadratic with every loss times ``scale``: the same task, its
+    meta-loss differences ``scale`` times as large."""
+
+    def __init__(self, scale, truncation=4, horizon=8):
+        super().__init__(truncation, horizon)
+        self.scale = scale
+
+    def unroll(self, thetas, inner, counter):
+        metas, losses, new = super().unroll(thetas, inner, counter)
+        return metas * self.scale, losses * self.scale, new
+
+
+@pytest.mark.parametrize("name", ["es", "pes"])
+def test_per_task_divides_the_estimate_by_the_rms_of_its_loss_differences(name):
+    """per_task: the meta-gradient is the plain one over the RMS of the pairs'
+    ((L+ - L-) / 2 sigma), computed here by hand, so a task whose loss is
+    100x larger moves the net as much, not 100x more."""
+    from meta_train.problems import rng
+
+    sigma, pairs, steps = 0.05, 6, 2
+    grads = {}
+    for per_task in (False, True):
+        for scale in (1.0, 100.0):
+            t = MetaTrainer(ScaledQuadratic(scale), make_estimator(name, sigma), pairs=pairs,
+                            clip=1e12, per_task=per_task)  # fmt: skip
+            t.theta.data = t.theta.data.double()
+            grads[per_task, scale] = []
+            for _ in range(steps):
+                t.outer_step()
+                grads[per_task, scale].append(t.theta.grad.clone())
+    for plain, scaled in zip(grads[False, 1.0], grads[True, 1.0]):
+        assert torch.isfinite(scaled).all() and not torch.equal(plain, scaled)
+    # By hand, the first step: the same noise and inner start as the trainer's.
+    problem = ScaledQuadratic(1.0)
+    noise = torch.randn(pairs, 1, generator=rng(0, "noise", 0)).double()
+    thetas = torch.cat([problem.initial_theta() + sigma * noise,
+                        problem.initial_theta() - sigma * noise])  # fmt: skip
+    metas, _, _ = problem.unroll(thetas, problem.reset(0, 2 * pairs), 0)
+    diff = (metas[:pairs] - metas[pairs:]) / (2 * sigma)
+    plain = (diff[:, None] * noise).mean(0)
+    torch.testing.assert_close(grads[False, 1.0][0], plain)
+    torch.testing.assert_close(grads[True, 1.0][0], plain / diff.square().mean().sqrt())
+    for step in range(steps):
+        torch.testing.assert_close(grads[True, 100.0][step], grads[True, 1.0][step])
+        torch.testing.assert_close(grads[False, 100.0][step], 100 * grads[False, 1.0][step])
+
+
+def test_per_task_needs_pairs():
+    problem = ScaledQuadratic(1.0)
+    with pytest.raises(ValueError, match="per_task scales the pairs of ES or PES; backprop"):
+        MetaTrainer(problem, make_estimator("backprop"), pairs=2, per_task=True)
+    assert problem.scale == 1.0  # nothing built, nothing changed
+
+
 def test_short_meta_training_finds_the_best_learning_rate():
     problem = Quadratic(truncation=2, horizon=10, lr=0.1)
     grid = torch.linspace(0.05, 1.9, 400)
@@ -337,7 +392,7 @@ def test_nonfinite_meta_gradient_is_skipped_and_ctrl_c_checkpoints(tmp_path):
     assert saved["step"] == 3 and saved["skipped"] == 1
 
 
-def _distributed_worker(rank, store, out):
+def _distributed_worker(rank, store, out, per_task=False):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -348,6 +403,7 @@ def _distributed_worker(rank, store, out):
         meta_lr=1e-2,
         out_dir=out,
         checkpoint_every=0,
+        per_task=per_task,
     )
     t.train(3, progress=False)
     if rank == 0:
@@ -435,7 +491,8 @@ def test_a_new_run_starts_under_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("per_task", [False, True])
+def test_two_gloo_processes_equal_one(tmp_path, per_task):
     one = MetaTrainer(
         tiny_problem(),
         make_estimator("pes", 0.05),
@@ -443,12 +500,13 @@ def test_two_gloo_processes_equal_one(tmp_path):
         meta_lr=1e-2,
         out_dir=tmp_path / "one",
         checkpoint_every=0,
+        per_task=per_task,
     )
     one.train(3, progress=False)
     out = tmp_path / "two"
     out.mkdir()
     torch.multiprocessing.spawn(
-        _distributed_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2
+        _distributed_worker, args=(str(tmp_path / "store"), str(out), per_task), nprocs=2
     )
     two = torch.load(out / "theta.pt")
     torch.testing.assert_close(two, one.theta.detach(), rtol=1e-5, atol=1e-7)
@@ -766,6 +824,9 @@ def test_cli_bad_input(tmp_path):
     with pytest.raises(SystemExit, match="--meta-loss-ramp or --meta-loss-ramp-fraction, not both"):
         main(["--family", "mlp-gmm", "--meta-loss-ramp", "5", "--meta-loss-ramp-fraction", "0.5",
               "--out", str(tmp_path / "g")])  # fmt: skip
+    with pytest.raises(SystemExit, match="--per-task scales the antithetic pairs of es or pes"):
+        main(["--family", "mlp-gmm", "--estimator", "backprop", "--per-task",
+              "--out", str(tmp_path / "h")])  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -1307,3 +1368,22 @@ def test_depth_factor_flag_builds_the_net_with_it_and_resumes(tmp_path):
     assert meta["config"]["depth_factor"] is True and net.config["depth_factor"] is True
     assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
     assert lopt.load(out / "optimizer.pt")[0].reads_depth
+
+
+def test_per_task_flag_is_saved_resumes_and_goes_on_the_card(tmp_path):
+    from meta_train.__main__ import main
+    from meta_train.ship import model_card
+
+    out = tmp_path / "run"
+    assert main(f"{TINY_MAGNITUDE_NFN} --per-task --no-progress --out {out}".split()) == 0
+    net, meta = lopt.load(out / "optimizer.pt")
+    assert meta["config"]["per_task"] is True
+    assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
+    net, meta = lopt.load(out / "optimizer.pt")
+    assert meta["config"]["per_task"] is True and meta["outer_steps"] == 3
+    card = model_card("x", meta, net, 1)
+    assert "meta-gradient divided by the RMS of its pairs' loss differences" in card
+    plain = tmp_path / "plain"
+    assert main(f"{TINY_MAGNITUDE_NFN} --no-progress --out {plain}".split()) == 0
+    net, meta = lopt.load(plain / "optimizer.pt")
+    assert "loss differences" not in model_card("x", meta, net, 1)
