@@ -772,16 +772,33 @@ class AttentionTemplate(nn.Module):
         return self.head(h)
 
 
-def template_specs(attention: bool = True) -> list[WeightSpaceSpec]:
+class EmbeddingTemplate(nn.Module):
+    """Embeddings' tensor roles, for the NF-layer's weights: token and
+    position tables (rows: an input group, the tokens or positions; columns:
+    the hidden group they write) summed into a hidden layer."""
+
+    def __init__(self, vocab: int = 5, length: int = 4, d: int = 6) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(length, d)
+        self.fc, self.head = nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.tok(x) + self.pos(torch.arange(x.shape[-1], device=x.device))
+        return self.head(torch.relu(self.fc(h)))
+
+
+def template_specs(attention: bool = True, embedding: bool = False) -> list[WeightSpaceSpec]:
     """The architectures whose roles an NFN net is built with: MLPs (any depth
     from 1, with and without biases), Conv1d / Conv2d nets with pooling and
-    flatten heads, standalone tensors of 1 to 4 axes (norms, embeddings),
-    and (``attention``) the projections of multi-head attention."""
-    return list(_template_specs(attention))
+    flatten heads, standalone tensors of 1 to 4 axes (norms), (``attention``)
+    the projections of multi-head attention and (``embedding``) token and
+    position embeddings read from a model's graph."""
+    return list(_template_specs(attention, embedding))
 
 
 @functools.cache
-def _template_specs(attention: bool) -> tuple[WeightSpaceSpec, ...]:  # specs are immutable
+def _template_specs(attention: bool, embedding: bool) -> tuple[WeightSpaceSpec, ...]:
+    # specs are immutable: cached
     mlp = [nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)]
     nets: list[nn.Module] = [
         nn.Sequential(*mlp),
@@ -801,6 +818,8 @@ def _template_specs(attention: bool) -> tuple[WeightSpaceSpec, ...]:  # specs ar
     specs.append(WeightSpaceSpec.from_axes(axes, shapes))
     if attention:
         specs.append(WeightSpaceSpec.from_module(AttentionTemplate()))
+    if embedding:
+        specs.append(WeightSpaceSpec.from_module(EmbeddingTemplate()))
     return tuple(specs)
 
 
@@ -984,7 +1003,8 @@ class NFNNet(OptimizerNet):
     """The NFN optimizer net: per-entry layers, then one permutation-equivariant
     NF-layer (role-tied, so it runs on any depth, width and kernel size) beside
     a per-entry output path. Tensors whose role the NF-layer does not know
-    (exotic standalone tensors) are updated by the per-entry path alone.
+    (exotic standalone tensors, embeddings without ``embedding_roles``) are
+    updated by the per-entry path alone.
 
     Args (beyond :class:`OptimizerNet`'s):
         nf_channels: the NF-layer reads a per-entry projection of the trunk to
@@ -1012,6 +1032,11 @@ class NFNNet(OptimizerNet):
         attention_roles: the NF-layer has weights for the roles of attention's
             tensors (heads and their dimensions); without them those
             tensors get the per-entry path and the neuron statistics only.
+        embedding_roles: the NF-layer has weights for the role of a token or
+            position embedding read from a model's graph (rows: the tokens or
+            positions, an input group; columns: the hidden group they write),
+            and with ``role_rates`` a rate of its own; without them an
+            embedding gets the per-entry path and the neuron statistics only.
         role_rates: a learned log-rate per output role of the NF-layer
             (a tensor's axis kinds: a hidden matrix, a convolution's kernel,
             an attention projection's query-key rows, ...; ``role_log_rate``),
@@ -1043,6 +1068,7 @@ class NFNNet(OptimizerNet):
         neuron_stats: bool = False,
         width_free_stats: bool = False,
         attention_roles: bool = True,
+        embedding_roles: bool = False,
         role_rates: bool = False,
         term_in_adam_units: bool = False,
         **kwargs: Any,
@@ -1069,10 +1095,15 @@ class NFNNet(OptimizerNet):
         # Older checkpoints (format version < 4) have no weights for attention's
         # roles: they load with attention_roles=False.
         self._config["attention_roles"] = bool(attention_roles)
+        if embedding_roles:  # absent from older configs: those nets have none
+            self._config["embedding_roles"] = True
         self.nf_proj = nn.Linear(width, nf_channels, bias=False) if nf_channels else None
         n_out = 2 if nf_outputs == "both" else 1
         self.nf = NFLinear(
-            template_specs(attention_roles), nf_channels or width, n_out, strict=False
+            template_specs(attention_roles, embedding_roles),
+            nf_channels or width,
+            n_out,
+            strict=False,
         )
         with torch.no_grad():
             for w in list(self.nf.weights.values()) + list(self.nf.biases.values()):

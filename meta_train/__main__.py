@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "neuron_stats": False,
     "width_free_stats": False,
     "role_rates": False,
+    "embedding_roles": False,
     "budget": False,
     "term_schedule": False,
     "loss_features": False,
@@ -114,6 +115,7 @@ RULES: dict[str, Any] = {
     "neuron_stats": options.boolean,
     "width_free_stats": options.boolean,
     "role_rates": options.boolean,
+    "embedding_roles": options.boolean,
     "budget": options.boolean,
     "term_schedule": options.boolean,
     "loss_features": options.boolean,
@@ -222,6 +224,13 @@ def parser() -> argparse.ArgumentParser:
         help="nfn: a learned log-rate per role of tensor (its axis kinds: a hidden "
         "matrix, an attention projection's query-key rows, ...) on the whole update of "
         "its tensors, starting at 0 (default off)",
+    )
+    a(
+        "--embedding-roles",
+        action=argparse.BooleanOptionalAction,
+        help="nfn: NF-layer weights (and with --role-rates a rate) for token and position "
+        "embeddings, which otherwise get the per-entry path alone; new weights start small "
+        "beside a net of --init-from (default off)",
     )
     a(
         "--depth-factor",
@@ -416,6 +425,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         )
     if cfg.get("role_rates") and cfg["net"] != "nfn":
         raise SystemExit("--role-rates is for --net nfn (roles come from its NF-layer)")
+    if cfg.get("embedding_roles") and cfg["net"] != "nfn":
+        raise SystemExit("--embedding-roles is for --net nfn (roles come from its NF-layer)")
     if cfg.get("width_free_stats") and not cfg.get("neuron_stats"):
         raise SystemExit("--width-free-stats changes what --neuron-stats read; give both")
     if cfg.get("per_task") and cfg["estimator"] == "backprop":
@@ -473,6 +484,7 @@ def build(
             "neuron_stats": cfg.get("neuron_stats", False),
             "width_free_stats": cfg.get("width_free_stats", False),
             "role_rates": cfg.get("role_rates", False),
+            "embedding_roles": cfg.get("embedding_roles", False),
             "term_in_adam_units": cfg.get("term_in_adam_units", False),
         }
     # The fresh net is drawn from the run's seed: PyTorch seeds its global

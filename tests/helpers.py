@@ -184,6 +184,7 @@ def strong(kind, depth=1):
         term_in_adam_units=kind == "nfn-real-like",
         budget=kind == "nfn-real-like",
         role_rates=kind == "nfn-real-like",
+        embedding_roles=kind == "nfn-real-like",
         term_schedule=kind == "nfn-real-like",
         loss_features=kind == "nfn-real-like",
         **kw,

@@ -431,8 +431,16 @@ def sym_one(spec, sym, t, channels_last):
     return torch.stack(out, -1)
 
 
-@pytest.mark.parametrize("name", ["resnet-bn-2d", *ATTENTION])
-@pytest.mark.parametrize("weights", [None, "default"])
+EMBEDDING = [
+    pytest.param(name, "embedding-roles", id=f"{name}-embedding-roles")
+    for name in ("transformer-causal", "tied-embeddings")
+]
+
+
+@pytest.mark.parametrize(
+    "name, weights",
+    [(n, w) for w in (None, "default") for n in ("resnet-bn-2d", *ATTENTION)] + EMBEDDING,
+)
 def test_the_optimizers_steps_commute_with_the_symmetry(name, weights):
     """NFNOptimizer(params, model=model) reads the graph's spec; training the
     moved model moves the trajectory the same way. The model is in float64
@@ -449,7 +457,14 @@ def test_the_optimizers_steps_commute_with_the_symmetry(name, weights):
     sym = spec.random_symmetry(torch.Generator().manual_seed(2))
     twin = load(model, sym([p.detach() for p in model.parameters()]))
     torch.manual_seed(3)
-    net = lopt.NFNNet(out_scale=1.0, step_mult=1e-2) if weights is None else None
+    net = None
+    if weights is None:
+        net = lopt.NFNNet(out_scale=1.0, step_mult=1e-2)
+    elif weights == "embedding-roles":  # the embeddings' NF weights and rate at work
+        net = lopt.NFNNet(out_scale=1.0, step_mult=1e-2, embedding_roles=True, role_rates=True)
+        with torch.no_grad():
+            net.nf.biases["bias:ih"].normal_()
+            net.role_log_rate["ih"].fill_(0.3)
     target = torch.randn_like(run(model, x))
     for m in (model, twin):
         if net is None:

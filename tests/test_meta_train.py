@@ -1357,6 +1357,27 @@ def test_role_rates_flag_meta_trains_the_roles_rates_and_resumes(tmp_path):
     assert not bad.exists()
 
 
+def test_embedding_roles_flag_meta_trains_the_embeddings_role_and_resumes(tmp_path):
+    """--embedding-roles builds an NFN whose NF-layer knows token and position
+    embeddings; on a language model meta-training moves their role's rate and
+    weights; a resumed run keeps them; a per-entry net is refused."""
+    from meta_train.__main__ import main
+
+    out = tmp_path / "run"
+    tiny_lm = TINY_MAGNITUDE_NFN.replace("mlp-gmm", "lm-docs-d32h2l2")
+    argv = f"{tiny_lm} --role-rates --embedding-roles --no-progress --out {out}".split()
+    assert main(argv) == 0
+    net, meta = lopt.load(out / "optimizer.pt")
+    assert meta["config"]["embedding_roles"] is True and net.config["embedding_roles"] is True
+    assert net.role_log_rate["ih"].item() != 0  # trained on the model's embeddings
+    assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
+    assert "ih<-p" in lopt.load(out / "optimizer.pt")[0].nf.weights
+    bad = tmp_path / "bad"
+    with pytest.raises(SystemExit, match="--embedding-roles is for --net nfn"):
+        main(["--net", "mlp", "--embedding-roles", "--family", "mlp-gmm", "--out", str(bad)])
+    assert not bad.exists()
+
+
 def test_depth_factor_flag_builds_the_net_with_it_and_resumes(tmp_path):
     """--depth-factor builds a net with a learned depth exponent, kept by a
     resumed run and in the saved net's config."""

@@ -983,3 +983,58 @@ def test_role_rates_scale_each_roles_whole_update(tmp_path):
     assert back.config["role_rates"] is True
     assert back.role_log_rate["lanh"].item() == pytest.approx(-0.5)
     assert NFNNet().role_log_rates(spec) is None and "role_rates" not in NFNNet().config
+
+
+def test_embedding_roles_give_embeddings_nf_weights_and_a_rate(tmp_path):
+    """embedding_roles: a transformer's token and position tables get the
+    NF-layer's embedding role (a net without it knows no role for them), its
+    weights change their update and no other tensor's, and with role_rates
+    the role's rate scales their whole update; the fused step agrees; the
+    flag survives a checkpoint and a shipped net loads without it."""
+    from tasks.models import TransformerLM
+
+    torch.manual_seed(5)
+    model = TransformerLM(11, 6, 8, 2, 1)
+    spec = WeightSpaceSpec.from_module(model)
+    kw = dict(out_scale=1.0, step_mult=1e-2, lr=1e-3, nf_channels=2, role_rates=True)
+    embeddings = {"tok.weight", "pos.weight"}
+    names = [t.name for t in spec.tensors]  # a packed projection is two tensors
+    roles = dict(zip(names, NFNNet(**kw).nf.output_roles(spec)))
+    assert roles["tok.weight"] is None and roles["pos.weight"] is None
+    plain = NFNNet(embedding_roles=True, **kw)
+    roles = dict(zip(names, plain.nf.output_roles(spec)))
+    assert roles["tok.weight"] == roles["pos.weight"] == "bias:ih"
+    assert roles["head.weight"] == "bias:oh"  # the head reads the stream: not an embedding
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    state = functional.init(params)
+    base, _ = functional.update(plain, spec, None, grads, state, params)
+
+    def update_with(change):
+        net = NFNNet(embedding_roles=True, **kw)
+        net.load_state_dict(plain.state_dict())
+        with torch.no_grad():
+            change(net)
+        return net, functional.update(net, spec, None, grads, state, params)[0]
+
+    _, moved = update_with(lambda n: n.nf.biases["bias:ih"].add_(1.0))
+    rated, scaled = update_with(lambda n: n.role_log_rate["ih"].fill_(0.4))
+    for name, u0, u1, u2 in zip(spec.names, base, moved, scaled):
+        if name in embeddings:
+            assert not torch.allclose(u1, u0), name
+            torch.testing.assert_close(u2, u0 * math.exp(0.4), rtol=1e-5, atol=1e-9, msg=name)
+        else:
+            torch.testing.assert_close(u1, u0, rtol=1e-5, atol=1e-9, msg=name)
+            torch.testing.assert_close(u2, u0, rtol=1e-5, atol=1e-9, msg=name)
+    opt = lopt.NFNOptimizer(model.parameters(), net=rated, model=model)
+    for q, g in zip(model.parameters(), grads):
+        q.grad = g.clone()
+    opt.step()
+    for q, p, u in zip(model.parameters(), params, scaled):
+        torch.testing.assert_close(q.detach() - p, u, rtol=1e-3, atol=1e-7)
+    lopt.save(rated, tmp_path / "e.pt")
+    back, _ = lopt.load(tmp_path / "e.pt")
+    assert back.config["embedding_roles"] is True
+    assert back.role_log_rate["ih"].item() == pytest.approx(0.4)
+    shipped, _ = lopt.load("nfn-real")
+    assert "embedding_roles" not in shipped.config and "ih<-p" not in shipped.nf.weights
