@@ -931,6 +931,16 @@ def test_the_default_is_the_recommended_shipped_net():
         lopt.NFNOptimizer(model.parameters(), net=NFNNet(), weights="nfn-real")
 
 
+def assert_class_step_takes(model, net, grads, params, want):
+    """The optimizer class's (fused) step on ``model`` moves it by ``want``."""
+    opt = lopt.NFNOptimizer(model.parameters(), net=net, model=model)
+    for q, g in zip(model.parameters(), grads):
+        q.grad = g.clone()
+    opt.step()
+    for q, p, u in zip(model.parameters(), params, want):
+        torch.testing.assert_close(q.detach() - p, u, rtol=1e-3, atol=1e-7)
+
+
 def test_role_rates_scale_each_roles_whole_update(tmp_path):
     """role_rates: a role's log-rate r multiplies the whole update of every
     tensor of that role (Adam's part, the learned term, the row projection)
@@ -972,12 +982,7 @@ def test_role_rates_scale_each_roles_whole_update(tmp_path):
                                rtol=1e-5, atol=1e-9)  # fmt: skip
     torch.testing.assert_close(got[qkv][rows[1] :], base[qkv][rows[1] :], rtol=1e-5, atol=1e-9)
     # The optimizer class's (fused) step takes the same update.
-    opt = lopt.NFNOptimizer(model.parameters(), net=rated, model=model)
-    for q, g in zip(model.parameters(), grads):
-        q.grad = g.clone()
-    opt.step()
-    for q, p, u in zip(model.parameters(), params, got):
-        torch.testing.assert_close(q.detach() - p, u, rtol=1e-3, atol=1e-7)
+    assert_class_step_takes(model, rated, grads, params, got)
     lopt.save(rated, tmp_path / "r.pt")
     back, _ = lopt.load(tmp_path / "r.pt")
     assert back.config["role_rates"] is True
@@ -1026,12 +1031,7 @@ def test_embedding_roles_give_embeddings_nf_weights_and_a_rate(tmp_path):
         else:
             torch.testing.assert_close(u1, u0, rtol=1e-5, atol=1e-9, msg=name)
             torch.testing.assert_close(u2, u0, rtol=1e-5, atol=1e-9, msg=name)
-    opt = lopt.NFNOptimizer(model.parameters(), net=rated, model=model)
-    for q, g in zip(model.parameters(), grads):
-        q.grad = g.clone()
-    opt.step()
-    for q, p, u in zip(model.parameters(), params, scaled):
-        torch.testing.assert_close(q.detach() - p, u, rtol=1e-3, atol=1e-7)
+    assert_class_step_takes(model, rated, grads, params, scaled)
     lopt.save(rated, tmp_path / "e.pt")
     back, _ = lopt.load(tmp_path / "e.pt")
     assert back.config["embedding_roles"] is True
