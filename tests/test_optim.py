@@ -456,9 +456,9 @@ def width_factor_updates(model, net, exponent):
     return params, grads, base, scaled
 
 
-def assert_rule_is_kept(model, net, params, grads, want, tmp_path):
-    """The optimizer class's (fused) step with ``net`` from ``params`` with
-    ``grads`` adds ``want``, and the net's rule survives a checkpoint."""
+def assert_class_step_takes(model, net, grads, params, want):
+    """The optimizer class's (fused) step with ``net`` on ``model`` (at
+    ``params``, with ``grads``) moves it by ``want``."""
     opt_cls = lopt.NFNOptimizer if isinstance(net, NFNNet) else lopt.MLPOptimizer
     opt = opt_cls(model.parameters(), net=net, model=model)
     for q, g in zip(model.parameters(), grads):
@@ -466,6 +466,12 @@ def assert_rule_is_kept(model, net, params, grads, want, tmp_path):
     opt.step()
     for q, p, u in zip(model.parameters(), params, want):
         torch.testing.assert_close(q.detach() - p, u, rtol=1e-3, atol=1e-7)  # float32 params
+
+
+def assert_rule_is_kept(model, net, params, grads, want, tmp_path):
+    """The optimizer class's (fused) step with ``net`` from ``params`` with
+    ``grads`` adds ``want``, and the net's rule survives a checkpoint."""
+    assert_class_step_takes(model, net, grads, params, want)
     lopt.save(net, tmp_path / "n.pt")
     assert lopt.load(tmp_path / "n.pt")[0].rule == net.rule
 
@@ -929,16 +935,6 @@ def test_the_default_is_the_recommended_shipped_net():
         lopt.NFNOptimizer(model.parameters(), width=8)
     with pytest.raises(ValueError, match="either net= or weights="):
         lopt.NFNOptimizer(model.parameters(), net=NFNNet(), weights="nfn-real")
-
-
-def assert_class_step_takes(model, net, grads, params, want):
-    """The optimizer class's (fused) step on ``model`` moves it by ``want``."""
-    opt = lopt.NFNOptimizer(model.parameters(), net=net, model=model)
-    for q, g in zip(model.parameters(), grads):
-        q.grad = g.clone()
-    opt.step()
-    for q, p, u in zip(model.parameters(), params, want):
-        torch.testing.assert_close(q.detach() - p, u, rtol=1e-3, atol=1e-7)
 
 
 def test_role_rates_scale_each_roles_whole_update(tmp_path):
