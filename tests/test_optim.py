@@ -456,7 +456,7 @@ def width_factor_updates(model, net, exponent):
     return params, grads, base, scaled
 
 
-def assert_class_step_takes(model, net, grads, params, want):
+def assert_class_step_takes(model, net, params, grads, want):
     """The optimizer class's (fused) step with ``net`` on ``model`` (at
     ``params``, with ``grads``) moves it by ``want``."""
     opt_cls = lopt.NFNOptimizer if isinstance(net, NFNNet) else lopt.MLPOptimizer
@@ -471,7 +471,7 @@ def assert_class_step_takes(model, net, grads, params, want):
 def assert_rule_is_kept(model, net, params, grads, want, tmp_path):
     """The optimizer class's (fused) step with ``net`` from ``params`` with
     ``grads`` adds ``want``, and the net's rule survives a checkpoint."""
-    assert_class_step_takes(model, net, grads, params, want)
+    assert_class_step_takes(model, net, params, grads, want)
     lopt.save(net, tmp_path / "n.pt")
     assert lopt.load(tmp_path / "n.pt")[0].rule == net.rule
 
@@ -978,7 +978,7 @@ def test_role_rates_scale_each_roles_whole_update(tmp_path):
                                rtol=1e-5, atol=1e-9)  # fmt: skip
     torch.testing.assert_close(got[qkv][rows[1] :], base[qkv][rows[1] :], rtol=1e-5, atol=1e-9)
     # The optimizer class's (fused) step takes the same update.
-    assert_class_step_takes(model, rated, grads, params, got)
+    assert_class_step_takes(model, rated, params, grads, got)
     lopt.save(rated, tmp_path / "r.pt")
     back, _ = lopt.load(tmp_path / "r.pt")
     assert back.config["role_rates"] is True
@@ -1027,7 +1027,7 @@ def test_embedding_roles_give_embeddings_nf_weights_and_a_rate(tmp_path):
         else:
             torch.testing.assert_close(u1, u0, rtol=1e-5, atol=1e-9, msg=name)
             torch.testing.assert_close(u2, u0, rtol=1e-5, atol=1e-9, msg=name)
-    assert_class_step_takes(model, rated, grads, params, scaled)
+    assert_class_step_takes(model, rated, params, grads, scaled)
     lopt.save(rated, tmp_path / "e.pt")
     back, _ = lopt.load(tmp_path / "e.pt")
     assert back.config["embedding_roles"] is True
