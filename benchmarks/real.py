@@ -13,7 +13,10 @@ Every task of the suite (``tasks.TASK_STEPS`` gives its run length) runs:
   (lower mean final loss on the benchmark seeds, which favours Adam);
 - AdamW at its defaults (rate 1e-3, weight decay 1e-2);
 - every learned optimizer of ``--weights``, told the run's length
-  (``total_steps``); ``--hide-budget`` runs them without it instead.
+  (``total_steps``) and each step's loss; ``--hide-budget`` runs them
+  without the run's length, ``--hide-loss`` without the loss (a loop that
+  calls ``step()`` alone), to measure how a net that reads them does when a
+  user does not give them.
 
 ``--budget-fraction F`` gives the learned optimizers a shorter run, F of each
 task's steps, told that budget, against tuned Adam over all of them: a
@@ -91,17 +94,19 @@ def run_task(
     baselines: tuple[list, dict] | None = None,
     overrides: dict[str, float] | None = None,
     budget_fraction: float = 1.0,
+    hide_loss: bool = False,
 ):
     """Tune Adam's two schedules, run everything; returns (csv rows, meta).
     ``baselines`` (rows and meta of this task from an earlier run with the
     same seeds) replaces the tuning and the baselines' runs; the learned
-    optimizers run ``budget_fraction`` of the task's steps."""
+    optimizers run ``budget_fraction`` of the task's steps, told the loss
+    unless ``hide_loss``."""
     task = get_task(name, device)
     steps = TASK_STEPS[name]
     learned_steps = max(1, round(budget_fraction * steps))
     eval_every = max(1, steps // 20)
     meta: dict = {"params": task.num_params, "steps": steps}
-    runs: dict[str, tuple] = {}  # label -> (make_optimizer, schedule, steps)
+    runs: dict[str, tuple] = {}  # label -> (make_optimizer, schedule, steps, tell_loss)
     total = 0 if baselines else len(ADAM_KINDS) * len(ADAM_GRID) * len(tune_seeds)
     total += (0 if baselines else len(BASELINES) * len(seeds)) + len(weights) * len(seeds)
     bar = tqdm(total=total, desc=f"{name} ({steps} steps)", unit="run", leave=False)
@@ -117,14 +122,14 @@ def run_task(
             )
             meta[f"{label}_lr"] = best
             meta[f"{label}_grid_scores"] = {f"{lr:.0e}": s for lr, s in scores.items()}
-            runs[label] = (adam(best), schedule, steps)
-        runs["adamw"] = (adamw, None, steps)
+            runs[label] = (adam(best), schedule, steps, True)
+        runs["adamw"] = (adamw, None, steps, True)
     for w in weights:
         label, make = learned(w, None if hide_budget else learned_steps, overrides)
-        runs[label] = (make, None, learned_steps)
-    for label, (make, schedule, length) in runs.items():
+        runs[label] = (make, None, learned_steps, not hide_loss)
+    for label, (make, schedule, length, tell_loss) in runs.items():
         for seed in seeds:
-            curve: Curve = run(task, make, length, seed, eval_every, schedule)
+            curve: Curve = run(task, make, length, seed, eval_every, schedule, tell_loss)
             bar.update()
             for s, tr in zip(curve.eval_steps, curve.train_eval):
                 rows.append((name, label, seed, s, tr))
@@ -216,6 +221,8 @@ def markdown(summary: dict, meta: dict) -> str:
         told = f"run for {fraction:g} of each task's steps, " + (
             "not told it" if meta["hide_budget"] else "told that budget (total_steps)"
         )
+    if meta.get("hide_loss"):
+        told += ", not told the loss"
     lines = [
         f"`{meta['command']}`",
         "",
@@ -284,6 +291,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tune-seeds", type=int, default=1, help="seeds that tune Adam's rates (1)")
     p.add_argument("--hide-budget", action="store_true", help="do not tell total_steps")
     p.add_argument(
+        "--hide-loss",
+        action="store_true",
+        help="do not tell the learned optimizers each step's loss (call step() alone)",
+    )
+    p.add_argument(
         "--budget-fraction",
         type=float,
         default=1.0,
@@ -348,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seeds": args.seeds,
         "tune_seeds": args.tune_seeds,
         "hide_budget": args.hide_budget,
+        "hide_loss": args.hide_loss,
         "budget_fraction": args.budget_fraction,
         "device": args.device,
         "baselines_from": None if args.baselines_from is None else str(args.baselines_from),
@@ -375,13 +388,14 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": str(torch.__version__),
         "seeds": args.seeds,
         "hide_budget": args.hide_budget,
+        "hide_loss": args.hide_loss,
         "budget_fraction": args.budget_fraction,
         "settings": settings,
         "tasks": {},
     }
     if args.resume:
         rows, meta = read_out(args.out, "--resume")
-        before = {"baselines_from": None, "set": {}, "budget_fraction": 1.0}
+        before = {"baselines_from": None, "set": {}, "budget_fraction": 1.0, "hide_loss": False}
         if {**before, **meta.get("settings", {})} != settings:
             p.error(f"--resume: {args.out} was run with other settings: {meta.get('settings')}")
     elif (args.out / "curves.csv").exists():
@@ -404,6 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
             baselines,
             overrides,
             args.budget_fraction,
+            args.hide_loss,
         )
         rows += task_rows
         write_out(rows, meta, args.out)  # each finished task is kept

@@ -39,7 +39,8 @@ reach it (fractions of the budget):
         --baselines-from runs/val-real-base --out runs/val-real-nfn
 
 ``--hide-budget`` runs them there without ``total_steps``, to rank how a
-net does when a user does not give it the run's length. A net trained on
+net does when a user does not give it the run's length; ``--hide-loss``
+without each step's loss, for a net that reads it. A net trained on
 ``real-broad-family`` is picked on ``validation-broad`` (validation-real
 and three small-family tasks), so that a pick cannot trade one side away.
 """
@@ -218,10 +219,16 @@ def main(argv: list[str] | None = None) -> Path:
         action="store_true",
         help="on a suite with step budgets, run the nets without total_steps",
     )
+    p.add_argument(
+        "--hide-loss",
+        action="store_true",
+        help="on a suite with step budgets, run the nets without each step's loss",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    if args.hide_budget and not with_budgets(args.suite):
-        p.error(f"--hide-budget needs a suite whose tasks have step budgets, not {args.suite}")
+    for flag, on in (("--hide-budget", args.hide_budget), ("--hide-loss", args.hide_loss)):
+        if on and not with_budgets(args.suite):
+            p.error(f"{flag} needs a suite whose tasks have step budgets, not {args.suite}")
     if len({r.name for r in args.run}) != len(args.run):
         raise SystemExit(f"runs must have distinct folder names, got {[str(r) for r in args.run]}")
     found = []
@@ -241,9 +248,11 @@ def main(argv: list[str] | None = None) -> Path:
         cmd = ["--suite", args.suite, "--seeds", str(args.seeds), "--out", str(args.out)]
         extra = ["--set", *args.set] if args.set else []
         extra += ["--hide-budget"] if args.hide_budget else []
+        extra += ["--hide-loss"] if args.hide_loss else []
         summary = real.main([*cmd, *base, *extra, "--weights", *weights])
         ranked = budget_ranking(summary, labels)
         where = "each task at its step budget" + (", not told it" if args.hide_budget else "")
+        where += ", not told the loss" if args.hide_loss else ""
     else:
         cmd = ["--suite", args.suite, "--steps", str(args.steps), "--seeds", str(args.seeds)]
         cmd += ["--factors", "1", "--out", str(args.out), "--weights", *weights, *base]

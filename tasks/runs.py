@@ -70,15 +70,18 @@ def run(
     seed: int,
     eval_every: int = 0,
     schedule: MakeSchedule | None = None,
+    tell_loss: bool = True,
 ) -> Curve:
     """Train ``task`` from the seed's initialisation for ``steps`` steps,
-    with the learning rate following ``schedule`` over them if given."""
+    with the learning rate following ``schedule`` over them if given. A
+    learned optimizer is told each step's loss (``step(loss=...)``) unless
+    ``tell_loss`` is False, as in a loop that calls ``step()`` alone."""
     model, opt, batches = start(task, make_optimizer, seed)
     scheduler = schedule(opt, steps) if schedule is not None else None
     eval_every = eval_every or max(1, steps // 20)
     curve = Curve()
-    # A learned optimizer is told each step's loss (nets that read it use it).
-    tells_loss = isinstance(opt, LearnedOptimizer)
+    # Nets that read the loss use it; other optimizers are never given one.
+    tells_loss = tell_loss and isinstance(opt, LearnedOptimizer)
 
     def evaluate(step: int) -> None:
         params = dict(model.named_parameters())

@@ -358,6 +358,77 @@ def test_snapshots_rank_on_a_budget_suite_with_the_budget_told_or_hidden(tmp_pat
     assert not (tmp_path / "x").exists()
 
 
+def test_real_benchmark_and_snapshots_run_a_loss_reading_net_told_or_not_told_the_loss(
+    tmp_path, monkeypatch
+):
+    """--hide-loss runs the learned optimizers as a loop that calls step()
+    alone does; without it they are told each step's loss; it is recorded in
+    the settings and the page, and the snapshot ranking passes it on."""
+    from helpers import strong
+
+    from benchmarks import snapshots
+    from tasks.runs import run
+
+    monkeypatch.setitem(TASK_STEPS, "mlp-gmm", 12)
+    monkeypatch.setattr(real, "ADAM_GRID", (1e-3, 1e-2))
+    torch.manual_seed(0)
+    net = strong("nfn-real-like")
+    run_dir = tmp_path / "run"
+    (run_dir / "snapshots").mkdir(parents=True)
+    path = run_dir / "snapshots" / "optimizer-000010.pt"
+    lopt.save(net, path, {})
+    base = tmp_path / "base"
+    args = ["--suite", "mlp-gmm", "--seeds", "1", "--weights", f"n={path}"]
+    told = real.main([*args, "--out", str(base)])
+    hidden = tmp_path / "hidden"
+    s = real.main([*args, "--hide-loss", "--baselines-from", str(base), "--out", str(hidden)])
+    final = s["per_task"]["mlp-gmm"]["final"]["n"]
+    assert final != told["per_task"]["mlp-gmm"]["final"]["n"]  # the net reads the loss
+    _, make = real.learned(str(path), 12)
+    direct = run(get_task("mlp-gmm"), make, 12, 0, 1, tell_loss=False)
+    assert final == pytest.approx(direct.train_eval[-1])
+    assert json.loads((hidden / "meta.json").read_text())["settings"]["hide_loss"] is True
+    assert "not told the loss" in (hidden / "results.md").read_text()
+    assert "not told the loss" not in (base / "results.md").read_text()
+    # Resuming a run with the loss told as one with it hidden is refused.
+    with pytest.raises(SystemExit, match="--resume: .* other settings"):
+        real.main([*args, "--hide-loss", "--resume", "--out", str(base)])
+    ranked = tmp_path / "rank"
+    snapshots.main([str(run_dir), "--suite", "mlp-gmm", "--seeds", "1", "--hide-loss",
+                    "--baselines-from", str(base), "--out", str(ranked)])  # fmt: skip
+    assert "not told the loss" in (ranked / "ranking.md").read_text()
+    rows = [r for r in csv.reader(open(ranked / "curves.csv")) if r[1] == "step10"]
+    assert float(rows[-1][-1]) == pytest.approx(direct.train_eval[-1])
+    with pytest.raises(SystemExit):
+        snapshots.main([str(run_dir), "--suite", "mlp-digits", "--hide-loss", "--out",
+                        str(tmp_path / "x")])  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_run_loop_tells_only_learned_optimizers_the_loss_and_only_when_asked(monkeypatch):
+    from tasks.runs import adam, run
+
+    seen = []
+    step = lopt.NFNOptimizer.step
+
+    def spy(self, closure=None, loss=None):
+        seen.append(loss is not None)
+        return step(self, closure, loss=loss)
+
+    monkeypatch.setattr(lopt.NFNOptimizer, "step", spy)
+    task = get_task("mlp-gmm")
+    make = real.learned("nfn-real", 3)[1]
+    run(task, make, 3, 0)
+    assert seen == [True] * 3
+    seen.clear()
+    run(task, make, 3, 0, tell_loss=False)
+    assert seen == [False] * 3
+    adam_steps = []
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: adam_steps.append(k))
+    run(task, adam(1e-3), 2, 0)
+    assert adam_steps == [{}, {}]
+
+
 def test_cosine_schedule_reaches_zero_at_the_end():
     from tasks.runs import cosine
 
