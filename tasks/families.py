@@ -54,6 +54,8 @@ DATASETS: dict[str, Callable[[], data.Dataset]] = {
     "mnist1d-recon": lambda: data.reconstruction(data.mnist1d()),
     # A tabular regression: scikit-learn's diabetes data, standardised.
     "diabetes": data.diabetes,
+    # Another: the alcohol content of scikit-learn's wines from their other measurements.
+    "wine-alcohol": data.wine_alcohol,
 }
 CONV_DATASETS = {"mnist1d": "mnist1d-conv"}  # the CNN view of a dataset
 
@@ -453,6 +455,13 @@ TASKS.update(
         "mlp-diabetes-128x2": _task(
             "mlp-diabetes-128x2", lambda d: mlp(10, [128, 128], 1), "diabetes", 32
         ),
+        # Outside real-family as the real suite's tasks are (a 1-D ResNet, a
+        # tabular regression), at other sizes and data: to pick a net that
+        # does well beyond its family without picking on the real suite.
+        "resnet-mnist1d-16x1": _task(
+            "resnet-mnist1d-16x1", lambda d: ResNet(d.input_shape, 16, 1, 10), "mnist1d-conv", 64
+        ),
+        "mlp-wine-64x2": _task("mlp-wine-64x2", lambda d: mlp(12, [64, 64], 1), "wine-alcohol", 32),
     }
 )
 # The run length each task of the real and held-out suites is judged at (its
@@ -491,6 +500,8 @@ TASK_STEPS: dict[str, int] = {
     "lm-docs-d64h4l3": 1000,
     "ae-mnist1d-128x16": 1000,
     "mlp-diabetes-128x2": 3000,
+    "resnet-mnist1d-16x1": 1000,
+    "mlp-wine-64x2": 3000,
     # The held-out suite of the small families, at 5x their 200-step unrolls
     # (``python -m benchmarks.real --suite heldout``: budget nets told it).
     **dict.fromkeys(HELDOUT, 1000),
@@ -665,6 +676,9 @@ SUITES: dict[str, list[str]] = {
     # width: a pick must not lose them (validation-broad's LM alone moves by
     # less than the held-out LMs do between snapshots).
     "validation-lm": ["lm-docs-d32h2l2", "lm-docs-d64h4l2"],
+    # Outside real-family by architecture or data, as the real suite is, and
+    # disjoint from it: a pick must hold beyond the family it was trained on.
+    "validation-outside": ["resnet-mnist1d-16x1", "mlp-wine-64x2"],
     # One width, 1 to 4 layers (transformer-family samples 1 and 2): what
     # python -m benchmarks.update_scale runs by default.
     "depth-lm": [f"lm-docs-d32h2l{n}" for n in (1, 2, 3, 4)],

@@ -43,6 +43,24 @@ def test_text_data_is_next_character_windows():
         data.text("poems")
 
 
+def test_wine_regression_reads_alcohol_from_the_other_measurements():
+    from sklearn.datasets import load_wine
+
+    d = data.wine_alcohol()
+    assert d.n_classes == 0 and d.input_shape == (12,)
+    assert d.x_train.shape == (142, 12) and d.y_train.shape == (142, 1)
+    raw = torch.tensor(load_wine().data, dtype=torch.float32)
+    y = torch.cat([d.y_train, d.y_test])[:, 0]
+    x = torch.cat([d.x_train, d.x_test])
+    alcohol = (raw[:, 0] - raw[:, 0].mean()) / raw[:, 0].std()
+    # The same wines, reordered by the split: the targets are the
+    # standardised alcohol contents, and no input column is that.
+    assert torch.allclose(y.sort().values, alcohol.sort().values, atol=1e-5)
+    for col in range(12):
+        assert not torch.allclose(x[:, col].sort().values, alcohol.sort().values, atol=1e-3)
+    assert torch.allclose(x.mean(0), torch.zeros(12), atol=1e-5)
+
+
 def test_reconstruction_targets_are_the_flattened_inputs():
     d = data.reconstruction(data.digits())
     assert d.n_classes == 0 and d.output_size == 64
@@ -109,7 +127,7 @@ def test_families_sample_trainable_tasks(family):
 
 def test_real_suites_have_budgets_and_stay_out_of_the_family():
     suites = ("real", "validation-real", "heldout", "validation-small", "validation-broad")
-    for suite in (*suites, "validation-lm"):
+    for suite in (*suites, "validation-lm", "validation-outside"):
         for name in get_suite(suite):
             assert TASK_STEPS[name] >= 100
     # Both suites hold a run of 3,000 steps or more.
@@ -117,6 +135,7 @@ def test_real_suites_have_budgets_and_stay_out_of_the_family():
         assert max(TASK_STEPS[n] for n in SUITES[suite]) >= 3000
     assert not set(SUITES["real"]) & set(SUITES["validation-real"])
     assert not set(SUITES["real"]) & set(SUITES["validation-lm"])
+    assert not set(SUITES["real"]) & set(SUITES["validation-outside"])
     assert not set(SUITES["heldout"]) & set(SUITES["validation-small"])
     # A family of ResNets on 2-D digits of 1-2 blocks: the held-out ResNets
     # are 1-D or 3 blocks deep; the LMs read other text or are 3 layers deep.
@@ -128,7 +147,7 @@ def test_real_suites_have_budgets_and_stay_out_of_the_family():
             n.startswith("resnet-mnist1d") or "x3-" in n and "resnet" in n for n in names
         )
         assert not any(n.startswith("lm-text-code") or n.endswith("l3") for n in names)
-        assert not any("mnist1d-recon" in n or "diabetes" in n for n in names)
+        assert not any("mnist1d-recon" in n or "diabetes" in n or "wine" in n for n in names)
 
 
 def test_validation_lms_lie_inside_real_family():
