@@ -106,7 +106,7 @@ def run_task(
     learned_steps = max(1, round(budget_fraction * steps))
     eval_every = max(1, steps // 20)
     meta: dict = {"params": task.num_params, "steps": steps}
-    runs: dict[str, tuple] = {}  # label -> (make_optimizer, schedule, steps, tell_loss)
+    runs: dict[str, tuple] = {}  # label -> (make_optimizer, schedule, steps)
     total = 0 if baselines else len(ADAM_KINDS) * len(ADAM_GRID) * len(tune_seeds)
     total += (0 if baselines else len(BASELINES) * len(seeds)) + len(weights) * len(seeds)
     bar = tqdm(total=total, desc=f"{name} ({steps} steps)", unit="run", leave=False)
@@ -122,14 +122,15 @@ def run_task(
             )
             meta[f"{label}_lr"] = best
             meta[f"{label}_grid_scores"] = {f"{lr:.0e}": s for lr, s in scores.items()}
-            runs[label] = (adam(best), schedule, steps, True)
-        runs["adamw"] = (adamw, None, steps, True)
+            runs[label] = (adam(best), schedule, steps)
+        runs["adamw"] = (adamw, None, steps)
     for w in weights:
         label, make = learned(w, None if hide_budget else learned_steps, overrides)
-        runs[label] = (make, None, learned_steps, not hide_loss)
-    for label, (make, schedule, length, tell_loss) in runs.items():
+        runs[label] = (make, None, learned_steps)
+    for label, (make, schedule, length) in runs.items():
         for seed in seeds:
-            curve: Curve = run(task, make, length, seed, eval_every, schedule, tell_loss)
+            # run tells only learned optimizers the loss: Adam never sees it.
+            curve: Curve = run(task, make, length, seed, eval_every, schedule, not hide_loss)
             bar.update()
             for s, tr in zip(curve.eval_steps, curve.train_eval):
                 rows.append((name, label, seed, s, tr))

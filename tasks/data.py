@@ -147,14 +147,18 @@ def digits(seed: int = 0) -> Dataset:
     return _split("digits", x, y, 10, 0.2, seed)
 
 
+def _standardised(t: Tensor) -> Tensor:
+    """Each column of a table at mean 0 and standard deviation 1."""
+    return (t - t.mean(0)) / t.std(0)
+
+
 def diabetes(seed: int = 0) -> Dataset:
     """scikit-learn's diabetes regression (442 patients, 10 features, one
     target), inputs and target standardised; 20% held out."""
     raw = require("sklearn.datasets", "scikit-learn").load_diabetes()
     x = torch.tensor(raw.data, dtype=torch.float32)
     y = torch.tensor(raw.target, dtype=torch.float32)[:, None]
-    x = (x - x.mean(0)) / x.std(0)
-    y = (y - y.mean()) / y.std()
+    x, y = _standardised(x), _standardised(y)
     return _split("diabetes", x, y, 0, 0.2, seed)
 
 
@@ -167,8 +171,7 @@ def wine_alcohol(seed: int = 0) -> Dataset:
     col = raw.feature_names.index("alcohol")
     x = torch.cat([table[:, :col], table[:, col + 1 :]], 1)
     y = table[:, col : col + 1]
-    x = (x - x.mean(0)) / x.std(0)
-    y = (y - y.mean()) / y.std()
+    x, y = _standardised(x), _standardised(y)
     return _split("wine-alcohol", x, y, 0, 0.2, seed)
 
 
