@@ -79,6 +79,8 @@ DEFAULTS: dict[str, Any] = {
     "sigma": 0.01,
     "meta_lr": 3e-3,
     "clip": 1.0,
+    "meta_lr_decay_steps": 0,
+    "meta_lr_final": 0.1,
     "per_task": False,
     "meta_loss": "mean",
     "loss_cap": 3.0,
@@ -133,6 +135,8 @@ RULES: dict[str, Any] = {
     "sigma": _positive,
     "meta_lr": _positive,
     "clip": _positive,
+    "meta_lr_decay_steps": options.integer(0),
+    "meta_lr_final": options.number(0, 1),
     "per_task": options.boolean,
     "meta_loss": options.choice(list(META_LOSSES)),
     "loss_cap": _positive,
@@ -317,6 +321,20 @@ def parser() -> argparse.ArgumentParser:
     )
     a("--sigma", type=float, help="ES / PES perturbation std (0.01)")
     a("--meta-lr", type=float, help="Adam learning rate of the outer loop (3e-3)")
+    a(
+        "--meta-lr-decay-steps",
+        type=int,
+        metavar="STEPS",
+        help="cosine-decay the outer loop's learning rate from --meta-lr at outer step 0 to "
+        "--meta-lr-final times it at outer step STEPS, constant after (e.g. --outer-steps), so "
+        "that the last snapshots move less; 0 (default) keeps it constant",
+    )
+    a(
+        "--meta-lr-final",
+        type=float,
+        metavar="F",
+        help="with --meta-lr-decay-steps: the fraction of --meta-lr it ends at (0.1)",
+    )
     a("--clip", type=float, help="meta-gradient norm clipping (1.0)")
     a(
         "--per-task",
@@ -407,6 +425,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(
             f"--horizon-max ({cfg['horizon_max']}) must be at least --horizon ({cfg['horizon']})"
         )
+    if cfg.get("meta_lr_final", 0.1) != 0.1 and not cfg.get("meta_lr_decay_steps"):
+        raise SystemExit("--meta-lr-final is where --meta-lr-decay-steps ends: give it too")
     if cfg.get("meta_loss_ramp") and cfg.get("meta_loss_ramp_fraction"):
         raise SystemExit("give --meta-loss-ramp or --meta-loss-ramp-fraction, not both")
     if cfg.get("neuron_stats") and cfg["net"] != "nfn":
@@ -538,6 +558,8 @@ def build(
         pairs=cfg["population"],
         meta_lr=cfg["meta_lr"],
         clip=cfg["clip"],
+        meta_lr_decay_steps=cfg.get("meta_lr_decay_steps", 0),
+        meta_lr_final=cfg.get("meta_lr_final", 0.1),
         seed=cfg["seed"],
         out_dir=cfg["out"],
         checkpoint_every=cfg["checkpoint_every"],

@@ -117,6 +117,16 @@ def _ramp(cfg: dict) -> str:
     return ""
 
 
+def _meta_lr(cfg: dict) -> str:
+    """The outer loop's learning rate and its decay, in words."""
+    text = f"meta lr {cfg.get('meta_lr')}"
+    steps = cfg.get("meta_lr_decay_steps") or 0
+    if steps:
+        final = cfg.get("meta_lr_final", 0.1)
+        text += f" cosine-decayed to {final:g}x of it over outer steps 0-{steps}"
+    return text
+
+
 def _per_task(cfg: dict) -> str:
     """The meta-gradient's scaling per task, in words (empty when off)."""
     if not cfg.get("per_task"):
@@ -197,7 +207,7 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         f"* Trained on: `{cfg.get('family', '?')}`, {horizon}, "
         f"{cfg.get('estimator', '?').upper()} with {cfg.get('population')} antithetic pairs, "
         f"truncation {cfg.get('truncation')}, `{cfg.get('meta_loss')}` meta-loss{_ramp(cfg)}, "
-        f"meta lr {cfg.get('meta_lr')}{_per_task(cfg)}.",
+        f"{_meta_lr(cfg)}{_per_task(cfg)}.",
         f"* Outer steps: {meta.get('outer_steps'):,}{_snapshot(meta)}; "
         f"inner steps: {meta.get('inner_steps', 0):,}; "
         f"training time {wall / 60:.0f} min on {machine_label(meta.get('machine', '?'))} "

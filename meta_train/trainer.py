@@ -56,6 +56,13 @@ class MetaTrainer:
         pairs: population size: antithetic pairs for ES / PES (2 trajectories
             each), trajectories for backprop.
         meta_lr, clip: Adam learning rate and gradient-norm clipping.
+        meta_lr_decay_steps, meta_lr_final: cosine-decay the learning rate
+            from ``meta_lr`` at outer step 0 to ``meta_lr_final * meta_lr``
+            at outer step ``meta_lr_decay_steps``, constant after it (0: no
+            decay). A function of the outer step alone, so a resumed run
+            follows it exactly; ES and PES estimates are noisy, and a net
+            taken at a late step otherwise still moves by a full step's
+            worth between neighbouring snapshots.
         seed: the noise stream (tasks and data come from the problem's seed).
         out_dir: TensorBoard logs and checkpoints go here (None: neither).
         checkpoint_every: outer steps between checkpoints (0: only at the end).
@@ -83,6 +90,8 @@ class MetaTrainer:
         pairs: int = 8,
         meta_lr: float = 1e-3,
         clip: float = 1.0,
+        meta_lr_decay_steps: int = 0,
+        meta_lr_final: float = 0.1,
         seed: int = 0,
         out_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 50,
@@ -98,6 +107,11 @@ class MetaTrainer:
             raise ValueError(f"population must be >= 1, got {pairs}")
         if not meta_lr > 0 or not clip > 0:
             raise ValueError(f"meta_lr and clip must be > 0, got {meta_lr}, {clip}")
+        if meta_lr_decay_steps < 0 or not 0 <= meta_lr_final <= 1:
+            raise ValueError(
+                "meta_lr_decay_steps must be >= 0 and meta_lr_final in [0, 1], got "
+                f"{meta_lr_decay_steps}, {meta_lr_final}"
+            )
         if per_task and not estimator.needs_noise:
             raise ValueError(
                 f"per_task scales the pairs of ES or PES; {estimator.name} has no pairs"
@@ -112,6 +126,8 @@ class MetaTrainer:
             raise ValueError(f"frozen mask {tuple(frozen.shape)} != {tuple(self.theta.shape)}")
         self.frozen = None if frozen is None else frozen.to(self.theta.device)
         self.meta_opt = torch.optim.Adam([self.theta], lr=meta_lr)
+        self.meta_lr, self.meta_lr_decay_steps = meta_lr, meta_lr_decay_steps
+        self.meta_lr_final = meta_lr_final
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint_every, self.eval_every, self.eval_fn = checkpoint_every, eval_every, eval_fn
         self.snapshot_every, self.snapshot_fn = snapshot_every, snapshot_fn
@@ -128,6 +144,14 @@ class MetaTrainer:
         self._writer = None
 
     # ------------------------------------------------------------ one step
+    def meta_lr_at(self, step: int) -> float:
+        """The outer loop's learning rate at outer step ``step``."""
+        n = self.meta_lr_decay_steps
+        if n == 0:
+            return self.meta_lr
+        cos = 0.5 * (1.0 + math.cos(math.pi * min(step, n) / n))
+        return self.meta_lr * (self.meta_lr_final + (1.0 - self.meta_lr_final) * cos)
+
     def _reset_inner(self) -> None:
         n = self.hi - self.lo
         self.inner = self.problem.reset(self.resets, self.estimator.trajectories(n))
@@ -195,6 +219,8 @@ class MetaTrainer:
         finite = math.isfinite(grad_norm) and math.isfinite(meta_loss)
         if finite:
             self.meta_opt.zero_grad()
+            for group in self.meta_opt.param_groups:
+                group["lr"] = self.meta_lr_at(self.step)
             self.theta.grad = grad * min(1.0, self.clip / max(grad_norm, 1e-12))
             self.meta_opt.step()
             self.problem.load_theta(self.theta.detach())
@@ -208,6 +234,7 @@ class MetaTrainer:
             "skipped": not finite,
             "inner_steps_per_s": int(trajs.item()) * k / max(elapsed, 1e-9),
             "inner_t": self.inner_t,
+            "meta_lr": self.meta_lr_at(self.step),
             "inner_losses": losses_mean.tolist(),
         }
         self.inner_t += k
@@ -294,7 +321,7 @@ class MetaTrainer:
         if w is None:
             return
         s = m["step"]
-        for key in ("meta_loss", "grad_norm", "grad_variance", "inner_steps_per_s"):
+        for key in ("meta_loss", "grad_norm", "grad_variance", "inner_steps_per_s", "meta_lr"):
             if math.isfinite(m[key]):
                 w.add_scalar(f"meta/{key}", m[key], s)
         w.add_scalar("meta/skipped_total", self.skipped, s)
