@@ -56,13 +56,6 @@ class MetaTrainer:
         pairs: population size: antithetic pairs for ES / PES (2 trajectories
             each), trajectories for backprop.
         meta_lr, clip: Adam learning rate and gradient-norm clipping.
-        meta_lr_decay_steps, meta_lr_final: cosine-decay the learning rate
-            from ``meta_lr`` at outer step 0 to ``meta_lr_final * meta_lr``
-            at outer step ``meta_lr_decay_steps``, constant after it (0: no
-            decay). A function of the outer step alone, so a resumed run
-            follows it exactly; ES and PES estimates are noisy, and a net
-            taken at a late step otherwise still moves by a full step's
-            worth between neighbouring snapshots.
         seed: the noise stream (tasks and data come from the problem's seed).
         out_dir: TensorBoard logs and checkpoints go here (None: neither).
         checkpoint_every: outer steps between checkpoints (0: only at the end).
@@ -81,6 +74,13 @@ class MetaTrainer:
             meta-loss a run that nears loss 0 (an MLP that fits its data, a
             ResNet) otherwise gives differences ten to a hundred times a
             language model's, and sets the shared rates alone.
+        meta_lr_decay_steps, meta_lr_final: cosine-decay the learning rate
+            from ``meta_lr`` at outer step 0 to ``meta_lr_final * meta_lr``
+            at outer step ``meta_lr_decay_steps``, constant after it (0: no
+            decay). A function of the outer step alone, so a resumed run
+            follows it exactly; ES and PES estimates are noisy, and a net
+            taken at a late step otherwise still moves by a full step's
+            worth between neighbouring snapshots.
     """
 
     def __init__(
@@ -90,8 +90,6 @@ class MetaTrainer:
         pairs: int = 8,
         meta_lr: float = 1e-3,
         clip: float = 1.0,
-        meta_lr_decay_steps: int = 0,
-        meta_lr_final: float = 0.1,
         seed: int = 0,
         out_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 50,
@@ -102,6 +100,8 @@ class MetaTrainer:
         snapshot_fn: Callable[[MetaTrainer], None] | None = None,
         snapshot_every: int = 0,
         per_task: bool = False,
+        meta_lr_decay_steps: int = 0,
+        meta_lr_final: float = 0.1,
     ) -> None:
         if pairs < 1:
             raise ValueError(f"population must be >= 1, got {pairs}")
