@@ -206,17 +206,23 @@ def test_vmapped_population_equals_a_loop():
     assert not torch.allclose(a[1][0], a[1][1])  # members really differ
 
 
-@pytest.mark.parametrize("estimator", ["pes", "backprop"])
-def test_resume_continues_exactly(tmp_path, estimator):
+def tiny_trainer(out, estimator="pes", **kwargs):
+    """A 2-member trainer on the tiny problem that checkpoints every 4 steps."""
+    return MetaTrainer(
+        tiny_problem(),
+        make_estimator(estimator, 0.05),
+        pairs=2,
+        meta_lr=1e-2,
+        out_dir=out,
+        checkpoint_every=4,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("estimator,decay", [("pes", 0), ("backprop", 0), ("pes", 5)])
+def test_resume_continues_exactly(tmp_path, estimator, decay):
     def trainer(out):
-        return MetaTrainer(
-            tiny_problem(),
-            make_estimator(estimator, 0.05),
-            pairs=2,
-            meta_lr=1e-2,
-            out_dir=out,
-            checkpoint_every=4,
-        )
+        return tiny_trainer(out, estimator, meta_lr_decay_steps=decay, meta_lr_final=0.2)
 
     full = trainer(tmp_path / "full")
     history = full.train(7, progress=False)
@@ -227,36 +233,18 @@ def test_resume_continues_exactly(tmp_path, estimator):
     assert resumed.step == 4 and resumed.resets == part.resets
     rest = resumed.train(7, progress=False)
     assert [h["meta_loss"] for h in rest] == [h["meta_loss"] for h in history[4:]]
+    assert [h["meta_lr"] for h in rest] == [h["meta_lr"] for h in history[4:]]
     assert torch.equal(resumed.theta, full.theta)
 
 
-def test_meta_lr_decay_follows_the_cosine_and_resumes_exactly(tmp_path):
-    def trainer(out, decay=5):
-        return MetaTrainer(
-            tiny_problem(),
-            make_estimator("pes", 0.05),
-            pairs=2,
-            meta_lr=1e-2,
-            meta_lr_decay_steps=decay,
-            meta_lr_final=0.2,
-            out_dir=out,
-            checkpoint_every=4,
-        )
-
-    full = trainer(tmp_path / "full")
+def test_meta_lr_decay_follows_the_cosine(tmp_path):
+    full = tiny_trainer(tmp_path / "full", meta_lr_decay_steps=5, meta_lr_final=0.2)
     history = full.train(7, progress=False)
     naive = [1e-2 * (0.2 + 0.8 * (1 + math.cos(math.pi * min(s, 5) / 5)) / 2) for s in range(7)]
     assert [h["meta_lr"] for h in history] == pytest.approx(naive, rel=1e-12)
     assert history[-1]["meta_lr"] == pytest.approx(2e-3)
     assert full.meta_opt.param_groups[0]["lr"] == pytest.approx(2e-3)
-    part = trainer(tmp_path / "part")
-    part.train(4, progress=False)
-    resumed = trainer(tmp_path / "part")
-    resumed.resume()
-    rest = resumed.train(7, progress=False)
-    assert [h["meta_lr"] for h in rest] == [h["meta_lr"] for h in history[4:]]
-    assert torch.equal(resumed.theta, full.theta)
-    constant = trainer(tmp_path / "constant", decay=0)
+    constant = tiny_trainer(tmp_path / "constant")
     assert {h["meta_lr"] for h in constant.train(7, progress=False)} == {1e-2}
     assert not torch.equal(constant.theta, full.theta)  # the decay moved the net less late
     with pytest.raises(ValueError, match="meta_lr_final in"):
@@ -1424,41 +1412,29 @@ def test_depth_factor_flag_builds_the_net_with_it_and_resumes(tmp_path):
     assert lopt.load(out / "optimizer.pt")[0].reads_depth
 
 
-def test_meta_lr_decay_flags_are_saved_resume_and_go_on_the_card(tmp_path):
+@pytest.mark.parametrize(
+    "flags,saved,words",
+    [
+        ("--per-task", {"per_task": True},
+         "meta-gradient divided by the RMS of its pairs' loss differences"),
+        ("--meta-lr-decay-steps 3 --meta-lr-final 0.25",
+         {"meta_lr_decay_steps": 3, "meta_lr_final": 0.25},
+         "meta lr 0.05 cosine-decayed to 0.25x of it over outer steps 0-3"),
+    ],
+)  # fmt: skip
+def test_meta_objective_flags_are_saved_resume_and_go_on_the_card(tmp_path, flags, saved, words):
     from meta_train.__main__ import main
     from meta_train.ship import model_card
 
     out = tmp_path / "run"
-    flags = "--meta-lr-decay-steps 3 --meta-lr-final 0.25 --no-progress"
-    assert main(f"{TINY_MAGNITUDE_NFN} {flags} --out {out}".split()) == 0
+    assert main(f"{TINY_MAGNITUDE_NFN} {flags} --no-progress --out {out}".split()) == 0
     net, meta = lopt.load(out / "optimizer.pt")
-    assert meta["config"]["meta_lr_decay_steps"] == 3
-    assert meta["config"]["meta_lr_final"] == 0.25
-    assert main(["--resume", str(out), "--outer-steps", "4", "--no-progress"]) == 0
-    net, meta = lopt.load(out / "optimizer.pt")
-    assert meta["config"]["meta_lr_decay_steps"] == 3 and meta["outer_steps"] == 4
-    card = model_card("x", meta, net, 1)
-    assert "meta lr 0.05 cosine-decayed to 0.25x of it over outer steps 0-3" in card
-    plain = tmp_path / "plain"
-    assert main(f"{TINY_MAGNITUDE_NFN} --no-progress --out {plain}".split()) == 0
-    net, meta = lopt.load(plain / "optimizer.pt")
-    assert "cosine-decayed" not in model_card("x", meta, net, 1)
-
-
-def test_per_task_flag_is_saved_resumes_and_goes_on_the_card(tmp_path):
-    from meta_train.__main__ import main
-    from meta_train.ship import model_card
-
-    out = tmp_path / "run"
-    assert main(f"{TINY_MAGNITUDE_NFN} --per-task --no-progress --out {out}".split()) == 0
-    net, meta = lopt.load(out / "optimizer.pt")
-    assert meta["config"]["per_task"] is True
+    assert {k: meta["config"][k] for k in saved} == saved
     assert main(["--resume", str(out), "--outer-steps", "3", "--no-progress"]) == 0
     net, meta = lopt.load(out / "optimizer.pt")
-    assert meta["config"]["per_task"] is True and meta["outer_steps"] == 3
-    card = model_card("x", meta, net, 1)
-    assert "meta-gradient divided by the RMS of its pairs' loss differences" in card
+    assert {k: meta["config"][k] for k in saved} == saved and meta["outer_steps"] == 3
+    assert words in model_card("x", meta, net, 1)
     plain = tmp_path / "plain"
     assert main(f"{TINY_MAGNITUDE_NFN} --no-progress --out {plain}".split()) == 0
     net, meta = lopt.load(plain / "optimizer.pt")
-    assert "loss differences" not in model_card("x", meta, net, 1)
+    assert words not in model_card("x", meta, net, 1)
