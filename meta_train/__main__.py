@@ -425,7 +425,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(
             f"--horizon-max ({cfg['horizon_max']}) must be at least --horizon ({cfg['horizon']})"
         )
-    if cfg.get("meta_lr_final", 0.1) != 0.1 and not cfg.get("meta_lr_decay_steps"):
+    final = cfg.get("meta_lr_final", DEFAULTS["meta_lr_final"])
+    if final != DEFAULTS["meta_lr_final"] and not cfg.get("meta_lr_decay_steps"):
         raise SystemExit("--meta-lr-final is where --meta-lr-decay-steps ends: give it too")
     if cfg.get("meta_loss_ramp") and cfg.get("meta_loss_ramp_fraction"):
         raise SystemExit("give --meta-loss-ramp or --meta-loss-ramp-fraction, not both")

@@ -217,10 +217,11 @@ class MetaTrainer:
         self.inner_steps += int(trajs.item()) * k
         self.train_seconds += elapsed
         finite = math.isfinite(grad_norm) and math.isfinite(meta_loss)
+        lr = self.meta_lr_at(self.step)
         if finite:
             self.meta_opt.zero_grad()
             for group in self.meta_opt.param_groups:
-                group["lr"] = self.meta_lr_at(self.step)
+                group["lr"] = lr
             self.theta.grad = grad * min(1.0, self.clip / max(grad_norm, 1e-12))
             self.meta_opt.step()
             self.problem.load_theta(self.theta.detach())
@@ -234,7 +235,7 @@ class MetaTrainer:
             "skipped": not finite,
             "inner_steps_per_s": int(trajs.item()) * k / max(elapsed, 1e-9),
             "inner_t": self.inner_t,
-            "meta_lr": self.meta_lr_at(self.step),
+            "meta_lr": lr,
             "inner_losses": losses_mean.tolist(),
         }
         self.inner_t += k
