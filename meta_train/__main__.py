@@ -39,7 +39,7 @@ from lopt.nets import NFNNet, PerParamMLP
 from meta_train import options, recipes
 from meta_train.estimators import ESTIMATORS, make_estimator
 from meta_train.problems import HORIZON_WEIGHTINGS, LearnedOptimizerProblem
-from meta_train.ship import machine_label
+from meta_train.ship import machine_label, task_kinds
 from meta_train.stopping import StopRequests
 from meta_train.trainer import CHECKPOINT, MetaTrainer
 from meta_train.unroll import META_LOSSES, MetaLoss
@@ -82,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
     "meta_lr_decay_steps": 0,
     "meta_lr_final": 0.1,
     "per_task": False,
+    "tasks_per_step": 1,
     "meta_loss": "mean",
     "loss_cap": 3.0,
     "meta_loss_ramp": 0,
@@ -138,6 +139,7 @@ RULES: dict[str, Any] = {
     "meta_lr_decay_steps": options.integer(0),
     "meta_lr_final": options.number(0, 1),
     "per_task": options.boolean,
+    "tasks_per_step": options.integer(1),
     "meta_loss": options.choice(list(META_LOSSES)),
     "loss_cap": _positive,
     "meta_loss_ramp": options.integer(0),
@@ -344,6 +346,14 @@ def parser() -> argparse.ArgumentParser:
         "meta-loss, runs that near loss 0 otherwise outweigh language models tenfold or more); "
         "default off",
     )
+    a(
+        "--tasks-per-step",
+        type=int,
+        metavar="K",
+        help="inner runs each outer step advances, each on its own task with --population / K "
+        "of the pairs, so one meta-gradient averages K tasks and a stage sees K times as many "
+        "(1)",
+    )
     a("--meta-loss", choices=META_LOSSES, help="mean (default), log, final or heldout")
     a("--loss-cap", type=float, help="cap on per-step losses, times the initial loss (3)")
     a(
@@ -452,6 +462,11 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--width-free-stats changes what --neuron-stats read; give both")
     if cfg.get("per_task") and cfg["estimator"] == "backprop":
         raise SystemExit("--per-task scales the antithetic pairs of es or pes; backprop has none")
+    if cfg.get("tasks_per_step", 1) > cfg["population"]:
+        raise SystemExit(
+            f"--tasks-per-step {cfg['tasks_per_step']} is more than --population "
+            f"{cfg['population']}: each task needs at least one of the population"
+        )
     return cfg
 
 
@@ -570,6 +585,7 @@ def build(
         frozen=frozen,
         snapshot_every=cfg.get("snapshot_every", 0),
         per_task=cfg.get("per_task", False),
+        tasks_per_step=cfg.get("tasks_per_step", 1),
     )
     return trainer, net
 
@@ -815,6 +831,7 @@ def save_net(
         "device": cfg["device"],
         "torch": str(torch.__version__),
         "command": command,
+        "tasks_drawn": task_kinds(trainer.tasks_drawn()),
     }
     # One line per process (first run, each --resume): the model card's recipe.
     history_path = out / "history.jsonl"

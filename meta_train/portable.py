@@ -19,7 +19,7 @@ import torch
 
 from lopt import cli
 from lopt.checkpoint import atomic_save, unreadable
-from meta_train.trainer import CHECKPOINT
+from meta_train.trainer import CHECKPOINT, without_inner_runs
 
 FILES = ("config.json", "history.jsonl", "optimizer.pt")
 
@@ -42,7 +42,7 @@ def portable(run: Path, dest: Path) -> Path:
         raise SystemExit(unreadable(run / CHECKPOINT, e)) from None
     if not isinstance(state, dict) or state.get("format") != "lopt-meta-train":
         raise SystemExit(f"{run / CHECKPOINT}: not an lopt meta-training checkpoint")
-    state["inner"], state["est_state"] = None, {}
+    state = without_inner_runs(state)
     dest.mkdir(parents=True, exist_ok=True)
     for name in FILES:
         shutil.copy2(run / name, dest / name)

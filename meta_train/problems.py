@@ -2,7 +2,9 @@
 
 A problem owns the inner runs: ``reset`` starts new ones (for a learned
 optimizer: sample a task from the family, initialise it), ``unroll`` runs one
-truncation for a population of flat parameter vectors. All randomness comes
+truncation for a population of flat parameter vectors. Both take a ``slot``:
+the trainer may keep several inner runs at once (one task each), and a slot
+names which one. All randomness comes
 from counters (:func:`rng`), so a run is reproducible from its counters and a
 resumed run continues exactly.
 """
@@ -62,15 +64,22 @@ class TruncatedProblem:
             steps = int(math.exp(math.log(lo) + float(u) * (math.log(hi) - math.log(lo))))
         return min(self.horizon_max, max(self.horizon, steps)) // self.truncation * self.truncation
 
-    def reset(self, counter: int, trajectories: int) -> InnerState:
+    def reset(self, counter: int, trajectories: int, slot: int = 0) -> InnerState:
+        """Start the ``counter``-th inner run in ``slot`` (replacing the run
+        that slot held) for ``trajectories`` trajectories."""
         raise NotImplementedError
 
-    def unroll(self, thetas: Tensor, inner: InnerState, counter: int):
-        """``(meta_losses (P,), losses (P, K), new_inner)`` for one truncation."""
+    def unroll(self, thetas: Tensor, inner: InnerState, counter: int, slot: int = 0):
+        """``(meta_losses (P,), losses (P, K), new_inner)`` for one truncation
+        of ``slot``'s inner run; ``counter`` picks its data."""
         raise NotImplementedError
 
     def load_theta(self, theta: Tensor) -> None:
         """Write the meta-parameters back where users read them (e.g. a net)."""
+
+    def task_name(self, counter: int) -> str | None:
+        """The name of the ``counter``-th inner run's task (None: no tasks)."""
+        return None
 
     def theta_layout(self) -> list[tuple[str, int]]:
         """``(name, size)`` of each run of entries of theta, in order (one
@@ -135,7 +144,8 @@ class LearnedOptimizerProblem(TruncatedProblem):
         self.loss_hidden = loss_hidden
         self.meta_loss = meta_loss or MetaLoss()
         self.seed, self.vectorise = seed, vectorise
-        self.unroller: TaskUnroll | None = None
+        self.unrollers: dict[int, TaskUnroll] = {}  # slot -> its current inner run
+        self.counters: dict[int, int] = {}  # slot -> that run's counter
 
     def initial_theta(self) -> Tensor:
         return nn.utils.parameters_to_vector(self.net.parameters()).detach().clone()
@@ -146,10 +156,10 @@ class LearnedOptimizerProblem(TruncatedProblem):
     def theta_layout(self) -> list[tuple[str, int]]:
         return [(name, p.numel()) for name, p in self.net.named_parameters()]
 
-    def reset(self, counter: int, trajectories: int) -> InnerState:
-        task = self.family.sample(rng(self.seed, "task", counter))
-        self.unroller = TaskUnroll(self.net, task, self.meta_loss, self.horizon_of(counter))
-        return self.unroller.init_inner(
+    def reset(self, counter: int, trajectories: int, slot: int = 0) -> InnerState:
+        u = TaskUnroll(self.net, self.task_of(counter), self.meta_loss, self.horizon_of(counter))
+        self.unrollers[slot], self.counters[slot] = u, counter
+        return u.init_inner(
             trajectories,
             rng(self.seed, "init", counter),
             self.budget_of(counter),
@@ -173,12 +183,27 @@ class LearnedOptimizerProblem(TruncatedProblem):
             return None
         return self.horizon_of(counter)
 
+    def task_of(self, counter: int):
+        """The task of the ``counter``-th inner run."""
+        return self.family.sample(rng(self.seed, "task", counter))
+
+    def task_name(self, counter: int) -> str:
+        for slot, c in self.counters.items():
+            if c == counter:  # built already: do not sample it again
+                return self.unrollers[slot].task.name
+        return self.task_of(counter).name
+
+    @property
+    def unroller(self) -> TaskUnroll | None:
+        """Slot 0's inner run (the only one unless the trainer keeps several)."""
+        return self.unrollers.get(0)
+
     @property
     def task(self):
         return None if self.unroller is None else self.unroller.task
 
-    def unroll(self, thetas: Tensor, inner: InnerState, counter: int):
-        u = self.unroller
+    def unroll(self, thetas: Tensor, inner: InnerState, counter: int, slot: int = 0):
+        u = self.unrollers[slot]
         batches = u.sample_batches(self.truncation, rng(self.seed, "data", counter))
         heldout = None
         if self.meta_loss.kind == "heldout":

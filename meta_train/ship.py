@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,24 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the repository's re
 # What a phase of a multi-phase recipe keeps of its net's metadata.
 PHASE_KEYS = (
     "command", "history", "config", "outer_steps", "inner_steps",
-    "train_seconds_total", "machine", "device", "torch",
+    "train_seconds_total", "machine", "device", "torch", "tasks_drawn",
 )  # fmt: skip
+
+
+def task_kinds(names: list[str]) -> dict[str, int]:
+    """How many of ``names`` (task names, e.g. ``lm-text-docs-d34h1l1``)
+    fall in each kind (the first two words: ``lm-text``), most first."""
+    counts = Counter("-".join(n.split("-")[:2]) for n in names)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _tasks(meta: dict[str, Any]) -> str:
+    """The tasks a run's inner runs drew, in words (empty where unrecorded)."""
+    drawn = meta.get("tasks_drawn")
+    if not drawn:
+        return ""
+    kinds = ", ".join(f"{kind} {n}" for kind, n in drawn.items())
+    return f"* Inner runs: {sum(drawn.values()):,} tasks drawn ({kinds})."
 
 
 def lineage(meta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -128,9 +145,17 @@ def _meta_lr(cfg: dict) -> str:
 
 
 def _per_task(cfg: dict) -> str:
-    """The meta-gradient's scaling per task, in words (empty when off)."""
+    """The tasks per outer step and the meta-gradient's scaling per task, in
+    words (empty for one task, unscaled)."""
+    k = cfg.get("tasks_per_step") or 1
+    slots = f", {k} tasks per outer step" if k > 1 else ""
     if not cfg.get("per_task"):
-        return ""
+        return slots
+    if k > 1:
+        return (
+            f"{slots}, each task's meta-gradient divided by the RMS of its pairs' loss "
+            "differences, then averaged"
+        )
     return ", each outer step's meta-gradient divided by the RMS of its pairs' loss differences"
 
 
@@ -212,6 +237,7 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         f"inner steps: {meta.get('inner_steps', 0):,}; "
         f"training time {wall / 60:.0f} min on {machine_label(meta.get('machine', '?'))} "
         f"({meta.get('device', '?')}, torch {meta.get('torch', '?')}).",
+        *([_tasks(meta)] if _tasks(meta) else []),
         "* Commands:",
         "",
         "```bash",

@@ -1,11 +1,19 @@
 """The outer loop: estimator -> meta-gradient -> clipped Adam step, with
 logging, atomic checkpoints, exact resume and ``torch.distributed``.
 
+An outer step advances ``tasks_per_step`` inner runs at once, each on its
+own task (a task slot), the population's pairs split between them, so one
+step's meta-gradient averages over several tasks and a stage of a few hundred
+outer steps sees many more tasks than its inner runs are long. Inner runs
+start from one global counter, so which tasks a run trains on does not depend
+on how it is split over processes.
+
 Under ``torch.distributed`` (``torchrun``) each rank unrolls its slice of the
-population (contiguous pairs); the slices' sums of gradient estimates and
-meta-losses are all-reduced, so every rank takes the same step. Noise, tasks
-and data come from counter-based generators (:func:`meta_train.problems.rng`),
-identical on every rank, so N processes compute what one would.
+population (contiguous pairs, in every slot they touch); the slices' sums of
+gradient estimates and meta-losses are all-reduced, so every rank takes the
+same step. Noise, tasks and data come from counter-based generators
+(:func:`meta_train.problems.rng`), identical on every rank, so N processes
+compute what one would.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +39,7 @@ from meta_train.stopping import StopAtStepEnd, StopRequests
 from meta_train.unroll import cat_inner, index_inner
 
 CHECKPOINT = "checkpoint.pt"
+VERSION = 2  # 2: one entry per task slot under "slots"; 1: one inner run at top level
 
 
 def world() -> tuple[int, int]:
@@ -45,6 +55,47 @@ def pair_slice(pairs: int, rank: int, size: int) -> tuple[int, int]:
         raise ValueError(f"population of {pairs} pairs cannot be split over {size} processes")
     lo = rank * pairs // size
     return lo, (rank + 1) * pairs // size
+
+
+def slot_pairs(pairs: int, slots: int) -> list[tuple[int, int]]:
+    """The contiguous range of pairs each task slot's inner run holds."""
+    return [(j * pairs // slots, (j + 1) * pairs // slots) for j in range(slots)]
+
+
+@dataclass
+class TaskSlot:
+    """One inner run an outer step advances: the pairs ``[start, stop)`` of
+    the population it holds, the part ``[lo, hi)`` this process unrolls (none
+    when equal), and the run: its task counter (None before the first), the
+    inner steps it takes, those taken, its inner and estimator state."""
+
+    start: int
+    stop: int
+    lo: int
+    hi: int
+    counter: int | None = None
+    end: int = 0
+    inner_t: int = 0
+    inner: Any = None
+    est_state: dict = field(default_factory=dict)
+
+    @property
+    def held(self) -> bool:
+        return self.hi > self.lo
+
+
+def without_inner_runs(sd: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint whose inner runs are dropped: a resume starts fresh ones
+    (new tasks) at the same outer step."""
+    sd = dict(sd)
+    if sd.get("version", 1) == 1:
+        sd["inner"], sd["est_state"] = None, {}
+    else:
+        sd["slots"] = [
+            {**slot, "counter": None, "end": 0, "inner_t": 0, "inner": None, "est_state": {}}
+            for slot in sd["slots"]
+        ]
+    return sd
 
 
 class MetaTrainer:
@@ -67,10 +118,10 @@ class MetaTrainer:
         snapshot_fn, snapshot_every: ``snapshot_fn(trainer)`` every
             ``snapshot_every`` outer steps on rank 0, after the checkpoint
             (the command line keeps the net there, to pick one later).
-        per_task: ES and PES only: divide each outer step's estimate by the
+        per_task: ES and PES only: divide each task slot's estimate by the
             root mean square of its pairs' scaled loss differences ``(L+ -
-            L-) / 2 sigma``. Every pair of a step runs the same task, so each
-            task drawn moves the net by a like amount: under the log
+            L-) / 2 sigma``, then average the slots. Every pair of a slot runs
+            the same task, so each task drawn moves the net by a like amount: under the log
             meta-loss a run that nears loss 0 (an MLP that fits its data, a
             ResNet) otherwise gives differences ten to a hundred times a
             language model's, and sets the shared rates alone.
@@ -81,6 +132,13 @@ class MetaTrainer:
             follows it exactly; ES and PES estimates are noisy, and a net
             taken at a late step otherwise still moves by a full step's
             worth between neighbouring snapshots.
+        tasks_per_step: inner runs (task slots) each outer step advances,
+            each on its own task with ``pairs / tasks_per_step`` of the pairs.
+            A slot's inner run resets when it has run its horizon, taking the
+            next task counter; slot j's first run stops at ``(tasks_per_step
+            - j) / tasks_per_step`` of its horizon so the slots do not all
+            reset at the same outer step (the net is told the whole horizon:
+            that run is only cut short).
     """
 
     def __init__(
@@ -102,9 +160,15 @@ class MetaTrainer:
         per_task: bool = False,
         meta_lr_decay_steps: int = 0,
         meta_lr_final: float = 0.1,
+        tasks_per_step: int = 1,
     ) -> None:
         if pairs < 1:
             raise ValueError(f"population must be >= 1, got {pairs}")
+        if not 1 <= tasks_per_step <= pairs:
+            raise ValueError(
+                f"tasks_per_step must be in [1, population ({pairs})]: each task needs a pair, "
+                f"got {tasks_per_step}"
+            )
         if not meta_lr > 0 or not clip > 0:
             raise ValueError(f"meta_lr and clip must be > 0, got {meta_lr}, {clip}")
         if meta_lr_decay_steps < 0 or not 0 <= meta_lr_final <= 1:
@@ -121,6 +185,10 @@ class MetaTrainer:
         self.pairs, self.clip, self.seed = pairs, clip, seed
         self.rank, self.world_size = world()
         self.lo, self.hi = pair_slice(pairs, self.rank, self.world_size)
+        self.slots = []
+        for start, stop in slot_pairs(pairs, tasks_per_step):
+            lo = min(max(self.lo, start), stop)
+            self.slots.append(TaskSlot(start, stop, lo, max(min(self.hi, stop), lo)))
         self.theta = torch.nn.Parameter(problem.initial_theta())
         if frozen is not None and frozen.shape != self.theta.shape:
             raise ValueError(f"frozen mask {tuple(frozen.shape)} != {tuple(self.theta.shape)}")
@@ -133,10 +201,7 @@ class MetaTrainer:
         self.snapshot_every, self.snapshot_fn = snapshot_every, snapshot_fn
         self.config = dict(config or {})
         self.step = 0  # outer steps taken
-        self.resets = 0  # inner runs started (the task counter)
-        self.inner_t = 0  # inner steps into the current inner runs
-        self.inner = None
-        self.est_state: dict = {}
+        self.resets = 0  # inner runs started, all slots (the task counter)
         self.skipped = 0
         self.inner_steps = 0  # inner steps run, all trajectories, all ranks
         # Wall time in outer steps, over the first process and every resume.
@@ -152,17 +217,49 @@ class MetaTrainer:
         cos = 0.5 * (1.0 + math.cos(math.pi * min(step, n) / n))
         return self.meta_lr * (self.meta_lr_final + (1.0 - self.meta_lr_final) * cos)
 
-    def _reset_inner(self) -> None:
-        n = self.hi - self.lo
-        self.inner = self.problem.reset(self.resets, self.estimator.trajectories(n))
-        self.est_state = self.estimator.init_state(n, self.theta.numel(), self.theta.detach())
+    # Slot 0's run, where a single inner run used to be kept.
+    @property
+    def inner(self):
+        return self.slots[0].inner
+
+    @property
+    def inner_t(self) -> int:
+        return self.slots[0].inner_t
+
+    @property
+    def est_state(self) -> dict:
+        return self.slots[0].est_state
+
+    @property
+    def tasks_per_step(self) -> int:
+        return len(self.slots)
+
+    def _reset_slot(self, j: int) -> None:
+        """Start slot ``j``'s next inner run on the next task counter."""
+        s, k = self.slots[j], self.problem.truncation
+        c, first = self.resets, s.counter is None
         self.resets += 1
-        self.inner_t = 0
+        end = self.problem.horizon_of(c)
+        if first and j:  # stagger the slots' resets over the outer steps
+            end = max(k, end * (len(self.slots) - j) // len(self.slots) // k * k)
+        s.counter, s.end, s.inner_t = c, end, 0
+        s.inner, s.est_state = None, {}
+        if s.held:
+            n = s.hi - s.lo
+            s.inner = self.problem.reset(c, self.estimator.trajectories(n), slot=j)
+            s.est_state = self.estimator.init_state(n, self.theta.numel(), self.theta.detach())
+
+    def tasks_drawn(self) -> list[str]:
+        """The names of the tasks of every inner run started so far, in
+        counter order (empty for a problem without named tasks)."""
+        names = [self.problem.task_name(c) for c in range(self.resets)]
+        return [n for n in names if n is not None]
 
     def outer_step(self) -> dict[str, Any]:
-        """One truncation for the population and one meta-optimizer step."""
-        if self.inner is None or self.inner_t >= self.problem.horizon_of(self.resets - 1):
-            self._reset_inner()
+        """One truncation for every task slot and one meta-optimizer step."""
+        for j, s in enumerate(self.slots):  # in slot order: counters agree on every rank
+            if s.counter is None or s.inner_t >= s.end:
+                self._reset_slot(j)
         theta = self.theta.detach()
         noise = None
         if self.estimator.needs_noise:
@@ -172,48 +269,59 @@ class MetaTrainer:
             if self.frozen is not None:
                 noise = noise.masked_fill(self.frozen, 0.0)
         t0 = time.perf_counter()
-        counter = self.step
+        n_slots, k = len(self.slots), self.problem.truncation
+        # Per slot: gradient sum, meta-loss sum, squared norms, pairs,
+        # trajectories, squared loss differences; all-reduced at once.
+        rows = theta.new_zeros(n_slots, theta.numel() + 5)
+        slot0_losses = theta.new_zeros(k + 1)  # slot 0's per-step loss sum, trajectories
+        for j, s in enumerate(self.slots):
+            if not s.held:
+                continue
+            counter = self.step * n_slots + j  # the data of this slot's truncation
 
-        def unroll(thetas, inner):
-            return self.problem.unroll(thetas, inner, counter)
+            def unroll(thetas, inner, counter=counter, j=j):
+                return self.problem.unroll(thetas, inner, counter, slot=j)
 
-        est, self.inner, self.est_state = self.estimator.estimate(
-            theta, noise, self.est_state, self.inner, unroll
-        )
-        sums = torch.cat(
-            [
-                est.grad_sum.reshape(-1),
-                torch.stack(
-                    [
-                        est.loss_sum.to(theta),
-                        est.grad_sq_sum.to(theta),
-                        theta.new_tensor(float(est.count)),
-                        theta.new_tensor(float(est.trajectories)),
-                        est.diff_sq_sum.to(theta),
-                    ]
-                ),
-            ]
-        )
-        losses_mean = est.losses.detach().mean(0)
+            part = None if noise is None else noise[s.lo - self.lo : s.hi - self.lo]
+            est, s.inner, s.est_state = self.estimator.estimate(
+                theta, part, s.est_state, s.inner, unroll
+            )
+            rows[j, :-5] = est.grad_sum.reshape(-1)
+            rows[j, -5:] = torch.stack(
+                [
+                    est.loss_sum.to(theta),
+                    est.grad_sq_sum.to(theta),
+                    theta.new_tensor(float(est.count)),
+                    theta.new_tensor(float(est.trajectories)),
+                    est.diff_sq_sum.to(theta),
+                ]
+            )
+            if j == 0:
+                slot0_losses[:k] = est.losses.detach().sum(0).to(theta)
+                slot0_losses[k] = est.trajectories
         if self.world_size > 1:
-            dist.all_reduce(sums)
-            dist.all_reduce(losses_mean)
-            losses_mean /= self.world_size
-        grad_sum, (loss_sum, sq_sum, count, trajs, diff_sq) = sums[:-5], sums[-5:]
-        grad = grad_sum / count
+            dist.all_reduce(rows)
+            dist.all_reduce(slot0_losses)
+        losses_mean = slot0_losses[:k] / slot0_losses[k]
+        grad_sums = rows[:, :-5]
+        loss_sums, sq_sums, counts, trajs, diff_sq = rows[:, -5:].unbind(1)
+        count, trajs = counts.sum(), trajs.sum()
         if self.per_task:
             # 0 / floor = 0 when no pair's loss moved, not 0 / 0.
-            scale = (diff_sq / count).sqrt().clamp(min=1e-12)
-            grad, sq_sum = grad / scale, sq_sum / scale.square()
+            scale = (diff_sq / counts).sqrt().clamp(min=1e-12)
+            grad = (grad_sums / counts[:, None] / scale[:, None]).mean(0)
+            sq_sum = (sq_sums / scale.square()).sum()
+        else:
+            grad = grad_sums.sum(0) / count
+            sq_sum = sq_sums.sum()
         if self.frozen is not None:  # backprop estimates them; drop them
             grad = grad.masked_fill(self.frozen, 0.0)
-        meta_loss = (loss_sum / trajs).item()
+        meta_loss = (loss_sums.sum() / trajs).item()
         grad_norm = grad.norm().item()
         # Variance of the mean estimate (trace): per-unit second moment minus
         # the squared mean, over the number of units.
         variance = ((sq_sum / count - grad.square().sum()) / count).item()
         elapsed = time.perf_counter() - t0
-        k = self.problem.truncation
         self.inner_steps += int(trajs.item()) * k
         self.train_seconds += elapsed
         finite = math.isfinite(grad_norm) and math.isfinite(meta_loss)
@@ -238,7 +346,8 @@ class MetaTrainer:
             "meta_lr": lr,
             "inner_losses": losses_mean.tolist(),
         }
-        self.inner_t += k
+        for s in self.slots:
+            s.inner_t += k
         self.step += 1
         return metrics
 
@@ -327,7 +436,7 @@ class MetaTrainer:
                 w.add_scalar(f"meta/{key}", m[key], s)
         w.add_scalar("meta/skipped_total", self.skipped, s)
         stride = self.problem.horizon_max or self.problem.horizon  # runs may end early
-        base = (self.resets - 1) * stride + m["inner_t"]
+        base = self.slots[0].counter * stride + m["inner_t"]
         for i, loss in enumerate(m["inner_losses"]):
             w.add_scalar("inner/loss", loss, base + i)
 
@@ -361,42 +470,71 @@ class MetaTrainer:
 
     # ------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs (the whole population's inner state,
-        gathered from every rank)."""
-        local = {"inner": self.inner, "est_state": self.est_state}
-        local = torch.utils._pytree.tree_map(lambda x: x.detach().cpu(), local)
+        """Everything a resumed run needs (every slot's inner state, the whole
+        population's, gathered from every rank)."""
+        local = [
+            {"inner": s.inner, "est_state": s.est_state} if s.held else None for s in self.slots
+        ]
+        local = [
+            None if part is None else torch.utils._pytree.tree_map(lambda x: x.detach().cpu(), part)
+            for part in local
+        ]
         if self.world_size > 1:
             parts: list = [None] * self.world_size
             dist.all_gather_object(parts, local)
-            if self.inner is not None:
-                inners = [p["inner"] for p in parts]
-                if self.estimator.trajectories(1) == 2:  # global order: all +, then all -
-                    halves = [inner_size(i) // 2 for i in inners]
-                    pos = [index_inner(i, slice(0, h)) for i, h in zip(inners, halves)]
-                    neg = [index_inner(i, slice(h, 2 * h)) for i, h in zip(inners, halves)]
-                    inners = pos + neg
-                local = {
-                    "inner": cat_inner(inners),
-                    "est_state": cat_inner([p["est_state"] for p in parts])
-                    if self.est_state
-                    else {},
-                }
+            local = [
+                self._joined([p[j] for p in parts if p[j] is not None])
+                for j in range(len(self.slots))
+            ]
+        slots = [
+            {"counter": s.counter, "end": s.end, "inner_t": s.inner_t, **part}
+            for s, part in zip(self.slots, local)
+        ]
         return {
             "format": "lopt-meta-train",
-            "version": 1,
+            "version": VERSION,
             "config": self.config,
             "theta": self.theta.detach().cpu(),
             "theta_layout": self.problem.theta_layout(),
             "meta_opt": self.meta_opt.state_dict(),
             "step": self.step,
             "resets": self.resets,
-            "inner_t": self.inner_t,
             "skipped": self.skipped,
             "inner_steps": self.inner_steps,
             "train_seconds": self.train_seconds,
             "pairs": self.pairs,
-            **local,
+            "tasks_per_step": len(self.slots),
+            "slots": slots,
         }
+
+    def _joined(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """One slot's inner and estimator state from its ranks' parts (in
+        rank order, so in pair order)."""
+        inners = [p["inner"] for p in parts]
+        if inners[0] is None:
+            return {"inner": None, "est_state": {}}
+        if self.estimator.trajectories(1) == 2:  # global order: all +, then all -
+            halves = [inner_size(i) // 2 for i in inners]
+            pos = [index_inner(i, slice(0, h)) for i, h in zip(inners, halves)]
+            neg = [index_inner(i, slice(h, 2 * h)) for i, h in zip(inners, halves)]
+            inners = pos + neg
+        states = [p["est_state"] for p in parts]
+        return {"inner": cat_inner(inners), "est_state": cat_inner(states) if states[0] else {}}
+
+    def _version_2(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """A version-1 checkpoint (one inner run) as one task slot."""
+        if sd.get("version", 1) != 1:
+            return sd
+        started = sd["inner"] is not None
+        slot = {
+            "counter": sd["resets"] - 1 if started else None,
+            "end": self.problem.horizon_of(sd["resets"] - 1) if started else 0,
+            "inner_t": sd["inner_t"] if started else 0,
+            "inner": sd["inner"],
+            "est_state": sd["est_state"],
+        }
+        rest = {k: v for k, v in sd.items() if k not in ("inner", "est_state", "inner_t")}
+        return {**rest, "version": VERSION, "tasks_per_step": 1, "slots": [slot]}
 
     def _relaid(self, sd: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint whose net had other meta-parameters (a newer version
@@ -449,8 +587,10 @@ class MetaTrainer:
             k: {kk: move(vv) for kk, vv in v.items()} for k, v in sd["meta_opt"]["state"].items()
         }}  # fmt: skip
         sd["meta_opt"] = meta_opt
-        if sd.get("est_state"):
-            sd["est_state"] = {k: move(v) for k, v in sd["est_state"].items()}
+        sd["slots"] = [
+            {**slot, "est_state": {k: move(v) for k, v in slot["est_state"].items()}}
+            for slot in sd["slots"]
+        ]
 
         def few(names: list[str]) -> str:
             return ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
@@ -468,6 +608,11 @@ class MetaTrainer:
             raise ValueError(f"{self.out_dir}: not an lopt meta-training checkpoint")
         if sd["pairs"] != self.pairs:
             raise ValueError(f"checkpoint has a population of {sd['pairs']}, this run {self.pairs}")
+        sd = self._version_2(sd)
+        if sd["tasks_per_step"] != len(self.slots):
+            raise ValueError(
+                f"checkpoint has tasks_per_step={sd['tasks_per_step']}, this run {len(self.slots)}"
+            )
         if sd["theta"].numel() != self.theta.numel() or (
             "theta_layout" in sd and sd["theta_layout"] != self.problem.theta_layout()
         ):
@@ -477,28 +622,28 @@ class MetaTrainer:
             self.theta.copy_(sd["theta"].to(device))
         self.meta_opt.load_state_dict(sd["meta_opt"])
         self.problem.load_theta(self.theta.detach())
-        self.step, self.resets, self.inner_t = sd["step"], sd["resets"], sd["inner_t"]
+        self.step, self.resets = sd["step"], sd["resets"]
         self.skipped, self.inner_steps = sd["skipped"], sd["inner_steps"]
         self.train_seconds = float(sd.get("train_seconds", 0.0))
-        if sd["inner"] is None:
-            self.inner = None
-            return
-        n = self.hi - self.lo
-        # Rebuild the current task (counter resets - 1); the state comes from the file.
-        self.problem.reset(self.resets - 1, self.estimator.trajectories(n))
-        mult = self.estimator.trajectories(1)
-        if mult == 2:  # ES / PES: members [lo, hi) and [N + lo, N + hi)
-            half = sd["inner"]
-            pos = index_inner(half, slice(self.lo, self.hi))
-            neg = index_inner(half, slice(self.pairs + self.lo, self.pairs + self.hi))
-            inner = cat_inner([pos, neg])
-        else:
-            inner = index_inner(sd["inner"], slice(self.lo, self.hi))
         to = lambda x: x.to(device)  # noqa: E731
-        self.inner = torch.utils._pytree.tree_map(to, inner)
-        self.est_state = torch.utils._pytree.tree_map(
-            lambda x: to(x[self.lo : self.hi]), sd["est_state"]
-        )
+        for j, (s, saved) in enumerate(zip(self.slots, sd["slots"])):
+            s.counter, s.end, s.inner_t = saved["counter"], saved["end"], saved["inner_t"]
+            s.inner, s.est_state = None, {}
+            if saved["inner"] is None or not s.held:
+                continue
+            # Rebuild the slot's task; its state comes from the file.
+            self.problem.reset(s.counter, self.estimator.trajectories(s.hi - s.lo), slot=j)
+            a, b, size = s.lo - s.start, s.hi - s.start, s.stop - s.start
+            if self.estimator.trajectories(1) == 2:  # ES / PES: members [a, b), [size + a, ...)
+                full = saved["inner"]
+                pos = index_inner(full, slice(a, b))
+                neg = index_inner(full, slice(size + a, size + b))
+                inner = cat_inner([pos, neg])
+            else:
+                inner = index_inner(saved["inner"], slice(a, b))
+            s.inner = torch.utils._pytree.tree_map(to, inner)
+            part = {k: v[a:b] for k, v in saved["est_state"].items()}
+            s.est_state = torch.utils._pytree.tree_map(to, part)
 
     def save_checkpoint(self) -> Path | None:
         """Atomically write ``out_dir/checkpoint.pt`` (rank 0)."""

@@ -72,8 +72,11 @@ def assert_usage_error(main, argv, message, prog="prog"):
         (["--meta-lr-decay-steps", "4", "--meta-lr-final", "2"], "--meta-lr-final must be a"),
         (["--meta-lr-final", "0.5"], "--meta-lr-final is where --meta-lr-decay-steps ends"),
         (["--term-in-adam-units"], "--term-in-adam-units is a neuron statistic"),
+        (["--tasks-per-step", "0"], "--tasks-per-step must be a whole number >= 1, got 0"),
+        (["--population", "2", "--tasks-per-step", "3"],
+         "--tasks-per-step 3 is more than --population 2: each task needs at least one"),
     ],
-)
+)  # fmt: skip
 def test_meta_train_bad_flags(tmp_path, argv, message):
     out = tmp_path / "run"
     # A flag given twice: argparse keeps the last.

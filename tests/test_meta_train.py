@@ -33,10 +33,10 @@ class Quadratic(TruncatedProblem):
     def initial_theta(self):
         return torch.tensor([self.lr], dtype=torch.float64)
 
-    def reset(self, counter, trajectories):
+    def reset(self, counter, trajectories, slot=0):
         return {"x": X0.expand(trajectories, 2).clone()}
 
-    def unroll(self, thetas, inner, counter):
+    def unroll(self, thetas, inner, counter, slot=0):
         x, losses = inner["x"], []
         for _ in range(self.truncation):
             x = x - thetas[:, :1] * A * x
@@ -117,7 +117,7 @@ class ScaledQuadratic(Quadratic):
         super().__init__(truncation, horizon)
         self.scale = scale
 
-    def unroll(self, thetas, inner, counter):
+    def unroll(self, thetas, inner, counter, slot=0):
         metas, losses, new = super().unroll(thetas, inner, counter)
         return metas * self.scale, losses * self.scale, new
 
@@ -219,10 +219,13 @@ def tiny_trainer(out, estimator="pes", **kwargs):
     )
 
 
-@pytest.mark.parametrize("estimator,decay", [("pes", 0), ("backprop", 0), ("pes", 5)])
-def test_resume_continues_exactly(tmp_path, estimator, decay):
+@pytest.mark.parametrize(
+    "estimator,decay,tasks", [("pes", 0, 1), ("backprop", 0, 1), ("pes", 5, 1), ("pes", 0, 2)]
+)
+def test_resume_continues_exactly(tmp_path, estimator, decay, tasks):
     def trainer(out):
-        return tiny_trainer(out, estimator, meta_lr_decay_steps=decay, meta_lr_final=0.2)
+        return tiny_trainer(out, estimator, meta_lr_decay_steps=decay, meta_lr_final=0.2,
+                            tasks_per_step=tasks)  # fmt: skip
 
     full = trainer(tmp_path / "full")
     history = full.train(7, progress=False)
@@ -235,6 +238,106 @@ def test_resume_continues_exactly(tmp_path, estimator, decay):
     assert [h["meta_loss"] for h in rest] == [h["meta_loss"] for h in history[4:]]
     assert [h["meta_lr"] for h in rest] == [h["meta_lr"] for h in history[4:]]
     assert torch.equal(resumed.theta, full.theta)
+
+
+class Recording(Quadratic):
+    """Quadratic whose c-th inner run is 4, 6 or 8 steps long (c mod 3),
+    recording each reset's and each unroll's (counter, slot)."""
+
+    def __init__(self):
+        super().__init__(truncation=2, horizon=4)
+        self.resets, self.unrolls = [], []
+
+    def horizon_of(self, counter):
+        return 4 + 2 * (counter % 3)
+
+    def reset(self, counter, trajectories, slot=0):
+        self.resets.append((counter, slot))
+        return super().reset(counter, trajectories, slot)
+
+    def unroll(self, thetas, inner, counter, slot=0):
+        self.unrolls.append((counter, slot))
+        return super().unroll(thetas, inner, counter, slot)
+
+
+def test_task_slots_take_counters_in_order_and_stagger_their_first_runs():
+    """Three slots, truncation 2, runs of 4, 6, 8, 4, ... steps, worked out by
+    hand: slot j's first run stops at (3 - j) / 3 of its length (slot 1:
+    c1's 6 steps -> 4, slot 2: c2's 8 -> 2); each later run is whole, and a
+    slot that ends takes the next counter, lowest slot first."""
+    problem = Recording()
+    t = MetaTrainer(problem, make_estimator("pes", 0.01), pairs=3, tasks_per_step=3)
+    for _ in range(8):
+        t.outer_step()
+    # step 0: c0-c2; 1: slot 2 (2 steps done); 2: slots 0, 1 (4 steps each);
+    # 3: slot 2 (c3's 4); 5: slot 0 (c4's 6), slot 2 (c6's 4); 6: slot 1 (c5's 8).
+    assert problem.resets == [(0, 0), (1, 1), (2, 2), (3, 2), (4, 0), (5, 1), (6, 2), (7, 0),
+                              (8, 2), (9, 1)]  # fmt: skip
+    assert problem.unrolls == [(3 * step + j, j) for step in range(8) for j in range(3)]
+    assert t.resets == 10 and [s.counter for s in t.slots] == [7, 9, 8]
+
+
+@pytest.mark.parametrize("per_task", [False, True])
+def test_a_step_over_task_slots_is_the_mean_of_its_tasks(per_task):
+    """Two slots of two pairs: the meta-gradient is the mean of the two
+    tasks' PES estimates (each over its RMS loss difference with
+    per_task), computed here one task at a time."""
+    from meta_train.problems import rng
+
+    sigma, pairs = 0.05, 4
+    family = "mlp-family-small"
+    t = MetaTrainer(tiny_problem(family=family), make_estimator("pes", sigma), pairs=pairs,
+                    clip=1e12, per_task=per_task, tasks_per_step=2)  # fmt: skip
+    t.outer_step()
+    ref = tiny_problem(family=family)
+    theta = ref.initial_theta()
+    noise = torch.randn(pairs, theta.numel(), generator=rng(0, "noise", 0))
+    per_slot = []
+    for j, (a, b) in enumerate([(0, 2), (2, 4)]):
+        eps = sigma * noise[a:b]
+        inner = ref.reset(j, 2 * (b - a), slot=j)
+        metas, _, _ = ref.unroll(torch.cat([theta + eps, theta - eps]), inner, j, slot=j)
+        diff = (metas[: b - a] - metas[b - a :]) / (2 * sigma)
+        g = (diff[:, None] * noise[a:b]).mean(0)
+        per_slot.append(g / diff.square().mean().sqrt() if per_task else g)
+    torch.testing.assert_close(t.theta.grad, torch.stack(per_slot).mean(0))
+    names = [ref.task_of(c).name for c in range(2)]
+    assert t.tasks_drawn() == names and names[0] != names[1]
+
+
+def test_a_version_1_checkpoint_resumes_as_one_task_slot(tmp_path):
+    """A checkpoint written before task slots (one inner run at its top
+    level) resumes as slot 0 and continues exactly; one with another number
+    of tasks per step is refused before anything is loaded."""
+    full = tiny_trainer(tmp_path / "full")
+    full.train(7, progress=False)
+    part = tiny_trainer(tmp_path / "part")
+    part.train(4, progress=False)
+    path = tmp_path / "part" / "checkpoint.pt"
+    sd = torch.load(path, weights_only=False)
+    (slot,) = sd.pop("slots")
+    del sd["tasks_per_step"]
+    sd.update(version=1, inner=slot["inner"], est_state=slot["est_state"],
+              inner_t=slot["inner_t"])  # fmt: skip
+    torch.save(sd, path)
+    other = tiny_trainer(tmp_path / "part", tasks_per_step=2)
+    before = other.theta.detach().clone()
+    with pytest.raises(ValueError, match="checkpoint has tasks_per_step=1, this run 2"):
+        other.resume()
+    assert other.step == 0 and torch.equal(other.theta, before)
+    resumed = tiny_trainer(tmp_path / "part")
+    resumed.resume()
+    resumed.train(7, progress=False)
+    assert torch.equal(resumed.theta, full.theta)
+
+
+def test_tasks_per_step_needs_a_pair_per_task():
+    problem = tiny_problem()
+    before = problem.initial_theta()
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=r"tasks_per_step must be in \[1, population \(2\)\]"):
+            MetaTrainer(problem, make_estimator("pes"), pairs=2, tasks_per_step=bad)
+    assert problem.unrollers == {} and torch.equal(problem.initial_theta(), before)
 
 
 def test_meta_lr_decay_follows_the_cosine(tmp_path):
@@ -390,7 +493,7 @@ def test_killed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
 
 
 class Exploding(Quadratic):
-    def unroll(self, thetas, inner, counter):
+    def unroll(self, thetas, inner, counter, slot=0):
         metas, losses, inner = super().unroll(thetas, inner, counter)
         if counter == 1:
             metas = metas * float("nan")
@@ -413,18 +516,19 @@ def test_nonfinite_meta_gradient_is_skipped_and_ctrl_c_checkpoints(tmp_path):
     assert saved["step"] == 3 and saved["skipped"] == 1
 
 
-def _distributed_worker(rank, store, out, per_task=False):
+def _distributed_worker(rank, store, out, per_task=False, pairs=4, tasks=1):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     t = MetaTrainer(
-        tiny_problem(),
+        tiny_problem(family=GLOO_FAMILY),
         make_estimator("pes", 0.05),
-        pairs=4,
+        pairs=pairs,
         meta_lr=1e-2,
         out_dir=out,
         checkpoint_every=0,
         per_task=per_task,
+        tasks_per_step=tasks,
     )
     t.train(3, progress=False)
     if rank == 0:
@@ -444,10 +548,10 @@ def _stopped_at_once_worker(rank, store, out):
     if rank == 0:  # a second signal: KeyboardInterrupt in the middle of outer step 2
         unroll = problem.unroll
 
-        def interrupted(thetas, inner, counter):
+        def interrupted(thetas, inner, counter, slot=0):
             if counter == 2:
                 raise KeyboardInterrupt("SIGTERM")
-            return unroll(thetas, inner, counter)
+            return unroll(thetas, inner, counter, slot)
 
         problem.unroll = interrupted
     t = MetaTrainer(problem, make_estimator("pes", 0.05), pairs=4, meta_lr=1e-2, out_dir=out,
@@ -511,35 +615,44 @@ def test_a_new_run_starts_under_two_processes(tmp_path):
     assert meta["outer_steps"] == 2
 
 
+GLOO_FAMILY = "mlp-family-small"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("per_task", [False, True])
-def test_two_gloo_processes_equal_one(tmp_path, per_task):
+@pytest.mark.parametrize(
+    "per_task,pairs,tasks",
+    # 6 pairs in 3 slots over 2 ranks: the middle slot's pairs are split between them.
+    [(False, 4, 1), (True, 4, 1), (True, 6, 3)],
+)
+def test_two_gloo_processes_equal_one(tmp_path, per_task, pairs, tasks):
     one = MetaTrainer(
-        tiny_problem(),
+        tiny_problem(family=GLOO_FAMILY),
         make_estimator("pes", 0.05),
-        pairs=4,
+        pairs=pairs,
         meta_lr=1e-2,
         out_dir=tmp_path / "one",
         checkpoint_every=0,
         per_task=per_task,
+        tasks_per_step=tasks,
     )
     one.train(3, progress=False)
     out = tmp_path / "two"
     out.mkdir()
     torch.multiprocessing.spawn(
-        _distributed_worker, args=(str(tmp_path / "store"), str(out), per_task), nprocs=2
+        _distributed_worker,
+        args=(str(tmp_path / "store"), str(out), per_task, pairs, tasks),
+        nprocs=2,
     )
     two = torch.load(out / "theta.pt")
     torch.testing.assert_close(two, one.theta.detach(), rtol=1e-5, atol=1e-7)
     # The checkpoint gathered every rank's inner state: it resumes in one process.
-    resumed = MetaTrainer(
-        tiny_problem(), make_estimator("pes", 0.05), pairs=4, meta_lr=1e-2, out_dir=out
-    )
+    resumed = MetaTrainer(tiny_problem(family=GLOO_FAMILY), make_estimator("pes", 0.05),
+                          pairs=pairs, meta_lr=1e-2, out_dir=out, tasks_per_step=tasks)  # fmt: skip
     resumed.resume()
     one_sd, two_sd = one.state_dict(), resumed.state_dict()
     for a, b in zip(
-        torch.utils._pytree.tree_leaves(one_sd["inner"]),
-        torch.utils._pytree.tree_leaves(two_sd["inner"]),
+        torch.utils._pytree.tree_leaves(one_sd["slots"]),
+        torch.utils._pytree.tree_leaves(two_sd["slots"]),
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -726,7 +839,7 @@ class Signalling(Quadratic):
         super().__init__(*args, **kw)
         self.sig, self.at, self.sent = sig, at, 0
 
-    def unroll(self, thetas, inner, counter):
+    def unroll(self, thetas, inner, counter, slot=0):
         metas, losses, inner = super().unroll(thetas, inner, counter)
         if counter == self.at:
             self.sent += 1
@@ -1347,7 +1460,10 @@ def test_a_portable_copy_resumes_from_its_outer_step(tmp_path):
     assert portable_main([str(out), str(copy)]) == 0
     full = torch.load(out / "checkpoint.pt", weights_only=False)
     light = torch.load(copy / "checkpoint.pt", weights_only=False)
-    assert full["inner"] is not None and light["inner"] is None and light["est_state"] == {}
+    assert full["slots"][0]["inner"] is not None
+    assert light["slots"] == [
+        {"counter": None, "end": 0, "inner_t": 0, "inner": None, "est_state": {}}
+    ]
     assert light["step"] == full["step"] == 3 and torch.equal(light["theta"], full["theta"])
     assert (copy / "checkpoint.pt").stat().st_size < (out / "checkpoint.pt").stat().st_size
     assert main(["--resume", str(copy), "--outer-steps", "5", "--no-progress"]) == 0
@@ -1420,6 +1536,8 @@ def test_depth_factor_flag_builds_the_net_with_it_and_resumes(tmp_path):
         ("--meta-lr-decay-steps 3 --meta-lr-final 0.25",
          {"meta_lr_decay_steps": 3, "meta_lr_final": 0.25},
          "meta lr 0.05 cosine-decayed to 0.25x of it over outer steps 0-3", "cosine-decayed"),
+        ("--tasks-per-step 2", {"tasks_per_step": 2}, "2 tasks per outer step",
+         "tasks per outer step"),
     ],
 )  # fmt: skip
 def test_meta_objective_flags_are_saved_resume_and_go_on_the_card(
@@ -1436,6 +1554,9 @@ def test_meta_objective_flags_are_saved_resume_and_go_on_the_card(
     net, meta = lopt.load(out / "optimizer.pt")
     assert {k: meta["config"][k] for k in saved} == saved and meta["outer_steps"] == 3
     assert words in model_card("x", meta, net, 1)
+    assert meta["tasks_drawn"] == {"mlp-gmm": meta["tasks_drawn"]["mlp-gmm"]}
+    drawn = meta["tasks_drawn"]["mlp-gmm"]
+    assert f"{drawn} tasks drawn (mlp-gmm {drawn})" in model_card("x", meta, net, 1)
     plain = tmp_path / "plain"
     assert main(f"{TINY_MAGNITUDE_NFN} --no-progress --out {plain}".split()) == 0
     net, meta = lopt.load(plain / "optimizer.pt")
