@@ -211,6 +211,7 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         {"command": meta.get("command", "?"), "outer_steps": meta.get("outer_steps")}
     ]
     wall = _wall({**meta, "history": history})
+    tasks = _tasks(meta)
     n_params = sum(p.numel() for p in net.parameters())
     horizon = f"horizon {cfg.get('horizon')} steps"
     if cfg.get("horizon_max"):
@@ -237,7 +238,7 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         f"inner steps: {meta.get('inner_steps', 0):,}; "
         f"training time {wall / 60:.0f} min on {machine_label(meta.get('machine', '?'))} "
         f"({meta.get('device', '?')}, torch {meta.get('torch', '?')}).",
-        *([_tasks(meta)] if _tasks(meta) else []),
+        *([tasks] if tasks else []),
         "* Commands:",
         "",
         "```bash",

@@ -202,6 +202,7 @@ class MetaTrainer:
         self.config = dict(config or {})
         self.step = 0  # outer steps taken
         self.resets = 0  # inner runs started, all slots (the task counter)
+        self._task_names: list[str | None] = []  # by counter, filled as tasks_drawn asks
         self.skipped = 0
         self.inner_steps = 0  # inner steps run, all trajectories, all ranks
         # Wall time in outer steps, over the first process and every resume.
@@ -252,7 +253,10 @@ class MetaTrainer:
     def tasks_drawn(self) -> list[str]:
         """The names of the tasks of every inner run started so far, in
         counter order (empty for a problem without named tasks)."""
-        names = [self.problem.task_name(c) for c in range(self.resets)]
+        # A counter's task never changes: name each once, not on every save.
+        names = self._task_names
+        del names[self.resets :]  # a checkpoint loaded over a longer run
+        names += [self.problem.task_name(c) for c in range(len(names), self.resets)]
         return [n for n in names if n is not None]
 
     def outer_step(self) -> dict[str, Any]:
@@ -472,12 +476,13 @@ class MetaTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (every slot's inner state, the whole
         population's, gathered from every rank)."""
+
+        def cpu(part):
+            return torch.utils._pytree.tree_map(lambda x: x.detach().cpu(), part)
+
         local = [
-            {"inner": s.inner, "est_state": s.est_state} if s.held else None for s in self.slots
-        ]
-        local = [
-            None if part is None else torch.utils._pytree.tree_map(lambda x: x.detach().cpu(), part)
-            for part in local
+            cpu({"inner": s.inner, "est_state": s.est_state}) if s.held else None
+            for s in self.slots
         ]
         if self.world_size > 1:
             parts: list = [None] * self.world_size
