@@ -649,6 +649,12 @@ def step(
         plan.finish_table, plan.term_table, plan.out, plan.base, MAX_LOG_MAGNITUDE,
         1.0 if schedule is None else float(schedule), plan.tensor_sums, plan.op_table,
     )  # fmt: skip
+    if net.has_orthogonal_term:  # matrix products beside the kernels, in the updates' views
+        spec = plan.spec
+        terms = net.orthogonal_terms(spec, spec.split(state["momenta"], dim=1), constants.neg_lrs)
+        for u, z in zip(spec.split(plan.updates), terms):
+            if z is not None:
+                u.add_(z if schedule is None else z * schedule)
     # Finite updates: the state pass already refused a gradient whose square
     # is not finite, so the sums of squares are too.
     ok = math.isfinite(total)

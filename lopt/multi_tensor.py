@@ -336,6 +336,10 @@ def forward(
         us = [u - along.index_select(0, plan.tangent_rows[a:b]) * p
               for (a, b, _), u, p in zip(plan.chunks, us, ps)]  # fmt: skip
     u = us[0] if len(us) == 1 else torch.cat(us)
+    if net.has_orthogonal_term:  # per matrix: a few small matmuls each
+        terms = net.orthogonal_terms(plan.spec, momenta, neg_lrs)
+        u = u + torch.cat([u.new_zeros(n) if z is None else z.reshape(-1)
+                           for z, n in zip(terms, plan.numels)])  # fmt: skip
     scale = net.schedule_scale(steps_in, budget_in, loss_in)
     if scale is not None:
         u = u * scale.to(u.dtype)

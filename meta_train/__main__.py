@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "term_schedule": False,
     "loss_features": False,
     "depth_factor": False,
+    "orthogonal": False,
     "term_in_adam_units": False,
     "family": "mlp-family-small",
     "estimator": "pes",
@@ -123,6 +124,7 @@ RULES: dict[str, Any] = {
     "term_schedule": options.boolean,
     "loss_features": options.boolean,
     "depth_factor": options.boolean,
+    "orthogonal": options.boolean,
     "term_in_adam_units": options.boolean,
     "family": options.family(lambda: list(FAMILIES) + list(TASKS), parse_mixture, TASK_LIST),
     "estimator": options.choice(sorted(ESTIMATORS)),
@@ -244,6 +246,13 @@ def parser() -> argparse.ArgumentParser:
         help="the update of a network with a residual stream times exp(residual_log_rate) * "
         "(the most weight matrices writing one neuron group) ** -depth_exp, both learned from "
         "0: a residual stream's depth, as the width factor is a layer's width (default off)",
+    )
+    a(
+        "--orthogonal",
+        action=argparse.BooleanOptionalAction,
+        help="the update of a hidden layer's weight matrix adds its 0.9-momentum "
+        "orthogonalised (Newton-Schulz, as Muon steps) at unit RMS, times the tensor's rate "
+        "and a learned weight (default off)",
     )
     a(
         "--budget",
@@ -542,6 +551,7 @@ def build(
             term_schedule=cfg.get("term_schedule", False),
             loss_features=cfg.get("loss_features", False),
             depth_factor=cfg.get("depth_factor", False),
+            orthogonal=cfg.get("orthogonal", False),
             **extra,
         )
     if warm and cfg.get("init_from"):

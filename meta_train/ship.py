@@ -296,6 +296,11 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
             f"number of weight tensors that write it (`stream_writers`): {depth_factors(net)}; "
             "1 without a residual stream."
         )
+    if net.has_orthogonal_term:
+        lines.append(
+            "* A hidden layer's weight matrix also steps along its orthogonalised 0.9-momentum "
+            f"(unit RMS), times its rate and a learned weight of {net.ortho_weight.item():.3g}."
+        )
     if getattr(net, "neuron_stats", False):
         rows = [
             f"{pool} ({', '.join(f'{w:+.3f}' for w in ws.tolist())})"

@@ -1,0 +1,206 @@
+"""orthogonal=True: a hidden layer's weight matrix also steps along its
+orthogonalised 0.9-momentum, on every path (torch, fused, multi-tensor),
+equivariantly."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lopt
+from lopt import NFNNet, PerParamMLP, WeightSpace, WeightSpaceSpec, functional, fused
+from lopt.nets import orthogonal_tensors, orthogonalised
+from tasks.models import TransformerLM
+
+
+@pytest.mark.parametrize("shape", [(7, 7), (12, 5), (4, 30), (1, 6)])
+def test_orthogonalised_keeps_the_singular_vectors_and_pulls_the_values_near_one(shape):
+    torch.manual_seed(0)
+    m = torch.randn(shape, dtype=torch.float64) * 3.0
+    o = orthogonalised(m) / math.sqrt(max(shape))
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    # U^T o V is diagonal: a polynomial in m m^T times m has m's singular vectors.
+    inner = u.T @ o @ vh.T
+    diag = torch.diagonal(inner)
+    torch.testing.assert_close(inner, torch.diag(diag), atol=1e-6, rtol=0)
+    assert diag.min() > 0.6 and diag.max() < 1.3
+    # Unit RMS per entry, whatever the shape and the scale of m.
+    rms = (orthogonalised(m) ** 2).mean().sqrt()
+    assert 0.6 < rms < 1.3
+    torch.testing.assert_close(orthogonalised(1e-4 * m), orthogonalised(m))
+
+
+def test_orthogonalised_commutes_with_row_and_column_permutations():
+    torch.manual_seed(1)
+    m = torch.randn(9, 6)
+    rows, cols = torch.randperm(9), torch.randperm(6)
+    torch.testing.assert_close(orthogonalised(m[rows][:, cols]), orthogonalised(m)[rows][:, cols])
+
+
+class Embedded(nn.Module):
+    """An embedding, a hidden layer and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.hidden = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.hidden(self.emb(x))))
+
+
+def test_only_hidden_layers_weight_matrices_take_the_term():
+    mlp = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4), nn.ReLU(), nn.Linear(4, 3))
+    spec = WeightSpaceSpec.from_module(mlp)
+    assert orthogonal_tensors(spec) == (True, False, True, False, False, False)
+    cnn = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    spec = WeightSpaceSpec.from_module(cnn)
+    assert orthogonal_tensors(spec) == (True, False, False, False)
+    spec = WeightSpaceSpec.from_module(Embedded())
+    assert [t.name for t, on in zip(spec.tensors, orthogonal_tensors(spec)) if on] == [
+        "hidden.weight"
+    ]
+    lm = TransformerLM(11, 8, 8, 2, 1)
+    spec = WeightSpaceSpec.from_module(lm)
+    on = [t.label for t, o in zip(spec.tensors, orthogonal_tensors(spec)) if o]
+    assert not any(n.startswith(("tok", "pos", "head")) for n in on)
+    assert any("qkv" in n for n in on) and any("proj" in n for n in on)
+
+
+_NETS: dict = {}
+
+
+def make_net(cls, weight: float):
+    """One net per class with the term (its weights drawn once), ``ortho_weight`` set."""
+    if cls not in _NETS:
+        torch.manual_seed(3)
+        kwargs = dict(out_scale=1.0, step_mult=1e-2, lr=1e-3, budget=True, orthogonal=True)
+        if cls is NFNNet:
+            kwargs["nf_channels"] = 2
+        _NETS[cls] = cls(**kwargs)
+    net = copy.deepcopy(_NETS[cls])
+    with torch.no_grad():
+        net.ortho_weight.fill_(weight)
+    return net
+
+
+def one_step(net, model, path, grads=None):
+    spec = WeightSpaceSpec.from_module(model)
+    params = [p.detach().clone() for p in model.parameters()]
+    if grads is None:
+        g = torch.Generator().manual_seed(1)
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+    state = functional.init(params)
+    kwargs = {"total_steps": 40}
+    if path == "fused":
+        kwargs.update(fused=True, guard=False, inplace=True)
+    elif path == "multi":
+        kwargs.update(multi_tensor=True)
+    with torch.no_grad():
+        out, _ = functional.update(net, spec, None, grads, state, params, **kwargs)
+    return spec, grads, out
+
+
+PATHS = ["torch", "multi"] + (["fused"] if fused.available() else [])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
+def test_the_term_is_the_rate_times_the_weight_times_the_orthogonalised_momentum(cls, path):
+    torch.manual_seed(5)
+    model = TransformerLM(11, 8, 8, 2, 2)
+    w = 0.7
+    net = make_net(cls, w)
+    spec, grads, got = one_step(net, model, path)
+    _, _, base = one_step(make_net(cls, 0.0), model, path)
+    # The first step's momentum is 0.1 * g: the same orthogonalised.
+    step = torch.ones(())
+    _, _, steps_in, budget_in, _ = net.step_inputs(step, 40)
+    schedule = net.schedule_scale(steps_in, budget_in)
+    neg_lrs, _ = net.tensor_factors(spec)
+    pieces = spec.split(grads)
+    expected_pieces = [
+        schedule * neg * w * orthogonalised(g.reshape(t.shape[0], -1)).reshape(t.shape)
+        if on
+        else torch.zeros(t.shape)
+        for t, g, neg, on in zip(spec.tensors, pieces, neg_lrs, orthogonal_tensors(spec))
+    ]
+    expected = spec.join(expected_pieces)
+    assert sum(bool(on) for on in orthogonal_tensors(spec)) >= 8
+    for a, b, e in zip(got, base, expected):
+        torch.testing.assert_close(a - b, e, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", PATHS[1:])
+@pytest.mark.parametrize("arch", ["cnn", "lm"])
+def test_every_path_gives_the_torch_path_s_update(path, arch):
+    torch.manual_seed(6)
+    if arch == "cnn":
+        model = nn.Sequential(nn.Conv2d(2, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(80, 3))
+    else:  # packed attention projections: the term per piece
+        model = TransformerLM(11, 8, 8, 2, 2)
+    net = make_net(NFNNet, 1.3)
+    _, _, ref = one_step(net, model, "torch")
+    _, _, got = one_step(net, model, path)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", ["torch", "multi"])
+def test_steps_commute_with_hidden_permutations(path):
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3))
+    spec = WeightSpaceSpec.from_module(model)
+    perms = {g: torch.randperm(n) for g, n in spec.hidden_groups().items()}
+
+    def permuted(tensors):
+        return WeightSpace.from_tensors(spec, list(tensors)).permute(perms).to_tensors()
+
+    net = make_net(NFNNet, 2.0)
+    params = [p.detach().clone() for p in model.parameters()]
+    twin = permuted(params)
+    state, twin_state = functional.init(params), functional.init(twin)
+    multi = path == "multi"
+    with torch.no_grad():
+        for k in range(4):
+            g = torch.Generator().manual_seed(10 + k)
+            grads = [torch.randn(p.shape, generator=g) for p in params]
+            kw = {"total_steps": 30, "multi_tensor": multi}
+            ups, state = functional.update(net, spec, None, grads, state, params, **kw)
+            tw, twin_state = functional.update(
+                net, spec, None, permuted(grads), twin_state, twin, **kw
+            )
+            for a, b in zip(permuted(ups), tw):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+            params = functional.apply_updates(params, ups)
+            twin = functional.apply_updates(twin, tw)
+    # The term is there: with its weight at 0 the first step differs.
+    _, _, with_it = one_step(net, model, path)
+    _, _, without = one_step(make_net(NFNNet, 0.0), model, path)
+    assert (with_it[0] - without[0]).abs().max() > 1e-5
+
+
+def test_the_weight_survives_a_checkpoint_and_older_nets_have_no_term(tmp_path):
+    net = make_net(NFNNet, 0.45)
+    lopt.save(net, tmp_path / "net.pt")
+    back, _ = lopt.load(tmp_path / "net.pt")
+    assert back.config["orthogonal"] is True and back.has_orthogonal_term
+    assert back.ortho_weight.item() == pytest.approx(0.45)
+    plain = NFNNet(nf_channels=2, budget=True)
+    assert not plain.has_orthogonal_term and "orthogonal" not in plain.config
+    assert not hasattr(plain, "ortho_weight")
+
+
+def test_the_model_card_states_the_learned_weight():
+    from meta_train.ship import model_card
+
+    card = model_card("x", {"outer_steps": 3}, make_net(NFNNet, 0.45), 1000)
+    assert (
+        "orthogonalised 0.9-momentum (unit RMS), times its rate and a learned weight of 0.45"
+        in (" ".join(card.split()))
+    )
+    plain = model_card("x", {"outer_steps": 3}, NFNNet(nf_channels=2, budget=True), 1000)
+    assert "orthogonalised" not in plain
