@@ -298,8 +298,9 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         )
     if net.has_orthogonal_term:
         lines.append(
-            "* A hidden layer's weight matrix also steps along its orthogonalised 0.9-momentum "
-            f"(unit RMS), times its rate and a learned weight of {net.ortho_weight.item():.3g}."
+            "* A hidden layer's weight matrix steps along its orthogonalised 0.9-momentum "
+            f"(unit RMS) times its rate and a learned weight of {net.ortho_weight.item():.3g}, "
+            f"and along Adam's direction times a learned share of {net.ortho_adam_keep.item():.3g}."
         )
     if getattr(net, "neuron_stats", False):
         rows = [

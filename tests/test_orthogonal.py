@@ -1,6 +1,6 @@
-"""orthogonal=True: a hidden layer's weight matrix also steps along its
-orthogonalised 0.9-momentum, on every path (torch, fused, multi-tensor),
-equivariantly."""
+"""orthogonal=True: a hidden layer's weight matrix steps along its
+orthogonalised 0.9-momentum in place of (a learned share of) Adam's
+direction, on every path (torch, fused, multi-tensor), equivariantly."""
 
 import copy
 import math
@@ -73,26 +73,33 @@ def test_only_hidden_layers_weight_matrices_take_the_term():
 _NETS: dict = {}
 
 
-def make_net(cls, weight: float):
-    """One net per class with the term (its weights drawn once), ``ortho_weight`` set."""
+def make_net(cls, weight: float | None, keep: float = 0.0):
+    """One net per class with the term (its weights drawn once), ``ortho_weight``
+    and ``ortho_adam_keep`` set; ``weight=None``: the same net without the term."""
     if cls not in _NETS:
         torch.manual_seed(3)
-        kwargs = dict(out_scale=1.0, step_mult=1e-2, lr=1e-3, budget=True, orthogonal=True)
+        kwargs = dict(out_scale=1.0, step_mult=1e-2, lr=1e-3, budget=True)
         if cls is NFNNet:
             kwargs["nf_channels"] = 2
-        _NETS[cls] = cls(**kwargs)
-    net = copy.deepcopy(_NETS[cls])
+        with_it = cls(**kwargs, orthogonal=True)
+        without = cls(**kwargs)
+        without.load_state_dict(with_it.state_dict(), strict=False)
+        _NETS[cls] = (without, with_it)
+    without, with_it = _NETS[cls]
+    if weight is None:
+        return copy.deepcopy(without)
+    net = copy.deepcopy(with_it)
     with torch.no_grad():
         net.ortho_weight.fill_(weight)
+        net.ortho_adam_keep.fill_(keep)
     return net
 
 
-def one_step(net, model, path, grads=None):
+def one_step(net, model, path):
     spec = WeightSpaceSpec.from_module(model)
     params = [p.detach().clone() for p in model.parameters()]
-    if grads is None:
-        g = torch.Generator().manual_seed(1)
-        grads = [torch.randn(p.shape, generator=g) for p in params]
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(p.shape, generator=g) for p in params]
     state = functional.init(params)
     kwargs = {"total_steps": 40}
     if path == "fused":
@@ -109,28 +116,29 @@ PATHS = ["torch", "multi"] + (["fused"] if fused.available() else [])
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
-def test_the_term_is_the_rate_times_the_weight_times_the_orthogonalised_momentum(cls, path):
+def test_the_term_replaces_a_share_of_adam_s_direction_by_the_orthogonalised_momentum(cls, path):
     torch.manual_seed(5)
     model = TransformerLM(11, 8, 8, 2, 2)
-    w = 0.7
-    net = make_net(cls, w)
+    w, keep = 0.7, 0.25
+    net = make_net(cls, w, keep)
     spec, grads, got = one_step(net, model, path)
-    _, _, base = one_step(make_net(cls, 0.0), model, path)
-    # The first step's momentum is 0.1 * g: the same orthogonalised.
-    step = torch.ones(())
-    _, _, steps_in, budget_in, _ = net.step_inputs(step, 40)
+    plain = make_net(cls, None)
+    _, _, base = one_step(plain, model, path)
+    # The first step's momentum is 0.1 * g: the same orthogonalised; Adam's
+    # direction is then g / (|g| + eps).
+    _, _, steps_in, budget_in, _ = net.step_inputs(torch.ones(()), 40)
     schedule = net.schedule_scale(steps_in, budget_in)
-    neg_lrs, _ = net.tensor_factors(spec)
-    pieces = spec.split(grads)
-    expected_pieces = [
-        schedule * neg * w * orthogonalised(g.reshape(t.shape[0], -1)).reshape(t.shape)
-        if on
-        else torch.zeros(t.shape)
-        for t, g, neg, on in zip(spec.tensors, pieces, neg_lrs, orthogonal_tensors(spec))
-    ]
-    expected = spec.join(expected_pieces)
-    assert sum(bool(on) for on in orthogonal_tensors(spec)) >= 8
-    for a, b, e in zip(got, base, expected):
+    neg_lrs, _ = plain.tensor_factors(spec)
+    expected = []
+    for t, g, neg, on in zip(spec.tensors, spec.split(grads), neg_lrs, orthogonal_tensors(spec)):
+        if not on:
+            expected.append(torch.zeros(t.shape))
+            continue
+        ortho = orthogonalised(g.reshape(t.shape[0], -1)).reshape(t.shape)
+        adam = g / (g.abs() + 1e-8)
+        expected.append(schedule * neg * (w * ortho - (1 - keep) * adam))
+    assert sum(orthogonal_tensors(spec)) >= 8
+    for a, b, e in zip(got, base, spec.join(expected)):
         torch.testing.assert_close(a - b, e, rtol=1e-4, atol=1e-7)
 
 
@@ -142,7 +150,7 @@ def test_every_path_gives_the_torch_path_s_update(path, arch):
         model = nn.Sequential(nn.Conv2d(2, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(80, 3))
     else:  # packed attention projections: the term per piece
         model = TransformerLM(11, 8, 8, 2, 2)
-    net = make_net(NFNNet, 1.3)
+    net = make_net(NFNNet, 1.3, 0.4)
     _, _, ref = one_step(net, model, "torch")
     _, _, got = one_step(net, model, path)
     for a, b in zip(got, ref):
@@ -159,16 +167,15 @@ def test_steps_commute_with_hidden_permutations(path):
     def permuted(tensors):
         return WeightSpace.from_tensors(spec, list(tensors)).permute(perms).to_tensors()
 
-    net = make_net(NFNNet, 2.0)
+    net = make_net(NFNNet, 2.0, 0.3)
     params = [p.detach().clone() for p in model.parameters()]
     twin = permuted(params)
     state, twin_state = functional.init(params), functional.init(twin)
-    multi = path == "multi"
+    kw = {"total_steps": 30, "multi_tensor": path == "multi"}
     with torch.no_grad():
         for k in range(4):
             g = torch.Generator().manual_seed(10 + k)
             grads = [torch.randn(p.shape, generator=g) for p in params]
-            kw = {"total_steps": 30, "multi_tensor": multi}
             ups, state = functional.update(net, spec, None, grads, state, params, **kw)
             tw, twin_state = functional.update(
                 net, spec, None, permuted(grads), twin_state, twin, **kw
@@ -177,30 +184,29 @@ def test_steps_commute_with_hidden_permutations(path):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
             params = functional.apply_updates(params, ups)
             twin = functional.apply_updates(twin, tw)
-    # The term is there: with its weight at 0 the first step differs.
+    # The term is there: without it the first step differs.
     _, _, with_it = one_step(net, model, path)
-    _, _, without = one_step(make_net(NFNNet, 0.0), model, path)
+    _, _, without = one_step(make_net(NFNNet, None), model, path)
     assert (with_it[0] - without[0]).abs().max() > 1e-5
 
 
-def test_the_weight_survives_a_checkpoint_and_older_nets_have_no_term(tmp_path):
-    net = make_net(NFNNet, 0.45)
+def test_the_weights_survive_a_checkpoint_and_older_nets_have_no_term(tmp_path):
+    net = make_net(NFNNet, 0.45, 0.2)
     lopt.save(net, tmp_path / "net.pt")
     back, _ = lopt.load(tmp_path / "net.pt")
     assert back.config["orthogonal"] is True and back.has_orthogonal_term
     assert back.ortho_weight.item() == pytest.approx(0.45)
+    assert back.ortho_adam_keep.item() == pytest.approx(0.2)
     plain = NFNNet(nf_channels=2, budget=True)
     assert not plain.has_orthogonal_term and "orthogonal" not in plain.config
-    assert not hasattr(plain, "ortho_weight")
+    assert not hasattr(plain, "ortho_weight") and not hasattr(plain, "ortho_adam_keep")
 
 
-def test_the_model_card_states_the_learned_weight():
+def test_the_model_card_states_the_learned_weights():
     from meta_train.ship import model_card
 
-    card = model_card("x", {"outer_steps": 3}, make_net(NFNNet, 0.45), 1000)
-    assert (
-        "orthogonalised 0.9-momentum (unit RMS), times its rate and a learned weight of 0.45"
-        in (" ".join(card.split()))
-    )
+    card = " ".join(model_card("x", {"outer_steps": 3}, make_net(NFNNet, 0.45, 0.2), 1000).split())
+    assert "0.9-momentum (unit RMS) times its rate and a learned weight of 0.45" in card
+    assert "along Adam's direction times a learned share of 0.2." in card
     plain = model_card("x", {"outer_steps": 3}, NFNNet(nf_channels=2, budget=True), 1000)
     assert "orthogonalised" not in plain
