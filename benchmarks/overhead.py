@@ -162,8 +162,12 @@ def make_optimizer(
     if kind not in SHIPPED:
         raise ValueError(f"unknown optimizer {kind!r}")
     cls, name = SHIPPED[kind][0], net_name(kind, names)
-    weights = name if name in lopt.pretrained_names() else None
-    return cls(model.parameters(), model=model, weights=weights, fused=FUSED)
+    return cls(model.parameters(), model=model, weights=_weights(name), fused=FUSED)
+
+
+def _weights(name: str) -> str | None:
+    """A shipped net's name or a saved net's path as given, else None (a default net)."""
+    return name if name in lopt.pretrained_names() or Path(name).is_file() else None
 
 
 def net_descriptions(names: dict[str, str] | None = None) -> dict[str, str]:
@@ -171,8 +175,9 @@ def net_descriptions(names: dict[str, str] | None = None) -> dict[str, str]:
     out = {}
     for kind, (cls, _) in SHIPPED.items():
         name = net_name(kind, names)
-        if name in lopt.pretrained_names():
-            out[kind] = f"shipped {name}: {lopt.load(name)[0].config}"
+        if _weights(name) is not None:
+            shipped = "shipped " if name in lopt.pretrained_names() else ""
+            out[kind] = f"{shipped}{name}: {lopt.load(name)[0].config}"
         else:
             out[kind] = f"default: {cls.net_class().config}"
     return out
@@ -507,8 +512,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-nfn", action="store_true", help="skip the nfn reference layer")
     p.add_argument("--quick", action="store_true", help="tiny models, few repeats (CI)")
-    p.add_argument("--nfn", default=SHIPPED["nfn"][1], help="shipped NFN net to time (the default)")
-    p.add_argument("--mlp", default=SHIPPED["mlp"][1], help="shipped MLP net to time (the default)")
+    p.add_argument(
+        "--nfn",
+        default=SHIPPED["nfn"][1],
+        help="NFN net to time: a shipped name or a saved net's path",
+    )
+    p.add_argument(
+        "--mlp",
+        default=SHIPPED["mlp"][1],
+        help="MLP net to time: a shipped name or a saved net's path",
+    )
     p.add_argument(
         "--torch-path",
         action="store_true",
@@ -530,10 +543,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"--slice-entries {args.slice_entries}: must be at least 1")
     names = {"nfn": args.nfn, "mlp": args.mlp}
     for kind, name in names.items():
-        if name not in lopt.pretrained_names():
+        if _weights(name) is None:
             raise SystemExit(
-                f"--{kind} {name}: not a shipped net ({', '.join(lopt.pretrained_names())})"
+                f"--{kind} {name}: not a shipped net ({', '.join(lopt.pretrained_names())}) "
+                "nor a saved net's file"
             )
+        want = SHIPPED[kind][0].net_class
+        if not isinstance(lopt.load(name)[0], want):
+            raise SystemExit(f"--{kind} {name}: not a {want.__name__}")
     if args.quick:
         args.models, args.repeats = ["mlp-tiny", "cnn-tiny"], 2
     device = torch.device(args.device)

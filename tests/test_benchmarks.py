@@ -206,8 +206,18 @@ def test_overhead_quick_writes_every_output(tmp_path):
     nets = json.loads((out / "overhead.json").read_text())["meta"]["nets"]
     assert "shipped nfn-real" in nets["nfn"] and "'budget': True" in nets["nfn"]
     assert f"shipped {lopt.checkpoint.RECOMMENDED['PerParamMLP']}" in nets["mlp"]
-    with pytest.raises(SystemExit, match="--nfn nope: not a shipped net"):
+    with pytest.raises(SystemExit, match="--nfn nope: not a shipped net .* nor a saved net's file"):
         overhead.main(["--quick", "--out", str(tmp_path / "bad"), "--nfn", "nope"])
+    assert not (tmp_path / "bad").exists()
+    # A saved net's file, by its path; one of the other class is refused.
+    saved = tmp_path / "mine.pt"
+    lopt.save(lopt.load("nfn-real")[0], saved)
+    out = tmp_path / "by-path"
+    overhead.main(["--quick", "--out", str(out), "--no-nfn", "--no-memory", "--nfn", str(saved)])
+    nets = json.loads((out / "overhead.json").read_text())["meta"]["nets"]
+    assert nets["nfn"].startswith(f"{saved}: ") and "'budget': True" in nets["nfn"]
+    with pytest.raises(SystemExit, match="--mlp .*mine.pt: not a PerParamMLP"):
+        overhead.main(["--quick", "--out", str(tmp_path / "bad"), "--mlp", str(saved)])
     assert not (tmp_path / "bad").exists()
 
 
