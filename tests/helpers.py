@@ -249,3 +249,25 @@ def real_models():
         "resnet-bn": ResNet((3, 8, 8), 8, 2, 5),
         "wide-mlp": make_mlp([40, 300, 10]),
     }
+
+
+def first_step(net, model, path: str):
+    """One step of ``net`` on ``model``'s parameters from a fresh state,
+    with seeded random gradients, on a path of ``functional.update``
+    ("torch", "multi" or "fused"), told a budget of 40 steps: ``(spec,
+    grads, updates)``."""
+    from lopt import functional
+
+    spec = WeightSpaceSpec.from_module(model)
+    params = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    state = functional.init(params)
+    kwargs = {"total_steps": 40}
+    if path == "fused":
+        kwargs.update(fused=True, guard=False, inplace=True)
+    elif path == "multi":
+        kwargs.update(multi_tensor=True)
+    with torch.no_grad():
+        out, _ = functional.update(net, spec, None, grads, state, params, **kwargs)
+    return spec, grads, out

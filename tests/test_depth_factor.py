@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+from helpers import first_step
 from torch import nn
 
 import lopt
-from lopt import NFNNet, PerParamMLP, WeightSpaceSpec, functional, fused
+from lopt import NFNNet, PerParamMLP, WeightSpaceSpec, fused
 from lopt.nets import stream_writers
 from tasks.models import ResNet, TransformerLM
 
@@ -70,19 +71,7 @@ _NETS: dict = {}
 
 
 def updates(net, model, path):
-    spec = WeightSpaceSpec.from_module(model)
-    params = [p.detach().clone() for p in model.parameters()]
-    g = torch.Generator().manual_seed(1)
-    grads = [torch.randn(p.shape, generator=g) for p in params]
-    state = functional.init(params)
-    kwargs = {"total_steps": 40}
-    if path == "fused":
-        kwargs.update(fused=True, guard=False, inplace=True)
-    elif path == "multi":
-        kwargs.update(multi_tensor=True)
-    with torch.no_grad():
-        out, _ = functional.update(net, spec, None, grads, state, params, **kwargs)
-    return out
+    return first_step(net, model, path)[2]
 
 
 PATHS = ["torch", "multi"] + (["fused"] if fused.available() else [])

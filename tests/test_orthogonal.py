@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import first_step
 from torch import nn
 
 import lopt
@@ -95,22 +96,6 @@ def make_net(cls, weight: float | None, keep: float = 0.0):
     return net
 
 
-def one_step(net, model, path):
-    spec = WeightSpaceSpec.from_module(model)
-    params = [p.detach().clone() for p in model.parameters()]
-    g = torch.Generator().manual_seed(1)
-    grads = [torch.randn(p.shape, generator=g) for p in params]
-    state = functional.init(params)
-    kwargs = {"total_steps": 40}
-    if path == "fused":
-        kwargs.update(fused=True, guard=False, inplace=True)
-    elif path == "multi":
-        kwargs.update(multi_tensor=True)
-    with torch.no_grad():
-        out, _ = functional.update(net, spec, None, grads, state, params, **kwargs)
-    return spec, grads, out
-
-
 PATHS = ["torch", "multi"] + (["fused"] if fused.available() else [])
 
 
@@ -121,9 +106,9 @@ def test_the_term_replaces_a_share_of_adam_s_direction_by_the_orthogonalised_mom
     model = TransformerLM(11, 8, 8, 2, 2)
     w, keep = 0.7, 0.25
     net = make_net(cls, w, keep)
-    spec, grads, got = one_step(net, model, path)
+    spec, grads, got = first_step(net, model, path)
     plain = make_net(cls, None)
-    _, _, base = one_step(plain, model, path)
+    _, _, base = first_step(plain, model, path)
     # The first step's momentum is 0.1 * g: the same orthogonalised; Adam's
     # direction is then g / (|g| + eps).
     _, _, steps_in, budget_in, _ = net.step_inputs(torch.ones(()), 40)
@@ -151,8 +136,8 @@ def test_every_path_gives_the_torch_path_s_update(path, arch):
     else:  # packed attention projections: the term per piece
         model = TransformerLM(11, 8, 8, 2, 2)
     net = make_net(NFNNet, 1.3, 0.4)
-    _, _, ref = one_step(net, model, "torch")
-    _, _, got = one_step(net, model, path)
+    _, _, ref = first_step(net, model, "torch")
+    _, _, got = first_step(net, model, path)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
@@ -185,8 +170,8 @@ def test_steps_commute_with_hidden_permutations(path):
             params = functional.apply_updates(params, ups)
             twin = functional.apply_updates(twin, tw)
     # The term is there: without it the first step differs.
-    _, _, with_it = one_step(net, model, path)
-    _, _, without = one_step(make_net(NFNNet, None), model, path)
+    _, _, with_it = first_step(net, model, path)
+    _, _, without = first_step(make_net(NFNNet, None), model, path)
     assert (with_it[0] - without[0]).abs().max() > 1e-5
 
 
