@@ -208,8 +208,8 @@ def orthogonalised(matrix: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=64)
 def orthogonal_tensors(spec: WeightSpaceSpec) -> tuple[bool, ...]:
-    """Per tensor of ``spec``, whether a net with ``orthogonal=True`` adds
-    an orthogonalised momentum to its update: a weight of 2+ axes whose
+    """Per tensor of ``spec``, whether a net with ``orthogonal=True`` steps
+    it along its orthogonalised momentum: a weight of 2+ axes whose
     first neuron axis is the one it writes (exponent 1: not an embedding,
     whose rows are the tokens it reads) and whose rows are not the network's
     output neurons (the output layer fits the loss's scale, not a basis)."""
@@ -469,8 +469,9 @@ class OptimizerNet(nn.Module):
 
     @property
     def has_orthogonal_term(self) -> bool:
-        """Whether the update of a hidden layer's weight matrix adds its
-        orthogonalised momentum (:meth:`orthogonal_terms`)."""
+        """Whether a hidden layer's weight matrix steps along its
+        orthogonalised momentum (:meth:`orthogonal_terms`) in place of a
+        share of Adam's direction (:meth:`tensor_factors`)."""
         return self._config.get("orthogonal", False)
 
     def orthogonal_terms(

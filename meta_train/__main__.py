@@ -250,9 +250,10 @@ def parser() -> argparse.ArgumentParser:
     a(
         "--orthogonal",
         action=argparse.BooleanOptionalAction,
-        help="the update of a hidden layer's weight matrix adds its 0.9-momentum "
-        "orthogonalised (Newton-Schulz, as Muon steps) at unit RMS, times the tensor's rate "
-        "and a learned weight (default off)",
+        help="a hidden layer's weight matrix steps along its 0.9-momentum orthogonalised "
+        "(Newton-Schulz, as Muon steps) at unit RMS, times the tensor's rate and a learned "
+        "weight, in place of Adam's direction, which keeps a learned share (0 at first; "
+        "default off)",
     )
     a(
         "--budget",
