@@ -651,7 +651,7 @@ def step(
     )  # fmt: skip
     if net.has_orthogonal_term:  # matrix products beside the kernels, in the updates' views
         spec = plan.spec
-        terms = net.orthogonal_terms(spec, spec.split(state["momenta"], dim=1))
+        terms = net.orthogonal_terms(spec, spec.split(state["momenta"], dim=1), scales, c1, c2)
         for u, z in zip(spec.split(plan.updates), terms):
             if z is not None:
                 u.add_(z if schedule is None else z * schedule)

@@ -337,7 +337,7 @@ def forward(
               for (a, b, _), u, p in zip(plan.chunks, us, ps)]  # fmt: skip
     u = us[0] if len(us) == 1 else torch.cat(us)
     if net.has_orthogonal_term:  # per matrix: a few small matmuls each
-        terms = net.orthogonal_terms(plan.spec, momenta)
+        terms = net.orthogonal_terms(plan.spec, momenta, scales, c1, c2)
         u = u + torch.cat([u.new_zeros(n) if z is None else z.reshape(-1)
                            for z, n in zip(terms, plan.numels)])  # fmt: skip
     scale = net.schedule_scale(steps_in, budget_in, loss_in)

@@ -48,7 +48,10 @@ nearest semi-orthogonal matrix to its 0.9-momentum (:func:`orthogonalised`,
 as Muon does), at unit RMS per entry, times the tensor's rate and a learned
 ``ortho_weight``, in place of Adam's direction, which keeps a learned share
 ``ortho_adam_keep`` (0 at first): a direction that no per-entry feature
-holds, since it mixes every entry of the matrix. Every input is loss-scale
+holds, since it mixes every entry of the matrix. With ``orthogonal_snr=True``
+that step is also times the tensor's gradient signal-to-noise ratio to a
+learned power (0 at first): a unit-RMS step does not shrink as a run fits its
+data, where Adam's direction does. Every input is loss-scale
 invariant, so the update is too.
 """
 
@@ -133,6 +136,11 @@ ORTHO_COEFFS = (3.4445, -4.7750, 2.0315)
 # and a third of the shipped net's on the small MNIST-1D CNN (0.6 halved
 # that again, but slowed both other kinds).
 ORTHO_INIT = 0.3
+# The gain on ortho_snr_exp (orthogonal_snr=True): the meta-optimizer moves a
+# scalar by about its rate per outer step, so at 1e-3 a few hundred steps can
+# carry the exponent from 0 across the range that matters (0 to 1) only with
+# a gain of a few.
+ORTHO_SNR_GAIN = 4.0
 
 
 def schedule_prior() -> tuple[Tensor, Tensor]:
@@ -353,8 +361,11 @@ class OptimizerNet(nn.Module):
         loss_features: bool = False,
         depth_factor: bool = False,
         orthogonal: bool = False,
+        orthogonal_snr: bool = False,
     ) -> None:
         super().__init__()
+        if orthogonal_snr and not orthogonal:
+            raise ValueError("orthogonal_snr=True needs orthogonal=True (it scales that step)")
         if term_schedule and not budget:
             raise ValueError("term_schedule=True needs budget=True (it reads the budget features)")
         if loss_features and not budget:
@@ -395,6 +406,9 @@ class OptimizerNet(nn.Module):
             self._config["orthogonal"] = True
             self.ortho_weight = nn.Parameter(torch.tensor(ORTHO_INIT))
             self.ortho_adam_keep = nn.Parameter(torch.zeros(()))
+        if orthogonal_snr:  # zero at first: warm-started, the net runs as it did
+            self._config["orthogonal_snr"] = True
+            self.ortho_snr_exp = nn.Parameter(torch.zeros(()))
         self.inp = nn.Linear(NUM_FEATURES, width)
         self.step_inp = nn.Linear(NUM_STEP_FEATURES, width, bias=False)
         if budget:
@@ -474,16 +488,38 @@ class OptimizerNet(nn.Module):
         share of Adam's direction (:meth:`tensor_factors`)."""
         return self._config.get("orthogonal", False)
 
+    @property
+    def reads_ortho_snr(self) -> bool:
+        """Whether the orthogonalised step is times the tensor's gradient
+        signal-to-noise ratio to a learned power (:meth:`orthogonal_terms`)."""
+        return self._config.get("orthogonal_snr", False)
+
     def orthogonal_terms(
-        self, spec: WeightSpaceSpec, momenta: Sequence[Tensor]
+        self,
+        spec: WeightSpaceSpec,
+        momenta: Sequence[Tensor],
+        scales: Tensor,
+        c1: Tensor,
+        c2: Tensor,
     ) -> list[Tensor | None]:
         """Per tensor of ``spec``: ``-lr * factor * ortho_weight *
         orthogonalised(m)``, ``m`` its 0.9-momentum seen as ``(first axis,
         the rest)`` and ``factor`` its width, role and depth factor (as
         Adam's part has); None for a tensor that takes none
         (:func:`orthogonal_tensors`). Adam's bias correction is a factor on
-        ``m``, which the orthogonalisation drops."""
-        rates = -self.log_lr.exp() * self.ortho_weight * torch.exp(self.tensor_log_factors(spec))
+        ``m``, which the orthogonalisation drops. A net that reads the
+        signal-to-noise ratio (:attr:`reads_ortho_snr`) multiplies it by
+        ``exp(min(ORTHO_SNR_GAIN * ortho_snr_exp * log_snr,
+        MAX_LOG_SCHEDULE))``, ``log_snr`` the tensor's
+        :func:`~lopt.features.log_signal_to_noise` from its
+        :func:`~lopt.features.channel_scales` ``scales`` ``(T, NUM_FEATURES)``
+        and Adam's bias corrections ``c1``, ``c2``."""
+        log_rates = self.tensor_log_factors(spec)
+        if self.reads_ortho_snr:
+            log_snr = log_signal_to_noise(scales, c1, c2)
+            snr_log = ORTHO_SNR_GAIN * self.ortho_snr_exp * log_snr
+            log_rates = log_rates + snr_log.clamp(max=MAX_LOG_SCHEDULE)
+        rates = -self.log_lr.exp() * self.ortho_weight * torch.exp(log_rates)
         out: list[Tensor | None] = []
         for t, m, rate, on in zip(spec.tensors, momenta, rates.unbind(), orthogonal_tensors(spec)):
             if not on:
@@ -598,7 +634,8 @@ class OptimizerNet(nn.Module):
                 u = tangent_correction(u, torch.cat(bases).reshape(u.shape), x.param)
             updates.append(u)
         if self.has_orthogonal_term:
-            terms = self.orthogonal_terms(spec, momenta)
+            all_scales = scales_all if vectorised else torch.stack(scales)
+            terms = self.orthogonal_terms(spec, momenta, all_scales, c1, c2)
             updates = [u if z is None else u.add_(z) if fused else u + z
                        for u, z in zip(updates, terms)]  # fmt: skip
         scale = self.schedule_scale(steps_in, budget_in, loss_in)

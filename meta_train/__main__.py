@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "loss_features": False,
     "depth_factor": False,
     "orthogonal": False,
+    "orthogonal_snr": False,
     "term_in_adam_units": False,
     "family": "mlp-family-small",
     "estimator": "pes",
@@ -125,6 +126,7 @@ RULES: dict[str, Any] = {
     "loss_features": options.boolean,
     "depth_factor": options.boolean,
     "orthogonal": options.boolean,
+    "orthogonal_snr": options.boolean,
     "term_in_adam_units": options.boolean,
     "family": options.family(lambda: list(FAMILIES) + list(TASKS), parse_mixture, TASK_LIST),
     "estimator": options.choice(sorted(ESTIMATORS)),
@@ -254,6 +256,13 @@ def parser() -> argparse.ArgumentParser:
         "(Newton-Schulz, as Muon steps) at unit RMS, times the tensor's rate and a learned "
         "weight, in place of Adam's direction, which keeps a learned share (0 at first; "
         "default off)",
+    )
+    a(
+        "--orthogonal-snr",
+        action=argparse.BooleanOptionalAction,
+        help="the orthogonalised step of --orthogonal times the tensor's gradient signal-to-noise "
+        "ratio to a learned power (0 at first), so it can shrink as a run fits its data "
+        "(default off)",
     )
     a(
         "--budget",
@@ -456,6 +465,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--budget-hidden hides the budget from a net that reads it: give --budget")
     if cfg.get("term_schedule") and not cfg.get("budget"):
         raise SystemExit("--term-schedule reads the budget features: give --budget")
+    if cfg.get("orthogonal_snr") and not cfg.get("orthogonal"):
+        raise SystemExit("--orthogonal-snr scales the step of --orthogonal: give --orthogonal")
     if cfg.get("loss_features") and not cfg.get("budget"):
         raise SystemExit("--loss-features enter the learned schedule of --budget: give --budget")
     if cfg.get("term_in_adam_units") and not cfg.get("neuron_stats"):
@@ -553,6 +564,7 @@ def build(
             loss_features=cfg.get("loss_features", False),
             depth_factor=cfg.get("depth_factor", False),
             orthogonal=cfg.get("orthogonal", False),
+            orthogonal_snr=cfg.get("orthogonal_snr", False),
             **extra,
         )
     if warm and cfg.get("init_from"):

@@ -28,7 +28,7 @@ from typing import Any
 import lopt
 from lopt import cli
 from lopt.checkpoint import PRETRAINED_DIR
-from lopt.nets import NEURON_STATS, STAT_POOLS
+from lopt.nets import NEURON_STATS, ORTHO_SNR_GAIN, STAT_POOLS
 from meta_train import options
 from meta_train.recipes import check as check_recipe
 from meta_train.recipes import from_phases, recipe_output
@@ -301,6 +301,11 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
             "* A hidden layer's weight matrix steps along its orthogonalised 0.9-momentum "
             f"(unit RMS) times its rate and a learned weight of {net.ortho_weight.item():.3g}, "
             f"and along Adam's direction times a learned share of {net.ortho_adam_keep.item():.3g}."
+        )
+    if net.reads_ortho_snr:
+        lines.append(
+            "* That orthogonalised step is times the tensor's gradient signal-to-noise ratio "
+            f"(`log_signal_to_noise`) to the power {ORTHO_SNR_GAIN * net.ortho_snr_exp.item():.3g}."
         )
     if getattr(net, "neuron_stats", False):
         rows = [

@@ -1,6 +1,8 @@
 """orthogonal=True: a hidden layer's weight matrix steps along its
 orthogonalised 0.9-momentum in place of (a learned share of) Adam's
-direction, on every path (torch, fused, multi-tensor), equivariantly."""
+direction, on every path (torch, fused, multi-tensor), equivariantly; with
+orthogonal_snr=True, times its gradient signal-to-noise ratio to a learned
+power."""
 
 import copy
 import math
@@ -12,7 +14,8 @@ from torch import nn
 
 import lopt
 from lopt import NFNNet, PerParamMLP, WeightSpace, WeightSpaceSpec, functional, fused
-from lopt.nets import orthogonal_tensors, orthogonalised
+from lopt.features import ADAM_MOMENTUM, bias_corrections
+from lopt.nets import ORTHO_SNR_GAIN, orthogonal_tensors, orthogonalised
 from tasks.models import TransformerLM
 
 
@@ -195,3 +198,80 @@ def test_the_model_card_states_the_learned_weights():
     assert "along Adam's direction times a learned share of 0.2." in card
     plain = model_card("x", {"outer_steps": 3}, NFNNet(nf_channels=2, budget=True), 1000)
     assert "orthogonalised" not in plain
+
+
+def snr_net(cls, weight: float, power: float):
+    """A net with the term and its signal-to-noise power (the weights drawn
+    the same each time), ``ortho_weight`` and the power (``ORTHO_SNR_GAIN *
+    ortho_snr_exp``) set."""
+    torch.manual_seed(3)
+    kwargs = dict(out_scale=1.0, step_mult=1e-2, lr=1e-3, budget=True)
+    if cls is NFNNet:
+        kwargs["nf_channels"] = 2
+    net = cls(**kwargs, orthogonal=True, orthogonal_snr=True)
+    with torch.no_grad():
+        net.ortho_weight.fill_(weight)
+        net.ortho_snr_exp.fill_(power / ORTHO_SNR_GAIN)
+    return net
+
+
+def last_of_steps(net, model, path: str, steps: int = 4):
+    """The updates of the last of ``steps`` steps from a fresh state, on
+    seeded gradients that shrink from step to step (so their signal-to-noise
+    ratio falls), and the state after it."""
+    spec = WeightSpaceSpec.from_module(model)
+    params = [p.detach().clone() for p in model.parameters()]
+    state = functional.init(params)
+    kwargs = {"total_steps": 40}
+    if path == "fused":
+        kwargs.update(fused=True, guard=False, inplace=True)
+    elif path == "multi":
+        kwargs.update(multi_tensor=True)
+    with torch.no_grad():
+        for k in range(steps):
+            g = torch.Generator().manual_seed(20 + k)
+            grads = [torch.randn(p.shape, generator=g) * 0.5**k for p in params]
+            ups, state = functional.update(net, spec, None, grads, state, params, **kwargs)
+            ups = [u.clone() for u in ups]
+    return spec, ups, state
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
+def test_the_snr_power_scales_the_orthogonalised_step_by_the_naive_ratio(cls, path):
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3))
+    power, steps = 0.6, 4
+    spec, off, _ = last_of_steps(snr_net(cls, 0.0, power), model, path, steps)
+    _, plain, _ = last_of_steps(snr_net(cls, 0.8, 0.0), model, path, steps)
+    _, got, _ = last_of_steps(snr_net(cls, 0.8, power), model, path, steps)
+    # The naive ratio from the plain path's state: mean(m**2) / mean(v),
+    # both bias-corrected, as a log clamped to [-8, 2].
+    _, _, state = last_of_steps(snr_net(cls, 0.0, power), model, "torch", steps)
+    c1, c2 = bias_corrections(torch.tensor(float(steps)))
+    ons = orthogonal_tensors(spec)
+    assert sum(ons) == 2
+    for on, m, v, a, b, z in zip(ons, state["momenta"], state["second_moment"], got, plain, off):
+        if not on:
+            torch.testing.assert_close(a, z, rtol=1e-4, atol=1e-8)
+            continue
+        ratio = (m[ADAM_MOMENTUM] / c1).square().mean() / (v / c2).mean()
+        log_snr = float(ratio.log().clamp(-8.0, 2.0))
+        assert log_snr < -0.5  # the shrinking gradients: the power is at work
+        factor = math.exp(min(power * log_snr, 3.0))
+        torch.testing.assert_close(a - z, factor * (b - z), rtol=1e-3, atol=1e-8)
+
+
+def test_the_snr_power_survives_a_checkpoint_and_needs_the_term(tmp_path):
+    net = snr_net(NFNNet, 0.45, 0.8)
+    lopt.save(net, tmp_path / "net.pt")
+    back, _ = lopt.load(tmp_path / "net.pt")
+    assert back.reads_ortho_snr and back.config["orthogonal_snr"] is True
+    assert ORTHO_SNR_GAIN * back.ortho_snr_exp.item() == pytest.approx(0.8)
+    assert not make_net(NFNNet, 0.3).reads_ortho_snr  # nets of the term alone have none
+    with pytest.raises(ValueError, match="orthogonal_snr=True needs orthogonal=True"):
+        NFNNet(nf_channels=2, orthogonal_snr=True)
+    from meta_train.ship import model_card
+
+    card = " ".join(model_card("x", {"outer_steps": 3}, net, 1000).split())
+    assert "signal-to-noise ratio (`log_signal_to_noise`) to the power 0.8." in card
