@@ -82,6 +82,10 @@ BASELINES = (*ADAM_KINDS, "adamw")
 # that reaches tuned Adam's final loss in this fraction of the steps is
 # below 1 there.
 PART = 0.7
+# Final losses below this count as equal to it in the ratios: float32
+# cross-entropy rounds to exactly 0 once every example is fitted (a ratio of
+# 0, or 0 / 0), and differences below it say nothing of the optimizer.
+LOSS_FLOOR = 1e-8
 
 
 def run_task(
@@ -148,7 +152,8 @@ def summarise(rows) -> dict:
     have reached it to make the ``PART`` mark) and whether any seed diverged
     (an evaluated loss not finite or not below its start). Then, per learned
     optimizer, over tasks: beats, worst and geometric-mean ratio, median
-    steps fraction, divergences."""
+    steps fraction, divergences. Final losses below ``LOSS_FLOOR`` count as
+    ``LOSS_FLOOR`` in the ratios."""
     curves: dict = defaultdict(lambda: defaultdict(list))
     per_seed: dict = defaultdict(dict)
     for task, opt, seed, step, loss in rows:
@@ -172,7 +177,7 @@ def summarise(rows) -> dict:
         for opt in others:
             if opt not in finals:
                 continue
-            entry["ratio"][opt] = finals[opt] / target if target > 0 else math.nan
+            entry["ratio"][opt] = max(finals[opt], LOSS_FLOOR) / max(target, LOSS_FLOOR)
             entry["steps_to_adam"][opt] = steps_to_reach(mean[(task, opt)], target) / steps
             entry["at_part"][opt] = _at_part(mean[(task, opt)], steps, target)
             entry.setdefault("diverged", {})[opt] = diverged[(task, opt)]

@@ -289,6 +289,25 @@ def test_real_summary_against_hand_made_curves():
     assert "| t | 3 | never | 4 | never | 10 | never | 0.8 | 0.50x | 1 |" in page
 
 
+def test_real_summary_floors_losses_that_reach_zero():
+    """A loss of exactly 0 (float32 cross-entropy on fitted data) counts as
+    ``LOSS_FLOOR``: finite ratios, and a geometric mean that is a number."""
+    rows = []
+    curves = {
+        ("a", "adam-constant"): [2.0, 1e-3], ("a", "adam-cosine"): [2.0, 0.0],
+        ("a", "net"): [2.0, 0.0], ("b", "adam-constant"): [2.0, 0.5],
+        ("b", "adam-cosine"): [2.0, 0.4], ("b", "net"): [2.0, 0.0],
+    }  # fmt: skip
+    for (task, opt), c in curves.items():
+        for step, loss in zip((0, 10), c):
+            rows.append((task, opt, 0, step, loss))
+    s = real.summarise(rows)
+    assert s["per_task"]["a"]["ratio"]["net"] == pytest.approx(1.0)
+    assert s["per_task"]["b"]["ratio"]["net"] == pytest.approx(real.LOSS_FLOOR / 0.4)
+    assert s["counts"]["net"]["geomean_ratio"] == pytest.approx(math.sqrt(real.LOSS_FLOOR / 0.4))
+    assert s["counts"]["net"]["beats"] == 1
+
+
 def test_real_benchmark_runs_and_writes_its_page(tmp_path, monkeypatch):
     monkeypatch.setitem(TASK_STEPS, "mlp-gmm", 12)
     monkeypatch.setattr(real, "ADAM_GRID", (1e-3, 1e-2))
