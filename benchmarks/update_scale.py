@@ -1,15 +1,20 @@
-"""How a learned optimizer's final loss moves with one factor on its whole update.
+"""How a learned optimizer's final loss moves with one factor on its whole
+update, or on one of its learned scalars.
 
     python -m benchmarks.update_scale --weights nfn-real --out runs/depth-lm
     python -m benchmarks.update_scale --suite validation-lm --weights runs/x/optimizer.pt \\
         --scales 0.5 1 2 --out runs/scale-x
+    python -m benchmarks.update_scale --suite validation-lm --weights runs/x/optimizer.pt \\
+        --on ortho_weight --scales 0.5 1 2 --out runs/ortho-x
 
 Every task of the suite (``depth-lm`` by default: one transformer LM at 1 to 4
 layers) runs at its step budget (``tasks.TASK_STEPS``; ``--steps`` overrides
 it), told that budget (``total_steps``), once per seed and per factor of
 ``--scales``: the net's Adam rate and its learned term's multiplier are both
 multiplied by the factor (``log_lr`` and ``log_step_mult`` shifted by its
-log), so its whole update is. A net whose best factor on a task is 1 takes the
+log), so its whole update is. ``--on NAME`` multiplies one learned scalar of
+the net instead (a 0-d parameter such as ``ortho_weight``), to see where its
+value stands among its neighbours. A net whose best factor on a task is 1 takes the
 step that task wants; a best factor that moves with an architecture's size
 (depth, width) shows what the net does not see of it. It is a diagnostic, not
 a tuned baseline: a factor chosen by looking at a suite is tuned on that suite.
@@ -52,14 +57,28 @@ def scaled(net: lopt.OptimizerNet, factor: float) -> lopt.OptimizerNet:
     return out
 
 
+def scalar_scaled(net: lopt.OptimizerNet, name: str, factor: float) -> lopt.OptimizerNet:
+    """A copy of ``net`` whose learned scalar ``name`` is ``factor`` times ``net``'s."""
+    out = copy.deepcopy(net)
+    with torch.no_grad():
+        out.get_parameter(name).mul_(factor)
+    return out
+
+
+def scalar_names(net: lopt.OptimizerNet) -> list[str]:
+    """The net's learned scalars (0-d parameters), which ``--on`` can name."""
+    return [n for n, p in net.named_parameters() if p.dim() == 0]
+
+
 def final_losses(
-    net: lopt.OptimizerNet, task_name: str, steps: int, scales, seeds
+    net: lopt.OptimizerNet, task_name: str, steps: int, scales, seeds, on: str | None = None
 ) -> list[tuple[float, int, float]]:
-    """``(scale, seed, final training loss)`` of every run on one task."""
+    """``(scale, seed, final training loss)`` of every run on one task, the
+    factor on the whole update (or, given ``on``, on that learned scalar)."""
     task = get_task(task_name)
     rows = []
     for s in scales:
-        make = optimizer_for(scaled(net, s), steps)
+        make = optimizer_for(scaled(net, s) if on is None else scalar_scaled(net, on, s), steps)
         for seed in seeds:
             rows.append((s, seed, run(task, make, steps, seed).final_train))
     return rows
@@ -73,9 +92,14 @@ def markdown(rows, meta: dict) -> str:
         f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; "
         f"seeds {meta['seeds']}; {meta['weights']} told each run's budget (total_steps)",
         "",
-        "Final training loss (whole split, mean over seeds) with the whole update times each "
-        "factor; in brackets, over the loss at factor 1 (where 1 is among them); * the best "
-        "factor of the task.",
+        "Final training loss (whole split, mean over seeds) with "
+        + (
+            f"the learned `{meta['on']}` ({meta['on_value']:.4g})"
+            if meta.get("on")
+            else "the whole update"
+        )
+        + " times each factor; in brackets, over the loss at factor 1 (where 1 is among "
+        "them); * the best factor of the task.",
         "",
         "| task | steps | " + " | ".join(f"x{s:g}" for s in scales) + " | best factor |",
         "|---|---|" + "---|" * (len(scales) + 1),
@@ -112,6 +136,13 @@ def main(argv: list[str] | None = None) -> str:
         default=list(DEFAULT_SCALES),
         help="factors on the whole update (0.5 0.7 1 1.4)",
     )
+    p.add_argument(
+        "--on",
+        metavar="NAME",
+        default=None,
+        help="multiply this learned scalar of the net (e.g. ortho_weight) instead of the "
+        "whole update",
+    )
     p.add_argument("--seeds", type=int, default=2, help="seeds, from 0 (2)")
     p.add_argument("--steps", type=int, default=None, help="every task's run length (its budget)")
     p.add_argument("--out", type=Path, required=True)
@@ -137,6 +168,11 @@ def main(argv: list[str] | None = None) -> str:
         p.error(f"--out {args.out} holds a run already: pick another")
     label, path = weights_label(args.weights)
     net, _ = cli.load_weights("--weights", path)
+    if args.on is not None and args.on not in scalar_names(net):
+        p.error(
+            f"--on: {label} has no learned scalar {args.on!r} "
+            f"(it has {', '.join(scalar_names(net))})"
+        )
     scales = sorted(args.scales)
     seeds = list(range(args.seeds))
     meta = {
@@ -148,12 +184,14 @@ def main(argv: list[str] | None = None) -> str:
         "seeds": args.seeds,
         "weights": label,
         "scales": scales,
+        "on": args.on,
+        "on_value": None if args.on is None else net.get_parameter(args.on).item(),
         "tasks": {n: args.steps or TASK_STEPS[n] for n in names},
     }
     rows = []
     for name in tqdm(names, desc="tasks"):
         steps = meta["tasks"][name]
-        rows += [(name, *r) for r in final_losses(net, name, steps, scales, seeds)]
+        rows += [(name, *r) for r in final_losses(net, name, steps, scales, seeds, args.on)]
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)

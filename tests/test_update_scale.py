@@ -79,6 +79,8 @@ def test_page_reports_the_runs_of_the_unscaled_net(tmp_path):
         (["--seeds", "0"], "--seeds must be >= 1, got 0"),
         (["--steps", "0"], "--steps must be >= 1, got 0"),
         (["--suite", "no-such-suite"], "unknown suite 'no-such-suite'"),
+        (["--on", "ortho_weight"], "--on: nfn-real has no learned scalar 'ortho_weight' (it has"),
+        (["--on", "inp.weight"], "--on: nfn-real has no learned scalar 'inp.weight'"),
     ],
 )
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, args, message):
@@ -86,6 +88,31 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, args, message
     with pytest.raises(SystemExit, match=re.escape(message)):
         update_scale.main(["--weights", "nfn-real", "--out", str(out), *args])
     assert not out.exists()
+
+
+def test_on_multiplies_one_learned_scalar_and_the_page_names_it(tmp_path):
+    net = shipped_net()
+    twice = update_scale.scalar_scaled(net, "log_step_mult", 2.0)
+    assert twice.log_step_mult.item() == pytest.approx(2 * net.log_step_mult.item())
+    assert twice.log_lr.item() == net.log_lr.item()
+    assert net.log_step_mult.item() == shipped_net().log_step_mult.item()  # left as it was
+    assert {"log_lr", "log_step_mult", "fan_in_exp"} <= set(update_scale.scalar_names(net))
+    out = tmp_path / "on"
+    page = update_scale.main(
+        ["--suite", "validation-small", "--weights", "nfn-real", "--on", "log_step_mult",
+         "--scales", "1", "2", "--seeds", "1", "--steps", "3", "--out", str(out)]
+    )  # fmt: skip
+    assert f"the learned `log_step_mult` ({net.log_step_mult.item():.4g}) times each" in page
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    name = get_suite("validation-small")[0]
+    ref = run(
+        get_task(name),
+        lambda model: lopt.NFNOptimizer(model.parameters(), net=twice, model=model, total_steps=3),
+        3,
+        0,
+    ).final_train
+    got = next(float(r["final_loss"]) for r in rows if r["task"] == name and r["scale"] == "2.0")
+    assert math.isclose(got, ref, rel_tol=1e-6)
 
 
 def test_a_finished_run_is_not_overwritten(tmp_path):
