@@ -89,10 +89,16 @@ def optimizer_for(net: lopt.OptimizerNet, total_steps: int | None = None):
     return lambda model: cls(model.parameters(), net=net, model=model, total_steps=total_steps)
 
 
+def scalar_parameters(net: lopt.OptimizerNet) -> dict[str, torch.Tensor]:
+    """The net's learned scalars (one-entry parameters) by name: what
+    ``--set`` here and ``update_scale --on`` can name."""
+    return {n: t for n, t in net.named_parameters() if t.numel() == 1}
+
+
 def apply_overrides(net: lopt.OptimizerNet, overrides: dict[str, float], label: str) -> None:
     """Set ``net``'s scalar meta-parameters (or an NFN's ``nf_scale``) as
     ``--set`` asks; ``SystemExit`` naming what ``label``'s net has instead."""
-    scalars = {n: t for n, t in net.named_parameters() if t.numel() == 1}
+    scalars = scalar_parameters(net)
     for name, value in overrides.items():
         if name == "nf_scale" and isinstance(net, lopt.NFNNet):
             net.nf_scale = value

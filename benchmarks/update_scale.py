@@ -13,7 +13,7 @@ it), told that budget (``total_steps``), once per seed and per factor of
 ``--scales``: the net's Adam rate and its learned term's multiplier are both
 multiplied by the factor (``log_lr`` and ``log_step_mult`` shifted by its
 log), so its whole update is. ``--on NAME`` multiplies one learned scalar of
-the net instead (a 0-d parameter such as ``ortho_weight``), to see where its
+the net instead (a one-entry parameter such as ``ortho_weight``), to see where its
 value stands among its neighbours. A net whose best factor on a task is 1 takes the
 step that task wants; a best factor that moves with an architecture's size
 (depth, width) shows what the net does not see of it. It is a diagnostic, not
@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 import lopt
-from benchmarks.compare import optimizer_for, weights_label
+from benchmarks.compare import optimizer_for, scalar_parameters, weights_label
 from lopt import cli
 from tasks import TASK_STEPS, get_suite, get_task
 from tasks.runs import run
@@ -63,11 +63,6 @@ def scalar_scaled(net: lopt.OptimizerNet, name: str, factor: float) -> lopt.Opti
     with torch.no_grad():
         out.get_parameter(name).mul_(factor)
     return out
-
-
-def scalar_names(net: lopt.OptimizerNet) -> list[str]:
-    """The net's learned scalars (0-d parameters), which ``--on`` can name."""
-    return [n for n, p in net.named_parameters() if p.dim() == 0]
 
 
 def final_losses(
@@ -168,11 +163,9 @@ def main(argv: list[str] | None = None) -> str:
         p.error(f"--out {args.out} holds a run already: pick another")
     label, path = weights_label(args.weights)
     net, _ = cli.load_weights("--weights", path)
-    if args.on is not None and args.on not in scalar_names(net):
-        p.error(
-            f"--on: {label} has no learned scalar {args.on!r} "
-            f"(it has {', '.join(scalar_names(net))})"
-        )
+    scalars = scalar_parameters(net)
+    if args.on is not None and args.on not in scalars:
+        p.error(f"--on: {label} has no learned scalar {args.on!r} (it has {', '.join(scalars)})")
     scales = sorted(args.scales)
     seeds = list(range(args.seeds))
     meta = {
@@ -185,7 +178,7 @@ def main(argv: list[str] | None = None) -> str:
         "weights": label,
         "scales": scales,
         "on": args.on,
-        "on_value": None if args.on is None else net.get_parameter(args.on).item(),
+        "on_value": None if args.on is None else scalars[args.on].item(),
         "tasks": {n: args.steps or TASK_STEPS[n] for n in names},
     }
     rows = []
