@@ -130,11 +130,10 @@ ORTHO_STEPS = 5
 ORTHO_COEFFS = (3.4445, -4.7750, 2.0315)
 # Where ortho_weight starts, in a fresh net and in one warm-started from a
 # net without the term (whose Adam direction on hidden matrices it then
-# replaces): of 0.15, 0.3 and 0.6 (and 1.2 on the CNN), with the shipped
-# net's other weights, 0.3 gave the lowest final loss on the two validation
-# language models (within 0.2% of 0.15 on one) and the MNIST-1D 128x2 MLP,
-# and a third of the shipped net's on the small MNIST-1D CNN (0.6 halved
-# that again, but slowed both other kinds).
+# replaces). Meta-training keeps it near there: a 400-step PES stage from
+# nfn-real ended at 0.29 (checkpoints/nfn-ortho). `python -m
+# benchmarks.update_scale --on ortho_weight` weighs a net's value against
+# its neighbours on a suite.
 ORTHO_INIT = 0.3
 # The gain on ortho_snr_exp (orthogonal_snr=True): the meta-optimizer moves a
 # scalar by about its rate per outer step, so at 1e-3 a few hundred steps can
