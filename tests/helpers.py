@@ -251,11 +251,21 @@ def real_models():
     }
 
 
+def path_kwargs(path: str) -> dict:
+    """What ``functional.update`` takes to run on a path ("torch", "multi"
+    or "fused"), told a budget of 40 steps."""
+    kwargs = {"total_steps": 40}
+    if path == "fused":
+        kwargs.update(fused=True, guard=False, inplace=True)
+    elif path == "multi":
+        kwargs.update(multi_tensor=True)
+    return kwargs
+
+
 def first_step(net, model, path: str):
     """One step of ``net`` on ``model``'s parameters from a fresh state,
     with seeded random gradients, on a path of ``functional.update``
-    ("torch", "multi" or "fused"), told a budget of 40 steps: ``(spec,
-    grads, updates)``."""
+    (:func:`path_kwargs`): ``(spec, grads, updates)``."""
     from lopt import functional
 
     spec = WeightSpaceSpec.from_module(model)
@@ -263,11 +273,7 @@ def first_step(net, model, path: str):
     g = torch.Generator().manual_seed(1)
     grads = [torch.randn(p.shape, generator=g) for p in params]
     state = functional.init(params)
-    kwargs = {"total_steps": 40}
-    if path == "fused":
-        kwargs.update(fused=True, guard=False, inplace=True)
-    elif path == "multi":
-        kwargs.update(multi_tensor=True)
+    kwargs = path_kwargs(path)
     with torch.no_grad():
         out, _ = functional.update(net, spec, None, grads, state, params, **kwargs)
     return spec, grads, out

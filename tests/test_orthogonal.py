@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import first_step
+from helpers import first_step, path_kwargs
 from torch import nn
 
 import lopt
@@ -221,12 +221,7 @@ def last_of_steps(net, model, path: str, steps: int = 4):
     ratio falls), and the state after it."""
     spec = WeightSpaceSpec.from_module(model)
     params = [p.detach().clone() for p in model.parameters()]
-    state = functional.init(params)
-    kwargs = {"total_steps": 40}
-    if path == "fused":
-        kwargs.update(fused=True, guard=False, inplace=True)
-    elif path == "multi":
-        kwargs.update(multi_tensor=True)
+    state, kwargs = functional.init(params), path_kwargs(path)
     with torch.no_grad():
         for k in range(steps):
             g = torch.Generator().manual_seed(20 + k)
