@@ -497,7 +497,7 @@ class OptimizerNet(nn.Module):
         self,
         spec: WeightSpaceSpec,
         momenta: Sequence[Tensor],
-        scales: Tensor,
+        scales: Tensor | None,
         c1: Tensor,
         c2: Tensor,
     ) -> list[Tensor | None]:
@@ -512,7 +512,8 @@ class OptimizerNet(nn.Module):
         MAX_LOG_SCHEDULE))``, ``log_snr`` the tensor's
         :func:`~lopt.features.log_signal_to_noise` from its
         :func:`~lopt.features.channel_scales` ``scales`` ``(T, NUM_FEATURES)``
-        and Adam's bias corrections ``c1``, ``c2``."""
+        (None for a net that does not read it) and Adam's bias corrections
+        ``c1``, ``c2``."""
         log_rates = self.tensor_log_factors(spec)
         if self.reads_ortho_snr:
             log_snr = log_signal_to_noise(scales, c1, c2)
@@ -602,9 +603,11 @@ class OptimizerNet(nn.Module):
                 channel_scales(*state, c1, squares=sq)
                 for *state, sq in zip(params, grads, momenta, second_moments, squares)
             ]
+        all_scales = None  # every tensor's scales at once, for what reads them so
+        if self.has_term_schedule or self.reads_ortho_snr:
+            all_scales = scales_all if vectorised else torch.stack(scales)
         term_log = None
         if self.has_term_schedule:
-            all_scales = scales_all if vectorised else torch.stack(scales)
             term_log = self.term_log_factors(all_scales, c1, c2, budget_in, loss_in)
         neg_lrs_all, out_scales_all = self.tensor_factors(spec, term_log)
         out_scales, neg_lrs = out_scales_all.unbind(), neg_lrs_all.unbind()
@@ -633,7 +636,6 @@ class OptimizerNet(nn.Module):
                 u = tangent_correction(u, torch.cat(bases).reshape(u.shape), x.param)
             updates.append(u)
         if self.has_orthogonal_term:
-            all_scales = scales_all if vectorised else torch.stack(scales)
             terms = self.orthogonal_terms(spec, momenta, all_scales, c1, c2)
             updates = [u if z is None else u.add_(z) if fused else u + z
                        for u, z in zip(updates, terms)]  # fmt: skip
