@@ -20,6 +20,8 @@ NF-layer's and the neuron statistics' terms, :func:`~lopt.fused.finish_many`
 with every term, the tangent rule and the learned schedule) around a fixed
 number of torch operators for what is per tensor (channel scales, output
 layers, the learned schedule): neither grows with the number of tensors.
+A net's orthogonal step adds its matrix products (one batch per shape of
+matrix) and one in-place add per matrix, into the updates' views.
 The formula is :meth:`~lopt.nets.OptimizerNet.forward`'s, and the tests
 hold the two paths to each other.
 

@@ -20,16 +20,18 @@ is one operator per chunk over all the tensors in it:
 4. the NF-layer's broadcast terms (:mod:`lopt.nn.flat_terms`) and the
    statistics' terms: gathered back per entry and added;
 5. the finish, the tangent rule (per-row segment sums) and the learned
-   schedule, elementwise.
+   schedule, elementwise; a net with the orthogonal step adds its terms
+   (:meth:`~lopt.nets.OptimizerNet.orthogonal_terms`: one batch of matrix
+   products per shape of matrix) with one ``index_add``.
 
 So the number of operators does not grow with the number of tensors (only
-with ``N / CHUNK_ENTRIES``), no operator reads a value back to the host,
-and every operator is out of place with a ``vmap`` batching rule and a
-derivative. The formula is :meth:`~lopt.nets.OptimizerNet.forward`'s; the
-tests hold the two to each other up to float rounding (sums in another
-order). The index tensors cost 4 bytes per entry on a GPU (8 on the CPU)
-for each pool, term and statistic an entry has: a few dozen bytes per
-parameter.
+with ``N / CHUNK_ENTRIES`` and the number of matrix shapes), no operator
+reads a value back to the host, and every operator is out of place with a
+``vmap`` batching rule and a derivative. The formula is
+:meth:`~lopt.nets.OptimizerNet.forward`'s; the tests hold the two to each
+other up to float rounding (sums in another order). The index tensors cost 4
+bytes per entry on a GPU (8 on the CPU) for each pool, term and statistic an
+entry has: a few dozen bytes per parameter.
 """
 
 from __future__ import annotations
@@ -49,7 +51,15 @@ from lopt.features import (
     channel_scales_all,
     entry_channels,
 )
-from lopt.nets import MAX_LOG_MAGNITUDE, NFNNet, OptimizerNet, StatLayout, _stat_layout, stat_matrix
+from lopt.nets import (
+    MAX_LOG_MAGNITUDE,
+    NFNNet,
+    OptimizerNet,
+    StatLayout,
+    _stat_layout,
+    orthogonal_tensors,
+    stat_matrix,
+)
 from lopt.nn import flat_terms
 from lopt.transforms import outside_transforms
 from lopt.weightspace import WeightSpaceSpec
@@ -89,6 +99,7 @@ class Plan:
     terms: Tensor | None  # (term slots, N): each entry's rows of the term buffer
     tangent_rows: Tensor | None  # (N,): each entry's weight row (the last: none)
     tangent_mask: Tensor | None  # (rows + 1,): 1 for the rows the tangent rule projects
+    ortho_entries: Tensor | None  # the entries of the tensors that take the orthogonal step
 
 
 def _broadcast_index(kept: Sequence[int], view: Sequence[int], start: int) -> Tensor:
@@ -215,6 +226,12 @@ def build(net: OptimizerNet, spec: WeightSpaceSpec, device: torch.device) -> Pla
             row += n_rows
         tangent_mask = torch.tensor(mask + [0.0])
 
+    ortho_entries = None
+    if net.has_orthogonal_term:
+        on = orthogonal_tensors(spec)
+        spans = [torch.arange(numels[i]) + starts[i] for i in range(len(tensors)) if on[i]]
+        ortho_entries = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
+
     def index(x: Tensor | None) -> Tensor | None:
         return None if x is None else x.to(device=device, dtype=index_dtype(device))
 
@@ -240,6 +257,7 @@ def build(net: OptimizerNet, spec: WeightSpaceSpec, device: torch.device) -> Pla
         terms=index(terms),
         tangent_rows=index(tangent_rows),
         tangent_mask=to(tangent_mask),
+        ortho_entries=index(ortho_entries),
     )
 
 
@@ -336,10 +354,11 @@ def forward(
         us = [u - along.index_select(0, plan.tangent_rows[a:b]) * p
               for (a, b, _), u, p in zip(plan.chunks, us, ps)]  # fmt: skip
     u = us[0] if len(us) == 1 else torch.cat(us)
-    if net.has_orthogonal_term:  # per matrix: a few small matmuls each
+    if net.has_orthogonal_term:  # matrix products per shape of matrix, not per tensor
         terms = net.orthogonal_terms(plan.spec, momenta, scales, c1, c2)
-        u = u + torch.cat([u.new_zeros(n) if z is None else z.reshape(-1)
-                           for z, n in zip(terms, plan.numels)])  # fmt: skip
+        on = [z.reshape(-1) for z in terms if z is not None]
+        if on:
+            u = u.index_add(0, plan.ortho_entries, torch.cat(on))
     scale = net.schedule_scale(steps_in, budget_in, loss_in)
     if scale is not None:
         u = u * scale.to(u.dtype)

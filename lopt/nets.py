@@ -130,8 +130,8 @@ ORTHO_STEPS = 5
 ORTHO_COEFFS = (3.4445, -4.7750, 2.0315)
 # Where ortho_weight starts, in a fresh net and in one warm-started from a
 # net without the term (whose Adam direction on hidden matrices it then
-# replaces). Meta-training keeps it near there: a 400-step PES stage from
-# nfn-real ended at 0.29 (checkpoints/nfn-ortho). `python -m
+# replaces). Meta-training keeps it near there: the shipped nfn-real holds
+# 0.293 after 500 PES steps that started it at 0.3 (its card). `python -m
 # benchmarks.update_scale --on ortho_weight` weighs a net's value against
 # its neighbours on a suite.
 ORTHO_INIT = 0.3
@@ -211,6 +211,19 @@ def orthogonalised(matrix: Tensor) -> Tensor:
     if rows > cols:
         x = x.transpose(-2, -1)
     return x * math.sqrt(max(rows, cols))
+
+
+@functools.lru_cache(maxsize=64)
+def matrix_groups(spec: WeightSpaceSpec) -> dict[tuple[int, int], tuple[int, ...]]:
+    """The tensors of ``spec`` that take the orthogonalised step
+    (:func:`orthogonal_tensors`), grouped by their shape as a matrix
+    ``(first axis, the rest)``: index lists in ``spec``'s order, groups in
+    the order of their first tensor."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (t, on) in enumerate(zip(spec.tensors, orthogonal_tensors(spec))):
+        if on:
+            groups.setdefault((t.shape[0], math.prod(t.shape[1:])), []).append(i)
+    return {shape: tuple(idx) for shape, idx in groups.items()}
 
 
 @functools.lru_cache(maxsize=64)
@@ -519,14 +532,17 @@ class OptimizerNet(nn.Module):
             log_snr = log_signal_to_noise(scales, c1, c2)
             snr_log = ORTHO_SNR_GAIN * self.ortho_snr_exp * log_snr
             log_rates = log_rates + snr_log.clamp(max=MAX_LOG_SCHEDULE)
-        rates = -self.log_lr.exp() * self.ortho_weight * torch.exp(log_rates)
-        out: list[Tensor | None] = []
-        for t, m, rate, on in zip(spec.tensors, momenta, rates.unbind(), orthogonal_tensors(spec)):
-            if not on:
-                out.append(None)
-                continue
-            ortho = orthogonalised(m[ADAM_MOMENTUM].reshape(t.shape[0], -1))
-            out.append((ortho * rate).reshape(t.shape))
+        rates = (-self.log_lr.exp() * self.ortho_weight * torch.exp(log_rates)).unbind()
+        out: list[Tensor | None] = [None] * len(spec.tensors)
+        # Matrices of one shape go through the iteration as one batch: a
+        # step's matrix products are per shape, not per tensor (many small
+        # layers of one width cost one batch).
+        for shape, idx in matrix_groups(spec).items():
+            stack = torch.stack([momenta[i][ADAM_MOMENTUM].reshape(shape) for i in idx])
+            ortho = orthogonalised(stack) * torch.stack([rates[i] for i in idx]).view(-1, 1, 1)
+            ortho = ortho.contiguous()  # a transposed result: reshaped below without copies
+            for i, o in zip(idx, ortho.unbind()):
+                out[i] = o.reshape(spec.tensors[i].shape)
         return out
 
     @property

@@ -15,7 +15,7 @@ from torch import nn
 import lopt
 from lopt import NFNNet, PerParamMLP, WeightSpace, WeightSpaceSpec, functional, fused
 from lopt.features import ADAM_MOMENTUM, bias_corrections
-from lopt.nets import ORTHO_SNR_GAIN, orthogonal_tensors, orthogonalised
+from lopt.nets import ORTHO_SNR_GAIN, matrix_groups, orthogonal_tensors, orthogonalised
 from tasks.models import TransformerLM
 
 
@@ -72,6 +72,35 @@ def test_only_hidden_layers_weight_matrices_take_the_term():
     on = [t.label for t, o in zip(spec.tensors, orthogonal_tensors(spec)) if o]
     assert not any(n.startswith(("tok", "pos", "head")) for n in on)
     assert any("qkv" in n for n in on) and any("proj" in n for n in on)
+
+
+def test_matrices_of_one_shape_are_orthogonalised_in_one_batch_as_each_alone():
+    # Three 7x7 hidden matrices share a batch; 7x5 (taken transposed) and the
+    # 4x7 go alone. Each term equals its own matrix's iteration times its rate.
+    mlp = nn.Sequential(
+        *[
+            m
+            for a, b in [(5, 7), (7, 7), (7, 7), (7, 7), (7, 4)]
+            for m in (nn.Linear(a, b), nn.Tanh())
+        ],
+        nn.Linear(4, 3),
+    )
+    spec = WeightSpaceSpec.from_module(mlp)
+    assert matrix_groups(spec) == {(7, 5): (0,), (7, 7): (2, 4, 6), (4, 7): (8,)}
+    net = PerParamMLP(orthogonal=True)
+    with torch.no_grad():
+        net.log_lr.fill_(-2.0)
+    gen = torch.Generator().manual_seed(0)
+    momenta = [torch.randn(4, *t.shape, generator=gen) for t in spec.tensors]
+    one = torch.ones(())
+    terms = net.orthogonal_terms(spec, momenta, None, one, one)
+    rates = -net.log_lr.exp() * net.ortho_weight * net.tensor_log_factors(spec).exp()
+    for i, z in enumerate(terms):
+        if i not in (0, 2, 4, 6, 8):
+            assert z is None
+            continue
+        alone = orthogonalised(momenta[i][ADAM_MOMENTUM])
+        torch.testing.assert_close(z, rates[i] * alone, rtol=1e-5, atol=1e-7)
 
 
 _NETS: dict = {}
