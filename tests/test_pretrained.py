@@ -40,16 +40,22 @@ def test_shipped_net_loads_by_name_with_its_recipe(name):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_nets_carry_every_phase_of_their_recipe(name):
-    # Seven phases before the net's own run: a per-entry net from scratch on
-    # small MLPs and CNNs, five more on the broad family (two of them on a
-    # GPU), then a per-entry or NFN stage on it; each written out in full.
-    phases = lopt.load(name)[1]["phases"]
-    assert len(phases) == 7 and "shipped" not in str(phases)
+    # Nine phases before the net's own run: a per-entry net from scratch on
+    # small MLPs and CNNs, five more on the broad family (three of them on a
+    # GPU), a per-entry or NFN stage on it, one on real-family, and one that
+    # adds the orthogonal step; each written out in full.
+    net, meta = lopt.load(name)
+    phases = meta["phases"]
+    assert len(phases) == 9 and "shipped" not in str(phases)
     assert phases[0]["config"].get("init_from") is None
     for ph in phases:
-        assert ph["command"].startswith("python -m meta_train")
-        assert ph["outer_steps"] > 0 and ph["config"]["family"].startswith("mixed-family")
-    assert [ph["device"] for ph in phases] == ["cpu", "cpu", "cpu", "cuda", "cuda", "cuda", "cpu"]
+        assert ph["command"].startswith("python -m meta_train") and ph["outer_steps"] > 0
+    assert all(ph["config"]["family"].startswith("mixed-family") for ph in phases[:7])
+    assert phases[7]["config"]["family"] == "real-family"
+    assert not phases[7]["config"].get("orthogonal") and phases[8]["config"]["orthogonal"]
+    assert net.config["orthogonal"] and meta["config"]["orthogonal_snr"]
+    devices = [ph["device"] for ph in phases]
+    assert devices == ["cpu", "cpu", "cpu", "cuda", "cuda", "cuda", "cpu", "cpu", "cpu"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
