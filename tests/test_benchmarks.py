@@ -194,11 +194,10 @@ def test_overhead_quick_writes_every_output(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     assert {r["model"] for r in rows} == {"mlp-tiny", "cnn-tiny"}
     assert all(r["nfn_step_ms"] > 0 and r["nfn_peak_mb"] >= 0 for r in rows)
-    # Every step launches some; the learned ones (the multi-tensor fused
-    # step) as many on either model, whatever its number of tensors.
+    # Every step launches some. (That the device step's count does not grow
+    # with the number of tensors, only with the shapes of matrix the
+    # orthogonal step batches, is test_multi_tensor's.)
     assert all(r[f"{k}_launches"] > 0 for r in rows for k in ("adam", "mlp", "nfn"))
-    for kind in ("mlp", "nfn"):
-        assert len({r[f"{kind}_launches"] for r in rows}) == 1
     # Other shipped nets by name, recorded in the metadata; an unknown name
     # is refused before anything runs.
     out = tmp_path / "by-name"

@@ -313,7 +313,7 @@ def test_the_vmapped_unroll_tells_the_loss_as_the_loop_does():
 
 def test_a_closure_s_other_return_values_are_left_to_it_when_the_net_ignores_the_loss():
     model = make_mlp([6, 9, 4])
-    opt = lopt.NFNOptimizer(model.parameters(), model=model)  # the shipped net: no loss input
+    opt = lopt.NFNOptimizer(model.parameters(), model=model, weights=None)  # no loss input
     assert not opt.net.reads_loss
 
     def closure():
