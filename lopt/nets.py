@@ -131,7 +131,7 @@ ORTHO_COEFFS = (3.4445, -4.7750, 2.0315)
 # Where ortho_weight starts, in a fresh net and in one warm-started from a
 # net without the term (whose Adam direction on hidden matrices it then
 # replaces). Meta-training keeps it near there: the shipped nfn-real holds
-# 0.293 after 500 PES steps that started it at 0.3 (its card). `python -m
+# 0.341 after 900 PES steps that started it at 0.3 (its card). `python -m
 # benchmarks.update_scale --on ortho_weight` weighs a net's value against
 # its neighbours on a suite.
 ORTHO_INIT = 0.3
