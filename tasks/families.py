@@ -462,6 +462,10 @@ TASKS.update(
             "resnet-mnist1d-16x1", lambda d: ResNet(d.input_shape, 16, 1, 10), "mnist1d-conv", 64
         ),
         "mlp-wine-64x2": _task("mlp-wine-64x2", lambda d: mlp(12, [64, 64], 1), "wine-alcohol", 32),
+        # An MNIST-1D autoencoder half as wide as the real suite's.
+        "ae-mnist1d-64x8": _task(
+            "ae-mnist1d-64x8", lambda d: autoencoder(40, [64, 8, 64], "gelu"), "mnist1d-recon"
+        ),
     }
 )
 # The run length each task of the real and held-out suites is judged at (its
@@ -502,6 +506,7 @@ TASK_STEPS: dict[str, int] = {
     "mlp-diabetes-128x2": 3000,
     "resnet-mnist1d-16x1": 1000,
     "mlp-wine-64x2": 3000,
+    "ae-mnist1d-64x8": 1000,
     # The held-out suite of the small families, at 5x their 200-step unrolls
     # (``python -m benchmarks.real --suite heldout``: budget nets told it).
     **dict.fromkeys(HELDOUT, 1000),
@@ -678,7 +683,7 @@ SUITES: dict[str, list[str]] = {
     "validation-lm": ["lm-docs-d32h2l2", "lm-docs-d64h4l2"],
     # Outside real-family by architecture or data, as the real suite is, and
     # disjoint from it: a pick must hold beyond the family it was trained on.
-    "validation-outside": ["resnet-mnist1d-16x1", "mlp-wine-64x2"],
+    "validation-outside": ["resnet-mnist1d-16x1", "mlp-wine-64x2", "ae-mnist1d-64x8"],
     # One width, 1 to 4 layers (transformer-family samples 1 and 2): what
     # python -m benchmarks.update_scale runs by default.
     "depth-lm": [f"lm-docs-d32h2l{n}" for n in (1, 2, 3, 4)],
