@@ -89,6 +89,7 @@ DEFAULTS: dict[str, Any] = {
     "loss_cap": 3.0,
     "meta_loss_ramp": 0,
     "meta_loss_ramp_fraction": 0.0,
+    "meta_loss_offset": 0.0,
     "outer_steps": 100,
     "seed": 0,
     "device": "cpu",
@@ -148,6 +149,7 @@ RULES: dict[str, Any] = {
     "loss_cap": _positive,
     "meta_loss_ramp": options.integer(0),
     "meta_loss_ramp_fraction": options.number(0, 1),
+    "meta_loss_offset": options.number(0, 1),
     "outer_steps": options.integer(1),
     "seed": options.integer(0),
     "device": options.device,
@@ -389,6 +391,14 @@ def parser() -> argparse.ArgumentParser:
         help="the same ramp in each run's own length N: weight step t by min(1, t / (F N)), "
         "so runs of every length lean on their end alike; 0 (default) is off",
     )
+    a(
+        "--meta-loss-offset",
+        type=float,
+        metavar="E",
+        help="with --meta-loss log: count a loss L as log(L + E L0), L0 the run's initial "
+        "loss, so losses far below E L0 add little and reaching a low loss early counts "
+        "more; 0 (default) is the plain log loss",
+    )
     a("--outer-steps", type=int, help="total outer steps (100)")
     a("--seed", type=int, help="seed of every random stream (0)")
     a("--device", help="cpu (default) or cuda")
@@ -459,6 +469,10 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--meta-lr-final is where --meta-lr-decay-steps ends: give it too")
     if cfg.get("meta_loss_ramp") and cfg.get("meta_loss_ramp_fraction"):
         raise SystemExit("give --meta-loss-ramp or --meta-loss-ramp-fraction, not both")
+    if cfg.get("meta_loss_offset") and cfg["meta_loss"] != "log":
+        raise SystemExit("--meta-loss-offset is for --meta-loss log")
+    if cfg.get("meta_loss_offset", 0.0) >= 1.0:
+        raise SystemExit(f"--meta-loss-offset must be below 1, got {cfg['meta_loss_offset']}")
     if cfg.get("neuron_stats") and cfg["net"] != "nfn":
         raise SystemExit("--neuron-stats is for --net nfn (a per-entry net cannot pool a neuron)")
     if cfg.get("budget_hidden") and not cfg.get("budget"):
@@ -584,6 +598,7 @@ def build(
             cfg["loss_cap"],
             cfg["meta_loss_ramp"],
             cfg.get("meta_loss_ramp_fraction", 0.0),
+            cfg.get("meta_loss_offset", 0.0),
         ),
         seed=cfg["seed"],
         vectorise=cfg["vectorise"],

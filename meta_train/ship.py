@@ -124,14 +124,19 @@ def machine_label(*words: str) -> str:
 
 
 def _ramp(cfg: dict) -> str:
-    """The meta-loss ramp of a config, in words (empty when there is none)."""
+    """The meta-loss offset and ramp of a config, in words (empty when there
+    are none)."""
+    offset = cfg.get("meta_loss_offset") or 0
+    text = f" of L + {offset:g} L0 (L0 the run's initial loss)" if offset else ""
     ramp = cfg.get("meta_loss_ramp") or 0
     if ramp:
-        return f" weighted by min(1, t / {ramp}) over inner step t"
+        return f"{text} weighted by min(1, t / {ramp}) over inner step t"
     fraction = cfg.get("meta_loss_ramp_fraction") or 0
     if fraction:
-        return f" weighted by min(1, t / ({fraction:g} N)) over inner step t of a run of N steps"
-    return ""
+        return (
+            f"{text} weighted by min(1, t / ({fraction:g} N)) over inner step t of a run of N steps"
+        )
+    return text
 
 
 def _meta_lr(cfg: dict) -> str:

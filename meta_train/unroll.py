@@ -12,6 +12,7 @@ trainer resets it when an inner run reaches its horizon.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -49,12 +50,20 @@ class MetaLoss:
     positive, step ``t`` of a run of ``N`` steps is weighted by
     ``min(1, t / (ramp_fraction * N))``. Runs of every length then lean on
     their own end alike, which an absolute ramp cannot do when lengths are
-    drawn from 200 to 5,000 steps. At most one of the two ramps is set."""
+    drawn from 200 to 5,000 steps. At most one of the two ramps is set.
+
+    ``offset``: ``log`` only: the loss ``L`` counts as ``log(L + offset *
+    initial)``, so once a run's loss is far below ``offset`` times its
+    initial loss, going lower still is worth little. Under the plain log
+    loss (0, the default) a fall from 1e-4 to 1e-5 of the initial loss at a
+    run's end is worth as much as one from 1e-1 to 1e-2 mid-run; the offset
+    moves that weight to reaching a low loss early."""
 
     kind: str = "mean"
     cap: float = 3.0
     ramp: int = 0
     ramp_fraction: float = 0.0
+    offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in META_LOSSES:
@@ -69,6 +78,10 @@ class MetaLoss:
             raise ValueError(f"meta-loss ramp fraction must be in [0, 1], got {self.ramp_fraction}")
         if self.ramp and self.ramp_fraction:
             raise ValueError("give the meta-loss ramp in steps or as a run fraction, not both")
+        if not (math.isfinite(self.offset) and 0.0 <= self.offset < 1.0):
+            raise ValueError(f"meta-loss offset must be in [0, 1), got {self.offset}")
+        if self.offset and self.kind != "log":
+            raise ValueError(f"a meta-loss offset is for the log meta-loss, not {self.kind!r}")
 
     def __call__(
         self,
@@ -82,7 +95,10 @@ class MetaLoss:
         ``horizon``: the run's length in steps (needed by ``ramp_fraction``)."""
         cap = self.cap * initial.clamp(min=1e-8)
         clipped = torch.where(torch.isfinite(losses), torch.minimum(losses, cap), cap)
-        values = clipped.clamp(min=1e-12).log() if self.kind == "log" else clipped
+        if self.kind == "log":
+            values = (clipped + self.offset * initial.clamp(min=1e-8)).clamp(min=1e-12).log()
+        else:
+            values = clipped
         if self.ramp or self.ramp_fraction:
             if start is None:
                 raise ValueError("a ramped meta-loss needs the truncation's start step")

@@ -958,6 +958,12 @@ def test_cli_bad_input(tmp_path):
     with pytest.raises(SystemExit, match="--meta-loss-ramp or --meta-loss-ramp-fraction, not both"):
         main(["--family", "mlp-gmm", "--meta-loss-ramp", "5", "--meta-loss-ramp-fraction", "0.5",
               "--out", str(tmp_path / "g")])  # fmt: skip
+    with pytest.raises(SystemExit, match="--meta-loss-offset is for --meta-loss log"):
+        main(["--family", "mlp-gmm", "--meta-loss-offset", "1e-4",
+              "--out", str(tmp_path / "o")])  # fmt: skip
+    with pytest.raises(SystemExit, match="--meta-loss-offset must be below 1, got 1.0"):
+        main(["--family", "mlp-gmm", "--meta-loss", "log", "--meta-loss-offset", "1",
+              "--out", str(tmp_path / "p")])  # fmt: skip
     with pytest.raises(SystemExit, match="--per-task scales the antithetic pairs of es or pes"):
         main(["--family", "mlp-gmm", "--estimator", "backprop", "--per-task",
               "--out", str(tmp_path / "h")])  # fmt: skip
@@ -1227,6 +1233,36 @@ def test_ramped_meta_loss_weighs_each_step_by_its_place_in_the_run():
         MetaLoss("log", ramp=-1)
     with pytest.raises(ValueError, match="needs the truncation's start step"):
         MetaLoss("log", ramp=8)(losses, initial)
+
+
+def test_log_meta_loss_offset_adds_a_share_of_the_initial_loss():
+    from meta_train import MetaLoss
+
+    losses = torch.tensor([[2.0, 1e-6, float("nan"), 0.5], [0.9, 0.8, 1e-9, 0.6]])
+    initial = torch.tensor([[2.0], [1.0]])
+    start = torch.tensor([0.0, 10.0])
+    got = MetaLoss("log", cap=3.0, ramp=8, offset=1e-3)(losses, initial, start)
+    for i in range(2):  # naive reference, one member and one step at a time
+        vals = []
+        for k in range(4):
+            x, cap = losses[i, k].item(), 3.0 * initial[i, 0].item()
+            x = min(x, cap) if math.isfinite(x) else cap
+            x = math.log(x + 1e-3 * initial[i, 0].item())
+            vals.append(x * min(1.0, (start[i].item() + k + 1) / 8))
+        assert got[i].item() == pytest.approx(sum(vals) / 4, rel=1e-6)
+    # the offset bounds what a loss near 0 is worth: 1e-9 counts about as 1e-6 does
+    plain = MetaLoss("log")(torch.tensor([[1e-9], [1e-6]]), torch.ones(2, 1))
+    offset = MetaLoss("log", offset=1e-3)(torch.tensor([[1e-9], [1e-6]]), torch.ones(2, 1))
+    assert (plain[1] - plain[0]).item() > 6.0 and (offset[1] - offset[0]).item() < 1e-2
+    torch.testing.assert_close(
+        MetaLoss("log", offset=0.0)(losses, initial), MetaLoss("log")(losses, initial)
+    )
+    with pytest.raises(ValueError, match="offset must be in \\[0, 1\\), got -0.5"):
+        MetaLoss("log", offset=-0.5)
+    with pytest.raises(ValueError, match="offset must be in \\[0, 1\\), got 1.0"):
+        MetaLoss("log", offset=1.0)
+    with pytest.raises(ValueError, match="for the log meta-loss, not 'mean'"):
+        MetaLoss("mean", offset=1e-3)
 
 
 def test_meta_loss_ramped_by_run_fraction_is_the_step_ramp_of_that_length():
