@@ -939,34 +939,30 @@ def test_cli_stops_on_a_signal_with_a_checkpoint_and_optimizer(tmp_path, sig):
 def test_cli_bad_input(tmp_path):
     from meta_train.__main__ import main
 
-    with pytest.raises(SystemExit, match="--out DIR is required"):
-        main(["--family", "mlp-gmm"])
-    with pytest.raises(SystemExit, match="did you mean mlp-gmm"):
-        main(["--family", "mlp-gm", "--out", str(tmp_path)])
+    gmm = ["--family", "mlp-gmm"]
+    refused = [  # (arguments, --out folder or None, the message)
+        (gmm, None, "--out DIR is required"),
+        (["--family", "mlp-gm"], "", "did you mean mlp-gmm"),
+        ([*gmm, "--truncation", "10", "--horizon", "5"], "x",
+         "--horizon \\(5\\) must be at least --truncation"),
+        ([*gmm, "--horizon-max", "100"], "y", "--horizon-max \\(100\\) must be at least --horizon"),
+        ([*gmm, "--meta-loss-ramp", "-5"], "z", "--meta-loss-ramp must be a whole number >= 0"),
+        ([*gmm, "--meta-loss-ramp-fraction", "2"], "f",
+         "ramp-fraction must be a number in \\[0, 1\\], got 2"),
+        ([*gmm, "--meta-loss-ramp", "5", "--meta-loss-ramp-fraction", "0.5"], "g",
+         "--meta-loss-ramp or --meta-loss-ramp-fraction, not both"),
+        ([*gmm, "--meta-loss-offset", "1e-4"], "o", "--meta-loss-offset is for --meta-loss log"),
+        ([*gmm, "--meta-loss", "log", "--meta-loss-offset", "1"], "p",
+         "--meta-loss-offset must be below 1, got 1.0"),
+        ([*gmm, "--estimator", "backprop", "--per-task"], "h",
+         "--per-task scales the antithetic pairs of es or pes"),
+    ]  # fmt: skip
+    for args, out, message in refused:
+        where = [] if out is None else ["--out", str(tmp_path / out)]
+        with pytest.raises(SystemExit, match=message):
+            main([*args, *where])
     with pytest.raises(SystemExit, match="no config.json"):
         main(["--resume", str(tmp_path / "nothing")])
-    with pytest.raises(SystemExit, match="--horizon \\(5\\) must be at least --truncation"):
-        main(["--family", "mlp-gmm", "--truncation", "10", "--horizon", "5",
-              "--out", str(tmp_path / "x")])  # fmt: skip
-    with pytest.raises(SystemExit, match="--horizon-max \\(100\\) must be at least --horizon"):
-        main(["--family", "mlp-gmm", "--horizon-max", "100", "--out", str(tmp_path / "y")])
-    with pytest.raises(SystemExit, match="--meta-loss-ramp must be a whole number >= 0"):
-        main(["--family", "mlp-gmm", "--meta-loss-ramp", "-5", "--out", str(tmp_path / "z")])
-    with pytest.raises(SystemExit, match="ramp-fraction must be a number in \\[0, 1\\], got 2"):
-        main(["--family", "mlp-gmm", "--meta-loss-ramp-fraction", "2",
-              "--out", str(tmp_path / "f")])  # fmt: skip
-    with pytest.raises(SystemExit, match="--meta-loss-ramp or --meta-loss-ramp-fraction, not both"):
-        main(["--family", "mlp-gmm", "--meta-loss-ramp", "5", "--meta-loss-ramp-fraction", "0.5",
-              "--out", str(tmp_path / "g")])  # fmt: skip
-    with pytest.raises(SystemExit, match="--meta-loss-offset is for --meta-loss log"):
-        main(["--family", "mlp-gmm", "--meta-loss-offset", "1e-4",
-              "--out", str(tmp_path / "o")])  # fmt: skip
-    with pytest.raises(SystemExit, match="--meta-loss-offset must be below 1, got 1.0"):
-        main(["--family", "mlp-gmm", "--meta-loss", "log", "--meta-loss-offset", "1",
-              "--out", str(tmp_path / "p")])  # fmt: skip
-    with pytest.raises(SystemExit, match="--per-task scales the antithetic pairs of es or pes"):
-        main(["--family", "mlp-gmm", "--estimator", "backprop", "--per-task",
-              "--out", str(tmp_path / "h")])  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
