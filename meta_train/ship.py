@@ -123,7 +123,7 @@ def machine_label(*words: str) -> str:
     return " ".join(said)
 
 
-def _ramp(cfg: dict) -> str:
+def _meta_loss_terms(cfg: dict) -> str:
     """The meta-loss offset and ramp of a config, in words (empty when there
     are none)."""
     offset = cfg.get("meta_loss_offset") or 0
@@ -237,7 +237,8 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         ),
         f"* Trained on: `{cfg.get('family', '?')}`, {horizon}, "
         f"{cfg.get('estimator', '?').upper()} with {cfg.get('population')} antithetic pairs, "
-        f"truncation {cfg.get('truncation')}, `{cfg.get('meta_loss')}` meta-loss{_ramp(cfg)}, "
+        f"truncation {cfg.get('truncation')}, "
+        f"`{cfg.get('meta_loss')}` meta-loss{_meta_loss_terms(cfg)}, "
         f"{_meta_lr(cfg)}{_per_task(cfg)}.",
         f"* Outer steps: {meta.get('outer_steps'):,}{_snapshot(meta)}; "
         f"inner steps: {meta.get('inner_steps', 0):,}; "

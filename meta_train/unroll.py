@@ -93,10 +93,11 @@ class MetaLoss:
         """``losses``: ``(..., K)`` the losses of a truncation's K steps;
         ``start``: the inner steps taken before it (needed by either ramp);
         ``horizon``: the run's length in steps (needed by ``ramp_fraction``)."""
-        cap = self.cap * initial.clamp(min=1e-8)
+        initial = initial.clamp(min=1e-8)
+        cap = self.cap * initial
         clipped = torch.where(torch.isfinite(losses), torch.minimum(losses, cap), cap)
         if self.kind == "log":
-            values = (clipped + self.offset * initial.clamp(min=1e-8)).clamp(min=1e-12).log()
+            values = (clipped + self.offset * initial).clamp(min=1e-12).log()
         else:
             values = clipped
         if self.ramp or self.ramp_fraction:
