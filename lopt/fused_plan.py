@@ -58,6 +58,7 @@ from lopt.nets import (
     OptimizerNet,
     StatLayout,
     _stat_layout,
+    orthogonal_tensors,
 )
 from lopt.nn import flat_terms
 from lopt.weightspace import WeightSpaceSpec
@@ -93,6 +94,7 @@ class FusedPlan:
     scratch: Tensor  # every tensor's pool sums (those on one thread)
     base: Tensor  # (N,): the updates
     updates: list[Tensor]  # views of base, one per parameter
+    ortho_entries: Tensor | None  # base's entries of the tensors that take the orthogonal step
     means: Tensor | None  # (rows, channels): the NF-layer's pooled means
     flat: flat_terms.FlatPlan | None
     flat_bags: Tensor | None  # (bags, 4): output row, key, members, first member; by row
@@ -458,6 +460,11 @@ def build(
     for i, (j, _) in enumerate(parts):
         firsts.setdefault(j, offsets[i])
     updates = [base[firsts[j] : firsts[j] + p.numel()].view(p.shape) for j, p in enumerate(params)]
+    ortho_entries = None
+    if net.has_orthogonal_term:
+        on = orthogonal_tensors(spec)
+        spans = [torch.arange(numel[i]) + offsets[i] for i in range(len(tensors)) if on[i]]
+        ortho_entries = torch.cat(spans) if spans else None
     return FusedPlan(
         spec=spec,
         parts=parts,
@@ -478,6 +485,7 @@ def build(
         base=base,
         scratch=torch.zeros(scratch_total),
         updates=updates,
+        ortho_entries=ortho_entries,
         means=means,
         flat=flat,
         flat_bags=None if flat is None else _bags_by_row(flat),
@@ -498,6 +506,7 @@ class NetConstants:
     key_weights: Tensor | None  # the NF-layer's weights in the flat plan's key order
     key_biases: Tensor | None
     neg_lrs: Tensor  # (T,): OptimizerNet.tensor_factors
+    log_factors: Tensor  # (T,): OptimizerNet.tensor_log_factors, which the orthogonal step reads
     nf_scales: Tensor | None  # (T, 2): what multiplies each tensor's NF-layer terms
     stat_weights: Tensor | None  # (pools, 3): the statistics' coefficients over mag_mult
     stat_scales: Tensor | None  # (T,): what multiplies each tensor's statistics' terms
@@ -517,7 +526,8 @@ def _net_constants(net: OptimizerNet, plan: FusedPlan) -> NetConstants:
         built = [net.output_layer(k, extra, read) for k, extra in plan.layer_keys]
     else:
         built = [(net.out.weight, net.out.bias[:, None])]
-    neg_lrs, out_scales = net.tensor_factors(plan.spec)
+    log_factors = net.tensor_log_factors(plan.spec)
+    neg_lrs, out_scales = net.tensor_factors(plan.spec, log_factors=log_factors)
     # Each tensor's layer, padded to n_out_max rows, its two rows scaled.
     pad = plan.n_out_max
     pad_rows = torch.nn.functional.pad
@@ -549,8 +559,8 @@ def _net_constants(net: OptimizerNet, plan: FusedPlan) -> NetConstants:
             stat_weights = (net.stat_coefficients() / net.mag_mult).contiguous()
             stat_scales = nf_scales[:, 1].contiguous()
     constants = NetConstants(
-        w_out, b_out, hidden, key_weights, key_biases, neg_lrs, nf_scales, stat_weights,
-        stat_scales,
+        w_out, b_out, hidden, key_weights, key_biases, neg_lrs, log_factors, nf_scales,
+        stat_weights, stat_scales,
     )  # fmt: skip
     plan.constants = (key, constants)
     return constants
@@ -651,12 +661,13 @@ def step(
         plan.finish_table, plan.term_table, plan.out, plan.base, MAX_LOG_MAGNITUDE,
         1.0 if schedule is None else float(schedule), plan.tensor_sums, plan.op_table,
     )  # fmt: skip
-    if net.has_orthogonal_term:  # matrix products beside the kernels, in the updates' views
+    if plan.ortho_entries is not None:  # matrix products beside the kernels, one add for all
         spec = plan.spec
-        terms = net.orthogonal_terms(spec, spec.split(state["momenta"], dim=1), scales, c1, c2)
-        for u, z in zip(spec.split(plan.updates), terms):
-            if z is not None:
-                u.add_(z if schedule is None else z * schedule)
+        momenta = spec.split(state["momenta"], dim=1)
+        terms = net.orthogonal_terms(spec, momenta, scales, c1, c2, constants.log_factors)
+        flat = torch.cat([z.reshape(-1) for z in terms if z is not None])
+        alpha = 1.0 if schedule is None else float(schedule)
+        plan.base.index_add_(0, plan.ortho_entries, flat, alpha=alpha)
     # Finite updates: the state pass already refused a gradient whose square
     # is not finite, so the sums of squares are too.
     ok = math.isfinite(total)

@@ -296,7 +296,8 @@ def forward(
                          _norms(flat_v, 1)[:, None]], 1)  # fmt: skip
     scales = channel_scales_all(squares, plan.numel, c1)  # (T, features)
     term_log = net.term_log_factors(scales, c1, c2, budget_in, loss_in)
-    neg_lrs, out_scales = net.tensor_factors(plan.spec, term_log)
+    log_factors = net.tensor_log_factors(plan.spec)  # shared with the orthogonal step
+    neg_lrs, out_scales = net.tensor_factors(plan.spec, term_log, log_factors)
     scales_t, out_t = scales.t(), out_scales.t()
     base_scales = neg_lrs * scales[:, ADAM_CHANNEL]
     nfn = isinstance(net, NFNNet)
@@ -355,7 +356,7 @@ def forward(
               for (a, b, _), u, p in zip(plan.chunks, us, ps)]  # fmt: skip
     u = us[0] if len(us) == 1 else torch.cat(us)
     if net.has_orthogonal_term:  # matrix products per shape of matrix, not per tensor
-        terms = net.orthogonal_terms(plan.spec, momenta, scales, c1, c2)
+        terms = net.orthogonal_terms(plan.spec, momenta, scales, c1, c2, log_factors)
         on = [z.reshape(-1) for z in terms if z is not None]
         if on:
             u = u.index_add(0, plan.ortho_entries, torch.cat(on))

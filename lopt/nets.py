@@ -513,6 +513,7 @@ class OptimizerNet(nn.Module):
         scales: Tensor | None,
         c1: Tensor,
         c2: Tensor,
+        log_factors: Tensor | None = None,
     ) -> list[Tensor | None]:
         """Per tensor of ``spec``: ``-lr * factor * ortho_weight *
         orthogonalised(m)``, ``m`` its 0.9-momentum seen as ``(first axis,
@@ -526,8 +527,9 @@ class OptimizerNet(nn.Module):
         :func:`~lopt.features.log_signal_to_noise` from its
         :func:`~lopt.features.channel_scales` ``scales`` ``(T, NUM_FEATURES)``
         (None for a net that does not read it) and Adam's bias corrections
-        ``c1``, ``c2``."""
-        log_rates = self.tensor_log_factors(spec)
+        ``c1``, ``c2``. ``log_factors``: :meth:`tensor_log_factors` of
+        ``spec``, when the caller has them already."""
+        log_rates = self.tensor_log_factors(spec) if log_factors is None else log_factors
         if self.reads_ortho_snr:
             log_snr = log_signal_to_noise(scales, c1, c2)
             snr_log = ORTHO_SNR_GAIN * self.ortho_snr_exp * log_snr
@@ -625,7 +627,9 @@ class OptimizerNet(nn.Module):
         term_log = None
         if self.has_term_schedule:
             term_log = self.term_log_factors(all_scales, c1, c2, budget_in, loss_in)
-        neg_lrs_all, out_scales_all = self.tensor_factors(spec, term_log)
+        # Computed once: Adam's part and the orthogonal step share them.
+        log_factors = self.tensor_log_factors(spec)
+        neg_lrs_all, out_scales_all = self.tensor_factors(spec, term_log, log_factors)
         out_scales, neg_lrs = out_scales_all.unbind(), neg_lrs_all.unbind()
         inputs = [
             TensorInputs(*a)
@@ -652,7 +656,7 @@ class OptimizerNet(nn.Module):
                 u = tangent_correction(u, torch.cat(bases).reshape(u.shape), x.param)
             updates.append(u)
         if self.has_orthogonal_term:
-            terms = self.orthogonal_terms(spec, momenta, all_scales, c1, c2)
+            terms = self.orthogonal_terms(spec, momenta, all_scales, c1, c2, log_factors)
             updates = [u if z is None else u.add_(z) if fused else u + z
                        for u, z in zip(updates, terms)]  # fmt: skip
         scale = self.schedule_scale(steps_in, budget_in, loss_in)
@@ -688,7 +692,10 @@ class OptimizerNet(nn.Module):
         return self.residual_log_rate - self.depth_exp * log_writers
 
     def tensor_factors(
-        self, spec: WeightSpaceSpec, term_log: Tensor | None = None
+        self,
+        spec: WeightSpaceSpec,
+        term_log: Tensor | None = None,
+        log_factors: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Per tensor of ``spec``: ``-lr`` times its factor (width factor,
         role rate and depth factor) ``(T,)`` (for a hidden matrix of a net
@@ -698,8 +705,11 @@ class OptimizerNet(nn.Module):
         ``exp(term_log)``, the learned term's own factor, when given), and
         ``mag_mult``. Folded into the output layer, so per entry ``update =
         -lr * adam + o[0] * exp(min(o[1], MAX_LOG_MAGNITUDE))``; computed for
-        all tensors at once (a step pays per operation)."""
-        factors = torch.exp(self.tensor_log_factors(spec))
+        all tensors at once (a step pays per operation). ``log_factors``:
+        :meth:`tensor_log_factors` of ``spec``, when the caller has them."""
+        if log_factors is None:
+            log_factors = self.tensor_log_factors(spec)
+        factors = torch.exp(log_factors)
         mag = torch.full_like(factors, self.mag_mult)  # a fill, not a host-to-device copy
         term = factors if term_log is None else factors * term_log.exp()
         out_scales = torch.stack([-self.log_step_mult.exp() * term, mag], -1)
