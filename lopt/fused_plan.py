@@ -58,7 +58,7 @@ from lopt.nets import (
     OptimizerNet,
     StatLayout,
     _stat_layout,
-    orthogonal_tensors,
+    orthogonal_entries,
 )
 from lopt.nn import flat_terms
 from lopt.weightspace import WeightSpaceSpec
@@ -460,11 +460,7 @@ def build(
     for i, (j, _) in enumerate(parts):
         firsts.setdefault(j, offsets[i])
     updates = [base[firsts[j] : firsts[j] + p.numel()].view(p.shape) for j, p in enumerate(params)]
-    ortho_entries = None
-    if net.has_orthogonal_term:
-        on = orthogonal_tensors(spec)
-        spans = [torch.arange(numel[i]) + offsets[i] for i in range(len(tensors)) if on[i]]
-        ortho_entries = torch.cat(spans) if spans else None
+    ortho_entries = orthogonal_entries(spec, offsets) if net.has_orthogonal_term else None
     return FusedPlan(
         spec=spec,
         parts=parts,

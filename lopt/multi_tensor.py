@@ -57,7 +57,7 @@ from lopt.nets import (
     OptimizerNet,
     StatLayout,
     _stat_layout,
-    orthogonal_tensors,
+    orthogonal_entries,
     stat_matrix,
 )
 from lopt.nn import flat_terms
@@ -226,11 +226,7 @@ def build(net: OptimizerNet, spec: WeightSpaceSpec, device: torch.device) -> Pla
             row += n_rows
         tangent_mask = torch.tensor(mask + [0.0])
 
-    ortho_entries = None
-    if net.has_orthogonal_term:
-        on = orthogonal_tensors(spec)
-        spans = [torch.arange(numels[i]) + starts[i] for i in range(len(tensors)) if on[i]]
-        ortho_entries = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
+    ortho_entries = orthogonal_entries(spec, starts) if net.has_orthogonal_term else None
 
     def index(x: Tensor | None) -> Tensor | None:
         return None if x is None else x.to(device=device, dtype=index_dtype(device))

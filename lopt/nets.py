@@ -226,6 +226,16 @@ def matrix_groups(spec: WeightSpaceSpec) -> dict[tuple[int, int], tuple[int, ...
     return {shape: tuple(idx) for shape, idx in groups.items()}
 
 
+def orthogonal_entries(spec: WeightSpaceSpec, starts: Sequence[int]) -> Tensor | None:
+    """The entries of the tensors that take the orthogonalised step
+    (:func:`orthogonal_tensors`) in a flat buffer of all of ``spec``'s
+    entries, where tensor ``i`` starts at ``starts[i]`` (None: no tensor
+    takes it)."""
+    on = orthogonal_tensors(spec)
+    spans = [torch.arange(math.prod(t.shape)) + s for t, s, o in zip(spec.tensors, starts, on) if o]
+    return torch.cat(spans) if spans else None
+
+
 @functools.lru_cache(maxsize=64)
 def orthogonal_tensors(spec: WeightSpaceSpec) -> tuple[bool, ...]:
     """Per tensor of ``spec``, whether a net with ``orthogonal=True`` steps
