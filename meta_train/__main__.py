@@ -90,6 +90,7 @@ DEFAULTS: dict[str, Any] = {
     "meta_loss_ramp": 0,
     "meta_loss_ramp_fraction": 0.0,
     "meta_loss_offset": 0.0,
+    "meta_loss_end_weight": 1.0,
     "outer_steps": 100,
     "seed": 0,
     "device": "cpu",
@@ -150,6 +151,7 @@ RULES: dict[str, Any] = {
     "meta_loss_ramp": options.integer(0),
     "meta_loss_ramp_fraction": options.number(0, 1),
     "meta_loss_offset": options.number(0, 1),
+    "meta_loss_end_weight": options.number(0, 1, strict=True),
     "outer_steps": options.integer(1),
     "seed": options.integer(0),
     "device": options.device,
@@ -399,6 +401,14 @@ def parser() -> argparse.ArgumentParser:
         "loss, so losses far below E L0 add little and reaching a low loss early counts "
         "more; 0 (default) is the plain log loss",
     )
+    a(
+        "--meta-loss-end-weight",
+        type=float,
+        metavar="W",
+        help="weight step t of a run of N steps by 1 - (1 - W) t / N as well, so the loss "
+        "falls in weight from the start to W at the run's end and a low loss reached sooner "
+        "counts more; 1 (default) is off",
+    )
     a("--outer-steps", type=int, help="total outer steps (100)")
     a("--seed", type=int, help="seed of every random stream (0)")
     a("--device", help="cpu (default) or cuda")
@@ -599,6 +609,7 @@ def build(
             cfg["meta_loss_ramp"],
             cfg.get("meta_loss_ramp_fraction", 0.0),
             cfg.get("meta_loss_offset", 0.0),
+            cfg.get("meta_loss_end_weight", 1.0),
         ),
         seed=cfg["seed"],
         vectorise=cfg["vectorise"],

@@ -124,19 +124,24 @@ def machine_label(*words: str) -> str:
 
 
 def _meta_loss_terms(cfg: dict) -> str:
-    """The meta-loss offset and ramp of a config, in words (empty when there
-    are none)."""
+    """The meta-loss offset, ramp and end weight of a config, in words (empty
+    when there are none)."""
     offset = cfg.get("meta_loss_offset") or 0
     text = f" of L + {offset:g} L0 (L0 the run's initial loss)" if offset else ""
+    weights = []
     ramp = cfg.get("meta_loss_ramp") or 0
-    if ramp:
-        return f"{text} weighted by min(1, t / {ramp}) over inner step t"
     fraction = cfg.get("meta_loss_ramp_fraction") or 0
-    if fraction:
-        return (
-            f"{text} weighted by min(1, t / ({fraction:g} N)) over inner step t of a run of N steps"
-        )
-    return text
+    if ramp:
+        weights.append(f"min(1, t / {ramp})")
+    elif fraction:
+        weights.append(f"min(1, t / ({fraction:g} N))")
+    end = cfg.get("meta_loss_end_weight", 1.0)
+    if end < 1.0:
+        weights.append(f"(1 - {1 - end:g} t / N)")
+    if not weights:
+        return text
+    where = " of a run of N steps" if fraction or end < 1.0 else ""
+    return f"{text} weighted by {' '.join(weights)} over inner step t{where}"
 
 
 def _meta_lr(cfg: dict) -> str:

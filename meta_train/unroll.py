@@ -57,13 +57,21 @@ class MetaLoss:
     initial loss, going lower still is worth little. Under the plain log
     loss (0, the default) a fall from 1e-4 to 1e-5 of the initial loss at a
     run's end is worth as much as one from 1e-1 to 1e-2 mid-run; the offset
-    moves that weight to reaching a low loss early."""
+    moves that weight to reaching a low loss early.
+
+    ``end_weight``: if below 1, step ``t`` of a run of ``N`` steps is also
+    weighted by ``1 - (1 - end_weight) t / N``, falling linearly from 1 at the
+    start to ``end_weight`` at the last step. The mean log loss rewards a
+    fall at a run's end as much as one mid-run, which favours a high rate
+    held long and a sharp late anneal; a lower end weight asks for a low
+    loss sooner. 1 (the default) is off."""
 
     kind: str = "mean"
     cap: float = 3.0
     ramp: int = 0
     ramp_fraction: float = 0.0
     offset: float = 0.0
+    end_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in META_LOSSES:
@@ -82,6 +90,8 @@ class MetaLoss:
             raise ValueError(f"meta-loss offset must be in [0, 1), got {self.offset}")
         if self.offset and self.kind != "log":
             raise ValueError(f"a meta-loss offset is for the log meta-loss, not {self.kind!r}")
+        if not (math.isfinite(self.end_weight) and 0.0 < self.end_weight <= 1.0):
+            raise ValueError(f"meta-loss end weight must be in (0, 1], got {self.end_weight}")
 
     def __call__(
         self,
@@ -91,8 +101,9 @@ class MetaLoss:
         horizon: int | None = None,
     ) -> Tensor:
         """``losses``: ``(..., K)`` the losses of a truncation's K steps;
-        ``start``: the inner steps taken before it (needed by either ramp);
-        ``horizon``: the run's length in steps (needed by ``ramp_fraction``)."""
+        ``start``: the inner steps taken before it (needed by either ramp and
+        by ``end_weight``); ``horizon``: the run's length in steps (needed by
+        ``ramp_fraction`` and ``end_weight``)."""
         initial = initial.clamp(min=1e-8)
         cap = self.cap * initial
         clipped = torch.where(torch.isfinite(losses), torch.minimum(losses, cap), cap)
@@ -100,15 +111,22 @@ class MetaLoss:
             values = (clipped + self.offset * initial).clamp(min=1e-12).log()
         else:
             values = clipped
-        if self.ramp or self.ramp_fraction:
+        tapered = self.end_weight < 1.0
+        if self.ramp or self.ramp_fraction or tapered:
             if start is None:
-                raise ValueError("a ramped meta-loss needs the truncation's start step")
-            if self.ramp_fraction and not (horizon and horizon > 0):
-                raise ValueError("a meta-loss ramped by run fraction needs the run's horizon")
-            ramp = self.ramp or self.ramp_fraction * horizon
+                raise ValueError("a meta-loss weighted by step needs the truncation's start step")
+            if (self.ramp_fraction or tapered) and not (horizon and horizon > 0):
+                raise ValueError(
+                    "a meta-loss weighted by run fraction (ramp fraction, end weight) "
+                    "needs the run's horizon"
+                )
             k = torch.arange(1, losses.shape[-1] + 1, device=losses.device, dtype=losses.dtype)
             t = torch.as_tensor(start, dtype=losses.dtype, device=losses.device)[..., None] + k
-            values = values * (t / ramp).clamp(max=1.0)
+            if self.ramp or self.ramp_fraction:
+                ramp = self.ramp or self.ramp_fraction * horizon
+                values = values * (t / ramp).clamp(max=1.0)
+            if tapered:
+                values = values * (1.0 - (1.0 - self.end_weight) * (t / horizon).clamp(max=1.0))
         if self.kind == "final":
             return values[..., -1]
         return values.mean(-1)

@@ -819,6 +819,13 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     assert ship([str(frac), "my-mlp-frac", "--dest", str(dest)]) == 0
     card = capsys.readouterr().out
     assert "weighted by min(1, t / (0.5 N)) over inner step t of a run of N steps" in card
+    end = tmp_path / "end"
+    flags = "--meta-loss-ramp-fraction 0.5 --meta-loss-end-weight 0.4"
+    assert main([*args.split(), *flags.split(), "--out", str(end), "--no-progress"]) == 0
+    assert lopt.load(end / "optimizer.pt")[1]["config"]["meta_loss_end_weight"] == 0.4
+    assert ship([str(end), "my-mlp-end", "--dest", str(dest)]) == 0
+    card = capsys.readouterr().out
+    assert "by min(1, t / (0.5 N)) (1 - 0.6 t / N) over inner step t of a run of N steps" in card
     monkeypatch.setattr(lopt.checkpoint, "PRETRAINED_DIR", dest)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     opt = lopt.MLPOptimizer(model.parameters(), weights="my-mlp")
@@ -954,6 +961,8 @@ def test_cli_bad_input(tmp_path):
         ([*gmm, "--meta-loss-offset", "1e-4"], "o", "--meta-loss-offset is for --meta-loss log"),
         ([*gmm, "--meta-loss", "log", "--meta-loss-offset", "1"], "p",
          "--meta-loss-offset must be below 1, got 1.0"),
+        ([*gmm, "--meta-loss-end-weight", "0"], "e",
+         "end-weight must be a number in \\(0, 1\\], got 0"),
         ([*gmm, "--estimator", "backprop", "--per-task"], "h",
          "--per-task scales the antithetic pairs of es or pes"),
     ]  # fmt: skip
@@ -1259,6 +1268,39 @@ def test_log_meta_loss_offset_adds_a_share_of_the_initial_loss():
         MetaLoss("log", offset=1.0)
     with pytest.raises(ValueError, match="for the log meta-loss, not 'mean'"):
         MetaLoss("mean", offset=1e-3)
+
+
+def test_meta_loss_end_weight_falls_linearly_over_the_run():
+    from meta_train import MetaLoss
+
+    losses = torch.tensor([[2.0, 1.0, float("nan"), 0.5], [0.9, 0.8, 0.7, 0.6]])
+    initial = torch.tensor([[2.0], [1.0]])
+    start = torch.tensor([0.0, 10.0])
+    for kind in ("mean", "log", "final"):
+        got = MetaLoss(kind, ramp_fraction=0.5, end_weight=0.25)(losses, initial, start, 12)
+        for i in range(2):  # naive reference, one member and one step at a time
+            vals = []
+            for k in range(4):
+                x, cap = losses[i, k].item(), 3.0 * initial[i, 0].item()
+                x = min(x, cap) if math.isfinite(x) else cap
+                x = math.log(x) if kind == "log" else x
+                t = start[i].item() + k + 1
+                vals.append(x * min(1.0, t / 6) * (1 - 0.75 * min(1.0, t / 12)))
+            want = vals[-1] if kind == "final" else sum(vals) / 4
+            assert got[i].item() == pytest.approx(want, rel=1e-6)
+    # 1 is the unweighted loss, and the weight never needs a ramp
+    torch.testing.assert_close(
+        MetaLoss("log", end_weight=1.0)(losses, initial), MetaLoss("log")(losses, initial)
+    )
+    alone = MetaLoss("mean", end_weight=0.5)(losses[:1, :1], initial[:1], start[:1], 4)
+    assert alone.item() == pytest.approx(2.0 * (1 - 0.5 * 0.25))
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="end weight must be in \\(0, 1\\]"):
+            MetaLoss("log", end_weight=bad)
+    with pytest.raises(ValueError, match="needs the run's horizon"):
+        MetaLoss("log", end_weight=0.5)(losses, initial, start)
+    with pytest.raises(ValueError, match="needs the truncation's start step"):
+        MetaLoss("log", end_weight=0.5)(losses, initial, horizon=12)
 
 
 def test_meta_loss_ramped_by_run_fraction_is_the_step_ramp_of_that_length():
