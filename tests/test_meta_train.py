@@ -1215,6 +1215,22 @@ def test_ship_records_every_earlier_phase_of_a_multi_phase_recipe(tmp_path, caps
     assert not (dest / "wrong.pt").exists()
 
 
+def _naive_meta_loss(kind, losses, initial, start, weight, offset=0.0) -> list[float]:
+    """MetaLoss's reference, one member and one step at a time: each loss
+    capped at 3x the initial (NaN counts as the cap), its log for ``log``
+    (plus ``offset`` times the initial), times ``weight(t)`` at inner step t."""
+    out = []
+    for i in range(losses.shape[0]):
+        vals = []
+        for k in range(losses.shape[1]):
+            x, cap = losses[i, k].item(), 3.0 * initial[i, 0].item()
+            x = min(x, cap) if math.isfinite(x) else cap
+            x = math.log(x + offset * initial[i, 0].item()) if kind == "log" else x
+            vals.append(x * weight(start[i].item() + k + 1))
+        out.append(vals[-1] if kind == "final" else sum(vals) / len(vals))
+    return out
+
+
 def test_ramped_meta_loss_weighs_each_step_by_its_place_in_the_run():
     from meta_train import MetaLoss
 
@@ -1223,15 +1239,8 @@ def test_ramped_meta_loss_weighs_each_step_by_its_place_in_the_run():
     start = torch.tensor([0.0, 10.0])
     for kind in ("mean", "log", "final"):
         got = MetaLoss(kind, cap=3.0, ramp=8)(losses, initial, start)
-        for i in range(2):  # naive reference, one member and one step at a time
-            vals = []
-            for k in range(4):
-                x, cap = losses[i, k].item(), 3.0 * initial[i, 0].item()
-                x = min(x, cap) if math.isfinite(x) else cap
-                x = math.log(x) if kind == "log" else x
-                vals.append(x * min(1.0, (start[i].item() + k + 1) / 8))
-            want = vals[-1] if kind == "final" else sum(vals) / 4
-            assert got[i].item() == pytest.approx(want, rel=1e-6)
+        want = _naive_meta_loss(kind, losses, initial, start, lambda t: min(1.0, t / 8))
+        assert got.tolist() == pytest.approx(want, rel=1e-6)
         # a run past the ramp weighs every step alike: the unramped loss
         torch.testing.assert_close(got[1], MetaLoss(kind, cap=3.0)(losses, initial)[1])
     with pytest.raises(ValueError, match="ramp must be a whole number"):
@@ -1247,14 +1256,10 @@ def test_log_meta_loss_offset_adds_a_share_of_the_initial_loss():
     initial = torch.tensor([[2.0], [1.0]])
     start = torch.tensor([0.0, 10.0])
     got = MetaLoss("log", cap=3.0, ramp=8, offset=1e-3)(losses, initial, start)
-    for i in range(2):  # naive reference, one member and one step at a time
-        vals = []
-        for k in range(4):
-            x, cap = losses[i, k].item(), 3.0 * initial[i, 0].item()
-            x = min(x, cap) if math.isfinite(x) else cap
-            x = math.log(x + 1e-3 * initial[i, 0].item())
-            vals.append(x * min(1.0, (start[i].item() + k + 1) / 8))
-        assert got[i].item() == pytest.approx(sum(vals) / 4, rel=1e-6)
+    ramp = lambda t: min(1.0, t / 8)  # noqa: E731
+    assert got.tolist() == pytest.approx(
+        _naive_meta_loss("log", losses, initial, start, ramp, offset=1e-3), rel=1e-6
+    )
     # the offset bounds what a loss near 0 is worth: 1e-9 counts about as 1e-6 does
     plain = MetaLoss("log")(torch.tensor([[1e-9], [1e-6]]), torch.ones(2, 1))
     offset = MetaLoss("log", offset=1e-3)(torch.tensor([[1e-9], [1e-6]]), torch.ones(2, 1))
@@ -1278,16 +1283,9 @@ def test_meta_loss_end_weight_falls_linearly_over_the_run():
     start = torch.tensor([0.0, 10.0])
     for kind in ("mean", "log", "final"):
         got = MetaLoss(kind, ramp_fraction=0.5, end_weight=0.25)(losses, initial, start, 12)
-        for i in range(2):  # naive reference, one member and one step at a time
-            vals = []
-            for k in range(4):
-                x, cap = losses[i, k].item(), 3.0 * initial[i, 0].item()
-                x = min(x, cap) if math.isfinite(x) else cap
-                x = math.log(x) if kind == "log" else x
-                t = start[i].item() + k + 1
-                vals.append(x * min(1.0, t / 6) * (1 - 0.75 * min(1.0, t / 12)))
-            want = vals[-1] if kind == "final" else sum(vals) / 4
-            assert got[i].item() == pytest.approx(want, rel=1e-6)
+        weight = lambda t: min(1.0, t / 6) * (1 - 0.75 * min(1.0, t / 12))  # noqa: E731
+        want = _naive_meta_loss(kind, losses, initial, start, weight)
+        assert got.tolist() == pytest.approx(want, rel=1e-6)
     # 1 is the unweighted loss, and the weight never needs a ramp
     torch.testing.assert_close(
         MetaLoss("log", end_weight=1.0)(losses, initial), MetaLoss("log")(losses, initial)
