@@ -91,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
     "meta_loss_ramp_fraction": 0.0,
     "meta_loss_offset": 0.0,
     "meta_loss_end_weight": 1.0,
+    "meta_loss_stay": False,
     "outer_steps": 100,
     "seed": 0,
     "device": "cpu",
@@ -152,6 +153,7 @@ RULES: dict[str, Any] = {
     "meta_loss_ramp_fraction": options.number(0, 1),
     "meta_loss_offset": options.number(0, 1),
     "meta_loss_end_weight": options.number(0, 1, strict=True),
+    "meta_loss_stay": options.boolean,
     "outer_steps": options.integer(1),
     "seed": options.integer(0),
     "device": options.device,
@@ -409,6 +411,13 @@ def parser() -> argparse.ArgumentParser:
         "falls in weight from the start to W at the run's end and a low loss reached sooner "
         "counts more; 1 (default) is off",
     )
+    a(
+        "--meta-loss-stay",
+        action=argparse.BooleanOptionalAction,
+        help="count each inner step's loss as the highest from it to the truncation's end, "
+        "so a loss that dips and climbs back earns nothing for the dip and a spike costs "
+        "the steps before it (not with --meta-loss final)",
+    )
     a("--outer-steps", type=int, help="total outer steps (100)")
     a("--seed", type=int, help="seed of every random stream (0)")
     a("--device", help="cpu (default) or cuda")
@@ -483,6 +492,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--meta-loss-offset is for --meta-loss log")
     if cfg.get("meta_loss_offset", 0.0) >= 1.0:
         raise SystemExit(f"--meta-loss-offset must be below 1, got {cfg['meta_loss_offset']}")
+    if cfg.get("meta_loss_stay") and cfg["meta_loss"] == "final":
+        raise SystemExit("--meta-loss-stay is for a loss over steps, not --meta-loss final")
     if cfg.get("neuron_stats") and cfg["net"] != "nfn":
         raise SystemExit("--neuron-stats is for --net nfn (a per-entry net cannot pool a neuron)")
     if cfg.get("budget_hidden") and not cfg.get("budget"):
@@ -610,6 +621,7 @@ def build(
             cfg.get("meta_loss_ramp_fraction", 0.0),
             cfg.get("meta_loss_offset", 0.0),
             cfg.get("meta_loss_end_weight", 1.0),
+            cfg.get("meta_loss_stay", False),
         ),
         seed=cfg["seed"],
         vectorise=cfg["vectorise"],

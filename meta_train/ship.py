@@ -124,8 +124,8 @@ def machine_label(*words: str) -> str:
 
 
 def _meta_loss_terms(cfg: dict) -> str:
-    """The meta-loss offset, ramp and end weight of a config, in words (empty
-    when there are none)."""
+    """The meta-loss offset, stay-below rule, ramp and end weight of a config,
+    in words (empty when there are none)."""
     offset = cfg.get("meta_loss_offset") or 0
     text = f" of L + {offset:g} L0 (L0 the run's initial loss)" if offset else ""
     weights = []
@@ -138,6 +138,8 @@ def _meta_loss_terms(cfg: dict) -> str:
     end = cfg.get("meta_loss_end_weight", 1.0)
     if end < 1.0:
         weights.append(f"(1 - {1 - end:g} t / N)")
+    if cfg.get("meta_loss_stay"):
+        text += ", each step's loss counted as the highest from it to its truncation's end"
     if not weights:
         return text
     where = " of a run of N steps" if fraction or end < 1.0 else ""

@@ -64,7 +64,15 @@ class MetaLoss:
     start to ``end_weight`` at the last step. The mean log loss rewards a
     fall at a run's end as much as one mid-run, which favours a high rate
     held long and a sharp late anneal; a lower end weight asks for a low
-    loss sooner. 1 (the default) is off."""
+    loss sooner. 1 (the default) is off.
+
+    ``stay``: if true, each step's (log) loss counts as the highest of it and
+    the losses after it in the truncation, before any weighting. A loss that
+    dips and climbs back within the truncation then earns nothing for the
+    dip, as in the steps-to-a-target benchmark, where a target counts as
+    reached only once the loss stays below it; a spike costs as much as the
+    steps before it in the truncation. Not for ``final``, whose one step has
+    nothing after it."""
 
     kind: str = "mean"
     cap: float = 3.0
@@ -72,6 +80,7 @@ class MetaLoss:
     ramp_fraction: float = 0.0
     offset: float = 0.0
     end_weight: float = 1.0
+    stay: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in META_LOSSES:
@@ -92,6 +101,8 @@ class MetaLoss:
             raise ValueError(f"a meta-loss offset is for the log meta-loss, not {self.kind!r}")
         if not (math.isfinite(self.end_weight) and 0.0 < self.end_weight <= 1.0):
             raise ValueError(f"meta-loss end weight must be in (0, 1], got {self.end_weight}")
+        if self.stay and self.kind == "final":
+            raise ValueError("a meta-loss that stays below is for a loss over steps, not 'final'")
 
     def __call__(
         self,
@@ -111,6 +122,9 @@ class MetaLoss:
             values = (clipped + self.offset * initial).clamp(min=1e-12).log()
         else:
             values = clipped
+        if self.stay:
+            # the running maximum from the truncation's end backwards
+            values = values.flip(-1).cummax(-1).values.flip(-1)
         tapered = self.end_weight < 1.0
         if self.ramp or self.ramp_fraction or tapered:
             if start is None:

@@ -820,11 +820,13 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     card = capsys.readouterr().out
     assert "weighted by min(1, t / (0.5 N)) over inner step t of a run of N steps" in card
     end = tmp_path / "end"
-    flags = "--meta-loss-ramp-fraction 0.5 --meta-loss-end-weight 0.4"
+    flags = "--meta-loss-ramp-fraction 0.5 --meta-loss-end-weight 0.4 --meta-loss-stay"
     assert main([*args.split(), *flags.split(), "--out", str(end), "--no-progress"]) == 0
-    assert lopt.load(end / "optimizer.pt")[1]["config"]["meta_loss_end_weight"] == 0.4
+    config = lopt.load(end / "optimizer.pt")[1]["config"]
+    assert config["meta_loss_end_weight"] == 0.4 and config["meta_loss_stay"] is True
     assert ship([str(end), "my-mlp-end", "--dest", str(dest)]) == 0
     card = capsys.readouterr().out
+    assert "each step's loss counted as the highest from it to its truncation's end" in card
     assert "by min(1, t / (0.5 N)) (1 - 0.6 t / N) over inner step t of a run of N steps" in card
     monkeypatch.setattr(lopt.checkpoint, "PRETRAINED_DIR", dest)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -963,6 +965,8 @@ def test_cli_bad_input(tmp_path):
          "--meta-loss-offset must be below 1, got 1.0"),
         ([*gmm, "--meta-loss-end-weight", "0"], "e",
          "end-weight must be a number in \\(0, 1\\], got 0"),
+        ([*gmm, "--meta-loss", "final", "--meta-loss-stay"], "s",
+         "--meta-loss-stay is for a loss over steps, not --meta-loss final"),
         ([*gmm, "--estimator", "backprop", "--per-task"], "h",
          "--per-task scales the antithetic pairs of es or pes"),
     ]  # fmt: skip
@@ -1215,17 +1219,21 @@ def test_ship_records_every_earlier_phase_of_a_multi_phase_recipe(tmp_path, caps
     assert not (dest / "wrong.pt").exists()
 
 
-def _naive_meta_loss(kind, losses, initial, start, weight, offset=0.0) -> list[float]:
+def _naive_meta_loss(kind, losses, initial, start, weight, offset=0.0, stay=False) -> list[float]:
     """MetaLoss's reference, one member and one step at a time: each loss
     capped at 3x the initial (NaN counts as the cap), its log for ``log``
-    (plus ``offset`` times the initial), times ``weight(t)`` at inner step t."""
+    (plus ``offset`` times the initial), with ``stay`` the highest such value
+    from that step to the last, times ``weight(t)`` at inner step t."""
     out = []
     for i in range(losses.shape[0]):
-        vals = []
+        plain = []
         for k in range(losses.shape[1]):
             x, cap = losses[i, k].item(), 3.0 * initial[i, 0].item()
             x = min(x, cap) if math.isfinite(x) else cap
-            x = math.log(x + offset * initial[i, 0].item()) if kind == "log" else x
+            plain.append(math.log(x + offset * initial[i, 0].item()) if kind == "log" else x)
+        vals = []
+        for k, x in enumerate(plain):
+            x = max(plain[k:]) if stay else x
             vals.append(x * weight(start[i].item() + k + 1))
         out.append(vals[-1] if kind == "final" else sum(vals) / len(vals))
     return out
@@ -1299,6 +1307,29 @@ def test_meta_loss_end_weight_falls_linearly_over_the_run():
         MetaLoss("log", end_weight=0.5)(losses, initial, start)
     with pytest.raises(ValueError, match="needs the truncation's start step"):
         MetaLoss("log", end_weight=0.5)(losses, initial, horizon=12)
+
+
+def test_meta_loss_that_stays_below_counts_each_step_as_the_worst_after_it():
+    from meta_train import MetaLoss
+
+    losses = torch.tensor([[2.0, 0.5, float("nan"), 0.4], [0.9, 0.3, 0.7, 0.6]])
+    initial = torch.tensor([[2.0], [1.0]])
+    start = torch.tensor([0.0, 10.0])
+    ramp = lambda t: min(1.0, t / 8)  # noqa: E731
+    for kind in ("mean", "log", "heldout"):
+        got = MetaLoss(kind, ramp=8, stay=True)(losses, initial, start)
+        want = _naive_meta_loss(kind, losses, initial, start, ramp, stay=True)
+        assert got.tolist() == pytest.approx(want, rel=1e-6)
+    # the dip to 0.3 is worth nothing: it counts as the 0.7 after it
+    dip = MetaLoss("mean", stay=True)(losses[1:], initial[1:])
+    assert dip.item() == pytest.approx((0.9 + 0.7 + 0.7 + 0.6) / 4)
+    # a loss that only falls is its own running maximum
+    falling = torch.tensor([[2.0, 1.0, 0.5, 0.25]])
+    torch.testing.assert_close(
+        MetaLoss("log", stay=True)(falling, initial[:1]), MetaLoss("log")(falling, initial[:1])
+    )
+    with pytest.raises(ValueError, match="loss over steps, not 'final'"):
+        MetaLoss("final", stay=True)
 
 
 def test_meta_loss_ramped_by_run_fraction_is_the_step_ramp_of_that_length():
