@@ -138,12 +138,12 @@ def _meta_loss_terms(cfg: dict) -> str:
     end = cfg.get("meta_loss_end_weight", 1.0)
     if end < 1.0:
         weights.append(f"(1 - {1 - end:g} t / N)")
+    if weights:
+        where = " of a run of N steps" if fraction or end < 1.0 else ""
+        text += f" weighted by {' '.join(weights)} over inner step t{where}"
     if cfg.get("meta_loss_stay"):
         text += ", each step's loss counted as the highest from it to its truncation's end"
-    if not weights:
-        return text
-    where = " of a run of N steps" if fraction or end < 1.0 else ""
-    return f"{text} weighted by {' '.join(weights)} over inner step t{where}"
+    return text
 
 
 def _meta_lr(cfg: dict) -> str:

@@ -826,8 +826,10 @@ def test_ship_copies_a_run_into_the_registry_with_its_card(tmp_path, monkeypatch
     assert config["meta_loss_end_weight"] == 0.4 and config["meta_loss_stay"] is True
     assert ship([str(end), "my-mlp-end", "--dest", str(dest)]) == 0
     card = capsys.readouterr().out
-    assert "each step's loss counted as the highest from it to its truncation's end" in card
-    assert "by min(1, t / (0.5 N)) (1 - 0.6 t / N) over inner step t of a run of N steps" in card
+    assert (
+        "by min(1, t / (0.5 N)) (1 - 0.6 t / N) over inner step t of a run of N steps, "
+        "each step's loss counted as the highest from it to its truncation's end" in card
+    )
     monkeypatch.setattr(lopt.checkpoint, "PRETRAINED_DIR", dest)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     opt = lopt.MLPOptimizer(model.parameters(), weights="my-mlp")
