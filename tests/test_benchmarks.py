@@ -790,3 +790,42 @@ def test_overhead_gpu_models_have_their_sizes_and_are_refused_on_the_cpu(tmp_pat
     with pytest.raises(SystemExit, match="--models nope: unknown"):
         overhead.main(["--models", "nope", "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "gpu").exists() and not (tmp_path / "bad").exists()
+
+
+def test_seed_spread_gives_each_seeds_steps_to_tuned_adams_seed_mean_loss(tmp_path, capsys):
+    from benchmarks import real, seed_spread
+
+    steps = (0, 2, 4, 6, 8, 10)
+    adam = {"adam-constant": (4, 3, 2, 1.5, 1.2, 1.0), "adam-cosine": (4, 3, 2, 1, 0.7, 0.5)}
+    learned = {
+        0: (4, 1, 0.6, 0.4, 0.4, 0.3),  # at or below 0.5 from step 6: 0.6
+        1: (4, 1, 0.4, 0.45, 0.6, 0.3),  # below at 4, climbs back at 8: 1.0
+        2: (4, 1, 0.9, 0.8, 0.7, 0.7),  # never
+    }
+    rows = []
+    for task, scale in (("t", 1.0), ("u", 2.0)):
+        for seed in (0, 1, 2):
+            for opt, curve in adam.items():
+                rows += [(task, opt, seed, s, v * scale) for s, v in zip(steps, curve)]
+            rows += [(task, "x", seed, s, v * scale) for s, v in zip(steps, learned[seed])]
+    got = seed_spread.seed_steps(rows)
+    assert list(got) == ["x"]
+    assert got["x"]["t"] == got["x"]["u"] == {0: 0.6, 1: 1.0, 2: math.inf}
+    assert seed_spread.seed_medians(got["x"]) == {0: 0.6, 1: 1.0, 2: math.inf}
+    # one seed alone is the page's measure on the seed-mean curve
+    alone = [r for r in rows if r[2] == 0]
+    page = real.summarise(alone)["per_task"]["t"]["steps_to_adam"]["x"]
+    assert seed_spread.seed_steps(alone)["x"]["t"][0] == pytest.approx(page)
+
+    real.write_out(rows, {"tasks": {"t": 10, "u": 10}}, tmp_path)
+    assert seed_spread.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| t | 0.60x | 1.00x | never |" in out and "| median | 0.60x | 1.00x | never |" in out
+    only_adam = tmp_path / "adam"
+    only_adam.mkdir()
+    real.write_out([r for r in rows if r[1] != "x"], {"tasks": {"t": 10}}, only_adam)
+    with pytest.raises(SystemExit, match="no optimizer besides tuned Adam"):
+        seed_spread.main([str(only_adam)])
+    with pytest.raises(SystemExit, match="cannot read .*meta.json / curves.csv"):
+        seed_spread.main([str(tmp_path / "missing")])
+    assert sorted(p.name for p in only_adam.iterdir()) == ["curves.csv", "meta.json"]
