@@ -34,15 +34,18 @@ def seed_steps(rows) -> dict:
     runs: dict = defaultdict(dict)
     for task, opt, seed, step, loss in rows:
         runs[(task, opt, seed)][step] = loss
+    # each task's steps: the last evaluated step of its tuned Adam's runs
+    steps: dict = defaultdict(int)
+    for (task, opt, _), curve in runs.items():
+        if opt == summary["per_task"][task]["tuned"]:
+            steps[task] = max(steps[task], max(curve))
     out: dict = defaultdict(dict)
     for (task, opt, seed), curve in sorted(runs.items()):
         if opt not in summary["optimizers"]:
             continue
         entry = summary["per_task"][task]
-        adam = [c for (t, o, _), c in runs.items() if t == task and o == entry["tuned"]]
-        steps = max(max(c) for c in adam)
         target = entry["final"][entry["tuned"]]
-        out[opt].setdefault(task, {})[seed] = steps_to_reach(curve, target) / steps
+        out[opt].setdefault(task, {})[seed] = steps_to_reach(curve, target) / steps[task]
     return dict(out)
 
 
@@ -67,13 +70,13 @@ def table(folder: Path) -> str:
         raise SystemExit(f"{folder}: no optimizer besides tuned Adam in its curves.csv")
     lines = [f"`{folder}`: steps to tuned Adam's final loss, per seed", ""]
     for opt, per_task in spread.items():
-        seeds = sorted({s for by_seed in per_task.values() for s in by_seed})
+        medians = seed_medians(per_task)
+        seeds = list(medians)
         lines += [f"| {opt} | " + " | ".join(f"seed {s}" for s in seeds) + " |"]
         lines += ["|---" * (len(seeds) + 1) + "|"]
         for task, by_seed in per_task.items():
             cells = [_fraction(by_seed[s]) if s in by_seed else "" for s in seeds]
             lines.append(f"| {task} | " + " | ".join(cells) + " |")
-        medians = seed_medians(per_task)
         lines.append("| median | " + " | ".join(_fraction(medians[s]) for s in seeds) + " |")
         lines.append("")
     return "\n".join(lines)
