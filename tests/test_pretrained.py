@@ -40,16 +40,16 @@ def test_shipped_net_loads_by_name_with_its_recipe(name):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_nets_carry_every_phase_of_their_recipe(name):
-    # Eleven phases before the net's own run: a per-entry net from scratch
+    # Twelve phases before the net's own run: a per-entry net from scratch
     # on small MLPs and CNNs, five more on the broad family (three of them on
     # a GPU), a per-entry or NFN stage on it, one on real-family, one that
     # adds the orthogonal step, one that scales it by the gradient's
-    # signal-to-noise ratio and one that weighs the end of each inner run
-    # more; each written out in full. The net's own run draws more
-    # autoencoders.
+    # signal-to-noise ratio, one that weighs the end of each inner run more
+    # and one that also draws autoencoders; each written out in full. The
+    # net's own run carries that last recipe on with a new seed.
     net, meta = lopt.load(name)
     phases = meta["phases"]
-    assert len(phases) == 11 and "shipped" not in str(phases)
+    assert len(phases) == 12 and "shipped" not in str(phases)
     assert phases[0]["config"].get("init_from") is None
     for ph in phases:
         assert ph["command"].startswith("python -m meta_train") and ph["outer_steps"] > 0
@@ -58,12 +58,14 @@ def test_shipped_nets_carry_every_phase_of_their_recipe(name):
     assert not phases[7]["config"].get("orthogonal") and phases[8]["config"]["orthogonal"]
     assert not phases[8]["config"].get("orthogonal_snr") and phases[9]["config"]["orthogonal_snr"]
     assert net.config["orthogonal"] and meta["config"]["orthogonal_snr"]
-    ramps = [c["config"]["meta_loss_ramp_fraction"] for c in (phases[9], phases[10], meta)]
-    assert ramps[1] < ramps[0] and ramps[2] == ramps[1]
-    assert "autoencoder-family" in meta["config"]["family"]
+    ramps = [c["config"]["meta_loss_ramp_fraction"] for c in (phases[9], *phases[10:], meta)]
+    assert ramps[1] < ramps[0] and ramps[1] == ramps[2] == ramps[3]
     assert "autoencoder-family" not in phases[10]["config"]["family"]
+    assert phases[11]["config"]["family"] == meta["config"]["family"]
+    assert "autoencoder-family" in meta["config"]["family"]
+    assert phases[11]["config"]["seed"] != meta["config"]["seed"]
     devices = [ph["device"] for ph in phases]
-    assert devices == ["cpu"] * 3 + ["cuda"] * 3 + ["cpu"] * 5
+    assert devices == ["cpu"] * 3 + ["cuda"] * 3 + ["cpu"] * 6
 
 
 @pytest.mark.parametrize("name", SHIPPED)
