@@ -421,7 +421,7 @@ def markdown(summary: dict, meta: dict, factors=FACTORS) -> str:
         losses = " | ".join(f"{e.get(f'loss@{f}x', math.nan):.4f}" for f in factors)
         lines.append(
             f"| {task} | {opt} | {losses} | {e['normalised']:.3f} | "
-            f"{_ratio(e['steps_to_baseline'])} | {'yes' if e['diverged'] else 'no'} | "
+            f"{steps_text(e['steps_to_baseline'])} | {'yes' if e['diverged'] else 'no'} | "
             f"{e['peak']:.3f} |"
         )
     lines += ["", "## Summary: tasks where each optimizer beats tuned Adam", ""]
@@ -435,7 +435,7 @@ def markdown(summary: dict, meta: dict, factors=FACTORS) -> str:
     for opt, c in summary["counts"].items():
         beats = " | ".join(f"{c[f'beats@{f}x']}/{c['tasks']}" for f in factors)
         lines.append(
-            f"| {opt} | {beats} | {_ratio(c['median_steps_to_baseline'])} | {c['diverged']} | "
+            f"| {opt} | {beats} | {steps_text(c['median_steps_to_baseline'])} | {c['diverged']} | "
             f"{c['runs_above_start']}/{c['runs']} | {c['runs_end_above_start']}/{c['runs']} | "
             f"{c['runs_batch_spike']}/{c['runs']} |"
         )
@@ -470,8 +470,9 @@ def markdown(summary: dict, meta: dict, factors=FACTORS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ratio(x: float) -> str:
-    return "never" if math.isinf(x) else f"{x:.2f}x"
+def steps_text(fraction: float) -> str:
+    """A fraction of a run's steps as a table cell: ``0.75x``, or ``never``."""
+    return "never" if math.isinf(fraction) else f"{fraction:.2f}x"
 
 
 def figures(rows, summary: dict, horizon: int, out: Path) -> None:

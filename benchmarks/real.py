@@ -51,6 +51,7 @@ from benchmarks.compare import (
     apply_overrides,
     optimizer_for,
     parse_overrides,
+    steps_text,
     steps_to_reach,
     weights_label,
 )
@@ -143,8 +144,9 @@ def run_task(
 
 
 def summarise(rows) -> dict:
-    """Per task: each optimizer's mean final loss over seeds, the tuned Adam
-    (the better schedule), each learned optimizer's ratio to it, the steps it
+    """Per task: its steps (the last evaluated step of tuned Adam's
+    seed-mean curve), each optimizer's mean final loss over seeds, the tuned
+    Adam (the better schedule), each learned optimizer's ratio to it, the steps it
     needs to reach tuned Adam's final loss and stay there (fraction of the
     budget, from the evaluated points of the seed-mean curve:
     :func:`benchmarks.compare.steps_to_reach`), its loss at ``PART`` of the
@@ -172,7 +174,14 @@ def summarise(rows) -> dict:
         finals = {o: mean[(task, o)][max(mean[(task, o)])] for t, o in mean if t == task}
         tuned = min(ADAM_KINDS, key=lambda k: finals.get(k, math.inf))
         target, steps = finals[tuned], max(mean[(task, tuned)])
-        entry = {"tuned": tuned, "final": finals, "ratio": {}, "steps_to_adam": {}, "at_part": {}}
+        entry = {
+            "tuned": tuned,
+            "steps": steps,
+            "final": finals,
+            "ratio": {},
+            "steps_to_adam": {},
+            "at_part": {},
+        }
         entry["adam_at_part"] = _at_part(mean[(task, tuned)], steps, target)
         for opt in others:
             if opt not in finals:
@@ -214,10 +223,6 @@ def figure(rows, summary: dict, path: Path) -> None:
     for task, opt, _, step, loss in rows:
         curves[(task, opt)][step].append(loss)
     loss_curves(curves, summary["tasks"], [*ADAM_KINDS, *summary["optimizers"]], path)
-
-
-def _steps(fraction: float) -> str:
-    return "never" if math.isinf(fraction) else f"{fraction:.2f}x"
 
 
 def markdown(summary: dict, meta: dict) -> str:
@@ -264,7 +269,8 @@ def markdown(summary: dict, meta: dict) -> str:
     for o, c in summary["counts"].items():
         lines.append(
             f"| {o} | {c['beats']}/{c['tasks']} | {c['worst_ratio']:.2f} | "
-            f"{c['geomean_ratio']:.2f} | {_steps(c['median_steps_to_adam'])} | {c['diverged']} |"
+            f"{c['geomean_ratio']:.2f} | {steps_text(c['median_steps_to_adam'])} | "
+            f"{c['diverged']} |"
         )
     lines += [
         "",
@@ -280,7 +286,7 @@ def markdown(summary: dict, meta: dict) -> str:
     for task in summary["tasks"]:
         e = summary["per_task"][task]
         cells = [f"{e['adam_at_part']:.3g}"]
-        cells += [f"{_steps(e['steps_to_adam'][o])} | {e['at_part'][o]:.3g}" for o in opts]
+        cells += [f"{steps_text(e['steps_to_adam'][o])} | {e['at_part'][o]:.3g}" for o in opts]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

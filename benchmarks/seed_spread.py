@@ -14,12 +14,11 @@ difference:
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.compare import steps_to_reach
+from benchmarks.compare import steps_text, steps_to_reach
 from benchmarks.real import read_out, summarise
 
 
@@ -34,18 +33,13 @@ def seed_steps(rows) -> dict:
     runs: dict = defaultdict(dict)
     for task, opt, seed, step, loss in rows:
         runs[(task, opt, seed)][step] = loss
-    # each task's steps: the last evaluated step of its tuned Adam's runs
-    steps: dict = defaultdict(int)
-    for (task, opt, _), curve in runs.items():
-        if opt == summary["per_task"][task]["tuned"]:
-            steps[task] = max(steps[task], max(curve))
     out: dict = defaultdict(dict)
     for (task, opt, seed), curve in sorted(runs.items()):
         if opt not in summary["optimizers"]:
             continue
         entry = summary["per_task"][task]
         target = entry["final"][entry["tuned"]]
-        out[opt].setdefault(task, {})[seed] = steps_to_reach(curve, target) / steps[task]
+        out[opt].setdefault(task, {})[seed] = steps_to_reach(curve, target) / entry["steps"]
     return dict(out)
 
 
@@ -56,10 +50,6 @@ def seed_medians(per_task: dict) -> dict[int, float]:
         s: statistics.median(by_seed[s] for by_seed in per_task.values() if s in by_seed)
         for s in seeds
     }
-
-
-def _fraction(x: float) -> str:
-    return "never" if math.isinf(x) else f"{x:.2f}x"
 
 
 def table(folder: Path) -> str:
@@ -75,9 +65,9 @@ def table(folder: Path) -> str:
         lines += [f"| {opt} | " + " | ".join(f"seed {s}" for s in seeds) + " |"]
         lines += ["|---" * (len(seeds) + 1) + "|"]
         for task, by_seed in per_task.items():
-            cells = [_fraction(by_seed[s]) if s in by_seed else "" for s in seeds]
+            cells = [steps_text(by_seed[s]) if s in by_seed else "" for s in seeds]
             lines.append(f"| {task} | " + " | ".join(cells) + " |")
-        lines.append("| median | " + " | ".join(_fraction(medians[s]) for s in seeds) + " |")
+        lines.append("| median | " + " | ".join(steps_text(medians[s]) for s in seeds) + " |")
         lines.append("")
     return "\n".join(lines)
 
