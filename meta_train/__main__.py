@@ -22,6 +22,7 @@ import argparse
 import difflib
 import fnmatch
 import json
+import math
 import os
 import platform
 import sys
@@ -103,6 +104,7 @@ DEFAULTS: dict[str, Any] = {
     "vectorise": True,
     "init_from": None,
     "freeze": [],
+    "gain": [],
 }
 NETS = {"nfn": NFNNet, "mlp": PerParamMLP}
 STOPPED = 130  # the exit status of a run stopped by a signal (128 + SIGINT), as a shell's
@@ -165,6 +167,7 @@ RULES: dict[str, Any] = {
     "vectorise": options.boolean,
     "init_from": options.text(optional=True),
     "freeze": options.strings,
+    "gain": options.strings,
     "out": options.text(),
 }
 
@@ -311,6 +314,14 @@ def parser() -> argparse.ArgumentParser:
         help="hold these meta-parameters of the net fixed, at VALUE if given (set after "
         "--init-from), e.g. --freeze fan_in_exp=1.0; names as in net.named_parameters(), "
         "or a glob for a group: 'nf.*=0' (the NF-layer held at zero)",
+    )
+    a(
+        "--gain",
+        nargs="+",
+        metavar="NAME=G",
+        help="meta-train these meta-parameters of the net divided by G: each is perturbed "
+        "and stepped G times as far as the rest, e.g. --gain 'schedule.weight=10' (a net's "
+        "learned schedule, which truncated unrolls move slowly); names or globs as for --freeze",
     )
     a(
         "--family",
@@ -606,6 +617,7 @@ def build(
         copied = warm_start(net, cfg["init_from"])
         print(f"--init-from {cfg['init_from']}: copied {name_groups(copied)}", file=sys.stderr)
     frozen = freeze(net, cfg.get("freeze") or [])
+    gains = meta_gains(net, cfg.get("gain") or [])
     net = net.to(device)
     family = get_family(cfg["family"], device)
     problem = LearnedOptimizerProblem(
@@ -644,11 +656,37 @@ def build(
         eval_every=cfg["eval_every"],
         config=cfg,
         frozen=frozen,
+        gains=gains,
         snapshot_every=cfg.get("snapshot_every", 0),
         per_task=cfg.get("per_task", False),
         tasks_per_step=cfg.get("tasks_per_step", 1),
     )
     return trainer, net
+
+
+def named_parameters(net: lopt.OptimizerNet, name: str, flag: str) -> list[str]:
+    """The names of ``net.named_parameters()`` that ``name`` (a name or a
+    glob) picks for ``flag``; refuses one that picks none, naming the close
+    ones and the scalars."""
+    params = dict(net.named_parameters())
+    # A glob names a group at once (an NFN's NF-layer is hundreds of
+    # tensors: --freeze 'nf.*=0' leaves the rest, e.g. the statistics, to train).
+    if any(c in name for c in "*?["):
+        group = fnmatch.filter(params, name)
+        if not group:
+            raise SystemExit(f"{flag}: {name!r} matches no parameter of the net")
+        return group
+    if name in params:
+        return [name]
+    # An NFN has hundreds of NF-layer tensors: name the close ones and
+    # the scalars, not all of them.
+    close = difflib.get_close_matches(name, params, n=3)
+    scalars = [n for n, t in params.items() if t.dim() == 0]
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise SystemExit(
+        f"{flag}: no parameter {name!r} ({hint}its scalars: {', '.join(scalars)}; "
+        f"all {len(params)} names in net.named_parameters())"
+    )
 
 
 def freeze(net: lopt.OptimizerNet, items: list[str]) -> torch.Tensor | None:
@@ -663,24 +701,7 @@ def freeze(net: lopt.OptimizerNet, items: list[str]) -> torch.Tensor | None:
     names = set()
     for item in items:
         name, sep, value = item.partition("=")
-        # A glob names a group at once (an NFN's NF-layer is hundreds of
-        # tensors: --freeze 'nf.*=0' leaves the rest, e.g. the statistics, to train).
-        if any(c in name for c in "*?["):
-            group = fnmatch.filter(params, name)
-            if not group:
-                raise SystemExit(f"--freeze: {name!r} matches no parameter of the net")
-        elif name in params:
-            group = [name]
-        else:
-            # An NFN has hundreds of NF-layer tensors: name the close ones and
-            # the scalars, not all of them.
-            close = difflib.get_close_matches(name, params, n=3)
-            scalars = [n for n, t in params.items() if t.dim() == 0]
-            hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise SystemExit(
-                f"--freeze: no parameter {name!r} ({hint}its scalars: {', '.join(scalars)}; "
-                f"all {len(params)} names in net.named_parameters())"
-            )
+        group = named_parameters(net, name, "--freeze")
         if sep:
             try:
                 number = float(value)
@@ -693,6 +714,28 @@ def freeze(net: lopt.OptimizerNet, items: list[str]) -> torch.Tensor | None:
     return torch.cat(
         [torch.full((t.numel(),), n in names, dtype=torch.bool) for n, t in params.items()]
     )
+
+
+def meta_gains(net: lopt.OptimizerNet, items: list[str]) -> torch.Tensor | None:
+    """``--gain`` items (``NAME=G``; NAME may be a glob over
+    ``net.named_parameters()``, a later item overrides an earlier one): the
+    gain of every entry of ``parameters_to_vector(net.parameters())``, 1
+    where no item names it (None for no items)."""
+    if not items:
+        return None
+    params = dict(net.named_parameters())
+    gain = dict.fromkeys(params, 1.0)
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            number = float(value) if sep else math.nan
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and number > 0):
+            raise SystemExit(f"--gain {item!r}: give NAME=G with G a number > 0")
+        for member in named_parameters(net, name, "--gain"):
+            gain[member] = number
+    return torch.cat([torch.full((t.numel(),), gain[n]) for n, t in params.items()])
 
 
 def warm_start(net: lopt.OptimizerNet, weights: str) -> list[str]:

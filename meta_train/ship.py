@@ -153,6 +153,10 @@ def _meta_lr(cfg: dict) -> str:
     if steps:
         final = cfg.get("meta_lr_final", 0.1)
         text += f" cosine-decayed to {final:g}x of it over outer steps 0-{steps}"
+    gains = cfg.get("gain") or []
+    if gains:
+        named = ", ".join(f"`{n}` x{g}" for n, _, g in (item.partition("=") for item in gains))
+        text += f" (perturbed and stepped at gains {named})"
     return text
 
 

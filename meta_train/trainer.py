@@ -115,6 +115,14 @@ class MetaTrainer:
         config: saved with checkpoints.
         frozen: a bool mask over the meta-parameters held fixed: they are
             not perturbed and not stepped (None: all are trained).
+        gains: a positive factor per meta-parameter (None: all 1). The outer
+            loop trains ``theta / gains``: a meta-parameter of gain ``G`` is
+            perturbed ``G`` times as far (ES, PES) and moves ``G`` times as
+            far per outer step. Meta-parameters whose effect is small per
+            unit (the learned schedule's weights, which truncated unrolls
+            score only through the few runs that reach a run's end) then
+            stand out of the estimator's noise and move within hundreds of
+            outer steps, not thousands.
         snapshot_fn, snapshot_every: ``snapshot_fn(trainer)`` every
             ``snapshot_every`` outer steps on rank 0, after the checkpoint
             (the command line keeps the net there, to pick one later).
@@ -155,6 +163,7 @@ class MetaTrainer:
         eval_every: int = 0,
         config: dict[str, Any] | None = None,
         frozen: torch.Tensor | None = None,
+        gains: torch.Tensor | None = None,
         snapshot_fn: Callable[[MetaTrainer], None] | None = None,
         snapshot_every: int = 0,
         per_task: bool = False,
@@ -193,6 +202,13 @@ class MetaTrainer:
         if frozen is not None and frozen.shape != self.theta.shape:
             raise ValueError(f"frozen mask {tuple(frozen.shape)} != {tuple(self.theta.shape)}")
         self.frozen = None if frozen is None else frozen.to(self.theta.device)
+        if gains is not None:
+            if gains.shape != self.theta.shape:
+                raise ValueError(f"gains {tuple(gains.shape)} != {tuple(self.theta.shape)}")
+            if not (torch.isfinite(gains).all() and (gains > 0).all()):
+                raise ValueError("gains must be finite and > 0")
+            gains = gains.to(self.theta)
+        self.gains = gains
         self.meta_opt = torch.optim.Adam([self.theta], lr=meta_lr)
         self.meta_lr, self.meta_lr_decay_steps = meta_lr, meta_lr_decay_steps
         self.meta_lr_final = meta_lr_final
@@ -272,6 +288,8 @@ class MetaTrainer:
             noise = noise.to(theta.device)
             if self.frozen is not None:
                 noise = noise.masked_fill(self.frozen, 0.0)
+            if self.gains is not None:
+                noise = noise * self.gains
         t0 = time.perf_counter()
         n_slots, k = len(self.slots), self.problem.truncation
         # Per slot: gradient sum, meta-loss sum, squared norms, pairs,
@@ -321,10 +339,15 @@ class MetaTrainer:
         if self.frozen is not None:  # backprop estimates them; drop them
             grad = grad.masked_fill(self.frozen, 0.0)
         meta_loss = (loss_sums.sum() / trajs).item()
-        grad_norm = grad.norm().item()
         # Variance of the mean estimate (trace): per-unit second moment minus
         # the squared mean, over the number of units.
         variance = ((sq_sum / count - grad.square().sum()) / count).item()
+        if self.gains is not None:
+            # The gradient in theta / gains: ES and PES estimated it along
+            # noise times the gains, so it is theirs over the gains; backprop's
+            # is d/d theta, times the gains by the chain rule.
+            grad = grad / self.gains if self.estimator.needs_noise else grad * self.gains
+        grad_norm = grad.norm().item()
         elapsed = time.perf_counter() - t0
         self.inner_steps += int(trajs.item()) * k
         self.train_seconds += elapsed
@@ -335,7 +358,11 @@ class MetaTrainer:
             for group in self.meta_opt.param_groups:
                 group["lr"] = lr
             self.theta.grad = grad * min(1.0, self.clip / max(grad_norm, 1e-12))
+            before = self.theta.detach().clone() if self.gains is not None else None
             self.meta_opt.step()
+            if before is not None:  # Adam's step was one of theta / gains
+                with torch.no_grad():
+                    self.theta.copy_(before + (self.theta - before) * self.gains)
             self.problem.load_theta(self.theta.detach())
         else:
             self.skipped += 1

@@ -92,6 +92,7 @@ def test_meta_train_bad_flags(tmp_path, argv, message):
         ({"population": 2.5}, "--population must be a whole number >= 1, got 2.5"),
         ({"neuron_stats": "yes"}, "--neuron-stats must be true or false, got 'yes'"),
         ({"freeze": "log_lr"}, "--freeze must be a list of strings"),
+        ({"gain": "schedule.weight=10"}, "--gain must be a list of strings"),
         ({"budget_hidden": 2}, "--budget-hidden must be a number in [0, 1], got 2"),
         ({"populaton": 4}, "unknown option 'populaton'; did you mean population"),
     ],
