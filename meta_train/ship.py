@@ -25,15 +25,27 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import lopt
 from lopt import cli
 from lopt.checkpoint import PRETRAINED_DIR
-from lopt.nets import NEURON_STATS, ORTHO_SNR_GAIN, STAT_POOLS
+from lopt.features import budget_features, step_features
+from lopt.nets import (
+    MAX_LOG_SCHEDULE,
+    NEURON_STATS,
+    ORTHO_SNR_GAIN,
+    STAT_POOLS,
+    schedule_prior,
+)
 from meta_train import options
 from meta_train.recipes import check as check_recipe
 from meta_train.recipes import from_phases, recipe_output
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the repository's recipes
+# Where a card reads a net's learned schedule: places t / N in a run of N steps.
+SCHEDULE_STEPS = 1000
+SCHEDULE_FRACTIONS = (0.01, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0)
 # What a phase of a multi-phase recipe keeps of its net's metadata.
 PHASE_KEYS = (
     "command", "history", "config", "outer_steps", "inner_steps",
@@ -212,6 +224,32 @@ def _snapshot(meta: dict[str, Any]) -> str:
     return f" (the net at outer step {at:,} of the recipe's {planned:,}, kept by --snapshot-every)"
 
 
+def learned_schedule(
+    net: lopt.OptimizerNet,
+    total_steps: int = SCHEDULE_STEPS,
+    fractions: tuple[float, ...] = SCHEDULE_FRACTIONS,
+    prior: bool = False,
+) -> list[float]:
+    """A budget net's learned schedule (its factor on every update, with the
+    loss features at rest) at step ``round(f * total_steps)`` (at least 1)
+    of a run told ``total_steps``, for each ``f`` of ``fractions``; with
+    ``prior``, the schedule every budget net starts from
+    (:func:`~lopt.nets.schedule_prior`), to read how far meta-training
+    moved it."""
+    out = []
+    with torch.no_grad():
+        for f in fractions:
+            t = torch.tensor(float(max(1, round(f * total_steps))))
+            steps_in, budget_in = step_features(t), budget_features(t, total_steps)
+            if prior:
+                weight, bias = schedule_prior()
+                log = weight[0] @ torch.cat([steps_in, budget_in]) + bias[0]
+                out.append(log.clamp(max=MAX_LOG_SCHEDULE).exp().item())
+            else:
+                out.append(net.schedule_scale(steps_in, budget_in).item())
+    return out
+
+
 def depth_factors(net: lopt.OptimizerNet, writers: tuple[int, ...] = (2, 4, 6, 8)) -> str:
     """``"2: 1.1, 4: 0.9, ..."``: the depth factor of a net built with
     ``depth_factor=True``, ``exp(residual_log_rate) * n ** -depth_exp``, at
@@ -299,6 +337,16 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         )
         + ".",
     ]
+    if net.reads_budget:
+        at = ", ".join(f"{f:g}" for f in SCHEDULE_FRACTIONS)
+        lines.append(
+            f"* Learned schedule, the factor on every update in a run told {SCHEDULE_STEPS:,} "
+            f"steps, at t / N = {at}: "
+            + ", ".join(f"{v:.3g}" for v in learned_schedule(net))
+            + "; the schedule it started from: "
+            + ", ".join(f"{v:.3g}" for v in learned_schedule(net, prior=True))
+            + "."
+        )
     if hasattr(net, "role_log_rate"):
         rates = {k: v.item() for k, v in net.role_log_rate.items()}
         moved = sorted((k for k in rates if abs(rates[k]) >= 0.01), key=lambda k: rates[k])

@@ -1080,6 +1080,36 @@ def test_nf_outputs_magnitude_trains_a_magnitude_only_nf_layer(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_card_gives_the_learned_schedule_and_the_one_it_started_from():
+    """learned_schedule: a fresh budget net's schedule is the prior's closed
+    form (warm-up times the decay over the budget's end); a net whose
+    schedule moved reads as moved, the prior does not; the card says both,
+    and a net without a budget says neither."""
+    from meta_train.ship import SCHEDULE_FRACTIONS, learned_schedule, model_card
+
+    net = PerParamMLP(width=4, budget=True)
+    expected = []
+    for f in SCHEDULE_FRACTIONS:
+        t = max(1, round(f * 1000))
+        decay = 1 - math.tanh((1 - t / 1000) / 0.3) / math.tanh(1 / 0.3)
+        expected.append(math.exp(2.0 * (math.tanh(t / 3) - 1) - 2.5 * decay))
+    assert learned_schedule(net) == pytest.approx(expected, rel=1e-5)
+    assert learned_schedule(net, prior=True) == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        net.schedule.bias.add_(math.log(0.5))
+    assert learned_schedule(net) == pytest.approx([0.5 * e for e in expected], rel=1e-5)
+    assert learned_schedule(net, prior=True) == pytest.approx(expected, rel=1e-5)
+    card = model_card("x", {"config": {}, "outer_steps": 1}, net, 1)
+    moved = ", ".join(f"{0.5 * e:.3g}" for e in expected)
+    assert (
+        f"in a run told 1,000 steps, at t / N = 0.01, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 1: {moved};"
+        in card
+    )
+    assert "the schedule it started from: " + ", ".join(f"{e:.3g}" for e in expected) in card
+    plain = model_card("x", {"config": {}, "outer_steps": 1}, PerParamMLP(width=4), 1)
+    assert "Learned schedule" not in plain
+
+
 class TwoRates(Quadratic):
     """Quadratic with a learning rate per coordinate, theta = (lr_0, lr_1)."""
 
