@@ -237,12 +237,12 @@ def learned_schedule(
     (:func:`~lopt.nets.schedule_prior`), to read how far meta-training
     moved it."""
     out = []
+    weight, bias = schedule_prior()
     with torch.no_grad():
         for f in fractions:
             t = torch.tensor(float(max(1, round(f * total_steps))))
             steps_in, budget_in = step_features(t), budget_features(t, total_steps)
             if prior:
-                weight, bias = schedule_prior()
                 log = weight[0] @ torch.cat([steps_in, budget_in]) + bias[0]
                 out.append(log.clamp(max=MAX_LOG_SCHEDULE).exp().item())
             else:

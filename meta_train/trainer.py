@@ -118,11 +118,12 @@ class MetaTrainer:
         gains: a positive factor per meta-parameter (None: all 1). The outer
             loop trains ``theta / gains``: a meta-parameter of gain ``G`` is
             perturbed ``G`` times as far (ES, PES) and moves ``G`` times as
-            far per outer step. Meta-parameters whose effect is small per
-            unit (the learned schedule's weights, which truncated unrolls
-            score only through the few runs that reach a run's end) then
-            stand out of the estimator's noise and move within hundreds of
-            outer steps, not thousands.
+            far per outer step. A meta-parameter whose effect per unit is
+            small (the learned schedule's weights, which truncated unrolls
+            score only through the runs that reach a run's end) then moves
+            within hundreds of outer steps, not thousands; its share of
+            every pair's loss difference grows with ``G`` too, and so does
+            the noise it adds to the others' estimates.
         snapshot_fn, snapshot_every: ``snapshot_fn(trainer)`` every
             ``snapshot_every`` outer steps on rank 0, after the checkpoint
             (the command line keeps the net there, to pick one later).
