@@ -664,11 +664,10 @@ def build(
     return trainer, net
 
 
-def named_parameters(net: lopt.OptimizerNet, name: str, flag: str) -> list[str]:
-    """The names of ``net.named_parameters()`` that ``name`` (a name or a
-    glob) picks for ``flag``; refuses one that picks none, naming the close
-    ones and the scalars."""
-    params = dict(net.named_parameters())
+def pick_parameters(params: dict[str, torch.Tensor], name: str, flag: str) -> list[str]:
+    """The names of ``params`` (a net's ``dict(named_parameters())``) that
+    ``name`` (a name or a glob) picks for ``flag``; refuses one that picks
+    none, naming the close ones and the scalars."""
     # A glob names a group at once (an NFN's NF-layer is hundreds of
     # tensors: --freeze 'nf.*=0' leaves the rest, e.g. the statistics, to train).
     if any(c in name for c in "*?["):
@@ -701,7 +700,7 @@ def freeze(net: lopt.OptimizerNet, items: list[str]) -> torch.Tensor | None:
     names = set()
     for item in items:
         name, sep, value = item.partition("=")
-        group = named_parameters(net, name, "--freeze")
+        group = pick_parameters(params, name, "--freeze")
         if sep:
             try:
                 number = float(value)
@@ -733,7 +732,7 @@ def meta_gains(net: lopt.OptimizerNet, items: list[str]) -> torch.Tensor | None:
             number = math.nan
         if not (math.isfinite(number) and number > 0):
             raise SystemExit(f"--gain {item!r}: give NAME=G with G a number > 0")
-        for member in named_parameters(net, name, "--gain"):
+        for member in pick_parameters(params, name, "--gain"):
             gain[member] = number
     return torch.cat([torch.full((t.numel(),), gain[n]) for n, t in params.items()])
 

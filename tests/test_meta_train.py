@@ -36,10 +36,14 @@ class Quadratic(TruncatedProblem):
     def reset(self, counter, trajectories, slot=0):
         return {"x": X0.expand(trajectories, 2).clone()}
 
+    def rates(self, thetas):
+        """Each trajectory's learning rate, from its meta-parameters."""
+        return thetas[:, :1]
+
     def unroll(self, thetas, inner, counter, slot=0):
         x, losses = inner["x"], []
         for _ in range(self.truncation):
-            x = x - thetas[:, :1] * A * x
+            x = x - self.rates(thetas) * A * x
             losses.append(0.5 * (A * x * x).sum(-1))
         losses = torch.stack(losses, 1)
         return losses.mean(1), losses, {"x": x}
@@ -1116,13 +1120,8 @@ class TwoRates(Quadratic):
     def initial_theta(self):
         return torch.tensor([0.3, 0.2], dtype=torch.float64)
 
-    def unroll(self, thetas, inner, counter, slot=0):
-        x, losses = inner["x"], []
-        for _ in range(self.truncation):
-            x = x - thetas * A * x
-            losses.append(0.5 * (A * x * x).sum(-1))
-        losses = torch.stack(losses, 1)
-        return losses.mean(1), losses, {"x": x}
+    def rates(self, thetas):
+        return thetas
 
 
 class Reparameterised(TwoRates):
