@@ -44,6 +44,7 @@ from tqdm import tqdm
 import lopt
 from benchmarks.figures import loss_curves, pyplot
 from lopt import cli
+from lopt.nets import schedule_prior
 from tasks import get_suite, get_task
 from tasks.runs import ADAM_GRID, adam, run, sgdm, tune
 
@@ -74,7 +75,8 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
     scalar meta-parameters (``fan_in_exp``, ``log_lr``, ``log_step_mult``) to
     other values, an ablation of one learned number, or scale an NFN net's
     NF-layer output (``nf_scale=0``: the per-entry path alone, an ablation of
-    what the NF-layer adds)."""
+    what the NF-layer adds) or move a budget net's anneal (``decay_width``,
+    :func:`apply_overrides`)."""
     label, path = weights_label(weights)
     net, _ = cli.load_weights("--weights", path)
     apply_overrides(net, overrides or {}, label)
@@ -97,14 +99,32 @@ def scalar_parameters(net: lopt.OptimizerNet) -> dict[str, torch.Tensor]:
 
 def apply_overrides(net: lopt.OptimizerNet, overrides: dict[str, float], label: str) -> None:
     """Set ``net``'s scalar meta-parameters (or an NFN's ``nf_scale``) as
-    ``--set`` asks; ``SystemExit`` naming what ``label``'s net has instead."""
+    ``--set`` asks; ``decay_width=W`` moves a budget net's learned schedule
+    onto a decay of width W (:func:`~lopt.nets.schedule_prior`: the prior's
+    part is swapped, what meta-training added to it kept), to measure what
+    an earlier or later anneal does. ``SystemExit`` naming what ``label``'s
+    net has instead."""
     scalars = scalar_parameters(net)
     for name, value in overrides.items():
         if name == "nf_scale" and isinstance(net, lopt.NFNNet):
             net.nf_scale = value
             continue
+        if name == "decay_width":
+            if not net.reads_budget:
+                raise SystemExit(
+                    f"--set decay_width: {label}'s net has no learned schedule "
+                    "(it was built without a step budget)"
+                )
+            try:
+                moved = schedule_prior(value)[0] - schedule_prior()[0]
+            except ValueError as e:
+                raise SystemExit(f"--set decay_width: {e}") from None
+            with torch.no_grad():
+                net.schedule.weight.add_(moved)
+            continue
         if name not in scalars:
             settable = sorted(scalars) + (["nf_scale"] if isinstance(net, lopt.NFNNet) else [])
+            settable += ["decay_width"] if net.reads_budget else []
             raise SystemExit(
                 f"--set {name}: {label} has no scalar meta-parameter {name!r} "
                 f"(it has {', '.join(settable)})"
@@ -535,8 +555,9 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         metavar="NAME=VALUE",
         help="ablation: set a scalar meta-parameter of every learned net "
-        "(fan_in_exp, log_lr, log_step_mult) or scale an NFN net's NF-layer "
-        "output (nf_scale=0: its per-entry path alone) before running",
+        "(fan_in_exp, log_lr, log_step_mult), scale an NFN net's NF-layer "
+        "output (nf_scale=0: its per-entry path alone) or move a budget net's "
+        "anneal (decay_width=0.1 later, 1 earlier; 0.3 as trained) before running",
     )
     p.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))
     p.add_argument("--device", default="cpu")

@@ -341,8 +341,9 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         metavar="NAME=VALUE",
         help="ablation, as in benchmarks.compare: set a scalar meta-parameter of every "
-        "learned net (fan_in_exp, log_lr, log_step_mult) or scale an NFN net's NF-layer "
-        "and neuron-statistics output (nf_scale=0: its per-entry path alone)",
+        "learned net (fan_in_exp, log_lr, log_step_mult), scale an NFN net's NF-layer "
+        "and neuron-statistics output (nf_scale=0: its per-entry path alone) or move "
+        "the learned schedule's anneal (decay_width=0.1 later, 1 earlier; 0.3 as trained)",
     )
     args = p.parse_args(argv)
     if args.from_csv:

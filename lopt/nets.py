@@ -142,18 +142,26 @@ ORTHO_INIT = 0.3
 ORTHO_SNR_GAIN = 4.0
 
 
-def schedule_prior() -> tuple[Tensor, Tensor]:
+def schedule_prior(decay_width: float = DECAY_PRIOR_WIDTH) -> tuple[Tensor, Tensor]:
     """The learned schedule's initial weights ``(1, step + budget features)``
     and bias ``(1,)``: ``log factor = WARMUP_PRIOR * (tanh(t / s) - 1)`` (s =
     WARMUP_PRIOR_STEPS), plus ``-DECAY_PRIOR * (1 - tanh((1 - f) / w) /
     tanh(1 / w))`` when the budget is known (0 at the start, -DECAY_PRIOR at
-    the end; its features are all zero when it is not)."""
+    the end; its features are all zero when it is not). ``w`` is
+    ``decay_width`` (one of :data:`~lopt.features.BUDGET_SCALES`, the widths a
+    budget feature has): the fraction of the run over which most of the
+    decay happens; every net starts from DECAY_PRIOR_WIDTH."""
+    if decay_width not in BUDGET_SCALES:
+        raise ValueError(
+            f"decay width must be one of the budget features' scales "
+            f"{', '.join(map(str, BUDGET_SCALES))}, got {decay_width}"
+        )
     w = torch.zeros(1, NUM_STEP_FEATURES + NUM_BUDGET_FEATURES)
     w[0, STEP_TIMESCALES.index(WARMUP_PRIOR_STEPS)] = WARMUP_PRIOR
     n = len(BUDGET_SCALES)
     w[0, -1] = -DECAY_PRIOR  # the known-budget flag
-    w[0, NUM_STEP_FEATURES + n + BUDGET_SCALES.index(DECAY_PRIOR_WIDTH)] = DECAY_PRIOR / math.tanh(
-        1 / DECAY_PRIOR_WIDTH
+    w[0, NUM_STEP_FEATURES + n + BUDGET_SCALES.index(decay_width)] = DECAY_PRIOR / math.tanh(
+        1 / decay_width
     )
     return w, torch.tensor([-WARMUP_PRIOR])
 

@@ -368,6 +368,67 @@ def test_set_overrides_a_learned_scalar_for_an_ablation(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_decay_width_moves_the_anneal_and_keeps_what_was_learned(tmp_path):
+    """--set decay_width=W: the schedule's prior decay is swapped for one of
+    width W (closed form below) while what meta-training added stays (here
+    a halved level); 0.3, the width every net starts from, changes nothing;
+    a width no budget feature has and a net without a schedule are refused
+    by message, and the file is never changed."""
+    from benchmarks import real
+    from meta_train.ship import SCHEDULE_FRACTIONS, learned_schedule
+    from tasks import get_task
+
+    net = lopt.PerParamMLP(width=4, budget=True)
+    with torch.no_grad():
+        net.schedule.bias.add_(math.log(0.5))
+    lopt.save(net, tmp_path / "b.pt")
+    lopt.save(lopt.PerParamMLP(width=4), tmp_path / "plain.pt")
+
+    def closed_form(width):
+        out = []
+        for f in SCHEDULE_FRACTIONS:
+            t = max(1, round(f * 1000))
+            decay = 1 - math.tanh((1 - t / 1000) / width) / math.tanh(1 / width)
+            out.append(0.5 * math.exp(2.0 * (math.tanh(t / 3) - 1) - 2.5 * decay))
+        return out
+
+    for width in (1.0, 0.1, 0.3):
+        moved, _ = lopt.load(tmp_path / "b.pt")
+        compare.apply_overrides(moved, {"decay_width": width}, "b")
+        assert learned_schedule(moved) == pytest.approx(closed_form(width), rel=1e-5)
+    assert closed_form(1.0)[4] < 0.5 * closed_form(0.3)[4]  # earlier: below half at 0.7
+    # The optimizer it makes steps with the moved schedule.
+    task = get_task("mlp-gmm")
+    make = compare.optimizer_for
+    nets = {w: lopt.load(tmp_path / "b.pt")[0] for w in (0.3, 1.0)}
+    for width, moved in nets.items():
+        compare.apply_overrides(moved, {"decay_width": width}, "b")
+    plain = run(task, make(lopt.load(tmp_path / "b.pt")[0], 20), 20, 0, 10).train
+    same = run(task, make(nets[0.3], 20), 20, 0, 10).train
+    earlier = run(task, make(nets[1.0], 20), 20, 0, 10).train
+    assert same == plain and earlier != plain
+    before = (tmp_path / "b.pt").read_bytes()
+    with pytest.raises(
+        SystemExit, match=r"decay width must be one of .* 0\.03, 0\.1, 0\.3, 1\.0, got 0\.5"
+    ):
+        compare.learned(str(tmp_path / "b.pt"), {"decay_width": 0.5})
+    with pytest.raises(SystemExit, match="plain's net has no learned schedule"):
+        compare.learned(str(tmp_path / "plain.pt"), {"decay_width": 1.0})
+    with pytest.raises(SystemExit, match="decay width must be one of"):
+        real.main(
+            [
+                "--weights",
+                str(tmp_path / "b.pt"),
+                "--set",
+                "decay_width=2",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    assert not (tmp_path / "o").exists()
+    assert (tmp_path / "b.pt").read_bytes() == before
+
+
 def test_nf_scale_0_runs_the_nfn_as_its_per_entry_net(tmp_path):
     import lopt
     from tasks import get_task
