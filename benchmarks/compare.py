@@ -97,6 +97,13 @@ def scalar_parameters(net: lopt.OptimizerNet) -> dict[str, torch.Tensor]:
     return {n: t for n, t in net.named_parameters() if t.numel() == 1}
 
 
+# A schedule's decay reads the budget features, all zero without total_steps.
+NO_DECAY_HERE = (
+    "--set decay_width: {where} without total_steps, where a learned schedule has no "
+    "decay to move; {fix}"
+)
+
+
 def apply_overrides(net: lopt.OptimizerNet, overrides: dict[str, float], label: str) -> None:
     """Set ``net``'s scalar meta-parameters (or an NFN's ``nf_scale``) as
     ``--set`` asks; ``decay_width=W`` moves a budget net's learned schedule
@@ -555,9 +562,8 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         metavar="NAME=VALUE",
         help="ablation: set a scalar meta-parameter of every learned net "
-        "(fan_in_exp, log_lr, log_step_mult), scale an NFN net's NF-layer "
-        "output (nf_scale=0: its per-entry path alone) or move a budget net's "
-        "anneal (decay_width=0.1 later, 1 earlier; 0.3 as trained) before running",
+        "(fan_in_exp, log_lr, log_step_mult) or scale an NFN net's NF-layer "
+        "output (nf_scale=0: its per-entry path alone) before running",
     )
     p.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))
     p.add_argument("--device", default="cpu")
@@ -604,6 +610,13 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = parse_overrides(args.set)
     if overrides and not args.weights:
         raise SystemExit("--set changes learned nets: give them with --weights")
+    if "decay_width" in overrides:
+        raise SystemExit(
+            NO_DECAY_HERE.format(
+                where="benchmarks.compare runs the learned optimizers",
+                fix="use benchmarks.real, which tells them each run's length",
+            )
+        )
     if args.first_seed < 0 or args.first_seed + args.seeds > 100:
         raise SystemExit(
             f"--first-seed {args.first_seed} --seeds {args.seeds}: the seeds run must lie in "

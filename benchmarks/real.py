@@ -48,6 +48,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.compare import (
+    NO_DECAY_HERE,
     apply_overrides,
     optimizer_for,
     parse_overrides,
@@ -352,6 +353,12 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = parse_overrides(args.set)
     if overrides and not args.weights:
         p.error("--set is for learned optimizers: give them with --weights")
+    if "decay_width" in overrides and args.hide_budget:
+        p.error(
+            NO_DECAY_HERE.format(
+                where="--hide-budget runs the learned optimizers", fix="drop --hide-budget"
+            )
+        )
     for w in args.weights:
         learned(w, None, overrides)  # a bad name, file or --set is reported before anything runs
     if not 1 <= args.seeds <= 100:

@@ -372,8 +372,9 @@ def test_decay_width_moves_the_anneal_and_keeps_what_was_learned(tmp_path):
     """--set decay_width=W: the schedule's prior decay is swapped for one of
     width W (closed form below) while what meta-training added stays (here
     a halved level); 0.3, the width every net starts from, changes nothing;
-    a width no budget feature has and a net without a schedule are refused
-    by message, and the file is never changed."""
+    a width no budget feature has, a net without a schedule and a run that
+    does not tell total_steps are refused by message, and the file is never
+    changed."""
     from benchmarks import real
     from meta_train.ship import SCHEDULE_FRACTIONS, learned_schedule
     from tasks import get_task
@@ -421,6 +422,31 @@ def test_decay_width_moves_the_anneal_and_keeps_what_was_learned(tmp_path):
                 str(tmp_path / "b.pt"),
                 "--set",
                 "decay_width=2",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    # Without total_steps the decay never acts: refused where nets run so.
+    with pytest.raises(SystemExit, match="benchmarks.compare runs the learned optimizers without"):
+        compare.main(
+            [
+                "--weights",
+                str(tmp_path / "b.pt"),
+                "--set",
+                "decay_width=1",
+                "--quick",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    with pytest.raises(SystemExit, match="drop --hide-budget"):
+        real.main(
+            [
+                "--weights",
+                str(tmp_path / "b.pt"),
+                "--set",
+                "decay_width=1",
+                "--hide-budget",
                 "--out",
                 str(tmp_path / "o"),
             ]
