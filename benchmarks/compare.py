@@ -75,8 +75,7 @@ def learned(weights: str, overrides: dict[str, float] | None = None) -> tuple[st
     scalar meta-parameters (``fan_in_exp``, ``log_lr``, ``log_step_mult``) to
     other values, an ablation of one learned number, or scale an NFN net's
     NF-layer output (``nf_scale=0``: the per-entry path alone, an ablation of
-    what the NF-layer adds) or move a budget net's anneal (``decay_width``,
-    :func:`apply_overrides`)."""
+    what the NF-layer adds)."""
     label, path = weights_label(weights)
     net, _ = cli.load_weights("--weights", path)
     apply_overrides(net, overrides or {}, label)
