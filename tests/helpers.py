@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from hypothesis import strategies as st
@@ -277,3 +278,16 @@ def first_step(net, model, path: str):
     with torch.no_grad():
         out, _ = functional.update(net, spec, None, grads, state, params, **kwargs)
     return spec, grads, out
+
+
+def schedule_closed_form(fractions, width=0.3, total_steps=1000) -> list[float]:
+    """The schedule every budget net starts from, written out by hand (a
+    naive reference for lopt.nets.schedule_prior): warm-up ``exp(2 (tanh(t /
+    3) - 1))`` times the decay ``exp(-2.5 (1 - tanh((1 - f) / width) / tanh(1
+    / width)))``, at step ``max(1, round(f * total_steps))`` for each f."""
+    out = []
+    for f in fractions:
+        t = max(1, round(f * total_steps))
+        decay = 1 - math.tanh((1 - t / total_steps) / width) / math.tanh(1 / width)
+        out.append(math.exp(2.0 * (math.tanh(t / 3) - 1) - 2.5 * decay))
+    return out

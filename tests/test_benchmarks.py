@@ -375,6 +375,8 @@ def test_decay_width_moves_the_anneal_and_keeps_what_was_learned(tmp_path):
     a width no budget feature has, a net without a schedule and a run that
     does not tell total_steps are refused by message, and the file is never
     changed."""
+    from helpers import schedule_closed_form
+
     from benchmarks import real
     from meta_train.ship import SCHEDULE_FRACTIONS, learned_schedule
     from tasks import get_task
@@ -385,13 +387,8 @@ def test_decay_width_moves_the_anneal_and_keeps_what_was_learned(tmp_path):
     lopt.save(net, tmp_path / "b.pt")
     lopt.save(lopt.PerParamMLP(width=4), tmp_path / "plain.pt")
 
-    def closed_form(width):
-        out = []
-        for f in SCHEDULE_FRACTIONS:
-            t = max(1, round(f * 1000))
-            decay = 1 - math.tanh((1 - t / 1000) / width) / math.tanh(1 / width)
-            out.append(0.5 * math.exp(2.0 * (math.tanh(t / 3) - 1) - 2.5 * decay))
-        return out
+    def closed_form(width):  # the halved level kept
+        return [0.5 * v for v in schedule_closed_form(SCHEDULE_FRACTIONS, width)]
 
     for width in (1.0, 0.1, 0.3):
         moved, _ = lopt.load(tmp_path / "b.pt")

@@ -1089,14 +1089,12 @@ def test_card_gives_the_learned_schedule_and_the_one_it_started_from():
     form (warm-up times the decay over the budget's end); a net whose
     schedule moved reads as moved, the prior does not; the card says both,
     and a net without a budget says neither."""
+    from helpers import schedule_closed_form
+
     from meta_train.ship import SCHEDULE_FRACTIONS, learned_schedule, model_card
 
     net = PerParamMLP(width=4, budget=True)
-    expected = []
-    for f in SCHEDULE_FRACTIONS:
-        t = max(1, round(f * 1000))
-        decay = 1 - math.tanh((1 - t / 1000) / 0.3) / math.tanh(1 / 0.3)
-        expected.append(math.exp(2.0 * (math.tanh(t / 3) - 1) - 2.5 * decay))
+    expected = schedule_closed_form(SCHEDULE_FRACTIONS)
     assert learned_schedule(net) == pytest.approx(expected, rel=1e-5)
     assert learned_schedule(net, prior=True) == pytest.approx(expected, rel=1e-5)
     with torch.no_grad():
