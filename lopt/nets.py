@@ -35,8 +35,11 @@ starts near zero, so a fresh net is a sane, slow optimizer. A net built with
 ``loss_features=True`` also reads the training loss, as ratios to its own
 running averages (:func:`~lopt.features.loss_features`), in the trunk's bias,
 the term's factor and, as a brake only, the learned schedule: a loss above its
-averages or its best can slow the whole update, never speed it up. A net
-built with ``depth_factor=True`` multiplies every update of a network with a
+averages or its best can slow the whole update, never speed it up. With
+``loss_anneal=True`` the loss features also time the schedule's anneal (the
+part below 0 that reads the budget, multiplied by a learned factor of them,
+1 at first), so a run whose loss still falls can anneal later than one on a
+plateau. A net built with ``depth_factor=True`` multiplies every update of a network with a
 residual stream by ``exp(residual_log_rate) * writers ** -depth_exp``,
 ``writers`` the most weight matrices that write one neuron group
 (:func:`stream_writers`: 1 without residual connections, which keep factor 1;
@@ -103,6 +106,14 @@ TERM_SCHEDULE_GAIN = 10.0
 # this, for the same reason: they start at zero and must matter within
 # hundreds of outer steps.
 LOSS_SCHEDULE_GAIN = 10.0
+# A net built with loss_anneal=True multiplies the anneal, the part of its
+# log-schedule that reads the budget where that part is below 0, by
+# exp(LOSS_SCHEDULE_GAIN * v . loss features), v learned from 0, the log of
+# that factor held within +-MAX_LOG_ANNEAL: a run whose loss still falls can
+# keep its rate longer, one on a plateau can anneal sooner. It can only
+# deepen or lift an anneal, never raise the update above the schedule
+# without it, so it has no loss-driven speed-up to run away with.
+MAX_LOG_ANNEAL = 2.0
 # Where the learned schedule starts. A warm-up: e**-WARMUP_PRIOR times
 # e**(WARMUP_PRIOR * tanh(t / WARMUP_PRIOR_STEPS)), about 0.26 at the first
 # step and 1 by the tenth (the first steps rest on a few gradients, and a
@@ -392,8 +403,13 @@ class OptimizerNet(nn.Module):
         depth_factor: bool = False,
         orthogonal: bool = False,
         orthogonal_snr: bool = False,
+        loss_anneal: bool = False,
     ) -> None:
         super().__init__()
+        if loss_anneal and not loss_features:
+            raise ValueError(
+                "loss_anneal=True needs loss_features=True (it reads them to time the anneal)"
+            )
         if orthogonal_snr and not orthogonal:
             raise ValueError("orthogonal_snr=True needs orthogonal=True (it scales that step)")
         if term_schedule and not budget:
@@ -421,6 +437,8 @@ class OptimizerNet(nn.Module):
             self._config["term_schedule"] = True
         if loss_features:
             self._config["loss_features"] = True
+        if loss_anneal:  # absent from older configs: those nets have none
+            self._config["loss_anneal"] = True
         if depth_factor:  # absent from older configs: those nets have none
             self._config["depth_factor"] = True
         self.mag_mult = mag_mult
@@ -475,6 +493,11 @@ class OptimizerNet(nn.Module):
             if term_schedule:
                 self.loss_term = nn.Linear(NUM_LOSS_FEATURES, 1, bias=False)
                 modules.append(self.loss_term)
+            if loss_anneal:
+                # The anneal's timing from the loss (schedule_scale); zero at
+                # first, so a warm-started net runs as it did.
+                self.loss_anneal = nn.Linear(NUM_LOSS_FEATURES, 1, bias=False)
+                modules.append(self.loss_anneal)
             with torch.no_grad():
                 for m in modules:
                     m.weight.zero_()
@@ -503,6 +526,12 @@ class OptimizerNet(nn.Module):
         """Whether the net reads the training loss
         (:func:`~lopt.features.loss_features`; ``loss_in`` of :meth:`forward`)."""
         return self._config.get("loss_features", False)
+
+    @property
+    def has_loss_anneal(self) -> bool:
+        """Whether the loss features also scale the part of the learned
+        schedule that reads the budget (:meth:`schedule_scale`)."""
+        return self._config.get("loss_anneal", False)
 
     @property
     def reads_depth(self) -> bool:
@@ -778,18 +807,37 @@ class OptimizerNet(nn.Module):
             raw = raw + self.loss_term(loss_in)
         return (TERM_SCHEDULE_GAIN * raw).clamp(max=MAX_LOG_SCHEDULE)
 
+    def anneal_power(self, loss_in: Tensor) -> Tensor:
+        """The power ``g`` on the learned schedule's anneal of a net built
+        with ``loss_anneal=True`` (:meth:`schedule_scale`), from the loss
+        features ``loss_in``: ``exp(LOSS_SCHEDULE_GAIN * v . loss_in)``, its
+        log within ``+-MAX_LOG_ANNEAL`` (a 0-d tensor)."""
+        log_g = LOSS_SCHEDULE_GAIN * self.loss_anneal(loss_in)[0]
+        return log_g.clamp(-MAX_LOG_ANNEAL, MAX_LOG_ANNEAL).exp()
+
     def schedule_scale(
         self, steps_in: Tensor, budget_in: Tensor | None, loss_in: Tensor | None = None
     ) -> Tensor | None:
         """The learned schedule's factor on the whole update (a 0-d
         tensor), or None for a net without one: ``exp(w . [step features,
-        budget features] + b - LOSS_SCHEDULE_GAIN * max(w', 0) . max(loss_in,
-        0))``, at most ``e**MAX_LOG_SCHEDULE`` (``w'`` for a net that reads
-        the loss)."""
+        budget features] + b + (g - 1) * min(w_b . budget features, 0) -
+        LOSS_SCHEDULE_GAIN * max(w', 0) . max(loss_in, 0))``, at most
+        ``e**MAX_LOG_SCHEDULE`` (``w_b``: the budget features' part of ``w``;
+        ``w'`` for a net that reads the loss; ``g = exp(LOSS_SCHEDULE_GAIN *
+        v . loss_in)``, its log within ``+-MAX_LOG_ANNEAL``, for a net built
+        with ``loss_anneal=True``, else 1)."""
         if not self.reads_budget:
             return None
         log_scale = self.schedule(torch.cat([steps_in, budget_in]))[0]
         if loss_in is not None and self.reads_loss:
+            if self.has_loss_anneal:
+                # The anneal (the budget's part of the schedule where it is
+                # below 0: the decay) times g: the loss trend moves when and
+                # how deep the anneal is, not the rate before it.
+                budget_part = self.schedule.weight[0, NUM_STEP_FEATURES:] @ budget_in
+                budget_part = budget_part.clamp(max=0)
+                power = self.anneal_power(loss_in)
+                log_scale = log_scale + (power - 1) * budget_part
             # A brake only: the loss above its averages (or its best) slows
             # the update. Free weights were meta-trained to speed it up when
             # the loss ran above its long average, a feedback that diverged

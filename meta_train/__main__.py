@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "budget": False,
     "term_schedule": False,
     "loss_features": False,
+    "loss_anneal": False,
     "depth_factor": False,
     "orthogonal": False,
     "orthogonal_snr": False,
@@ -129,6 +130,7 @@ RULES: dict[str, Any] = {
     "budget": options.boolean,
     "term_schedule": options.boolean,
     "loss_features": options.boolean,
+    "loss_anneal": options.boolean,
     "depth_factor": options.boolean,
     "orthogonal": options.boolean,
     "orthogonal_snr": options.boolean,
@@ -293,6 +295,13 @@ def parser() -> argparse.ArgumentParser:
         help="with --budget: the net reads the training loss, as ratios to its own "
         "running averages and its best (opt.step(loss=...) or a closure tells it), in its "
         "trunk and as a brake on its schedule; their weights start at 0 (default off)",
+    )
+    a(
+        "--loss-anneal",
+        action=argparse.BooleanOptionalAction,
+        help="with --loss-features: the loss features also time the learned schedule's anneal "
+        "(its part below 0 that reads the budget times a learned factor of them, 1 at "
+        "first), so a run whose loss still falls can anneal later (default off)",
     )
     a(
         "--term-in-adam-units",
@@ -515,6 +524,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--orthogonal-snr scales the step of --orthogonal: give --orthogonal")
     if cfg.get("loss_features") and not cfg.get("budget"):
         raise SystemExit("--loss-features enter the learned schedule of --budget: give --budget")
+    if cfg.get("loss_anneal") and not cfg.get("loss_features"):
+        raise SystemExit("--loss-anneal reads the loss features: give --loss-features")
     if cfg.get("term_in_adam_units") and not cfg.get("neuron_stats"):
         raise SystemExit("--term-in-adam-units is a neuron statistic: give --neuron-stats")
     if cfg.get("loss_hidden") and not cfg.get("loss_features"):
@@ -608,6 +619,7 @@ def build(
             budget=cfg.get("budget", False),
             term_schedule=cfg.get("term_schedule", False),
             loss_features=cfg.get("loss_features", False),
+            loss_anneal=cfg.get("loss_anneal", False),
             depth_factor=cfg.get("depth_factor", False),
             orthogonal=cfg.get("orthogonal", False),
             orthogonal_snr=cfg.get("orthogonal_snr", False),

@@ -30,7 +30,7 @@ import torch
 import lopt
 from lopt import cli
 from lopt.checkpoint import PRETRAINED_DIR
-from lopt.features import budget_features, step_features
+from lopt.features import LOSS_DECAYS, budget_features, step_features
 from lopt.nets import (
     MAX_LOG_SCHEDULE,
     NEURON_STATS,
@@ -250,6 +250,25 @@ def learned_schedule(
     return out
 
 
+# The loss features of a run whose loss sits a fraction d below both its
+# running averages and at its best, read by anneal_powers.
+ANNEAL_DROPS = (0.0, 0.05, 0.2)
+
+
+def anneal_powers(net: lopt.OptimizerNet) -> list[float]:
+    """The power ``g`` on a ``loss_anneal`` net's anneal
+    (:meth:`~lopt.OptimizerNet.schedule_scale`) for each drop ``d`` of
+    :data:`ANNEAL_DROPS`: the loss features ``(tanh(log(1 - d)),
+    tanh(log(1 - d)), 0, 1)``."""
+    out = []
+    with torch.no_grad():
+        for d in ANNEAL_DROPS:
+            rel = math.tanh(math.log(1 - d))
+            features = torch.tensor([rel] * len(LOSS_DECAYS) + [0.0, 1.0])
+            out.append(net.anneal_power(features).item())
+    return out
+
+
 def depth_factors(net: lopt.OptimizerNet, writers: tuple[int, ...] = (2, 4, 6, 8)) -> str:
     """``"2: 1.1, 4: 0.9, ..."``: the depth factor of a net built with
     ``depth_factor=True``, ``exp(residual_log_rate) * n ** -depth_exp``, at
@@ -346,6 +365,14 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
             + "; the schedule it started from: "
             + ", ".join(f"{v:.3g}" for v in learned_schedule(net, prior=True))
             + "."
+        )
+    if net.has_loss_anneal:
+        lines.append(
+            "* The anneal (the part of that schedule below 1 that reads the budget) is raised "
+            "to the power g of the loss features: g = "
+            + ", ".join(f"{g:.3g}" for g in anneal_powers(net))
+            + " while the loss sits 0, 5% and 20% below its running averages (and at its "
+            "best), 1 without the loss."
         )
     if hasattr(net, "role_log_rate"):
         rates = {k: v.item() for k, v in net.role_log_rate.items()}

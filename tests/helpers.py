@@ -188,6 +188,7 @@ def strong(kind, depth=1):
         embedding_roles=kind == "nfn-real-like",
         term_schedule=kind == "nfn-real-like",
         loss_features=kind == "nfn-real-like",
+        loss_anneal=kind == "nfn-real-like",
         **kw,
     )
     with torch.no_grad():
@@ -203,6 +204,7 @@ def strong(kind, depth=1):
             net.loss_inp.weight.normal_(std=0.3)
             net.loss_schedule.weight.normal_(std=0.03)
             net.loss_term.weight.normal_(std=0.03)
+            net.loss_anneal.weight.normal_(std=0.03)
     return net
 
 

@@ -69,6 +69,7 @@ def assert_usage_error(main, argv, message, prog="prog"):
         (["--init-from", "no-such-net"], "--init-from: no optimizer checkpoint 'no-such-net'"),
         (["--term-schedule"], "--term-schedule reads the budget features: give --budget"),
         (["--orthogonal-snr"], "--orthogonal-snr scales the step of --orthogonal: give"),
+        (["--budget", "--loss-anneal"], "--loss-anneal reads the loss features: give --loss-fe"),
         (["--meta-lr-decay-steps", "-1"], "--meta-lr-decay-steps must be a whole number >= 0"),
         (["--meta-lr-decay-steps", "4", "--meta-lr-final", "2"], "--meta-lr-final must be a"),
         (["--meta-lr-final", "0.5"], "--meta-lr-final is where --meta-lr-decay-steps ends"),

@@ -151,6 +151,101 @@ def test_the_loss_only_brakes_the_schedule_by_its_formula():
     assert (net.loss_schedule.weight.grad < 0).all()
 
 
+def anneal_net(v):
+    from lopt.nets import schedule_prior
+
+    net = NFNNet(budget=True, loss_features=True, loss_anneal=True)
+    with torch.no_grad():
+        net.loss_anneal.weight.copy_(torch.tensor([v]))
+        # A learned addition that lifts the budget's part above 0 early in
+        # a run: the anneal is only the part below 0.
+        weight, _ = schedule_prior()
+        net.schedule.weight.copy_(weight)
+        net.schedule.weight[0, -1] += 0.1
+    return net
+
+
+@pytest.mark.parametrize("f", [0.02, 0.5, 0.8, 0.97])
+def test_the_loss_times_the_anneal_by_its_formula(f):
+    from lopt.features import NUM_STEP_FEATURES, budget_features, step_features
+    from lopt.nets import LOSS_SCHEDULE_GAIN, MAX_LOG_ANNEAL
+
+    v = [0.08, 0.05, -0.03, 0.01]
+    net = anneal_net(v)
+    step = torch.tensor(round(f * 1000.0))
+    steps_in, budget_in = step_features(step), budget_features(step, 1000)
+    w, b = net.schedule.weight[0].detach(), net.schedule.bias[0].item()
+    rest = (w[:NUM_STEP_FEATURES] @ steps_in).item() + b
+    budget_part = (w[NUM_STEP_FEATURES:] @ budget_in).item()
+    without = net.schedule_scale(steps_in, budget_in).item()
+    assert without == pytest.approx(math.exp(rest + budget_part), rel=1e-5)
+    for z in ([-0.3, -0.5, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0], [0.4, 0.9, 0.6, 1.0], [9, 9, -9, 1]):
+        log_g = LOSS_SCHEDULE_GAIN * sum(a * c for a, c in zip(v, z))
+        g = math.exp(min(max(log_g, -MAX_LOG_ANNEAL), MAX_LOG_ANNEAL))
+        by_hand = math.exp(rest + max(budget_part, 0) + g * min(budget_part, 0))
+        scaled = net.schedule_scale(steps_in, budget_in, torch.tensor(z, dtype=torch.float32))
+        assert scaled.item() == pytest.approx(by_hand, rel=1e-5)
+        # Never above the schedule with no anneal at all.
+        assert scaled.item() <= math.exp(rest + max(budget_part, 0)) * (1 + 1e-6)
+    if budget_part >= 0:  # before the anneal: the loss changes nothing
+        assert f == 0.02
+    else:  # a falling loss lifts the anneal and a loss at rest deepens it here
+        falling = net.schedule_scale(steps_in, budget_in, torch.tensor([-0.3, -0.5, 0.0, 1.0]))
+        assert falling.item() > without
+
+
+def test_the_anneal_power_learns_from_one_and_needs_the_loss_features():
+    from lopt.features import budget_features, step_features
+
+    net = anneal_net([0.0, 0.0, 0.0, 0.0])
+    step = torch.tensor(900.0)
+    steps_in, budget_in = step_features(step), budget_features(step, 1000)
+    z = torch.tensor([-0.3, -0.5, 0.0, 1.0])
+    assert net.anneal_power(z).item() == 1.0
+    torch.testing.assert_close(
+        net.schedule_scale(steps_in, budget_in, z), net.schedule_scale(steps_in, budget_in)
+    )
+    net.schedule_scale(steps_in, budget_in, z).backward()
+    # Deeper anneal with a larger power: each weight's gradient has the
+    # sign of its feature times the (negative) anneal.
+    assert (net.loss_anneal.weight.grad[0, [0, 1]] > 0).all()
+    assert net.loss_anneal.weight.grad[0, 3] < 0
+    with pytest.raises(ValueError, match="loss_anneal=True needs loss_features=True"):
+        NFNNet(budget=True, loss_anneal=True)
+
+
+@pytest.mark.parametrize("cls", [NFNNet, PerParamMLP])
+def test_a_fresh_anneal_net_steps_as_the_net_without_it_and_survives_a_checkpoint(cls, tmp_path):
+    spec, params, grads, state = mlp_step()
+    torch.manual_seed(1)
+    plain = cls(budget=True, loss_features=True, out_scale=1.0)
+    with torch.no_grad():
+        plain.loss_schedule.weight.normal_(std=0.03)
+    net = cls(budget=True, loss_features=True, loss_anneal=True, out_scale=1.0)
+    missing = net.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["loss_anneal.weight"]
+    told = dict(total_steps=torch.tensor(100.0))
+    state = dict(state, step=torch.tensor(90.0))
+    with torch.no_grad():
+        a, _ = functional.update(plain, spec, None, grads, state, params, loss=STEP_LOSS, **told)
+        b, _ = functional.update(net, spec, None, grads, state, params, loss=STEP_LOSS, **told)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+        net.loss_anneal.weight.fill_(0.05)
+        c, _ = functional.update(net, spec, None, grads, state, params, loss=STEP_LOSS, **told)
+    assert not torch.allclose(a[0], c[0])
+    lopt.save(net, tmp_path / "net.pt")
+    back, _ = lopt.load(tmp_path / "net.pt")
+    assert back.has_loss_anneal and not plain.has_loss_anneal
+    torch.testing.assert_close(back.loss_anneal.weight, net.loss_anneal.weight)
+    from meta_train.ship import model_card
+
+    card = " ".join(model_card("x", {"outer_steps": 3}, back, 1000).split())
+    # exp(10 * 0.05 * (2 tanh(log(1 - d)) + 1)) at d = 0, 0.05, 0.2, by hand.
+    assert "raised to the power g of the loss features: g = 1.65, 1.57, 1.32 while" in card
+    assert "power g" not in " ".join(model_card("x", {"outer_steps": 3}, plain, 1000).split())
+
+
 def test_loss_features_need_the_budget():
     with pytest.raises(ValueError, match="loss_features=True needs budget=True"):
         NFNNet(loss_features=True)
