@@ -110,9 +110,10 @@ LOSS_SCHEDULE_GAIN = 10.0
 # log-schedule that reads the budget where that part is below 0, by
 # exp(LOSS_SCHEDULE_GAIN * v . loss features), v learned from 0, the log of
 # that factor held within +-MAX_LOG_ANNEAL: a run whose loss still falls can
-# keep its rate longer, one on a plateau can anneal sooner. It can only
-# deepen or lift an anneal, never raise the update above the schedule
-# without it, so it has no loss-driven speed-up to run away with.
+# keep its rate longer, one on a plateau can anneal sooner. It never raises
+# the update above the schedule without an anneal, and a rising loss only
+# deepens the anneal (OptimizerNet.anneal_power), so it has no loss-driven
+# speed-up to run away with.
 MAX_LOG_ANNEAL = 2.0
 # Where the learned schedule starts. A warm-up: e**-WARMUP_PRIOR times
 # e**(WARMUP_PRIOR * tanh(t / WARMUP_PRIOR_STEPS)), about 0.26 at the first
@@ -811,8 +812,18 @@ class OptimizerNet(nn.Module):
         """The power ``g`` on the learned schedule's anneal of a net built
         with ``loss_anneal=True`` (:meth:`schedule_scale`), from the loss
         features ``loss_in``: ``exp(LOSS_SCHEDULE_GAIN * v . loss_in)``, its
-        log within ``+-MAX_LOG_ANNEAL`` (a 0-d tensor)."""
-        log_g = LOSS_SCHEDULE_GAIN * self.loss_anneal(loss_in)[0]
+        log within ``+-MAX_LOG_ANNEAL`` (a 0-d tensor), ``v``'s weights on
+        the loss's ratios held at 0 or above, so ``g`` never falls as the
+        loss rises."""
+        # Weights of at least 0 on the loss's ratios (all but the last
+        # feature, the flag that the loss was read): a loss above its
+        # averages may only deepen the anneal. Free weights were
+        # meta-trained to lift it there, a feedback that sent a 3,000-step
+        # run's loss from 9e-9 back up to 2e-5 over its last quarter. The
+        # clamp passes gradients at 0.
+        weight = self.loss_anneal.weight[0]
+        weight = torch.cat([weight[:-1].clamp(min=0), weight[-1:]])
+        log_g = LOSS_SCHEDULE_GAIN * (weight @ loss_in)
         return log_g.clamp(-MAX_LOG_ANNEAL, MAX_LOG_ANNEAL).exp()
 
     def schedule_scale(

@@ -179,8 +179,9 @@ def test_the_loss_times_the_anneal_by_its_formula(f):
     budget_part = (w[NUM_STEP_FEATURES:] @ budget_in).item()
     without = net.schedule_scale(steps_in, budget_in).item()
     assert without == pytest.approx(math.exp(rest + budget_part), rel=1e-5)
+    held = [0.08, 0.05, 0.0, 0.01]  # the weights on the loss's ratios at 0 or above
     for z in ([-0.3, -0.5, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0], [0.4, 0.9, 0.6, 1.0], [9, 9, -9, 1]):
-        log_g = LOSS_SCHEDULE_GAIN * sum(a * c for a, c in zip(v, z))
+        log_g = LOSS_SCHEDULE_GAIN * sum(a * c for a, c in zip(held, z))
         g = math.exp(min(max(log_g, -MAX_LOG_ANNEAL), MAX_LOG_ANNEAL))
         by_hand = math.exp(rest + max(budget_part, 0) + g * min(budget_part, 0))
         scaled = net.schedule_scale(steps_in, budget_in, torch.tensor(z, dtype=torch.float32))
@@ -192,6 +193,23 @@ def test_the_loss_times_the_anneal_by_its_formula(f):
     else:  # a falling loss lifts the anneal and a loss at rest deepens it here
         falling = net.schedule_scale(steps_in, budget_in, torch.tensor([-0.3, -0.5, 0.0, 1.0]))
         assert falling.item() > without
+
+
+def test_a_rising_loss_never_lifts_the_anneal():
+    from lopt.features import budget_features, step_features
+
+    torch.manual_seed(0)
+    net = anneal_net(torch.randn(NUM_LOSS_FEATURES).mul(0.1).tolist())
+    step = torch.tensor(900.0)
+    steps_in, budget_in = step_features(step), budget_features(step, 1000)
+    for _ in range(20):
+        z = torch.cat([torch.rand(NUM_LOSS_FEATURES - 1) * 2 - 1, torch.ones(1)])
+        higher = z.clone()
+        higher[:-1] += torch.rand(NUM_LOSS_FEATURES - 1)  # every ratio above it
+        assert net.anneal_power(higher) >= net.anneal_power(z)
+        assert net.schedule_scale(steps_in, budget_in, higher) <= net.schedule_scale(
+            steps_in, budget_in, z
+        )
 
 
 def test_the_anneal_power_learns_from_one_and_needs_the_loss_features():
