@@ -351,6 +351,7 @@ def model_card(name: str, meta: dict[str, Any], net: lopt.OptimizerNet, size: in
         + (
             "; reads the training loss (step(loss=...) or a closure), as ratios to its "
             "running averages and its best, in its trunk and as a brake on its schedule"
+            + (" and to time its anneal" if net.has_loss_anneal else "")
             if net.reads_loss
             else ""
         )

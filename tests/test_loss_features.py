@@ -261,7 +261,9 @@ def test_a_fresh_anneal_net_steps_as_the_net_without_it_and_survives_a_checkpoin
     card = " ".join(model_card("x", {"outer_steps": 3}, back, 1000).split())
     # exp(10 * 0.05 * (2 tanh(log(1 - d)) + 1)) at d = 0, 0.05, 0.2, by hand.
     assert "raised to the power g of the loss features: g = 1.65, 1.57, 1.32 while" in card
-    assert "power g" not in " ".join(model_card("x", {"outer_steps": 3}, plain, 1000).split())
+    assert "a brake on its schedule and to time its anneal." in card
+    plain_card = " ".join(model_card("x", {"outer_steps": 3}, plain, 1000).split())
+    assert "power g" not in plain_card and "a brake on its schedule." in plain_card
 
 
 def test_loss_features_need_the_budget():
