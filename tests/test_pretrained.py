@@ -45,15 +45,12 @@ def test_shipped_nets_carry_every_phase_of_their_recipe(name):
     # a per-entry or NFN stage on it, one on real-family, one that adds the
     # orthogonal step, one that scales it by the gradient's signal-to-noise
     # ratio, one that weighs the end of each inner run more and one that
-    # also draws autoencoders; each written out in full. mlp-real's own run
-    # carries that last recipe on with a new seed. nfn-real has that run as
-    # its thirteenth phase and carries it on once more with the anneal timed
-    # by the loss (loss_anneal); every snapshot of the twin's run of that
-    # stage did worse on the validation suites, so the twin is the net before it.
+    # also draws autoencoders; each written out in full. Both nets carry that
+    # last recipe on with a new seed, then once more with the anneal timed by
+    # the loss (loss_anneal), each twin with its own seeds.
     net, meta = lopt.load(name)
     phases = meta["phases"]
-    extra = int(name == "nfn-real")
-    assert len(phases) == 12 + extra and "shipped" not in str(phases)
+    assert len(phases) == 13 and "shipped" not in str(phases)
     assert phases[0]["config"].get("init_from") is None
     for ph in phases:
         assert ph["command"].startswith("python -m meta_train") and ph["outer_steps"] > 0
@@ -70,9 +67,9 @@ def test_shipped_nets_carry_every_phase_of_their_recipe(name):
     assert "autoencoder-family" in meta["config"]["family"]
     assert len({r["config"]["seed"] for r in runs}) == len(runs)
     assert not any(ph["config"].get("loss_anneal") for ph in phases)
-    assert bool(meta["config"].get("loss_anneal")) == net.has_loss_anneal == bool(extra)
+    assert meta["config"]["loss_anneal"] and net.has_loss_anneal
     devices = [ph["device"] for ph in phases]
-    assert devices == ["cpu"] * 3 + ["cuda"] * 3 + ["cpu"] * (6 + extra)
+    assert devices == ["cpu"] * 3 + ["cuda"] * 3 + ["cpu"] * 7
 
 
 @pytest.mark.parametrize("name", SHIPPED)
