@@ -46,11 +46,11 @@ def test_shipped_nets_carry_every_phase_of_their_recipe(name):
     # orthogonal step, one that scales it by the gradient's signal-to-noise
     # ratio, one that weighs the end of each inner run more and one that
     # also draws autoencoders; each written out in full. Both nets carry that
-    # last recipe on with a new seed, then once more with the anneal timed by
-    # the loss (loss_anneal), each twin with its own seeds.
+    # last recipe on with a new seed, then twice more with the anneal timed
+    # by the loss (loss_anneal), each twin with its own seeds.
     net, meta = lopt.load(name)
     phases = meta["phases"]
-    assert len(phases) == 13 and "shipped" not in str(phases)
+    assert len(phases) == 14 and "shipped" not in str(phases)
     assert phases[0]["config"].get("init_from") is None
     for ph in phases:
         assert ph["command"].startswith("python -m meta_train") and ph["outer_steps"] > 0
@@ -66,10 +66,11 @@ def test_shipped_nets_carry_every_phase_of_their_recipe(name):
     assert all(r["config"]["family"] == meta["config"]["family"] for r in runs)
     assert "autoencoder-family" in meta["config"]["family"]
     assert len({r["config"]["seed"] for r in runs}) == len(runs)
-    assert not any(ph["config"].get("loss_anneal") for ph in phases)
+    assert not any(ph["config"].get("loss_anneal") for ph in phases[:13])
+    assert phases[13]["config"]["loss_anneal"]
     assert meta["config"]["loss_anneal"] and net.has_loss_anneal
     devices = [ph["device"] for ph in phases]
-    assert devices == ["cpu"] * 3 + ["cuda"] * 3 + ["cpu"] * 7
+    assert devices == ["cpu"] * 3 + ["cuda"] * 3 + ["cpu"] * 8
 
 
 @pytest.mark.parametrize("name", SHIPPED)
