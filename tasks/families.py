@@ -52,10 +52,6 @@ DATASETS: dict[str, Callable[[], data.Dataset]] = {
     # Inputs as their own targets, for autoencoders.
     "digits-recon": lambda: data.reconstruction(data.digits()),
     "mnist1d-recon": lambda: data.reconstruction(data.mnist1d()),
-    # Synthetic inputs to reconstruct: clusters in 32 dimensions, and
-    # isotropic Gaussian noise in 16 (no structure a bottleneck can keep).
-    "gmm-32-recon": lambda: data.reconstruction(DATASETS["gmm-32"]()),
-    "teacher-recon": lambda: data.reconstruction(data.teacher_student()),
     # A tabular regression: scikit-learn's diabetes data, standardised.
     "diabetes": data.diabetes,
     # Another: the alcohol content of scikit-learn's wines from their other measurements.
@@ -595,14 +591,6 @@ FAMILIES: dict[str, Callable[..., TaskFamily]] = {
     "resnet-family": lambda device="cpu": ResNetFamily(device=device),
     "transformer-family": lambda device="cpu": TransformerFamily(device=device),
     "autoencoder-family": lambda device="cpu": AutoencoderFamily(device=device),
-    # Autoencoders on the digits and on two synthetic inputs, so that a net
-    # meta-trained on them sees more than one kind of data to reconstruct
-    # (MNIST-1D's stay held out).
-    "autoencoder-family-broad": lambda device="cpu": AutoencoderFamily(
-        name="autoencoder-family-broad",
-        datasets=("digits-recon", "gmm-32-recon", "teacher-recon"),
-        device=device,
-    ),
     # The architectures people train, at widths 16-512: MLPs and CNNs,
     # BatchNorm ResNets on digits, causal transformer LMs on the Python docs,
     # MLP autoencoders on digits. The real suite stays outside it by

@@ -22,7 +22,6 @@ NEW_FAMILIES = [
     "resnet-family",
     "transformer-family",
     "autoencoder-family",
-    "autoencoder-family-broad",
     "real-family",
     "real-broad-family",
     "mlp-family-fit",
@@ -149,20 +148,6 @@ def test_real_suites_have_budgets_and_stay_out_of_the_family():
         )
         assert not any(n.startswith("lm-text-code") or n.endswith("l3") for n in names)
         assert not any("mnist1d-recon" in n or "diabetes" in n or "wine" in n for n in names)
-
-
-def test_broad_autoencoder_family_draws_each_dataset_but_mnist1d():
-    fam = get_family("autoencoder-family-broad")
-    g = torch.Generator().manual_seed(0)
-    names = [fam.sample(g).name for _ in range(60)]
-    for kind in ("ae-digits-recon-", "ae-gmm-recon-", "ae-teacher-recon-"):
-        assert any(n.startswith(kind) for n in names), kind
-    assert not any("mnist1d" in n for n in names)
-    # The default family is unchanged: the shipped recipes draw from it.
-    g = torch.Generator().manual_seed(0)
-    assert {get_family("autoencoder-family").sample(g).name.split("-")[1] for _ in range(20)} == {
-        "digits"
-    }
 
 
 def test_validation_lms_lie_inside_real_family():
